@@ -1,0 +1,250 @@
+"""Multi-head attention over ragged batches packed as ``(total_tokens, ...)``.
+
+The contract is varlen flash attention's: sequences are concatenated along the
+token axis and ``cu_seqlens`` (B+1,) holds their cumulative offsets. No token
+attends across a sequence boundary and no padding token is ever projected.
+
+Paths, all computing ``softmax(Q K^T / sqrt(d)) V`` per sequence:
+
+- ``reference``: pad to the longest sequence, boolean key mask, explicit
+  softmax. Slow and memory-hungry on purpose; it is the test oracle.
+- ``grouped``: sequences sorted by length and cut into groups whose padded
+  attention cost stays within ``slack`` of the real cost; one SDPA call per
+  group. Groups of equal length need no mask, so SDPA takes its flash kernel.
+  This is the CPU default (see bench/attention.py for the numbers).
+- ``nested``: jagged nested tensors through SDPA, one call for the batch.
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
+  cumulative offsets) on CUDA in fp16/bf16, the GPU default.
+
+The layout of a batch (groups, gather indices) depends only on ``cu_seqlens``,
+so it is computed once per batch as an ``AttentionPlan`` and reused by every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("reference", "grouped", "nested", "varlen")
+
+
+@dataclass
+class _Group:
+    n_seqs: int  # G
+    length: int  # L, the longest sequence in the group
+    # (G*L,) packed row per padded slot. Pad slots point at any real row: their keys
+    # are masked and their query rows dropped, so no zero row has to be appended.
+    gather: torch.Tensor
+    key_mask: torch.Tensor | None  # (G, 1, 1, L) True = real key; None when all lengths equal
+    real: torch.Tensor | None  # (G*L,) True = real slot; None when all lengths equal
+    # (start, end) token span when members are consecutive in the packed order and
+    # all of length L: then the group is a free view of the packed tokens.
+    span: tuple[int, int] | None
+
+
+@dataclass
+class AttentionPlan:
+    """Layout of one ragged batch, shared by all layers of a forward pass."""
+
+    cu_seqlens: torch.Tensor  # (B+1,) int64 cumulative offsets, on the tokens' device
+    lengths: list[int]  # B real lengths, host side
+    max_seqlen: int
+    slack: float = 0.25
+    _groups: list[_Group] | None = field(default=None, repr=False)
+    _unpad: torch.Tensor | None = field(default=None, repr=False)
+    _pad_all: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu",
+                     slack: float = 0.25) -> AttentionPlan:
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"every sequence needs at least one token, got lengths {lengths}")
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+        return cls(cu_seqlens=cu.to(device), lengths=list(lengths), max_seqlen=max(lengths),
+                   slack=slack)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, slack: float = 0.25) -> AttentionPlan:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        return cls.from_lengths(lengths, device=cu_seqlens.device, slack=slack)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def seq_ids(self) -> torch.Tensor:
+        """(N,) index of the sequence each packed token belongs to."""
+        lens = torch.tensor(self.lengths, device=self.cu_seqlens.device)
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=lens.device), lens)
+
+    def positions(self) -> torch.Tensor:
+        """(N,) position of each packed token inside its own sequence."""
+        n = self.total_tokens
+        starts = torch.repeat_interleave(self.cu_seqlens[:-1], torch.tensor(
+            self.lengths, device=self.cu_seqlens.device))
+        return torch.arange(n, device=self.cu_seqlens.device) - starts
+
+    # -- grouped layout -------------------------------------------------------------
+
+    @property
+    def sorted_desc(self) -> bool:
+        """Packed longest first: groups are then consecutive spans, in packed order."""
+        return all(a >= b for a, b in zip(self.lengths, self.lengths[1:], strict=False))
+
+    def groups(self) -> tuple[list[_Group], torch.Tensor | None]:
+        """Length groups, and the (N,) index mapping packed tokens back from their
+        concatenated outputs (None when the packed order is already that order)."""
+        if self._groups is None:
+            self._groups, self._unpad = self._build_groups()
+        return self._groups, self._unpad
+
+    def _build_groups(self) -> tuple[list[_Group], torch.Tensor | None]:
+        dev = self.cu_seqlens.device
+        n = self.total_tokens
+        lens_all = torch.tensor(self.lengths, dtype=torch.int64)
+        starts_all = self.cu_seqlens[:-1].cpu()
+        in_order = self.sorted_desc
+        order = (list(range(len(self.lengths))) if in_order else
+                 sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i]))
+        groups: list[_Group] = []
+        unpad = torch.empty(n, dtype=torch.int64)  # packed token -> row of the outputs
+        done = 0  # real tokens already placed in the concatenated outputs
+        i = 0
+        while i < len(order):
+            L = self.lengths[order[i]]
+            # Grow the group while padded attention work (G * L^2) stays within
+            # (1 + slack) of the real work (sum l^2); sorted descending, so L is the max.
+            real = L * L
+            j = i + 1
+            while j < len(order):
+                lj = self.lengths[order[j]]
+                if (j - i + 1) * L * L > (1.0 + self.slack) * (real + lj * lj):
+                    break
+                real += lj * lj
+                j += 1
+            members = torch.tensor(order[i:j])
+            G = j - i
+            lens, starts = lens_all[members], starts_all[members]  # (G,)
+            pos = torch.arange(L)
+            mask = pos[None, :] < lens[:, None]  # (G, L)
+            uniform = bool(mask.all())
+            gather = torch.where(mask, starts[:, None] + pos[None, :], starts[:, None])  # (G, L)
+            k = int(lens.sum())
+            unpad[gather[mask]] = torch.arange(done, done + k)
+            span = None
+            if in_order and uniform:
+                span = (int(starts[0]), int(starts[0]) + G * L)
+            groups.append(_Group(
+                n_seqs=G, length=L, gather=gather.view(-1).to(dev),
+                key_mask=None if uniform else mask.view(G, 1, 1, L).to(dev),
+                real=None if uniform else mask.view(-1).to(dev), span=span,
+            ))
+            done += k
+            i = j
+        return groups, None if in_order else unpad.to(dev)
+
+    def pad_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*T,) gather index into packed rows (pads -> N) and (B, T) key mask."""
+        if self._pad_all is None:
+            T, n = self.max_seqlen, self.total_tokens
+            pos = torch.arange(T, device=self.cu_seqlens.device)
+            lens = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+            mask = pos[None, :] < lens[:, None]  # (B, T)
+            gather = torch.where(mask, self.cu_seqlens[:-1, None] + pos[None, :], n)
+            self._pad_all = (gather.view(-1), mask)
+        return self._pad_all
+
+
+def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
+    """Append one zero row so that pad slots can gather index N."""
+    return torch.cat([x, x.new_zeros((1,) + x.shape[1:])], dim=0)
+
+
+def attention_reference(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """The oracle: pad everything, mask padded keys, explicit softmax."""
+    N, _, nh, hs = qkv.shape
+    B, T = len(plan.lengths), plan.max_seqlen
+    gather, mask = plan.pad_all()
+    x = _with_zero_row(qkv)[gather].view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
+    q, k, v = x.unbind(0)  # each (B, nh, T, hs)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+    att = att.masked_fill(~mask[:, None, None, :], float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(B * T, nh, hs)  # (B*T, nh, hs)
+    return y[mask.view(-1)]  # (N, nh, hs): rows of real tokens, in packed order
+
+
+def attention_grouped(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    N, _, nh, hs = qkv.shape
+    groups, unpad = plan.groups()
+    outs = []
+    for g in groups:
+        G, L = g.n_seqs, g.length
+        if g.span is not None:  # consecutive equal-length sequences: a view, no copy
+            x = qkv[g.span[0]:g.span[1]]
+        else:
+            x = qkv[g.gather]  # (G*L, 3, nh, hs) padded copy
+        x = x.view(G, L, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, G, nh, L, hs)
+        y = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=g.key_mask)
+        # SDPA's CPU and CUDA kernels lay the output out as (G, L, nh, hs): a free view.
+        y = y.transpose(1, 2).reshape(G * L, nh, hs)
+        outs.append(y if g.real is None else y[g.real])  # real tokens only
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (N, nh, hs) in group order
+    return y if unpad is None else y[unpad]
+
+
+def attention_nested(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    off = plan.cu_seqlens
+    # (B, j, nh, hs) -> (B, nh, j, hs), the layout SDPA expects of jagged tensors
+    q, k, v = (torch.nested.nested_tensor_from_jagged(t.contiguous(), off).transpose(1, 2)
+               for t in qkv.unbind(1))
+    y = F.scaled_dot_product_attention(q, k, v)
+    return y.transpose(1, 2).values()  # (N, nh, hs)
+
+
+def attention_varlen(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = plan.cu_seqlens.to(torch.int32)
+    q, k, v = qkv.unbind(1)
+    return varlen_attn(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen)  # (N, nh, hs)
+
+
+_IMPL_FNS = {
+    "reference": attention_reference,
+    "grouped": attention_grouped,
+    "nested": attention_nested,
+    "varlen": attention_varlen,
+}
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the path for "auto"; "varlen" needs CUDA and a half-precision dtype."""
+    if impl == "auto":
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            return "varlen"
+        return "grouped"
+    if impl not in _IMPL_FNS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS} or 'auto'")
+    return impl
+
+
+def packed_attention_qkv(qkv: torch.Tensor, plan: AttentionPlan,
+                         impl: str = "auto") -> torch.Tensor:
+    """Attention over packed sequences from one fused projection.
+
+    qkv: (N, 3, nh, hs), as ``Linear(C, 3C)`` output viewed; returns (N, nh, hs).
+    """
+    name = resolve_impl(impl, qkv.device, qkv.dtype)
+    return _IMPL_FNS[name](qkv, plan)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                     impl: str = "auto") -> torch.Tensor:
+    """Attention over packed sequences; q, k, v and the result are (N, nh, hs)."""
+    return packed_attention_qkv(torch.stack((q, k, v), dim=1), plan, impl)

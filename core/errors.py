@@ -1,0 +1,17 @@
+"""Errors shared by the model, the store, the workers and the producers."""
+
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """One input item cannot be processed; the message says which and why.
+
+    Raised per item, so a caller can fail that one job and keep the rest of a batch.
+    Retrying does not help: the worker marks the job ``failed`` without retry.
+    """
+
+    def __init__(self, reason: str, *, index: int | None = None):
+        self.reason = reason
+        self.index = index
+        where = f"item {index}: " if index is not None else ""
+        super().__init__(f"{where}{reason}")

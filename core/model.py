@@ -1,0 +1,185 @@
+"""``MultimodalModel``: the towers behind one API, embeddings in one space.
+
+Callers hand in raw items; each item is validated on its own (``prepare_many``
+returns an ``InvalidInput`` in that item's slot), valid items are packed into
+ragged batches under a token budget and run through the tower in one forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.attention import AttentionPlan, resolve_impl
+from core.config import Settings, get_settings
+from core.errors import InvalidInput
+from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("text",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Zero-shot scores are softmax(logit_scale * cosine) over the labels; cosines of
+    # this embedding space sit in a narrow band, so a scale near CLIP's learned
+    # temperature (1/0.05) spreads them into usable probabilities.
+    logit_scale: float = 20.0
+    max_batch_tokens: int = 2048  # real tokens per forward when a caller passes a long list
+    attention_impl: str = "auto"
+
+
+@dataclass
+class ItemResult:
+    embedding: torch.Tensor  # (D,) L2-normalised, on the CPU
+    tokens: int  # tokens the item cost in the packed core
+    truncated: bool  # input was longer than the tower's limit and was cut
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _weights_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+class MultimodalModel:
+    def __init__(self, text: TextTower, text_pre: TextPreprocessor, device: torch.device,
+                 cfg: ModelConfig, version: str):
+        self.text = text.to(device)
+        self.text_pre = text_pre
+        self.device = device
+        self.cfg = cfg
+        self.version = version
+        self.dim = text.cfg.encoder.dim
+        self._label_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | None = None, *,
+             settings: Settings | None = None) -> MultimodalModel:
+        s = settings or get_settings()
+        if s.torch_threads > 0:
+            torch.set_num_threads(s.torch_threads)
+        root = Path(path or s.model_path or default_text_path())
+        if not (root / "config.json").exists():
+            raise FileNotFoundError(f"{root}: no config.json; expected a Hugging Face model dir")
+        dev = pick_device(device or s.device)
+        text = TextTower.from_pretrained(root)
+        pre = TextPreprocessor(root, text.cfg.max_seq_len, s.max_text_chars)
+        budget = s.max_batch_tokens or (16384 if dev.type == "cuda" else 2048)
+        cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl)
+        version = f"{root.name}@{_weights_digest(root / 'model.safetensors')}"
+        if root == default_text_path():
+            version = f"all-MiniLM-L6-v2@{version.split('@')[1]}"
+        log.info("model %s on %s (attention %s)", version, dev,
+                 resolve_impl(cfg.attention_impl, dev, torch.float32))
+        return cls(text, pre, dev, cfg, version)
+
+    # -- per item ---------------------------------------------------------------------
+
+    def _check_modality(self, modality: str) -> None:
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; this model has {MODALITIES}")
+
+    def prepare_many(self, modality: str, items: list[object]) -> list[TextItem | InvalidInput]:
+        """Validate and preprocess each item; a bad item yields its ``InvalidInput``."""
+        self._check_modality(modality)
+        return self.text_pre.prepare_many(list(items))
+
+    # -- batched forward --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, modality: str, prepared: list[TextItem]) -> torch.Tensor:
+        """One packed forward over already-prepared items -> (B, D) on the CPU."""
+        self._check_modality(modality)
+        # Pack longest first: equal-length neighbours then form attention groups that
+        # are views of the packed tokens, with no gather and no padding.
+        order = sorted(range(len(prepared)), key=lambda i: -prepared[i].tokens)
+        items = [prepared[i] for i in order]
+        plan = AttentionPlan.from_lengths([p.tokens for p in items], device=self.device)
+        ids = torch.tensor([t for p in items for t in p.ids], device=self.device)  # (N,)
+        emb = self.text(ids, plan, self.cfg.attention_impl).float().cpu()  # (B, D) sorted
+        out = torch.empty_like(emb)
+        out[torch.tensor(order)] = emb
+        return out
+
+    def _chunks(self, prepared: list[TextItem]) -> list[list[TextItem]]:
+        """Split a long list into forwards of at most ``max_batch_tokens`` real tokens."""
+        chunks: list[list[TextItem]] = [[]]
+        used = 0
+        for p in prepared:
+            if chunks[-1] and used + p.tokens > self.cfg.max_batch_tokens:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(p)
+            used += p.tokens
+        return chunks
+
+    def embed_items(self, modality: str, inputs: list[object]) -> list[ItemResult]:
+        """Embed valid inputs; raises the first item's ``InvalidInput`` if any is bad."""
+        prepared = self.prepare_many(modality, inputs)
+        for p in prepared:
+            if isinstance(p, InvalidInput):
+                raise p
+        out: list[ItemResult] = []
+        for chunk in self._chunks(prepared):  # type: ignore[arg-type]
+            emb = self.forward(modality, chunk)  # (b, D)
+            out += [ItemResult(e, p.tokens, p.truncated) for e, p in zip(emb, chunk, strict=True)]
+        return out
+
+    def embed(self, modality: str, inputs: list[object]) -> torch.Tensor:
+        """(N, D) L2-normalised embeddings, comparable across modalities."""
+        if not len(inputs):
+            return torch.empty(0, self.dim)
+        return torch.stack([r.embedding for r in self.embed_items(modality, inputs)])
+
+    # -- zero-shot classification -----------------------------------------------------
+
+    def label_embeddings(self, labels: list[str]) -> torch.Tensor:
+        """(L, D) text embeddings of the labels, cached: label sets repeat across jobs."""
+        missing = [lb for lb in dict.fromkeys(labels) if lb not in self._label_cache]
+        if missing:
+            for lb, e in zip(missing, self.embed("text", missing), strict=True):
+                self._label_cache[lb] = e
+        return torch.stack([self._label_cache[lb] for lb in labels])
+
+    def scores(self, embeddings: torch.Tensor, labels: list[str],
+               top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """(B, D) embeddings -> per item the top_k (label, probability) pairs."""
+        labels = check_labels(labels)
+        lab = self.label_embeddings(labels)  # (L, D)
+        probs = torch.softmax(self.cfg.logit_scale * embeddings @ lab.T, dim=-1)  # (B, L)
+        k = max(1, min(top_k, len(labels)))
+        top = probs.topk(k, dim=-1)
+        return [[(labels[j], round(float(p), 6)) for p, j in zip(ps, js, strict=True)]
+                for ps, js in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+    def classify(self, modality: str, inputs: list[object], labels: list[str],
+                 top_k: int = 5) -> list[list[tuple[str, float]]]:
+        check_labels(labels)
+        return self.scores(self.embed(modality, inputs), labels, top_k)
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    if isinstance(labels, str) or not labels:
+        raise InvalidInput("labels must be a non-empty list of strings")
+    clean = []
+    for lb in labels:
+        if not isinstance(lb, str) or not lb.strip():
+            raise InvalidInput(f"label {lb!r} is not a non-empty string")
+        clean.append(lb.strip())
+    if len(set(clean)) != len(clean):
+        raise InvalidInput("labels must be distinct")
+    return clean
