@@ -36,7 +36,7 @@ def padded_encoder(enc: Encoder, x: torch.Tensor, mask: torch.Tensor) -> torch.T
         q, k, v = layer.qkv(x).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         x = layer.ln_attn(x + layer.proj(y.transpose(1, 2).reshape(B, T, C)))
-        x = layer.ln_mlp(x + layer.mlp(x))
+        x = layer.ln_mlp(x + layer.fc2(F.gelu(layer.fc1(x))))
     return x
 
 

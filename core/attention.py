@@ -39,7 +39,9 @@ class _Group:
     # are masked and their query rows dropped, so no zero row has to be appended.
     gather: torch.Tensor
     key_mask: torch.Tensor | None  # (G, 1, 1, L) True = real key; None when all lengths equal
-    real: torch.Tensor | None  # (G*L,) True = real slot; None when all lengths equal
+    # (n_real,) indices of the real slots among the G*L; None when all lengths equal.
+    # Indices, not a boolean mask: a mask would cost a nonzero() in every layer.
+    real: torch.Tensor | None
     # (start, end) token span when members are consecutive in the packed order and
     # all of length L: then the group is a free view of the packed tokens.
     span: tuple[int, int] | None
@@ -142,7 +144,7 @@ class AttentionPlan:
             groups.append(_Group(
                 n_seqs=G, length=L, gather=gather.view(-1).to(dev),
                 key_mask=None if uniform else mask.view(G, 1, 1, L).to(dev),
-                real=None if uniform else mask.view(-1).to(dev), span=span,
+                real=None if uniform else mask.view(-1).nonzero().squeeze(1).to(dev), span=span,
             ))
             done += k
             i = j
@@ -193,7 +195,7 @@ def attention_grouped(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         y = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=g.key_mask)
         # SDPA's CPU and CUDA kernels lay the output out as (G, L, nh, hs): a free view.
         y = y.transpose(1, 2).reshape(G * L, nh, hs)
-        outs.append(y if g.real is None else y[g.real])  # real tokens only
+        outs.append(y if g.real is None else y.index_select(0, g.real))  # real tokens only
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (N, nh, hs) in group order
     return y if unpad is None else y[unpad]
 
