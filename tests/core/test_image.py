@@ -1,0 +1,106 @@
+"""Image front end: formats, modes, orientation, limits and clear errors."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.errors import InvalidInput
+from core.image import ImageConfig, decode_image, image_to_patches, pixels_to_patches
+
+CFG = ImageConfig()
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def sample(mode: str = "RGB", size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_formats_decode_to_rgb(fmt):
+    img = decode_image(encode(sample(), fmt), CFG)
+    assert img.mode == "RGB" and img.size == (40, 30)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "CMYK", "I;16"])
+def test_modes_convert_to_rgb(mode):
+    src = sample(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        arr = (np.asarray(src, dtype=np.uint16) * 257)
+        src = Image.fromarray(arr)
+        assert src.mode.startswith("I;16")
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    img = decode_image(encode(src, fmt), CFG)
+    assert img.mode == "RGB"
+    if mode == "I;16":  # 16-bit range is scaled to 8 bits, not clipped to white
+        assert 20 < np.asarray(img).mean() < 235
+
+
+def test_transparent_pixels_become_white():
+    img = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    out = decode_image(encode(img, "PNG"), CFG)
+    assert np.asarray(out).min() == 255
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = np.asarray(decode_image(buf.getvalue(), CFG))
+    assert out[..., 0].mean() > 200 and out[..., 2].mean() < 50
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (10, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode_image(encode(img, "JPEG", exif=exif), CFG)
+    assert out.size == (20, 40)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"definitely not an image", "not an image"),
+    (b"\x89PNG\r\n\x1a\n garbage", "not an image, or a corrupt one"),
+    ("a string", "must be bytes"),
+    (12, "must be bytes"),
+])
+def test_bad_inputs(data, reason):
+    with pytest.raises(InvalidInput, match=reason):
+        decode_image(data, CFG)
+
+
+def test_truncated_file():
+    data = encode(sample(size=(200, 200)), "PNG")
+    with pytest.raises(InvalidInput, match="could not be decoded"):
+        decode_image(data[: len(data) // 2], CFG)
+
+
+def test_decompression_bomb_refused_before_decoding():
+    # A 1-bit PNG of 20000 x 20000 is tiny on disk and 400 M pixels in memory.
+    bomb = encode(Image.new("1", (20000, 20000)), "PNG")
+    assert len(bomb) < 200_000
+    with pytest.raises(InvalidInput, match="over the limit"):
+        decode_image(bomb, CFG)
+
+
+def test_oversized_payload():
+    with pytest.raises(InvalidInput, match="bytes, over the limit"):
+        decode_image(b"\0" * (CFG.max_bytes + 1), CFG)
+
+
+def test_patches_shape_and_order_match_the_training_path():
+    img = sample(size=(32, 32))
+    patches = image_to_patches(img, CFG)
+    assert patches.shape == (CFG.n_patches, CFG.patch_dim)
+    pix = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert torch.allclose(pixels_to_patches(pix, CFG)[0], patches, atol=1e-6)
