@@ -7,12 +7,17 @@ STAMP  := $(VENV)/.mmq-installed
 .PHONY: run test lint bench
 
 $(STAMP): pyproject.toml
+	@# espeak-ng synthesises the spoken-word training set (Debian package); as root
+	@# it is installed here, otherwise the tests that need it say so and skip.
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null; } \
+	  || echo "note: espeak-ng is not installed; audio training tests will be skipped"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/mmq demo
+	$(VENV)/bin/mmq up --demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,10 +2,15 @@
 
     mmq embed --modality text "a sentence" ...
     mmq classify --modality text --labels a,b,c "a sentence" ...
-    mmq demo
+    mmq classify --modality image --labels zero,one,two digit.png
+    mmq classify --modality audio --labels yes,no clip.wav
+    mmq train-default [--out DIR] [--tiny]
+    mmq up [--demo] | mmq worker text|image|audio | mmq demo
+    mmq submit ... | status | wait | results | cancel | requeue | db upgrade
 
 ``embed`` and ``classify`` run the model in this process (no queue) and print
-JSON; with no inputs on the command line they read one input per stdin line.
+JSON. Text inputs are the arguments (or one per stdin line); image and audio
+inputs are file paths.
 """
 
 from __future__ import annotations
@@ -14,24 +19,30 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from core.errors import InvalidInput
-
-DEMO_TEXTS = [
-    "The striker scored twice in the second half and the home side won the cup.",
-    "Shares slid after the bank warned that profits would fall this quarter.",
-    "Heavy rain and strong winds are expected along the coast tomorrow morning.",
-    "Our new phone app lets you reset your password from the login page.",
-    "The puppy chased the cat up a tree and barked until sunset.",
-    "Simmer the tomatoes with garlic and basil, then stir in the pasta.",
-]
-DEMO_LABELS = ["sport", "finance", "weather", "technology", "animals", "cooking"]
+from producer.cli_jobs import add_job_commands
+from producer.stack import add_stack_commands
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
     if args.inputs:
         return args.inputs
     return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def _payloads(args: argparse.Namespace, inputs: list[str]) -> list[object]:
+    """Text stays text; image and audio arguments are files, read as bytes."""
+    if args.modality == "text":
+        return list(inputs)
+    out: list[object] = []
+    for name in inputs:
+        try:
+            out.append(Path(name).read_bytes())
+        except OSError as e:
+            raise InvalidInput(f"cannot read {name}: {e.strerror}") from None
+    return out
 
 
 def _load(args: argparse.Namespace):
@@ -43,7 +54,7 @@ def _load(args: argparse.Namespace):
 def cmd_embed(args: argparse.Namespace) -> int:
     model = _load(args)
     inputs = _inputs(args)
-    results = model.embed_items(args.modality, inputs)
+    results = model.embed_items(args.modality, _payloads(args, inputs))
     out = [{"input": x, "tokens": r.tokens, "truncated": r.truncated,
             "embedding": [round(v, 7) for v in r.embedding.tolist()]}
            for x, r in zip(inputs, results, strict=True)]
@@ -55,7 +66,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = _load(args)
     inputs = _inputs(args)
     labels = [lb.strip() for lb in args.labels.split(",")]
-    items = model.embed_items(args.modality, inputs)
+    items = model.embed_items(args.modality, _payloads(args, inputs))
     import torch
 
     scores = model.scores(torch.stack([r.embedding for r in items]), labels, args.top_k)
@@ -65,15 +76,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo_local(args: argparse.Namespace) -> int:
     """Classify the bundled example texts with the default model, in this process."""
+    from producer.stack import DEMO_TEXTS, TEXT_LABELS
+
     model = _load(args)
-    scores = model.classify("text", DEMO_TEXTS, DEMO_LABELS, top_k=1)
-    print(f"model {model.version} on {model.device}; labels: {', '.join(DEMO_LABELS)}\n")
+    scores = model.classify("text", DEMO_TEXTS, TEXT_LABELS, top_k=1)
+    print(f"model {model.version} on {model.device}; labels: {', '.join(TEXT_LABELS)}\n")
     print(f"{'label':<11} {'score':>6}  text")
     for text, top in zip(DEMO_TEXTS, scores, strict=True):
         label, p = top[0]
         print(f"{label:<11} {p:>6.3f}  {text}")
+    return 0
+
+
+def cmd_train_default(args: argparse.Namespace) -> int:
+    """Train the image and audio towers on local data and write the checkpoint."""
+    from core.model import MultimodalModel
+    from core.towers import WEIGHTS_DIR
+    from core.train import TrainConfig, train_default
+
+    logging.getLogger().setLevel(logging.INFO)
+    cfg = TrainConfig.tiny_run() if args.tiny else TrainConfig()
+    if args.seed is not None:
+        cfg = TrainConfig(**{**cfg.__dict__, "seed": args.seed})
+    text = MultimodalModel.load(device="cpu")
+    ckpt = train_default(cfg, text)
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    digest = ckpt.save(out)
+    print(json.dumps({"out": str(out), "sha256": digest, **ckpt.meta}, indent=2))
     return 0
 
 
@@ -83,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--modality", default="text", choices=["text"])
+        p.add_argument("--modality", default="text", choices=["text", "image", "audio"])
         p.add_argument("--model", default=None, help="checkpoint directory (default: bundled)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
-        p.add_argument("inputs", nargs="*", help="inputs; none = one per stdin line")
+        p.add_argument("inputs", nargs="*",
+                       help="texts, or image/audio file paths; none = one per stdin line")
 
     p = sub.add_parser("embed", help="embed inputs locally and print JSON")
     model_args(p)
@@ -96,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="comma-separated label texts")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_classify)
-    p = sub.add_parser("demo", help="classify the bundled examples and print a table")
+    p = sub.add_parser("train-default", help="train the image and audio towers (CPU)")
+    p.add_argument("--out", default=None, help="checkpoint dir (default: core/weights)")
+    p.add_argument("--tiny", action="store_true", help="a quick smoke run on little data")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_train_default)
+    p = sub.add_parser("demo-local", help="classify example texts in this process (no queue)")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo_local)
+    add_job_commands(sub)
+    add_stack_commands(sub)
     return ap
 
 

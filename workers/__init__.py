@@ -1,4 +1,4 @@
-"""mmq workers: the Celery app, routing and tasks (the job pipeline, issue [3/5]).
+"""mmq workers: the Celery app, its one task, and worker start-up.
 
-Nothing lives here yet; the model they will host is ``core.model.MultimodalModel``.
+Start one with ``mmq worker text|image|audio`` (or ``python -m workers text``).
 """

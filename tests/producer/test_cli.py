@@ -51,7 +51,7 @@ def test_bad_input_exits_2_with_a_readable_message(capsys):
 
 
 def test_demo_prints_a_table(capsys):
-    assert cli.main(["demo"]) == 0
+    assert cli.main(["demo-local"]) == 0
     out = capsys.readouterr().out
     assert "weather" in out and "Heavy rain" in out
 

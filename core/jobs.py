@@ -1,0 +1,38 @@
+"""The job vocabulary shared by the store, the workers, the SDK, the CLI and the API."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    """Row written, task sent (or about to be re-sent by ``requeue``); not started."""
+    RUNNING = "running"
+    """A worker has taken it; redelivered to another worker if that one dies."""
+    SUCCEEDED = "succeeded"
+    """The prediction is stored. Terminal."""
+    FAILED = "failed"
+    """``error`` says why (bad input, or retries exhausted). Terminal."""
+    CANCELLED = "cancelled"
+    """Cancelled before a worker ran it, or dropped past its deadline. Terminal."""
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Modality(str, Enum):
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+class Task(str, Enum):
+    EMBED = "embed"
+    CLASSIFY = "classify"
+
+
+TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
+# The one Celery task name; producers send it by name and never import workers.
+RUN_JOB_TASK = "mmq.run_job"

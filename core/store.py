@@ -1,0 +1,271 @@
+"""The results store: jobs, their payloads and their predictions, in SQL.
+
+SQLAlchemy 2.x on SQLite (embedded default, WAL mode) or PostgreSQL. The job row
+is the source of truth for a job's state. Payload bytes are stored here, content
+addressed in ``blobs`` (the claim check: only job ids travel through Redis).
+Predictions are upserted by job id, so a job delivered twice has one prediction.
+Store functions take keyword-only arguments and a session; callers own commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from core.jobs import JobStatus
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    task: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # labels, top_k
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Last time the task was sent to the broker; requeue re-sends stale queued jobs.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    model_version: Mapped[str | None] = mapped_column(String(255), default=None)
+    text: Mapped[str | None] = mapped_column(Text, default=None)  # text payloads, inline
+    payload_sha256: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("blobs.sha256"), default=None)  # image/audio bytes
+
+    __table_args__ = (
+        Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_modality_status", "modality", "status"),
+    )
+
+    def as_dict(self) -> dict:
+        ts = lambda d: d.isoformat() if d else None  # noqa: E731
+        return {
+            "id": self.id, "modality": self.modality, "task": self.task,
+            "params": self.params or {}, "status": self.status, "attempts": self.attempts,
+            "error": self.error, "created_at": ts(self.created_at),
+            "started_at": ts(self.started_at), "finished_at": ts(self.finished_at),
+            "deadline": ts(self.deadline), "worker": self.worker,
+            "model_version": self.model_version, "payload_sha256": self.payload_sha256,
+        }
+
+
+class Blob(Base):
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id"), primary_key=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # float32 LE
+    dim: Mapped[int | None] = mapped_column(Integer, default=None)
+    labels: Mapped[list | None] = mapped_column(JSON, default=None)  # [[label, score], ...]
+    tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    truncated: Mapped[bool | None] = mapped_column(default=None)
+    model_version: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def vector(self) -> np.ndarray | None:
+        if self.embedding is None:
+            return None
+        return np.frombuffer(self.embedding, dtype="<f4")
+
+    def as_dict(self, with_embedding: bool = True) -> dict:
+        out = {"labels": self.labels, "dim": self.dim, "tokens": self.tokens,
+               "truncated": self.truncated, "model_version": self.model_version}
+        if with_embedding and self.embedding is not None:
+            out["embedding"] = self.vector().tolist()
+        return out
+
+
+# -- engine ---------------------------------------------------------------------------
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record) -> None:
+            # WAL: readers never block the writer; busy_timeout: writers from several
+            # processes queue instead of failing with "database is locked".
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+def put_blob(*, session: Session, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    if session.get(Blob, digest) is None:
+        session.add(Blob(sha256=digest, data=data, size=len(data)))
+        session.flush()
+    return digest
+
+
+def get_blob(*, session: Session, sha256: str) -> bytes:
+    blob = session.get(Blob, sha256)
+    if blob is None:
+        raise KeyError(f"payload {sha256} is missing from the store")
+    return blob.data
+
+
+def create_job(*, session: Session, modality: str, task: str, params: dict | None = None,
+               text: str | None = None, payload: bytes | None = None,
+               deadline: datetime | None = None, job_id: str | None = None) -> Job:
+    sha = put_blob(session=session, data=payload) if payload is not None else None
+    job = Job(id=job_id or str(uuid.uuid4()), modality=modality, task=task, params=params or {},
+              status=JobStatus.QUEUED.value, text=text, payload_sha256=sha, deadline=deadline,
+              attempts=0, created_at=utcnow())
+    session.add(job)
+    return job
+
+
+def get_job(*, session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_prediction(*, session: Session, job_id: str) -> Prediction | None:
+    return session.get(Prediction, job_id)
+
+
+def mark_sent(*, session: Session, job_ids: list[str]) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
+
+
+def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
+    """queued/running -> running, atomically; None if the job must not run (it is
+    terminal: done, failed or cancelled). A running job may be taken again: that is
+    a redelivery after its worker died."""
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+        .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
+                started_at=utcnow(), worker=worker))
+    if res.rowcount != 1:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def finish_job(*, session: Session, job_id: str, model_version: str,
+               embedding: np.ndarray | None = None, labels: list | None = None,
+               tokens: int | None = None, truncated: bool | None = None) -> None:
+    """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
+    values = {
+        "job_id": job_id, "model_version": model_version, "labels": labels, "tokens": tokens,
+        "truncated": truncated, "created_at": utcnow(),
+        "embedding": None if embedding is None else np.asarray(embedding, "<f4").tobytes(),
+        "dim": None if embedding is None else int(np.asarray(embedding).shape[-1]),
+    }
+    session.execute(_upsert(session, Prediction, values, key="job_id"))
+    session.execute(
+        update(Job).where(Job.id == job_id)
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
+                model_version=model_version))
+
+
+def fail_job(*, session: Session, job_id: str, error: str,
+             status: JobStatus = JobStatus.FAILED) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status != JobStatus.SUCCEEDED.value)
+        .values(status=status.value, error=error[:4000], finished_at=utcnow()))
+
+
+def cancel_job(*, session: Session, job_id: str) -> bool:
+    """queued -> cancelled. A running job is not interrupted; False if not cancelled."""
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
+                error="cancelled before it ran"))
+    return res.rowcount == 1
+
+
+def list_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
+              since: datetime | None = None, limit: int = 100) -> list[Job]:
+    q = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if status:
+        q = q.where(Job.status == status)
+    if modality:
+        q = q.where(Job.modality == modality)
+    if since:
+        q = q.where(Job.created_at >= since)
+    return list(session.scalars(q))
+
+
+def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000) -> list[Job]:
+    """Queued jobs whose task was sent (or attempted) longer ago than ``older_than``:
+    their message may have been lost with a broker restart."""
+    cutoff = utcnow() - older_than
+    q = (select(Job).where(Job.status == JobStatus.QUEUED.value)
+         .where((Job.sent_at.is_(None) & (Job.created_at < cutoff)) | (Job.sent_at < cutoff))
+         .order_by(Job.created_at).limit(limit))
+    return list(session.scalars(q))
+
+
+def count_by_status(*, session: Session) -> dict[tuple[str, str], int]:
+    from sqlalchemy import func
+
+    rows = session.execute(select(Job.modality, Job.status, func.count()).group_by(
+        Job.modality, Job.status))
+    return {(m, s): n for m, s, n in rows}
+
+
+def _upsert(session: Session, model, values: dict, key: str):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - the store supports these two
+        raise RuntimeError(f"unsupported database dialect {dialect}")
+    stmt = insert(model).values(**values)
+    return stmt.on_conflict_do_update(index_elements=[key],
+                                      set_={k: v for k, v in values.items() if k != key})

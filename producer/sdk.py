@@ -1,0 +1,190 @@
+"""The Python SDK: submit jobs, read results, wait, cancel.
+
+    from producer.sdk import Client
+    c = Client()                                   # MMQ_BROKER_URL / MMQ_DATABASE_URL
+    ids = [c.submit_text("hello"), c.submit_image("digit.png", task="classify",
+                                                  labels=["zero", "one"])]
+    results = c.wait(ids, timeout=60)
+
+Inputs are validated before anything is written; a bad one raises ``InvalidInput``
+and enqueues nothing. The job row (and payload) is committed before the task is
+sent, so a failed send leaves a ``queued`` job that ``requeue`` will re-send.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from core import store
+from core.audio import AudioConfig, decode_audio
+from core.config import Settings, get_settings
+from core.errors import InvalidInput
+from core.image import ImageConfig, decode_image
+from core.jobs import TERMINAL, Modality, Task
+from core.migrations import upgrade
+from core.model import check_labels
+from producer.sender import producer_app, send_jobs
+
+log = logging.getLogger(__name__)
+
+
+class Client:
+    def __init__(self, broker_url: str | None = None, database_url: str | None = None, *,
+                 settings: Settings | None = None, migrate: bool = True):
+        base = settings or get_settings()
+        self.settings = base.model_copy(update={
+            k: v for k, v in {"broker_url": broker_url, "database_url": database_url}.items()
+            if v is not None})
+        if migrate:
+            upgrade(self.settings.db_url)
+        self.engine = store.make_engine(self.settings.db_url)
+        self.sessions = store.session_factory(self.engine)
+        self.app = producer_app(self.settings)
+        self._image_cfg = ImageConfig(max_bytes=self.settings.max_payload_bytes)
+        self._audio_cfg = AudioConfig(max_bytes=self.settings.max_payload_bytes)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def submit_text(self, text: str, **kw) -> str:
+        return self.submit_many([{"modality": "text", "input": text, **kw}])[0]
+
+    def submit_image(self, image: str | Path | bytes, **kw) -> str:
+        return self.submit_many([{"modality": "image", "input": image, **kw}])[0]
+
+    def submit_audio(self, audio: str | Path | bytes, **kw) -> str:
+        return self.submit_many([{"modality": "audio", "input": audio, **kw}])[0]
+
+    def submit_many(self, items: list[dict]) -> list[str]:
+        """Each item: modality, input, and optionally task ("embed" | "classify"),
+        labels, top_k, deadline (datetime) or timeout_s. All are validated first;
+        one bad item raises ``InvalidInput`` (naming it) and nothing is enqueued.
+        Rows are written in one transaction, then the tasks are sent over one
+        connection."""
+        rows = [self._validate(i, it) for i, it in enumerate(items)]
+        with self.sessions.begin() as s:
+            jobs = [store.create_job(session=s, **row) for row in rows]
+            pairs = [(j.id, j.modality) for j in jobs]
+        try:
+            sent = send_jobs(self.app, pairs)
+        except Exception as e:  # broker down: the rows stay queued for requeue
+            log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
+                        len(pairs), e)
+            return [i for i, _ in pairs]
+        with self.sessions.begin() as s:
+            store.mark_sent(session=s, job_ids=sent)
+        return [i for i, _ in pairs]
+
+    def _validate(self, index: int, item: dict) -> dict:
+        try:
+            modality = Modality(item.get("modality")).value
+        except ValueError:
+            raise InvalidInput(f"modality must be one of text, image, audio, got "
+                               f"{item.get('modality')!r}", index=index) from None
+        try:
+            task = Task(item.get("task", "embed")).value
+        except ValueError:
+            raise InvalidInput(f"task must be embed or classify, got {item.get('task')!r}",
+                               index=index) from None
+        params: dict = {}
+        if task == "classify":
+            try:
+                params["labels"] = check_labels(item.get("labels") or [])
+            except InvalidInput as e:
+                raise InvalidInput(e.reason, index=index) from None
+            params["top_k"] = int(item.get("top_k", 5))
+            if params["top_k"] < 1:
+                raise InvalidInput("top_k must be at least 1", index=index)
+        deadline = item.get("deadline")
+        if item.get("timeout_s") is not None:
+            deadline = datetime.now(UTC) + timedelta(seconds=float(item["timeout_s"]))
+        row = {"modality": modality, "task": task, "params": params, "deadline": deadline}
+        data = item.get("input")
+        if modality == "text":
+            row["text"] = self._check_text(data, index)
+            return row
+        if isinstance(data, str | Path):
+            try:
+                data = Path(data).read_bytes()
+            except OSError as e:
+                raise InvalidInput(f"cannot read {data}: {e.strerror}", index=index) from None
+        if not isinstance(data, bytes | bytearray):
+            raise InvalidInput(f"{modality} input must be a path or bytes, got "
+                               f"{type(data).__name__}", index=index)
+        data = bytes(data)
+        if modality == "image":
+            decode_image(data, self._image_cfg, index)  # decodable, within limits
+        else:
+            decode_audio(data, self._audio_cfg, index)
+        row["payload"] = data
+        return row
+
+    def _check_text(self, text: object, index: int) -> str:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput("text is not valid UTF-8", index=index) from None
+        if not isinstance(text, str):
+            raise InvalidInput(f"text must be a string, got {type(text).__name__}", index=index)
+        if not text.strip():
+            raise InvalidInput("text is empty or only whitespace", index=index)
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidInput(f"text has {len(text)} characters, over the limit of "
+                               f"{self.settings.max_text_chars}", index=index)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput("text is not valid Unicode", index=index) from None
+        return text
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, job_id: str, *, with_embedding: bool = True) -> dict | None:
+        """The job as a dict, with ``prediction`` once it has succeeded."""
+        with self.sessions() as s:
+            job = store.get_job(session=s, job_id=job_id)
+            if job is None:
+                return None
+            out = job.as_dict()
+            pred = store.get_prediction(session=s, job_id=job_id)
+            out["prediction"] = pred.as_dict(with_embedding) if pred else None
+            return out
+
+    def wait(self, job_ids: list[str], timeout: float = 60.0, poll: float = 0.05,
+             *, with_embedding: bool = True) -> list[dict]:
+        """Block until every job is terminal (or raise TimeoutError); results in order."""
+        end = time.monotonic() + timeout
+        pending = set(job_ids)
+        while pending:
+            with self.sessions() as s:
+                done = set(s.scalars(
+                    select(store.Job.id).where(store.Job.id.in_(list(pending)))
+                    .where(store.Job.status.in_(TERMINAL))))
+            pending -= done
+            if not pending:
+                break
+            if time.monotonic() > end:
+                raise TimeoutError(f"{len(pending)} of {len(job_ids)} job(s) not done after "
+                                   f"{timeout:g} s")
+            time.sleep(poll)
+            poll = min(poll * 1.5, 0.5)
+        return [self.get(i, with_embedding=with_embedding) for i in job_ids]
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not started; True if it was cancelled."""
+        with self.sessions.begin() as s:
+            return store.cancel_job(session=s, job_id=job_id)
+
+    def results(self, *, status: str | None = None, modality: str | None = None,
+                since: datetime | None = None, limit: int = 100) -> list[dict]:
+        with self.sessions() as s:
+            return [j.as_dict() for j in store.list_jobs(
+                session=s, status=status, modality=modality, since=since, limit=limit)]

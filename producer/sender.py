@@ -1,0 +1,66 @@
+"""Sending jobs to the workers by task name, without importing the workers.
+
+A job's Celery task id is its job id, so a message in Redis can be matched to
+its job (``requeue`` relies on it) and Flower shows the job id directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import redis
+from celery import Celery
+
+from core.config import QUEUES, Settings
+from core.jobs import RUN_JOB_TASK
+
+
+def producer_app(settings: Settings) -> Celery:
+    app = Celery("mmq-producer", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json", accept_content=["json"],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry=False, broker_connection_max_retries=0,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
+    """Publish (job_id, modality) pairs over one connection; returns the ids sent."""
+    sent = []
+    with app.producer_or_acquire() as producer:
+        for job_id, modality in jobs:
+            app.send_task(RUN_JOB_TASK, args=[job_id], kwargs={"modality": modality},
+                          queue=modality, task_id=job_id, producer=producer, retry=False)
+            sent.append(job_id)
+    return sent
+
+
+def live_job_ids(settings: Settings, modalities: Iterable[str] = QUEUES) -> set[str]:
+    """Job ids that have a message in Redis: waiting in a queue, or fetched by a
+    worker and not yet acknowledged (kombu's ``unacked`` hash)."""
+    r = redis.Redis.from_url(settings.broker_url)
+    ids: set[str] = set()
+    keys = []
+    for q in modalities:
+        # kombu keeps one list per priority step: "q", "q\x06\x163", "q\x06\x166", ...
+        keys += [q] + [f"{q}\x06\x16{p}" for p in (3, 6, 9)]
+    for key in keys:
+        for raw in r.lrange(key, 0, -1):
+            ids.add(_task_id(raw))
+    for raw in r.hvals("unacked"):
+        try:
+            ids.add(_task_id(json.dumps(json.loads(raw)[0])))
+        except (ValueError, IndexError, TypeError):
+            continue
+    ids.discard("")
+    return ids
+
+
+def _task_id(raw: bytes | str) -> str:
+    try:
+        return json.loads(raw).get("headers", {}).get("id", "")
+    except (ValueError, AttributeError):
+        return ""

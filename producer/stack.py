@@ -1,0 +1,166 @@
+"""``mmq up``, ``mmq worker`` and ``mmq demo``: the local stack on embedded defaults.
+
+Workers run as ``python -m workers <modality>`` child processes: the producer
+side starts them by command, never by importing the workers package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from core.config import QUEUES, get_settings
+
+EXAMPLES = Path(__file__).parent / "examples"
+DEMO_TEXTS = [
+    "The striker scored twice in the second half and the home side won the cup.",
+    "Shares slid after the bank warned that profits would fall this quarter.",
+    "Heavy rain and strong winds are expected along the coast tomorrow morning.",
+    "Simmer the tomatoes with garlic and basil, then stir in the pasta.",
+]
+TEXT_LABELS = ["sport", "finance", "weather", "cooking", "technology"]
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+WORDS = DIGITS + ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    argv = [sys.executable, "-m", "workers", args.modality, "--concurrency",
+            str(args.concurrency)] + (["--device", args.device] if args.device else [])
+    os.execv(sys.executable, argv)  # replaces this process: signals reach Celery directly
+
+
+def _redis_up(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _ensure_redis(url: str, procs: list[subprocess.Popen]) -> None:
+    if _redis_up(url):
+        print(f"redis: using {url}")
+        return
+    u = urlparse(url)
+    if u.hostname not in ("127.0.0.1", "localhost", "::1") or not shutil.which("redis-server"):
+        raise SystemExit(f"mmq up: no Redis answers at {url}, and none can be started here "
+                         "(install redis-server or set MMQ_BROKER_URL)")
+    data = Path(get_settings().data_dir).resolve() / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    procs.append(subprocess.Popen(
+        ["redis-server", "--port", str(u.port or 6379), "--bind", "127.0.0.1", "--dir",
+         str(data), "--appendonly", "yes", "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL))
+    for _ in range(50):
+        if _redis_up(url):
+            print(f"redis: none was running at {url}; started redis-server (data in {data})")
+            return
+        time.sleep(0.1)
+    raise SystemExit("mmq up: redis-server did not start")
+
+
+def _wait_for_workers(timeout: float = 180) -> None:
+    """Until one worker per queue answers a ping (its model is loaded by then)."""
+    from celery import Celery
+
+    app = Celery(broker=get_settings().broker_url)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        replies = app.control.ping(timeout=1.0) or []
+        names = {next(iter(r)) for r in replies}
+        if all(any(n.startswith(f"{q}-") for n in names) for q in QUEUES):
+            return
+        time.sleep(1)
+    raise SystemExit("mmq up: workers did not come up; see their logs above")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from core.migrations import upgrade
+
+    s = get_settings()
+    procs: list[subprocess.Popen] = []
+    try:
+        _ensure_redis(s.broker_url, procs)
+        upgrade(s.db_url)
+        print(f"database: {s.db_url.split('@')[-1]}")
+        for q in QUEUES:
+            procs.append(subprocess.Popen([sys.executable, "-m", "workers", q,
+                                           "--concurrency", str(args.concurrency)]))
+        if not args.no_flower:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app:app", "flower",
+                 f"--port={args.flower_port}", "--address=127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            print(f"flower: http://127.0.0.1:{args.flower_port}")
+        _wait_for_workers()
+        print("mmq is up: workers for " + ", ".join(QUEUES) + ". Ctrl-C stops everything.")
+        if args.demo:
+            run_demo()
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        print("mmq up: a child process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_demo(timeout: float = 120) -> None:
+    """Submit the bundled examples, wait, print the predictions from SQL."""
+    from producer.sdk import Client
+
+    c = Client()
+    items = [{"modality": "text", "input": t, "task": "classify", "labels": TEXT_LABELS,
+              "top_k": 1} for t in DEMO_TEXTS]
+    items += [{"modality": "image", "input": p, "task": "classify", "labels": DIGITS,
+               "top_k": 1} for p in sorted(EXAMPLES.glob("*.png"))]
+    items += [{"modality": "audio", "input": p, "task": "classify", "labels": WORDS,
+               "top_k": 1} for p in sorted(EXAMPLES.glob("*.wav"))]
+    names = DEMO_TEXTS + [p.name for p in sorted(EXAMPLES.glob("*.png"))] + [
+        p.name for p in sorted(EXAMPLES.glob("*.wav"))]
+    ids = c.submit_many(items)
+    results = c.wait(ids, timeout=timeout, with_embedding=False)
+    print(f"\n{'modality':<8} {'status':<9} {'label':<8} {'score':>6}  input")
+    for name, r in zip(names, results, strict=True):
+        top = (r["prediction"] or {}).get("labels") or [["-", 0.0]]
+        print(f"{r['modality']:<8} {r['status']:<9} {top[0][0]:<8} {top[0][1]:>6.3f}  "
+              f"{name[:70]}")
+    print(f"\n{len(results)} jobs; results are in {c.settings.db_url.split('@')[-1]}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.timeout)
+    return 0
+
+
+def add_stack_commands(sub) -> None:
+    p = sub.add_parser("worker", help="run a worker for one modality's queue")
+    p.add_argument("modality", choices=QUEUES)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.set_defaults(func=cmd_worker)
+    p = sub.add_parser("up", help="run Redis (if needed), a worker per modality and Flower")
+    p.add_argument("--demo", action="store_true", help="then run `mmq demo` once")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--no-flower", action="store_true")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("demo", help="submit the bundled examples to a running stack")
+    p.add_argument("--timeout", type=float, default=120)
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,70 @@
+"""``python -m workers text|image|audio``: one worker process for one modality.
+
+Loads the model once, before consuming (the threads pool has no child processes,
+so nothing forks after torch or CUDA are initialised), migrates the store, starts
+the periodic requeue sweep, then runs Celery's worker on that modality's queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+
+from core.config import QUEUES, get_settings
+
+log = logging.getLogger("mmq.worker")
+
+
+def _sweep_forever(modality: str, every: float) -> None:
+    """Re-send this modality's queued jobs whose message was lost (broker restart)."""
+    from producer.requeue import requeue_stale
+
+    while True:
+        threading.Event().wait(every)
+        try:
+            n = requeue_stale(get_settings(), modalities=[modality], single_flight=True)
+            if n:
+                log.warning("requeued %d %s job(s) whose message was lost", n, modality)
+        except Exception:
+            log.exception("requeue sweep failed; will try again")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="mmq worker")
+    ap.add_argument("modality", choices=QUEUES)
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    ap.add_argument("--concurrency", type=int, default=4, help="task threads")
+    ap.add_argument("--loglevel", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.loglevel,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+
+    from core.migrations import upgrade
+    from workers.host import init_host
+
+    upgrade(settings.db_url)
+    h = init_host(settings, args.device)
+    log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
+             h.model.version, h.model.device, settings.db_url.split("@")[-1],
+             settings.broker_url.split("@")[-1])
+    if settings.requeue_every_s > 0:
+        threading.Thread(target=_sweep_forever, args=(args.modality, settings.requeue_every_s),
+                         daemon=True, name="requeue-sweep").start()
+
+    import workers.signals  # noqa: F401  (connects the handlers)
+    from workers.app import app
+
+    app.worker_main([
+        "worker", "-Q", args.modality, "--pool", "threads",
+        "--concurrency", str(args.concurrency), "--loglevel", args.loglevel,
+        "-n", f"{args.modality}-{os.getpid()}@{socket.gethostname()}",
+        "--without-gossip", "--without-mingle",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The Celery app: JSON only, late acknowledgement, one queue per modality."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from core.config import QUEUES, Settings, get_settings
+
+
+def route_by_modality(name, args, kwargs, options, task=None, **kw):
+    """Every job goes to its modality's queue; a worker consumes exactly one."""
+    modality = (kwargs or {}).get("modality")
+    return {"queue": modality} if modality in QUEUES else None
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"])
+    app.conf.update(
+        # JSON only: a pickle payload from the broker would be code execution.
+        task_serializer="json", accept_content=["json"],
+        result_serializer="json", result_accept_content=["json"],
+        # Results live in SQL (the store), not in a Celery result backend.
+        task_ignore_result=True,
+        # Ack after the prediction is stored; a worker killed mid-job leaves the
+        # message to be redelivered, and the store's upsert keeps one prediction.
+        task_acks_late=True, task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": s.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(q) for q in QUEUES], task_default_queue=QUEUES[0],
+        task_routes=(route_by_modality,),
+        # Events for Flower: per-job task lifecycle.
+        worker_send_task_events=True, task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app()
