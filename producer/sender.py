@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import redis
 from celery import Celery
+from kombu import Exchange, Queue
 
 from core.config import QUEUES, Settings
 from core.jobs import RUN_JOB_TASK
@@ -23,6 +24,9 @@ def producer_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry=False, broker_connection_max_retries=0,
         task_send_sent_event=True,
+        # The same declarations as the workers' (see workers/app.py): one direct
+        # exchange per modality, so a job reaches its own queue and no other.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
     )
     return app
 
@@ -33,7 +37,8 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
     with app.producer_or_acquire() as producer:
         for job_id, modality in jobs:
             app.send_task(RUN_JOB_TASK, args=[job_id], kwargs={"modality": modality},
-                          queue=modality, task_id=job_id, producer=producer, retry=False)
+                          queue=modality, exchange=modality, routing_key=modality,
+                          task_id=job_id, producer=producer, retry=False)
             sent.append(job_id)
     return sent
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from core.config import QUEUES, Settings, get_settings
 
@@ -29,7 +29,11 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": s.visibility_timeout},
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(q) for q in QUEUES], task_default_queue=QUEUES[0],
+        # Each queue on its own direct exchange: a queue declared without one lands
+        # on the default queue's exchange and key, and Redis then copies every text
+        # job into the image and audio queues too.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_default_queue=QUEUES[0],
         task_routes=(route_by_modality,),
         # Events for Flower: per-job task lifecycle.
         worker_send_task_events=True, task_send_sent_event=True,

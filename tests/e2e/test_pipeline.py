@@ -72,6 +72,22 @@ def test_each_modality_round_trip_equals_the_model(stack, model):
     assert all(r["model_version"] == model.version for r in results)
 
 
+def test_each_job_reaches_only_its_own_queue(stack):
+    """Every modality's exchange is bound to its own queue alone, so a text job is
+    never copied into the image or audio queue."""
+    import redis
+
+    client, env, _ = stack
+    r = redis.Redis.from_url(env["MMQ_BROKER_URL"])
+    for q in ("text", "image", "audio"):
+        bound = {m.decode().split("\x06\x16")[2] for m in r.smembers(f"_kombu.binding.{q}")}
+        assert bound == {q}, (q, bound)
+    ids = client.submit_many([{"modality": "text", "input": f"only text {i}"}
+                              for i in range(5)])
+    res = client.wait(ids, timeout=60, with_embedding=False)
+    assert all(x["attempts"] == 1 and x["worker"].startswith("text-") for x in res)
+
+
 def test_classify_jobs(stack):
     client, _, _ = stack
     ids = [client.submit_text("the bank raised interest rates", task="classify",
