@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     # per device: 2048 on CPU (beyond it activations fall out of cache and
     # sentences/s drops, see bench/text_embed.py), 16384 on CUDA.
     max_batch_tokens: int | None = None
+    # Dynamic batching in the workers (core/batcher.py). None = per device:
+    # 64 items and 5 ms on CPU, 256 items and 2 ms on CUDA. max_batch_size=1
+    # turns batching off (one job per forward). Worker concurrency defaults to
+    # twice max_batch_size, so that a full batch can gather while one runs.
+    max_batch_size: int | None = None
+    max_wait_ms: float | None = None
+    metrics_log_every_s: float = 30.0  # worker batching metrics to the log; 0 = off
 
 
     @property

@@ -33,8 +33,9 @@ WORDS = DIGITS + ["yes", "no", "up", "down", "left", "right", "on", "off", "stop
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    argv = [sys.executable, "-m", "workers", args.modality, "--concurrency",
-            str(args.concurrency)] + (["--device", args.device] if args.device else [])
+    argv = [sys.executable, "-m", "workers", args.modality]
+    argv += ["--concurrency", str(args.concurrency)] if args.concurrency else []
+    argv += ["--device", args.device] if args.device else []
     os.execv(sys.executable, argv)  # replaces this process: signals reach Celery directly
 
 
@@ -92,8 +93,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         upgrade(s.db_url)
         print(f"database: {s.db_url.split('@')[-1]}")
         for q in QUEUES:
-            procs.append(subprocess.Popen([sys.executable, "-m", "workers", q,
-                                           "--concurrency", str(args.concurrency)]))
+            procs.append(subprocess.Popen([sys.executable, "-m", "workers", q] + (
+                ["--concurrency", str(args.concurrency)] if args.concurrency else [])))
         if not args.no_flower:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "workers.app:app", "flower",
@@ -153,11 +154,12 @@ def add_stack_commands(sub) -> None:
     p = sub.add_parser("worker", help="run a worker for one modality's queue")
     p.add_argument("modality", choices=QUEUES)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="task threads (default: twice the max batch size)")
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("up", help="run Redis (if needed), a worker per modality and Flower")
     p.add_argument("--demo", action="store_true", help="then run `mmq demo` once")
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--flower-port", type=int, default=5555)
     p.add_argument("--no-flower", action="store_true")
     p.set_defaults(func=cmd_up)

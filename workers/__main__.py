@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmq worker")
     ap.add_argument("modality", choices=QUEUES)
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
-    ap.add_argument("--concurrency", type=int, default=4, help="task threads")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="task threads (default: twice the batcher's max batch size)")
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.loglevel,
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     import workers.signals  # noqa: F401  (connects the handlers)
     from workers.app import app
 
+    concurrency = args.concurrency or 2 * h.batcher.cfg.max_batch_size
     app.worker_main([
         "worker", "-Q", args.modality, "--pool", "threads",
-        "--concurrency", str(args.concurrency), "--loglevel", args.loglevel,
+        "--concurrency", str(concurrency), "--loglevel", args.loglevel,
         "-n", f"{args.modality}-{os.getpid()}@{socket.gethostname()}",
         "--without-gossip", "--without-mingle",
     ])

@@ -1,20 +1,26 @@
 """The per-process model host: loaded once before the worker consumes anything.
 
-The threads pool runs tasks concurrently; only one thread at a time may touch the
-model (and the device), so calls are serialised here. Dynamic batching replaces
-this lock with a batcher thread.
+The threads pool runs tasks concurrently. Each task thread preprocesses its own
+item (no model weights involved) and hands it to the dynamic batcher, whose one
+thread owns the model and the device.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
+from core.batcher import BatcherConfig, DynamicBatcher
 from core.config import Settings
 from core.model import MultimodalModel, check_labels
 from core.store import make_engine, session_factory
+
+log = logging.getLogger("mmq.worker")
 
 
 @dataclass
@@ -22,18 +28,25 @@ class ModelHost:
     settings: Settings
     model: MultimodalModel
     sessions: object  # sessionmaker
-    lock: threading.Lock
+    batcher: DynamicBatcher
 
-    def run(self, modality: str, task: str, payload: object, params: dict) -> dict:
-        """One job through the model -> the prediction fields for the store."""
+    def run(self, modality: str, task: str, payload: object, params: dict,
+            deadline: float | None = None) -> dict:
+        """One job through the batcher -> the prediction fields for the store.
+        Raises InvalidInput for bad input, DeadlineExceeded if it waited too long."""
         labels = check_labels(params.get("labels") or []) if task == "classify" else None
         prepared = self.model.prepare(modality, payload)
-        with self.lock:
-            emb = self.model.forward(modality, [prepared])  # (1, D)
-            scores = (self.model.scores(emb, labels, int(params.get("top_k", 5)))
-                      if labels else None)
-        return {"embedding": emb[0].numpy(), "labels": scores[0] if scores else None,
-                "tokens": prepared.tokens, "truncated": prepared.truncated}
+        fut = self.batcher.submit(modality, prepared, labels=labels,
+                                  top_k=int(params.get("top_k", 5)), deadline=deadline)
+        # Bounded, so a wedged device cannot hold a task thread (and its message)
+        # forever: the job fails and the message is acknowledged.
+        return fut.result(timeout=max(60.0, self.settings.visibility_timeout / 2))
+
+
+def _log_metrics(batcher: DynamicBatcher, every: float) -> None:
+    while True:
+        time.sleep(every)
+        log.info("batching %s", json.dumps(batcher.metrics.summary()))
 
 
 _HOST: ModelHost | None = None
@@ -45,7 +58,15 @@ def init_host(settings: Settings, device: str | None = None) -> ModelHost:
         torch.set_num_threads(settings.torch_threads)
     model = MultimodalModel.load(device=device or settings.device, settings=settings)
     engine = make_engine(settings.db_url)
-    _HOST = ModelHost(settings, model, session_factory(engine), threading.Lock())
+    cfg = BatcherConfig.for_device(model.device, max_batch_tokens=settings.max_batch_tokens,
+                                   max_batch_size=settings.max_batch_size,
+                                   max_wait_ms=settings.max_wait_ms)
+    batcher = DynamicBatcher(model, cfg)
+    if settings.metrics_log_every_s > 0:
+        threading.Thread(target=_log_metrics, args=(batcher, settings.metrics_log_every_s),
+                         daemon=True, name="mmq-metrics-log").start()
+    log.info("batching: %s", cfg)
+    _HOST = ModelHost(settings, model, session_factory(engine), batcher)
     return _HOST
 
 

@@ -1,13 +1,15 @@
-"""The one task: run a job by id. Thin: load, run the model, store, return a summary."""
+"""The one task: run a job by id. Thin: load, hand to the batcher, store, summarise."""
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import store
+from core.batcher import DeadlineExceeded
 from core.errors import InvalidInput
 from core.jobs import RUN_JOB_TASK, JobStatus
 from workers.app import app
@@ -38,15 +40,23 @@ def _run(job_id: str, worker: str) -> dict:
         if job is None:  # cancelled, already done, or unknown: nothing to run
             current = store.get_job(session=s, job_id=job_id)
             return {"job": job_id, "status": current.status if current else "unknown"}
-        if job.deadline and datetime.now(UTC) > _aware(job.deadline):
-            store.fail_job(session=s, job_id=job_id, error="deadline passed before it ran",
-                           status=JobStatus.CANCELLED)
-            return {"job": job_id, "status": JobStatus.CANCELLED.value}
+        deadline = None
+        if job.deadline:
+            left = (_aware(job.deadline) - datetime.now(UTC)).total_seconds()
+            if left <= 0:
+                store.fail_job(session=s, job_id=job_id, error="deadline passed before it ran",
+                               status=JobStatus.CANCELLED)
+                return {"job": job_id, "status": JobStatus.CANCELLED.value}
+            deadline = time.monotonic() + left
         payload = job.text if job.modality == "text" else store.get_blob(
             session=s, sha256=job.payload_sha256)
         modality, task, params = job.modality, job.task, dict(job.params or {})
     try:
-        result = h.run(modality, task, payload, params)
+        result = h.run(modality, task, payload, params, deadline)
+    except DeadlineExceeded as e:
+        with h.sessions.begin() as s:
+            store.fail_job(session=s, job_id=job_id, error=str(e), status=JobStatus.CANCELLED)
+        return {"job": job_id, "modality": modality, "status": "cancelled", "error": str(e)}
     except InvalidInput as e:
         with h.sessions.begin() as s:
             store.fail_job(session=s, job_id=job_id, error=str(e.reason))

@@ -1,0 +1,180 @@
+"""The dynamic batcher: one thread owns the model; task threads hand it jobs.
+
+Task threads validate and preprocess their own item (tokenise, decode, log-mel:
+CPU work that needs no model weights), then ``submit`` it and wait on a future.
+The batcher thread closes a batch when the token budget is full, when
+``max_batch_size`` items are in it, or when the oldest item has waited
+``max_wait_ms``, whichever comes first; items that arrive while a forward runs
+are batched the moment it ends, without waiting. Items past their deadline are
+dropped when a batch forms. A batch that fails as a whole (out of memory, say)
+is split in halves and retried before any item is failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from core.metrics import BatchMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_tokens: int = 2048  # real tokens per forward (patches and frames count)
+    max_batch_size: int = 64  # items per forward
+    # How long the first item of a batch may wait for company while the model idles:
+    # the latency a lone job pays so that jobs arriving together share a forward.
+    max_wait_ms: float = 5.0
+
+    @classmethod
+    def for_device(cls, device: torch.device, *, max_batch_tokens: int | None = None,
+                   max_batch_size: int | None = None,
+                   max_wait_ms: float | None = None) -> BatcherConfig:
+        cuda = device.type == "cuda"
+        return cls(
+            max_batch_tokens=max_batch_tokens or (16384 if cuda else 2048),
+            max_batch_size=max_batch_size or (256 if cuda else 64),
+            max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if cuda else 5.0),
+        )
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed while it waited for a batch."""
+
+
+@dataclass
+class _Item:
+    modality: str
+    prepared: object  # core.model.Prepared
+    labels: list[str] | None
+    top_k: int
+    deadline: float | None  # time.monotonic() seconds
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    def __init__(self, model, cfg: BatcherConfig, metrics: BatchMetrics | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.metrics = metrics or BatchMetrics()
+        self._pending: dict[str, deque[_Item]] = {}
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="mmq-batcher", daemon=True)
+        self._thread.start()
+
+    # -- task-thread side ---------------------------------------------------------------
+
+    def submit(self, modality: str, prepared, *, labels: list[str] | None = None,
+               top_k: int = 5, deadline: float | None = None) -> Future:
+        """Queue one prepared item; the future resolves to a dict with the embedding
+        (numpy float32), labels (or None), tokens and truncated."""
+        item = _Item(modality, prepared, labels, top_k, deadline)
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the batcher is stopped")
+            self._pending.setdefault(modality, deque()).append(item)
+            self._cv.notify()
+        return item.future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- batcher thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _ready(self, q: deque[_Item]) -> bool:
+        tokens = 0
+        for n, it in enumerate(q, 1):
+            tokens += it.prepared.tokens
+            if n >= self.cfg.max_batch_size or tokens >= self.cfg.max_batch_tokens:
+                return True
+        return False
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cv:
+            while True:
+                if self._stop and not any(self._pending.values()):
+                    return None
+                queues = [q for q in self._pending.values() if q]
+                if not queues:
+                    self._cv.wait()
+                    continue
+                # Oldest head first across modalities, so none starves.
+                q = min(queues, key=lambda d: d[0].enqueued)
+                waited = time.monotonic() - q[0].enqueued
+                if self._ready(q) or waited * 1e3 >= self.cfg.max_wait_ms or self._stop:
+                    return self._take(q)
+                self._cv.wait(self.cfg.max_wait_ms / 1e3 - waited)
+
+    def _take(self, q: deque[_Item]) -> list[_Item]:
+        batch: list[_Item] = []
+        tokens = 0
+        now = time.monotonic()
+        while q and len(batch) < self.cfg.max_batch_size:
+            it = q[0]
+            if it.deadline is not None and now > it.deadline:
+                q.popleft()
+                it.future.set_exception(DeadlineExceeded("deadline passed before it ran"))
+                self.metrics.dropped += 1
+                continue
+            if batch and tokens + it.prepared.tokens > self.cfg.max_batch_tokens:
+                break
+            batch.append(q.popleft())
+            tokens += it.prepared.tokens
+        return batch
+
+    def _run(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        t0 = time.monotonic()
+        try:
+            results = self._forward(batch)
+        except Exception as e:  # noqa: BLE001  (a batch-level failure: split and retry)
+            if len(batch) == 1:
+                log.exception("item failed alone in a batch of one")
+                batch[0].future.set_exception(e)
+                return
+            log.warning("batch of %d failed (%s: %s); retrying its halves", len(batch),
+                        type(e).__name__, e)
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            self._run(batch[:half])
+            self._run(batch[half:])
+            return
+        done = time.monotonic()
+        self.metrics.observe_batch(
+            size=len(batch), tokens=sum(it.prepared.tokens for it in batch),
+            model_s=done - t0, waits_s=[t0 - it.enqueued for it in batch])
+        for it, r in zip(batch, results, strict=True):
+            it.future.set_result(r)
+
+    def _forward(self, batch: list[_Item]) -> list[dict]:
+        modality = batch[0].modality
+        emb = self.model.forward(modality, [it.prepared for it in batch])  # (B, D)
+        out = []
+        for i, it in enumerate(batch):
+            labels = (self.model.scores(emb[i:i + 1], it.labels, it.top_k)[0]
+                      if it.labels else None)
+            out.append({"embedding": emb[i].numpy(), "labels": labels,
+                        "tokens": it.prepared.tokens, "truncated": it.prepared.truncated})
+        return out

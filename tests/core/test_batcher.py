@@ -1,0 +1,122 @@
+"""The dynamic batcher: budgets, waiting, deadlines, failure isolation, equality."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from core.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.samples import sentences
+
+
+class Spy:
+    """The real model, recording each forward's batch; can fail on demand."""
+
+    def __init__(self, model, fail_if=None):
+        self.model, self.fail_if, self.batches = model, fail_if, []
+        self.version = model.version
+
+    def forward(self, modality, prepared):
+        self.batches.append([p.tokens for p in prepared])
+        if self.fail_if and self.fail_if(prepared):
+            raise self.fail_if(prepared)
+        return self.model.forward(modality, prepared)
+
+    def scores(self, *a, **kw):
+        return self.model.scores(*a, **kw)
+
+
+def submit_all(batcher, model, texts, **kw):
+    prepared = [model.prepare("text", t) for t in texts]
+    with ThreadPoolExecutor(32) as pool:  # many task threads at once, as in a worker
+        futs = list(pool.map(lambda p: batcher.submit("text", p, **kw), prepared))
+    return [f.result(timeout=120) for f in futs], prepared
+
+
+def test_concurrent_jobs_share_forwards_and_match_the_model(model):
+    spy = Spy(model)
+    b = DynamicBatcher(spy, BatcherConfig(max_batch_tokens=512, max_batch_size=16,
+                                          max_wait_ms=20))
+    texts = sentences(120, seed=3)
+    results, prepared = submit_all(b, model, texts)
+    b.stop()
+    want = model.embed("text", texts)
+    got = torch.from_numpy(np.stack([r["embedding"] for r in results]))
+    assert (got - want).abs().max() <= 1e-5
+    assert max(len(x) for x in spy.batches) > 1  # batching happened
+    for sizes in spy.batches:  # budgets hold (a single oversized item may go alone)
+        assert len(sizes) <= 16 and (sum(sizes) <= 512 or len(sizes) == 1)
+    assert sum(len(x) for x in spy.batches) == 120
+    assert b.metrics.summary()["jobs"] == 120 and b.metrics.batch_size.mean > 1
+
+
+def test_a_full_batch_does_not_wait_for_the_timer(model):
+    b = DynamicBatcher(model, BatcherConfig(max_batch_size=4, max_wait_ms=600_000))
+    prepared = [model.prepare("text", f"item {i}") for i in range(4)]
+    futs = [b.submit("text", p) for p in prepared]
+    # With a 10-minute timer, only the size rule can release these in time.
+    assert all(f.result(timeout=60)["embedding"].shape == (384,) for f in futs)
+    b.stop()
+
+
+def test_classify_in_the_batcher_thread(model):
+    b = DynamicBatcher(model, BatcherConfig())
+    p = model.prepare("text", "the bank raised interest rates")
+    r = b.submit("text", p, labels=["sport", "finance"], top_k=1).result(timeout=60)
+    b.stop()
+    assert r["labels"][0][0] == "finance" and len(r["labels"]) == 1
+
+
+def test_past_deadline_items_are_dropped(model):
+    import time
+
+    b = DynamicBatcher(model, BatcherConfig())
+    late = b.submit("text", model.prepare("text", "too late"), deadline=time.monotonic() - 1)
+    ok = b.submit("text", model.prepare("text", "on time"), deadline=time.monotonic() + 60)
+    with pytest.raises(DeadlineExceeded):
+        late.result(timeout=60)
+    assert ok.result(timeout=60)["embedding"].shape == (384,)
+    b.stop()
+    assert b.metrics.dropped == 1
+
+
+def test_one_bad_item_fails_alone(model):
+    poison = model.prepare("text", "poison pill")
+
+    def fail_if(batch):
+        return RuntimeError("kernel fault") if any(p is poison for p in batch) else None
+
+    spy = Spy(model, fail_if)
+    b = DynamicBatcher(spy, BatcherConfig(max_batch_size=8, max_wait_ms=50))
+    good = [model.prepare("text", f"fine {i}") for i in range(7)]
+    futs = [b.submit("text", p) for p in good[:3]] + [b.submit("text", poison)] + [
+        b.submit("text", p) for p in good[3:]]
+    outcomes = []
+    for f in futs:
+        try:
+            outcomes.append(f.result(timeout=60)["tokens"] > 0)
+        except RuntimeError:
+            outcomes.append("failed")
+    b.stop()
+    assert outcomes == [True] * 3 + ["failed"] + [True] * 4
+
+
+def test_out_of_memory_splits_the_batch_before_failing_anyone(model):
+    def fail_if(batch):
+        return torch.OutOfMemoryError("CUDA out of memory") if len(batch) > 2 else None
+
+    spy = Spy(model, fail_if)
+    b = DynamicBatcher(spy, BatcherConfig(max_batch_size=8, max_wait_ms=200))
+    futs = [b.submit("text", model.prepare("text", f"item {i}")) for i in range(8)]
+    assert all(f.result(timeout=60)["embedding"].shape == (384,) for f in futs)
+    b.stop()
+    assert max(len(x) for x in spy.batches) == 8 and sorted({len(x) for x in spy.batches})[0] <= 2
+
+
+def test_per_device_defaults():
+    cpu = BatcherConfig.for_device(torch.device("cpu"))
+    gpu = BatcherConfig.for_device(torch.device("cuda"))
+    assert gpu.max_batch_tokens > cpu.max_batch_tokens and gpu.max_batch_size > cpu.max_batch_size
+    off = BatcherConfig.for_device(torch.device("cpu"), max_batch_size=1)
+    assert off.max_batch_size == 1
