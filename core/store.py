@@ -185,14 +185,12 @@ def mark_sent(*, session: Session, job_ids: list[str]) -> None:
 def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
     """queued/running -> running, atomically; None if the job must not run (it is
     terminal: done, failed or cancelled). A running job may be taken again: that is
-    a redelivery after its worker died."""
-    res = session.execute(
+    a redelivery after its worker died. One statement (UPDATE ... RETURNING)."""
+    return session.scalars(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
-                started_at=utcnow(), worker=worker))
-    if res.rowcount != 1:
-        return None
-    return session.get(Job, job_id, populate_existing=True)
+                started_at=utcnow(), worker=worker)
+        .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
 
 
 def finish_job(*, session: Session, job_id: str, model_version: str,

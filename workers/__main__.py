@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=_sweep_forever, args=(args.modality, settings.requeue_every_s),
                          daemon=True, name="requeue-sweep").start()
 
+    # Celery logs two INFO lines per task; at hundreds of jobs per second that is
+    # real CPU taken from the model. Job outcomes are in the store and in Flower.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     import workers.signals  # noqa: F401  (connects the handlers)
     from workers.app import app
 

@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,17 @@ class ModelHost:
     model: MultimodalModel
     sessions: object  # sessionmaker
     batcher: DynamicBatcher
+    # SQLite takes one writer at a time; dozens of task threads colliding on its
+    # file lock back off in sleeps of up to 100 ms each (its busy handler). Queuing
+    # them on a lock in this process hands the file over without sleeping.
+    # PostgreSQL needs no such lock.
+    write_lock: threading.Lock | None = None
+
+    @contextmanager
+    def tx(self):
+        """A transaction (committed on exit), serialised per process on SQLite."""
+        with self.write_lock or nullcontext(), self.sessions.begin() as s:
+            yield s
 
     def run(self, modality: str, task: str, payload: object, params: dict,
             deadline: float | None = None) -> dict:
@@ -66,7 +78,8 @@ def init_host(settings: Settings, device: str | None = None) -> ModelHost:
         threading.Thread(target=_log_metrics, args=(batcher, settings.metrics_log_every_s),
                          daemon=True, name="mmq-metrics-log").start()
     log.info("batching: %s", cfg)
-    _HOST = ModelHost(settings, model, session_factory(engine), batcher)
+    lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+    _HOST = ModelHost(settings, model, session_factory(engine), batcher, lock)
     return _HOST
 
 

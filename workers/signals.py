@@ -26,7 +26,7 @@ def _prerun(task_id=None, **_kw) -> None:
 def _postrun(task_id=None, retval=None, state=None, **_kw) -> None:
     t0 = _started.pop(task_id, None)
     if t0 is not None and isinstance(retval, dict):
-        log.info("job %s %s in %.1f ms", retval.get("job"), retval.get("status", state),
+        log.debug("job %s %s in %.1f ms", retval.get("job"), retval.get("status", state),
                  1e3 * (time.perf_counter() - t0))
 
 
@@ -38,7 +38,7 @@ def _failure(task_id=None, exception=None, args=None, kwargs=None, **_kw) -> Non
     if not job_id:
         return
     try:
-        with host().sessions.begin() as s:
+        with host().tx() as s:
             store.fail_job(session=s, job_id=job_id,
                            error=f"internal error: {type(exception).__name__}: {exception}")
     except Exception:  # the store itself is down: requeue/redelivery will find the job

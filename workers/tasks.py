@@ -35,7 +35,7 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
 
 def _run(job_id: str, worker: str) -> dict:
     h = host()
-    with h.sessions.begin() as s:
+    with h.tx() as s:
         job = store.start_job(session=s, job_id=job_id, worker=worker)
         if job is None:  # cancelled, already done, or unknown: nothing to run
             current = store.get_job(session=s, job_id=job_id)
@@ -54,14 +54,14 @@ def _run(job_id: str, worker: str) -> dict:
     try:
         result = h.run(modality, task, payload, params, deadline)
     except DeadlineExceeded as e:
-        with h.sessions.begin() as s:
+        with h.tx() as s:
             store.fail_job(session=s, job_id=job_id, error=str(e), status=JobStatus.CANCELLED)
         return {"job": job_id, "modality": modality, "status": "cancelled", "error": str(e)}
     except InvalidInput as e:
-        with h.sessions.begin() as s:
+        with h.tx() as s:
             store.fail_job(session=s, job_id=job_id, error=str(e.reason))
         return {"job": job_id, "modality": modality, "status": "failed", "error": e.reason}
-    with h.sessions.begin() as s:
+    with h.tx() as s:
         store.finish_job(session=s, job_id=job_id, model_version=h.model.version, **result)
     return _summary(job_id, modality, result)
 

@@ -1,0 +1,283 @@
+"""End-to-end throughput and latency: producer -> Redis -> one worker -> SQLite.
+
+In one run, on the same sentences: the batched text worker, the same worker with
+batching off (one job per forward), and SentenceTransformer.encode offline at its
+best batch size. Then latency at light load (one job at a time), and optionally
+images, audio, 1 vs 2 worker processes, and a large backlog.
+
+    .venv/bin/python bench/e2e.py [--n 2000] [--light 30] [--towers] [--scaling]
+                                  [--backlog 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+from sqlalchemy import func, select
+
+from core import store
+from core.samples import sentences
+from producer.sdk import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """A private redis-server and SQLite file; workers started on demand."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        port = free_port()
+        self.redis = subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
+                                       "--appendonly", "no", "--dir", str(tmp)],
+                                      stdout=subprocess.DEVNULL)
+        self.broker = f"redis://127.0.0.1:{port}/0"
+        while True:
+            try:
+                redis.Redis.from_url(self.broker).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.n_db = 0
+        self.workers: list[tuple[subprocess.Popen, Path]] = []
+
+    def fresh_db(self) -> str:
+        self.n_db += 1
+        redis.Redis.from_url(self.broker).flushdb()
+        return f"sqlite:///{self.tmp / f'bench{self.n_db}.db'}"
+
+    def start_worker(self, modality: str, db: str, **env_extra) -> Path:
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        env = {**os.environ, "MMQ_BROKER_URL": self.broker, "MMQ_DATABASE_URL": db,
+               "MMQ_DEVICE": "cpu", "MMQ_METRICS_LOG_EVERY_S": "1", "MMQ_REQUEUE_EVERY_S": "0",
+               **{k: str(v) for k, v in env_extra.items()}}
+        p = subprocess.Popen([sys.executable, "-m", "workers", modality], env=env, cwd=ROOT,
+                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        self.workers.append((p, log))
+        while " ready." not in log.read_text(errors="replace"):
+            if p.poll() is not None:
+                raise RuntimeError(log.read_text()[-2000:])
+            time.sleep(0.2)
+        return log
+
+    def stop_workers(self) -> None:
+        for p, _ in self.workers:
+            p.terminate()
+        for p, _ in self.workers:
+            p.wait(60)
+        self.workers = []
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.redis.terminate()
+
+
+def batching_summary(log: Path) -> dict:
+    lines = re.findall(r"batching (\{.*\})", log.read_text(errors="replace"))
+    return json.loads(lines[-1]) if lines else {}
+
+
+def run_jobs(client: Client, items: list[dict], timeout: float = 1800) -> dict:
+    """Submit all items, wait until all are terminal; throughput and latencies."""
+    t0 = time.perf_counter()
+    ids: list[str] = []
+    for i in range(0, len(items), 500):
+        ids += client.submit_many(items[i:i + 500])
+    t_sub = time.perf_counter() - t0
+    while True:
+        with client.sessions() as s:
+            left = s.scalar(select(func.count()).select_from(store.Job).where(
+                store.Job.status.in_(["queued", "running"])))
+        if not left:
+            break
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{left} jobs still open")
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    with client.sessions() as s:
+        rows = s.execute(select(store.Job.status, store.Job.created_at,
+                                store.Job.finished_at)).all()
+    ok = [r for r in rows if r.status == "succeeded"]
+    lat = np.array([(r.finished_at - r.created_at).total_seconds() for r in ok])
+    return {"jobs": len(ids), "succeeded": len(ok), "submit_s": t_sub, "wall_s": wall,
+            "jobs_per_s": len(ok) / wall, "p50": np.percentile(lat, 50),
+            "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99)}
+
+
+def st_best(texts: list[str]) -> tuple[float, int]:
+    from sentence_transformers import SentenceTransformer
+
+    from core.text import default_text_path
+
+    st = SentenceTransformer(str(default_text_path()), device="cpu")
+    best = (0.0, 0)
+    for bs in (32, 64, 128):
+        st.encode(texts[:bs], batch_size=bs)
+        t = time.perf_counter()
+        st.encode(texts, batch_size=bs)
+        best = max(best, (len(texts) / (time.perf_counter() - t), bs))
+    return best
+
+
+def row(name: str, r: dict, base: float, extra: str = "") -> str:
+    return (f"{name:<34} {r['jobs_per_s']:>8.1f} {r['jobs_per_s'] / base:>6.2f} "
+            f"{1e3 * r['p50']:>8.0f} {1e3 * r['p95']:>8.0f} {1e3 * r['p99']:>8.0f}  {extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--light", type=int, default=30, help="jobs for the light-load latency")
+    ap.add_argument("--towers", action="store_true", help="also image and audio workers")
+    ap.add_argument("--scaling", action="store_true", help="also 1 vs 2 worker processes")
+    ap.add_argument("--backlog", type=int, default=0, help="also N jobs queued before start")
+    args = ap.parse_args()
+    texts = sentences(args.n, seed=11)
+    items = [{"modality": "text", "input": t} for t in texts]
+    stack = Stack(Path(tempfile.mkdtemp(prefix="mmq-bench-")))
+    try:
+        st_rate, st_bs = st_best(texts)
+        results = {}
+        for name, env in (("batched worker", {}), ("unbatched worker (1 job/forward)",
+                                                   {"MMQ_MAX_BATCH_SIZE": 1})):
+            db = stack.fresh_db()
+            log = stack.start_worker("text", db, **env)
+            c = Client(broker_url=stack.broker, database_url=db)
+            results[name] = (run_jobs(c, items), batching_summary(log))
+            if name == "batched worker":  # light load: one job at a time
+                lat = []
+                for t in texts[:args.light]:
+                    t0 = time.perf_counter()
+                    c.wait([c.submit_text(t)], timeout=60, poll=0.002, with_embedding=False)
+                    lat.append(time.perf_counter() - t0)
+                light = np.percentile(lat, 50)
+            c.close()
+            stack.stop_workers()
+        print(f"\n{len(texts)} text jobs, one worker process (2 torch threads), SQLite, "
+              f"Redis; sentence-transformers best: {st_rate:.1f}/s at batch {st_bs}\n")
+        print(f"{'':<34} {'jobs/s':>8} {'x s-t':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+              "  batching")
+        for name, (r, summ) in results.items():
+            print(row(name, r, st_rate, f"mean batch {summ.get('mean_batch_size', '?')}, "
+                      f"model {summ.get('mean_model_ms', '?')} ms/batch"))
+        print(f"submit rate (validate, write rows, publish): "
+              f"{len(texts) / results['batched worker'][0]['submit_s']:.0f} jobs/s")
+        b, u = results["batched worker"][0], results["unbatched worker (1 job/forward)"][0]
+        print(f"\nbatched / unbatched worker: {b['jobs_per_s'] / u['jobs_per_s']:.2f}x; "
+              f"batched / sentence-transformers offline: {b['jobs_per_s'] / st_rate:.2f}x")
+        from core.model import MultimodalModel
+
+        m = MultimodalModel.load(device="cpu")
+        m.embed("text", texts[:1])
+        t0 = time.perf_counter()
+        for t in texts[:20]:
+            m.embed("text", [t])
+        one = (time.perf_counter() - t0) / 20
+        print(f"light load (one job at a time): p50 submit-to-result {1e3 * light:.1f} ms; "
+              f"bound max_wait 5 ms + one forward {1e3 * one:.1f} ms + 25 ms = "
+              f"{5 + 1e3 * one + 25:.1f} ms")
+        if args.towers:
+            towers(stack)
+        if args.scaling:
+            scaling(stack, items)
+        if args.backlog:
+            backlog(stack, args.backlog)
+    finally:
+        stack.close()
+
+
+def towers(stack: Stack) -> None:
+    from bench.towers import speechlike_wav
+    from core import datasets as ds
+    from core.train import digit_png
+
+    x, _ = ds.digits(32)
+    rng = np.random.default_rng(0)
+    pngs = [digit_png(x[i]) for i in range(500)]
+    secs = rng.uniform(0.5, 3.0, 500)
+    wavs = [speechlike_wav(float(s), rng) for s in secs]
+    print(f"\n{'':<34} {'jobs/s':>8} {'':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for modality, payloads in (("image", pngs), ("audio", wavs)):
+        db = stack.fresh_db()
+        log = stack.start_worker(modality, db)
+        c = Client(broker_url=stack.broker, database_url=db)
+        r = run_jobs(c, [{"modality": modality, "input": p} for p in payloads])
+        extra = f"mean batch {batching_summary(log).get('mean_batch_size', '?')}"
+        if modality == "audio":
+            extra += f", {r['jobs_per_s'] * secs.mean():.0f} audio-seconds/s"
+        print(row(f"{modality} worker", r, r["jobs_per_s"], extra))
+        c.close()
+        stack.stop_workers()
+
+
+def scaling(stack: Stack, items: list[dict]) -> None:
+    print("\nscaling: worker processes on the same Redis and SQLite (2 cores in all)")
+    base = None
+    for n in (1, 2):
+        db = stack.fresh_db()
+        for _ in range(n):
+            stack.start_worker("text", db, MMQ_TORCH_THREADS=max(1, 2 // n))
+        c = Client(broker_url=stack.broker, database_url=db)
+        r = run_jobs(c, items)
+        base = base or r["jobs_per_s"]
+        print(row(f"{n} text worker(s)", r, base))
+        c.close()
+        stack.stop_workers()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def backlog(stack: Stack, n: int) -> None:
+    db = stack.fresh_db()
+    c = Client(broker_url=stack.broker, database_url=db)
+    r = redis.Redis.from_url(stack.broker)
+    texts = sentences(n, seed=12)
+    t0 = time.perf_counter()
+    for i in range(0, n, 1000):
+        c.submit_many([{"modality": "text", "input": t} for t in texts[i:i + 1000]])
+    print(f"\nbacklog: {n} jobs queued in {time.perf_counter() - t0:.1f} s; Redis "
+          f"{r.info('memory')['used_memory'] / 2**20:.1f} MiB, queue length {r.llen('text')}")
+    stack.start_worker("text", db)
+    pid = stack.workers[-1][0].pid
+    samples = []
+    while True:
+        with c.sessions() as s:
+            left = s.scalar(select(func.count()).select_from(store.Job).where(
+                store.Job.status.in_(["queued", "running"])))
+        samples.append((rss_mb(pid), r.info("memory")["used_memory"] / 2**20))
+        if not left:
+            break
+        time.sleep(1)
+    with c.sessions() as s:
+        done = s.scalar(select(func.count()).select_from(store.Prediction))
+    w = [a for a, _ in samples]
+    print(f"drained: {done}/{n} predictions; worker RSS min/max {min(w):.0f}/{max(w):.0f} MiB "
+          f"(first {w[0]:.0f}, last {w[-1]:.0f}); Redis max {max(b for _, b in samples):.1f} MiB")
+    c.close()
+    stack.stop_workers()
+
+
+if __name__ == "__main__":
+    main()
