@@ -31,6 +31,7 @@ from core.samples import sentences
 from producer.sdk import Client
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for `bench.towers` when run as a script
 
 
 def free_port() -> int:
