@@ -274,8 +274,9 @@ def backlog(stack: Stack, n: int) -> None:
     with c.sessions() as s:
         done = s.scalar(select(func.count()).select_from(store.Prediction))
     w = [a for a, _ in samples]
-    print(f"drained: {done}/{n} predictions; worker RSS min/max {min(w):.0f}/{max(w):.0f} MiB "
-          f"(first {w[0]:.0f}, last {w[-1]:.0f}); Redis max {max(b for _, b in samples):.1f} MiB")
+    curve = " ".join(f"{w[int(f * (len(w) - 1))]:.0f}" for f in (0, .1, .25, .5, .75, .9, 1))
+    print(f"drained: {done}/{n} predictions; worker RSS MiB at 0/10/25/50/75/90/100% of the "
+          f"drain: {curve}; Redis max {max(b for _, b in samples):.1f} MiB")
     c.close()
     stack.stop_workers()
 
