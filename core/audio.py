@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, check_payload_size
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,7 @@ def decode_audio(data: object, cfg: AudioConfig, index: int | None = None) -> to
 
 
 def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[torch.Tensor, int]:
-    if not data:
-        raise InvalidInput("audio is empty (0 bytes)", index=index)
-    if len(data) > cfg.max_bytes:
-        raise InvalidInput(f"audio is {len(data)} bytes, over the limit of {cfg.max_bytes}",
-                           index=index)
+    check_payload_size(data, cfg.max_bytes, "audio", index)
     try:
         info = sf.info(io.BytesIO(data))
         # Refuse long clips from the header, before decoding them into memory.

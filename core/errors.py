@@ -15,3 +15,12 @@ class InvalidInput(ValueError):
         self.index = index
         where = f"item {index}: " if index is not None else ""
         super().__init__(f"{where}{reason}")
+
+
+def check_payload_size(data: bytes, max_bytes: int, what: str, index: int | None = None) -> None:
+    """Refuse empty and oversized payloads before any decoder sees them."""
+    if not data:
+        raise InvalidInput(f"{what} is empty (0 bytes)", index=index)
+    if len(data) > max_bytes:
+        raise InvalidInput(f"{what} is {len(data)} bytes, over the limit of {max_bytes}",
+                           index=index)

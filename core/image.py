@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, check_payload_size
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -61,11 +61,7 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
         img = data
     elif isinstance(data, bytes | bytearray | memoryview):
         data = bytes(data)
-        if not data:
-            raise InvalidInput("image is empty (0 bytes)", index=index)
-        if len(data) > cfg.max_bytes:
-            raise InvalidInput(f"image is {len(data)} bytes, over the limit of {cfg.max_bytes}",
-                               index=index)
+        check_payload_size(data, cfg.max_bytes, "image", index)
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:

@@ -129,6 +129,30 @@ def _from_hf_bert(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch
     return out
 
 
+def validate_text(item: object, max_chars: int, index: int | None = None) -> str:
+    """str or UTF-8 bytes -> the text (unstripped), or ``InvalidInput`` saying why.
+    Shared by producers (before enqueue) and the model (before tokenising)."""
+    if isinstance(item, bytes | bytearray):
+        try:
+            item = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"text is not valid UTF-8 ({e.reason} at byte {e.start})",
+                               index=index) from None
+    if not isinstance(item, str):
+        raise InvalidInput(f"text must be a string, got {type(item).__name__}", index=index)
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"text is not valid Unicode ({e.reason} at {e.start})",
+                           index=index) from None
+    if len(item) > max_chars:
+        raise InvalidInput(f"text has {len(item)} characters, over the limit of "
+                           f"{max_chars}", index=index)
+    if not item.strip():
+        raise InvalidInput("text is empty or only whitespace", index=index)
+    return item
+
+
 @dataclass
 class TextItem:
     """One validated, tokenised text; ``tokens`` is its cost in the packed core."""
@@ -158,26 +182,8 @@ class TextPreprocessor:
         self.max_chars = max_chars
 
     def validate(self, item: object, index: int | None = None) -> str:
-        if isinstance(item, bytes | bytearray):
-            try:
-                item = bytes(item).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InvalidInput(f"text is not valid UTF-8 ({e.reason} at byte {e.start})",
-                                   index=index) from None
-        if not isinstance(item, str):
-            raise InvalidInput(f"text must be a string, got {type(item).__name__}", index=index)
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidInput(f"text is not valid Unicode ({e.reason} at {e.start})",
-                               index=index) from None
-        if len(item) > self.max_chars:
-            raise InvalidInput(f"text has {len(item)} characters, over the limit of "
-                               f"{self.max_chars}", index=index)
-        text = item.strip()  # as sentence-transformers does before tokenising
-        if not text:
-            raise InvalidInput("text is empty or only whitespace", index=index)
-        return text
+        # stripped as sentence-transformers does before tokenising
+        return validate_text(item, self.max_chars, index).strip()
 
     def prepare_many(self, items: list[object]) -> list[TextItem | InvalidInput]:
         out: list[TextItem | InvalidInput] = []

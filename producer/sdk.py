@@ -28,6 +28,7 @@ from core.image import ImageConfig, decode_image
 from core.jobs import TERMINAL, Modality, Task
 from core.migrations import upgrade
 from core.model import check_labels
+from core.text import validate_text
 from producer.sender import producer_app, send_jobs
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Client:
         row = {"modality": modality, "task": task, "params": params, "deadline": deadline}
         data = item.get("input")
         if modality == "text":
-            row["text"] = self._check_text(data, index)
+            row["text"] = validate_text(data, self.settings.max_text_chars, index)
             return row
         if isinstance(data, str | Path):
             try:
@@ -125,25 +126,6 @@ class Client:
             decode_audio(data, self._audio_cfg, index)
         row["payload"] = data
         return row
-
-    def _check_text(self, text: object, index: int) -> str:
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput("text is not valid UTF-8", index=index) from None
-        if not isinstance(text, str):
-            raise InvalidInput(f"text must be a string, got {type(text).__name__}", index=index)
-        if not text.strip():
-            raise InvalidInput("text is empty or only whitespace", index=index)
-        if len(text) > self.settings.max_text_chars:
-            raise InvalidInput(f"text has {len(text)} characters, over the limit of "
-                               f"{self.settings.max_text_chars}", index=index)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInput("text is not valid Unicode", index=index) from None
-        return text
 
     # -- reading ------------------------------------------------------------------------
 
