@@ -7,6 +7,8 @@ from functools import lru_cache
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 QUEUES = ("text", "image", "audio")  # one Celery queue per modality, named after it
+# Accepted by the API only in the local/dev profile and only when no keys are set.
+LOCAL_API_KEY = "mmq-local-dev-key"
 
 
 class Settings(BaseSettings):
@@ -64,6 +66,36 @@ class Settings(BaseSettings):
     max_wait_ms: float | None = None
     metrics_log_every_s: float = 30.0  # worker batching metrics to the log; 0 = off
 
+    # -- the HTTP API (producer/api.py) ---------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    # Comma-separated Bearer keys accepted on every /v1 route. Empty = no key works,
+    # except in the "local"/"dev" profile, where LOCAL_API_KEY does (for `mmq up`).
+    api_keys: str = ""
+    profile: str = "production"  # "local" or "dev" relax the defaults above
+    # Backpressure: a submit is refused with 429 + Retry-After while the modality's
+    # queue holds more messages than this (0 = unbounded).
+    max_queue_depth: int = 10_000
+    # Longest a GET /v1/jobs/{id}/wait may hold its connection.
+    max_wait_s: float = 60.0
+
+    # -- monitoring -----------------------------------------------------------------------
+    # Flower's basic auth, "user:password" (several: comma-separated). Required for
+    # `mmq flower` outside the local/dev profile.
+    flower_basic_auth: str = ""
+    flower_port: int = 5555
+    # Prometheus exporter port of a worker process (0 = off). `mmq up` gives each
+    # modality's worker its own port from this one upwards.
+    worker_metrics_port: int = 9100
+
+    @property
+    def local(self) -> bool:
+        return self.profile in ("local", "dev")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        return keys or ([LOCAL_API_KEY] if self.local else [])
 
     @property
     def db_url(self) -> str:

@@ -47,16 +47,31 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
     return sent
 
 
+def _queue_keys(q: str) -> list[str]:
+    # kombu keeps one list per priority step: "q", "q\x06\x163", "q\x06\x166", ...
+    return [q] + [f"{q}\x06\x16{p}" for p in (3, 6, 9)]
+
+
+def queue_depths(settings: Settings, modalities: Iterable[str] = QUEUES,
+                 client: redis.Redis | None = None) -> dict[str, int]:
+    """Messages waiting in each modality's queue (not counting fetched, unacked ones)."""
+    r = client or redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+    with r.pipeline(transaction=False) as pipe:
+        mods = list(modalities)
+        for q in mods:
+            for key in _queue_keys(q):
+                pipe.llen(key)
+        counts = pipe.execute()
+    n = len(_queue_keys(""))
+    return {q: sum(counts[i * n:(i + 1) * n]) for i, q in enumerate(mods)}
+
+
 def live_job_ids(settings: Settings, modalities: Iterable[str] = QUEUES) -> set[str]:
     """Job ids that have a message in Redis: waiting in a queue, or fetched by a
     worker and not yet acknowledged (kombu's ``unacked`` hash)."""
     r = redis.Redis.from_url(settings.broker_url)
     ids: set[str] = set()
-    keys = []
-    for q in modalities:
-        # kombu keeps one list per priority step: "q", "q\x06\x163", "q\x06\x166", ...
-        keys += [q] + [f"{q}\x06\x16{p}" for p in (3, 6, 9)]
-    for key in keys:
+    for key in [k for q in modalities for k in _queue_keys(q)]:
         for raw in r.lrange(key, 0, -1):
             ids.add(_task_id(raw))
     for raw in r.hvals("unacked"):
