@@ -63,7 +63,7 @@ def decode_audio(data: object, cfg: AudioConfig, index: int | None = None) -> to
         raise InvalidInput("audio has no samples (zero length)", index=index)
     if wave.numel() / rate > cfg.max_seconds:
         raise InvalidInput(f"audio is {wave.numel() / rate:.1f} s long, over the limit of "
-                           f"{cfg.max_seconds:g} s", index=index)
+                           f"{cfg.max_seconds:g} s", index=index, kind=InvalidInput.TOO_LARGE)
     if not torch.isfinite(wave).all():
         raise InvalidInput("audio contains NaN or infinite samples", index=index)
     if rate != cfg.sample_rate:
@@ -78,13 +78,14 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[tor
         # Refuse long clips from the header, before decoding them into memory.
         if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
             raise InvalidInput(f"audio is {info.frames / info.samplerate:.1f} s long, over "
-                               f"the limit of {cfg.max_seconds:g} s", index=index)
+                               f"the limit of {cfg.max_seconds:g} s", index=index,
+                               kind=InvalidInput.TOO_LARGE)
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except InvalidInput:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise InvalidInput(f"not a readable audio file (WAV, FLAC or OGG): {e}",
-                           index=index) from None
+                           index=index, kind=InvalidInput.UNSUPPORTED) from None
     return torch.from_numpy(wave).mean(dim=1), int(rate)  # downmix (samples, ch) -> mono
 
 

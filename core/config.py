@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     max_queue_depth: int = 10_000
     # Longest a GET /v1/jobs/{id}/wait may hold its connection.
     max_wait_s: float = 60.0
+    # A whole request body (413 above it; each file is also held to max_payload_bytes),
+    # and the items one POST /v1/jobs:batch may carry.
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_batch_items: int = 1000
 
     # -- monitoring -----------------------------------------------------------------------
     # Flower's basic auth, "user:password" (several: comma-separated). Required for

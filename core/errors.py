@@ -10,9 +10,13 @@ class InvalidInput(ValueError):
     Retrying does not help: the worker marks the job ``failed`` without retry.
     """
 
-    def __init__(self, reason: str, *, index: int | None = None):
+    # What kind of bad: an API maps these to 422, 413 and 415 respectively.
+    INVALID, TOO_LARGE, UNSUPPORTED = "invalid", "too_large", "unsupported_media"
+
+    def __init__(self, reason: str, *, index: int | None = None, kind: str = INVALID):
         self.reason = reason
         self.index = index
+        self.kind = kind
         where = f"item {index}: " if index is not None else ""
         super().__init__(f"{where}{reason}")
 
@@ -23,4 +27,4 @@ def check_payload_size(data: bytes, max_bytes: int, what: str, index: int | None
         raise InvalidInput(f"{what} is empty (0 bytes)", index=index)
     if len(data) > max_bytes:
         raise InvalidInput(f"{what} is {len(data)} bytes, over the limit of {max_bytes}",
-                           index=index)
+                           index=index, kind=InvalidInput.TOO_LARGE)

@@ -17,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import InvalidInput, check_payload_size
 
+UNSUPPORTED = InvalidInput.UNSUPPORTED  # undecodable bytes: HTTP 415
+
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
@@ -66,21 +68,23 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise InvalidInput("not an image (no decoder recognises these bytes)",
-                               index=index) from None
+                               index=index, kind=UNSUPPORTED) from None
         except Image.DecompressionBombError as e:  # Pillow's own header check, at 2x its limit
-            raise InvalidInput(f"image pixel count is over the limit: {e}", index=index) from None
+            raise InvalidInput(f"image pixel count is over the limit: {e}", index=index,
+                               kind=InvalidInput.TOO_LARGE) from None
         except (OSError, SyntaxError, ValueError) as e:  # a known signature, then garbage
-            raise InvalidInput(f"not an image, or a corrupt one ({e})", index=index) from None
+            raise InvalidInput(f"not an image, or a corrupt one ({e})", index=index,
+                               kind=UNSUPPORTED) from None
         if img.format not in FORMATS:
             raise InvalidInput(f"unsupported image format {img.format}; accepted: "
-                               f"{', '.join(FORMATS)}", index=index)
+                               f"{', '.join(FORMATS)}", index=index, kind=UNSUPPORTED)
     else:
         raise InvalidInput(f"image must be bytes or a PIL image, got {type(data).__name__}",
                            index=index)
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise InvalidInput(f"image is {w}x{h} = {w * h} pixels, over the limit of "
-                           f"{cfg.max_pixels}", index=index)
+                           f"{cfg.max_pixels}", index=index, kind=InvalidInput.TOO_LARGE)
     if w == 0 or h == 0:
         raise InvalidInput("image has no pixels", index=index)
     try:
@@ -89,7 +93,8 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
         img.load()
         return _to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InvalidInput(f"image could not be decoded: {e}", index=index) from None
+        raise InvalidInput(f"image could not be decoded: {e}", index=index,
+                           kind=UNSUPPORTED) from None
 
 
 def image_to_patches(img: Image.Image, cfg: ImageConfig) -> torch.Tensor:

@@ -69,6 +69,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_modality_status", "modality", "status"),
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_finished", "finished_at"),
     )
 
     def as_dict(self) -> dict:
@@ -115,6 +117,17 @@ class Prediction(Base):
         if with_embedding and self.embedding is not None:
             out["embedding"] = self.vector().tolist()
         return out
+
+
+class IdempotencyKey(Base):
+    """A submit's Idempotency-Key, the hash of its request and the jobs it created."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_ids: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 # -- engine ---------------------------------------------------------------------------
@@ -236,6 +249,36 @@ def list_jobs(*, session: Session, status: str | None = None, modality: str | No
     if since:
         q = q.where(Job.created_at >= since)
     return list(session.scalars(q))
+
+
+def page_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
+              since: datetime | None = None, limit: int = 100,
+              before: tuple[datetime, str] | None = None) -> list[Job]:
+    """Newest first, keyset-paginated: ``before`` is the (created_at, id) of the last
+    job of the previous page, so a page never skips or repeats a job as rows arrive."""
+    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status:
+        q = q.where(Job.status == status)
+    if modality:
+        q = q.where(Job.modality == modality)
+    if since:
+        q = q.where(Job.created_at >= since)
+    if before:
+        at, job_id = before
+        q = q.where((Job.created_at < at) | ((Job.created_at == at) & (Job.id < job_id)))
+    return list(session.scalars(q))
+
+
+def finished_since(*, session: Session, after: datetime, limit: int = 100_000) -> list[tuple]:
+    """(modality, status, created_at, finished_at) of jobs finished after ``after``,
+    oldest first: what the latency histogram has not seen yet."""
+    q = (select(Job.modality, Job.status, Job.created_at, Job.finished_at)
+         .where(Job.finished_at > after).order_by(Job.finished_at).limit(limit))
+    return [tuple(r) for r in session.execute(q)]
+
+
+def get_idempotency(*, session: Session, key: str) -> IdempotencyKey | None:
+    return session.get(IdempotencyKey, key)
 
 
 def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000) -> list[Job]:

@@ -147,7 +147,7 @@ def validate_text(item: object, max_chars: int, index: int | None = None) -> str
                            index=index) from None
     if len(item) > max_chars:
         raise InvalidInput(f"text has {len(item)} characters, over the limit of "
-                           f"{max_chars}", index=index)
+                           f"{max_chars}", index=index, kind=InvalidInput.TOO_LARGE)
     if not item.strip():
         raise InvalidInput("text is empty or only whitespace", index=index)
     return item

@@ -108,6 +108,33 @@ def cmd_train_default(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- `mmq api` -----------------------------------------------------------------------------------
+
+def cmd_api(args) -> int:
+    import uvicorn
+
+    from core.config import get_settings
+
+    s = get_settings()
+    if not s.api_key_list:
+        raise SystemExit("mmq api: no API keys; set MMQ_API_KEYS=key1,key2 (or MMQ_PROFILE=local "
+                         "to accept the local development key)")
+    if s.local and not s.api_keys:
+        print(f"mmq api: local profile, accepting the development key {s.api_key_list[0]!r}")
+    uvicorn.run("producer.api:create_app", factory=True, host=args.host or s.api_host,
+                port=args.port or s.api_port, workers=args.workers, log_level="info",
+                proxy_headers=True)
+    return 0
+
+
+def add_api_command(sub) -> None:
+    p = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
+    p.add_argument("--host", default=None, help="default: MMQ_API_HOST (127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="default: MMQ_API_PORT (8000)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.set_defaults(func=cmd_api)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmq", description="Multimodal inference queue.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -139,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_local)
     add_job_commands(sub)
     add_stack_commands(sub)
+    add_api_command(sub)
     return ap
 
 

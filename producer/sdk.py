@@ -13,12 +13,16 @@ sent, so a failed send leaves a ``queued`` job that ``requeue`` will re-send.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from core import store
 from core.audio import AudioConfig, decode_audio
@@ -32,6 +36,27 @@ from core.text import validate_text
 from producer.sender import producer_app, send_jobs
 
 log = logging.getLogger(__name__)
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key reused for a different request."""
+
+
+@dataclass
+class Submitted:
+    ids: list[str]
+    replayed: bool = False  # the ids come from an earlier call with the same key
+
+
+def request_digest(rows: list[dict]) -> str:
+    """What makes two submits "the same request": every field but the deadline."""
+    h = hashlib.sha256()
+    for row in rows:
+        payload = row.get("payload")
+        h.update(json.dumps([row["modality"], row["task"], row["params"], row.get("text"),
+                             hashlib.sha256(payload).hexdigest() if payload else None],
+                            sort_keys=True).encode())
+    return h.hexdigest()
 
 
 class Client:
@@ -63,25 +88,60 @@ class Client:
     def submit_audio(self, audio: str | Path | bytes, **kw) -> str:
         return self.submit_many([{"modality": "audio", "input": audio, **kw}])[0]
 
-    def submit_many(self, items: list[dict]) -> list[str]:
+    def submit_many(self, items: list[dict], *, idempotency_key: str | None = None
+                    ) -> list[str]:
         """Each item: modality, input, and optionally task ("embed" | "classify"),
         labels, top_k, deadline (datetime) or timeout_s. All are validated first;
         one bad item raises ``InvalidInput`` (naming it) and nothing is enqueued.
         Rows are written in one transaction, then the tasks are sent over one
-        connection."""
+        connection. With an ``idempotency_key``, submitting the same items again
+        returns the first call's job ids (see ``submit``)."""
+        return self.submit(items, idempotency_key=idempotency_key).ids
+
+    def submit(self, items: list[dict], *, idempotency_key: str | None = None) -> Submitted:
+        """``submit_many`` that also says whether the ids are a replay of an earlier
+        call with the same key. The same key with different items raises
+        ``IdempotencyConflict``; deadlines are not part of the comparison, so a
+        retried request with ``timeout_s`` is still the same request."""
         rows = [self._validate(i, it) for i, it in enumerate(items)]
-        with self.sessions.begin() as s:
-            jobs = [store.create_job(session=s, **row) for row in rows]
-            pairs = [(j.id, j.modality) for j in jobs]
+        digest = request_digest(rows) if idempotency_key else ""
+        try:
+            with self.sessions.begin() as s:
+                if idempotency_key and (prior := self._replay(s, idempotency_key, digest)):
+                    return prior
+                jobs = [store.create_job(session=s, **row) for row in rows]
+                pairs = [(j.id, j.modality) for j in jobs]
+                if idempotency_key:  # same transaction: the key exists iff the jobs do
+                    s.add(store.IdempotencyKey(key=idempotency_key, request_hash=digest,
+                                               job_ids=[i for i, _ in pairs],
+                                               created_at=store.utcnow()))
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            with self.sessions() as s:  # a concurrent call with the same key won the race
+                if prior := self._replay(s, idempotency_key, digest):
+                    return prior
+            raise
+        ids = [i for i, _ in pairs]
         try:
             sent = send_jobs(self.app, pairs)
         except Exception as e:  # broker down: the rows stay queued for requeue
             log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
                         len(pairs), e)
-            return [i for i, _ in pairs]
+            return Submitted(ids)
         with self.sessions.begin() as s:
             store.mark_sent(session=s, job_ids=sent)
-        return [i for i, _ in pairs]
+        return Submitted(ids)
+
+    @staticmethod
+    def _replay(session, key: str, digest: str) -> Submitted | None:
+        prior = store.get_idempotency(session=session, key=key)
+        if prior is None:
+            return None
+        if prior.request_hash != digest:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request")
+        return Submitted(list(prior.job_ids), replayed=True)
 
     def _validate(self, index: int, item: dict) -> dict:
         try:

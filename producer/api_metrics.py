@@ -1,0 +1,98 @@
+"""Prometheus metrics of the API process, computed from SQL and Redis at scrape time.
+
+Jobs by status and modality come from the store, so any API replica reports the
+whole fleet's numbers (scrape one replica, or aggregate with ``max``). The
+submit-to-result histogram counts each job once per API process, reading jobs
+finished since its previous scrape; it starts empty when the process starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from core import store
+from core.config import QUEUES, Settings
+
+log = logging.getLogger("mmq.api")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+
+class StoreCollector:
+    def __init__(self, settings: Settings, client, redis_client: redis.Redis):
+        self.settings, self.client, self.redis = settings, client, redis_client
+        self._lock = threading.Lock()  # scrapes may overlap; the watermark must not
+        self._seen_until = store.utcnow()
+        # (modality, status) -> [per-bucket counts ..., +Inf], sum
+        self._hist: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+
+    def collect(self):
+        with self.client.sessions() as s:
+            counts = store.count_by_status(session=s)
+            with self._lock:
+                self._observe_finished(s)
+                hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
+        jobs = GaugeMetricFamily("mmq_jobs", "Jobs in the store, by modality and status",
+                                 labels=["modality", "status"])
+        for (m, st), n in sorted(counts.items()):
+            jobs.add_metric([m, st], n)
+        yield jobs
+        yield from self._queue_metrics()
+        lat = HistogramMetricFamily(
+            "mmq_job_latency_seconds", "Submit to result (finished jobs), by modality and "
+            "final status; counted since this API process started", labels=["modality", "status"])
+        for (m, st), (c, total) in sorted(hist.items()):
+            cum, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), c, strict=True):
+                cum += n
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cum))
+            lat.add_metric([m, st], buckets, total)
+        yield lat
+
+    def _observe_finished(self, session) -> None:
+        import bisect
+
+        rows = store.finished_since(session=session, after=self._seen_until)
+        for modality, status, created, finished in rows:
+            counts, total = self._hist.setdefault(
+                (modality, status), ([0] * (len(LATENCY_BUCKETS) + 1), [0.0]))
+            seconds = max(0.0, (finished - created).total_seconds())
+            counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            total[0] += seconds
+        if rows:
+            self._seen_until = rows[-1][3]
+
+    def _queue_metrics(self):
+        from producer.sender import queue_depths
+
+        up = GaugeMetricFamily("mmq_broker_up", "1 if Redis answered this scrape")
+        depth = GaugeMetricFamily("mmq_queue_depth", "Messages waiting in each modality's "
+                                  "queue (fetched, unacknowledged ones not counted)",
+                                  labels=["modality"])
+        try:
+            for m, n in queue_depths(self.settings, QUEUES, client=self.redis).items():
+                depth.add_metric([m], n)
+            up.add_metric([], 1)
+        except redis.RedisError as e:
+            log.warning("metrics: Redis unreachable: %s", e)
+            up.add_metric([], 0)
+        yield up
+        yield depth
+
+
+def metrics_registry(settings: Settings, client, redis_client: redis.Redis
+                     ) -> CollectorRegistry:
+    """A registry of this app's own (not the process-global one): two apps in one
+    process, as in the tests, do not collide."""
+    reg = CollectorRegistry()
+    reg.register(StoreCollector(settings, client, redis_client))
+    return reg
+
+
+def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,164 @@
+"""Request and response schemas of the HTTP API, and its one error shape.
+
+Every error, whatever raised it, is ``{"error": {"status", "code", "message",
+"details"}}``: clients branch on ``code``, people read ``message``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.jobs import JobStatus, Modality, Task
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, details: Any = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details, self.headers = details, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"status": self.status, "code": self.code, "message": self.message,
+                          "details": self.details}}
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    code: str = Field(examples=["invalid_input"])
+    message: str
+    details: Any = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "invalid_input", 429: "queue_full",
+               500: "internal", 503: "unavailable"}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    return {c: {"model": ErrorOut, "description": ERROR_CODES[c].replace("_", " ")}
+            for c in codes}
+
+
+class JobIn(BaseModel):
+    """One job. Text goes in ``text``; image and audio bytes either as a multipart
+    file upload or base64 in ``data_base64``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Modality = Modality.TEXT
+    text: str | None = None
+    data_base64: str | None = None
+    task: Task = Task.EMBED
+    labels: list[str] | None = Field(None, description="required for task=classify")
+    top_k: int = Field(5, ge=1, le=1000)
+    # Dropped (status cancelled) if no worker has started it this many seconds after submit.
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[JobIn] = Field(min_length=1)
+
+
+# The multipart form of POST /v1/jobs and /v1/jobs:batch, for OpenAPI (the routes
+# parse the form themselves, because one route takes both JSON and multipart).
+def multipart_schema(batch: bool) -> dict:
+    file_field = ({"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+                  if batch else {"file": {"type": "string", "format": "binary"}})
+    return {
+        "type": "object",
+        "required": ["files" if batch else "file"],
+        "properties": {
+            **file_field,
+            "modality": {"type": "string", "enum": ["image", "audio"],
+                         "description": "default: found by decoding the file"},
+            "task": {"type": "string", "enum": [t.value for t in Task]},
+            "labels": {"type": "string", "description": "comma-separated, for classify"},
+            "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+        },
+    }
+
+
+class Accepted(BaseModel):
+    id: str
+    status: JobStatus
+    location: str
+
+
+class BatchAccepted(BaseModel):
+    jobs: list[Accepted]
+    replayed: bool = Field(description="true: an earlier call with this Idempotency-Key "
+                                       "created these jobs; nothing new was queued")
+
+
+class PredictionOut(BaseModel):
+    labels: list[tuple[str, float]] | None = None  # classify: [label, score], best first
+    dim: int | None = None
+    embedding: list[float] | None = None
+    tokens: int | None = None
+    truncated: bool | None = None  # the input was cut at the model's length limit
+    model_version: str | None = None
+
+
+class Timings(BaseModel):
+    queue_s: float | None = Field(None, description="submit to start")
+    run_s: float | None = Field(None, description="start to finish")
+    total_s: float | None = Field(None, description="submit to result")
+
+
+class JobOut(BaseModel):
+    id: str
+    modality: Modality
+    task: Task
+    params: dict
+    status: JobStatus
+    attempts: int
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline: datetime | None = None
+    worker: str | None = None
+    model_version: str | None = None
+    payload_sha256: str | None = None
+    timings: Timings
+    prediction: PredictionOut | None = None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
+
+
+def _utc(v: str | None) -> datetime | None:
+    if not v:
+        return None
+    d = datetime.fromisoformat(v)
+    return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite hands back naive UTC
+
+
+def job_out(job: dict) -> JobOut:
+    fields = {k: v for k, v in job.items() if k in JobOut.model_fields}
+    for k in ("created_at", "started_at", "finished_at", "deadline"):
+        fields[k] = _utc(job.get(k))
+
+    def seconds(a: str, b: str) -> float | None:
+        if fields[a] is None or fields[b] is None:
+            return None
+        return round((fields[b] - fields[a]).total_seconds(), 6)
+
+    timings = Timings(queue_s=seconds("created_at", "started_at"),
+                      run_s=seconds("started_at", "finished_at"),
+                      total_s=seconds("created_at", "finished_at"))
+    return JobOut(**fields, timings=timings)

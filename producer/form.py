@@ -1,0 +1,117 @@
+"""Request bodies for the HTTP API: a size-capped read, and multipart uploads as
+SDK items. The media type of an upload is found by decoding its bytes; the
+filename and the part's Content-Type are never trusted."""
+
+from __future__ import annotations
+
+import io
+
+import soundfile as sf
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+
+from core.config import Settings
+from producer.api_models import ApiError
+
+FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "file", "files"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing it (413) as soon as it passes ``limit`` bytes: a declared
+    Content-Length is checked before reading, a chunked body while it streams."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise _too_large(n, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(n: int, limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"request body is over the limit of "
+                    f"{limit} bytes (at least {n})")
+
+
+async def upload_items(request: Request, body: bytes, *, batch: bool,
+                       settings: Settings) -> list[dict]:
+    # Starlette's form parser replays a body the request has cached, so the capped
+    # read above is what it parses (nothing unbounded is spooled to disk first).
+    request._body = body
+    try:
+        form = await request.form(max_files=settings.max_batch_items, max_fields=64)
+    except (UnicodeDecodeError, ValueError) as e:  # a field's bytes in no usable charset
+        raise _invalid(f"unreadable form field: {e}") from None
+    files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    unknown = sorted(set(k for k, _ in form.multi_items()) - FORM_FIELDS)
+    if unknown:
+        raise _invalid(f"unknown form field(s): {', '.join(unknown)}")
+    want = "files" if batch else "file"
+    if batch and not files:
+        raise _invalid("a batch upload needs one or more files in the 'files' field")
+    if not batch and (len(files) != 1 or files[0][0] != "file"):
+        raise _invalid("upload exactly one file in the 'file' field (many: /v1/jobs:batch)")
+    if any(k not in ("file", "files") for k, _ in files) or (
+            batch and any(k != want for k, _ in files)):
+        raise _invalid(f"files go in the '{want}' field")
+    common = _common_fields(fields, form.getlist("labels"))
+    items = []
+    for index, (_, f) in enumerate(files):
+        data = await f.read()
+        if len(data) > settings.max_payload_bytes:
+            raise ApiError(413, "payload_too_large", f"item {index}: file is {len(data)} "
+                           f"bytes, over the limit of {settings.max_payload_bytes}",
+                           details=[{"item": index}])
+        modality = common["modality"] or sniff_modality(data, index)
+        items.append({**common, "modality": modality, "input": data})
+    return items
+
+
+def _common_fields(fields: dict[str, str], labels: list) -> dict:
+    modality = fields.get("modality") or None
+    if modality not in (None, "image", "audio"):
+        raise _invalid("modality: uploads are image or audio (text jobs are JSON)")
+    task = fields.get("task", "embed")
+    if task not in ("embed", "classify"):
+        raise _invalid(f"task: must be embed or classify, got {task!r}")
+    # labels=a,b,c or repeated labels=a&labels=b: both are what people send.
+    names = [p.strip() for v in labels if isinstance(v, str) for p in v.split(",")]
+    out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None}
+    for name, kind in (("top_k", int), ("timeout_s", float)):
+        if fields.get(name) not in (None, ""):
+            try:
+                out[name] = kind(fields[name])
+            except ValueError:
+                raise _invalid(f"{name}: not a number: {fields[name]!r}") from None
+    if out.get("top_k", 5) < 1 or out.get("top_k", 5) > 1000:
+        raise _invalid("top_k: must be between 1 and 1000")
+    if "timeout_s" in out and not 0 < out["timeout_s"] <= 7 * 86400:
+        raise _invalid("timeout_s: must be above 0 and at most 7 days")
+    return out
+
+
+def sniff_modality(data: bytes, index: int) -> str:
+    """image or audio, by what decodes the header; 415 if neither does."""
+    try:
+        Image.open(io.BytesIO(data))
+        return "image"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError):
+        pass
+    try:
+        sf.info(io.BytesIO(data))
+        return "audio"
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        pass
+    raise ApiError(415, "unsupported_media_type", f"item {index}: not an image or audio "
+                   "file this service decodes (images: PNG, JPEG, ...; audio: WAV, FLAC, OGG)",
+                   details=[{"item": index}])
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_input", message)
