@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 import redis
 
-from core.config import QUEUES, get_settings
+from core.config import QUEUES, Settings, get_settings
+from producer.flower import add_flower_command, flower_command, flower_credentials, flower_env
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_TEXTS = [
@@ -83,6 +84,16 @@ def _wait_for_workers(timeout: float = 180) -> None:
     raise SystemExit("mmq up: workers did not come up; see their logs above")
 
 
+def _start_flower(s: Settings, port: int, procs: list[subprocess.Popen]) -> None:
+    """Flower as `mmq flower` runs it; `mmq up` is the local stack, so without
+    MMQ_FLOWER_BASIC_AUTH it gets a one-off login, printed here."""
+    auth, generated = flower_credentials(s, local=True)
+    procs.append(subprocess.Popen(flower_command(port, "127.0.0.1"), env=flower_env(auth),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    login = f" (login {auth})" if generated else " (login from MMQ_FLOWER_BASIC_AUTH)"
+    print(f"flower: http://127.0.0.1:{port}{login}")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from core.migrations import upgrade
 
@@ -96,11 +107,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             procs.append(subprocess.Popen([sys.executable, "-m", "workers", q] + (
                 ["--concurrency", str(args.concurrency)] if args.concurrency else [])))
         if not args.no_flower:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app:app", "flower",
-                 f"--port={args.flower_port}", "--address=127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            print(f"flower: http://127.0.0.1:{args.flower_port}")
+            _start_flower(s, args.flower_port or s.flower_port, procs)
         _wait_for_workers()
         print("mmq is up: workers for " + ", ".join(QUEUES) + ". Ctrl-C stops everything.")
         if args.demo:
@@ -160,9 +167,10 @@ def add_stack_commands(sub) -> None:
     p = sub.add_parser("up", help="run Redis (if needed), a worker per modality and Flower")
     p.add_argument("--demo", action="store_true", help="then run `mmq demo` once")
     p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--flower-port", type=int, default=None, help="default: MMQ_FLOWER_PORT")
     p.add_argument("--no-flower", action="store_true")
     p.set_defaults(func=cmd_up)
+    add_flower_command(sub)
     p = sub.add_parser("demo", help="submit the bundled examples to a running stack")
     p.add_argument("--timeout", type=float, default=120)
     p.set_defaults(func=cmd_demo)
