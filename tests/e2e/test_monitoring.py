@@ -154,6 +154,12 @@ def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
     assert summary["modality"] == "text" and summary["top"][0] == "sport"
     metrics = f.get("/metrics").text
     assert 'flower_events_total{task="mmq.run_job",type="task-succeeded"' in metrics
+    # Now that Flower knows a worker, it would list only that worker's queue; the
+    # image and audio backlogs must stay visible.
+    workers = f.get("/api/workers", params={"refresh": "true"}).json()
+    assert [[q["name"] for q in w["active_queues"]] for w in workers.values()] == [["text"]]
+    names = [q["name"] for q in f.get("/api/queues/length").json()["active_queues"]]
+    assert names == ["audio", "image", "text"]
 
 
 def _flower_task(f: FlowerProcess, job: str, timeout: float = 60) -> dict:
