@@ -160,6 +160,17 @@ def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
     assert [[q["name"] for q in w["active_queues"]] for w in workers.values()] == [["text"]]
     names = [q["name"] for q in f.get("/api/queues/length").json()["active_queues"]]
     assert names == ["audio", "image", "text"]
+    # mmq top sees the same worker through its own broadcast, and the job in SQL.
+    settings = Settings(broker_url=url, database_url=db)
+    engine = store.make_engine(db)
+    try:
+        frame = collect(settings, store.session_factory(engine), producer_app(settings),
+                        window_s=3600)
+    finally:
+        engine.dispose()
+    assert [(w.modality, w.processed) for w in frame.workers] == [("text", 1)]
+    assert frame.workers[0].name == task["worker"]
+    assert frame.counts == {("text", "succeeded"): 1} and frame.rates["text"] > 0
 
 
 def _flower_task(f: FlowerProcess, job: str, timeout: float = 60) -> dict:
