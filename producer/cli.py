@@ -6,6 +6,7 @@
     mmq classify --modality audio --labels yes,no clip.wav
     mmq train-default [--out DIR] [--tiny]
     mmq up [--demo] | mmq worker text|image|audio | mmq demo
+    mmq flower | mmq top [--interval S] [--once]
     mmq submit ... | status | wait | results | cancel | requeue | db upgrade
 
 ``embed`` and ``classify`` run the model in this process (no queue) and print
@@ -24,6 +25,7 @@ from pathlib import Path
 from core.errors import InvalidInput
 from producer.cli_jobs import add_job_commands
 from producer.stack import add_stack_commands
+from producer.top import add_top_command
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_commands(sub)
     add_stack_commands(sub)
     add_api_command(sub)
+    add_top_command(sub)
     return ap
 
 

@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 import redis
 
-from core.config import QUEUES, get_settings
+from core.config import LOCAL_API_KEY, QUEUES, Settings, get_settings
+from producer.flower import add_flower_command, flower_command, flower_credentials, flower_env
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_TEXTS = [
@@ -83,6 +84,36 @@ def _wait_for_workers(timeout: float = 180) -> None:
     raise SystemExit("mmq up: workers did not come up; see their logs above")
 
 
+def _start_flower(s: Settings, port: int, procs: list[subprocess.Popen]) -> None:
+    """Flower as `mmq flower` runs it; `mmq up` is the local stack, so without
+    MMQ_FLOWER_BASIC_AUTH it gets a one-off login, printed here."""
+    auth, generated = flower_credentials(s, local=True)
+    procs.append(subprocess.Popen(flower_command(port, "127.0.0.1"), env=flower_env(auth),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    login = f" (login {auth})" if generated else " (login from MMQ_FLOWER_BASIC_AUTH)"
+    print(f"flower: http://127.0.0.1:{port}{login}")
+
+
+def _start_api(s: Settings, port: int, procs: list[subprocess.Popen]) -> None:
+    """`mmq api` in the local profile: without MMQ_API_KEYS the development key works."""
+    env = dict(os.environ)
+    if not s.api_keys:
+        env["MMQ_PROFILE"] = "local"
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "api", "--port", str(port)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    key = "a key from MMQ_API_KEYS" if s.api_keys else f"Bearer {LOCAL_API_KEY}"
+    print(f"api: http://127.0.0.1:{port}/docs ({key})")
+
+
+def _worker_env(s: Settings, index: int) -> dict:
+    """Each local worker exports its metrics on its own port: base, base+1, base+2."""
+    env = dict(os.environ)
+    if s.worker_metrics_port:
+        env["MMQ_WORKER_METRICS_PORT"] = str(s.worker_metrics_port + index)
+    return env
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from core.migrations import upgrade
 
@@ -92,15 +123,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         _ensure_redis(s.broker_url, procs)
         upgrade(s.db_url)
         print(f"database: {s.db_url.split('@')[-1]}")
-        for q in QUEUES:
+        for i, q in enumerate(QUEUES):
             procs.append(subprocess.Popen([sys.executable, "-m", "workers", q] + (
-                ["--concurrency", str(args.concurrency)] if args.concurrency else [])))
+                ["--concurrency", str(args.concurrency)] if args.concurrency else []),
+                env=_worker_env(s, i)))
         if not args.no_flower:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app:app", "flower",
-                 f"--port={args.flower_port}", "--address=127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            print(f"flower: http://127.0.0.1:{args.flower_port}")
+            _start_flower(s, args.flower_port or s.flower_port, procs)
+        if not args.no_api:
+            _start_api(s, args.api_port or s.api_port, procs)
         _wait_for_workers()
         print("mmq is up: workers for " + ", ".join(QUEUES) + ". Ctrl-C stops everything.")
         if args.demo:
@@ -157,12 +187,15 @@ def add_stack_commands(sub) -> None:
     p.add_argument("--concurrency", type=int, default=None,
                    help="task threads (default: twice the max batch size)")
     p.set_defaults(func=cmd_worker)
-    p = sub.add_parser("up", help="run Redis (if needed), a worker per modality and Flower")
+    p = sub.add_parser("up", help="Redis if needed, a worker per modality, Flower, the API")
     p.add_argument("--demo", action="store_true", help="then run `mmq demo` once")
     p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--flower-port", type=int, default=None, help="default: MMQ_FLOWER_PORT")
     p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--api-port", type=int, default=None, help="default: MMQ_API_PORT")
+    p.add_argument("--no-api", action="store_true")
     p.set_defaults(func=cmd_up)
+    add_flower_command(sub)
     p = sub.add_parser("demo", help="submit the bundled examples to a running stack")
     p.add_argument("--timeout", type=float, default=120)
     p.set_defaults(func=cmd_demo)

@@ -1,0 +1,118 @@
+"""``mmq flower``: Flower for the mmq Celery app, always behind basic auth.
+
+Flower runs as its own process, ``python -m producer.flower [flower options]``, which
+loads the Celery app by name (``-A workers.app:app``), so this package still never
+imports ``workers``. Two things are adjusted in that process before Flower starts:
+
+- ``/metrics`` requires the same basic auth as the UI. Flower 2 serves it
+  unauthenticated on purpose (mher/flower#1129), and it names every task, worker and
+  queue; Prometheus scrapes it with ``basic_auth`` instead.
+- The broker page and ``/api/queues/length`` list every modality's queue. Flower
+  lists only the queues of the workers it knows, and a queue that has no worker is
+  exactly the backlog worth seeing.
+
+Credentials travel to Flower in its environment (``FLOWER_BASIC_AUTH``, which Flower
+reads like ``--basic-auth=``), never on its command line, where ``ps`` shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+
+from core.config import QUEUES, Settings, get_settings
+
+CELERY_APP = "workers.app:app"
+LOCAL_USER = "mmq"
+
+
+class FlowerAuthMissing(SystemExit):
+    pass
+
+
+def flower_credentials(settings: Settings, *, local: bool | None = None) -> tuple[str, bool]:
+    """(basic-auth value, generated?). Outside the local/dev profile a missing
+    ``MMQ_FLOWER_BASIC_AUTH`` is refused; locally a one-off password is generated,
+    so Flower is never open, even on a laptop."""
+    value = ",".join(p.strip() for p in settings.flower_basic_auth.split(",") if p.strip())
+    if value:
+        bad = [p for p in value.split(",") if ":" not in p or p.startswith(":")
+               or p.endswith(":")]
+        if bad:
+            raise FlowerAuthMissing("MMQ_FLOWER_BASIC_AUTH must be user:password[,user2:pass2]")
+        return value, False
+    if not (settings.local if local is None else local):
+        raise FlowerAuthMissing(
+            "mmq flower: set MMQ_FLOWER_BASIC_AUTH=user:password (Flower can shut workers "
+            "down and shows every job id); only MMQ_PROFILE=local or dev runs without it")
+    return f"{LOCAL_USER}:{secrets.token_urlsafe(12)}", True
+
+
+def flower_command(port: int, address: str) -> list[str]:
+    return [sys.executable, "-m", "producer.flower", f"--port={port}", f"--address={address}"]
+
+
+def flower_env(auth: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["FLOWER_BASIC_AUTH"] = auth
+    # A stale FLOWER_UNAUTHENTICATED_API in the environment would open the API again.
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    return env
+
+
+def _harden_flower() -> None:
+    """The two adjustments described in the module docstring."""
+    from flower.views import BaseHandler
+    from flower.views.monitor import Metrics
+    from tornado import web
+
+    if not getattr(Metrics.get, "_mmq_auth", False):
+        get = web.authenticated(Metrics.get)
+        get._mmq_auth = True
+        Metrics.get = get
+
+    listed = BaseHandler.get_active_queue_names
+    if not getattr(listed, "_mmq_all_queues", False):
+        def get_active_queue_names(self) -> list[str]:
+            return sorted(set(listed(self)) | set(QUEUES))
+
+        get_active_queue_names._mmq_all_queues = True
+        BaseHandler.get_active_queue_names = get_active_queue_names
+
+
+def run_flower(argv: list[str]) -> None:
+    """Run Flower in this process: ``celery -A workers.app:app flower <argv>``."""
+    if not os.environ.get("FLOWER_BASIC_AUTH"):
+        raise FlowerAuthMissing("producer.flower: FLOWER_BASIC_AUTH is not set; use `mmq flower`")
+    _harden_flower()
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "-A", CELERY_APP, "flower", *argv]
+    celery_main()
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    s = get_settings()
+    auth, generated = flower_credentials(s)
+    if generated:
+        print(f"flower: no MMQ_FLOWER_BASIC_AUTH in the {s.profile} profile; "
+              f"this run's login is {auth}", flush=True)
+    port = args.port or s.flower_port
+    argv = flower_command(port, args.address)
+    os.execve(sys.executable, argv, flower_env(auth))  # signals reach Flower directly
+
+
+def add_flower_command(sub) -> None:
+    # Other Flower options come from FLOWER_* variables (FLOWER_PERSISTENT=True, ...),
+    # which Flower itself reads.
+    p = sub.add_parser("flower", help="run Flower (basic auth from MMQ_FLOWER_BASIC_AUTH)")
+    p.add_argument("--port", type=int, default=None, help="default: MMQ_FLOWER_PORT (5555)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="listen address (0.0.0.0 in a container)")
+    p.set_defaults(func=cmd_flower)
+
+
+if __name__ == "__main__":
+    run_flower(sys.argv[1:])

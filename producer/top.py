@@ -1,0 +1,167 @@
+"""``mmq top``: a live terminal summary of the queues, the workers and the store.
+
+One frame = Redis queue lengths, the workers that answer a Celery broadcast, and
+from SQL the jobs/s that finished in the last interval, the counts by status and the
+most recent failures. Read-only: it never migrates or writes anything. Each source
+is read on its own, so a Redis or database outage shows up in the frame instead of
+ending the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import store
+from core.config import QUEUES, Settings, get_settings
+from core.jobs import JobStatus
+from producer.sender import producer_app, queue_depths
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home + erase screen: plain ANSI, no curses needed
+STATUSES = [s.value for s in JobStatus]
+
+
+@dataclass
+class WorkerInfo:
+    name: str  # "text-1234@host": the modality is the part before the first "-"
+    modality: str
+    processed: int  # tasks this worker process has run since it started
+    uptime_s: float | None
+
+
+@dataclass
+class Frame:
+    at: datetime
+    window_s: float
+    depths: dict[str, int] | None = None  # None: the broker did not answer
+    workers: list[WorkerInfo] | None = None
+    rates: dict[str, float] | None = None  # succeeded per second over window_s
+    counts: dict[tuple[str, str], int] | None = None  # (modality, status) -> jobs
+    failures: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _workers(app, timeout: float) -> list[WorkerInfo]:
+    stats = app.control.inspect(timeout=timeout).stats() or {}
+    out = []
+    for name, st in sorted(stats.items()):
+        total = st.get("total") or {}
+        out.append(WorkerInfo(name=name, modality=name.split("-", 1)[0],
+                              processed=sum(total.values()), uptime_s=st.get("uptime")))
+    return out
+
+
+def _sql(session: Session, window_s: float, n_failures: int) -> tuple[dict, dict, list]:
+    since = store.utcnow() - timedelta(seconds=window_s)
+    done = session.execute(
+        select(store.Job.modality, func.count())
+        .where(store.Job.status == JobStatus.SUCCEEDED.value, store.Job.finished_at >= since)
+        .group_by(store.Job.modality))
+    rates = {m: n / window_s for m, n in done}
+    counts = store.count_by_status(session=session)
+    failed = session.scalars(
+        select(store.Job).where(store.Job.status == JobStatus.FAILED.value)
+        .order_by(store.Job.finished_at.desc()).limit(n_failures))
+    failures = [{"id": j.id, "modality": j.modality, "error": j.error or "",
+                 "at": j.finished_at} for j in failed]
+    return rates, counts, failures
+
+
+def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_s: float,
+            n_failures: int = 5, timeout: float = 1.0) -> Frame:
+    """One frame; a source that fails leaves its part empty and says why."""
+    frame = Frame(at=store.utcnow(), window_s=window_s)
+    try:
+        frame.depths = queue_depths(settings)
+    except Exception as e:  # any broker error: show it, keep the other parts
+        frame.problems.append(f"redis: {type(e).__name__}: {e}")
+    if frame.depths is not None:  # no broadcast when Redis is down: it would hang
+        try:
+            frame.workers = _workers(app, timeout)
+        except Exception as e:
+            frame.problems.append(f"workers: {type(e).__name__}: {e}")
+    try:
+        with sessions() as s:
+            frame.rates, frame.counts, frame.failures = _sql(s, window_s, n_failures)
+    except Exception as e:
+        frame.problems.append(f"database: {type(e).__name__}: {str(e).splitlines()[0]}")
+    return frame
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render(frame: Frame, settings: Settings) -> str:
+    """The frame as plain text (no colour, no cursor codes)."""
+    lines = [f"mmq top  {frame.at:%Y-%m-%d %H:%M:%S} UTC  broker "
+             f"{settings.broker_url.split('@')[-1]}  store {settings.db_url.split('@')[-1]}",
+             ""]
+    head = f"{'modality':<9}{'waiting':>9}{'workers':>9}{'jobs/s':>9}"
+    lines.append(head + "".join(f"{s:>11}" for s in STATUSES))
+    workers = frame.workers or []
+    for q in QUEUES:
+        waiting = "?" if frame.depths is None else str(frame.depths.get(q, 0))
+        n = "?" if frame.workers is None else str(sum(w.modality == q for w in workers))
+        rate = "?" if frame.rates is None else f"{frame.rates.get(q, 0.0):.2f}"
+        row = f"{q:<9}{waiting:>9}{n:>9}{rate:>9}"
+        counts = frame.counts
+        lines.append(row + "".join(
+            f"{'?' if counts is None else counts.get((q, s), 0):>11}" for s in STATUSES))
+    lines += ["", f"workers ({'?' if frame.workers is None else len(workers)})"]
+    lines += [f"  {w.name:<40} {w.modality:<6} up {_fmt_age(w.uptime_s):>7}  "
+              f"processed {w.processed}" for w in workers] or [
+        "  none answered" if frame.workers is not None else "  unknown: no broker"]
+    lines += ["", "recent failures"]
+    for f in frame.failures:
+        at = f"{f['at']:%Y-%m-%d %H:%M:%S}" if f["at"] else "-"
+        error = " ".join(f["error"].split())[:80]
+        lines.append(f"  {at}  {f['modality']:<6} {f['id']}  {error}")
+    if not frame.failures:
+        lines.append("  none")
+    if frame.problems:
+        lines += ["", "problems"] + [f"  {p}" for p in frame.problems]
+    lines.append(f"\njobs/s = succeeded in the last {frame.window_s:g}s")
+    return "\n".join(lines)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise SystemExit("mmq top: --interval must be above 0")
+    s = get_settings()
+    engine = store.make_engine(s.db_url)
+    sessions = store.session_factory(engine)
+    app = producer_app(s)
+    try:
+        while True:
+            frame = collect(s, sessions, app, window_s=args.interval, n_failures=args.failures)
+            text = render(frame, s)
+            if args.once:
+                print(text)
+                return 0 if not frame.problems else 1
+            sys.stdout.write(CLEAR + text + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        engine.dispose()
+
+
+def add_top_command(sub) -> None:
+    p = sub.add_parser("top", help="live summary: queues, workers, jobs/s, failures")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="seconds between frames; jobs/s is measured over it")
+    p.add_argument("--once", action="store_true",
+                   help="print one frame and exit (exit 1 if a source did not answer)")
+    p.add_argument("--failures", type=int, default=5, help="recent failures to list")
+    p.set_defaults(func=cmd_top)

@@ -1,0 +1,256 @@
+"""Monitoring against real services: a real Flower process and `mmq top` on a real
+redis-server (the session fixture) and a SQLite store."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from core import store
+from core.config import Settings
+from core.migrations import upgrade
+from producer.flower import FlowerAuthMissing, flower_command, flower_credentials, flower_env
+from producer.sdk import Client
+from producer.sender import producer_app, send_jobs
+from producer.top import collect, render
+from tests.e2e.conftest import _free_port, service_env
+
+ROOT = Path(__file__).parents[2]
+AUTH = ("alice", "s3cret-for-tests")
+# Redis db numbers of their own: test_pipeline takes 1, 2, ... per database run.
+FLOWER_DB, TOP_DB = 13, 14
+
+
+class FlowerProcess:
+    def __init__(self, env: dict, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(flower_command(self.port, "127.0.0.1"), env=env, cwd=ROOT,
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                # /healthcheck is Flower's one open route: it says nothing but "OK".
+                if httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"flower did not answer:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str, auth=AUTH, **kw) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", auth=auth, timeout=10, **kw)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _fresh_db(redis_server: str, db: int) -> str:
+    url = f"{redis_server}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def flower(redis_server, tmp_path_factory):
+    """One Flower for the module: it loads the Celery app (and so torch), which
+    takes a while on a small machine."""
+    url = _fresh_db(redis_server, FLOWER_DB)
+    tmp = tmp_path_factory.mktemp("flower")
+    db = f"sqlite:///{tmp / 'mmq.db'}"
+    env = flower_env(f"{AUTH[0]}:{AUTH[1]},bob:other-pass", service_env(url, db))
+    f = FlowerProcess(env, tmp / "flower.log")
+    f.wait_ready()
+    yield f, url, db, env
+    f.stop()
+
+
+def test_flower_credentials_are_required_outside_local():
+    with pytest.raises(FlowerAuthMissing):
+        flower_credentials(Settings(profile="production", flower_basic_auth=""))
+    with pytest.raises(FlowerAuthMissing):
+        flower_credentials(Settings(profile="production", flower_basic_auth="no-colon"))
+    assert flower_credentials(Settings(flower_basic_auth="a:b, c:d")) == ("a:b,c:d", False)
+    auth, generated = flower_credentials(Settings(profile="local", flower_basic_auth=""))
+    user, password = auth.split(":")
+    assert generated and user == "mmq" and len(password) >= 12
+    assert flower_credentials(Settings(profile="local"))[0] != auth  # one-off, per run
+
+
+def test_mmq_flower_refuses_to_start_without_auth(redis_server):
+    env = service_env(f"{redis_server}/{FLOWER_DB}", "sqlite://", MMQ_FLOWER_BASIC_AUTH="",
+                      MMQ_PROFILE="production")
+    r = subprocess.run([sys.executable, "-m", "producer.cli", "flower", "--port",
+                        str(_free_port())], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "MMQ_FLOWER_BASIC_AUTH" in r.stderr
+
+
+def test_flower_requires_basic_auth_everywhere_but_healthcheck(flower):
+    f, *_ = flower
+    for path in ("/", "/api/tasks", "/api/workers", "/api/queues/length", "/metrics"):
+        assert f.get(path, auth=None).status_code == 401, path
+        assert f.get(path, auth=(AUTH[0], "wrong")).status_code == 401, path
+    assert f.get("/api/tasks").status_code == 200
+    assert f.get("/api/tasks", auth=("bob", "other-pass")).status_code == 200  # 2nd user
+    assert f.get("/").status_code == 200
+
+
+def test_flower_metrics_are_prometheus_text(flower):
+    f, *_ = flower
+    r = f.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {fam.name for fam in text_string_to_metric_families(r.text)}
+    assert {"flower_events", "flower_task_runtime_seconds", "flower_worker_online"} <= names
+
+
+def test_flower_lists_every_modality_queue_with_its_length(flower):
+    """With no worker running, Flower still shows all three queues and their
+    backlogs (it would otherwise list only the queues of workers it knows)."""
+    f, url, *_ = flower
+    redis.Redis.from_url(url).delete("text", "image", "audio")
+    app = producer_app(Settings(broker_url=url))
+    send_jobs(app, [(f"img-{i}", "image") for i in range(3)] + [("aud-0", "audio")])
+    r = f.get("/api/queues/length")
+    assert r.status_code == 200
+    got = {q["name"]: q["messages"] for q in r.json()["active_queues"]}
+    assert got == {"text": 0, "image": 3, "audio": 1}
+
+
+def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
+    f, url, db, env = flower
+    start_worker("text", env, concurrency=2)
+    client = Client(broker_url=url, database_url=db)
+    try:
+        job = client.submit_text("The striker scored twice.", task="classify",
+                                 labels=["sport", "finance"], top_k=1)
+        assert client.wait([job], timeout=120)[0]["status"] == "succeeded"
+    finally:
+        client.close()
+    task = _flower_task(f, job)
+    assert task["name"] == "mmq.run_job" and task["worker"].startswith("text-")
+    summary = ast.literal_eval(task["result"])  # Flower shows the result's repr
+    assert summary["job"] == job and summary["status"] == "succeeded"
+    assert summary["modality"] == "text" and summary["top"][0] == "sport"
+    metrics = f.get("/metrics").text
+    assert 'flower_events_total{task="mmq.run_job",type="task-succeeded"' in metrics
+    # Now that Flower knows a worker, it would list only that worker's queue; the
+    # image and audio backlogs must stay visible.
+    workers = f.get("/api/workers", params={"refresh": "true"}).json()
+    assert [[q["name"] for q in w["active_queues"]] for w in workers.values()] == [["text"]]
+    names = [q["name"] for q in f.get("/api/queues/length").json()["active_queues"]]
+    assert names == ["audio", "image", "text"]
+    # mmq top sees the same worker through its own broadcast, and the job in SQL.
+    settings = Settings(broker_url=url, database_url=db)
+    engine = store.make_engine(db)
+    try:
+        frame = collect(settings, store.session_factory(engine), producer_app(settings),
+                        window_s=3600)
+    finally:
+        engine.dispose()
+    assert [(w.modality, w.processed) for w in frame.workers] == [("text", 1)]
+    assert frame.workers[0].name == task["worker"]
+    assert frame.counts == {("text", "succeeded"): 1} and frame.rates["text"] > 0
+
+
+def _flower_task(f: FlowerProcess, job: str, timeout: float = 60) -> dict:
+    """Events reach Flower a moment after the store says succeeded; poll for them."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        task = f.get("/api/tasks").json().get(job)
+        if task and task.get("state") == "SUCCESS":
+            return task
+        time.sleep(0.3)
+    raise AssertionError(f"job {job} never reached Flower: {f.get('/api/tasks').json()}")
+
+
+# -- mmq top -------------------------------------------------------------------------
+
+@pytest.fixture
+def top_store(redis_server, tmp_path):
+    """A real Redis with messages waiting and a SQLite store with known rows."""
+    url = _fresh_db(redis_server, TOP_DB)
+    db = f"sqlite:///{tmp_path / 'top.db'}"
+    upgrade(db)
+    engine = store.make_engine(db)
+    sessions = store.session_factory(engine)
+    now = store.utcnow()
+    with sessions.begin() as s:
+        for i in range(6):  # succeeded just now: they count towards jobs/s
+            j = store.create_job(session=s, modality="text", task="embed", text=f"t{i}")
+            j.status, j.finished_at = "succeeded", now
+        old = store.create_job(session=s, modality="image", task="embed", payload=b"x")
+        old.status, old.finished_at = "succeeded", now - timedelta(hours=3)  # outside
+        for i, mod in enumerate(["audio", "image"]):
+            j = store.create_job(session=s, modality=mod, task="embed", payload=b"y",
+                                 job_id=f"failed-{mod}")
+            j.status, j.error = "failed", f"cannot decode {mod} payload"
+            j.finished_at = now - timedelta(minutes=10 - i)  # image failed last
+        store.create_job(session=s, modality="audio", task="embed", payload=b"z")
+    send_jobs(producer_app(Settings(broker_url=url)),
+              [(f"t-{i}", "text") for i in range(4)] + [("a-0", "audio")])
+    yield Settings(broker_url=url, database_url=db), sessions
+    engine.dispose()
+
+
+def test_top_collects_queues_rates_counts_and_failures(top_store):
+    settings, sessions = top_store
+    frame = collect(settings, sessions, producer_app(settings), window_s=3600)
+    assert frame.problems == []
+    assert frame.depths == {"text": 4, "image": 0, "audio": 1}
+    assert frame.workers == []
+    assert frame.rates == {"text": pytest.approx(6 / 3600)}
+    assert frame.counts == {("text", "succeeded"): 6, ("image", "succeeded"): 1,
+                            ("audio", "failed"): 1, ("image", "failed"): 1,
+                            ("audio", "queued"): 1}
+    assert [(x["id"], x["error"]) for x in frame.failures] == [
+        ("failed-image", "cannot decode image payload"),
+        ("failed-audio", "cannot decode audio payload")]
+
+
+def test_top_once_prints_one_frame(top_store):
+    settings, _ = top_store
+    env = service_env(settings.broker_url, settings.database_url)
+    r = subprocess.run([sys.executable, "-m", "producer.cli", "top", "--once", "--interval",
+                        "3600"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
+            if line.split()[:1] in (["text"], ["image"], ["audio"])}
+    # waiting, workers, jobs/s, then queued running succeeded failed cancelled
+    assert rows["text"] == ["4", "0", "0.00", "0", "0", "6", "0", "0"]
+    assert rows["image"] == ["0", "0", "0.00", "0", "0", "1", "1", "0"]
+    assert rows["audio"] == ["1", "0", "0.00", "1", "0", "0", "1", "0"]
+    assert "failed-image" in r.stdout and "cannot decode image payload" in r.stdout
+    assert "\x1b[" not in r.stdout  # --once prints plain text
+
+
+def test_top_reports_a_broker_that_does_not_answer(top_store):
+    settings, sessions = top_store
+    dead = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_free_port()}/0"})
+    frame = collect(dead, sessions, producer_app(dead), window_s=60)
+    assert frame.depths is None and frame.workers is None
+    assert any(p.startswith("redis:") for p in frame.problems)
+    assert frame.counts is not None  # the store still answered
+    text = render(frame, dead)
+    text_row = next(line for line in text.splitlines() if line.startswith("text "))
+    assert text_row.split()[1:3] == ["?", "?"] and "problems" in text
