@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,5 +47,8 @@ def _migration_lock(url: str):
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    # Alembic announces each of its plugins at INFO on every upgrade: noise in every
+    # worker's and the API's log.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     with _migration_lock(url):
         command.upgrade(alembic_config(url), revision)
