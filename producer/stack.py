@@ -114,11 +114,18 @@ def _worker_env(s: Settings, index: int) -> dict:
     return env
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from core.migrations import upgrade
 
     s = get_settings()
     procs: list[subprocess.Popen] = []
+    # SIGTERM (timeout, systemd, docker stop) must stop the children too, not orphan
+    # them: turn it into the same exit path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         _ensure_redis(s.broker_url, procs)
         upgrade(s.db_url)
