@@ -193,16 +193,44 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
 
 
-def finish_job(*, session: Session, job_id: str, model_version: str,
-               embedding: np.ndarray | None = None, labels: list | None = None,
-               tokens: int | None = None, truncated: bool | None = None) -> None:
-    """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
-    values = {
+def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict[str, Job]:
+    """``start_job`` for many jobs in one statement -> the started ones by id."""
+    rows = session.scalars(
+        update(Job).where(Job.id.in_(job_ids), Job.status.in_(ACTIVE))
+        .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
+                started_at=utcnow(), worker=worker)
+        .returning(Job), execution_options={"synchronize_session": False}).all()
+    return {j.id: j for j in rows}
+
+
+def _prediction_values(job_id: str, model_version: str, embedding=None, labels=None,
+                       tokens=None, truncated=None) -> dict:
+    return {
         "job_id": job_id, "model_version": model_version, "labels": labels, "tokens": tokens,
         "truncated": truncated, "created_at": utcnow(),
         "embedding": None if embedding is None else np.asarray(embedding, "<f4").tobytes(),
         "dim": None if embedding is None else int(np.asarray(embedding).shape[-1]),
     }
+
+
+def finish_jobs(*, session: Session, model_version: str, results: dict[str, dict]) -> None:
+    """``finish_job`` for many jobs: one upsert (executemany) and one UPDATE.
+    ``results`` maps job id -> finish_job's keyword arguments (embedding, labels, ...)."""
+    if not results:
+        return
+    rows = [_prediction_values(j, model_version, **r) for j, r in results.items()]
+    session.execute(_upsert_many(session, Prediction, rows[0], key="job_id"), rows)
+    session.execute(
+        update(Job).where(Job.id.in_(list(results)))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
+                model_version=model_version), execution_options={"synchronize_session": False})
+
+
+def finish_job(*, session: Session, job_id: str, model_version: str,
+               embedding: np.ndarray | None = None, labels: list | None = None,
+               tokens: int | None = None, truncated: bool | None = None) -> None:
+    """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
+    values = _prediction_values(job_id, model_version, embedding, labels, tokens, truncated)
     session.execute(_upsert(session, Prediction, values, key="job_id"))
     session.execute(
         update(Job).where(Job.id == job_id)
@@ -256,7 +284,7 @@ def count_by_status(*, session: Session) -> dict[tuple[str, str], int]:
     return {(m, s): n for m, s, n in rows}
 
 
-def _upsert(session: Session, model, values: dict, key: str):
+def _insert_for(session: Session):
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -264,6 +292,17 @@ def _upsert(session: Session, model, values: dict, key: str):
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - the store supports these two
         raise RuntimeError(f"unsupported database dialect {dialect}")
-    stmt = insert(model).values(**values)
+    return insert
+
+
+def _upsert(session: Session, model, values: dict, key: str):
+    stmt = _insert_for(session)(model).values(**values)
     return stmt.on_conflict_do_update(index_elements=[key],
                                       set_={k: v for k, v in values.items() if k != key})
+
+
+def _upsert_many(session: Session, model, example: dict, key: str):
+    """An upsert to execute with a list of rows shaped like ``example``."""
+    stmt = _insert_for(session)(model)
+    return stmt.on_conflict_do_update(
+        index_elements=[key], set_={k: stmt.excluded[k] for k in example if k != key})
