@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     upgrade(settings.db_url)
     name = f"{args.modality}-{os.getpid()}@{socket.gethostname()}"
-    h = init_host(settings, args.device, worker=name)
+    h = init_host(settings, args.device, modality=args.modality, worker=name)
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
              h.model.version, h.model.device, settings.db_url.split("@")[-1],
              settings.broker_url.split("@")[-1])

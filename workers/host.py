@@ -96,10 +96,13 @@ def _log_metrics(metrics: BatchMetrics, every: float) -> None:
 _HOST: ModelHost | None = None
 
 
-def init_host(settings: Settings, device: str | None = None,
+def init_host(settings: Settings, device: str | None = None, *, modality: str = "text",
               worker: str = "worker") -> ModelHost:
     global _HOST
     metrics = BatchMetrics()
+    from workers.exporter import start_exporter
+
+    start_exporter(settings.worker_metrics_port, worker, modality, metrics)
     if settings.model_process:
         from workers.modelproc import ModelProcess
 
