@@ -22,6 +22,8 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
+
 from core import store
 
 log = logging.getLogger("mmq.worker")
@@ -44,8 +46,8 @@ def _start_many(s, args: list[tuple[str, str]]) -> list:
     for job_id, _ in args:
         job = started.get(job_id)
         if job is None:  # cancelled, already done, or unknown: nothing to run
-            current = store.get_job(session=s, job_id=job_id)
-            out.append((None, current.status if current else "unknown"))
+            current = s.scalar(select(store.Job.status).where(store.Job.id == job_id))
+            out.append((None, current or "unknown"))
         elif job.modality == "text":
             out.append((job, job.text))
         else:
