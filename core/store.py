@@ -193,19 +193,21 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
 
 
-# What a worker needs to run a job; rows, not ORM objects (cheaper by far per job).
-RUN_COLUMNS = (Job.id, Job.modality, Job.task, Job.params, Job.deadline, Job.text,
-               Job.payload_sha256)
+# What a worker needs to run a job. The bulk functions below use the tables, not the
+# ORM classes: the ORM's bulk-statement machinery cost more than the SQL itself.
+_JOBS = Job.__table__
+RUN_COLUMNS = tuple(_JOBS.c[n] for n in ("id", "modality", "task", "params", "deadline",
+                                         "text", "payload_sha256"))
 
 
 def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
     """``start_job`` for many jobs in one statement -> the started ones by id, as rows
     of RUN_COLUMNS (attribute access like a Job)."""
     rows = session.execute(
-        update(Job).where(Job.id.in_(job_ids), Job.status.in_(ACTIVE))
-        .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
+        update(_JOBS).where(_JOBS.c.id.in_(job_ids), _JOBS.c.status.in_(ACTIVE))
+        .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
                 started_at=utcnow(), worker=worker)
-        .returning(*RUN_COLUMNS), execution_options={"synchronize_session": False}).all()
+        .returning(*RUN_COLUMNS)).all()
     return {r.id: r for r in rows}
 
 
@@ -225,11 +227,11 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, dict
     if not results:
         return
     rows = [_prediction_values(j, model_version, **r) for j, r in results.items()]
-    session.execute(_upsert_many(session, Prediction, rows[0], key="job_id"), rows)
+    session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id"), rows)
     session.execute(
-        update(Job).where(Job.id.in_(list(results)))
+        update(_JOBS).where(_JOBS.c.id.in_(list(results)))
         .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
-                model_version=model_version), execution_options={"synchronize_session": False})
+                model_version=model_version))
 
 
 def finish_job(*, session: Session, job_id: str, model_version: str,
