@@ -290,6 +290,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def children(pid: int) -> list[int]:
+    """The worker's model process (spawned by it), and anything else it started."""
+    out: list[int] = []
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (t / "children").read_text().split()]
+    return out
+
+
 def backlog(stack: Stack, n: int) -> None:
     db = stack.fresh_db()
     c = Client(broker_url=stack.broker, database_url=db)
@@ -302,21 +310,26 @@ def backlog(stack: Stack, n: int) -> None:
           f"{r.info('memory')['used_memory'] / 2**20:.1f} MiB, queue length {r.llen('text')}")
     stack.start_worker("text", db)
     pid = stack.workers[-1][0].pid
+    kids = children(pid)
     samples = []
     while True:
         with c.sessions() as s:
             left = s.scalar(select(func.count()).select_from(store.Job).where(
                 store.Job.status.in_(["queued", "running"])))
-        samples.append((rss_mb(pid), r.info("memory")["used_memory"] / 2**20))
+        samples.append((rss_mb(pid), sum(rss_mb(k) for k in kids),
+                        r.info("memory")["used_memory"] / 2**20))
         if not left:
             break
         time.sleep(1)
     with c.sessions() as s:
         done = s.scalar(select(func.count()).select_from(store.Prediction))
-    w = [a for a, _ in samples]
-    curve = " ".join(f"{w[int(f * (len(w) - 1))]:.0f}" for f in (0, .1, .25, .5, .75, .9, 1))
-    print(f"drained: {done}/{n} predictions; worker RSS MiB at 0/10/25/50/75/90/100% of the "
-          f"drain: {curve}; Redis max {max(b for _, b in samples):.1f} MiB")
+    def curve(v: list[float]) -> str:
+        return " ".join(f"{v[int(f * (len(v) - 1))]:.0f}" for f in (0, .1, .25, .5, .75, .9, 1))
+
+    print(f"drained: {done}/{n} predictions; RSS MiB at 0/10/25/50/75/90/100% of the drain: "
+          f"worker {curve([a for a, _, _ in samples])}, its model process "
+          f"{curve([b for _, b, _ in samples])}; Redis max "
+          f"{max(c for _, _, c in samples):.1f} MiB")
     c.close()
     stack.stop_workers()
 
