@@ -68,6 +68,7 @@ class Stack:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         env = {**os.environ, "MMQ_BROKER_URL": self.broker, "MMQ_DATABASE_URL": db,
                "MMQ_DEVICE": "cpu", "MMQ_METRICS_LOG_EVERY_S": "1", "MMQ_REQUEUE_EVERY_S": "0",
+               "MMQ_WORKER_METRICS_PORT": "0",
                **{k: str(v) for k, v in env_extra.items()}}
         p = subprocess.Popen([sys.executable, "-m", "workers", modality], env=env, cwd=ROOT,
                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
@@ -122,14 +123,14 @@ def run_jobs(client: Client, items: list[dict], timeout: float = 1800) -> dict:
             "p95": np.percentile(lat, 95), "p99": np.percentile(lat, 99)}
 
 
-def st_best(texts: list[str]) -> tuple[float, int]:
+def st_best(texts: list[str], sizes: tuple[int, ...] = (32, 64, 128)) -> tuple[float, int]:
     from sentence_transformers import SentenceTransformer
 
     from core.text import default_text_path
 
     st = SentenceTransformer(str(default_text_path()), device="cpu")
     best = (0.0, 0)
-    for bs in (32, 64, 128):
+    for bs in sizes:
         st.encode(texts[:bs], batch_size=bs)
         t = time.perf_counter()
         st.encode(texts, batch_size=bs)
@@ -149,6 +150,9 @@ def main() -> None:
     ap.add_argument("--towers", action="store_true", help="also image and audio workers")
     ap.add_argument("--scaling", action="store_true", help="also 1 vs 2 worker processes")
     ap.add_argument("--backlog", type=int, default=0, help="also N jobs queued before start")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat s-t / batched / unbatched this many times, back to back, and "
+                         "report each round's ratios and their spread (noisy shared machines)")
     args = ap.parse_args()
     texts = sentences(args.n, seed=11)
     items = [{"modality": "text", "input": t} for t in texts]
@@ -194,6 +198,9 @@ def main() -> None:
         print(f"light load (one job at a time): p50 submit-to-result {1e3 * light:.1f} ms; "
               f"bound max_wait 5 ms + one forward {1e3 * one:.1f} ms + 25 ms = "
               f"{5 + 1e3 * one + 25:.1f} ms")
+        if args.rounds > 1:
+            rounds(stack, items, texts, st_bs, args.rounds,
+                   (st_rate, b["jobs_per_s"], u["jobs_per_s"]))
         if args.towers:
             towers(stack)
         if args.scaling:
@@ -202,6 +209,39 @@ def main() -> None:
             backlog(stack, args.backlog)
     finally:
         stack.close()
+
+
+def rounds(stack: Stack, items: list[dict], texts: list[str], st_bs: int, n: int,
+           first: tuple[float, float, float]) -> None:
+    """Each round measures all three within a few minutes, so each round's ratios
+    share the machine's load of the moment even when absolute rates drift."""
+    print(f"\nrounds (s-t at batch {st_bs}, then the batched, then the unbatched worker)")
+    print(f"{'round':>5} {'s-t/s':>8} {'batched':>8} {'unbatched':>9} {'b/s-t':>6} {'b/u':>6}"
+          f"  batched p50/p95/p99 ms, mean batch")
+    got = [first]
+    print(f"{1:>5} {first[0]:>8.1f} {first[1]:>8.1f} {first[2]:>9.1f} "
+          f"{first[1] / first[0]:>6.2f} {first[1] / first[2]:>6.2f}  (above)")
+    for i in range(2, n + 1):
+        st_rate, _ = st_best(texts, (st_bs,))
+        rates, extra = [], ""
+        for env in ({}, {"MMQ_MAX_BATCH_SIZE": 1}):
+            db = stack.fresh_db()
+            log = stack.start_worker("text", db, **env)
+            c = Client(broker_url=stack.broker, database_url=db)
+            r = run_jobs(c, items)
+            rates.append(r["jobs_per_s"])
+            if not env:
+                extra = (f"{1e3 * r['p50']:.0f}/{1e3 * r['p95']:.0f}/{1e3 * r['p99']:.0f}, "
+                         f"{batching_summary(log).get('mean_batch_size', '?')}")
+            c.close()
+            stack.stop_workers()
+        got.append((st_rate, *rates))
+        print(f"{i:>5} {st_rate:>8.1f} {rates[0]:>8.1f} {rates[1]:>9.1f} "
+              f"{rates[0] / st_rate:>6.2f} {rates[0] / rates[1]:>6.2f}  {extra}", flush=True)
+    a = np.array(got)
+    for name, v in (("batched / s-t", a[:, 1] / a[:, 0]), ("batched / unbatched",
+                                                           a[:, 1] / a[:, 2])):
+        print(f"{name}: median {np.median(v):.2f}x, min {v.min():.2f}x, max {v.max():.2f}x")
 
 
 def towers(stack: Stack) -> None:
@@ -250,6 +290,14 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def children(pid: int) -> list[int]:
+    """The worker's model process (spawned by it), and anything else it started."""
+    out: list[int] = []
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (t / "children").read_text().split()]
+    return out
+
+
 def backlog(stack: Stack, n: int) -> None:
     db = stack.fresh_db()
     c = Client(broker_url=stack.broker, database_url=db)
@@ -262,21 +310,26 @@ def backlog(stack: Stack, n: int) -> None:
           f"{r.info('memory')['used_memory'] / 2**20:.1f} MiB, queue length {r.llen('text')}")
     stack.start_worker("text", db)
     pid = stack.workers[-1][0].pid
+    kids = children(pid)
     samples = []
     while True:
         with c.sessions() as s:
             left = s.scalar(select(func.count()).select_from(store.Job).where(
                 store.Job.status.in_(["queued", "running"])))
-        samples.append((rss_mb(pid), r.info("memory")["used_memory"] / 2**20))
+        samples.append((rss_mb(pid), sum(rss_mb(k) for k in kids),
+                        r.info("memory")["used_memory"] / 2**20))
         if not left:
             break
         time.sleep(1)
     with c.sessions() as s:
         done = s.scalar(select(func.count()).select_from(store.Prediction))
-    w = [a for a, _ in samples]
-    curve = " ".join(f"{w[int(f * (len(w) - 1))]:.0f}" for f in (0, .1, .25, .5, .75, .9, 1))
-    print(f"drained: {done}/{n} predictions; worker RSS MiB at 0/10/25/50/75/90/100% of the "
-          f"drain: {curve}; Redis max {max(b for _, b in samples):.1f} MiB")
+    def curve(v: list[float]) -> str:
+        return " ".join(f"{v[int(f * (len(v) - 1))]:.0f}" for f in (0, .1, .25, .5, .75, .9, 1))
+
+    print(f"drained: {done}/{n} predictions; RSS MiB at 0/10/25/50/75/90/100% of the drain: "
+          f"worker {curve([a for a, _, _ in samples])}, its model process "
+          f"{curve([b for _, b, _ in samples])}; Redis max "
+          f"{max(c for _, _, c in samples):.1f} MiB")
     c.close()
     stack.stop_workers()
 

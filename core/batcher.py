@@ -62,10 +62,14 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, model, cfg: BatcherConfig, metrics: BatchMetrics | None = None):
+    def __init__(self, model, cfg: BatcherConfig, metrics: BatchMetrics | None = None,
+                 after_batch=None):
         self.model = model
         self.cfg = cfg
         self.metrics = metrics or BatchMetrics()
+        # Called by the batcher thread once a batch's futures are all resolved (a
+        # child process then sends the batch's results in one message, not one each).
+        self.after_batch = after_batch
         self._pending: dict[str, deque[_Item]] = {}
         self._cv = threading.Condition()
         self._stop = False
@@ -100,6 +104,8 @@ class DynamicBatcher:
             if batch is None:
                 return
             self._run(batch)
+            if self.after_batch is not None:
+                self.after_batch()
 
     def _ready(self, q: deque[_Item]) -> bool:
         tokens = 0
@@ -134,7 +140,7 @@ class DynamicBatcher:
             if it.deadline is not None and now > it.deadline:
                 q.popleft()
                 it.future.set_exception(DeadlineExceeded("deadline passed before it ran"))
-                self.metrics.dropped += 1
+                self.metrics.observe_dropped(it.modality)
                 continue
             if batch and tokens + it.prepared.tokens > self.cfg.max_batch_tokens:
                 break
@@ -163,8 +169,9 @@ class DynamicBatcher:
             return
         done = time.monotonic()
         self.metrics.observe_batch(
-            size=len(batch), tokens=sum(it.prepared.tokens for it in batch),
-            model_s=done - t0, waits_s=[t0 - it.enqueued for it in batch])
+            modality=batch[0].modality, size=len(batch),
+            tokens=sum(it.prepared.tokens for it in batch), model_s=done - t0,
+            waits_s=[t0 - it.enqueued for it in batch])
         for it, r in zip(batch, results, strict=True):
             it.future.set_result(r)
 

@@ -44,8 +44,12 @@ class BatchMetrics:
     jobs: int = 0
     dropped: int = 0  # past their deadline when a batch formed
     started: float = field(default_factory=time.monotonic)
+    # Called with each observation as well (a Prometheus exporter, or the pipe from a
+    # model child process to its parent): objects with observe_batch(**kw) and
+    # observe_dropped(modality, n).
+    sinks: list = field(default_factory=list)
 
-    def observe_batch(self, *, size: int, tokens: int, model_s: float,
+    def observe_batch(self, *, modality: str, size: int, tokens: int, model_s: float,
                       waits_s: list[float]) -> None:
         self.batch_size.observe(size)
         self.batch_tokens.observe(tokens)
@@ -53,6 +57,14 @@ class BatchMetrics:
         for w in waits_s:
             self.queue_wait_s.observe(w)
         self.jobs += size
+        for sink in self.sinks:
+            sink.observe_batch(modality=modality, size=size, tokens=tokens, model_s=model_s,
+                               waits_s=waits_s)
+
+    def observe_dropped(self, modality: str, n: int = 1) -> None:
+        self.dropped += n
+        for sink in self.sinks:
+            sink.observe_dropped(modality, n)
 
     def summary(self) -> dict:
         elapsed = max(1e-9, time.monotonic() - self.started)

@@ -206,16 +206,52 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
         .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
 
 
-def finish_job(*, session: Session, job_id: str, model_version: str,
-               embedding: np.ndarray | None = None, labels: list | None = None,
-               tokens: int | None = None, truncated: bool | None = None) -> None:
-    """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
-    values = {
+# What a worker needs to run a job. The bulk functions below use the tables, not the
+# ORM classes: the ORM's bulk-statement machinery cost more than the SQL itself.
+_JOBS = Job.__table__
+RUN_COLUMNS = tuple(_JOBS.c[n] for n in ("id", "modality", "task", "params", "deadline",
+                                         "text", "payload_sha256"))
+
+
+def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
+    """``start_job`` for many jobs in one statement -> the started ones by id, as rows
+    of RUN_COLUMNS (attribute access like a Job)."""
+    rows = session.execute(
+        update(_JOBS).where(_JOBS.c.id.in_(job_ids), _JOBS.c.status.in_(ACTIVE))
+        .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
+                started_at=utcnow(), worker=worker)
+        .returning(*RUN_COLUMNS)).all()
+    return {r.id: r for r in rows}
+
+
+def _prediction_values(job_id: str, model_version: str, embedding=None, labels=None,
+                       tokens=None, truncated=None) -> dict:
+    return {
         "job_id": job_id, "model_version": model_version, "labels": labels, "tokens": tokens,
         "truncated": truncated, "created_at": utcnow(),
         "embedding": None if embedding is None else np.asarray(embedding, "<f4").tobytes(),
         "dim": None if embedding is None else int(np.asarray(embedding).shape[-1]),
     }
+
+
+def finish_jobs(*, session: Session, model_version: str, results: dict[str, dict]) -> None:
+    """``finish_job`` for many jobs: one upsert (executemany) and one UPDATE.
+    ``results`` maps job id -> finish_job's keyword arguments (embedding, labels, ...)."""
+    if not results:
+        return
+    rows = [_prediction_values(j, model_version, **r) for j, r in results.items()]
+    session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id"), rows)
+    session.execute(
+        update(_JOBS).where(_JOBS.c.id.in_(list(results)))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
+                model_version=model_version))
+
+
+def finish_job(*, session: Session, job_id: str, model_version: str,
+               embedding: np.ndarray | None = None, labels: list | None = None,
+               tokens: int | None = None, truncated: bool | None = None) -> None:
+    """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
+    values = _prediction_values(job_id, model_version, embedding, labels, tokens, truncated)
     session.execute(_upsert(session, Prediction, values, key="job_id"))
     session.execute(
         update(Job).where(Job.id == job_id)
@@ -299,7 +335,7 @@ def count_by_status(*, session: Session) -> dict[tuple[str, str], int]:
     return {(m, s): n for m, s, n in rows}
 
 
-def _upsert(session: Session, model, values: dict, key: str):
+def _insert_for(session: Session):
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -307,6 +343,17 @@ def _upsert(session: Session, model, values: dict, key: str):
         from sqlalchemy.dialects.sqlite import insert
     else:  # pragma: no cover - the store supports these two
         raise RuntimeError(f"unsupported database dialect {dialect}")
-    stmt = insert(model).values(**values)
+    return insert
+
+
+def _upsert(session: Session, model, values: dict, key: str):
+    stmt = _insert_for(session)(model).values(**values)
     return stmt.on_conflict_do_update(index_elements=[key],
                                       set_={k: v for k, v in values.items() if k != key})
+
+
+def _upsert_many(session: Session, model, example: dict, key: str):
+    """An upsert to execute with a list of rows shaped like ``example``."""
+    stmt = _insert_for(session)(model)
+    return stmt.on_conflict_do_update(
+        index_elements=[key], set_={k: stmt.excluded[k] for k in example if k != key})

@@ -33,7 +33,7 @@ def _sweep_forever(modality: str, every: float) -> None:
             log.exception("requeue sweep failed; will try again")
 
 
-def _limit_malloc_arenas(n: int = 2) -> None:
+def limit_malloc_arenas(n: int = 2) -> None:
     """glibc gives each busy thread its own malloc arena; with a hundred task threads
     the arenas fragment and the process grows with every job. Two arenas keep it
     bounded (M_ARENA_MAX); a no-op off glibc."""
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="task threads (default: twice the batcher's max batch size)")
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
-    _limit_malloc_arenas()
+    limit_malloc_arenas()
     logging.basicConfig(level=args.loglevel,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     from workers.host import init_host
 
     upgrade(settings.db_url)
-    h = init_host(settings, args.device)
+    name = f"{args.modality}-{os.getpid()}@{socket.gethostname()}"
+    h = init_host(settings, args.device, modality=args.modality, worker=name)
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
              h.model.version, h.model.device, settings.db_url.split("@")[-1],
              settings.broker_url.split("@")[-1])
@@ -70,18 +71,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # Celery logs two INFO lines per task; at hundreds of jobs per second that is
     # real CPU taken from the model. Job outcomes are in the store and in Flower.
-    for name in ("celery.app.trace", "celery.worker.strategy"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for logger in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
     import workers.signals  # noqa: F401  (connects the handlers)
     from workers.app import app
 
-    concurrency = args.concurrency or 2 * h.batcher.cfg.max_batch_size
-    app.worker_main([
-        "worker", "-Q", args.modality, "--pool", "threads",
-        "--concurrency", str(concurrency), "--loglevel", args.loglevel,
-        "-n", f"{args.modality}-{os.getpid()}@{socket.gethostname()}",
-        "--without-gossip", "--without-mingle",
-    ])
+    concurrency = args.concurrency or 2 * h.model.cfg.max_batch_size
+    try:
+        app.worker_main([
+            "worker", "-Q", args.modality, "--pool", "threads",
+            "--concurrency", str(concurrency), "--loglevel", args.loglevel,
+            "-n", name, "--without-gossip", "--without-mingle",
+        ])
+    finally:
+        h.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 from celery import Celery
+from celery.worker.consumer import Consumer
 from kombu import Exchange, Queue
 
 from core.config import QUEUES, Settings, get_settings
@@ -12,6 +15,31 @@ def route_by_modality(name, args, kwargs, options, task=None, **kw):
     """Every job goes to its modality's queue; a worker consumes exactly one."""
     modality = (kwargs or {}).get("modality")
     return {"queue": modality} if modality in QUEUES else None
+
+
+class EventBatchingConsumer(Consumer):
+    """Publishes buffered task events (for Flower) at most every EVENT_FLUSH_S.
+
+    Celery flushes them on the next turn of its event loop, which under load turns
+    once per message fetched: about one Redis PUBLISH per job, a fifth of the
+    consumer thread's time in profiles. Waiting a few tens of ms puts the events
+    of many jobs into one ``task.multi`` message; Flower sees them that much later.
+    """
+
+    EVENT_FLUSH_S = 0.05
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._flush_pending = threading.Lock()  # held from schedule to flush
+
+    def on_send_event_buffered(self) -> None:
+        if self.hub and self._flush_pending.acquire(blocking=False):
+            # call_soon wakes the loop from any thread; the timer is set in it.
+            self.hub.call_soon(self.hub.call_later, self.EVENT_FLUSH_S, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_pending.release()
+        self._flush_events()
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -38,6 +66,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         # Events for Flower: per-job task lifecycle.
         worker_send_task_events=True, task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        worker_consumer="workers.app:EventBatchingConsumer",
     )
     return app
 

@@ -35,35 +35,34 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
 
 def _run(job_id: str, worker: str) -> dict:
     h = host()
-    with h.tx() as s:
-        job = store.start_job(session=s, job_id=job_id, worker=worker)
-        if job is None:  # cancelled, already done, or unknown: nothing to run
-            current = store.get_job(session=s, job_id=job_id)
-            return {"job": job_id, "status": current.status if current else "unknown"}
-        deadline = None
-        if job.deadline:
-            left = (_aware(job.deadline) - datetime.now(UTC)).total_seconds()
-            if left <= 0:
-                store.fail_job(session=s, job_id=job_id, error="deadline passed before it ran",
-                               status=JobStatus.CANCELLED)
-                return {"job": job_id, "status": JobStatus.CANCELLED.value}
-            deadline = time.monotonic() + left
-        payload = job.text if job.modality == "text" else store.get_blob(
-            session=s, sha256=job.payload_sha256)
-        modality, task, params = job.modality, job.task, dict(job.params or {})
+    wait = max(60.0, h.settings.visibility_timeout / 2)  # a hung store: retry, not hang
+    job, payload = h.writer.start(job_id, worker).result(timeout=wait)
+    if job is None:  # cancelled, already done, or unknown: nothing to run
+        return {"job": job_id, "status": payload}
+    deadline = None
+    if job.deadline:
+        left = (_aware(job.deadline) - datetime.now(UTC)).total_seconds()
+        if left <= 0:
+            _fail(job_id, "deadline passed before it ran", JobStatus.CANCELLED, wait)
+            return {"job": job_id, "status": JobStatus.CANCELLED.value}
+        deadline = time.monotonic() + left
+    modality = job.modality
     try:
-        result = h.run(modality, task, payload, params, deadline)
+        result = h.run(modality, job.task, payload, dict(job.params or {}), deadline)
     except DeadlineExceeded as e:
-        with h.tx() as s:
-            store.fail_job(session=s, job_id=job_id, error=str(e), status=JobStatus.CANCELLED)
+        _fail(job_id, str(e), JobStatus.CANCELLED, wait)
         return {"job": job_id, "modality": modality, "status": "cancelled", "error": str(e)}
     except InvalidInput as e:
-        with h.tx() as s:
-            store.fail_job(session=s, job_id=job_id, error=str(e.reason))
+        _fail(job_id, str(e.reason), JobStatus.FAILED, wait)
         return {"job": job_id, "modality": modality, "status": "failed", "error": e.reason}
-    with h.tx() as s:
-        store.finish_job(session=s, job_id=job_id, model_version=h.model.version, **result)
+    # Committed before this returns, so the late ack follows the stored prediction.
+    h.writer.finish(job_id, h.model.version, result).result(timeout=wait)
     return _summary(job_id, modality, result)
+
+
+def _fail(job_id: str, error: str, status: JobStatus, wait: float) -> None:
+    host().writer.call(lambda s: store.fail_job(session=s, job_id=job_id, error=error,
+                                                status=status)).result(timeout=wait)
 
 
 def _aware(d: datetime) -> datetime:

@@ -106,6 +106,8 @@ def service_env(broker_url: str, database_url: str, **extra) -> dict:
     env = dict(os.environ)
     env.update({"MMQ_BROKER_URL": broker_url, "MMQ_DATABASE_URL": database_url,
                 "MMQ_DEVICE": "cpu", "MMQ_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                # No exporter unless a test asks: three workers would contend for 9100.
+                "MMQ_WORKER_METRICS_PORT": "0",
                 **{k: str(v) for k, v in extra.items()}})
     return env
 

@@ -1,0 +1,235 @@
+"""The model and its dynamic batcher in a child process of the worker.
+
+Why a child: in one process, the forward shares the GIL with Celery's consumer
+loop, the task threads and the store; torch re-acquires the GIL between ops, so
+a forward took 2.5x as long in the worker as offline. In its own process the
+forward runs at offline speed while the parent does Celery and SQL.
+
+The child is *spawned* (a fresh interpreter): nothing forks after torch or CUDA
+are initialised. Task threads in the parent call ``submit`` with the raw input;
+one sender thread ships what queued up as one message. The child tokenises or
+decodes each message's items together (the fast tokenizer's batch call costs
+far less per item), feeds its ``DynamicBatcher``, and sends each batch's results
+with the batch's metric observations in one message; a receiver thread in the
+parent resolves the futures and replays the observations into the parent's
+``BatchMetrics`` (the periodic log line and the Prometheus exporter).
+
+If the child dies, the parent exits at once: its unacknowledged messages are
+redelivered (``acks_late``), and nothing is marked failed that did not fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from concurrent.futures import Future
+
+from core.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.config import Settings
+from core.errors import InvalidInput
+from core.metrics import BatchMetrics
+
+log = logging.getLogger("mmq.worker")
+
+# Outcome kinds on the wire (exceptions are sent as text: the parent rebuilds them).
+OK, INVALID, DEADLINE, ERROR = "ok", "invalid", "deadline", "error"
+
+
+def _outcome(fut: Future) -> tuple[str, object]:
+    e = fut.exception()
+    if e is None:
+        return OK, fut.result()
+    if isinstance(e, InvalidInput):
+        return INVALID, e.reason
+    if isinstance(e, DeadlineExceeded):
+        return DEADLINE, str(e)
+    return ERROR, f"{type(e).__name__}: {e}"
+
+
+class _Outbox:
+    """What the child owes the parent: results and metric observations, sent together
+    by one sender thread whenever a batch (or a message of bad inputs) is done."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.results: list[tuple[int, str, object]] = []
+        self.batches: list[dict] = []
+        self.drops: list[tuple[str, int]] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._send_forever, name="mmq-child-send", daemon=True).start()
+
+    def add(self, rid: int, fut: Future) -> None:
+        kind, value = _outcome(fut)
+        with self._cv:
+            self.results.append((rid, kind, value))
+
+    # BatchMetrics sink: observations travel with the results of the same batch.
+    def observe_batch(self, **obs) -> None:
+        with self._cv:
+            self.batches.append(obs)
+
+    def observe_dropped(self, modality: str, n: int) -> None:
+        with self._cv:
+            self.drops.append((modality, n))
+
+    def flush(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._cv:
+                while not (self.results or self.batches or self.drops):
+                    self._cv.wait()
+                msg = (self.results, self.batches, self.drops)
+                self.results, self.batches, self.drops = [], [], []
+            self.conn.send(msg)
+
+
+def _child_main(settings: Settings, device: str | None, conn) -> None:
+    """Entry point of the spawned child: load, say ready, serve until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides when to stop
+    from workers.__main__ import limit_malloc_arenas
+
+    limit_malloc_arenas()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")
+    try:
+        from core.model import MultimodalModel
+
+        model = MultimodalModel.load(device=device, settings=settings)
+        cfg = BatcherConfig.for_device(model.device, max_batch_tokens=settings.max_batch_tokens,
+                                       max_batch_size=settings.max_batch_size,
+                                       max_wait_ms=settings.max_wait_ms)
+    except BaseException as e:  # noqa: BLE001  (the parent logs it and exits)
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    outbox = _Outbox(conn)
+    batcher = DynamicBatcher(model, cfg, BatchMetrics(sinks=[outbox]), after_batch=outbox.flush)
+    conn.send(("ready", {"version": model.version, "device": str(model.device), "cfg": cfg,
+                         "modalities": model.modalities}))
+    try:
+        while True:
+            reqs = conn.recv()
+            while conn.poll():  # whatever else is waiting joins this tokenizer call
+                reqs += conn.recv()
+            _accept(model, batcher, outbox, reqs)
+    except (EOFError, OSError):  # the parent is gone: nobody is waiting for results
+        os._exit(0)
+
+
+def _accept(model, batcher: DynamicBatcher, outbox: _Outbox, reqs: list[tuple]) -> None:
+    """Prepare each modality's requests in one call and hand the valid ones to the
+    batcher; a bad item is answered at once and fails alone."""
+    by_modality: dict[str, list[tuple]] = {}
+    for r in reqs:
+        by_modality.setdefault(r[1], []).append(r)
+    bad = False
+    for modality, rs in by_modality.items():
+        try:
+            prepared = model.prepare_many(modality, [r[2] for r in rs])
+        except Exception as e:  # noqa: BLE001  (unknown modality: fail these requests)
+            prepared = [InvalidInput(str(e))] * len(rs)
+        for (rid, _, _, labels, top_k, deadline), p in zip(rs, prepared, strict=True):
+            if isinstance(p, InvalidInput):
+                f: Future = Future()
+                f.set_exception(p)
+                outbox.add(rid, f)
+                bad = True
+                continue
+            fut = batcher.submit(modality, p, labels=labels, top_k=top_k, deadline=deadline)
+            fut.add_done_callback(lambda f, rid=rid: outbox.add(rid, f))
+    if bad:
+        outbox.flush()
+
+
+class ModelProcess:
+    """Parent side: ``submit`` from any task thread -> a future of the result dict
+    (embedding, labels, tokens, truncated), as ``DynamicBatcher.submit`` gives."""
+
+    def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics):
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(settings, device, child_conn),
+                                 name="mmq-model", daemon=True)
+        self._proc.start()
+        child_conn.close()
+        kind, info = self._conn.recv()
+        if kind != "ready":
+            self._proc.join(10)
+            raise RuntimeError(f"the model process failed to start: {info}")
+        self.version: str = info["version"]
+        self.device: str = info["device"]
+        self.cfg: BatcherConfig = info["cfg"]
+        self.modalities: tuple[str, ...] = info["modalities"]
+        self.metrics = metrics
+        self._ids = itertools.count()
+        self._futures: dict[int, Future] = {}
+        self._outgoing: list[tuple] = []
+        self._cv = threading.Condition()
+        self._closing = False
+        threading.Thread(target=self._send_forever, name="mmq-model-send", daemon=True).start()
+        threading.Thread(target=self._receive_forever, name="mmq-model-recv",
+                         daemon=True).start()
+
+    def submit(self, modality: str, payload: object, *, labels: list[str] | None,
+               top_k: int, deadline: float | None) -> Future:
+        """``deadline`` is time.monotonic() seconds: one clock for every process."""
+        fut: Future = Future()
+        with self._cv:
+            rid = next(self._ids)
+            self._futures[rid] = fut
+            self._outgoing.append((rid, modality, payload, labels, top_k, deadline))
+            self._cv.notify()
+        return fut
+
+    def close(self) -> None:
+        self._closing = True
+        self._proc.terminate()
+        self._proc.join(10)
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._cv:
+                while not self._outgoing:
+                    self._cv.wait()
+                reqs, self._outgoing = self._outgoing, []
+            try:
+                self._conn.send(reqs)
+            except OSError:
+                return  # the receiver notices the dead child and exits the worker
+
+    def _receive_forever(self) -> None:
+        try:
+            while True:
+                results, batches, drops = self._conn.recv()
+                self._resolve(results)
+                for obs in batches:
+                    self.metrics.observe_batch(**obs)
+                for modality, n in drops:
+                    self.metrics.observe_dropped(modality, n)
+        except (EOFError, OSError):
+            if self._closing:
+                return
+            self._proc.join(5)
+            log.critical("the model process died (exit code %s); exiting so that this "
+                         "worker's unacknowledged jobs are redelivered", self._proc.exitcode)
+            logging.shutdown()
+            os._exit(70)
+
+    def _resolve(self, results: list[tuple[int, str, object]]) -> None:
+        with self._cv:
+            futs = [self._futures.pop(rid) for rid, _, _ in results]
+        for fut, (_, kind, value) in zip(futs, results, strict=True):
+            if kind == OK:
+                fut.set_result(value)
+            elif kind == INVALID:
+                fut.set_exception(InvalidInput(value))
+            elif kind == DEADLINE:
+                fut.set_exception(DeadlineExceeded(value))
+            else:
+                fut.set_exception(RuntimeError(value))
