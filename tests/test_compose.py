@@ -140,7 +140,7 @@ def test_docker_compose_config_accepts_the_files():
 def test_services_healthchecks_and_start_order():
     svc = load(COMPOSE)["services"]
     assert set(svc) == SERVICES
-    for name in ("redis", "postgres", "api", "flower"):
+    for name in ("redis", "postgres", "api", "flower", *WORKERS):
         assert svc[name]["healthcheck"]["test"], name
     assert svc["redis"]["command"][1:] == ["--appendonly", "yes",
                                            "--maxmemory-policy", "noeviction"]
@@ -176,6 +176,7 @@ def test_workers_scale_and_export_metrics_inside_the_network():
         assert "container_name" not in w and "ports" not in w, name  # --scale needs both
         assert w["environment"]["MMQ_WORKER_METRICS_PORT"] == "9100"
         assert "9100" in [str(p) for p in w["expose"]]
+        assert ":9100/metrics" in " ".join(w["healthcheck"]["test"]), name
         assert w["environment"]["MMQ_BROKER_URL"] == "redis://redis:6379/0"
         assert w["environment"]["MMQ_DATABASE_URL"].endswith("@postgres:5432/mmq")
     assert all("container_name" not in s for s in svc.values())
