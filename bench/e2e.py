@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import redis
 from sqlalchemy import func, select
 
 from core import store
+from core.jobs import TERMINAL
 from core.samples import sentences
 from producer.sdk import Client
 
@@ -143,6 +145,22 @@ def row(name: str, r: dict, base: float, extra: str = "") -> str:
             f"{1e3 * r['p50']:>8.0f} {1e3 * r['p95']:>8.0f} {1e3 * r['p99']:>8.0f}  {extra}")
 
 
+def light_load(c: Client, texts: list[str]) -> tuple[float, float]:
+    """p50 latency one job at a time: as a client polling every millisecond sees it
+    (the SDK's wait backs off, which would add up to a third to a short wait), and
+    as the store recorded it (row written to prediction committed)."""
+    seen, stored = [], []
+    for t in texts:
+        t0 = time.perf_counter()
+        job_id = c.submit_text(t)
+        while (job := c.get(job_id, with_embedding=False))["status"] not in TERMINAL:
+            time.sleep(0.001)
+        seen.append(time.perf_counter() - t0)
+        stored.append((datetime.fromisoformat(job["finished_at"])
+                       - datetime.fromisoformat(job["created_at"])).total_seconds())
+    return float(np.percentile(seen, 50)), float(np.percentile(stored, 50))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000)
@@ -166,13 +184,8 @@ def main() -> None:
             log = stack.start_worker("text", db, **env)
             c = Client(broker_url=stack.broker, database_url=db)
             results[name] = (run_jobs(c, items), batching_summary(log))
-            if name == "batched worker":  # light load: one job at a time
-                lat = []
-                for t in texts[:args.light]:
-                    t0 = time.perf_counter()
-                    c.wait([c.submit_text(t)], timeout=60, poll=0.002, with_embedding=False)
-                    lat.append(time.perf_counter() - t0)
-                light = np.percentile(lat, 50)
+            if name == "batched worker":
+                light, light_store = light_load(c, texts[:args.light])
             c.close()
             stack.stop_workers()
         print(f"\n{len(texts)} text jobs, one worker process (2 torch threads), SQLite, "
@@ -195,9 +208,10 @@ def main() -> None:
         for t in texts[:20]:
             m.embed("text", [t])
         one = (time.perf_counter() - t0) / 20
-        print(f"light load (one job at a time): p50 submit-to-result {1e3 * light:.1f} ms; "
-              f"bound max_wait 5 ms + one forward {1e3 * one:.1f} ms + 25 ms = "
-              f"{5 + 1e3 * one + 25:.1f} ms")
+        print(f"light load (one job at a time): p50 submit-to-result {1e3 * light_store:.1f} ms "
+              f"in the store (created_at to finished_at), {1e3 * light:.1f} ms seen by a "
+              f"client polling every ms; bound max_wait 5 ms + one forward {1e3 * one:.1f} ms "
+              f"+ 25 ms = {5 + 1e3 * one + 25:.1f} ms")
         if args.rounds > 1:
             rounds(stack, items, texts, st_bs, args.rounds,
                    (st_rate, b["jobs_per_s"], u["jobs_per_s"]))
