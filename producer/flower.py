@@ -1,7 +1,7 @@
 """``mmq flower``: Flower for the mmq Celery app, always behind basic auth.
 
 Flower runs as its own process, ``python -m producer.flower [flower options]``, which
-loads the Celery app by name (``-A workers.app:app``), so this package still never
+loads the Celery app by name (``-A workers.app:monitor_app``), so this package still never
 imports ``workers``. Two things are adjusted in that process before Flower starts:
 
 - ``/metrics`` requires the same basic auth as the UI. Flower 2 serves it
@@ -24,7 +24,7 @@ import sys
 
 from core.config import QUEUES, Settings, get_settings
 
-CELERY_APP = "workers.app:app"
+CELERY_APP = "workers.app:monitor_app"  # without the task module: no torch in Flower
 LOCAL_USER = "mmq"
 
 
@@ -83,7 +83,7 @@ def _harden_flower() -> None:
 
 
 def run_flower(argv: list[str]) -> None:
-    """Run Flower in this process: ``celery -A workers.app:app flower <argv>``."""
+    """Run Flower in this process: ``celery -A workers.app:monitor_app flower <argv>``."""
     if not os.environ.get("FLOWER_BASIC_AUTH"):
         raise FlowerAuthMissing("producer.flower: FLOWER_BASIC_AUTH is not set; use `mmq flower`")
     _harden_flower()

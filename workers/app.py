@@ -42,9 +42,9 @@ class EventBatchingConsumer(Consumer):
         self._flush_events()
 
 
-def make_app(settings: Settings | None = None) -> Celery:
+def make_app(settings: Settings | None = None, *, include_tasks: bool = True) -> Celery:
     s = settings or get_settings()
-    app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"])
+    app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"] if include_tasks else [])
     app.conf.update(
         # JSON only: a pickle payload from the broker would be code execution.
         task_serializer="json", accept_content=["json"],
@@ -72,3 +72,7 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+# The same configuration without the task module, for Flower: it needs the broker,
+# the queues and the events, not the model (importing workers.tasks loads torch,
+# about 500 MB of Flower's resident memory).
+monitor_app = make_app(include_tasks=False)
