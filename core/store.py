@@ -276,18 +276,6 @@ def cancel_job(*, session: Session, job_id: str) -> bool:
 
 
 def list_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
-              since: datetime | None = None, limit: int = 100) -> list[Job]:
-    q = select(Job).order_by(Job.created_at.desc()).limit(limit)
-    if status:
-        q = q.where(Job.status == status)
-    if modality:
-        q = q.where(Job.modality == modality)
-    if since:
-        q = q.where(Job.created_at >= since)
-    return list(session.scalars(q))
-
-
-def page_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
               since: datetime | None = None, limit: int = 100,
               before: tuple[datetime, str] | None = None) -> list[Job]:
     """Newest first, keyset-paginated: ``before`` is the (created_at, id) of the last

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
-from sqlalchemy import text
+from sqlalchemy import select, text
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -285,15 +285,32 @@ def _add_job_routes(app: FastAPI) -> None:
 
 # -- reading, waiting, cancelling -------------------------------------------------------------
 
-def _job_or_404(client: Client, job_id: str, with_embedding: bool = True) -> JobOut:
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no job {job_id!r}")
+
+
+def _valid_id(job_id: str) -> str:
     try:
         uuid.UUID(job_id)
     except ValueError:  # not an id we could have issued; never reaches SQL
-        raise ApiError(404, "not_found", f"no job {job_id!r}") from None
-    job = client.get(job_id, with_embedding=with_embedding)
+        raise _not_found(job_id) from None
+    return job_id
+
+
+def _job_or_404(client: Client, job_id: str, with_embedding: bool = True) -> JobOut:
+    job = client.get(_valid_id(job_id), with_embedding=with_embedding)
     if job is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+        raise _not_found(job_id)
     return job_out(job)
+
+
+def _status_or_404(client: Client, job_id: str) -> str:
+    """The job's status alone: what each turn of a long-poll needs to read."""
+    with client.sessions() as sess:
+        status = sess.scalar(select(store.Job.status).where(store.Job.id == _valid_id(job_id)))
+    if status is None:
+        raise _not_found(job_id)
+    return status
 
 
 def _cursor(job: JobOut) -> str:
@@ -334,7 +351,7 @@ def _add_read_routes(app: FastAPI) -> None:
         """Newest first, without embeddings; follow ``next_cursor`` for older jobs."""
         client: Client = request.app.state.client
         with client.sessions() as sess:
-            rows = store.page_jobs(session=sess, status=status and status.value,
+            rows = store.list_jobs(session=sess, status=status and status.value,
                                    modality=modality and modality.value,
                                    since=since and _as_stored(since), limit=limit,
                                    before=_after(cursor) if cursor else None)
@@ -346,13 +363,12 @@ def _add_read_routes(app: FastAPI) -> None:
     def cancel_job(request: Request, job_id: str, _key: str = Depends(require_key)) -> JobOut:
         """Cancel a job that no worker has started; 409 once it runs or has finished."""
         client: Client = request.app.state.client
+        cancelled = client.cancel(_valid_id(job_id))
         job = _job_or_404(client, job_id, with_embedding=False)
-        if not client.cancel(job_id):
-            job = _job_or_404(client, job_id, with_embedding=False)
-            if job.status is not JobStatus.CANCELLED:
-                raise ApiError(409, "not_cancellable", f"job {job_id} is {job.status.value}; "
-                               "only queued jobs can be cancelled")
-        return _job_or_404(client, job_id, with_embedding=False)
+        if not cancelled and job.status is not JobStatus.CANCELLED:
+            raise ApiError(409, "not_cancellable", f"job {job_id} is {job.status.value}; "
+                           "only queued jobs can be cancelled")
+        return job
 
     @app.get("/v1/jobs/{job_id}/wait", response_model=JobOut, tags=["jobs"],
              responses=read_errors)
@@ -366,8 +382,8 @@ def _add_read_routes(app: FastAPI) -> None:
         end = time.monotonic() + min(timeout, request.app.state.settings.max_wait_s)
         poll = 0.02
         while True:
-            job = await run_in_threadpool(_job_or_404, client, job_id, False)
-            if job.status.value in TERMINAL or time.monotonic() + poll > end:
+            status = await run_in_threadpool(_status_or_404, client, job_id)
+            if status in TERMINAL or time.monotonic() + poll > end:
                 break
             await asyncio.sleep(poll)
             poll = min(poll * 1.5, 0.25)  # quick for fast jobs, cheap for slow ones

@@ -8,6 +8,7 @@ finished since its previous scrape; it starts empty when the process starts.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 
@@ -18,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from core import store
 from core.config import QUEUES, Settings
+from producer.sender import queue_depths
 
 log = logging.getLogger("mmq.api")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
@@ -55,8 +57,6 @@ class StoreCollector:
         yield lat
 
     def _observe_finished(self, session) -> None:
-        import bisect
-
         rows = store.finished_since(session=session, after=self._seen_until)
         for modality, status, created, finished in rows:
             counts, total = self._hist.setdefault(
@@ -68,8 +68,6 @@ class StoreCollector:
             self._seen_until = rows[-1][3]
 
     def _queue_metrics(self):
-        from producer.sender import queue_depths
-
         up = GaugeMetricFamily("mmq_broker_up", "1 if Redis answered this scrape")
         depth = GaugeMetricFamily("mmq_queue_depth", "Messages waiting in each modality's "
                                   "queue (fetched, unacknowledged ones not counted)",
