@@ -11,7 +11,11 @@ Paths, all computing ``softmax(Q K^T / sqrt(d)) V`` per sequence:
 - ``grouped``: sequences sorted by length and cut into groups whose padded
   attention cost stays within ``slack`` of the real cost; one SDPA call per
   group. Groups of equal length need no mask, so SDPA takes its flash kernel.
-  This is the CPU default (see bench/attention.py for the numbers).
+  The CPU fallback (see bench/attention.py for the numbers).
+- ``kernel``: core/kernels/varlen_attn.c, reading q, k and v straight from the
+  packed projection: no padding, no gather, no SDPA set-up per (sequence, head).
+  The CPU default in fp32 inference when the kernel builds; sequences longer
+  than ``KERNEL_MAX_LEN`` still go through grouped SDPA, which is faster there.
 - ``nested``: jagged nested tensors through SDPA, one call for the batch.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention with
   cumulative offsets) on CUDA in fp16/bf16, the GPU default.
@@ -28,7 +32,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("reference", "grouped", "nested", "varlen")
+from core import cpu_kernels
+
+IMPLS = ("reference", "grouped", "kernel", "nested", "varlen")
+# Longer sequences leave the C kernel for grouped SDPA: from about 128 tokens SDPA's
+# blocked kernel wins (bench/attention.py), and its set-up cost no longer matters.
+KERNEL_MAX_LEN = 128
 
 
 @dataclass
@@ -58,6 +67,7 @@ class AttentionPlan:
     _groups: list[_Group] | None = field(default=None, repr=False)
     _unpad: torch.Tensor | None = field(default=None, repr=False)
     _pad_all: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _long: tuple[torch.Tensor, AttentionPlan] | None = field(default=None, repr=False)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device | str = "cpu",
@@ -150,6 +160,20 @@ class AttentionPlan:
             i = j
         return groups, None if in_order else unpad.to(dev)
 
+    def long_part(self, max_len: int) -> tuple[torch.Tensor, AttentionPlan] | None:
+        """The sequences over ``max_len`` tokens: (n,) their packed rows and their own
+        plan; None when there are none."""
+        if self.max_seqlen <= max_len:
+            return None
+        if self._long is None:
+            idx = [i for i, n in enumerate(self.lengths) if n > max_len]
+            starts = self.cu_seqlens[:-1].cpu()
+            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + self.lengths[i])
+                              for i in idx])
+            self._long = (rows.to(self.cu_seqlens.device), AttentionPlan.from_lengths(
+                [self.lengths[i] for i in idx], device=self.cu_seqlens.device, slack=self.slack))
+        return self._long
+
     def pad_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*T,) gather index into packed rows (pads -> N) and (B, T) key mask."""
         if self._pad_all is None:
@@ -200,6 +224,22 @@ def attention_grouped(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     return y if unpad is None else y[unpad]
 
 
+def attention_kernel(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    N, _, nh, hs = qkv.shape
+    run = cpu_kernels.varlen_attn()
+    if (run is None or hs % 16 or qkv.device.type != "cpu" or qkv.dtype != torch.float32
+            or (qkv.requires_grad and torch.is_grad_enabled())):  # no backward in C
+        return attention_grouped(qkv, plan)
+    qkv = qkv.contiguous()
+    out = torch.empty(N, nh, hs)  # (N, nh, hs)
+    run(qkv, plan.cu_seqlens, out, min(plan.max_seqlen, KERNEL_MAX_LEN), 1.0 / math.sqrt(hs))
+    long = plan.long_part(KERNEL_MAX_LEN)
+    if long is not None:  # the kernel skipped these rows
+        rows, sub = long
+        out[rows] = attention_grouped(qkv[rows], sub)
+    return out
+
+
 def attention_nested(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     off = plan.cu_seqlens
     # (B, j, nh, hs) -> (B, nh, j, hs), the layout SDPA expects of jagged tensors
@@ -220,16 +260,20 @@ def attention_varlen(qkv: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
 _IMPL_FNS = {
     "reference": attention_reference,
     "grouped": attention_grouped,
+    "kernel": attention_kernel,
     "nested": attention_nested,
     "varlen": attention_varlen,
 }
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the path for "auto"; "varlen" needs CUDA and a half-precision dtype."""
+    """Pick the path for "auto"; "varlen" needs CUDA and a half-precision dtype,
+    "kernel" the CPU, fp32 and a C compiler (it falls back to "grouped" without)."""
     if impl == "auto":
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             return "varlen"
+        if device.type == "cpu" and dtype == torch.float32 and cpu_kernels.varlen_attn():
+            return "kernel"
         return "grouped"
     if impl not in _IMPL_FNS:
         raise ValueError(f"unknown attention impl {impl!r}; choose from {IMPLS} or 'auto'")

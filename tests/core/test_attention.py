@@ -1,16 +1,26 @@
 """Every fast attention path equals the padded reference, on fresh random batches."""
 
 import random
+import shutil
 
 import pytest
 import torch
 
-from core.attention import IMPLS, AttentionPlan, packed_attention, resolve_impl
+from core import cpu_kernels
+from core.attention import (
+    IMPLS,
+    KERNEL_MAX_LEN,
+    AttentionPlan,
+    packed_attention,
+    packed_attention_qkv,
+    resolve_impl,
+)
 from core.encoder import Encoder, EncoderConfig
 
 # A new seed every run, printed on failure, so that each run tries new batches.
 SEED = random.SystemRandom().randrange(2**31)
-CPU_IMPLS = ["grouped", "nested"]
+CPU_IMPLS = ["grouped", "kernel", "nested"]
+HAS_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 
 
 def ragged_cases(rng: random.Random) -> dict[str, list[int]]:
@@ -81,11 +91,49 @@ def test_encoder_packed_equals_each_sequence_alone():
             assert err <= 1e-5, f"seed {SEED}, sequence {i} (length {n}): max err {err}"
 
 
-def test_auto_picks_grouped_on_cpu_and_rejects_unknown():
-    assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "grouped"
+def test_kernel_builds_where_a_compiler_is():
+    """Without this, a broken kernel build would pass every test on the fallback path."""
+    if not HAS_CC:
+        pytest.skip("no C compiler: attention uses grouped SDPA")
+    assert cpu_kernels.varlen_attn() is not None, "see the mmq.kernels warning in the log"
+
+
+@pytest.mark.parametrize("hs", [16, 32, 64, 24])
+def test_kernel_head_sizes_and_long_sequences(hs):
+    """Head sizes of one, two and four vectors (24 falls back to grouped), 1 to 4
+    query-row blocks, and sequences past KERNEL_MAX_LEN that go through SDPA."""
+    rng = random.Random(SEED)
+    torch.manual_seed(SEED)
+    lengths = [rng.randint(1, 70) for _ in range(20)] + [1, 2, 3, 4, 5, 16, 17, 33, 64, 65,
+                                                         KERNEL_MAX_LEN, KERNEL_MAX_LEN + 1, 300]
+    rng.shuffle(lengths)
+    plan = AttentionPlan.from_lengths(lengths)
+    for scale in (1.0, 8.0):  # 8: scores in the hundreds, softmax saturated (exp's range)
+        qkv = scale * torch.randn(sum(lengths), 3, 3, hs)
+        ref = packed_attention_qkv(qkv, plan, "reference")
+        with torch.inference_mode():
+            out = packed_attention_qkv(qkv, plan, "kernel")
+        err = (out - ref).abs().max().item()
+        # At x8 the scores reach +-300, whose fp32 round-off (~3e-5) exp turns into a
+        # relative error of the same size in any implementation (SDPA's included).
+        tol = 1e-5 if scale == 1 else 5e-5 * ref.abs().max().item()
+        assert err <= tol, f"seed {SEED}, hs {hs}, x{scale}, lengths {lengths}: max err {err}"
+
+
+def test_kernel_keeps_autograd_on_the_sdpa_path():
+    lengths = [5, 9, 2]
+    plan = AttentionPlan.from_lengths(lengths)
+    qkv = torch.randn(sum(lengths), 3, 2, 16, requires_grad=True)
+    packed_attention_qkv(qkv, plan, "kernel").sum().backward()
+    assert qkv.grad is not None and qkv.grad.abs().sum() > 0
+
+
+def test_auto_picks_per_device_and_rejects_unknown():
+    want_cpu = "kernel" if cpu_kernels.varlen_attn() else "grouped"
+    assert resolve_impl("auto", torch.device("cpu"), torch.float32) == want_cpu
     assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "varlen"
     assert resolve_impl("auto", torch.device("cuda"), torch.float32) == "grouped"
-    assert set(IMPLS) >= {"reference", "grouped", "nested", "varlen"}
+    assert set(IMPLS) >= {"reference", "grouped", "kernel", "nested", "varlen"}
     with pytest.raises(ValueError, match="unknown attention impl"):
         resolve_impl("magic", torch.device("cpu"), torch.float32)
 

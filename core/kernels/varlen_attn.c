@@ -1,0 +1,171 @@
+/* Attention over packed ragged sequences on the CPU, fp32, inference only.
+ *
+ * Why a kernel of our own: with sentence-length sequences (10-40 tokens) and a head
+ * size of 32, one (sequence, head) problem is a few thousand multiply-adds, and
+ * PyTorch's CPU SDPA spends more on each problem's set-up than on the arithmetic
+ * (about 3 us each; bench/attention.py). It also needs the sequences gathered into
+ * padded groups and the real rows picked out again, two copies per layer. This
+ * kernel reads q, k and v straight from the packed (N, 3, nh, hs) projection and
+ * writes the packed (N, nh, hs) output: no padding, no copies, one call per layer.
+ *
+ * Per (sequence, head): K is transposed into a small buffer so that the scores of 4
+ * query rows against 4 vectors of keys are held in registers while the head
+ * dimension is swept; a masked softmax over the real keys; then P V with the head
+ * dimension in vectors. Threads (OpenMP, the same runtime as torch's) split the
+ * (sequence, head) pairs. Written with GCC vector extensions, so one source
+ * compiles for AVX-512, AVX2 or NEON with -march=native.
+ *
+ * core/cpu_kernels.py compiles and loads it; core/attention.py decides when to
+ * call it and checks it against the reference path in the tests.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define W 16 /* floats per vector */
+#define R 4  /* query rows per register block */
+
+static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline v16 load(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* exp(x) for x <= 0: Cephes' polynomial, relative error about 1e-7. Rounding by adding
+ * 1.5 * 2^23 needs IEEE arithmetic: this file must not be built with -ffast-math. */
+static inline v16 vexp(v16 x) {
+    const v16 lo = splat(-87.0f), magic = splat(12582912.0f);
+    const v16i keep = x > lo;
+    x = (v16)(((v16i)x & keep) | ((v16i)lo & ~keep));
+    const v16 t = x * splat(1.44269504088896341f) + magic;
+    const v16 n = t - magic;
+    const v16i e = (v16i)t - (v16i)magic;
+    x = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    v16 y = splat(1.9875691500e-4f);
+    y = y * x + splat(1.3981999507e-3f);
+    y = y * x + splat(8.3334519073e-3f);
+    y = y * x + splat(4.1665795894e-2f);
+    y = y * x + splat(1.6666665459e-1f);
+    y = y * x + splat(5.0000001201e-1f);
+    y = y * x * x + x + splat(1.0f);
+    return y * (v16)((e + 127) << 23);
+}
+
+/* s[r][c*W..] = scale * (q_r . k) for nr query rows and nc key vectors. The call sites
+ * pass constants, so the accumulators (at most 4 x 4 vectors) stay in registers. */
+static inline __attribute__((always_inline)) void qk_tile(
+        const float *q, int64_t rs, const float *kt, int64_t Lv, int64_t hs, float scale,
+        float *s, int nr, int nc) {
+    v16 acc[R][4];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = splat(0.f);
+    for (int64_t d = 0; d < hs; d++) {
+        v16 kv[4];
+        for (int c = 0; c < nc; c++) kv[c] = load(kt + d * Lv + c * W);
+        for (int r = 0; r < nr; r++) {
+            const v16 qv = splat(q[r * rs + d]);
+            for (int c = 0; c < nc; c++) acc[r][c] += qv * kv[c];
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nc; c++) store(s + r * Lv + c * W, acc[r][c] * splat(scale));
+}
+
+/* o_r = inv_r * sum_j p[r][j] v_j over nd vectors of the head dimension */
+static inline __attribute__((always_inline)) void pv_tile(
+        const float *p, int64_t Lv, const float *v, int64_t rs, int64_t L, const float *inv,
+        float *o, int64_t os, int nr, int nd) {
+    v16 acc[R][2];
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nd; c++) acc[r][c] = splat(0.f);
+    for (int64_t j = 0; j < L; j++) {
+        v16 vv[2];
+        for (int c = 0; c < nd; c++) vv[c] = load(v + j * rs + c * W);
+        for (int r = 0; r < nr; r++) {
+            const v16 pr = splat(p[r * Lv + j]);
+            for (int c = 0; c < nd; c++) acc[r][c] += pr * vv[c];
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int c = 0; c < nd; c++) store(o + r * os + c * W, acc[r][c] * splat(inv[r]));
+}
+
+/* One (sequence, head): rows of q, k, v at stride rs, output rows at stride os. */
+static void attend(const float *qb, const float *kb, const float *vb, int64_t rs, int64_t L,
+                   int64_t hs, float scale, float *ob, int64_t os, float *kt, float *s) {
+    const int64_t nv = (L + W - 1) / W, Lv = nv * W;
+    for (int64_t d = 0; d < hs; d++) store(kt + d * Lv + (nv - 1) * W, splat(0.f));
+    for (int64_t j = 0; j < L; j++)
+        for (int64_t d = 0; d < hs; d++) kt[d * Lv + j] = kb[j * rs + d];
+    v16i lane;
+    for (int i = 0; i < W; i++) lane[i] = i;
+    for (int64_t i0 = 0; i0 < L; i0 += R) {
+        const int nr = L - i0 < R ? (int)(L - i0) : R;
+        const float *q0 = qb + i0 * rs;
+        for (int64_t c0 = 0; c0 < nv; c0 += 4) {
+            const int nc = nv - c0 < 4 ? (int)(nv - c0) : 4;
+            const float *k0 = kt + c0 * W;
+            float *s0 = s + c0 * W;
+            if (nr == R && nc == 4) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 4);
+            else if (nr == R && nc == 1) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 1);
+            else if (nr == R && nc == 2) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 2);
+            else if (nr == R && nc == 3) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 3);
+            else qk_tile(q0, rs, k0, Lv, hs, scale, s0, nr, nc);
+        }
+        /* softmax over the L real keys of each row; lanes past L get weight 0 */
+        float inv[R];
+        for (int r = 0; r < nr; r++) {
+            float *sr = s + r * Lv;
+            float m = -INFINITY;
+            for (int64_t j = 0; j < L; j++) m = sr[j] > m ? sr[j] : m;
+            v16 sum = splat(0.f);
+            for (int64_t c = 0; c < nv; c++) {
+                v16 p = vexp(load(sr + c * W) - splat(m));
+                p = (v16)((v16i)p & (lane + (int32_t)(c * W) < (int32_t)L));
+                store(sr + c * W, p);
+                sum += p;
+            }
+            float t = 0.f;
+            for (int i = 0; i < W; i++) t += sum[i];
+            inv[r] = 1.f / t;
+        }
+        for (int64_t d0 = 0; d0 < hs; d0 += 2 * W) {
+            const int nd = hs - d0 >= 2 * W ? 2 : 1;
+            float *o0 = ob + i0 * os + d0;
+            if (nr == R && nd == 2) pv_tile(s, Lv, vb + d0, rs, L, inv, o0, os, R, 2);
+            else pv_tile(s, Lv, vb + d0, rs, L, inv, o0, os, nr, nd);
+        }
+    }
+}
+
+/* qkv: (N, 3, nh, hs) contiguous; cu: (B+1,) offsets; out: (N, nh, hs). hs % 16 == 0.
+ * Sequences longer than max_len are skipped (the caller runs them through SDPA, which
+ * is faster there); max_len also sizes the per-thread buffers. */
+int mmq_varlen_attn(const float *qkv, const int64_t *cu, int64_t B, int64_t nh, int64_t hs,
+                    int64_t max_len, float scale, float *out, int nthreads) {
+    if (hs % W) return 1;
+    const int64_t rs = 3 * nh * hs, os = nh * hs;
+    const int64_t Lv = (max_len + W - 1) / W * W;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *kt = aligned_alloc(64, sizeof(float) * hs * Lv);
+        float *s = aligned_alloc(64, sizeof(float) * R * Lv);
+        if (!kt || !s) {
+            #pragma omp atomic write
+            failed = 2;
+        }
+        #pragma omp for schedule(dynamic, 4)
+        for (int64_t t = 0; t < B * nh; t++) {
+            const int64_t b = t / nh, h = t % nh, start = cu[b], L = cu[b + 1] - start;
+            if (L < 1 || L > max_len || !kt || !s) continue;
+            const float *q = qkv + start * rs + h * hs;
+            attend(q, q + nh * hs, q + 2 * nh * hs, rs, L, hs, scale, out + start * os + h * hs,
+                   os, kt, s);
+        }
+        free(kt);
+        free(s);
+    }
+    return failed;
+}
