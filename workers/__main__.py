@@ -43,6 +43,21 @@ def limit_malloc_arenas(n: int = 2) -> None:
         pass
 
 
+def batch_scheduling() -> None:
+    """Put this process (and the threads and model process it starts) under Linux's
+    SCHED_BATCH policy: a thread that wakes no longer preempts the one running.
+    A worker hands each job between threads and processes several times; under the
+    default policy each hand-off on a busy CPU was a preemption, often of a thread
+    holding the GIL. Measured with bench/e2e.py's text worker: 2.5 -> 2.0 ms of
+    worker CPU per job, context switches per job 14 -> 8.5. Throughput work, not
+    latency work: an idle core still runs a woken thread at once."""
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as e:  # a sandbox may forbid it; the default policy still works
+            log.info("SCHED_BATCH not set: %s", e)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmq worker")
     ap.add_argument("modality", choices=QUEUES)
@@ -60,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     from workers.host import init_host
 
     upgrade(settings.db_url)
+    batch_scheduling()
     name = f"{args.modality}-{os.getpid()}@{socket.gethostname()}"
     h = init_host(settings, args.device, modality=args.modality, worker=name)
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
