@@ -109,8 +109,8 @@ class ModelHost:
                           else None)
                 fut = self.model.submit(job.modality, payload, labels=labels,
                                         top_k=int(params.get("top_k", 5)), deadline=deadline)
-            except InvalidInput as e:
-                self._fail(done, job_id, job.modality, str(e.reason), JobStatus.FAILED)
+            except InvalidInput as e:  # in-process model: prepared in submit
+                ran_badly(job.modality, e)
                 return
             _then(fut, done, lambda result: ran(job.modality, result),
                   on_error=lambda e: ran_badly(job.modality, e))
