@@ -84,6 +84,12 @@ class AttentionPlan:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         return cls.from_lengths(lengths, device=cu_seqlens.device, slack=slack)
 
+    def with_filler(self, n: int) -> AttentionPlan:
+        """This plan plus one trailing sequence of ``n`` filler tokens: the batch padded
+        to ``total_tokens + n`` rows without any real token attending to a filler."""
+        return AttentionPlan.from_lengths(self.lengths + [n], device=self.cu_seqlens.device,
+                                          slack=self.slack)
+
     @property
     def total_tokens(self) -> int:
         return sum(self.lengths)

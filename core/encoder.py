@@ -35,6 +35,22 @@ def _fused(x: torch.Tensor) -> bool:
             and x.dtype == torch.float32 and not torch.is_grad_enabled())
 
 
+def bucket_rows(n: int) -> int:
+    """The row count a CPU forward of ``n`` packed tokens is padded to.
+
+    oneDNN builds (JIT-compiles) a primitive per input shape and keeps it in a cache
+    of 1024 entries, and its buffers fragment glibc's heap: with the batch's token
+    count as the row count, nearly every batch is a new shape, and a worker's model
+    process grew by hundreds of MiB over a 10,000-job backlog without levelling off.
+    Rounded up to 32 steps per doubling (at least 16 rows), a 2,048-token budget
+    has 64 shapes in all and memory stays flat (600 random batches: +840 MiB and
+    climbing before, +160 MiB and flat after). The filler is at most 1/16 of the
+    rows past 256 tokens, 2% on average from 1,000 to 2,048; throughput was the
+    same within noise (+-5%), the primitives now being reused."""
+    step = max(16, (1 << max(0, n - 1).bit_length()) // 32)
+    return -(-n // step) * step
+
+
 def linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
     """residual + lin(x)"""
     if _fused(x):
@@ -109,9 +125,14 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, impl: str = "auto") -> torch.Tensor:
+        N, C = x.shape
+        fill = bucket_rows(N) - N if _fused(x) else 0
+        if fill:  # a sequence of its own: no real token attends to the filler rows
+            x = torch.cat([x, x.new_zeros(fill, C)])  # (N + fill, C)
+            plan = plan.with_filler(fill)
         for layer in self.layers:
             x = layer(x, plan, impl)
-        return x  # (N, C)
+        return x[:N]  # (N, C)
 
 
 def mean_pool(x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

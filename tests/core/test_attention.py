@@ -15,7 +15,7 @@ from core.attention import (
     packed_attention_qkv,
     resolve_impl,
 )
-from core.encoder import Encoder, EncoderConfig
+from core.encoder import Encoder, EncoderConfig, bucket_rows
 
 # A new seed every run, printed on failure, so that each run tries new batches.
 SEED = random.SystemRandom().randrange(2**31)
@@ -89,6 +89,32 @@ def test_encoder_packed_equals_each_sequence_alone():
             alone = enc(x[s:s + n], AttentionPlan.from_lengths([n]), "reference")
             err = (packed[s:s + n] - alone).abs().max().item()
             assert err <= 1e-5, f"seed {SEED}, sequence {i} (length {n}): max err {err}"
+
+
+def test_row_buckets_are_few_and_cheap():
+    """CPU forwards are padded to a bucketed row count (one oneDNN primitive per shape,
+    so memory stays flat): few shapes per token budget, little filler each."""
+    rows = [bucket_rows(n) for n in range(1, 2049)]
+    assert len(set(rows)) <= 64
+    assert all(b >= n for n, b in zip(range(1, 2049), rows, strict=True))
+    assert max((b - n) / n for n, b in zip(range(1, 2049), rows, strict=True) if n > 256) < 1 / 16
+    assert bucket_rows(2048) == 2048 and bucket_rows(16) == 16
+
+
+def test_encoder_filler_rows_change_nothing():
+    """The filler that pads a batch to its bucket is a sequence of its own: outputs
+    have the batch's rows, equal to a forward with no filler (the reference path)."""
+    torch.manual_seed(SEED)
+    enc = Encoder(EncoderConfig(dim=64, n_layers=2, n_heads=4, mlp_dim=128)).eval()
+    lengths = [3, 17, 5]  # 25 rows -> a bucket of 32
+    plan = AttentionPlan.from_lengths(lengths)
+    x = torch.randn(25, 64)
+    with torch.inference_mode():
+        out = enc(x, plan)
+    with torch.enable_grad():  # grad mode: the plain ops, no filler
+        ref = enc(x, plan, "reference").detach()
+    assert out.shape == (25, 64)
+    assert (out - ref).abs().max().item() <= 1e-5, f"seed {SEED}"
 
 
 def test_kernel_builds_where_a_compiler_is():
