@@ -42,7 +42,7 @@ def bucket_rows(n: int) -> int:
     of 1024 entries, and its buffers fragment glibc's heap: with the batch's token
     count as the row count, nearly every batch is a new shape, and a worker's model
     process grew by hundreds of MiB over a 10,000-job backlog without levelling off.
-    Rounded up to 32 steps per doubling (at least 16 rows), a 2,048-token budget
+    Rounded up to 16 steps per doubling (at least 16 rows), a 2,048-token budget
     has 64 shapes in all and memory stays flat (600 random batches: +840 MiB and
     climbing before, +160 MiB and flat after). The filler is at most 1/16 of the
     rows past 256 tokens, 2% on average from 1,000 to 2,048; throughput was the
