@@ -42,12 +42,14 @@ def bucket_rows(n: int) -> int:
     of 1024 entries, and its buffers fragment glibc's heap: with the batch's token
     count as the row count, nearly every batch is a new shape, and a worker's model
     process grew by hundreds of MiB over a 10,000-job backlog without levelling off.
-    Rounded up to 16 steps per doubling (at least 16 rows), a 2,048-token budget
-    has 64 shapes in all and memory stays flat (600 random batches: +840 MiB and
-    climbing before, +160 MiB and flat after). The filler is at most 1/16 of the
-    rows past 256 tokens, 2% on average from 1,000 to 2,048; throughput was the
-    same within noise (+-5%), the primitives now being reused."""
-    step = max(16, (1 << max(0, n - 1).bit_length()) // 32)
+    Rounded up to 16 steps per doubling (steps of at least 8 rows), a 2,048-token
+    budget has 80 shapes in all and memory stays flat (600 random batches offline:
+    +840 MiB and climbing before, +160 MiB and flat after). The filler is at most
+    1/16 of the rows past 128 tokens, 2% on average from 1,000 to 2,048; batches
+    ran as fast within noise (+-5%), the primitives now being reused. Steps of 8,
+    not 16, for small batches: a lone sentence of ~22 tokens padded to 32 rows
+    took 5-10% longer (bench/e2e.py's unbatched worker), to 24 rows 1-4%."""
+    step = max(8, (1 << max(0, n - 1).bit_length()) // 32)
     return -(-n // step) * step
 
 

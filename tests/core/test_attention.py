@@ -95,10 +95,10 @@ def test_row_buckets_are_few_and_cheap():
     """CPU forwards are padded to a bucketed row count (one oneDNN primitive per shape,
     so memory stays flat): few shapes per token budget, little filler each."""
     rows = [bucket_rows(n) for n in range(1, 2049)]
-    assert len(set(rows)) <= 64
+    assert len(set(rows)) <= 80
     assert all(b >= n for n, b in zip(range(1, 2049), rows, strict=True))
-    assert max((b - n) / n for n, b in zip(range(1, 2049), rows, strict=True) if n > 256) < 1 / 16
-    assert bucket_rows(2048) == 2048 and bucket_rows(16) == 16
+    assert max((b - n) / n for n, b in zip(range(1, 2049), rows, strict=True) if n > 128) < 1 / 16
+    assert bucket_rows(2048) == 2048 and bucket_rows(24) == 24 and bucket_rows(22) == 24
 
 
 def test_encoder_filler_rows_change_nothing():
@@ -106,7 +106,7 @@ def test_encoder_filler_rows_change_nothing():
     have the batch's rows, equal to a forward with no filler (the reference path)."""
     torch.manual_seed(SEED)
     enc = Encoder(EncoderConfig(dim=64, n_layers=2, n_heads=4, mlp_dim=128)).eval()
-    lengths = [3, 17, 5]  # 25 rows -> a bucket of 32
+    lengths = [3, 17, 5]  # 25 rows -> a bucket of 32, 7 filler rows
     plan = AttentionPlan.from_lengths(lengths)
     x = torch.randn(25, 64)
     with torch.inference_mode():
