@@ -28,9 +28,23 @@ class Settings(BaseSettings):
     # Queued jobs whose message was sent longer ago than this, and is in no queue,
     # are re-sent by `mmq requeue` and by every worker's periodic sweep.
     requeue_stale_s: float = 60.0
-    requeue_every_s: float = 30.0  # the workers' sweep interval; 0 = off
-    # Retries with exponential backoff for transient errors (database, broker).
-    task_max_retries: int = 5
+    # The workers' sweep interval (stale queued jobs, running jobs of dead workers,
+    # unacknowledged messages of dead workers); 0 = off. One worker sweeps at a time.
+    requeue_every_s: float = 5.0
+    # Each worker process renews its lease (a row in worker_leases) every
+    # lease_renew_s; one not renewed for lease_s is dead, and the sweep re-sends its
+    # running jobs at once instead of waiting for the visibility timeout.
+    lease_s: float = 20.0
+    lease_renew_s: float = 5.0
+    # Retries for transient errors (database, broker), inside the task, with
+    # exponential backoff capped at retry_backoff_max_s: 1+2+4+8+16+30*5 = 181 s
+    # at the defaults, enough to ride out a minute's outage of either. A task that
+    # still cannot record its outcome leaves its message unacknowledged.
+    task_max_retries: int = 10
+    retry_backoff_max_s: float = 30.0
+    # Messages that are not valid mmq tasks go to a dead-letter list in Redis,
+    # capped at this many entries (oldest dropped first).
+    dead_letter_max: int = 10_000
     # Largest image/audio payload a producer accepts (bytes).
     max_payload_bytes: int = 20 * 1024 * 1024
 
@@ -76,6 +90,9 @@ class Settings(BaseSettings):
     # Comma-separated Bearer keys accepted on every /v1 route. Empty = no key works,
     # except in the "local"/"dev" profile, where LOCAL_API_KEY does (for `mmq up`).
     api_keys: str = ""
+    # Keys that see and manage every key's jobs (same "name:secret" form); they are
+    # accepted wherever api_keys are.
+    admin_keys: str = ""
     profile: str = "production"  # "local" or "dev" relax the defaults above
     # Backpressure: a submit is refused with 429 + Retry-After while the modality's
     # queue holds more messages than this (0 = unbounded).
@@ -95,6 +112,9 @@ class Settings(BaseSettings):
     # Prometheus exporter port of a worker process (0 = off). `mmq up` gives each
     # modality's worker its own port from this one upwards.
     worker_metrics_port: int = 9100
+    # Interface the worker exporter listens on: loopback unless told otherwise
+    # (compose sets 0.0.0.0 inside its private network).
+    worker_metrics_host: str = "127.0.0.1"
 
     @property
     def local(self) -> bool:

@@ -65,12 +65,16 @@ class Job(Base):
     text: Mapped[str | None] = mapped_column(Text, default=None)  # text payloads, inline
     payload_sha256: Mapped[str | None] = mapped_column(
         String(64), ForeignKey("blobs.sha256"), default=None)  # image/audio bytes
+    # The API key id that made the job (never the key); None = SDK/CLI without a key.
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
 
     __table_args__ = (
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_modality_status", "modality", "status"),
         Index("ix_jobs_created", "created_at", "id"),
         Index("ix_jobs_finished", "finished_at"),
+        Index("ix_jobs_owner_created", "owner", "created_at", "id"),
+        Index("ix_jobs_worker_status", "worker", "status"),
     )
 
     def as_dict(self) -> dict:
@@ -82,6 +86,7 @@ class Job(Base):
             "started_at": ts(self.started_at), "finished_at": ts(self.finished_at),
             "deadline": ts(self.deadline), "worker": self.worker,
             "model_version": self.model_version, "payload_sha256": self.payload_sha256,
+            "owner": self.owner,
         }
 
 
@@ -117,6 +122,20 @@ class Prediction(Base):
         if with_embedding and self.embedding is not None:
             out["embedding"] = self.vector().tolist()
         return out
+
+
+class WorkerLease(Base):
+    """A live worker process: renewed every ``lease_renew_s``; a worker whose lease is
+    older than ``lease_s`` is dead, and the sweep recovers its running jobs."""
+
+    __tablename__ = "worker_leases"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_worker_leases_heartbeat", "heartbeat_at"),)
 
 
 class IdempotencyKey(Base):
