@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     select,
     update,
@@ -332,6 +333,62 @@ def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000
          .where((Job.sent_at.is_(None) & (Job.created_at < cutoff)) | (Job.sent_at < cutoff))
          .order_by(Job.created_at).limit(limit))
     return list(session.scalars(q))
+
+
+def renew_lease(*, session: Session, worker: str, modality: str) -> None:
+    """Insert or renew this worker's lease (one row per worker process)."""
+    now = utcnow()
+    stmt = _insert_for(session)(WorkerLease).values(
+        worker=worker, modality=modality, started_at=now, heartbeat_at=now)
+    session.execute(stmt.on_conflict_do_update(index_elements=["worker"],
+                                               set_={"heartbeat_at": now}))
+
+
+def drop_lease(*, session: Session, worker: str) -> None:
+    """A clean shutdown: the worker's running jobs are recoverable at once."""
+    session.execute(delete(WorkerLease).where(WorkerLease.worker == worker))
+
+
+def live_workers(*, session: Session, lease: timedelta) -> list[str]:
+    cutoff = utcnow() - lease
+    return list(session.scalars(select(WorkerLease.worker)
+                                .where(WorkerLease.heartbeat_at >= cutoff)))
+
+
+def orphaned_running(*, session: Session, lease: timedelta, limit: int = 10_000) -> list[Job]:
+    """Running jobs whose worker holds no live lease: it died (SIGKILL, OOM, lost host)
+    or shut down. Jobs started less than one lease ago are left alone, so a worker
+    that has just taken a job is never mistaken for a dead one."""
+    cutoff = utcnow() - lease
+    alive = select(WorkerLease.worker).where(WorkerLease.heartbeat_at >= cutoff)
+    q = (select(Job).where(Job.status == JobStatus.RUNNING.value, Job.started_at < cutoff)
+         .where(Job.worker.is_(None) | Job.worker.not_in(alive))
+         .order_by(Job.started_at).limit(limit))
+    return list(session.scalars(q))
+
+
+def requeue_orphans(*, session: Session, jobs: list[tuple[str, str | None]]) -> list[str]:
+    """running -> queued for (job id, its dead worker) pairs whose task was sent again;
+    a job another worker has taken meanwhile is left as it is. -> the ids moved."""
+    moved = []
+    for job_id, worker in jobs:
+        res = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                              _same(Job.worker, worker))
+            .values(status=JobStatus.QUEUED.value, worker=None, sent_at=utcnow()))
+        if res.rowcount:
+            moved.append(job_id)
+    return moved
+
+
+def forget_dead_leases(*, session: Session, older_than: timedelta) -> int:
+    res = session.execute(delete(WorkerLease)
+                          .where(WorkerLease.heartbeat_at < utcnow() - older_than))
+    return res.rowcount
+
+
+def _same(col, value):
+    return col.is_(None) if value is None else col == value
 
 
 def count_by_status(*, session: Session) -> dict[tuple[str, str], int]:

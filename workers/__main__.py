@@ -20,17 +20,40 @@ log = logging.getLogger("mmq.worker")
 
 
 def _sweep_forever(modality: str, every: float) -> None:
-    """Re-send this modality's queued jobs whose message was lost (broker restart)."""
+    """Re-send this modality's jobs whose message was lost, and put back the
+    unacknowledged messages of dead workers (producer/requeue.py)."""
     from producer.requeue import requeue_stale
 
     while True:
         threading.Event().wait(every)
         try:
-            n = requeue_stale(get_settings(), modalities=[modality], single_flight=True)
-            if n:
-                log.warning("requeued %d %s job(s) whose message was lost", n, modality)
-        except Exception:
-            log.exception("requeue sweep failed; will try again")
+            requeue_stale(get_settings(), modalities=[modality], single_flight=True)
+        except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
+            log.warning("sweep failed (%s: %s); will try again", type(e).__name__, e)
+
+
+def _heartbeat_forever(h, worker: str, modality: str, stop: threading.Event) -> None:
+    """Renew this worker's lease; a worker whose lease lapses is taken for dead and
+    its running jobs are re-sent. Runs beside Celery, not in a task thread, so a
+    saturated worker still renews it."""
+    from core import store
+
+    every, failing = h.settings.lease_renew_s, False
+    while not stop.is_set():
+        try:
+            with h.tx() as s:
+                store.renew_lease(session=s, worker=worker, modality=modality)
+            failing = False
+        except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
+            if not failing:
+                log.warning("could not renew the worker lease (%s); retrying", e)
+            failing = True
+        stop.wait(every)
+    try:
+        with h.tx() as s:
+            store.drop_lease(session=s, worker=worker)
+    except Exception:  # noqa: BLE001  (it will expire by itself)
+        log.info("could not drop the worker lease; it expires in %g s", h.settings.lease_s)
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -81,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
              h.model.version, h.model.device, settings.db_url.split("@")[-1],
              settings.broker_url.split("@")[-1])
+    stop_lease = threading.Event()
+    lease = threading.Thread(target=_heartbeat_forever, daemon=True, name="mmq-lease",
+                             args=(h, name, args.modality, stop_lease))
+    lease.start()
     if settings.requeue_every_s > 0:
         threading.Thread(target=_sweep_forever, args=(args.modality, settings.requeue_every_s),
                          daemon=True, name="requeue-sweep").start()
@@ -100,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
             "-n", name, "--without-gossip", "--without-mingle",
         ])
     finally:
+        # Celery has restored or acknowledged every message by now; dropping the
+        # lease lets the sweep take any job left running at once.
+        stop_lease.set()
+        lease.join(timeout=10)
         h.close()
 
 

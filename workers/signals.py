@@ -1,7 +1,7 @@
-"""Cross-cutting concerns as Celery signal handlers: timing and failure persistence.
+"""Cross-cutting concerns as Celery signal handlers: timing and failure logging.
 
-A task that raises (retries exhausted, or a bug) must not leave its job in
-``running``: the failure handler writes the error to the job row.
+Failure persistence is not here: a task that cannot record its outcome must not
+acknowledge its message, and only the task itself can refuse (workers/tasks.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ import logging
 import time
 
 from celery import signals
-
-from core import store
 
 log = logging.getLogger("mmq.worker")
 _started: dict[str, float] = {}
@@ -31,15 +29,8 @@ def _postrun(task_id=None, retval=None, state=None, **_kw) -> None:
 
 
 @signals.task_failure.connect
-def _failure(task_id=None, exception=None, args=None, kwargs=None, **_kw) -> None:
-    from workers.host import host
-
-    job_id = (args or [None])[0] or (kwargs or {}).get("job_id")
-    if not job_id:
-        return
-    try:
-        with host().tx() as s:
-            store.fail_job(session=s, job_id=job_id,
-                           error=f"internal error: {type(exception).__name__}: {exception}")
-    except Exception:  # the store itself is down: requeue/redelivery will find the job
-        log.exception("job %s: could not record the failure", job_id)
+def _failure(task_id=None, exception=None, **_kw) -> None:
+    # The task has written the failure to the job row before raising (workers/tasks.py):
+    # the outcome must be recorded before the message is acknowledged, and a signal
+    # handler runs too late to stop the acknowledgement.
+    log.warning("task %s failed: %s: %s", task_id, type(exception).__name__, exception)

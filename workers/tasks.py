@@ -1,32 +1,64 @@
 """The one task: run a job by id. Thin: the host starts it in the store, runs the
-model and stores the outcome (workers/host.py); the task waits and summarises."""
+model and stores the outcome (workers/host.py); the task waits, retries through
+outages, and summarises.
+
+Retries happen inside the task, not through Celery's ``self.retry``: a retry
+there publishes a new message, which fails while the broker is down, and the
+message is acknowledged once retries run out, recorded or not. Here the task
+thread backs off and tries again (settings: task_max_retries,
+retry_backoff_max_s), keeping its message unacknowledged the whole time. An
+outcome is always recorded before the message is acknowledged: if even the
+failure cannot be written, the message is rejected back onto the queue.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from celery.exceptions import Reject
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from core import store
 from core.jobs import RUN_JOB_TASK
 from workers.app import app
 from workers.host import host
 
 log = logging.getLogger(__name__)
 
-# Worth a retry: the database or the broker went away for a moment.
-TRANSIENT = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+
+def transient(e: BaseException) -> bool:
+    """Worth a retry: the database or the broker went away for a moment. Other
+    database errors (a constraint, bad data) would fail the same way again."""
+    if isinstance(e, OperationalError | InterfaceError | ConnectionError | TimeoutError
+                  | RedisConnectionError | RedisTimeoutError):
+        return True
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
 
 
-@app.task(name=RUN_JOB_TASK, bind=True)
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
 def run_job(self, job_id: str, modality: str | None = None) -> dict:
-    try:
-        return _run(job_id, self.request.hostname or "worker")
-    except TRANSIENT as e:
-        n = self.request.retries
-        if n >= host().settings.task_max_retries:
-            raise
-        log.warning("job %s: transient %s, retry %d", job_id, type(e).__name__, n + 1)
-        raise self.retry(exc=e, countdown=min(60, 2 ** n)) from e
+    worker = self.request.hostname or "worker"
+    settings = host().settings
+    for attempt in range(settings.task_max_retries + 1):
+        try:
+            return _run(job_id, worker)
+        except Exception as e:
+            if not transient(e):
+                _record_failure(job_id, f"internal error: {type(e).__name__}: {e}")
+                raise  # recorded: Celery marks the task failed and acknowledges it
+            if attempt == settings.task_max_retries:
+                _record_failure(job_id, f"gave up after {attempt} retries: "
+                                f"{type(e).__name__}: {e}")
+                raise
+            delay = min(settings.retry_backoff_max_s, 2.0 ** attempt)
+            log.warning("job %s: %s (%s); retry %d of %d in %g s", job_id, type(e).__name__,
+                        str(e).splitlines()[0][:200], attempt + 1, settings.task_max_retries,
+                        delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _run(job_id: str, worker: str) -> dict:
@@ -35,3 +67,16 @@ def _run(job_id: str, worker: str) -> dict:
     # its message) forever: the task retries, then fails.
     store_wait = max(60.0, h.settings.visibility_timeout / 2)
     return h.process(job_id, worker).result(timeout=3 * store_wait)
+
+
+def _record_failure(job_id: str, error: str) -> None:
+    """Write the failure, or refuse to acknowledge: a job whose outcome cannot be
+    recorded goes back onto the queue (or, with the broker down too, stays
+    unacknowledged until the sweep or the visibility timeout restores it)."""
+    try:
+        with host().tx() as s:
+            store.fail_job(session=s, job_id=job_id, error=error)
+    except Exception as e:
+        log.error("job %s: could not record its failure (%s); leaving its message "
+                  "unacknowledged", job_id, type(e).__name__)
+        raise Reject(f"outcome not recorded: {type(e).__name__}", requeue=True) from e

@@ -1,0 +1,138 @@
+"""No job stuck: worker leases, the sweep, and retries through outages.
+
+Real redis-server, real worker processes, SQLite and PostgreSQL. The visibility
+timeout stays at its default (an hour) in these tests, so nothing here is
+recovered by kombu's own redelivery: only by the lease and the sweep.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+
+from core import store
+from core.samples import sentences
+from producer.sdk import Client
+from tests.e2e.conftest import service_env
+from tests.e2e.faults import TcpProxy
+
+# Short leases and a fast sweep keep the tests quick; the logic is the same.
+FAST = {"MMQ_LEASE_S": 3, "MMQ_LEASE_RENEW_S": 0.5, "MMQ_REQUEUE_EVERY_S": 1,
+        "MMQ_REQUEUE_STALE_S": 5}
+
+
+@pytest.fixture
+def broker(redis_server):
+    """A Redis database of this test's own, empty."""
+    n = 1 + uuid.uuid4().int % 15
+    url = f"{redis_server}/{n}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def _running(client: Client, ids: list[str]) -> int:
+    with client.sessions() as s:
+        return s.scalar(select(func.count()).select_from(store.Job).where(
+            store.Job.id.in_(ids), store.Job.status == "running"))
+
+
+def _kill_mid_run(client: Client, victim, ids: list[str]) -> int:
+    client.wait(ids[:3], timeout=180, with_embedding=False)  # busy, far from done
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    running = _running(client, ids)
+    assert running >= 1, "the worker was killed between jobs; the test proves nothing"
+    return running
+
+
+def _assert_all_once(client: Client, ids: list[str], res: list[dict]) -> None:
+    assert [r["status"] for r in res] == ["succeeded"] * len(ids)
+    with client.sessions() as s:
+        n = s.scalar(select(func.count()).select_from(store.Prediction)
+                     .where(store.Prediction.job_id.in_(ids)))
+    assert n == len(ids)
+
+
+def test_killed_workers_running_jobs_are_rerun_by_another(broker, database_url, start_worker):
+    env = service_env(broker, database_url, **FAST)
+    victim = start_worker("text", env, concurrency=8)
+    client = Client(broker_url=broker, database_url=database_url)
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(300, seed=3, median_words=40)])
+    running = _kill_mid_run(client, victim, ids)
+    start_worker("text", env, concurrency=8)
+    # Without leases the killed worker's messages wait out the hour-long visibility
+    # timeout, and this times out.
+    res = client.wait(ids, timeout=240, with_embedding=False)
+    _assert_all_once(client, ids, res)
+    assert sum(r["attempts"] >= 2 for r in res) >= running
+
+
+def test_redis_emptied_and_worker_killed_nothing_stuck(broker, database_url, start_worker):
+    """Redis restarted empty while a worker died: the running jobs have neither a
+    message nor a worker; the queued ones have no message."""
+    env = service_env(broker, database_url, **FAST)
+    victim = start_worker("text", env, concurrency=8)
+    client = Client(broker_url=broker, database_url=database_url)
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(300, seed=4, median_words=40)])
+    _kill_mid_run(client, victim, ids)
+    redis.Redis.from_url(broker).flushdb()
+    start_worker("text", env, concurrency=8)
+    res = client.wait(ids, timeout=240, with_embedding=False)
+    _assert_all_once(client, ids, res)
+
+
+def test_unacked_message_of_a_dead_worker_is_restored_not_resent(broker, database_url):
+    """The sweep puts the dead worker's own message back (one message per job), and
+    moves the job back to queued."""
+    from producer.requeue import sweep
+    from producer.sender import live_job_ids
+
+    client = Client(broker_url=broker, database_url=database_url)
+    job_id = client.submit_text("a job whose worker died")
+    r = redis.Redis.from_url(broker)
+    # What kombu does when a worker fetches: BRPOP, then record it as unacknowledged.
+    raw = r.rpop("text")
+    r.zadd("unacked_index", {"tag-1": time.time()})
+    r.hset("unacked", "tag-1", f'[{raw.decode()}, "text", "text"]')
+    with client.sessions.begin() as s:
+        store.start_jobs(session=s, job_ids=[job_id], worker="text-1@gone")
+        s.execute(update(store.Job).where(store.Job.id == job_id).values(
+            started_at=store.utcnow().replace(year=2000)))
+    settings = client.settings.model_copy(update={k[4:].lower(): v for k, v in FAST.items()})
+    out = sweep(settings)
+    assert out.restored == [job_id] and out.resent == []
+    assert r.hlen("unacked") == 0 and r.llen("text") == 1
+    assert live_job_ids(settings) == {job_id}
+    assert client.get(job_id)["status"] == "queued"
+    assert sweep(settings).total == 0  # it has a message now: nothing more to do
+
+
+def test_postgres_outage_fails_nothing(redis_server, start_worker, request):
+    """Workers reach PostgreSQL through a proxy taken down for 12 s mid-run: every
+    job still succeeds, none is left running. (Before: retries gave up after 7 s.)"""
+    from tests.e2e.conftest import _pg_database, _pg_drop
+
+    url = _pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
+    request.addfinalizer(lambda: _pg_drop(name))
+    proxy = TcpProxy("127.0.0.1", 5432)
+    request.addfinalizer(proxy.close)
+    proxied = url.replace("127.0.0.1:5432", proxy.address)
+    broker = f"{redis_server}/15"
+    redis.Redis.from_url(broker).flushdb()
+    client = Client(broker_url=broker, database_url=url)  # the producer's own path
+    start_worker("text", service_env(broker, proxied, **FAST), concurrency=8)
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(300, seed=5, median_words=40)])
+    client.wait(ids[:3], timeout=180, with_embedding=False)
+    proxy.down()
+    time.sleep(12)
+    proxy.up()
+    res = client.wait(ids, timeout=300, with_embedding=False)
+    _assert_all_once(client, ids, res)
