@@ -164,3 +164,35 @@ def test_local_profile_key_works_only_while_no_key_is_set():
     assert keyring(Settings(profile="production")) == []
     assert all(k.secret != LOCAL_API_KEY.encode()
                for k in keyring(Settings(profile="local", api_keys=f"alice:{ALICE}")))
+
+
+# -- the SDK and CLI: trusted, everything by default, owner= to scope -------------------
+
+def test_sdk_and_cli_scope_reads_by_owner(redis_server, database_url, monkeypatch, capsys):
+    from core.config import get_settings
+    from producer import cli
+
+    broker = f"{redis_server}/12"
+    sdk = Client(settings=Settings(broker_url=broker, database_url=database_url))
+    try:
+        job = sdk.submit(
+            [{"modality": "text", "input": "alice's, via the SDK"}], owner="alice").ids[0]
+        assert sdk.get(job)["owner"] == "alice" == sdk.get(job, owner="alice")["owner"]
+        assert sdk.get(job, owner="bob") is None
+        assert job in {j["id"] for j in sdk.results(owner="alice", limit=1000)}
+        assert job not in {j["id"] for j in sdk.results(owner="bob", limit=1000)}
+        with pytest.raises(TimeoutError):
+            sdk.wait([job], timeout=0, owner="bob")
+        assert sdk.cancel(job, owner="bob") is False and sdk.get(job)["status"] == "queued"
+    finally:
+        sdk.close()
+    monkeypatch.setenv("MMQ_BROKER_URL", broker)
+    monkeypatch.setenv("MMQ_DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    try:
+        for owner, listed in (("alice", True), ("bob", False)):
+            assert cli.main(["results", "--owner", owner, "--limit", "1000", "--json"]) == 0
+            assert (job in capsys.readouterr().out) is listed
+        assert cli.main(["cancel", job]) == 0  # the CLI is trusted: no owner needed
+    finally:
+        get_settings.cache_clear()
