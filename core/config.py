@@ -87,8 +87,10 @@ class Settings(BaseSettings):
     # -- the HTTP API (producer/api.py) ---------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    # Comma-separated Bearer keys accepted on every /v1 route. Empty = no key works,
-    # except in the "local"/"dev" profile, where LOCAL_API_KEY does (for `mmq up`).
+    # Comma-separated Bearer keys accepted on every /v1 route, each "name:key" or a
+    # bare key; the name (else key-<sha256[:12]>) is the key id stored on its jobs
+    # (producer/api_auth.py). Empty (and no admin_keys) = no key works, except in the
+    # "local"/"dev" profile, where LOCAL_API_KEY does (for `mmq up`).
     api_keys: str = ""
     # Keys that see and manage every key's jobs (same "name:secret" form); they are
     # accepted wherever api_keys are.

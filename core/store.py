@@ -194,17 +194,22 @@ def get_blob(*, session: Session, sha256: str) -> bytes:
 
 def create_job(*, session: Session, modality: str, task: str, params: dict | None = None,
                text: str | None = None, payload: bytes | None = None,
-               deadline: datetime | None = None, job_id: str | None = None) -> Job:
+               deadline: datetime | None = None, job_id: str | None = None,
+               owner: str | None = None) -> Job:
     sha = put_blob(session=session, data=payload) if payload is not None else None
     job = Job(id=job_id or str(uuid.uuid4()), modality=modality, task=task, params=params or {},
               status=JobStatus.QUEUED.value, text=text, payload_sha256=sha, deadline=deadline,
-              attempts=0, created_at=utcnow())
+              attempts=0, created_at=utcnow(), owner=owner)
     session.add(job)
     return job
 
 
-def get_job(*, session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get_job(*, session: Session, job_id: str, owner: str | None = None) -> Job | None:
+    """The job; with ``owner``, only if that key id made it (None: anyone's)."""
+    job = session.get(Job, job_id)
+    if job is None or (owner is not None and job.owner != owner):
+        return None
+    return job
 
 
 def get_prediction(*, session: Session, job_id: str) -> Prediction | None:
@@ -286,21 +291,28 @@ def fail_job(*, session: Session, job_id: str, error: str,
         .values(status=status.value, error=error[:4000], finished_at=utcnow()))
 
 
-def cancel_job(*, session: Session, job_id: str) -> bool:
-    """queued -> cancelled. A running job is not interrupted; False if not cancelled."""
+def cancel_job(*, session: Session, job_id: str, owner: str | None = None) -> bool:
+    """queued -> cancelled. A running job is not interrupted; False if not cancelled.
+    With ``owner``, only a job that key id made."""
+    q = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+    if owner is not None:
+        q = q.where(Job.owner == owner)
     res = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-        .values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
-                error="cancelled before it ran"))
+        q.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
+                 error="cancelled before it ran"))
     return res.rowcount == 1
 
 
 def list_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
               since: datetime | None = None, limit: int = 100,
-              before: tuple[datetime, str] | None = None) -> list[Job]:
+              before: tuple[datetime, str] | None = None,
+              owner: str | None = None) -> list[Job]:
     """Newest first, keyset-paginated: ``before`` is the (created_at, id) of the last
-    job of the previous page, so a page never skips or repeats a job as rows arrive."""
+    job of the previous page, so a page never skips or repeats a job as rows arrive.
+    With ``owner``, only the jobs that key id made (None: everyone's)."""
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if owner is not None:
+        q = q.where(Job.owner == owner)
     if status:
         q = q.where(Job.status == status)
     if modality:

@@ -1,7 +1,8 @@
 """The HTTP API: submit jobs, read them, wait for them, cancel them.
 
 ``mmq api`` serves ``create_app()`` with uvicorn. Every ``/v1`` route needs
-``Authorization: Bearer <key>`` (keys from ``MMQ_API_KEYS``). The API is a
+``Authorization: Bearer <key>`` (keys from ``MMQ_API_KEYS``; see
+``producer/api_auth.py``), and a key sees only the jobs it made. The API is a
 producer like the SDK: it validates, writes job rows and sends task messages
 through ``producer.sdk.Client``, and reads results from SQL. Blocking database
 and Redis calls run in the thread pool; only the long-poll sleeps on the loop.
@@ -12,21 +13,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Annotated
 
 import redis
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sqlalchemy import select, text
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +33,7 @@ from core import store
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.jobs import TERMINAL, JobStatus, Modality
+from producer.api_auth import Caller, CallerDep, keyring
 from producer.api_metrics import metrics_registry, render_metrics
 from producer.api_models import (
     ERROR_CODES,
@@ -60,7 +58,6 @@ log = logging.getLogger("mmq.api")
 RETRY_AFTER_S = 5
 INPUT_STATUS = {InvalidInput.INVALID: 422, InvalidInput.TOO_LARGE: 413,
                 InvalidInput.UNSUPPORTED: 415}
-bearer = HTTPBearer(auto_error=False, description="an API key from MMQ_API_KEYS")
 
 
 def _request_body(batch: bool) -> dict:
@@ -79,7 +76,8 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     app.state.redis = redis.Redis.from_url(s.broker_url, socket_timeout=2,
                                            socket_connect_timeout=2)
     app.state.registry = metrics_registry(s, app.state.client, app.state.redis)
-    if not s.api_key_list:
+    app.state.keyring = keyring(s)  # a malformed key entry stops start-up here
+    if not app.state.keyring:
         log.warning("no API keys configured (MMQ_API_KEYS): every /v1 request gets 401")
     _install_error_handlers(app)
     _add_job_routes(app)
@@ -88,21 +86,7 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     return app
 
 
-# -- auth and errors ------------------------------------------------------------------------
-
-def require_key(request: Request,
-                cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-    """The caller's API key, or 401. Every configured key is compared, in constant
-    time, so the response time says nothing about how much of a key matched."""
-    token = (cred.credentials if cred else "").encode()
-    ok = False
-    for key in request.app.state.settings.api_key_list:
-        ok |= hmac.compare_digest(token, key.encode())
-    if not ok:
-        raise ApiError(401, "unauthorized", "missing or invalid API key "
-                       "(Authorization: Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
-    return token.decode()
-
+# -- errors ---------------------------------------------------------------------------------
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
@@ -203,14 +187,14 @@ def _json_item(index: int, job: JobIn) -> dict:
     return item
 
 
-def _submit(request: Request, items: list[dict], api_key: str,
+def _submit(request: Request, items: list[dict], caller: Caller,
             idempotency_key: str | None) -> tuple[list[str], bool]:
     """Backpressure, then the SDK's validate + write + send. Runs in the thread pool."""
     app = request.app
     client: Client = app.state.client
     key = None
     if idempotency_key:  # scoped per API key: two clients' keys never collide
-        key = f"{hashlib.sha256(api_key.encode()).hexdigest()[:16]}:{idempotency_key}"
+        key = f"{caller.key_digest}:{idempotency_key}"
     replay = False
     if key:
         with client.sessions() as sess:
@@ -218,7 +202,7 @@ def _submit(request: Request, items: list[dict], api_key: str,
     if not replay:  # a replay queues nothing, so the queue limit does not apply to it
         _check_queue_room(app, Counter(str(i.get("modality")) for i in items))
     try:
-        sub = client.submit(items, idempotency_key=key)
+        sub = client.submit(items, idempotency_key=key, owner=caller.key_id)
     except InvalidInput as e:
         raise ApiError(INPUT_STATUS.get(e.kind, 422), _input_code(e), str(e),
                        details=None if e.index is None else [{"item": e.index}]) from None
@@ -255,11 +239,11 @@ def _add_job_routes(app: FastAPI) -> None:
     @app.post("/v1/jobs", status_code=202, response_model=Accepted, tags=["jobs"],
               responses=submit_errors, openapi_extra=_request_body(batch=False))
     async def submit_job(request: Request, response: Response,
-                         api_key: str = Depends(require_key),
+                         caller: CallerDep,
                          idempotency_key: str | None = Header(None, max_length=200)) -> Accepted:
         """Submit one job: JSON (text, or base64 data) or a multipart file upload."""
         items = await parse_items(request, batch=False)
-        ids, replayed = await run_in_threadpool(_submit, request, items, api_key,
+        ids, replayed = await run_in_threadpool(_submit, request, items, caller,
                                                 idempotency_key)
         response.headers["Location"] = f"/v1/jobs/{ids[0]}"
         response.headers["Idempotent-Replayed"] = str(replayed).lower()
@@ -268,13 +252,13 @@ def _add_job_routes(app: FastAPI) -> None:
     @app.post("/v1/jobs:batch", status_code=202, response_model=BatchAccepted, tags=["jobs"],
               responses=submit_errors, openapi_extra=_request_body(batch=True))
     async def submit_batch(request: Request, response: Response,
-                           api_key: str = Depends(require_key),
+                           caller: CallerDep,
                            idempotency_key: str | None = Header(None, max_length=200)
                            ) -> BatchAccepted:
         """Submit many jobs in one call: validated together, all or none queued.
         ``Location`` is the first job; each job's own is in the body."""
         items = await parse_items(request, batch=True)
-        ids, replayed = await run_in_threadpool(_submit, request, items, api_key,
+        ids, replayed = await run_in_threadpool(_submit, request, items, caller,
                                                 idempotency_key)
         response.headers["Location"] = f"/v1/jobs/{ids[0]}"
         return BatchAccepted(replayed=replayed, jobs=[
@@ -297,17 +281,23 @@ def _valid_id(job_id: str) -> str:
     return job_id
 
 
-def _job_or_404(client: Client, job_id: str, with_embedding: bool = True) -> JobOut:
-    job = client.get(_valid_id(job_id), with_embedding=with_embedding)
+def _job_or_404(client: Client, job_id: str, with_embedding: bool = True, *,
+                owner: str | None) -> JobOut:
+    """The job if ``owner`` may see it (None: anyone's). Another key's job is a 404,
+    not a 403, so a key cannot even learn that an id exists."""
+    job = client.get(_valid_id(job_id), with_embedding=with_embedding, owner=owner)
     if job is None:
         raise _not_found(job_id)
     return job_out(job)
 
 
-def _status_or_404(client: Client, job_id: str) -> str:
+def _status_or_404(client: Client, job_id: str, owner: str | None) -> str:
     """The job's status alone: what each turn of a long-poll needs to read."""
+    q = select(store.Job.status).where(store.Job.id == _valid_id(job_id))
+    if owner is not None:
+        q = q.where(store.Job.owner == owner)
     with client.sessions() as sess:
-        status = sess.scalar(select(store.Job.status).where(store.Job.id == _valid_id(job_id)))
+        status = sess.scalar(q)
     if status is None:
         raise _not_found(job_id)
     return status
@@ -338,33 +328,35 @@ def _add_read_routes(app: FastAPI) -> None:
     read_errors = error_responses(401, 404, 422)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=read_errors)
-    def get_job(request: Request, job_id: str, embedding: bool = True,
-                _key: str = Depends(require_key)) -> JobOut:
+    def get_job(request: Request, job_id: str, caller: CallerDep,
+                embedding: bool = True) -> JobOut:
         """Status, timings, and the prediction once the job has succeeded."""
-        return _job_or_404(request.app.state.client, job_id, embedding)
+        return _job_or_404(request.app.state.client, job_id, embedding, owner=caller.scope)
 
     @app.get("/v1/jobs", response_model=JobPage, tags=["jobs"], responses=read_errors)
-    def list_jobs(request: Request, status: JobStatus | None = None,
+    def list_jobs(request: Request, caller: CallerDep, status: JobStatus | None = None,
                   modality: Modality | None = None, since: datetime | None = None,
-                  limit: int = Query(100, ge=1, le=1000), cursor: str | None = None,
-                  _key: str = Depends(require_key)) -> JobPage:
-        """Newest first, without embeddings; follow ``next_cursor`` for older jobs."""
+                  limit: int = Query(100, ge=1, le=1000), cursor: str | None = None
+                  ) -> JobPage:
+        """The caller's jobs (an admin key: everyone's), newest first, without
+        embeddings; follow ``next_cursor`` for older jobs."""
         client: Client = request.app.state.client
         with client.sessions() as sess:
             rows = store.list_jobs(session=sess, status=status and status.value,
                                    modality=modality and modality.value,
                                    since=since and _as_stored(since), limit=limit,
-                                   before=_after(cursor) if cursor else None)
+                                   before=_after(cursor) if cursor else None,
+                                   owner=caller.scope)
             jobs = [job_out(j.as_dict()) for j in rows]
         return JobPage(jobs=jobs, next_cursor=_cursor(jobs[-1]) if len(jobs) == limit else None)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"],
                 responses=error_responses(401, 404, 409))
-    def cancel_job(request: Request, job_id: str, _key: str = Depends(require_key)) -> JobOut:
+    def cancel_job(request: Request, job_id: str, caller: CallerDep) -> JobOut:
         """Cancel a job that no worker has started; 409 once it runs or has finished."""
         client: Client = request.app.state.client
-        cancelled = client.cancel(_valid_id(job_id))
-        job = _job_or_404(client, job_id, with_embedding=False)
+        cancelled = client.cancel(_valid_id(job_id), owner=caller.scope)
+        job = _job_or_404(client, job_id, with_embedding=False, owner=caller.scope)
         if not cancelled and job.status is not JobStatus.CANCELLED:
             raise ApiError(409, "not_cancellable", f"job {job_id} is {job.status.value}; "
                            "only queued jobs can be cancelled")
@@ -372,22 +364,23 @@ def _add_read_routes(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}/wait", response_model=JobOut, tags=["jobs"],
              responses=read_errors)
-    async def wait_job(request: Request, job_id: str,
+    async def wait_job(request: Request, job_id: str, caller: CallerDep,
                        timeout: float = Query(30.0, ge=0, description="seconds; capped by "
                                               "the server's MMQ_MAX_WAIT_S"),
-                       embedding: bool = True, _key: str = Depends(require_key)) -> JobOut:
+                       embedding: bool = True) -> JobOut:
         """Long-poll: returns as soon as the job is terminal, or with its current
         status when ``timeout`` runs out, so a client needs no busy loop."""
         client: Client = request.app.state.client
         end = time.monotonic() + min(timeout, request.app.state.settings.max_wait_s)
         poll = 0.02
         while True:
-            status = await run_in_threadpool(_status_or_404, client, job_id)
+            status = await run_in_threadpool(_status_or_404, client, job_id, caller.scope)
             if status in TERMINAL or time.monotonic() + poll > end:
                 break
             await asyncio.sleep(poll)
             poll = min(poll * 1.5, 0.25)  # quick for fast jobs, cheap for slow ones
-        return await run_in_threadpool(_job_or_404, client, job_id, embedding)
+        return await run_in_threadpool(
+            lambda: _job_or_404(client, job_id, embedding, owner=caller.scope))
 
 
 # -- health and metrics -------------------------------------------------------------------------

@@ -132,6 +132,9 @@ class JobOut(BaseModel):
     worker: str | None = None
     model_version: str | None = None
     payload_sha256: str | None = None
+    # The id of the API key that submitted the job (a name or key-<hash>, never the
+    # key); null for jobs made by the SDK or CLI.
+    owner: str | None = None
     timings: Timings
     prediction: PredictionOut | None = None
 

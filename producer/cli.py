@@ -116,12 +116,17 @@ def cmd_api(args) -> int:
     import uvicorn
 
     from core.config import get_settings
+    from producer.api_auth import keyring
 
     s = get_settings()
-    if not s.api_key_list:
-        raise SystemExit("mmq api: no API keys; set MMQ_API_KEYS=key1,key2 (or MMQ_PROFILE=local "
-                         "to accept the local development key)")
-    if s.local and not s.api_keys:
+    try:
+        keys = keyring(s)
+    except ValueError as e:
+        raise SystemExit(f"mmq api: {e}") from None
+    if not keys:
+        raise SystemExit("mmq api: no API keys; set MMQ_API_KEYS=name1:key1,name2:key2 (or "
+                         "MMQ_PROFILE=local to accept the local development key)")
+    if s.local and not (s.api_keys or s.admin_keys):
         print(f"mmq api: local profile, accepting the development key {s.api_key_list[0]!r}")
     uvicorn.run("producer.api:create_app", factory=True, host=args.host or s.api_host,
                 port=args.port or s.api_port, workers=args.workers, log_level="info",

@@ -99,7 +99,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     since = datetime.now(UTC) - args.since if args.since else None
     rows = _client().results(status=args.status, modality=args.modality, since=since,
-                             limit=args.limit)
+                             limit=args.limit, owner=args.owner)
     if args.json:
         _print(rows)
         return 0
@@ -163,6 +163,8 @@ def add_job_commands(sub) -> None:
     p = sub.add_parser("results", help="list jobs from the store")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     p.add_argument("--modality", choices=["text", "image", "audio"])
+    p.add_argument("--owner", help="only the jobs of this API key id (a key's name, or "
+                   "key-<hash>)")
     p.add_argument("--since", type=parse_duration, help="e.g. 1h, 30m")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")

@@ -88,28 +88,30 @@ class Client:
     def submit_audio(self, audio: str | Path | bytes, **kw) -> str:
         return self.submit_many([{"modality": "audio", "input": audio, **kw}])[0]
 
-    def submit_many(self, items: list[dict], *, idempotency_key: str | None = None
-                    ) -> list[str]:
+    def submit_many(self, items: list[dict], *, idempotency_key: str | None = None,
+                    owner: str | None = None) -> list[str]:
         """Each item: modality, input, and optionally task ("embed" | "classify"),
         labels, top_k, deadline (datetime) or timeout_s. All are validated first;
         one bad item raises ``InvalidInput`` (naming it) and nothing is enqueued.
         Rows are written in one transaction, then the tasks are sent over one
         connection. With an ``idempotency_key``, submitting the same items again
         returns the first call's job ids (see ``submit``)."""
-        return self.submit(items, idempotency_key=idempotency_key).ids
+        return self.submit(items, idempotency_key=idempotency_key, owner=owner).ids
 
-    def submit(self, items: list[dict], *, idempotency_key: str | None = None) -> Submitted:
+    def submit(self, items: list[dict], *, idempotency_key: str | None = None,
+               owner: str | None = None) -> Submitted:
         """``submit_many`` that also says whether the ids are a replay of an earlier
         call with the same key. The same key with different items raises
         ``IdempotencyConflict``; deadlines are not part of the comparison, so a
-        retried request with ``timeout_s`` is still the same request."""
+        retried request with ``timeout_s`` is still the same request. ``owner`` is
+        the key id the jobs belong to (the API passes its caller's; never a key)."""
         rows = [self._validate(i, it) for i, it in enumerate(items)]
         digest = request_digest(rows) if idempotency_key else ""
         try:
             with self.sessions.begin() as s:
                 if idempotency_key and (prior := self._replay(s, idempotency_key, digest)):
                     return prior
-                jobs = [store.create_job(session=s, **row) for row in rows]
+                jobs = [store.create_job(session=s, owner=owner, **row) for row in rows]
                 pairs = [(j.id, j.modality) for j in jobs]
                 if idempotency_key:  # same transaction: the key exists iff the jobs do
                     s.add(store.IdempotencyKey(key=idempotency_key, request_hash=digest,
@@ -189,10 +191,14 @@ class Client:
 
     # -- reading ------------------------------------------------------------------------
 
-    def get(self, job_id: str, *, with_embedding: bool = True) -> dict | None:
+    # ``owner`` on the reads: only that key id's jobs (another's look like no job);
+    # None, the default, sees every job: the SDK talks to SQL directly and is trusted.
+
+    def get(self, job_id: str, *, with_embedding: bool = True,
+            owner: str | None = None) -> dict | None:
         """The job as a dict, with ``prediction`` once it has succeeded."""
         with self.sessions() as s:
-            job = store.get_job(session=s, job_id=job_id)
+            job = store.get_job(session=s, job_id=job_id, owner=owner)
             if job is None:
                 return None
             out = job.as_dict()
@@ -201,15 +207,17 @@ class Client:
             return out
 
     def wait(self, job_ids: list[str], timeout: float = 60.0, poll: float = 0.05,
-             *, with_embedding: bool = True) -> list[dict]:
+             *, with_embedding: bool = True, owner: str | None = None) -> list[dict]:
         """Block until every job is terminal (or raise TimeoutError); results in order."""
         end = time.monotonic() + timeout
         pending = set(job_ids)
         while pending:
+            q = (select(store.Job.id).where(store.Job.id.in_(list(pending)))
+                 .where(store.Job.status.in_(TERMINAL)))
+            if owner is not None:  # another key's job never finishes, as if unknown
+                q = q.where(store.Job.owner == owner)
             with self.sessions() as s:
-                done = set(s.scalars(
-                    select(store.Job.id).where(store.Job.id.in_(list(pending)))
-                    .where(store.Job.status.in_(TERMINAL))))
+                done = set(s.scalars(q))
             pending -= done
             if not pending:
                 break
@@ -218,15 +226,17 @@ class Client:
                                    f"{timeout:g} s")
             time.sleep(poll)
             poll = min(poll * 1.5, 0.5)
-        return [self.get(i, with_embedding=with_embedding) for i in job_ids]
+        return [self.get(i, with_embedding=with_embedding, owner=owner) for i in job_ids]
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str, *, owner: str | None = None) -> bool:
         """Cancel a job that has not started; True if it was cancelled."""
         with self.sessions.begin() as s:
-            return store.cancel_job(session=s, job_id=job_id)
+            return store.cancel_job(session=s, job_id=job_id, owner=owner)
 
     def results(self, *, status: str | None = None, modality: str | None = None,
-                since: datetime | None = None, limit: int = 100) -> list[dict]:
+                since: datetime | None = None, limit: int = 100,
+                owner: str | None = None) -> list[dict]:
         with self.sessions() as s:
             return [j.as_dict() for j in store.list_jobs(
-                session=s, status=status, modality=modality, since=since, limit=limit)]
+                session=s, status=status, modality=modality, since=since, limit=limit,
+                owner=owner)]

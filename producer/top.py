@@ -1,10 +1,10 @@
 """``mmq top``: a live terminal summary of the queues, the workers and the store.
 
 One frame = Redis queue lengths, the workers that answer a Celery broadcast, and
-from SQL the jobs/s that finished in the last interval, the counts by status and the
-most recent failures. Read-only: it never migrates or writes anything. Each source
-is read on its own, so a Redis or database outage shows up in the frame instead of
-ending the command.
+from SQL the jobs/s that finished in the last interval, the counts by status, the
+jobs of each API key (by key id, never the key) and the most recent failures.
+Read-only: it never migrates or writes anything. Each source is read on its own, so
+a Redis or database outage shows up in the frame instead of ending the command.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
 from core.config import QUEUES, Settings, get_settings
-from core.jobs import JobStatus
+from core.jobs import TERMINAL, JobStatus
 from producer.sender import producer_app, queue_depths
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home + erase screen: plain ANSI, no curses needed
 STATUSES = [s.value for s in JobStatus]
+MAX_OWNERS = 10  # owner rows in a frame: the busiest; the rest are summed up in one line
+NO_OWNER = "(no key)"  # jobs made by the SDK or CLI, which submit without an API key
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Frame:
     workers: list[WorkerInfo] | None = None
     rates: dict[str, float] | None = None  # succeeded per second over window_s
     counts: dict[tuple[str, str], int] | None = None  # (modality, status) -> jobs
+    # key id (None: no key) -> {"queued", "running", "finished"} -> jobs
+    owners: dict[str | None, dict[str, int]] | None = None
     failures: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -73,6 +77,18 @@ def _sql(session: Session, window_s: float, n_failures: int) -> tuple[dict, dict
     return rates, counts, failures
 
 
+def _owners(session: Session) -> dict[str | None, dict[str, int]]:
+    """Jobs per key id: what each API client has waiting, running and done."""
+    out: dict[str | None, dict[str, int]] = {}
+    rows = session.execute(select(store.Job.owner, store.Job.status, func.count())
+                           .group_by(store.Job.owner, store.Job.status))
+    for owner, status, n in rows:
+        col = "finished" if status in TERMINAL else status
+        c = out.setdefault(owner, {"queued": 0, "running": 0, "finished": 0})
+        c[col] = c.get(col, 0) + n
+    return out
+
+
 def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_s: float,
             n_failures: int = 5, timeout: float = 1.0) -> Frame:
     """One frame; a source that fails leaves its part empty and says why."""
@@ -89,6 +105,7 @@ def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_
     try:
         with sessions() as s:
             frame.rates, frame.counts, frame.failures = _sql(s, window_s, n_failures)
+            frame.owners = _owners(s)
     except Exception as e:
         frame.problems.append(f"database: {type(e).__name__}: {str(e).splitlines()[0]}")
     return frame
@@ -121,6 +138,7 @@ def render(frame: Frame, settings: Settings) -> str:
     lines += [f"  {w.name:<40} {w.modality:<6} up {_fmt_age(w.uptime_s):>7}  "
               f"processed {w.processed}" for w in workers] or [
         "  none answered" if frame.workers is not None else "  unknown: no broker"]
+    lines += _render_owners(frame.owners)
     lines += ["", "recent failures"]
     for f in frame.failures:
         at = f"{f['at']:%Y-%m-%d %H:%M:%S}" if f["at"] else "-"
@@ -132,6 +150,22 @@ def render(frame: Frame, settings: Settings) -> str:
         lines += ["", "problems"] + [f"  {p}" for p in frame.problems]
     lines.append(f"\njobs/s = succeeded in the last {frame.window_s:g}s")
     return "\n".join(lines)
+
+
+def _render_owners(owners: dict[str | None, dict[str, int]] | None) -> list[str]:
+    """Busiest keys first; indented, so no row starts with a modality's name."""
+    cols = ("queued", "running", "finished")
+    lines = ["", f"{'owners':<24}" + "".join(f"{c:>11}" for c in cols)]
+    if owners is None:
+        return lines + ["  unknown: no database"]
+    ranked = sorted(owners.items(), key=lambda kv: (-kv[1]["queued"] - kv[1]["running"],
+                                                    -sum(kv[1].values()), kv[0] or ""))
+    for owner, c in ranked[:MAX_OWNERS]:
+        lines.append(f"  {(owner or NO_OWNER)[:22]:<22}" + "".join(f"{c[k]:>11}" for k in cols))
+    if rest := ranked[MAX_OWNERS:]:
+        lines.append(f"  {f'{len(rest)} more':<22}" + "".join(
+            f"{sum(c[k] for _, c in rest):>11}" for k in cols))
+    return lines if owners else lines + ["  no jobs"]
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 SCHEMA_SHA256 = "46b7d35f19dd93a05f8fea530291bf84d881c1791ec167ecf0e6fb94e639d496"
 WORKERS = ("worker-text", "worker-image", "worker-audio")
 SERVICES = {"redis", "postgres", "migrate", "api", "flower", *WORKERS}
-SECRETS = ("POSTGRES_PASSWORD", "MMQ_API_KEYS", "MMQ_FLOWER_BASIC_AUTH")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MMQ_API_KEYS", "MMQ_FLOWER_BASIC_AUTH")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}; $$ is a "$".
 VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -142,8 +142,8 @@ def test_services_healthchecks_and_start_order():
     assert set(svc) == SERVICES
     for name in ("redis", "postgres", "api", "flower", *WORKERS):
         assert svc[name]["healthcheck"]["test"], name
-    assert svc["redis"]["command"][1:] == ["--appendonly", "yes",
-                                           "--maxmemory-policy", "noeviction"]
+    assert svc["redis"]["command"][1:5] == ["--appendonly", "yes",
+                                            "--maxmemory-policy", "noeviction"]
     assert any(v.endswith(":/var/lib/postgresql/data") for v in svc["postgres"]["volumes"])
     assert svc["migrate"]["command"] == ["db", "upgrade"]
     assert svc["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
@@ -177,7 +177,7 @@ def test_workers_scale_and_export_metrics_inside_the_network():
         assert w["environment"]["MMQ_WORKER_METRICS_PORT"] == "9100"
         assert "9100" in [str(p) for p in w["expose"]]
         assert ":9100/metrics" in " ".join(w["healthcheck"]["test"]), name
-        assert w["environment"]["MMQ_BROKER_URL"] == "redis://redis:6379/0"
+        assert w["environment"]["MMQ_WORKER_METRICS_HOST"] == "0.0.0.0"  # inside the network
         assert w["environment"]["MMQ_DATABASE_URL"].endswith("@postgres:5432/mmq")
     assert all("container_name" not in s for s in svc.values())
 
@@ -199,7 +199,8 @@ def test_no_secret_is_written_in_the_files():
     for name, s in raw["services"].items():
         for key, value in (s.get("environment") or {}).items():
             if re.search(r"PASSWORD|SECRET|KEYS?$|AUTH|TOKEN", key):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", str(value)), (name, key)
+                # required from .env, or optional with an empty default (MMQ_ADMIN_KEYS)
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]+|:-)\}", str(value)), (name, key)
         url = (s.get("environment") or {}).get("MMQ_DATABASE_URL", "")
         assert not url or "${POSTGRES_PASSWORD:?" in url
     # Every value in the files (comments aside) and the Dockerfile's instructions.
@@ -236,3 +237,31 @@ def test_dockerfile_is_multi_stage_with_mmq_entrypoint():
     assert "COPY --from=builder /opt/venv /opt/venv" in text
     assert 'ENTRYPOINT ["mmq"]' in text and "ARG TORCH_VARIANT" in text
     assert "HF_HUB_OFFLINE=1" in text
+
+
+# -- nothing listens wider than it must -------------------------------------------------
+
+def test_redis_requires_the_password_and_every_url_carries_it():
+    env = env_example()
+    svc = load(COMPOSE)["services"]
+    redis_cmd = svc["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--requirepass") + 1] == env["REDIS_PASSWORD"]
+    health = " ".join(svc["redis"]["healthcheck"]["test"])
+    assert "REDISCLI_AUTH" in health and "PONG" in health  # a NOAUTH reply is unhealthy
+    assert svc["redis"]["environment"]["REDIS_PASSWORD"] == env["REDIS_PASSWORD"]
+    with_broker = {n for n, s in svc.items() if "MMQ_BROKER_URL" in (s.get("environment") or {})}
+    assert {"api", "flower", "migrate", *WORKERS} <= with_broker
+    for name in with_broker:
+        url = svc[name]["environment"]["MMQ_BROKER_URL"]
+        assert url == f"redis://:{env['REDIS_PASSWORD']}@redis:6379/0", name
+    raw = COMPOSE.read_text()
+    assert "redis://redis:" not in raw and "redis://:${REDIS_PASSWORD:?" in raw
+    assert "ports" not in svc["redis"]  # the broker is for the compose network only
+
+
+def test_no_worker_publishes_a_port():
+    svc = load(COMPOSE)["services"]
+    for doc in (svc, load(GPU)["services"]):
+        for name in WORKERS:
+            assert "ports" not in doc.get(name, {}), name
+    assert {n for n, s in svc.items() if "ports" in s} == {"api", "flower"}

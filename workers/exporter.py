@@ -2,7 +2,9 @@
 
 A sink of ``core.metrics.BatchMetrics``: every batch the worker's batcher runs
 (in the model child process, replayed in the parent) is observed here as well.
-Each worker process serves its own port (``MMQ_WORKER_METRICS_PORT``; 0 = off).
+Each worker process serves its own port (``MMQ_WORKER_METRICS_PORT``; 0 = off), on
+loopback unless ``MMQ_WORKER_METRICS_HOST`` says otherwise (compose: 0.0.0.0, inside
+its private network).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class PrometheusSink:
         self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds
         r, self.worker = self.registry, worker
+        self.server = None  # the HTTP server, once start_exporter has started it
         self.batch_size = Histogram("mmq_batch_size", "Jobs per model forward", LABELS,
                                     buckets=SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("mmq_batch_tokens", "Real tokens (patches, frames) "
@@ -74,21 +77,22 @@ def _elapsed(metrics: BatchMetrics) -> float:
     return time.monotonic() - metrics.started
 
 
-def start_exporter(port: int, worker: str, modality: str,
-                   metrics: BatchMetrics) -> PrometheusSink | None:
-    """Serve /metrics on ``port`` (all interfaces, for a scraper on another host) and
-    attach the sink to ``metrics``. A taken port is logged, never fatal: the worker
-    serves jobs without its exporter rather than not at all."""
+def start_exporter(port: int, worker: str, modality: str, metrics: BatchMetrics, *,
+                   host: str = "127.0.0.1") -> PrometheusSink | None:
+    """Serve /metrics on ``host:port`` and attach the sink to ``metrics``. Loopback by
+    default: nothing listens wider than it must, and a scraper on another host is a
+    deployment's explicit choice (MMQ_WORKER_METRICS_HOST). A taken port is logged,
+    never fatal: the worker serves jobs without its exporter rather than not at all."""
     if port <= 0:
         return None
     sink = PrometheusSink(worker, modality, metrics)
     try:
-        start_http_server(port, registry=sink.registry)
+        sink.server, _ = start_http_server(port, addr=host, registry=sink.registry)
     except OSError as e:
         why = "is already in use" if e.errno == errno.EADDRINUSE else f"failed: {e}"
         log.error("metrics exporter: port %d %s; this worker runs without one (give each "
                   "worker process its own MMQ_WORKER_METRICS_PORT, or 0 for none)", port, why)
         return None
     metrics.sinks.append(sink)
-    log.info("metrics exporter: http://0.0.0.0:%d/metrics", port)
+    log.info("metrics exporter: http://%s:%d/metrics", host, port)
     return sink

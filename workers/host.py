@@ -190,7 +190,8 @@ def init_host(settings: Settings, device: str | None = None, *, modality: str = 
     metrics = BatchMetrics()
     from workers.exporter import start_exporter
 
-    start_exporter(settings.worker_metrics_port, worker, modality, metrics)
+    start_exporter(settings.worker_metrics_port, worker, modality, metrics,
+                   host=settings.worker_metrics_host)
     if settings.model_process:
         from workers.modelproc import ModelProcess
 

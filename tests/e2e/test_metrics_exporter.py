@@ -52,7 +52,8 @@ def test_worker_exports_its_batching_histograms(redis_server, tmp_path, start_wo
     assert m[("mmq_batch_tokens_count", "text")] == m[("mmq_batch_size_count", "text")]
     assert m[("mmq_dropped_jobs_total", "text")] == 0
     assert m[("mmq_jobs_per_second", "")] > 0
-    assert f"metrics exporter: http://0.0.0.0:{port}/metrics" in worker.log.read_text()
+    # Loopback by default (MMQ_WORKER_METRICS_HOST): nothing listens wider than it must.
+    assert f"metrics exporter: http://127.0.0.1:{port}/metrics" in worker.log.read_text()
 
 
 def test_a_taken_port_is_logged_and_the_worker_still_serves(redis_server, tmp_path,
@@ -70,3 +71,35 @@ def test_a_taken_port_is_logged_and_the_worker_still_serves(redis_server, tmp_pa
     assert res[0]["status"] == "succeeded"
     assert re.search(rf"ERROR .*metrics exporter: port {port} is already in use",
                      worker.log.read_text())
+
+
+def _outward_address() -> str | None:
+    """This machine's non-loopback IPv4 address, if it has one (a UDP connect sends
+    nothing; it only picks the interface a packet would leave by)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_the_exporter_listens_on_loopback_by_default():
+    from core.metrics import BatchMetrics
+    from workers.exporter import start_exporter
+
+    port = free_port()
+    sink = start_exporter(port, "text-1@test", "text", BatchMetrics())
+    try:
+        assert b"mmq_jobs_total" in urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        if (outward := _outward_address()) is not None:
+            with socket.socket() as c:
+                c.settimeout(5)
+                assert c.connect_ex((outward, port)) != 0, f"reachable on {outward}"
+        assert sink.server.server_address[0] == "127.0.0.1"
+    finally:
+        if getattr(sink, "server", None) is not None:
+            sink.server.shutdown()
+            sink.server.server_close()

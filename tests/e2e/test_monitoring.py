@@ -197,16 +197,17 @@ def top_store(redis_server, tmp_path):
     now = store.utcnow()
     with sessions.begin() as s:
         for i in range(6):  # succeeded just now: they count towards jobs/s
-            j = store.create_job(session=s, modality="text", task="embed", text=f"t{i}")
+            j = store.create_job(session=s, modality="text", task="embed", text=f"t{i}",
+                                 owner="alice" if i < 2 else None)
             j.status, j.finished_at = "succeeded", now
         old = store.create_job(session=s, modality="image", task="embed", payload=b"x")
         old.status, old.finished_at = "succeeded", now - timedelta(hours=3)  # outside
         for i, mod in enumerate(["audio", "image"]):
             j = store.create_job(session=s, modality=mod, task="embed", payload=b"y",
-                                 job_id=f"failed-{mod}")
+                                 job_id=f"failed-{mod}", owner="bob" if mod == "image" else None)
             j.status, j.error = "failed", f"cannot decode {mod} payload"
             j.finished_at = now - timedelta(minutes=10 - i)  # image failed last
-        store.create_job(session=s, modality="audio", task="embed", payload=b"z")
+        store.create_job(session=s, modality="audio", task="embed", payload=b"z", owner="alice")
     send_jobs(producer_app(Settings(broker_url=url)),
               [(f"t-{i}", "text") for i in range(4)] + [("a-0", "audio")])
     yield Settings(broker_url=url, database_url=db), sessions
@@ -223,6 +224,9 @@ def test_top_collects_queues_rates_counts_and_failures(top_store):
     assert frame.counts == {("text", "succeeded"): 6, ("image", "succeeded"): 1,
                             ("audio", "failed"): 1, ("image", "failed"): 1,
                             ("audio", "queued"): 1}
+    assert frame.owners == {"alice": {"queued": 1, "running": 0, "finished": 2},
+                            "bob": {"queued": 0, "running": 0, "finished": 1},
+                            None: {"queued": 0, "running": 0, "finished": 6}}
     assert [(x["id"], x["error"]) for x in frame.failures] == [
         ("failed-image", "cannot decode image payload"),
         ("failed-audio", "cannot decode audio payload")]
@@ -241,6 +245,12 @@ def test_top_once_prints_one_frame(top_store):
     assert rows["image"] == ["0", "0", "0.00", "0", "0", "1", "1", "0"]
     assert rows["audio"] == ["1", "0", "0.00", "1", "0", "0", "1", "0"]
     assert "failed-image" in r.stdout and "cannot decode image payload" in r.stdout
+    # Jobs per API key id, busiest first: queued, running, finished.
+    lines = r.stdout.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("owners ")))
+    assert lines[at].split() == ["owners", "queued", "running", "finished"]
+    assert [line.split() for line in lines[at + 1:at + 4]] == [
+        ["alice", "1", "0", "2"], ["(no", "key)", "0", "0", "6"], ["bob", "0", "0", "1"]]
     assert "\x1b[" not in r.stdout  # --once prints plain text
 
 
