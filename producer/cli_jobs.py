@@ -121,12 +121,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_requeue(args: argparse.Namespace) -> int:
     from core.config import get_settings
     from core.migrations import upgrade
-    from producer.requeue import requeue_stale
+    from producer.requeue import sweep
 
     s = get_settings()
     upgrade(s.db_url)
-    n = requeue_stale(s, stale_s=args.stale.total_seconds())
-    print(f"requeued {n} job(s)")
+    out = sweep(s, stale_s=args.stale.total_seconds())
+    print(f"requeued {out.total} job(s): {len(out.resent)} re-sent, "
+          f"{len(out.restored)} unacknowledged message(s) of dead workers put back")
     return 0
 
 
@@ -172,7 +173,8 @@ def add_job_commands(sub) -> None:
     p = sub.add_parser("cancel", help="cancel jobs that have not started")
     p.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("requeue", help="re-send queued jobs whose message was lost")
+    p = sub.add_parser("requeue", help="sweep now: re-send jobs whose message was lost, recover "
+                       "the running jobs of dead workers")
     p.add_argument("--stale", type=parse_duration, default=timedelta(seconds=60),
                    help="only jobs sent longer ago than this (default 60s)")
     p.set_defaults(func=cmd_requeue)
