@@ -67,7 +67,10 @@ def requeue_stale(settings: Settings, *, modalities=QUEUES, stale_s: float | Non
 
 
 def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None,
-          single_flight: bool = False) -> SweepResult:
+          single_flight: bool = False, queued: bool = True) -> SweepResult:
+    """``queued=False`` skips the stale queued jobs: finding whether they have a
+    message means reading every message in the queues, which under a backlog of
+    100k is a second of CPU; the workers do that part every few turns only."""
     stale = timedelta(seconds=settings.requeue_stale_s if stale_s is None else stale_s)
     lease = timedelta(seconds=settings.lease_s)
     r = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
@@ -77,15 +80,16 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
     try:
         sessions = store.session_factory(engine)
         with sessions() as s:
-            queued = [(j.id, j.modality) for j in store.stale_queued(session=s, older_than=stale)
-                      if j.modality in modalities]
+            stale_jobs = [(j.id, j.modality) for j in
+                          (store.stale_queued(session=s, older_than=stale) if queued else [])
+                          if j.modality in modalities]
             orphans = [(j.id, j.modality, j.worker) for j in
                        store.orphaned_running(session=s, lease=lease)
                        if j.modality in modalities]
-        msgs = _messages(r, modalities)
+        msgs = _messages(r, modalities, read_queues=bool(stale_jobs or orphans))
         out = SweepResult()
         out.restored += _restore_fetched_unstarted(r, msgs, stale, sessions)
-        lost = [(i, m) for i, m in queued if i not in msgs.queued and i not in msgs.unacked]
+        lost = [(i, m) for i, m in stale_jobs if i not in msgs.queued and i not in msgs.unacked]
         moved_orphans = _recover_orphans(r, msgs, orphans, sessions, out)
         lost += moved_orphans
         if lost:
@@ -109,12 +113,12 @@ def _take_turn(r: redis.Redis, settings: Settings, modalities) -> bool:
     return bool(r.set(key, me, nx=True, ex=max(2, int(settings.requeue_every_s))))
 
 
-def _messages(r: redis.Redis, modalities) -> _Messages:
+def _messages(r: redis.Redis, modalities, read_queues: bool = True) -> _Messages:
     """Queues first, then the unacked hash: a message moving from one to the other
     between the two reads is then seen in at least one of them."""
     queued: set[str] = set()
     with r.pipeline(transaction=False) as pipe:
-        for key in [k for q in modalities for k in _queue_keys(q)]:
+        for key in [k for q in modalities for k in _queue_keys(q)] if read_queues else []:
             pipe.lrange(key, 0, -1)
         for raws in pipe.execute():
             queued |= {_task_id(raw) for raw in raws}

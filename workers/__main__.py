@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import logging
 import os
 import socket
@@ -22,12 +23,16 @@ log = logging.getLogger("mmq.worker")
 def _sweep_forever(modality: str, every: float) -> None:
     """Re-send this modality's jobs whose message was lost, and put back the
     unacknowledged messages of dead workers (producer/requeue.py)."""
-    from producer.requeue import requeue_stale
+    from producer.requeue import sweep
 
-    while True:
+    # Dead workers' jobs every turn; stale queued jobs (which means reading every
+    # message in the queue) about every 15 s: they are stale only after a minute.
+    queued_every = max(1, round(15 / every))
+    for turn in itertools.count():
         threading.Event().wait(every)
         try:
-            requeue_stale(get_settings(), modalities=[modality], single_flight=True)
+            sweep(get_settings(), modalities=[modality], single_flight=True,
+                  queued=turn % queued_every == 0)
         except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
             log.warning("sweep failed (%s: %s); will try again", type(e).__name__, e)
 
