@@ -20,6 +20,10 @@ ARG TORCH_VARIANT=pypi
 ARG TORCH_VERSION=2.14.1
 ARG TORCHAUDIO_VERSION=2.11.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# gcc here only: `pip install .` compiles the CPU attention kernel (setup.py), and the
+# runtime stage carries the built shared object, not the compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -30,7 +34,7 @@ RUN if [ "$TORCH_VARIANT" = pypi ]; then \
       pip install --index-url "https://download.pytorch.org/whl/$TORCH_VARIANT" \
         "torch==$TORCH_VERSION" "torchaudio==$TORCHAUDIO_VERSION"; \
     fi
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY core core
 COPY workers workers
 COPY producer producer
@@ -39,11 +43,6 @@ RUN pip install . && python -c "import core, workers, producer"
 
 # -- runtime: slim, the virtualenv, not root ---------------------------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime
-# A C compiler, for one reason: the CPU attention kernel (core/kernels/varlen_attn.c) is
-# built with -march=native on the machine that serves, on first use (under a second,
-# then cached in ~/.cache/mmq). Without it attention falls back to SDPA, ~10% slower.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 mmq
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

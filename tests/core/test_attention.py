@@ -117,11 +117,24 @@ def test_encoder_filler_rows_change_nothing():
     assert (out - ref).abs().max().item() <= 1e-5, f"seed {SEED}"
 
 
-def test_kernel_builds_where_a_compiler_is():
-    """Without this, a broken kernel build would pass every test on the fallback path."""
+def test_kernel_is_built_where_a_compiler_is():
+    """Without this, a broken kernel build would pass every test on the fallback path.
+    The build happens at install time (setup.py), never in the serving process."""
     if not HAS_CC:
-        pytest.skip("no C compiler: attention uses grouped SDPA")
+        pytest.skip("no C compiler at install time: attention uses grouped SDPA")
+    assert cpu_kernels.find_build().exists()
     assert cpu_kernels.varlen_attn() is not None, "see the mmq.kernels warning in the log"
+
+
+def test_one_openmp_runtime_with_the_kernel():
+    """The kernel links libgomp; it must reuse the one torch loaded, not bring its own
+    (two OpenMP runtimes in a process fight over threads, or abort)."""
+    if cpu_kernels.varlen_attn() is None:
+        pytest.skip("no kernel build for this CPU")
+    names = ("libgomp", "libiomp", "libomp")
+    maps = {ln.split()[-1] for ln in open("/proc/self/maps")
+            if any(n in ln.rsplit("/", 1)[-1] for n in names)}
+    assert len(maps) == 1, maps
 
 
 @pytest.mark.parametrize("hs", [16, 32, 64, 24])
