@@ -71,11 +71,12 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": s.visibility_timeout},
         broker_connection_retry_on_startup=True,
-        # kombu's Redis transport with a channel that dead-letters what is not a
-        # message envelope (undecodable bytes, a JSON list): upstream raises out of
-        # the event loop. Other schemes (sentinel, rediss) keep their own transport.
+        # The worker's kombu Redis transport has a channel that dead-letters what is
+        # not a message envelope (undecodable bytes, a JSON list): upstream raises out
+        # of the event loop. Not Flower's (it reads the broker's kind from the
+        # transport name), nor other schemes (sentinel, rediss).
         **({"broker_transport": "workers.poison:GuardedRedisTransport"}
-           if urlparse(s.broker_url).scheme == "redis" else {}),
+           if include_tasks and urlparse(s.broker_url).scheme == "redis" else {}),
         # Each queue on its own direct exchange: a queue declared without one lands
         # on the default queue's exchange and key, and Redis then copies every text
         # job into the image and audio queues too.
