@@ -55,13 +55,12 @@ def dead_letter(*, reason: str, queue: str, raw: bytes | str, detail: str,
                 task_id: str | None = None) -> None:
     """Store, log once, count. A failed store is logged with the raw message (the
     caller acknowledges anyway: a message that kills workers must not stay)."""
-    entry = deadletter.make(reason=reason, queue=queue, raw=raw, detail=detail,
-                            task_id=task_id, worker=worker_name)
+    fields = dict(reason=reason, queue=queue, raw=raw, detail=detail, task_id=task_id,
+                  worker=worker_name)
     try:
-        deadletter.push(_redis(), reason=reason, queue=queue, raw=raw, detail=detail,
-                        task_id=task_id, worker=worker_name,
-                        max_len=get_settings().dead_letter_max)
+        entry = deadletter.push(_redis(), max_len=get_settings().dead_letter_max, **fields)
     except redis.RedisError:
+        entry = deadletter.make(**fields)
         log.exception("dead letter: could not store it; the message was %r", raw[:2000])
     log.error("dead letter: %s from queue %r (task id %s): %s", reason, queue, task_id, detail)
     for fn in listeners:
@@ -142,7 +141,7 @@ class GuardedRedisTransport(kombu_redis.Transport):
 
 def task_problem(message, tasks: dict) -> tuple[str, str] | None:
     """(reason, detail) if ``message`` is not a task this worker can run, else None."""
-    headers = message.headers
+    headers = message.headers if isinstance(message.headers, dict) else {}
     name = headers.get("task")
     if not isinstance(name, str):
         return deadletter.UNKNOWN_TASK, "no 'task' header (not a Celery protocol 2 message)"
@@ -179,7 +178,10 @@ def guard_task_handler(handler: Callable, tasks: dict,
     acknowledged and dead-lettered instead of reaching (and stopping) Celery."""
 
     def on_task_received(message) -> None:
-        problem = task_problem(message, tasks)
+        try:
+            problem = task_problem(message, tasks)
+        except Exception as e:  # noqa: BLE001  (a shape the checks did not foresee)
+            problem = deadletter.UNHANDLED, f"{type(e).__name__}: {e}"
         if problem is None:
             try:
                 return handler(message)
@@ -195,8 +197,8 @@ def guard_task_handler(handler: Callable, tasks: dict,
 def reject_as_dead(message, reason: str, detail: str) -> None:
     """Store first, then ack: a crash in between redelivers it (a duplicate entry),
     never loses it."""
-    info = message.delivery_info or {}
-    task_id = message.headers.get("id")
+    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+    task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
     dead_letter(reason=reason, queue=info.get("routing_key") or "?",
                 raw=_raw(message), detail=detail,
                 task_id=task_id if isinstance(task_id, str) else None)
