@@ -8,6 +8,7 @@
     mmq up [--demo] | mmq worker text|image|audio | mmq demo
     mmq flower | mmq top [--interval S] [--once]
     mmq submit ... | status | wait | results | cancel | requeue | db upgrade
+    mmq dead list | show N | drop N|--all
 
 ``embed`` and ``classify`` run the model in this process (no queue) and print
 JSON. Text inputs are the arguments (or one per stdin line); image and audio
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from core.errors import InvalidInput
+from producer.cli_dead import add_dead_commands
 from producer.cli_jobs import add_job_commands
 from producer.stack import add_stack_commands
 from producer.top import add_top_command
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo_local)
     add_job_commands(sub)
+    add_dead_commands(sub)
     add_stack_commands(sub)
     add_api_command(sub)
     add_top_command(sub)

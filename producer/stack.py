@@ -7,9 +7,9 @@ side starts them by command, never by importing the workers package.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ import redis
 
 from core.config import LOCAL_API_KEY, QUEUES, Settings, get_settings
 from producer.flower import add_flower_command, flower_command, flower_credentials, flower_env
+from producer.supervise import Supervisor, run_supervised
 
 EXAMPLES = Path(__file__).parent / "examples"
 DEMO_TEXTS = [
@@ -47,7 +48,7 @@ def _redis_up(url: str) -> bool:
         return False
 
 
-def _ensure_redis(url: str, procs: list[subprocess.Popen]) -> None:
+def _ensure_redis(url: str, sup: Supervisor) -> None:
     if _redis_up(url):
         print(f"redis: using {url}")
         return
@@ -57,7 +58,8 @@ def _ensure_redis(url: str, procs: list[subprocess.Popen]) -> None:
                          "(install redis-server or set MMQ_BROKER_URL)")
     data = Path(get_settings().data_dir).resolve() / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    procs.append(subprocess.Popen(
+    sup.add("redis-server", functools.partial(
+        subprocess.Popen,
         ["redis-server", "--port", str(u.port or 6379), "--bind", "127.0.0.1", "--dir",
          str(data), "--appendonly", "yes", "--maxmemory-policy", "noeviction"],
         stdout=subprocess.DEVNULL))
@@ -84,24 +86,25 @@ def _wait_for_workers(timeout: float = 180) -> None:
     raise SystemExit("mmq up: workers did not come up; see their logs above")
 
 
-def _start_flower(s: Settings, port: int, procs: list[subprocess.Popen]) -> None:
+def _start_flower(s: Settings, port: int, sup: Supervisor) -> None:
     """Flower as `mmq flower` runs it; `mmq up` is the local stack, so without
     MMQ_FLOWER_BASIC_AUTH it gets a one-off login, printed here."""
     auth, generated = flower_credentials(s, local=True)
-    procs.append(subprocess.Popen(flower_command(port, "127.0.0.1"), env=flower_env(auth),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    sup.add("flower", functools.partial(
+        subprocess.Popen, flower_command(port, "127.0.0.1"), env=flower_env(auth),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     login = f" (login {auth})" if generated else " (login from MMQ_FLOWER_BASIC_AUTH)"
     print(f"flower: http://127.0.0.1:{port}{login}")
 
 
-def _start_api(s: Settings, port: int, procs: list[subprocess.Popen]) -> None:
+def _start_api(s: Settings, port: int, sup: Supervisor) -> None:
     """`mmq api` in the local profile: without MMQ_API_KEYS the development key works."""
     env = dict(os.environ)
     if not s.api_keys:
         env["MMQ_PROFILE"] = "local"
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "api", "--port", str(port)], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    sup.add("api", functools.partial(
+        subprocess.Popen, [sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     key = "a key from MMQ_API_KEYS" if s.api_keys else f"Bearer {LOCAL_API_KEY}"
     print(f"api: http://127.0.0.1:{port}/docs ({key})")
 
@@ -114,49 +117,32 @@ def _worker_env(s: Settings, index: int) -> dict:
     return env
 
 
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_up(args: argparse.Namespace) -> int:
+    """The stack under a supervisor: a child that exits is restarted (with backoff)
+    and the rest keeps running; Ctrl-C or SIGTERM stops everything."""
+    return run_supervised(functools.partial(_bring_up, args))
+
+
+def _bring_up(args: argparse.Namespace, sup: Supervisor) -> None:
     from core.migrations import upgrade
 
     s = get_settings()
-    procs: list[subprocess.Popen] = []
-    # SIGTERM (timeout, systemd, docker stop) must stop the children too, not orphan
-    # them: turn it into the same exit path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        _ensure_redis(s.broker_url, procs)
-        upgrade(s.db_url)
-        print(f"database: {s.db_url.split('@')[-1]}")
-        for i, q in enumerate(QUEUES):
-            procs.append(subprocess.Popen([sys.executable, "-m", "workers", q] + (
+    _ensure_redis(s.broker_url, sup)
+    upgrade(s.db_url)
+    print(f"database: {s.db_url.split('@')[-1]}")
+    for i, q in enumerate(QUEUES):
+        sup.add(f"worker {q}", functools.partial(
+            subprocess.Popen, [sys.executable, "-m", "workers", q] + (
                 ["--concurrency", str(args.concurrency)] if args.concurrency else []),
-                env=_worker_env(s, i)))
-        if not args.no_flower:
-            _start_flower(s, args.flower_port or s.flower_port, procs)
-        if not args.no_api:
-            _start_api(s, args.api_port or s.api_port, procs)
-        _wait_for_workers()
-        print("mmq is up: workers for " + ", ".join(QUEUES) + ". Ctrl-C stops everything.")
-        if args.demo:
-            run_demo()
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-        print("mmq up: a child process exited; stopping", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            env=_worker_env(s, i)))
+    if not args.no_flower:
+        _start_flower(s, args.flower_port or s.flower_port, sup)
+    if not args.no_api:
+        _start_api(s, args.api_port or s.api_port, sup)
+    _wait_for_workers()
+    print("mmq is up: workers for " + ", ".join(QUEUES) + ". Ctrl-C stops everything.")
+    if args.demo:
+        run_demo()
 
 
 def run_demo(timeout: float = 120) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from urllib.parse import urlparse
 
 from celery import Celery
 from celery.worker.consumer import Consumer
 from kombu import Exchange, Queue
+from vine import promise
 
 from core.config import QUEUES, Settings, get_settings
+from workers import poison
 
 
 def route_by_modality(name, args, kwargs, options, task=None, **kw):
@@ -18,7 +21,13 @@ def route_by_modality(name, args, kwargs, options, task=None, **kw):
 
 
 class EventBatchingConsumer(Consumer):
-    """Publishes buffered task events (for Flower) at most every EVENT_FLUSH_S.
+    """Celery's consumer with two changes.
+
+    Poison messages (workers/poison.py): the task-message handler is guarded, so a
+    message that is not a valid mmq task is dead-lettered instead of stopping the
+    worker.
+
+    Publishes buffered task events (for Flower) at most every EVENT_FLUSH_S.
 
     Celery flushes them on the next turn of its event loop, which under load turns
     once per message fetched: about one Redis PUBLISH per job, a fifth of the
@@ -31,6 +40,11 @@ class EventBatchingConsumer(Consumer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._flush_pending = threading.Lock()  # held from schedule to flush
+        poison.worker_name = self.hostname
+
+    def create_task_handler(self, promise=promise):
+        return poison.guard_task_handler(super().create_task_handler(promise), self.app.tasks,
+                                         tuple(self.connection_errors))
 
     def on_send_event_buffered(self) -> None:
         if self.hub and self._flush_pending.acquire(blocking=False):
@@ -57,6 +71,12 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": s.visibility_timeout},
         broker_connection_retry_on_startup=True,
+        # The worker's kombu Redis transport has a channel that dead-letters what is
+        # not a message envelope (undecodable bytes, a JSON list): upstream raises out
+        # of the event loop. Not Flower's (it reads the broker's kind from the
+        # transport name), nor other schemes (sentinel, rediss).
+        **({"broker_transport": "workers.poison:GuardedRedisTransport"}
+           if include_tasks and urlparse(s.broker_url).scheme == "redis" else {}),
         # Each queue on its own direct exchange: a queue declared without one lands
         # on the default queue's exchange and key, and Redis then copies every text
         # job into the image and audio queues too.

@@ -21,6 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from core import deadletter
 from core.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, BatchMetrics
 
 log = logging.getLogger("mmq.worker")
@@ -47,6 +48,10 @@ class PrometheusSink:
         self.jobs = Counter("mmq_jobs", "Jobs through the model", LABELS, registry=r)
         self.dropped = Counter("mmq_dropped_jobs", "Jobs dropped past their deadline when a "
                                "batch formed", LABELS, registry=r)
+        self.dead_letters = Counter("mmq_dead_letters", "Messages that were not valid mmq "
+                                    "tasks, moved to the dead-letter list", LABELS + ("reason",),
+                                    registry=r)
+        self.modality = modality
         # Lifetime average; rate(mmq_jobs_total[1m]) gives a recent one.
         Gauge("mmq_jobs_per_second", "Jobs per second since the worker started", ["worker"],
               registry=r).labels(worker).set_function(
@@ -55,6 +60,8 @@ class PrometheusSink:
         for m in (self.batch_size, self.batch_tokens, self.queue_wait, self.model_time,
                   self.jobs, self.dropped):
             m.labels(modality, worker)
+        for reason in deadletter.REASONS:
+            self.dead_letters.labels(modality, worker, reason)
 
     def observe_batch(self, *, modality: str, size: int, tokens: int, model_s: float,
                       waits_s: list[float]) -> None:
@@ -69,6 +76,11 @@ class PrometheusSink:
 
     def observe_dropped(self, modality: str, n: int) -> None:
         self.dropped.labels(modality, self.worker).inc(n)
+
+    def observe_dead_letter(self, entry: deadletter.DeadLetter) -> None:
+        # Labelled with the worker's modality, not the entry's queue: a queue name
+        # read from a malformed message is not a bounded label value.
+        self.dead_letters.labels(self.modality, self.worker, entry.reason).inc()
 
 
 def _elapsed(metrics: BatchMetrics) -> float:
@@ -94,5 +106,8 @@ def start_exporter(port: int, worker: str, modality: str, metrics: BatchMetrics,
                   "worker process its own MMQ_WORKER_METRICS_PORT, or 0 for none)", port, why)
         return None
     metrics.sinks.append(sink)
+    from workers import poison
+
+    poison.listeners.append(sink.observe_dead_letter)
     log.info("metrics exporter: http://%s:%d/metrics", host, port)
     return sink

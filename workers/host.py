@@ -93,6 +93,10 @@ class ModelHost:
         def started(value) -> None:
             job, payload = value
             if job is None:  # cancelled, already done, or unknown: nothing to run
+                if payload == "unknown":  # no row: a poison message, not a job
+                    from workers.poison import dead_letter_unknown_job
+
+                    dead_letter_unknown_job(job_id)
                 done.set_result({"job": job_id, "status": payload})
                 return
             deadline = None

@@ -1,0 +1,226 @@
+"""Poison messages: anything on a queue that is not a valid mmq task is acknowledged
+and moved to the dead-letter list (core/deadletter.py), never left to stop a worker.
+
+Celery treats some malformed messages as fatal: a body that is not
+``[args, kwargs, embed]`` raises out of its strategy ("Unrecoverable error"), the
+worker exits, and kombu restores the message for the next worker to die on. Bytes
+that are not JSON, or JSON that is not a kombu envelope, fail even earlier, in
+kombu's Redis transport. Two guards, one per layer:
+
+- ``GuardedRedisTransport``: kombu's Redis transport, whose channel checks each
+  popped item is a JSON envelope kombu can read before delivering it;
+- ``guard_task_handler``: wraps Celery's task-message handler (see
+  ``EventBatchingConsumer`` in workers/app.py): checks the task name, content
+  type and body shape before Celery sees the message, and dead-letters anything
+  Celery's strategy still raises on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+import redis
+from kombu.exceptions import ContentDisallowed
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from core import deadletter
+from core.config import get_settings
+from core.jobs import RUN_JOB_TASK
+
+log = logging.getLogger("mmq.worker")
+
+# Called with each entry after it is stored (the Prometheus exporter counts them).
+listeners: list[Callable[[deadletter.DeadLetter], None]] = []
+worker_name = f"{socket.gethostname()}:{os.getpid()}"  # the consumer sets its node name
+_client: redis.Redis | None = None
+_client_lock = threading.Lock()
+
+
+def _redis() -> redis.Redis:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=10)
+        return _client
+
+
+def dead_letter(*, reason: str, queue: str, raw: bytes | str, detail: str,
+                task_id: str | None = None) -> None:
+    """Store, log once, count. A failed store is logged with the raw message (the
+    caller acknowledges anyway: a message that kills workers must not stay)."""
+    fields = dict(reason=reason, queue=queue, raw=raw, detail=detail, task_id=task_id,
+                  worker=worker_name)
+    try:
+        entry = deadletter.push(_redis(), max_len=get_settings().dead_letter_max, **fields)
+    except redis.RedisError:
+        entry = deadletter.make(**fields)
+        log.exception("dead letter: could not store it; the message was %r", raw[:2000])
+    log.error("dead letter: %s from queue %r (task id %s): %s", reason, queue, task_id, detail)
+    for fn in listeners:
+        try:
+            fn(entry)
+        except Exception:  # a metrics sink must not break consumption
+            log.exception("dead-letter listener failed")
+
+
+# -- layer 1: the transport ---------------------------------------------------------------
+
+class GuardedChannel(kombu_redis.Channel):
+    def _brpop_read(self, **options):
+        # kombu's Channel._brpop_read (kombu 5.3-5.7), with the JSON decode and the
+        # envelope checked: upstream decodes inline, and what it raises there stops
+        # the worker's event loop.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                        **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise kombu_redis.Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            payload = self._checked(item, dest)
+            if payload is not None:
+                self.connection._deliver(payload, dest)
+            return True
+        finally:
+            self._in_poll = None
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    def _checked(self, item: bytes, queue: str) -> dict | None:
+        """The decoded envelope, or None after dead-lettering it. The item is already
+        popped and not yet in the unacked hash: there is nothing to acknowledge."""
+        try:
+            payload = loads(bytes_to_str(item))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            dead_letter(reason=deadletter.UNDECODABLE, queue=queue, raw=item,
+                        detail=f"not JSON: {e}")
+            return None
+        problem = self._envelope_problem(payload)
+        if problem:
+            task_id = None
+            if isinstance(payload, dict) and isinstance(payload.get("headers"), dict):
+                task_id = payload["headers"].get("id")
+            dead_letter(reason=deadletter.NOT_AN_ENVELOPE, queue=queue, raw=item,
+                        detail=problem, task_id=task_id if isinstance(task_id, str) else None)
+            return None
+        return payload
+
+    def _envelope_problem(self, payload: object) -> str | None:
+        if not isinstance(payload, dict):
+            return f"a JSON {type(payload).__name__}, not a message envelope"
+        try:
+            # What kombu reads before Celery sees the message (Message(), qos.append).
+            message = self.Message(payload, channel=self)
+            info = message.delivery_info
+            info["exchange"], info["routing_key"]  # noqa: B018
+            if not isinstance(message.headers, dict):
+                return "headers are not a JSON object"
+        except Exception as e:  # noqa: BLE001  (anything here is a malformed envelope)
+            return f"kombu cannot read it: {type(e).__name__}: {e}"
+        return None
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    Channel = GuardedChannel
+
+
+# -- layer 2: Celery's task handler -------------------------------------------------------
+
+def task_problem(message, tasks: dict) -> tuple[str, str] | None:
+    """(reason, detail) if ``message`` is not a task this worker can run, else None."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    name = headers.get("task")
+    if not isinstance(name, str):
+        return deadletter.UNKNOWN_TASK, "no 'task' header (not a Celery protocol 2 message)"
+    task = tasks.get(name)
+    if task is None or name.startswith("celery."):
+        return deadletter.UNKNOWN_TASK, f"no task {name!r} in an mmq worker"
+    if not isinstance(headers.get("id"), str):
+        return deadletter.BAD_BODY, "no task id"
+    try:
+        body = message.decode()
+    except ContentDisallowed as e:
+        return deadletter.CONTENT_TYPE, f"{message.content_type!r} refused: {e}"
+    except Exception as e:  # noqa: BLE001  (a body the accepted serializer cannot read)
+        return deadletter.BAD_BODY, f"cannot decode the body: {type(e).__name__}: {e}"
+    if not (isinstance(body, list | tuple) and len(body) == 3
+            and isinstance(body[0], list | tuple) and isinstance(body[1], dict)
+            and isinstance(body[2], dict | None)):
+        return deadletter.BAD_BODY, f"body is not [args, kwargs, embed]: {str(body)[:200]}"
+    args, kwargs, _ = body
+    try:
+        task.__header__(*args, **kwargs)  # the task's signature, without running it
+    except TypeError as e:
+        return deadletter.BAD_BODY, f"arguments do not fit {name}: {e}"
+    if name == RUN_JOB_TASK:
+        job_id = args[0] if args else kwargs.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            return deadletter.BAD_BODY, f"job id {job_id!r} is not a string"
+    return None
+
+
+def guard_task_handler(handler: Callable, tasks: dict,
+                       connection_errors: tuple) -> Callable:
+    """Wrap Celery's ``on_task_received``: a message that is not a valid task is
+    acknowledged and dead-lettered instead of reaching (and stopping) Celery."""
+
+    def on_task_received(message) -> None:
+        try:
+            problem = task_problem(message, tasks)
+        except Exception as e:  # noqa: BLE001  (a shape the checks did not foresee)
+            problem = deadletter.UNHANDLED, f"{type(e).__name__}: {e}"
+        if problem is None:
+            try:
+                return handler(message)
+            except connection_errors:
+                raise  # the broker went away: Celery's consumer reconnects
+            except Exception as e:  # noqa: BLE001  (Celery calls these unrecoverable)
+                problem = deadletter.UNHANDLED, f"{type(e).__name__}: {e}"
+        reject_as_dead(message, *problem)
+
+    return on_task_received
+
+
+def reject_as_dead(message, reason: str, detail: str) -> None:
+    """Store first, then ack: a crash in between redelivers it (a duplicate entry),
+    never loses it."""
+    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+    task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
+    dead_letter(reason=reason, queue=info.get("routing_key") or "?",
+                raw=_raw(message), detail=detail,
+                task_id=task_id if isinstance(task_id, str) else None)
+    message.ack()
+
+
+def _raw(message) -> str:
+    """The envelope as kombu stored it in Redis (base64 body and all)."""
+    raw = getattr(message, "_raw", None)
+    if isinstance(raw, dict):
+        return json.dumps(raw)
+    return repr(message.body)[:100_000]
+
+
+def dead_letter_unknown_job(job_id: str) -> None:
+    """A valid run_job message whose job id no SQL row has (another deployment's
+    queue, a hand-made message). The task then returns and its message is acked."""
+    from celery.worker import state
+
+    request = next((r for r in list(state.active_requests) if r.id == job_id), None)
+    message = getattr(request, "message", None)
+    info = getattr(request, "delivery_info", None) or {}
+    raw = _raw(message) if message is not None else json.dumps({"task_id": job_id})
+    dead_letter(reason=deadletter.UNKNOWN_JOB, queue=info.get("routing_key") or "?", raw=raw,
+                detail=f"no job {job_id} in the store", task_id=job_id)
