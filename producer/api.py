@@ -166,7 +166,7 @@ async def parse_items(request: Request, batch: bool) -> list[dict]:
         try:
             doc = json.loads(body)
             jobs = BatchIn.model_validate(doc).items if batch else [JobIn.model_validate(doc)]
-        except ValueError as e:  # ValidationError is a ValueError too
+        except (ValueError, RecursionError) as e:  # ValidationError is a ValueError too
             raise _invalid_json(e) from None
         items = [_json_item(i, j) for i, j in enumerate(jobs)]
     if len(items) > s.max_batch_items:
@@ -175,7 +175,10 @@ async def parse_items(request: Request, batch: bool) -> list[dict]:
     return items
 
 
-def _invalid_json(e: ValueError) -> ApiError:
+def _invalid_json(e: ValueError | RecursionError) -> ApiError:
+    if isinstance(e, RecursionError):  # e.g. 100,000 "[": json's parser recurses per level
+        return ApiError(422, "invalid_input", "body is not valid JSON: arrays or objects "
+                        "nested too deeply")
     if isinstance(e, ValidationError):
         details = [{"loc": ["body", *err["loc"]], "msg": err["msg"]} for err in e.errors()]
         where = ".".join(str(p) for p in details[0]["loc"])
