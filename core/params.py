@@ -79,12 +79,13 @@ def job_params(item: dict, task: str, settings: Settings) -> tuple[dict, datetim
     """(params, deadline) of one submitted item, or ``InvalidInput`` without an index
     (the caller adds it). ``timeout_s`` wins over ``deadline`` when both are given."""
     params: dict = {}
+    # Checked even where the task ignores it: a bad value is a client bug either way.
+    top_k = check_top_k(5 if item.get("top_k") is None else item["top_k"], settings.max_top_k)
     if task == "classify":
         params["labels"] = check_labels(item.get("labels") or [],
                                         max_labels=settings.max_labels,
                                         max_chars=settings.max_label_chars)
-        params["top_k"] = check_top_k(5 if item.get("top_k") is None else item["top_k"],
-                                      settings.max_top_k)
+        params["top_k"] = top_k
     if item.get("timeout_s") is not None:
         timeout = check_timeout(item["timeout_s"], settings.max_timeout_s)
         return params, datetime.now(UTC) + timedelta(seconds=timeout)

@@ -55,6 +55,7 @@ BAD = {
     "top_k float": ({**CLASSIFY, "top_k": 2.5}, "top_k"),
     "top_k bool": ({**CLASSIFY, "top_k": True}, "top_k"),
     "top_k zero": ({**CLASSIFY, "top_k": 0}, "top_k"),
+    "top_k zero, embed": ({"modality": "text", "input": "x", "top_k": 0}, "top_k"),
     "top_k huge": ({**CLASSIFY, "top_k": 10**12}, "top_k"),
     "timeout not a number": ({"modality": "text", "input": "x", "timeout_s": "soon"},
                              "timeout_s"),
