@@ -26,6 +26,11 @@ class AudioConfig:
     frames_per_patch: int = 4  # 40 ms per token: 1 s of audio = 25 tokens
     max_seconds: float = 30.0  # longer clips are refused (750 tokens at the default)
     max_bytes: int = 50 * 1024 * 1024
+    # Sample rates accepted (Hz): telephone speech to studio masters. A header can
+    # claim anything: 2 GHz passed the duration check (few samples per "second")
+    # and then failed in the worker's resampler with a raw torch error.
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 192_000
 
     @property
     def patch_dim(self) -> int:
@@ -50,10 +55,9 @@ def decode_audio(data: object, cfg: AudioConfig, index: int | None = None) -> to
         if wave.dim() != 1:
             raise InvalidInput(f"waveform must be 1-D or 2-D, got shape {tuple(wave.shape)}",
                                index=index)
-        if not isinstance(rate, int | np.integer) or rate <= 0:
-            raise InvalidInput(f"sample rate must be a positive integer, got {rate!r}",
-                               index=index)
-        rate = int(rate)
+        if not isinstance(rate, int | np.integer) or isinstance(rate, bool):
+            raise InvalidInput(f"sample rate must be an integer, got {rate!r}", index=index)
+        rate = _check_rate(int(rate), cfg, index)
     elif isinstance(data, bytes | bytearray | memoryview):
         wave, rate = _decode_bytes(bytes(data), cfg, index)
     else:
@@ -75,6 +79,7 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[tor
     check_payload_size(data, cfg.max_bytes, "audio", index)
     try:
         info = sf.info(io.BytesIO(data))
+        _check_rate(info.samplerate, cfg, index)
         # Refuse long clips from the header, before decoding them into memory.
         if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
             raise InvalidInput(f"audio is {info.frames / info.samplerate:.1f} s long, over "
@@ -87,6 +92,13 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[tor
         raise InvalidInput(f"not a readable audio file (WAV, FLAC or OGG): {e}",
                            index=index, kind=InvalidInput.UNSUPPORTED) from None
     return torch.from_numpy(wave).mean(dim=1), int(rate)  # downmix (samples, ch) -> mono
+
+
+def _check_rate(rate: int, cfg: AudioConfig, index: int | None) -> int:
+    if not cfg.min_sample_rate <= rate <= cfg.max_sample_rate:
+        raise InvalidInput(f"sample rate {rate} Hz is outside {cfg.min_sample_rate}.."
+                           f"{cfg.max_sample_rate} Hz", index=index)
+    return rate
 
 
 class LogMel:

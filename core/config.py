@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     # and the items one POST /v1/jobs:batch may carry.
     max_request_bytes: int = 64 * 1024 * 1024
     max_batch_items: int = 1000
+    # Input bounds of one job, checked by the SDK (core/params.py) so that the SDK,
+    # the CLI and the API refuse the same items (InvalidInput / 422). Every label is
+    # a text the text model embeds: 10,000 of them held a worker for 15 s, blocking
+    # every other text job behind them; 256 short labels cost well under a second.
+    max_labels: int = 256  # labels per classify job
+    max_label_chars: int = 100  # characters per label (after stripping)
+    max_top_k: int = 1000  # top_k above the label count is harmless, but bounded
+    max_timeout_s: float = 7 * 86400  # timeout_s: a job may wait at most a week
 
     # -- monitoring -----------------------------------------------------------------------
     # Flower's basic auth, "user:password" (several: comma-separated). Required for

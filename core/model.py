@@ -8,6 +8,7 @@ ragged batches under a token budget and run through the tower in one forward.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from core.audio import LogMel, decode_audio, frames_to_patches
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.image import decode_image, image_to_patches
+from core.params import check_labels  # also imported from here by workers/host.py
 from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
 
@@ -35,6 +37,30 @@ class ModelConfig:
     logit_scale: float = 20.0
     max_batch_tokens: int = 2048  # real tokens per forward when a caller passes a long list
     attention_impl: str = "auto"
+    # Label embeddings kept for reuse (least recently used dropped first): label sets
+    # repeat across jobs, but a dict that never evicts grows with every new label any
+    # client ever sends. 16384 x 384 float32 = 24 MiB at most.
+    label_cache_size: int = 16_384
+
+
+class LruCache(OrderedDict):
+    """A dict bounded to ``capacity`` entries; ``get`` and ``put`` mark an entry used."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
 
 
 @dataclass
@@ -92,7 +118,7 @@ class MultimodalModel:
             towers.image.to(device)
             towers.audio.to(device)
             self._mel = LogMel(towers.audio_cfg)
-        self._label_cache: dict[str, torch.Tensor] = {}
+        self._label_cache: LruCache = LruCache(cfg.label_cache_size)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -215,11 +241,14 @@ class MultimodalModel:
 
     def label_embeddings(self, labels: list[str]) -> torch.Tensor:
         """(L, D) text embeddings of the labels, cached: label sets repeat across jobs."""
-        missing = [lb for lb in dict.fromkeys(labels) if lb not in self._label_cache]
+        # Looked up once per call, so a label set larger than the cache still works.
+        found = {lb: self._label_cache.get(lb) for lb in dict.fromkeys(labels)}
+        missing = [lb for lb, e in found.items() if e is None]
         if missing:
             for lb, e in zip(missing, self.embed("text", missing), strict=True):
-                self._label_cache[lb] = e
-        return torch.stack([self._label_cache[lb] for lb in labels])
+                found[lb] = e
+                self._label_cache.put(lb, e)
+        return torch.stack([found[lb] for lb in labels])
 
     def scores(self, embeddings: torch.Tensor, labels: list[str],
                top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -244,16 +273,3 @@ def _raise_if_invalid(p: Prepared | InvalidInput, index: int | None = None) -> P
             raise InvalidInput(p.reason, index=index)
         raise p
     return p
-
-
-def check_labels(labels: list[str]) -> list[str]:
-    if isinstance(labels, str) or not labels:
-        raise InvalidInput("labels must be a non-empty list of strings")
-    clean = []
-    for lb in labels:
-        if not isinstance(lb, str) or not lb.strip():
-            raise InvalidInput(f"label {lb!r} is not a non-empty string")
-        clean.append(lb.strip())
-    if len(set(clean)) != len(clean):
-        raise InvalidInput("labels must be distinct")
-    return clean

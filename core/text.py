@@ -145,6 +145,11 @@ def validate_text(item: object, max_chars: int, index: int | None = None) -> str
     except UnicodeEncodeError as e:
         raise InvalidInput(f"text is not valid Unicode ({e.reason} at {e.start})",
                            index=index) from None
+    if "\x00" in item:
+        # Refused, not stripped: PostgreSQL text cannot hold NUL (the insert failed with
+        # a 500), and a NUL in a text is a client's bug that silence would hide.
+        raise InvalidInput(f"text contains a NUL character (at {item.index(chr(0))})",
+                           index=index)
     if len(item) > max_chars:
         raise InvalidInput(f"text has {len(item)} characters, over the limit of "
                            f"{max_chars}", index=index, kind=InvalidInput.TOO_LARGE)

@@ -50,7 +50,7 @@ from producer.api_models import (
 )
 from producer.form import read_body, upload_items
 from producer.sdk import Client, IdempotencyConflict
-from producer.sender import queue_depths
+from producer.sender import Admission, release_room, reserve_room
 
 log = logging.getLogger("mmq.api")
 
@@ -150,7 +150,7 @@ async def parse_items(request: Request, batch: bool) -> list[dict]:
         try:
             doc = json.loads(body)
             jobs = BatchIn.model_validate(doc).items if batch else [JobIn.model_validate(doc)]
-        except ValueError as e:  # ValidationError is a ValueError too
+        except (ValueError, RecursionError) as e:  # ValidationError is a ValueError too
             raise _invalid_json(e) from None
         items = [_json_item(i, j) for i, j in enumerate(jobs)]
     if len(items) > s.max_batch_items:
@@ -159,7 +159,10 @@ async def parse_items(request: Request, batch: bool) -> list[dict]:
     return items
 
 
-def _invalid_json(e: ValueError) -> ApiError:
+def _invalid_json(e: ValueError | RecursionError) -> ApiError:
+    if isinstance(e, RecursionError):  # e.g. 100,000 "[": json's parser recurses per level
+        return ApiError(422, "invalid_input", "body is not valid JSON: arrays or objects "
+                        "nested too deeply")
     if isinstance(e, ValidationError):
         details = [{"loc": ["body", *err["loc"]], "msg": err["msg"]} for err in e.errors()]
         where = ".".join(str(p) for p in details[0]["loc"])
@@ -199,8 +202,9 @@ def _submit(request: Request, items: list[dict], caller: Caller,
     if key:
         with client.sessions() as sess:
             replay = store.get_idempotency(session=sess, key=key) is not None
+    room = None
     if not replay:  # a replay queues nothing, so the queue limit does not apply to it
-        _check_queue_room(app, Counter(str(i.get("modality")) for i in items))
+        room = _check_queue_room(app, Counter(str(i.get("modality")) for i in items))
     try:
         sub = client.submit(items, idempotency_key=key, owner=caller.key_id)
     except InvalidInput as e:
@@ -208,6 +212,8 @@ def _submit(request: Request, items: list[dict], caller: Caller,
                        details=None if e.index is None else [{"item": e.index}]) from None
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict", str(e)) from None
+    finally:  # the messages are in the queue now (or never will be): they count there
+        _release_queue_room(app, room)
     return sub.ids, sub.replayed
 
 
@@ -215,22 +221,35 @@ def _input_code(e: InvalidInput) -> str:
     return ERROR_CODES[INPUT_STATUS.get(e.kind, 422)]
 
 
-def _check_queue_room(app: FastAPI, wanted: Counter) -> None:
+def _check_queue_room(app: FastAPI, wanted: Counter) -> Admission | None:
+    """Reserve room for the jobs in their queues, or 429. One Redis script checks and
+    reserves, so concurrent submits cannot all pass the check and overfill a queue."""
     s: Settings = app.state.settings
     if s.max_queue_depth <= 0:
-        return
-    mods = [m for m in wanted if m in ("text", "image", "audio")]
+        return None
+    mods = {m: n for m, n in wanted.items() if m in ("text", "image", "audio")}
     try:
-        depth = queue_depths(s, mods, client=app.state.redis)
+        room = reserve_room(app.state.redis, mods, s.max_queue_depth)
     except redis.RedisError as e:
         raise ApiError(503, "unavailable", f"the queue (Redis) is unreachable: {e}",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    full = {m: n for m, n in depth.items() if n + wanted[m] > s.max_queue_depth}
+    if room.admitted:
+        return room
+    full = {m: n for m, n in room.depths.items() if n + wanted[m] > s.max_queue_depth}
     if full:
         m, n = next(iter(full.items()))
         raise ApiError(429, "queue_full", f"the {m} queue holds {n} jobs (limit "
                        f"{s.max_queue_depth}); retry later",
                        details={"queue_depth": full}, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _release_queue_room(app: FastAPI, room: Admission | None) -> None:
+    if room is None:
+        return
+    try:
+        release_room(app.state.redis, room)
+    except redis.RedisError as e:  # the reservation's expiry frees it later
+        log.warning("could not release queue room %s: %s", room.token, e)
 
 
 def _add_job_routes(app: FastAPI) -> None:

@@ -59,9 +59,12 @@ class JobIn(BaseModel):
     data_base64: str | None = None
     task: Task = Task.EMBED
     labels: list[str] | None = Field(None, description="required for task=classify")
-    top_k: int = Field(5, ge=1, le=1000)
+    # Bounds (MMQ_MAX_TOP_K, MMQ_MAX_TIMEOUT_S, MMQ_MAX_LABELS, MMQ_MAX_LABEL_CHARS) are
+    # the SDK's, checked in core/params.py, so JSON, forms and the SDK agree (422).
+    top_k: int = Field(5, description="1..MMQ_MAX_TOP_K (default 1000)")
     # Dropped (status cancelled) if no worker has started it this many seconds after submit.
-    timeout_s: float | None = Field(None, gt=0, le=7 * 86400)
+    timeout_s: float | None = Field(None, description="seconds, above 0 and at most "
+                                    "MMQ_MAX_TIMEOUT_S (default 7 days)")
 
 
 class BatchIn(BaseModel):
@@ -84,7 +87,8 @@ def multipart_schema(batch: bool) -> dict:
                          "description": "default: found by decoding the file"},
             "task": {"type": "string", "enum": [t.value for t in Task]},
             "labels": {"type": "string", "description": "comma-separated, for classify"},
-            "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "top_k": {"type": "integer", "minimum": 1,
+                      "description": "at most MMQ_MAX_TOP_K (default 1000)"},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0},
         },
     }

@@ -10,6 +10,7 @@ import soundfile as sf
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import Settings
 from producer.api_models import ApiError
@@ -46,6 +47,8 @@ async def upload_items(request: Request, body: bytes, *, batch: bool,
         form = await request.form(max_files=settings.max_batch_items, max_fields=64)
     except (UnicodeDecodeError, ValueError) as e:  # a field's bytes in no usable charset
         raise _invalid(f"unreadable form field: {e}") from None
+    except StarletteHTTPException as e:  # Starlette's plain 400 for a form it refused
+        raise _form_refused(str(e.detail), settings.max_batch_items) from None
     files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
     fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     unknown = sorted(set(k for k, _ in form.multi_items()) - FORM_FIELDS)
@@ -63,6 +66,9 @@ async def upload_items(request: Request, body: bytes, *, batch: bool,
     items = []
     for index, (_, f) in enumerate(files):
         data = await f.read()
+        if not data:  # refused here: sniffing nothing would say "unsupported" (415)
+            raise ApiError(422, "invalid_input", f"item {index}: file is empty (0 bytes)",
+                           details=[{"item": index}])
         if len(data) > settings.max_payload_bytes:
             raise ApiError(413, "payload_too_large", f"item {index}: file is {len(data)} "
                            f"bytes, over the limit of {settings.max_payload_bytes}",
@@ -82,16 +88,13 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
     # labels=a,b,c or repeated labels=a&labels=b: both are what people send.
     names = [p.strip() for v in labels if isinstance(v, str) for p in v.split(",")]
     out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None}
-    for name, kind in (("top_k", int), ("timeout_s", float)):
+    # Parsed here, bounded by the SDK (core/params.py): one bound for JSON and forms.
+    for name, kind, what in (("top_k", int, "an integer"), ("timeout_s", float, "a number")):
         if fields.get(name) not in (None, ""):
             try:
                 out[name] = kind(fields[name])
             except ValueError:
-                raise _invalid(f"{name}: not a number: {fields[name]!r}") from None
-    if out.get("top_k", 5) < 1 or out.get("top_k", 5) > 1000:
-        raise _invalid("top_k: must be between 1 and 1000")
-    if "timeout_s" in out and not 0 < out["timeout_s"] <= 7 * 86400:
-        raise _invalid("timeout_s: must be above 0 and at most 7 days")
+                raise _invalid(f"{name}: not {what}: {fields[name]!r}") from None
     return out
 
 
@@ -100,8 +103,9 @@ def sniff_modality(data: bytes, index: int) -> str:
     try:
         Image.open(io.BytesIO(data))
         return "image"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        return "image"  # an image, too many pixels: decode_image refuses it with a 413
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         pass
     try:
         sf.info(io.BytesIO(data))
@@ -111,6 +115,15 @@ def sniff_modality(data: bytes, index: int) -> str:
     raise ApiError(415, "unsupported_media_type", f"item {index}: not an image or audio "
                    "file this service decodes (images: PNG, JPEG, ...; audio: WAV, FLAC, OGG)",
                    details=[{"item": index}])
+
+
+def _form_refused(detail: str, max_files: int) -> ApiError:
+    if detail.startswith("Too many files"):  # README: too many items is a 413
+        return ApiError(413, "payload_too_large", f"more than {max_files} files in one "
+                        f"request (the limit, MMQ_MAX_BATCH_ITEMS)")
+    if detail.startswith("Field exceeded"):
+        return ApiError(413, "payload_too_large", f"a form field is too large: {detail}")
+    return _invalid(f"unreadable multipart form: {detail}")
 
 
 def _invalid(message: str) -> ApiError:

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -31,7 +31,7 @@ from core.errors import InvalidInput
 from core.image import ImageConfig, decode_image
 from core.jobs import TERMINAL, Modality, Task
 from core.migrations import upgrade
-from core.model import check_labels
+from core.params import job_params
 from core.text import validate_text
 from producer.sender import producer_app, send_jobs
 
@@ -156,18 +156,10 @@ class Client:
         except ValueError:
             raise InvalidInput(f"task must be embed or classify, got {item.get('task')!r}",
                                index=index) from None
-        params: dict = {}
-        if task == "classify":
-            try:
-                params["labels"] = check_labels(item.get("labels") or [])
-            except InvalidInput as e:
-                raise InvalidInput(e.reason, index=index) from None
-            params["top_k"] = int(item.get("top_k", 5))
-            if params["top_k"] < 1:
-                raise InvalidInput("top_k must be at least 1", index=index)
-        deadline = item.get("deadline")
-        if item.get("timeout_s") is not None:
-            deadline = datetime.now(UTC) + timedelta(seconds=float(item["timeout_s"]))
+        try:  # labels, top_k, timeout_s/deadline: types and bounds in core/params.py
+            params, deadline = job_params(item, task, self.settings)
+        except InvalidInput as e:
+            raise InvalidInput(e.reason, index=index, kind=e.kind) from None
         row = {"modality": modality, "task": task, "params": params, "deadline": deadline}
         data = item.get("input")
         if modality == "text":

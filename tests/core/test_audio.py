@@ -54,6 +54,8 @@ def test_silence_is_valid():
     ("clip.wav", "must be bytes"),
     ((np.zeros(0, np.float32), 16000), "zero length"),
     ((np.zeros(100, np.float32), 0), "sample rate"),
+    ((np.zeros(100, np.float32), 2_000_000_000), "sample rate"),  # resample would fail
+    ((np.zeros(100, np.float32), 4000), "sample rate"),
     ((np.full(100, np.nan, np.float32), 16000), "NaN"),
 ])
 def test_bad_inputs(data, reason):

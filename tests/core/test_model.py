@@ -100,3 +100,20 @@ def test_loads_from_any_local_directory(tmp_path, model):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         MultimodalModel.load(path=tmp_path, device="cpu")
+
+
+def test_label_cache_is_a_bounded_lru(model):
+    """Every label any client sends used to stay in the cache for the worker's life."""
+    from core.model import LruCache, ModelConfig
+
+    assert model._label_cache.capacity == ModelConfig().label_cache_size
+    saved, model._label_cache = model._label_cache, LruCache(3)
+    try:
+        labels = ["cat", "dog", "bird", "fish", "horse"]  # more than the cache holds
+        torch.testing.assert_close(model.label_embeddings(labels), model.embed("text", labels))
+        assert list(model._label_cache) == ["bird", "fish", "horse"]
+        model.label_embeddings(["bird"])  # used: now the most recent
+        model.label_embeddings(["cow"])  # evicts the least recently used, "fish"
+        assert list(model._label_cache) == ["horse", "bird", "cow"]
+    finally:
+        model._label_cache = saved

@@ -1,0 +1,93 @@
+"""A job's parameters (labels, top_k, timeout_s or deadline): the one place their
+types and bounds are checked. The SDK calls ``job_params`` for every item, and the
+API and CLI submit through the SDK, so all three refuse the same things with the
+same words; no torch here, so a producer pays nothing to import it."""
+
+from __future__ import annotations
+
+import math
+import operator
+from datetime import UTC, datetime, timedelta
+from numbers import Real
+
+from core.config import Settings
+from core.errors import InvalidInput
+
+
+def check_labels(labels: object, *, max_labels: int | None = None,
+                 max_chars: int | None = None) -> list[str]:
+    """Distinct non-empty label strings, stripped. The bounds are the producers'
+    (``None``: unbounded, as a worker reading an already accepted job uses it)."""
+    if isinstance(labels, str) or not isinstance(labels, list | tuple) or not labels:
+        raise InvalidInput("labels must be a non-empty list of strings")
+    if max_labels is not None and len(labels) > max_labels:
+        # Every label is a text the model embeds: 10,000 of them held a worker's
+        # text batches for 15 s.
+        raise InvalidInput(f"labels: {len(labels)} given, over the limit of {max_labels} "
+                           "per job")
+    clean = []
+    for lb in labels:
+        if not isinstance(lb, str) or not lb.strip():
+            raise InvalidInput(f"label {lb!r} is not a non-empty string")
+        if "\x00" in lb:  # PostgreSQL text cannot hold NUL; nor can a tokenizer use it
+            raise InvalidInput(f"label {lb!r} contains a NUL character")
+        if max_chars is not None and len(lb.strip()) > max_chars:
+            raise InvalidInput(f"label {lb[:20]!r}... has {len(lb.strip())} characters, "
+                               f"over the limit of {max_chars}")
+        clean.append(lb.strip())
+    if len(set(clean)) != len(clean):
+        raise InvalidInput("labels must be distinct")
+    return clean
+
+
+def check_top_k(value: object, max_top_k: int) -> int:
+    """An integer 1..max_top_k; bool and float are refused rather than rounded."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        k = operator.index(value)  # int and numpy integers, not 2.5 or "5"
+    except TypeError:
+        raise InvalidInput(f"top_k must be an integer, got {value!r}") from None
+    if not 1 <= k <= max_top_k:
+        raise InvalidInput(f"top_k must be between 1 and {max_top_k}, got {k}")
+    return k
+
+
+def check_timeout(value: object, max_timeout_s: float) -> float:
+    """Seconds, a finite number in (0, max_timeout_s]."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidInput(f"timeout_s must be a number of seconds, got {value!r}")
+    t = float(value)
+    if not (math.isfinite(t) and 0 < t <= max_timeout_s):
+        raise InvalidInput(f"timeout_s must be above 0 and at most {max_timeout_s:g} "
+                           f"seconds, got {value!r}")
+    return t
+
+
+def check_deadline(value: object) -> datetime:
+    """A timezone-aware datetime, or a naive one taken as UTC (what the store keeps)."""
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"deadline must be a datetime (timezone-aware, or naive UTC), "
+                           f"got {type(value).__name__} {value!r}"[:200])
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (OverflowError, ValueError):
+        raise InvalidInput(f"deadline out of range: {value}") from None
+
+
+def job_params(item: dict, task: str, settings: Settings) -> tuple[dict, datetime | None]:
+    """(params, deadline) of one submitted item, or ``InvalidInput`` without an index
+    (the caller adds it). ``timeout_s`` wins over ``deadline`` when both are given."""
+    params: dict = {}
+    # Checked even where the task ignores it: a bad value is a client bug either way.
+    top_k = check_top_k(5 if item.get("top_k") is None else item["top_k"], settings.max_top_k)
+    if task == "classify":
+        params["labels"] = check_labels(item.get("labels") or [],
+                                        max_labels=settings.max_labels,
+                                        max_chars=settings.max_label_chars)
+        params["top_k"] = top_k
+    if item.get("timeout_s") is not None:
+        timeout = check_timeout(item["timeout_s"], settings.max_timeout_s)
+        return params, datetime.now(UTC) + timedelta(seconds=timeout)
+    deadline = item.get("deadline")
+    return params, None if deadline is None else check_deadline(deadline)

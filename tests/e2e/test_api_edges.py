@@ -1,0 +1,160 @@
+"""Bad input and admission at the HTTP API: the app with the real Client, served by
+uvicorn on a free port, over a real redis-server and SQLite or PostgreSQL. No worker
+reads the queue, so its length is exactly what admission let in."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+import uvicorn
+from PIL import Image
+
+from core.config import Settings
+from producer.sender import queue_depths
+from tests.e2e.conftest import _free_port
+from tests.producer.test_sdk_input import wav_claiming
+
+KEY = "edge-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DEPTH = 100
+
+
+@pytest.fixture(scope="module")
+def served(redis_server, database_url):
+    """(httpx client, settings) for an API whose queue no worker consumes."""
+    from producer.api import create_app
+
+    db = 11 if database_url.startswith("sqlite") else 12
+    s = Settings(broker_url=f"{redis_server}/{db}", database_url=database_url, api_keys=KEY,
+                 max_queue_depth=DEPTH, max_labels=16, max_label_chars=40)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
+                          timeout=120) as http:
+            yield http, s
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _error(r: httpx.Response, status: int, code: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["status"] == status and err["message"], err
+    assert not code or err["code"] == code, err
+    return err
+
+
+def _flush(s: Settings) -> None:
+    redis.Redis.from_url(s.broker_url).flushdb()
+
+
+@pytest.fixture(autouse=True)
+def empty_queues(served):
+    """Each test starts with empty queues, so a full one never masks a 422 with a 429."""
+    _flush(served[1])
+
+
+def test_text_with_nul_is_422(served):
+    http, _ = served
+    err = _error(http.post("/v1/jobs", json={"text": "a\u0000b"}), 422, "invalid_input")
+    assert "NUL" in err["message"]
+    _error(http.post("/v1/jobs:batch", json={"items": [{"text": "ok"}, {"text": "\u0000"}]}),
+           422, "invalid_input")
+    _error(http.post("/v1/jobs", json={"text": "x", "task": "classify",
+                                       "labels": ["a", "b\u0000"]}), 422, "invalid_input")
+
+
+def test_deeply_nested_json_is_422(served):
+    http, _ = served
+    for body in (b"[" * 100_000, b'{"text": ' + b"[" * 100_000, b'{"items": ' + b"[" * 50_000):
+        err = _error(http.post("/v1/jobs:batch" if b"items" in body else "/v1/jobs",
+                               content=body, headers={"Content-Type": "application/json"}),
+                     422, "invalid_input")
+        assert "nested" in err["message"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 10**12), ("top_k", 0), ("timeout_s", 1e300), ("timeout_s", 8 * 86400),
+    ("labels", [f"l{i}" for i in range(17)]), ("labels", ["a", "x" * 41]),
+    ("labels", [f"l{i}" for i in range(10_000)])])
+def test_json_bounds_are_the_sdks(served, field, value):
+    http, _ = served
+    body = {"text": "x", "task": "classify", "labels": ["a", "b"], field: value}
+    err = _error(http.post("/v1/jobs", json=body), 422, "invalid_input")
+    assert field.rstrip("s") in err["message"]
+
+
+def test_form_bounds_are_the_sdks(served):
+    http, _ = served
+    wav = wav_claiming(16000)
+    for data in ({"top_k": "five"}, {"top_k": str(10**12)}, {"timeout_s": "1e300"},
+                 {"timeout_s": "soon"}, {"labels": ",".join(f"l{i}" for i in range(17))}):
+        _error(http.post("/v1/jobs", files={"file": ("a.wav", wav)},
+                         data={"task": "classify", "labels": "a,b", **data}), 422,
+               "invalid_input")
+
+
+def test_upload_edges(served):
+    http, s = served
+    err = _error(http.post("/v1/jobs", files={"file": ("e.png", b"")}), 422, "invalid_input")
+    assert "empty" in err["message"]
+    tiny = wav_claiming(16000)
+    err = _error(http.post("/v1/jobs:batch", files=[("files", (f"{i}.wav", tiny))
+                                                    for i in range(s.max_batch_items + 1)]),
+                 413, "payload_too_large")
+    assert str(s.max_batch_items) in err["message"]
+    bomb = io.BytesIO()  # a 1-bit PNG of 20000 x 20000 = 400 M pixels, a few kB of bytes
+    Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")
+    for data in ({}, {"modality": "image"}):
+        _error(http.post("/v1/jobs", files={"file": ("b.png", bomb.getvalue())}, data=data),
+               413, "payload_too_large")
+    err = _error(http.post("/v1/jobs", files={"file": ("f.wav", wav_claiming(2_000_000_000))}),
+                 422, "invalid_input")
+    assert "sample rate" in err["message"]
+
+
+def test_admission_is_atomic_under_concurrent_submits(served):
+    """200 clients at once against a limit of 100: the queue never holds more than
+    100 messages, and every submit that did not get in got 429 + Retry-After."""
+    http, s = served
+    _flush(s)
+    peak, done = [0], threading.Event()
+    watch = redis.Redis.from_url(s.broker_url)
+
+    def watcher() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], queue_depths(s, ["text"], client=watch)["text"])
+
+    def submit(i: int) -> httpx.Response:
+        return http.post("/v1/jobs", json={"text": f"admission {i}"})
+
+    t = threading.Thread(target=watcher)
+    t.start()
+    try:
+        with ThreadPoolExecutor(200) as pool:
+            responses = list(pool.map(submit, range(200)))
+    finally:
+        done.set()
+        t.join()
+    codes = [r.status_code for r in responses]
+    depth = queue_depths(s, ["text"], client=watch)["text"]
+    assert set(codes) <= {202, 429}, [r.text for r in responses if r.status_code not in
+                                      (202, 429)][:3]
+    assert all(int(r.headers["Retry-After"]) > 0 for r in responses if r.status_code == 429)
+    assert max(peak[0], depth) <= DEPTH
+    assert depth == codes.count(202) == DEPTH  # refusals only once the queue was full
+    assert watch.hlen("mmq:admit:text") == 0, "a reservation outlived its submit"

@@ -1,0 +1,109 @@
+"""Bad input at the SDK: every case is ``InvalidInput`` naming the item, and nothing
+is written. The broker is unreachable on purpose: validation must refuse the item
+before any send is tried (a valid item still gets a job id; ``requeue`` sends it).
+SQLite and PostgreSQL both, because PostgreSQL refuses some strings SQLite keeps."""
+
+from __future__ import annotations
+
+import io
+import struct
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+import soundfile as sf
+from sqlalchemy import func, select
+
+from core import store
+from core.config import Settings
+from core.errors import InvalidInput
+from producer.sdk import Client
+from tests.e2e.conftest import database_url  # noqa: F401  (the sqlite/postgresql fixture)
+
+DOWN_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.fixture(scope="module")
+def client(database_url):  # noqa: F811
+    s = Settings(broker_url=DOWN_BROKER, database_url=database_url,
+                 max_labels=8, max_label_chars=20, max_top_k=50, max_timeout_s=3600)
+    c = Client(settings=s)
+    yield c
+    c.close()
+
+
+def _jobs(c: Client) -> int:
+    with c.sessions() as s:
+        return s.scalar(select(func.count()).select_from(store.Job))
+
+
+def wav_claiming(rate: int) -> bytes:
+    """A valid 0.1 s float32 WAV whose header says ``rate`` samples per second."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(1600, dtype="float32"), 16000, format="WAV", subtype="FLOAT")
+    data = bytearray(buf.getvalue())
+    data[24:28] = struct.pack("<I", rate)
+    data[28:32] = struct.pack("<I", (rate * 4) % 2**32)  # byte rate; soundfile ignores it
+    return bytes(data)
+
+
+CLASSIFY = {"modality": "text", "input": "x", "task": "classify", "labels": ["a", "b"]}
+BAD = {
+    "text with NUL": ({"modality": "text", "input": "a\x00b"}, "NUL"),
+    "text bytes with NUL": ({"modality": "text", "input": b"a\x00b"}, "NUL"),
+    "top_k not a number": ({**CLASSIFY, "top_k": "five"}, "top_k"),
+    "top_k float": ({**CLASSIFY, "top_k": 2.5}, "top_k"),
+    "top_k bool": ({**CLASSIFY, "top_k": True}, "top_k"),
+    "top_k zero": ({**CLASSIFY, "top_k": 0}, "top_k"),
+    "top_k zero, embed": ({"modality": "text", "input": "x", "top_k": 0}, "top_k"),
+    "top_k huge": ({**CLASSIFY, "top_k": 10**12}, "top_k"),
+    "timeout not a number": ({"modality": "text", "input": "x", "timeout_s": "soon"},
+                             "timeout_s"),
+    "timeout huge": ({"modality": "text", "input": "x", "timeout_s": 1e300}, "timeout_s"),
+    "timeout over the limit": ({"modality": "text", "input": "x", "timeout_s": 3601},
+                               "timeout_s"),
+    "timeout nan": ({"modality": "text", "input": "x", "timeout_s": float("nan")},
+                    "timeout_s"),
+    "timeout negative": ({"modality": "text", "input": "x", "timeout_s": -1}, "timeout_s"),
+    "deadline a string": ({"modality": "text", "input": "x", "deadline": "tomorrow"},
+                          "deadline"),
+    "deadline a number": ({"modality": "text", "input": "x", "deadline": 1e9}, "deadline"),
+    "too many labels": ({**CLASSIFY, "labels": [f"l{i}" for i in range(9)]}, "labels"),
+    "10,000 labels": ({**CLASSIFY, "labels": [f"l{i}" for i in range(10_000)]}, "labels"),
+    "label too long": ({**CLASSIFY, "labels": ["a", "x" * 21]}, "label"),
+    "label with NUL": ({**CLASSIFY, "labels": ["a", "b\x00"]}, "label"),
+    "audio claiming 2 GHz": ({"modality": "audio", "input": wav_claiming(2_000_000_000)},
+                             "sample rate"),
+    "audio claiming 1 kHz": ({"modality": "audio", "input": wav_claiming(1000)},
+                             "sample rate"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_item_is_invalid_input_and_nothing_is_written(client, case):
+    item, word = BAD[case]
+    before = _jobs(client)
+    ok = {"modality": "text", "input": "fine"}
+    with pytest.raises(InvalidInput, match=word) as e:
+        client.submit_many([ok, item])
+    assert e.value.index == 1 and e.value.kind == InvalidInput.INVALID
+    assert _jobs(client) == before
+
+
+def test_good_bounds_and_deadlines_are_accepted(client):
+    now = datetime.now(UTC)
+    ids = client.submit_many([
+        {**CLASSIFY, "labels": [f"l{i}" for i in range(8)], "top_k": 50},
+        {**CLASSIFY, "labels": ["x" * 20]},
+        {"modality": "text", "input": "x", "timeout_s": 3600},
+        {"modality": "text", "input": "x", "deadline": now + timedelta(minutes=5)},
+        {"modality": "text", "input": "x",  # naive datetimes are UTC
+         "deadline": (now + timedelta(minutes=5)).replace(tzinfo=None)},
+        {"modality": "audio", "input": wav_claiming(8000)},
+    ])
+    jobs = [client.get(i) for i in ids]
+    assert jobs[0]["params"]["top_k"] == 50
+    for j in jobs[3:5]:
+        got = datetime.fromisoformat(j["deadline"])
+        got = got if got.tzinfo else got.replace(tzinfo=UTC)
+        assert abs((got - (now + timedelta(minutes=5))).total_seconds()) < 1
