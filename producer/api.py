@@ -202,14 +202,16 @@ def _submit(request: Request, items: list[dict], caller: Caller,
     if key:
         with client.sessions() as sess:
             replay = store.get_idempotency(session=sess, key=key) is not None
+    try:  # bad input is a 4xx of its own, whether or not the queue has room
+        rows = client.validate(items)
+    except InvalidInput as e:
+        raise ApiError(INPUT_STATUS.get(e.kind, 422), _input_code(e), str(e),
+                       details=None if e.index is None else [{"item": e.index}]) from None
     room = None
     if not replay:  # a replay queues nothing, so the queue limit does not apply to it
         room = _check_queue_room(app, Counter(str(i.get("modality")) for i in items))
     try:
-        sub = client.submit(items, idempotency_key=key, owner=caller.key_id)
-    except InvalidInput as e:
-        raise ApiError(INPUT_STATUS.get(e.kind, 422), _input_code(e), str(e),
-                       details=None if e.index is None else [{"item": e.index}]) from None
+        sub = client.submit_valid(rows, idempotency_key=key, owner=caller.key_id)
     except IdempotencyConflict as e:
         raise ApiError(409, "idempotency_conflict", str(e)) from None
     finally:  # the messages are in the queue now (or never will be): they count there

@@ -105,7 +105,18 @@ class Client:
         ``IdempotencyConflict``; deadlines are not part of the comparison, so a
         retried request with ``timeout_s`` is still the same request. ``owner`` is
         the key id the jobs belong to (the API passes its caller's; never a key)."""
-        rows = [self._validate(i, it) for i, it in enumerate(items)]
+        return self.submit_valid(self.validate(items), idempotency_key=idempotency_key,
+                                 owner=owner)
+
+    def validate(self, items: list[dict]) -> list[dict]:
+        """Check every item (``InvalidInput`` names the first bad one); -> the rows
+        ``submit_valid`` writes. For callers that must refuse bad input before
+        anything else (the API: before it reserves room in the queue)."""
+        return [self._validate(i, it) for i, it in enumerate(items)]
+
+    def submit_valid(self, rows: list[dict], *, idempotency_key: str | None = None,
+                     owner: str | None = None) -> Submitted:
+        """``submit`` of rows that ``validate`` returned."""
         digest = request_digest(rows) if idempotency_key else ""
         try:
             with self.sessions.begin() as s:

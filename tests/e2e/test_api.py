@@ -273,6 +273,8 @@ def test_backpressure_429_with_retry_after(idle):
     err = _error(r := idle.post("/v1/jobs", headers=AUTH, json={"text": "one too many"}), 429,
                  "queue_full")
     assert int(r.headers["Retry-After"]) > 0 and err["details"]["queue_depth"]["text"] >= 3
+    # Bad input is refused as bad input, even while the queue is full.
+    _error(idle.post("/v1/jobs", headers=AUTH, json={"text": "x\u0000y"}), 422, "invalid_input")
 
 
 def test_every_v1_route_needs_a_valid_key(api):
