@@ -6,7 +6,6 @@ from functools import lru_cache
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-QUEUES = ("text", "image", "audio")  # one Celery queue per modality, named after it
 # Accepted by the API only in the local/dev profile and only when no keys are set.
 LOCAL_API_KEY = "mmq-local-dev-key"
 

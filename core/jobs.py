@@ -34,5 +34,8 @@ class Task(str, Enum):
 
 
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
+# The modalities, in order; one Celery queue each, named after it.
+MODALITIES = QUEUES = tuple(m.value for m in Modality)
+TASKS = tuple(t.value for t in Task)
 # The one Celery task name; producers send it by name and never import workers.
 RUN_JOB_TASK = "mmq.run_job"

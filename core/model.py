@@ -19,13 +19,12 @@ from core.audio import LogMel, decode_audio, frames_to_patches
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.image import decode_image, image_to_patches
+from core.jobs import MODALITIES
 from core.params import check_labels  # also imported from here by workers/host.py
 from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
 
 log = logging.getLogger(__name__)
-
-MODALITIES = ("text", "image", "audio")
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import store
+from core.broker.admission import Admission, release_room, reserve_room
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
-from core.jobs import TERMINAL, JobStatus, Modality
+from core.jobs import MODALITIES, TERMINAL, JobStatus, Modality
 from producer.api_auth import Caller, CallerDep, keyring
 from producer.api_metrics import metrics_registry, render_metrics
 from producer.api_models import (
@@ -50,7 +51,6 @@ from producer.api_models import (
 )
 from producer.form import read_body, upload_items
 from producer.sdk import Client, IdempotencyConflict
-from producer.sender import Admission, release_room, reserve_room
 
 log = logging.getLogger("mmq.api")
 
@@ -229,7 +229,7 @@ def _check_queue_room(app: FastAPI, wanted: Counter) -> Admission | None:
     s: Settings = app.state.settings
     if s.max_queue_depth <= 0:
         return None
-    mods = {m: n for m, n in wanted.items() if m in ("text", "image", "audio")}
+    mods = {m: n for m, n in wanted.items() if m in MODALITIES}
     try:
         room = reserve_room(app.state.redis, mods, s.max_queue_depth)
     except redis.RedisError as e:

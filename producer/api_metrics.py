@@ -18,8 +18,9 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from core import store
-from core.config import QUEUES, Settings
-from producer.sender import queue_depths
+from core.broker.sender import queue_depths
+from core.config import Settings
+from core.jobs import QUEUES
 
 log = logging.getLogger("mmq.api")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)

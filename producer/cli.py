@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from core.errors import InvalidInput
+from core.jobs import MODALITIES
 from producer.cli_dead import add_dead_commands
 from producer.cli_jobs import add_job_commands
 from producer.stack import add_stack_commands
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--modality", default="text", choices=["text", "image", "audio"])
+        p.add_argument("--modality", default="text", choices=MODALITIES)
         p.add_argument("--model", default=None, help="checkpoint directory (default: bundled)")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
         p.add_argument("inputs", nargs="*",

@@ -1,4 +1,4 @@
-"""``mmq dead list|show|drop``: the dead-letter list (core/deadletter.py).
+"""``mmq dead list|show|drop``: the dead-letter list (core/broker/deadletter.py).
 
 Entries are numbered from 0, oldest first, as ``list`` prints them; ``show N``
 prints one in full as JSON, ``drop N`` or ``drop --all`` removes.
@@ -13,7 +13,7 @@ from datetime import datetime
 
 import redis
 
-from core import deadletter
+from core.broker import deadletter
 
 PREVIEW_CHARS = 60
 

@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from core.jobs import MODALITIES
+
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga"}
 
@@ -119,9 +121,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from core.broker.sweep import sweep
     from core.config import get_settings
     from core.migrations import upgrade
-    from producer.requeue import sweep
 
     s = get_settings()
     upgrade(s.db_url)
@@ -143,7 +145,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def add_job_commands(sub) -> None:
     p = sub.add_parser("submit", help="enqueue jobs (text, image or audio files, a directory)")
-    p.add_argument("modality", nargs="?", choices=["text", "image", "audio"])
+    p.add_argument("modality", nargs="?", choices=MODALITIES)
     p.add_argument("inputs", nargs="*", help="texts, or image/audio file paths")
     p.add_argument("--from-dir", help="submit every image/audio/.txt file under DIR")
     p.add_argument("--task", default="embed", choices=["embed", "classify"])
@@ -163,7 +165,7 @@ def add_job_commands(sub) -> None:
         p.set_defaults(func=fn)
     p = sub.add_parser("results", help="list jobs from the store")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    p.add_argument("--modality", choices=["text", "image", "audio"])
+    p.add_argument("--modality", choices=MODALITIES)
     p.add_argument("--owner", help="only the jobs of this API key id (a key's name, or "
                    "key-<hash>)")
     p.add_argument("--since", type=parse_duration, help="e.g. 1h, 30m")

@@ -22,7 +22,8 @@ import os
 import secrets
 import sys
 
-from core.config import QUEUES, Settings, get_settings
+from core.config import Settings, get_settings
+from core.jobs import QUEUES
 
 CELERY_APP = "workers.app:monitor_app"  # without the task module: no torch in Flower
 LOCAL_USER = "mmq"

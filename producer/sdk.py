@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core import store
 from core.audio import AudioConfig, decode_audio
+from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.image import ImageConfig, decode_image
@@ -33,7 +34,6 @@ from core.jobs import TERMINAL, Modality, Task
 from core.migrations import upgrade
 from core.params import job_params
 from core.text import validate_text
-from producer.sender import producer_app, send_jobs
 
 log = logging.getLogger(__name__)
 

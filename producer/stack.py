@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 import redis
 
-from core.config import LOCAL_API_KEY, QUEUES, Settings, get_settings
+from core.config import LOCAL_API_KEY, Settings, get_settings
+from core.jobs import QUEUES
 from producer.flower import add_flower_command, flower_command, flower_credentials, flower_env
 from producer.supervise import Supervisor, run_supervised
 

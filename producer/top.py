@@ -19,9 +19,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
-from core.config import QUEUES, Settings, get_settings
-from core.jobs import TERMINAL, JobStatus
-from producer.sender import producer_app, queue_depths
+from core.broker.sender import producer_app, queue_depths
+from core.config import Settings, get_settings
+from core.jobs import QUEUES, TERMINAL, JobStatus
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home + erase screen: plain ANSI, no curses needed
 STATUSES = [s.value for s in JobStatus]

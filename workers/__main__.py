@@ -15,15 +15,16 @@ import os
 import socket
 import threading
 
-from core.config import QUEUES, get_settings
+from core.config import get_settings
+from core.jobs import QUEUES
 
 log = logging.getLogger("mmq.worker")
 
 
 def _sweep_forever(modality: str, every: float) -> None:
     """Re-send this modality's jobs whose message was lost, and put back the
-    unacknowledged messages of dead workers (producer/requeue.py)."""
-    from producer.requeue import sweep
+    unacknowledged messages of dead workers (core/broker/sweep.py)."""
+    from core.broker.sweep import sweep
 
     # Dead workers' jobs every turn; stale queued jobs (which means reading every
     # message in the queue) about every 15 s: they are stale only after a minute.

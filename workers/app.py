@@ -7,10 +7,11 @@ from urllib.parse import urlparse
 
 from celery import Celery
 from celery.worker.consumer import Consumer
-from kombu import Exchange, Queue
 from vine import promise
 
-from core.config import QUEUES, Settings, get_settings
+from core.broker.queues import worker_queues
+from core.config import Settings, get_settings
+from core.jobs import QUEUES
 from workers import poison
 
 
@@ -77,10 +78,7 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
         # transport name), nor other schemes (sentinel, rediss).
         **({"broker_transport": "workers.poison:GuardedRedisTransport"}
            if include_tasks and urlparse(s.broker_url).scheme == "redis" else {}),
-        # Each queue on its own direct exchange: a queue declared without one lands
-        # on the default queue's exchange and key, and Redis then copies every text
-        # job into the image and audio queues too.
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_queues=worker_queues(),  # core/broker/queues.py: why each has its exchange
         task_default_queue=QUEUES[0],
         task_routes=(route_by_modality,),
         # Events for Flower: per-job task lifecycle.

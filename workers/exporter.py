@@ -21,7 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from core import deadletter
+from core.broker import deadletter
 from core.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, BatchMetrics
 
 log = logging.getLogger("mmq.worker")

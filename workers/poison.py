@@ -1,5 +1,5 @@
 """Poison messages: anything on a queue that is not a valid mmq task is acknowledged
-and moved to the dead-letter list (core/deadletter.py), never left to stop a worker.
+and moved to the dead-letter list (core/broker/deadletter.py), never left to stop a worker.
 
 Celery treats some malformed messages as fatal: a body that is not
 ``[args, kwargs, embed]`` raises out of its strategy ("Unrecoverable error"), the
@@ -30,7 +30,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from core import deadletter
+from core.broker import deadletter
 from core.config import get_settings
 from core.jobs import RUN_JOB_TASK
 

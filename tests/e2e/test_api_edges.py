@@ -15,8 +15,8 @@ import redis
 import uvicorn
 from PIL import Image
 
+from core.broker.sender import queue_depths
 from core.config import Settings
-from producer.sender import queue_depths
 from tests.e2e.conftest import _free_port
 from tests.producer.test_sdk_input import wav_claiming
 

@@ -15,11 +15,11 @@ import pytest
 import redis
 
 from core import store
+from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
 from core.migrations import upgrade
 from producer.flower import FlowerAuthMissing, flower_command, flower_credentials, flower_env
 from producer.sdk import Client
-from producer.sender import producer_app, send_jobs
 from producer.top import collect, render
 from tests.e2e.conftest import _free_port, service_env
 

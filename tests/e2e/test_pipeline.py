@@ -14,10 +14,10 @@ import soundfile as sf
 from sqlalchemy import func, select
 
 from core import store
+from core.broker.sender import send_jobs
 from core.errors import InvalidInput
 from core.samples import sentences
 from producer.sdk import Client
-from producer.sender import send_jobs
 from producer.stack import EXAMPLES
 from tests.e2e.conftest import Worker, service_env
 
@@ -148,7 +148,7 @@ def test_cancel_before_start_prevents_the_run(stack):
     # The cancelled job's message arrives anyway (a race in real life): it must not run.
     send_jobs(client.app, [(ids[0], "text")])
     # The other two are re-sent by requeue (their message was never delivered).
-    from producer.requeue import requeue_stale
+    from core.broker.sweep import requeue_stale
 
     assert requeue_stale(client.settings, stale_s=0) == 2
     res = client.wait(ids, timeout=60)

@@ -22,10 +22,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from core import deadletter
+from core.broker import deadletter
+from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
 from producer.sdk import Client
-from producer.sender import producer_app, send_jobs
 from tests.e2e.conftest import service_env
 
 ROOT = Path(__file__).parents[2]

@@ -34,13 +34,20 @@ import redis
 from sqlalchemy import select
 
 from core import store
-from core.config import QUEUES, Settings
-from core.jobs import JobStatus
-from producer.sender import _queue_keys, _task_id, producer_app, send_jobs
+from core.broker.queues import (
+    SWEEP_LOCK,
+    UNACKED,
+    UNACKED_INDEX,
+    all_queue_keys,
+    task_id,
+    unacked_task_id,
+)
+from core.broker.sender import producer_app, send_jobs
+from core.config import Settings
+from core.jobs import QUEUES, JobStatus
 
 log = logging.getLogger(__name__)
 
-UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis ack emulation keys
 
 
 @dataclass
@@ -108,7 +115,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
 
 def _take_turn(r: redis.Redis, settings: Settings, modalities) -> bool:
     """Many workers sweep; one at a time per modality set, or they would all re-send."""
-    key = "mmq:requeue-lock:" + ",".join(sorted(modalities))
+    key = SWEEP_LOCK + ",".join(sorted(modalities))
     me = f"{socket.gethostname()}:{os.getpid()}"
     return bool(r.set(key, me, nx=True, ex=max(2, int(settings.requeue_every_s))))
 
@@ -118,18 +125,14 @@ def _messages(r: redis.Redis, modalities, read_queues: bool = True) -> _Messages
     between the two reads is then seen in at least one of them."""
     queued: set[str] = set()
     with r.pipeline(transaction=False) as pipe:
-        for key in [k for q in modalities for k in _queue_keys(q)] if read_queues else []:
+        for key in all_queue_keys(modalities) if read_queues else []:
             pipe.lrange(key, 0, -1)
         for raws in pipe.execute():
-            queued |= {_task_id(raw) for raw in raws}
+            queued |= {task_id(raw) for raw in raws}
     fetched_at = dict(r.zrange(UNACKED_INDEX, 0, -1, withscores=True))
     unacked: dict[str, tuple[bytes, float]] = {}
     for tag, raw in r.hgetall(UNACKED).items():
-        try:
-            job_id = _task_id(json.dumps(json.loads(raw)[0]))
-        except (ValueError, IndexError, TypeError):
-            continue
-        if job_id:
+        if job_id := unacked_task_id(raw):
             unacked[job_id] = (tag, fetched_at.get(tag, time.time()))
     queued.discard("")
     return _Messages(queued, unacked)

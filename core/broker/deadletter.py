@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-KEY = "mmq:dead-letters"
+from core.broker.queues import DEAD_LETTERS
+
+KEY = DEAD_LETTERS
 
 # Reasons: a small fixed vocabulary (a Prometheus label, so never free text);
 # ``DeadLetter.detail`` says the particulars.

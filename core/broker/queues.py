@@ -1,0 +1,67 @@
+"""Queue declarations and the Redis key layout: the one place that knows both.
+
+One Celery queue per modality, named after it (``core.jobs.Modality``). Kombu's
+Redis transport keeps a queue as lists (one per priority step), and fetched but
+unacknowledged messages in a hash plus a sorted set of fetch times; mmq adds keys
+of its own under ``mmq:``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from kombu import Exchange, Queue
+
+from core.jobs import QUEUES
+
+# -- kombu's keys (its Redis transport's ack emulation) ---------------------------------
+UNACKED = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing key]
+UNACKED_INDEX = "unacked_index"  # sorted set: delivery tag -> fetch time (s)
+
+# -- mmq's keys --------------------------------------------------------------------------
+SWEEP_LOCK = "mmq:requeue-lock:"  # + modalities: one sweeping worker at a time
+ADMIT = "mmq:admit:"  # + queue: room reserved by submits in flight (hash, + ":exp")
+DEAD_LETTERS = "mmq:dead-letters"  # list of JSON entries, oldest first
+
+
+def worker_queues() -> list[Queue]:
+    """What a worker consumes. Each queue on its own direct exchange: a queue declared
+    without one lands on the default queue's exchange and key, and Redis then copies
+    every text job into the image and audio queues too."""
+    return [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES]
+
+
+def producer_queues() -> list[Queue]:
+    """What a producer publishes to: through the default exchange ("") with the
+    queue's name as the routing key, the message goes straight onto that queue's list,
+    with no binding-table lookup in Redis per message and no way onto another queue.
+    It lands in the same list the worker's declaration reads."""
+    return [Queue(q, Exchange(""), routing_key=q) for q in QUEUES]
+
+
+def queue_keys(q: str) -> list[str]:
+    """The Redis lists of one queue: kombu keeps one per priority step
+    ("q", "q\\x06\\x163", "q\\x06\\x166", "q\\x06\\x169")."""
+    return [q] + [f"{q}\x06\x16{p}" for p in (3, 6, 9)]
+
+
+def all_queue_keys(queues: Iterable[str] = QUEUES) -> list[str]:
+    return [k for q in queues for k in queue_keys(q)]
+
+
+def task_id(raw: bytes | str) -> str:
+    """The task id (= job id) of a message as kombu stores it; "" if unreadable."""
+    try:
+        return json.loads(raw).get("headers", {}).get("id", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def unacked_task_id(raw: bytes | str) -> str:
+    """The task id of an entry of the ``unacked`` hash; "" if unreadable."""
+    try:
+        message = json.loads(raw)[0]
+        return message.get("headers", {}).get("id", "")
+    except (ValueError, IndexError, TypeError, AttributeError, KeyError):
+        return ""

@@ -1,0 +1,74 @@
+"""Sending jobs to the workers by task name, without importing the workers.
+
+A job's Celery task id is its job id, so a message in Redis can be matched to
+its job (``requeue`` relies on it) and Flower shows the job id directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis
+from celery import Celery
+
+from core.broker.queues import (
+    UNACKED,
+    all_queue_keys,
+    producer_queues,
+    queue_keys,
+    task_id,
+    unacked_task_id,
+)
+from core.config import Settings
+from core.jobs import QUEUES, RUN_JOB_TASK
+
+
+def producer_app(settings: Settings) -> Celery:
+    app = Celery("mmq-producer", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json", accept_content=["json"],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry=False, broker_connection_max_retries=0,
+        # No "task-sent" events: each would be a second publish per job, halving the
+        # submit rate; Flower follows jobs from the workers' received/started events.
+        task_send_sent_event=False,
+        task_queues=producer_queues(),
+    )
+    return app
+
+
+def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
+    """Publish (job_id, modality) pairs over one connection; returns the ids sent."""
+    sent = []
+    with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+        # kombu buffers the LPUSHes of a batch in one Redis pipeline: one round
+        # trip per thousand jobs instead of one (and a new client object) per job.
+        for job_id, modality in jobs:
+            app.send_task(RUN_JOB_TASK, args=[job_id], kwargs={"modality": modality},
+                          queue=modality, task_id=job_id, producer=producer, retry=False)
+            sent.append(job_id)
+    return sent
+
+
+def queue_depths(settings: Settings, modalities: Iterable[str] = QUEUES,
+                 client: redis.Redis | None = None) -> dict[str, int]:
+    """Messages waiting in each modality's queue (not counting fetched, unacked ones)."""
+    r = client or redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+    with r.pipeline(transaction=False) as pipe:
+        mods = list(modalities)
+        for q in mods:
+            for key in queue_keys(q):
+                pipe.llen(key)
+        counts = pipe.execute()
+    n = len(queue_keys(""))
+    return {q: sum(counts[i * n:(i + 1) * n]) for i, q in enumerate(mods)}
+
+
+def live_job_ids(settings: Settings, modalities: Iterable[str] = QUEUES) -> set[str]:
+    """Job ids that have a message in Redis: waiting in a queue, or fetched by a
+    worker and not yet acknowledged (kombu's ``unacked`` hash)."""
+    r = redis.Redis.from_url(settings.broker_url)
+    ids = {task_id(raw) for key in all_queue_keys(modalities) for raw in r.lrange(key, 0, -1)}
+    ids |= {unacked_task_id(raw) for raw in r.hvals(UNACKED)}
+    ids.discard("")
+    return ids
