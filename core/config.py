@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # per device: 2048 on CPU (beyond it activations fall out of cache and
     # sentences/s drops, see bench/text_embed.py), 16384 on CUDA.
     max_batch_tokens: int | None = None
-    # Dynamic batching in the workers (core/batcher.py). None = per device:
+    # Dynamic batching in the workers (core/serving/batcher.py). None = per device:
     # 64 items and 5 ms on CPU, 256 items and 2 ms on CUDA. max_batch_size=1
     # turns batching off (one job per forward). Worker concurrency defaults to
     # twice max_batch_size, so that a full batch can gather while one runs.

@@ -20,7 +20,7 @@ from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.image import decode_image, image_to_patches
 from core.jobs import MODALITIES
-from core.params import check_labels  # also imported from here by workers/host.py
+from core.params import check_labels  # also imported from here by core/serving/host.py
 from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
 

@@ -8,7 +8,6 @@ the periodic requeue sweep, then runs Celery's worker on that modality's queue.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import logging
 import os
@@ -17,6 +16,7 @@ import threading
 
 from core.config import get_settings
 from core.jobs import QUEUES
+from core.serving.procs import batch_scheduling, limit_malloc_arenas
 
 log = logging.getLogger("mmq.worker")
 
@@ -62,31 +62,6 @@ def _heartbeat_forever(h, worker: str, modality: str, stop: threading.Event) -> 
         log.info("could not drop the worker lease; it expires in %g s", h.settings.lease_s)
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
-    """glibc gives each busy thread its own malloc arena; with a hundred task threads
-    the arenas fragment and the process grows with every job. Two arenas keep it
-    bounded (M_ARENA_MAX); a no-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # -8 = M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
-def batch_scheduling() -> None:
-    """Put this process (and the threads and model process it starts) under Linux's
-    SCHED_BATCH policy: a thread that wakes no longer preempts the one running.
-    A worker hands each job between threads and processes several times; under the
-    default policy each hand-off on a busy CPU was a preemption, often of a thread
-    holding the GIL. Measured with bench/e2e.py's text worker: 2.5 -> 2.0 ms of
-    worker CPU per job, context switches per job 14 -> 8.5. Throughput work, not
-    latency work: an idle core still runs a woken thread at once."""
-    if hasattr(os, "SCHED_BATCH"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except OSError as e:  # a sandbox may forbid it; the default policy still works
-            log.info("SCHED_BATCH not set: %s", e)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="mmq worker")
     ap.add_argument("modality", choices=QUEUES)
@@ -101,12 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
 
     from core.migrations import upgrade
-    from workers.host import init_host
+    from core.serving.host import init_host
 
     upgrade(settings.db_url)
     batch_scheduling()
     name = f"{args.modality}-{os.getpid()}@{socket.gethostname()}"
     h = init_host(settings, args.device, modality=args.modality, worker=name)
+    if h.exporter is not None:  # dead letters are counted beside the batching metrics
+        from workers import poison
+
+        poison.listeners.append(h.exporter.observe_dead_letter)
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
              h.model.version, h.model.device, settings.db_url.split("@")[-1],
              settings.broker_url.split("@")[-1])

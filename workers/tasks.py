@@ -1,5 +1,5 @@
 """The one task: run a job by id. Thin: the host starts it in the store, runs the
-model and stores the outcome (workers/host.py); the task waits, retries through
+model and stores the outcome (core/serving/host.py); the task waits, retries through
 outages, and summarises.
 
 Retries happen inside the task, not through Celery's ``self.retry``: a retry
@@ -23,8 +23,9 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from core import store
 from core.jobs import RUN_JOB_TASK
+from core.serving.host import host
+from workers import poison
 from workers.app import app
-from workers.host import host
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,10 @@ def _run(job_id: str, worker: str) -> dict:
     # Bounded, so that a hung store or a wedged device cannot hold a task thread (and
     # its message) forever: the task retries, then fails.
     store_wait = max(60.0, h.settings.visibility_timeout / 2)
-    return h.process(job_id, worker).result(timeout=3 * store_wait)
+    summary = h.process(job_id, worker).result(timeout=3 * store_wait)
+    if summary.get("status") == "unknown":  # no row: a poison message, not a job
+        poison.dead_letter_unknown_job(job_id)
+    return summary
 
 
 def _record_failure(job_id: str, error: str) -> None:

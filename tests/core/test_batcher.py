@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
 from core.samples import sentences
+from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
 
 
 class Spy:

@@ -86,8 +86,8 @@ def _outward_address() -> str | None:
 
 
 def test_the_exporter_listens_on_loopback_by_default():
-    from core.metrics import BatchMetrics
-    from workers.exporter import start_exporter
+    from core.serving.exporter import start_exporter
+    from core.serving.metrics import BatchMetrics
 
     port = free_port()
     sink = start_exporter(port, "text-1@test", "text", BatchMetrics())

@@ -28,10 +28,11 @@ import signal
 import threading
 from concurrent.futures import Future
 
-from core.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
 from core.config import Settings
 from core.errors import InvalidInput
-from core.metrics import BatchMetrics
+from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.serving.metrics import BatchMetrics
+from core.serving.procs import limit_malloc_arenas
 
 log = logging.getLogger("mmq.worker")
 
@@ -93,8 +94,6 @@ class _Outbox:
 def _child_main(settings: Settings, device: str | None, conn) -> None:
     """Entry point of the spawned child: load, say ready, serve until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides when to stop
-    from workers.__main__ import limit_malloc_arenas
-
     limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")

@@ -1,9 +1,9 @@
 """The per-process model host: set up once before the worker consumes anything.
 
 The threads pool runs tasks concurrently. A job goes store -> model -> store: the
-group-commit writer (workers/writer.py) marks it running and reads its input, the
+group-commit writer (core/serving/writer.py) marks it running and reads its input, the
 model runs it with its dynamic batcher in a spawned child process
-(workers/modelproc.py: the forward then does not share a GIL with Celery), and
+(core/serving/modelproc.py: the forward then does not share a GIL with Celery), and
 the writer stores the prediction. ``ModelHost.process`` chains the three steps
 on each other's completion, so the task thread waits once per job.
 """
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from core import store
-from core.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
 from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import JobStatus
-from core.metrics import BatchMetrics
 from core.model import check_labels
+from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.serving.metrics import BatchMetrics
+from core.serving.writer import GroupWriter
 from core.store import make_engine, session_factory
-from workers.writer import GroupWriter
 
 log = logging.getLogger("mmq.worker")
 
@@ -72,6 +72,7 @@ class ModelHost:
     # SQLite takes one writer at a time; writers in this process queue on this lock
     # rather than in SQLite's busy handler (sleeps of up to 100 ms). None on PostgreSQL.
     write_lock: threading.Lock | None = None
+    exporter: object | None = None  # the Prometheus sink, when the exporter runs
 
     @contextmanager
     def tx(self):
@@ -92,11 +93,7 @@ class ModelHost:
 
         def started(value) -> None:
             job, payload = value
-            if job is None:  # cancelled, already done, or unknown: nothing to run
-                if payload == "unknown":  # no row: a poison message, not a job
-                    from workers.poison import dead_letter_unknown_job
-
-                    dead_letter_unknown_job(job_id)
+            if job is None:  # cancelled, already done, or unknown (no row): nothing to run
                 done.set_result({"job": job_id, "status": payload})
                 return
             deadline = None
@@ -192,12 +189,12 @@ def init_host(settings: Settings, device: str | None = None, *, modality: str = 
               worker: str = "worker") -> ModelHost:
     global _HOST
     metrics = BatchMetrics()
-    from workers.exporter import start_exporter
+    from core.serving.exporter import start_exporter
 
-    start_exporter(settings.worker_metrics_port, worker, modality, metrics,
-                   host=settings.worker_metrics_host)
+    exporter = start_exporter(settings.worker_metrics_port, worker, modality, metrics,
+                              host=settings.worker_metrics_host)
     if settings.model_process:
-        from workers.modelproc import ModelProcess
+        from core.serving.modelproc import ModelProcess
 
         model = ModelProcess(settings, device or settings.device, metrics)
     else:
@@ -209,7 +206,8 @@ def init_host(settings: Settings, device: str | None = None, *, modality: str = 
     engine = make_engine(settings.db_url)
     lock = threading.Lock() if engine.dialect.name == "sqlite" else None
     sessions = session_factory(engine)
-    _HOST = ModelHost(settings, model, metrics, sessions, GroupWriter(sessions, lock), lock)
+    _HOST = ModelHost(settings, model, metrics, sessions, GroupWriter(sessions, lock), lock,
+                      exporter)
     return _HOST
 
 

@@ -1,6 +1,6 @@
 """Per-worker Prometheus exporter of the batching metrics.
 
-A sink of ``core.metrics.BatchMetrics``: every batch the worker's batcher runs
+A sink of ``core.serving.metrics.BatchMetrics``: every batch the worker's batcher runs
 (in the model child process, replayed in the parent) is observed here as well.
 Each worker process serves its own port (``MMQ_WORKER_METRICS_PORT``; 0 = off), on
 loopback unless ``MMQ_WORKER_METRICS_HOST`` says otherwise (compose: 0.0.0.0, inside
@@ -22,7 +22,7 @@ from prometheus_client import (
 )
 
 from core.broker import deadletter
-from core.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, BatchMetrics
+from core.serving.metrics import SECONDS_BUCKETS, SIZE_BUCKETS, TOKEN_BUCKETS, BatchMetrics
 
 log = logging.getLogger("mmq.worker")
 LABELS = ("modality", "worker")
@@ -106,8 +106,5 @@ def start_exporter(port: int, worker: str, modality: str, metrics: BatchMetrics,
                   "worker process its own MMQ_WORKER_METRICS_PORT, or 0 for none)", port, why)
         return None
     metrics.sinks.append(sink)
-    from workers import poison
-
-    poison.listeners.append(sink.observe_dead_letter)
     log.info("metrics exporter: http://%s:%d/metrics", host, port)
     return sink

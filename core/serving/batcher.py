@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.metrics import BatchMetrics
+from core.serving.metrics import BatchMetrics
 
 log = logging.getLogger(__name__)
 
