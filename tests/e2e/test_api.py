@@ -41,9 +41,9 @@ def pg_url():
 
 
 @pytest.fixture(scope="module")
-def api(redis_server, pg_url, tmp_path_factory):
+def api(new_broker, pg_url, tmp_path_factory):
     """The live stack: three workers and `mmq api` on a free port; an httpx client."""
-    broker = f"{redis_server}/13"
+    broker = new_broker()
     env = service_env(broker, pg_url, MMQ_API_KEYS=f"{KEY},{OTHER_KEY}",
                       MMQ_MAX_PAYLOAD_BYTES=MAX_PAYLOAD, MMQ_MAX_REQUEST_BYTES=4 * MAX_PAYLOAD,
                       MMQ_MAX_TEXT_CHARS=5000, MMQ_MAX_WAIT_S=30)
@@ -69,11 +69,11 @@ def api(redis_server, pg_url, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def idle(redis_server, pg_url):
+def idle(new_broker, pg_url):
     """An in-process app on the same database whose queue no worker reads."""
     from producer.api import create_app
 
-    s = Settings(broker_url=f"{redis_server}/14", database_url=pg_url, api_keys=KEY,
+    s = Settings(broker_url=new_broker(), database_url=pg_url, api_keys=KEY,
                  max_queue_depth=3, max_wait_s=5)
     app = create_app(s)
     with TestClient(app, raise_server_exceptions=False) as c:
