@@ -304,3 +304,41 @@ def test_ready_metrics_and_docs(api):
     assert count and float(count[0].split()[-1]) >= 1
     assert api.get("/docs").status_code == 200
     assert "/v1/jobs:batch" in api.get("/openapi.json").json()["paths"]
+
+
+# -- Redis down --------------------------------------------------------------------------------
+
+def test_submit_is_refused_with_503_while_redis_is_down(broker_url, pg_url):
+    """The API reaches Redis through a proxy that the test takes down and up: while it is
+    down a submit gets 503 with Retry-After (nothing the client did wrong, try again) and
+    /readyz says why; once it is back the same submit is accepted."""
+    from urllib.parse import urlsplit
+
+    from producer.api import create_app
+    from tests.e2e.faults import TcpProxy
+
+    url = urlsplit(broker_url)
+    proxy = TcpProxy(url.hostname, url.port)
+    s = Settings(broker_url=f"redis://{proxy.address}{url.path}", database_url=pg_url,
+                 api_keys=KEY)
+    app = create_app(s)
+    body = {"text": "sent while Redis comes and goes"}
+    try:
+        with TestClient(app, raise_server_exceptions=False) as http:
+            assert http.post("/v1/jobs", headers=AUTH, json=body).status_code == 202
+            proxy.down()
+            err = _error(http.post("/v1/jobs", headers=AUTH, json=body), 503, "unavailable")
+            assert "Redis" in err["message"]
+            r = http.post("/v1/jobs", headers=AUTH, json=body)
+            assert int(r.headers["Retry-After"]) > 0
+            ready = http.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            checks = ready.json()["error"]["details"]
+            assert checks["redis"] != "ok" and checks["database"] == "ok"
+            proxy.up()
+            r = http.post("/v1/jobs", headers=AUTH, json=body)
+            assert r.status_code == 202, r.text
+            assert http.get("/readyz").status_code == 200
+    finally:
+        proxy.down()
+        app.state.client.close()
