@@ -100,3 +100,104 @@ def test_blobs_are_content_addressed(sessions):
     assert a.payload_sha256 == b.payload_sha256
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(store.Blob)) == 1
+
+
+# -- the bulk functions the workers' group-commit writer runs (workers/writer.py) ----------
+# Production never calls start_job/finish_job: every worker write goes through these.
+
+def _job_row(sessions, job_id):
+    with sessions() as s:
+        return store.get_job(session=s, job_id=job_id)
+
+
+def _text_jobs(sessions, n):
+    with sessions.begin() as s:
+        return [store.create_job(session=s, modality="text", task="embed", text=f"t{i}").id
+                for i in range(n)]
+
+
+def test_finish_jobs_twice_keeps_one_prediction_with_the_last_outcome(sessions):
+    """Two runs of one job (a redelivery while the first run was still going) both
+    finish: the second upsert must replace the first row, not fail nor be ignored."""
+    a, b, c = _text_jobs(sessions, 3)
+    with sessions.begin() as s:
+        assert set(store.start_jobs(session=s, job_ids=[a, b], worker="w1")) == {a, b}
+        store.finish_jobs(session=s, model_version="v1", results={
+            a: {"embedding": np.ones(4, np.float32), "labels": [["x", 0.1]], "tokens": 3,
+                "truncated": False},
+            b: {"embedding": np.zeros(4, np.float32), "tokens": 2}})
+    with sessions.begin() as s:  # the second run: a new job (c) shares the statement
+        store.start_jobs(session=s, job_ids=[c], worker="w2")
+        store.finish_jobs(session=s, model_version="v2", results={
+            a: {"embedding": np.arange(8, dtype=np.float32), "labels": [["y", 0.9]],
+                "tokens": 9, "truncated": True},
+            c: {"labels": [["z", 0.5]], "tokens": 1}})
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(store.Prediction)) == 3
+        pa = store.get_prediction(session=s, job_id=a)
+        pb = store.get_prediction(session=s, job_id=b)
+        pc = store.get_prediction(session=s, job_id=c)
+    assert np.array_equal(pa.vector(), np.arange(8, dtype=np.float32)) and pa.dim == 8
+    assert (pa.labels, pa.tokens, pa.truncated, pa.model_version) == (
+        [["y", 0.9]], 9, True, "v2")
+    assert np.array_equal(pb.vector(), np.zeros(4)) and pb.model_version == "v1"
+    assert pc.vector() is None and pc.dim is None and pc.labels == [["z", 0.5]]
+    ja = _job_row(sessions, a)
+    assert ja.status == JobStatus.SUCCEEDED and ja.model_version == "v2"
+    assert ja.finished_at is not None and ja.error is None
+
+
+def test_finish_jobs_replaces_an_embedding_with_none(sessions):
+    """The last outcome wins field by field, nulls included (an embed re-run as a
+    classify must not keep the old vector)."""
+    (a,) = _text_jobs(sessions, 1)
+    for result in ({"embedding": np.ones(3, np.float32)}, {"labels": [["k", 1.0]]}):
+        with sessions.begin() as s:
+            store.start_jobs(session=s, job_ids=[a], worker="w")
+            store.finish_jobs(session=s, model_version="v", results={a: result})
+        with sessions.begin() as s:  # as if the first run's ack was lost mid-way
+            s.execute(store.update(store.Job).where(store.Job.id == a)
+                      .values(status="running"))
+    with sessions() as s:
+        p = store.get_prediction(session=s, job_id=a)
+    assert p.embedding is None and p.dim is None and p.labels == [["k", 1.0]]
+
+
+def test_start_jobs_starts_queued_and_running_jobs_only(sessions):
+    queued, running, done, failed, cancelled = _text_jobs(sessions, 5)
+    with sessions.begin() as s:
+        store.start_jobs(session=s, job_ids=[running, done, failed], worker="w0")
+        store.finish_jobs(session=s, model_version="v", results={done: {"tokens": 1}})
+        store.fail_job(session=s, job_id=failed, error="boom")
+        assert store.cancel_job(session=s, job_id=cancelled)
+    with sessions.begin() as s:
+        started = store.start_jobs(
+            session=s, job_ids=[queued, running, done, failed, cancelled, "no-such-job"],
+            worker="w1")
+    # queued: a first delivery; running: a redelivery after its worker died.
+    assert set(started) == {queued, running}
+    row = started[queued]
+    assert (row.modality, row.task, row.text, row.payload_sha256) == ("text", "embed", "t0",
+                                                                      None)
+    j = {i: _job_row(sessions, i) for i in (queued, running, done, failed, cancelled)}
+    assert (j[queued].status, j[queued].attempts, j[queued].worker) == ("running", 1, "w1")
+    assert (j[running].status, j[running].attempts, j[running].worker) == ("running", 2, "w1")
+    # Terminal jobs keep their state, attempts and worker: never run again.
+    assert (j[done].status, j[done].attempts, j[done].worker) == ("succeeded", 1, "w0")
+    assert (j[failed].status, j[failed].error, j[failed].attempts) == ("failed", "boom", 1)
+    assert (j[cancelled].status, j[cancelled].attempts) == ("cancelled", 0)
+    with sessions.begin() as s:
+        assert store.start_jobs(session=s, job_ids=[done, cancelled], worker="w2") == {}
+        store.finish_jobs(session=s, model_version="v", results={})  # a no-op
+
+
+def test_a_late_failure_does_not_undo_a_success(sessions):
+    """One run succeeded, the other then fails (the failure signal handler's write):
+    the job stays succeeded with its prediction."""
+    (a,) = _text_jobs(sessions, 1)
+    with sessions.begin() as s:
+        store.start_jobs(session=s, job_ids=[a], worker="w")
+        store.finish_jobs(session=s, model_version="v", results={a: {"tokens": 4}})
+        store.fail_job(session=s, job_id=a, error="internal error: late")
+    j = _job_row(sessions, a)
+    assert j.status == "succeeded" and j.error is None

@@ -41,9 +41,9 @@ def pg_url():
 
 
 @pytest.fixture(scope="module")
-def api(redis_server, pg_url, tmp_path_factory):
+def api(new_broker, pg_url, tmp_path_factory):
     """The live stack: three workers and `mmq api` on a free port; an httpx client."""
-    broker = f"{redis_server}/13"
+    broker = new_broker()
     env = service_env(broker, pg_url, MMQ_API_KEYS=f"{KEY},{OTHER_KEY}",
                       MMQ_MAX_PAYLOAD_BYTES=MAX_PAYLOAD, MMQ_MAX_REQUEST_BYTES=4 * MAX_PAYLOAD,
                       MMQ_MAX_TEXT_CHARS=5000, MMQ_MAX_WAIT_S=30)
@@ -69,11 +69,11 @@ def api(redis_server, pg_url, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def idle(redis_server, pg_url):
+def idle(new_broker, pg_url):
     """An in-process app on the same database whose queue no worker reads."""
     from producer.api import create_app
 
-    s = Settings(broker_url=f"{redis_server}/14", database_url=pg_url, api_keys=KEY,
+    s = Settings(broker_url=new_broker(), database_url=pg_url, api_keys=KEY,
                  max_queue_depth=3, max_wait_s=5)
     app = create_app(s)
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -306,3 +306,41 @@ def test_ready_metrics_and_docs(api):
     assert count and float(count[0].split()[-1]) >= 1
     assert api.get("/docs").status_code == 200
     assert "/v1/jobs:batch" in api.get("/openapi.json").json()["paths"]
+
+
+# -- Redis down --------------------------------------------------------------------------------
+
+def test_submit_is_refused_with_503_while_redis_is_down(broker_url, pg_url):
+    """The API reaches Redis through a proxy that the test takes down and up: while it is
+    down a submit gets 503 with Retry-After (nothing the client did wrong, try again) and
+    /readyz says why; once it is back the same submit is accepted."""
+    from urllib.parse import urlsplit
+
+    from producer.api import create_app
+    from tests.e2e.faults import TcpProxy
+
+    url = urlsplit(broker_url)
+    proxy = TcpProxy(url.hostname, url.port)
+    s = Settings(broker_url=f"redis://{proxy.address}{url.path}", database_url=pg_url,
+                 api_keys=KEY)
+    app = create_app(s)
+    body = {"text": "sent while Redis comes and goes"}
+    try:
+        with TestClient(app, raise_server_exceptions=False) as http:
+            assert http.post("/v1/jobs", headers=AUTH, json=body).status_code == 202
+            proxy.down()
+            err = _error(http.post("/v1/jobs", headers=AUTH, json=body), 503, "unavailable")
+            assert "Redis" in err["message"]
+            r = http.post("/v1/jobs", headers=AUTH, json=body)
+            assert int(r.headers["Retry-After"]) > 0
+            ready = http.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            checks = ready.json()["error"]["details"]
+            assert checks["redis"] != "ok" and checks["database"] == "ok"
+            proxy.up()
+            r = http.post("/v1/jobs", headers=AUTH, json=body)
+            assert r.status_code == 202, r.text
+            assert http.get("/readyz").status_code == 200
+    finally:
+        proxy.down()
+        app.state.client.close()

@@ -21,12 +21,10 @@ from producer.sdk import Client
 from producer.stack import EXAMPLES
 from tests.e2e.conftest import Worker, service_env
 
-_db_numbers = iter(range(1, 16))  # each database run gets its own Redis db number
-
 
 @pytest.fixture(scope="module")
-def stack(redis_server, database_url, tmp_path_factory):
-    broker = f"{redis_server}/{next(_db_numbers)}"
+def stack(new_broker, database_url, tmp_path_factory):
+    broker = new_broker()  # each database run gets a Redis database of its own
     env = service_env(broker, database_url)
     logs = tmp_path_factory.mktemp("logs")
     workers = [Worker(m, env, logs / f"{m}.log") for m in ("text", "image", "audio")]
@@ -195,13 +193,13 @@ def test_cli_submit_wait_results_cancel(stack, tmp_path):
     assert r.returncode == 2 and "not an image" in r.stderr
 
 
-# Last in the module: it replaces the stack's text worker.
-def test_sigkill_mid_job_is_redelivered_and_completed_once(stack, start_worker):
-    client, env, workers = stack
-    text_worker = workers[0]
-    text_worker.stop()  # leave the text queue to the worker we are about to kill
-    env = {**env, "MMQ_VISIBILITY_TIMEOUT": "3"}
+def test_sigkill_mid_job_is_redelivered_and_completed_once(broker_url, database_url,
+                                                           start_worker):
+    """Runs on a Redis database and workers of its own, not the stack's: it kills a
+    worker, and no other test may depend on running before or after it."""
+    env = service_env(broker_url, database_url, MMQ_VISIBILITY_TIMEOUT=3)
     victim = start_worker("text", env, concurrency=4)
+    client = Client(broker_url=broker_url, database_url=database_url)
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(400, seed=9, median_words=40)])
     client.wait(ids[:5], timeout=120, with_embedding=False)  # busy, far from done
@@ -212,8 +210,10 @@ def test_sigkill_mid_job_is_redelivered_and_completed_once(stack, start_worker):
             store.Job.id.in_(ids), store.Job.status == "running"))
     start_worker("text", env, concurrency=4)
     res = client.wait(ids, timeout=300, with_embedding=False)
+    n_predictions = prediction_count(client, ids)
+    client.close()
     assert all(r["status"] == "succeeded" for r in res)
-    assert prediction_count(client, ids) == len(ids)  # exactly one prediction per job
+    assert n_predictions == len(ids)  # exactly one prediction per job
     assert running >= 1, "the worker was killed between jobs; the test proves nothing"
     # Jobs caught mid-run were taken again by the new worker.
     assert sum(r["attempts"] >= 2 for r in res) >= running

@@ -1,0 +1,62 @@
+"""`mmq requeue` (producer.requeue.requeue_stale) against a real Redis and real SQL:
+it re-sends a queued job only when no message of that job is in Redis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from kombu import Connection
+
+from core import store
+from core.config import Settings
+from core.migrations import upgrade
+from producer.requeue import requeue_stale
+from producer.sender import producer_app, send_jobs
+
+
+@pytest.fixture
+def settings(broker_url, database_url) -> Settings:
+    upgrade(database_url)
+    return Settings(broker_url=broker_url, database_url=database_url)
+
+
+def _queued_text_jobs(settings: Settings, n: int) -> list[str]:
+    engine = store.make_engine(settings.db_url)
+    try:
+        with store.session_factory(engine).begin() as s:
+            return [store.create_job(session=s, modality="text", task="embed",
+                                     text=f"requeue {i}").id for i in range(n)]
+    finally:
+        engine.dispose()
+
+
+def _ids_waiting(r: redis.Redis, queue: str) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in r.lrange(queue, 0, -1)]
+
+
+def test_requeue_resends_only_jobs_without_a_live_message(settings):
+    fetched, waiting, lost = _queued_text_jobs(settings, 3)
+    app = producer_app(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    send_jobs(app, [(fetched, "text")])
+    # A consumer takes the message without acknowledging it, as a worker does with
+    # acks_late: kombu moves it to its `unacked` hash. The connection stays open (closing
+    # the channel would put the message back on the queue).
+    with Connection(settings.broker_url) as conn:
+        message = conn.default_channel.basic_get("text", no_ack=False)
+        assert message is not None and message.headers["id"] == fetched
+        assert r.hlen("unacked") == 1 and _ids_waiting(r, "text") == []
+        send_jobs(app, [(waiting, "text")])  # this one waits in the queue
+        # All three are queued in SQL and older than the stale limit (0 s); only `lost`
+        # has no message anywhere (its send failed, or Redis lost it).
+        assert requeue_stale(settings, modalities=("text",), stale_s=0,
+                             single_flight=False) == 1
+        assert sorted(_ids_waiting(r, "text")) == sorted([waiting, lost])
+        assert r.hlen("unacked") == 1
+        # Its message is live now: a second sweep sends nothing, so it went out once.
+        assert requeue_stale(settings, modalities=("text",), stale_s=0,
+                             single_flight=False) == 0
+        assert sorted(_ids_waiting(r, "text")) == sorted([waiting, lost])
+    app.close()

@@ -1,0 +1,161 @@
+"""Worker processes under faults, end to end: a job run twice at once, a deadline that
+passes while the job waits, a model process that dies, a cancel that comes too late.
+
+The model of each worker runs in a child process (workers/modelproc.py). Stopping
+that child with SIGSTOP holds a job mid-run for as long as a test needs, as a slow
+batch, a wedged device or a paused VM would: the worker has started the job in SQL
+and has not finished it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from core import store
+from core.config import Settings
+from producer.sdk import Client
+from tests.e2e.conftest import Worker, service_env
+
+KEY = "faults-key"
+
+
+def model_child(worker: Worker) -> int:
+    """The pid of the worker's spawned model process (not multiprocessing's resource
+    tracker, the other child a spawning process may have)."""
+    pid = worker.proc.pid
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    for c in children:
+        cmdline = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmdline:
+            return c
+    raise AssertionError(f"worker {pid} has no model process among {children}")
+
+
+def poll(fn, timeout: float, what: str):
+    """fn() until it returns something truthy; generous timeouts, no timing asserts."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := fn():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_row(client: Client, job_id: str) -> store.Job:
+    with client.sessions() as s:
+        return store.get_job(session=s, job_id=job_id)
+
+
+def prediction_row(client: Client, job_id: str) -> store.Prediction | None:
+    with client.sessions() as s:
+        return store.get_prediction(session=s, job_id=job_id)
+
+
+@pytest.fixture
+def client(broker_url, database_url):
+    c = Client(broker_url=broker_url, database_url=database_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """One database is enough where SQL is not what the test is about."""
+    return f"sqlite:///{tmp_path / 'mmq.db'}"
+
+
+def test_two_workers_finishing_one_job_leave_one_row_with_the_last_outcome(
+        broker_url, database_url, client, start_worker):
+    """Production's double write: a job outlives the visibility timeout, Redis hands
+    its message to a second worker, and both runs finish. The second finish must
+    overwrite the first one's prediction (one row, the last outcome), not fail on the
+    primary key nor keep the first."""
+    # The restore timer runs every 10 s; 2 s of visibility makes the message
+    # visible again at the first tick after the first worker took it.
+    env = service_env(broker_url, database_url, MMQ_VISIBILITY_TIMEOUT=2,
+                      MMQ_REQUEUE_EVERY_S=0)
+    # One task thread: the first worker cannot take the restored message itself.
+    first = start_worker("text", env, concurrency=1)
+    first_model = model_child(first)
+    os.kill(first_model, signal.SIGSTOP)  # the first run will hang inside the model
+    try:
+        (job_id,) = client.submit_many([{"modality": "text", "input": "run me twice"}])
+        poll(lambda: job_row(client, job_id).status == "running", 120, "the first run")
+        assert job_row(client, job_id).worker.startswith(f"text-{first.proc.pid}@")
+        second = start_worker("text", env, concurrency=1)
+        done = poll(lambda: (j := job_row(client, job_id)).status == "succeeded" and j, 180,
+                    "the second worker to run the redelivered message")
+        assert done.attempts == 2 and done.worker.startswith(f"text-{second.proc.pid}@")
+        second_write = prediction_row(client, job_id).created_at
+    finally:
+        os.kill(first_model, signal.SIGCONT)
+    # The first run resumes, finishes and writes its outcome over the second's.
+    last = poll(lambda: (p := prediction_row(client, job_id)).created_at > second_write and p,
+                120, "the first run's write to replace the second's")
+    with client.sessions() as s:
+        rows = s.scalar(select(func.count()).select_from(store.Prediction)
+                        .where(store.Prediction.job_id == job_id))
+    assert rows == 1
+    assert last.dim == 384 and last.vector() is not None
+    assert job_row(client, job_id).status == "succeeded"
+
+
+def test_a_deadline_that_passes_while_waiting_cancels_the_job(broker_url, sqlite_url,
+                                                              start_worker):
+    client = Client(broker_url=broker_url, database_url=sqlite_url)
+    # No worker yet: the jobs wait in the queue past their deadline.
+    late, fine = client.submit_many([
+        {"modality": "text", "input": "too late", "timeout_s": 0.5},
+        {"modality": "text", "input": "no deadline"}])
+    time.sleep(1)
+    start_worker("text", service_env(broker_url, sqlite_url))
+    res = {r["id"]: r for r in client.wait([late, fine], timeout=120)}
+    client.close()
+    assert res[late]["status"] == "cancelled", res[late]
+    assert "deadline" in res[late]["error"] and res[late]["prediction"] is None
+    assert res[fine]["status"] == "succeeded"
+
+
+def test_the_worker_exits_when_its_model_process_dies(broker_url, sqlite_url, start_worker):
+    """Its unacknowledged messages then go to another worker; a worker that stayed up
+    without a model would hold them and fail every job."""
+    worker = start_worker("text", service_env(broker_url, sqlite_url))
+    os.kill(model_child(worker), signal.SIGKILL)
+    code = poll(lambda: worker.proc.poll(), 60, "the worker to exit")
+    assert code != 0, worker.log.read_text()[-2000:]
+    assert "model process died" in worker.log.read_text()
+
+
+def test_cancelling_a_running_job_is_refused_with_409(broker_url, sqlite_url, start_worker):
+    from producer.api import create_app
+
+    worker = start_worker("text", service_env(broker_url, sqlite_url))
+    model = model_child(worker)
+    os.kill(model, signal.SIGSTOP)  # hold the job in `running`
+    app = create_app(Settings(broker_url=broker_url, database_url=sqlite_url, api_keys=KEY))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with TestClient(app) as http:
+            r = http.post("/v1/jobs", headers=auth, json={"text": "hold me"})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            poll(lambda: http.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"]
+                 == "running", 120, "the job to start")
+            r = http.delete(f"/v1/jobs/{job_id}", headers=auth)
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "not_cancellable"
+            os.kill(model, signal.SIGCONT)
+            r = http.get(f"/v1/jobs/{job_id}/wait", params={"timeout": 60}, headers=auth)
+            assert r.json()["status"] == "succeeded", r.text  # the run was not disturbed
+    finally:
+        os.kill(model, signal.SIGCONT)
+        app.state.client.close()
