@@ -12,8 +12,8 @@ every worker every ``MMQ_REQUEUE_EVERY_S``, one at a time) repairs the rest:
   queue, without waiting for the visibility timeout (an hour by default, and kombu
   only scans for expired ones every ~100 s); with no message it is sent again.
   The job goes back to ``queued`` either way;
-- a message fetched but not acknowledged for longer than ``requeue_stale_s`` whose
-  job is still ``queued``: its worker took it and died before starting it.
+- a message fetched but not acknowledged for longer than ``requeue_stale_s`` (and
+  ``lease_s``) whose job is still ``queued``: its worker died before starting it.
 
 Re-sending may run a job twice (a message in flight between kombu's BRPOP and its
 unacked record looks lost for a moment); writes are idempotent by job id, so the
@@ -95,7 +95,10 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
                        if j.modality in modalities]
         msgs = _messages(r, modalities, read_queues=bool(stale_jobs or orphans))
         out = SweepResult()
-        out.restored += _restore_fetched_unstarted(r, msgs, stale, sessions)
+        # A worker starts what it fetches at once; a message fetched over a lease ago
+        # (and over the stale limit: `mmq requeue --stale 0` must not take messages
+        # from live workers) whose job never started belongs to a dead one.
+        out.restored += _restore_fetched_unstarted(r, msgs, max(stale, lease), sessions)
         lost = [(i, m) for i, m in stale_jobs if i not in msgs.queued and i not in msgs.unacked]
         moved_orphans = _recover_orphans(r, msgs, orphans, sessions, out)
         lost += moved_orphans

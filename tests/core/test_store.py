@@ -102,7 +102,7 @@ def test_blobs_are_content_addressed(sessions):
         assert s.scalar(select(func.count()).select_from(store.Blob)) == 1
 
 
-# -- the bulk functions the workers' group-commit writer runs (workers/writer.py) ----------
+# -- the bulk functions the workers' group-commit writer runs (core/serving/writer.py) ----------
 # Production never calls start_job/finish_job: every worker write goes through these.
 
 def _job_row(sessions, job_id):

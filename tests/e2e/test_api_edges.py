@@ -26,12 +26,11 @@ DEPTH = 100
 
 
 @pytest.fixture(scope="module")
-def served(redis_server, database_url):
+def served(new_broker, database_url):
     """(httpx client, settings) for an API whose queue no worker consumes."""
     from producer.api import create_app
 
-    db = 11 if database_url.startswith("sqlite") else 12
-    s = Settings(broker_url=f"{redis_server}/{db}", database_url=database_url, api_keys=KEY,
+    s = Settings(broker_url=new_broker(), database_url=database_url, api_keys=KEY,
                  max_queue_depth=DEPTH, max_labels=16, max_label_chars=40)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port,

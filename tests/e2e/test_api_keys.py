@@ -24,10 +24,10 @@ A, B, N, ADMIN = ({"Authorization": f"Bearer {k}"} for k in SECRETS)
 
 
 @pytest.fixture(scope="module")
-def api(redis_server, database_url):
+def api(new_broker, database_url):
     from producer.api import create_app
 
-    broker = f"{redis_server}/12"
+    broker = new_broker()
     redis.Redis.from_url(broker).flushdb()
     s = Settings(broker_url=broker, database_url=database_url,
                  api_keys=f"alice:{ALICE}, bob:{BOB},{ANON}", admin_keys=f"ops:{ROOT}")
@@ -168,11 +168,11 @@ def test_local_profile_key_works_only_while_no_key_is_set():
 
 # -- the SDK and CLI: trusted, everything by default, owner= to scope -------------------
 
-def test_sdk_and_cli_scope_reads_by_owner(redis_server, database_url, monkeypatch, capsys):
+def test_sdk_and_cli_scope_reads_by_owner(broker_url, database_url, monkeypatch, capsys):
     from core.config import get_settings
     from producer import cli
 
-    broker = f"{redis_server}/12"
+    broker = broker_url
     sdk = Client(settings=Settings(broker_url=broker, database_url=database_url))
     try:
         job = sdk.submit(

@@ -16,11 +16,11 @@ KEY = "schema-test-key"
 
 
 @pytest.fixture(scope="module")
-def api_app(redis_server, tmp_path_factory):
+def api_app(new_broker, tmp_path_factory):
     from producer.api import create_app
 
     db = tmp_path_factory.mktemp("api-schema") / "mmq.db"
-    s = Settings(broker_url=f"{redis_server}/15", database_url=f"sqlite:///{db}",
+    s = Settings(broker_url=new_broker(), database_url=f"sqlite:///{db}",
                  api_keys=KEY, max_queue_depth=50, max_wait_s=0.2,
                  max_request_bytes=256 * 1024, max_payload_bytes=128 * 1024)
     app = create_app(s)

@@ -30,12 +30,12 @@ def scrape(port: int) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_worker_exports_its_batching_histograms(redis_server, tmp_path, start_worker):
+def test_worker_exports_its_batching_histograms(broker_url, tmp_path, start_worker):
     port = free_port()
     db = f"sqlite:///{tmp_path / 'mmq.db'}"
-    env = service_env(f"{redis_server}/14", db, MMQ_WORKER_METRICS_PORT=port)
+    env = service_env(broker_url, db, MMQ_WORKER_METRICS_PORT=port)
     worker = start_worker("text", env)
-    client = Client(broker_url=f"{redis_server}/14", database_url=db)
+    client = Client(broker_url=broker_url, database_url=db)
     ids = client.submit_many([{"modality": "text", "input": t} for t in sentences(7, seed=2)])
     res = client.wait(ids, timeout=120, with_embedding=False)
     client.close()
@@ -56,16 +56,16 @@ def test_worker_exports_its_batching_histograms(redis_server, tmp_path, start_wo
     assert f"metrics exporter: http://127.0.0.1:{port}/metrics" in worker.log.read_text()
 
 
-def test_a_taken_port_is_logged_and_the_worker_still_serves(redis_server, tmp_path,
+def test_a_taken_port_is_logged_and_the_worker_still_serves(broker_url, tmp_path,
                                                             start_worker):
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
         db = f"sqlite:///{tmp_path / 'mmq.db'}"
-        env = service_env(f"{redis_server}/15", db, MMQ_WORKER_METRICS_PORT=port)
+        env = service_env(broker_url, db, MMQ_WORKER_METRICS_PORT=port)
         worker = start_worker("text", env)
-        client = Client(broker_url=f"{redis_server}/15", database_url=db)
+        client = Client(broker_url=broker_url, database_url=db)
         res = client.wait([client.submit_text("still served")], timeout=120)
         client.close()
     assert res[0]["status"] == "succeeded"

@@ -26,7 +26,6 @@ from tests.e2e.conftest import _free_port, service_env
 ROOT = Path(__file__).parents[2]
 AUTH = ("alice", "s3cret-for-tests")
 # Redis db numbers of their own: test_pipeline takes 1, 2, ... per database run.
-FLOWER_DB, TOP_DB = 13, 14
 
 
 class FlowerProcess:
@@ -63,17 +62,11 @@ class FlowerProcess:
             self.proc.wait()
 
 
-def _fresh_db(redis_server: str, db: int) -> str:
-    url = f"{redis_server}/{db}"
-    redis.Redis.from_url(url).flushdb()
-    return url
-
-
 @pytest.fixture(scope="module")
-def flower(redis_server, tmp_path_factory):
+def flower(new_broker, tmp_path_factory):
     """One Flower for the module: it loads the Celery app (and so torch), which
     takes a while on a small machine."""
-    url = _fresh_db(redis_server, FLOWER_DB)
+    url = new_broker()
     tmp = tmp_path_factory.mktemp("flower")
     db = f"sqlite:///{tmp / 'mmq.db'}"
     env = flower_env(f"{AUTH[0]}:{AUTH[1]},bob:other-pass", service_env(url, db))
@@ -95,8 +88,8 @@ def test_flower_credentials_are_required_outside_local():
     assert flower_credentials(Settings(profile="local"))[0] != auth  # one-off, per run
 
 
-def test_mmq_flower_refuses_to_start_without_auth(redis_server):
-    env = service_env(f"{redis_server}/{FLOWER_DB}", "sqlite://", MMQ_FLOWER_BASIC_AUTH="",
+def test_mmq_flower_refuses_to_start_without_auth(broker_url):
+    env = service_env(broker_url, "sqlite://", MMQ_FLOWER_BASIC_AUTH="",
                       MMQ_PROFILE="production")
     r = subprocess.run([sys.executable, "-m", "producer.cli", "flower", "--port",
                         str(_free_port())], env=env, cwd=ROOT, capture_output=True,
@@ -187,9 +180,9 @@ def _flower_task(f: FlowerProcess, job: str, timeout: float = 60) -> dict:
 # -- mmq top -------------------------------------------------------------------------
 
 @pytest.fixture
-def top_store(redis_server, tmp_path):
+def top_store(broker_url, tmp_path):
     """A real Redis with messages waiting and a SQLite store with known rows."""
-    url = _fresh_db(redis_server, TOP_DB)
+    url = broker_url
     db = f"sqlite:///{tmp_path / 'top.db'}"
     upgrade(db)
     engine = store.make_engine(db)

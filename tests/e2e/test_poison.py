@@ -18,7 +18,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,12 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def envelope_template(broker: str) -> dict:
+def envelope_template(broker_url: str) -> dict:
     """A real kombu envelope as the producer writes it (for a job no SQL row has):
     the poison shapes below are this with one part broken."""
-    r = redis.Redis.from_url(broker)
+    r = redis.Redis.from_url(broker_url)
     ghost = str(uuid.uuid4())
-    send_jobs(producer_app(Settings(broker_url=broker)), [(ghost, "text")])
+    send_jobs(producer_app(Settings(broker_url=broker_url)), [(ghost, "text")])
     raw = r.lpop("text")  # the newest message is at the left end
     msg = json.loads(raw)
     assert msg["headers"]["id"] == ghost
@@ -81,22 +80,6 @@ def poison_shapes(template: dict) -> list[tuple[str, bytes]]:
     ]
 
 
-def _flushed(url: str) -> str:
-    redis.Redis.from_url(url).flushdb()
-    return url
-
-
-@pytest.fixture
-def broker(redis_server, database_url):
-    """A Redis db of its own per database (10: SQLite, 11: PostgreSQL), flushed."""
-    return _flushed(f"{redis_server}/{11 if database_url.startswith('postgresql') else 10}")
-
-
-@pytest.fixture
-def plain_broker(redis_server):
-    return _flushed(f"{redis_server}/12")
-
-
 def scrape_dead_letters(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     return {s.labels["reason"]: s.value
@@ -127,10 +110,10 @@ def wait_while_alive(client: Client, ids: list[str], worker, timeout: float = 18
 
 
 def test_poison_messages_are_dead_lettered_and_jobs_behind_them_run(
-        broker, database_url, start_worker):
-    r = redis.Redis.from_url(broker)
-    client = Client(broker_url=broker, database_url=database_url)
-    shapes = poison_shapes(envelope_template(broker))
+        broker_url, database_url, start_worker):
+    r = redis.Redis.from_url(broker_url)
+    client = Client(broker_url=broker_url, database_url=database_url)
+    shapes = poison_shapes(envelope_template(broker_url))
     # kombu LPUSHes and the worker BRPOPs: the first pushed is the first consumed.
     # Poison ahead of the first job, between jobs, and after the last one.
     ids: list[str] = []
@@ -139,7 +122,7 @@ def test_poison_messages_are_dead_lettered_and_jobs_behind_them_run(
         if i % 2:
             ids.append(client.submit_text(f"sentence number {i} between poison"))
     port = free_port()
-    worker = start_worker("text", service_env(broker, database_url,
+    worker = start_worker("text", service_env(broker_url, database_url,
                                               MMQ_WORKER_METRICS_PORT=port))
     results = wait_while_alive(client, ids, worker)
     client.close()
@@ -170,8 +153,8 @@ def test_poison_messages_are_dead_lettered_and_jobs_behind_them_run(
     assert "Unrecoverable error" not in log
 
 
-def test_dead_letter_list_is_capped_oldest_first_dropped(plain_broker):
-    r = redis.Redis.from_url(plain_broker)
+def test_dead_letter_list_is_capped_oldest_first_dropped(broker_url):
+    r = redis.Redis.from_url(broker_url)
     for i in range(5):
         deadletter.push(r, reason=deadletter.UNDECODABLE, queue="text", raw=f"m{i}".encode(),
                         detail="test", max_len=3)
@@ -188,28 +171,27 @@ def mmq(broker: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_dead_list_show_drop(plain_broker):
-    broker = plain_broker
-    r = redis.Redis.from_url(broker)
+def test_cli_dead_list_show_drop(broker_url):
+    r = redis.Redis.from_url(broker_url)
     deadletter.push(r, reason=deadletter.UNDECODABLE, queue="text", raw=b"\x00\xffjunk",
                     detail="not JSON", max_len=10)
     deadletter.push(r, reason=deadletter.UNKNOWN_TASK, queue="image",
                     raw=b'{"headers": {"task": "x.y"}}', detail="no task 'x.y'", max_len=10)
-    out = mmq(broker, "dead", "list")
+    out = mmq(broker_url, "dead", "list")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].split()[:4] == ["#", "time", "queue", "reason"]
     assert lines[1].split()[0] == "0" and "text" in lines[1] and "undecodable" in lines[1]
     assert lines[2].split()[0] == "1" and "image" in lines[2] and "unknown-task" in lines[2]
-    shown = mmq(broker, "dead", "show", "1")
+    shown = mmq(broker_url, "dead", "show", "1")
     assert shown.returncode == 0, shown.stderr
     entry = json.loads(shown.stdout)
     assert entry["reason"] == "unknown-task" and entry["queue"] == "image"
     assert entry["raw"] == '{"headers": {"task": "x.y"}}' and entry["detail"] == "no task 'x.y'"
-    assert mmq(broker, "dead", "show", "5").returncode == 3
-    dropped = mmq(broker, "dead", "drop", "0")
+    assert mmq(broker_url, "dead", "show", "5").returncode == 3
+    dropped = mmq(broker_url, "dead", "drop", "0")
     assert dropped.returncode == 0 and [d.queue for d in deadletter.list_entries(r)] == ["image"]
-    assert mmq(broker, "dead", "drop").returncode != 0  # N or --all, never by accident
-    assert mmq(broker, "dead", "drop", "--all").returncode == 0
+    assert mmq(broker_url, "dead", "drop").returncode != 0  # N or --all, never by accident
+    assert mmq(broker_url, "dead", "drop", "--all").returncode == 0
     assert deadletter.list_entries(r) == []
-    assert "no dead letters" in mmq(broker, "dead", "list").stdout
+    assert "no dead letters" in mmq(broker_url, "dead", "list").stdout

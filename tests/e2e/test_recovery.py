@@ -27,12 +27,8 @@ FAST = {"MMQ_LEASE_S": 3, "MMQ_LEASE_RENEW_S": 0.5, "MMQ_REQUEUE_EVERY_S": 1,
 
 
 @pytest.fixture
-def broker(redis_server):
-    """A Redis database of this test's own, empty."""
-    n = 1 + uuid.uuid4().int % 15
-    url = f"{redis_server}/{n}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+def broker(broker_url):
+    return broker_url
 
 
 def _running(client: Client, ids: list[str]) -> int:
@@ -114,7 +110,7 @@ def test_unacked_message_of_a_dead_worker_is_restored_not_resent(broker, databas
     assert sweep(settings).total == 0  # it has a message now: nothing more to do
 
 
-def test_postgres_outage_fails_nothing(redis_server, start_worker, request):
+def test_postgres_outage_fails_nothing(broker_url, start_worker, request):
     """Workers reach PostgreSQL through a proxy taken down for 12 s mid-run: every
     job still succeeds, none is left running. (Before: retries gave up after 7 s.)"""
     from tests.e2e.conftest import _pg_database, _pg_drop
@@ -124,8 +120,7 @@ def test_postgres_outage_fails_nothing(redis_server, start_worker, request):
     proxy = TcpProxy("127.0.0.1", 5432)
     request.addfinalizer(proxy.close)
     proxied = url.replace("127.0.0.1:5432", proxy.address)
-    broker = f"{redis_server}/15"
-    redis.Redis.from_url(broker).flushdb()
+    broker = broker_url
     client = Client(broker_url=broker, database_url=url)  # the producer's own path
     start_worker("text", service_env(broker, proxied, **FAST), concurrency=8)
     ids = client.submit_many([{"modality": "text", "input": s}

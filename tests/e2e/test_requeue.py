@@ -1,4 +1,4 @@
-"""`mmq requeue` (producer.requeue.requeue_stale) against a real Redis and real SQL:
+"""`mmq requeue` (core.broker.sweep.requeue_stale) against a real Redis and real SQL:
 it re-sends a queued job only when no message of that job is in Redis."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import redis
 from kombu import Connection
 
 from core import store
+from core.broker.sender import producer_app, send_jobs
+from core.broker.sweep import requeue_stale
 from core.config import Settings
 from core.migrations import upgrade
-from producer.requeue import requeue_stale
-from producer.sender import producer_app, send_jobs
 
 
 @pytest.fixture

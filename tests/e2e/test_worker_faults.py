@@ -1,7 +1,7 @@
 """Worker processes under faults, end to end: a job run twice at once, a deadline that
 passes while the job waits, a model process that dies, a cancel that comes too late.
 
-The model of each worker runs in a child process (workers/modelproc.py). Stopping
+The model of each worker runs in a child process (core/serving/modelproc.py). Stopping
 that child with SIGSTOP holds a job mid-run for as long as a test needs, as a slow
 batch, a wedged device or a paused VM would: the worker has started the job in SQL
 and has not finished it.
