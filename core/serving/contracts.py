@@ -1,0 +1,84 @@
+"""What crosses the serving runtime's boundaries, typed.
+
+A job's data passes from the task (workers/tasks.py) to the host, from the host to
+a model backend (in this process, or over a pipe to the model process), through
+the dynamic batcher, and back to the group-commit writer and the store. These are
+the shapes it has on the way; adding a prediction field means adding it to
+``Prediction`` and to the ``predictions`` table, nowhere else.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from core.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One job for the model: the host builds it from the job row."""
+
+    modality: str
+    payload: object  # text (str) or the image/audio bytes
+    labels: list[str] | None  # classify: the label set; embed: None
+    top_k: int
+    deadline: float | None  # time.monotonic() seconds (one clock for every process)
+
+
+@dataclass
+class Prediction:
+    """What the model gives for one job, and what the store keeps of it."""
+
+    embedding: np.ndarray  # (D,) float32, L2-normalised
+    labels: list[tuple[str, float]] | None  # classify: the top_k (label, probability)
+    tokens: int  # tokens (patches, frames) the item cost in the packed core
+    truncated: bool  # the input was longer than the tower's limit and was cut
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed while it waited for a batch."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An error on its way across a process boundary, keeping what the receiver needs
+    to raise the same thing: its class, and for bad input its kind and item index."""
+
+    kind: str  # "invalid", "deadline" or "error"
+    message: str
+    input_kind: str = InvalidInput.INVALID  # InvalidInput.kind: 422, 413 or 415
+    index: int | None = None
+
+    @classmethod
+    def of(cls, e: BaseException) -> Failure:
+        if isinstance(e, InvalidInput):
+            return cls("invalid", e.reason, e.kind, e.index)
+        if isinstance(e, DeadlineExceeded):
+            return cls("deadline", str(e))
+        return cls("error", f"{type(e).__name__}: {e}")
+
+    def exception(self) -> Exception:
+        if self.kind == "invalid":
+            return InvalidInput(self.message, index=self.index, kind=self.input_kind)
+        if self.kind == "deadline":
+            return DeadlineExceeded(self.message)
+        return RuntimeError(self.message)
+
+
+class ModelBackend(Protocol):
+    """The model and its batcher as the host sees them: in the worker process
+    (``InProcessModel``) or in a child process (``ModelProcess``)."""
+
+    version: str
+    device: str
+    cfg: object  # core.serving.batcher.BatcherConfig
+
+    def submit(self, request: JobRequest) -> Future:
+        """-> a future of a ``Prediction``; ``InvalidInput`` or ``DeadlineExceeded``
+        (or another error) as its exception."""
+
+    def close(self) -> None: ...
