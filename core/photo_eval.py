@@ -8,10 +8,11 @@ Two sets of 16 images x 16 labels, for the zero-shot image tower:
   was tuned on these.
 - ``CALIBRATION``: what the zero-shot choices (templates, synonyms, temperatures)
   were tuned on: the remaining ``skimage/data`` photographs plus crops of held-out
-  photographs that show something else (the flag and the shuttle beside the
-  astronaut, the tripod under the camera). The crops share source files with the
-  held-out set, a leak that is stated here rather than hidden; the set has its own
-  labels and no label in common with the held-out one.
+  photographs that show something else (the flag, the shuttle and the helmet
+  beside the astronaut, the tripod under the camera, a roof, two coins, petals).
+  The crops share source files with the held-out set, a leak that is stated here
+  rather than hidden; the set has its own labels and none in common with the
+  held-out one ("a coin" is close to "coins", though).
 
 Pure data: no model code, nothing downloaded.
 """
