@@ -161,7 +161,8 @@ class MultimodalModel:
                 out.append(e)
         return out
 
-    def _prepare_patches(self, modality: str, item: object, index: int) -> PatchItem:
+    def _prepare_patches(self, modality: str, item: object,
+                         index: int) -> PatchItem | PixelItem:
         t = self.towers
         if modality == "image" and self.photo is not None:
             return PixelItem(image_to_pixels(decode_image(item, FRONT_END, index), FRONT_END))
@@ -266,6 +267,7 @@ class MultimodalModel:
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
         check_labels(labels)
         if not len(inputs):
+            self._check_modality(modality)
             return []
         vecs = [r.embedding for r in self.embed_items(modality, inputs, unit=False)]
         return self.scores(torch.stack(vecs), labels, top_k, modality)
