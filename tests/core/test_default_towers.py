@@ -21,6 +21,15 @@ needs_espeak = pytest.mark.skipif(not ds.espeak_available(),
 
 
 @pytest.fixture(scope="module")
+def digits_model():
+    """The digits image tower, by name: the default image tower is the ImageNet one."""
+    from core.config import Settings
+    from core.model import MultimodalModel
+
+    return MultimodalModel.load(device="cpu", settings=Settings(image_tower="digits"))
+
+
+@pytest.fixture(scope="module")
 def meta():
     return json.loads((WEIGHTS_DIR / "towers.json").read_text())["meta"]
 
@@ -37,7 +46,8 @@ def test_default_model_has_all_modalities(model):
     assert "+towers@" in model.version
 
 
-def test_held_out_digit_images(model, meta):
+def test_held_out_digit_images(digits_model, meta):
+    model = digits_model
     x, y = ds.digits(32)
     _, test = ds.split_indices(y, 0.3, meta["train_config"]["seed"])
     pngs = [digit_png(x[i]) for i in test]
@@ -47,7 +57,8 @@ def test_held_out_digit_images(model, meta):
     assert acc >= 0.90
 
 
-def test_text_seven_retrieves_sevens_first(model, meta):
+def test_text_seven_retrieves_sevens_first(digits_model, meta):
+    model = digits_model
     x, y = ds.digits(32)
     _, test = ds.split_indices(y, 0.3, meta["train_config"]["seed"])
     images = model.embed("image", [digit_png(x[i]) for i in test])
@@ -78,5 +89,6 @@ def test_tiny_retrain_writes_a_loadable_checkpoint(tmp_path):
     from core.config import Settings
     from core.model import MultimodalModel
 
-    m = MultimodalModel.load(device="cpu", settings=Settings(towers_path=str(out)))
+    m = MultimodalModel.load(device="cpu", settings=Settings(towers_path=str(out),
+                                                             image_tower="digits"))
     assert m.embed("image", [digit_png(torch.ones(3, 32, 32))]).shape == (1, 384)

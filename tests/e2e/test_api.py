@@ -137,16 +137,18 @@ def test_text_embedding_is_unit_length(api):
 def test_image_and_audio_uploads(api):
     digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     ids = {}
-    for path in PNG[:1] + WAV[:1]:  # modality found by decoding, not by the file name
+    # modality found by decoding, not by the file name; photo-cat.jpg: the ImageNet tower
+    for path in [EXAMPLES / "photo-cat.jpg"] + WAV[:1]:
         r = api.post("/v1/jobs", headers=AUTH,
                      files={"file": ("upload.bin", path.read_bytes(), "text/plain")},
-                     data={"task": "classify", "labels": ",".join(digits + ["yes", "stop"])})
+                     data={"task": "classify",
+                           "labels": ",".join(digits + ["yes", "stop", "cat"])})
         assert r.status_code == 202, r.text
         ids[path.name] = r.json()["id"]
     for name, job_id in ids.items():
         job = _wait_done(api, job_id)
         assert job["status"] == "succeeded", job
-        assert job["modality"] == ("image" if name.endswith(".png") else "audio")
+        assert job["modality"] == ("image" if name.endswith(".jpg") else "audio")
         assert job["prediction"]["labels"][0][0] == name.split("-")[1].split(".")[0]
 
 

