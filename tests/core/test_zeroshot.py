@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from core.serving.batcher import BatcherConfig, DynamicBatcher
 
 from core import photo_eval as pe
 from core.config import Settings
 from core.image import image_to_pixels
 from core.model import MultimodalModel
+from core.serving.batcher import BatcherConfig, DynamicBatcher
 from core.zeroshot import FRONT_END, PixelItem, ZeroShotConfig, compute_bank, load_bank
 
 
