@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     # (compose sets 0.0.0.0 inside its private network).
     worker_metrics_host: str = "127.0.0.1"
 
+    def batching(self, device_type: str) -> tuple[int, int, float]:
+        """(max_batch_tokens, max_batch_size, max_wait_ms) on a device of this type:
+        the settings where given, else the per-device defaults. The one place they
+        are computed (the batcher and the model both ask here)."""
+        cuda = device_type == "cuda"
+        return (self.max_batch_tokens or (16384 if cuda else 2048),
+                self.max_batch_size or (256 if cuda else 64),
+                self.max_wait_ms if self.max_wait_ms is not None else (2.0 if cuda else 5.0))
+
     @property
     def local(self) -> bool:
         return self.profile in ("local", "dev")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
+
+import numpy as np
 
 
 class JobStatus(str, Enum):
@@ -39,3 +42,14 @@ MODALITIES = QUEUES = tuple(m.value for m in Modality)
 TASKS = tuple(t.value for t in Task)
 # The one Celery task name; producers send it by name and never import workers.
 RUN_JOB_TASK = "mmq.run_job"
+
+
+@dataclass
+class JobResult:
+    """What the model gives for one job, and what the store keeps of it (the
+    ``predictions`` row). A new prediction field is added here and in that table."""
+
+    embedding: np.ndarray | None = None  # (D,) float32, L2-normalised
+    labels: list[tuple[str, float]] | None = None  # classify: top_k (label, probability)
+    tokens: int = 0  # tokens (patches, frames) the item cost in the packed core
+    truncated: bool = False  # the input was longer than the tower's limit and was cut

@@ -20,7 +20,7 @@ from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.image import decode_image, image_to_patches, image_to_pixels
 from core.jobs import MODALITIES
-from core.params import check_labels  # also imported from here by core/serving/host.py
+from core.params import check_labels
 from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
 from core.zeroshot import FRONT_END, PixelItem, ZeroShotImageTower, load_zero_shot_tower
@@ -143,7 +143,7 @@ class MultimodalModel:
         dev = pick_device(device or s.device)
         text = TextTower.from_pretrained(root)
         pre = TextPreprocessor(root, text.cfg.max_seq_len, s.max_text_chars)
-        budget = s.max_batch_tokens or (16384 if dev.type == "cuda" else 2048)
+        budget, _, _ = s.batching(dev.type)
         cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl)
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"

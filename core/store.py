@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from core.jobs import JobStatus
+from core.jobs import JobResult, JobStatus
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
@@ -249,22 +249,22 @@ def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
     return {r.id: r for r in rows}
 
 
-def _prediction_values(job_id: str, model_version: str, embedding=None, labels=None,
-                       tokens=None, truncated=None) -> dict:
+def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
+    emb = None if r.embedding is None else np.asarray(r.embedding, "<f4")
     return {
-        "job_id": job_id, "model_version": model_version, "labels": labels, "tokens": tokens,
-        "truncated": truncated, "created_at": utcnow(),
-        "embedding": None if embedding is None else np.asarray(embedding, "<f4").tobytes(),
-        "dim": None if embedding is None else int(np.asarray(embedding).shape[-1]),
+        "job_id": job_id, "model_version": model_version, "created_at": utcnow(),
+        "labels": None if r.labels is None else [list(x) for x in r.labels],
+        "tokens": r.tokens, "truncated": r.truncated,
+        "embedding": None if emb is None else emb.tobytes(),
+        "dim": None if emb is None else int(emb.shape[-1]),
     }
 
 
-def finish_jobs(*, session: Session, model_version: str, results: dict[str, dict]) -> None:
-    """``finish_job`` for many jobs: one upsert (executemany) and one UPDATE.
-    ``results`` maps job id -> finish_job's keyword arguments (embedding, labels, ...)."""
+def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobResult]) -> None:
+    """``finish_job`` for many jobs: one upsert (executemany) and one UPDATE."""
     if not results:
         return
-    rows = [_prediction_values(j, model_version, **r) for j, r in results.items()]
+    rows = [_prediction_values(j, model_version, r) for j, r in results.items()]
     session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id"), rows)
     session.execute(
         update(_JOBS).where(_JOBS.c.id.in_(list(results)))
@@ -273,15 +273,9 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, dict
 
 
 def finish_job(*, session: Session, job_id: str, model_version: str,
-               embedding: np.ndarray | None = None, labels: list | None = None,
-               tokens: int | None = None, truncated: bool | None = None) -> None:
+               result: JobResult) -> None:
     """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
-    values = _prediction_values(job_id, model_version, embedding, labels, tokens, truncated)
-    session.execute(_upsert(session, Prediction, values, key="job_id"))
-    session.execute(
-        update(Job).where(Job.id == job_id)
-        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
-                model_version=model_version))
+    finish_jobs(session=session, model_version=model_version, results={job_id: result})
 
 
 def fail_job(*, session: Session, job_id: str, error: str,
@@ -420,12 +414,6 @@ def _insert_for(session: Session):
     else:  # pragma: no cover - the store supports these two
         raise RuntimeError(f"unsupported database dialect {dialect}")
     return insert
-
-
-def _upsert(session: Session, model, values: dict, key: str):
-    stmt = _insert_for(session)(model).values(**values)
-    return stmt.on_conflict_do_update(index_elements=[key],
-                                      set_={k: v for k, v in values.items() if k != key})
 
 
 def _upsert_many(session: Session, model, example: dict, key: str):

@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.config import Settings
+from core.serving.contracts import DeadlineExceeded, JobResult
 from core.serving.metrics import BatchMetrics
+
+__all__ = ["BatcherConfig", "DeadlineExceeded", "DynamicBatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +39,9 @@ class BatcherConfig:
     max_wait_ms: float = 5.0
 
     @classmethod
-    def for_device(cls, device: torch.device, *, max_batch_tokens: int | None = None,
-                   max_batch_size: int | None = None,
-                   max_wait_ms: float | None = None) -> BatcherConfig:
-        cuda = device.type == "cuda"
-        return cls(
-            max_batch_tokens=max_batch_tokens or (16384 if cuda else 2048),
-            max_batch_size=max_batch_size or (256 if cuda else 64),
-            max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if cuda else 5.0),
-        )
-
-
-class DeadlineExceeded(Exception):
-    """The job's deadline passed while it waited for a batch."""
+    def for_device(cls, device: torch.device, settings: Settings) -> BatcherConfig:
+        tokens, size, wait_ms = settings.batching(device.type)
+        return cls(max_batch_tokens=tokens, max_batch_size=size, max_wait_ms=wait_ms)
 
 
 @dataclass
@@ -80,8 +74,7 @@ class DynamicBatcher:
 
     def submit(self, modality: str, prepared, *, labels: list[str] | None = None,
                top_k: int = 5, deadline: float | None = None) -> Future:
-        """Queue one prepared item; the future resolves to a dict with the embedding
-        (numpy float32), labels (or None), tokens and truncated."""
+        """Queue one prepared item; the future resolves to a ``JobResult``."""
         item = _Item(modality, prepared, labels, top_k, deadline)
         with self._cv:
             if self._stop:
@@ -175,7 +168,7 @@ class DynamicBatcher:
         for it, r in zip(batch, results, strict=True):
             it.future.set_result(r)
 
-    def _forward(self, batch: list[_Item]) -> list[dict]:
+    def _forward(self, batch: list[_Item]) -> list[JobResult]:
         modality = batch[0].modality
         # Not unit length for images: their length scores labels (core/zeroshot.py).
         vecs = self.model.forward(modality, [it.prepared for it in batch], unit=False)
@@ -184,6 +177,6 @@ class DynamicBatcher:
         for i, it in enumerate(batch):
             labels = (self.model.scores(vecs[i:i + 1], it.labels, it.top_k, modality)[0]
                       if it.labels else None)
-            out.append({"embedding": emb[i].numpy(), "labels": labels,
-                        "tokens": it.prepared.tokens, "truncated": it.prepared.truncated})
+            out.append(JobResult(embedding=emb[i].numpy(), labels=labels,
+                                  tokens=it.prepared.tokens, truncated=it.prepared.truncated))
         return out

@@ -3,8 +3,8 @@
 A job's data passes from the task (workers/tasks.py) to the host, from the host to
 a model backend (in this process, or over a pipe to the model process), through
 the dynamic batcher, and back to the group-commit writer and the store. These are
-the shapes it has on the way; adding a prediction field means adding it to
-``Prediction`` and to the ``predictions`` table, nowhere else.
+the shapes it has on the way. The result, ``JobResult``, lives in core/jobs.py
+beside the job vocabulary, since the store writes it too.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from core.errors import InvalidInput
+from core.jobs import JobResult
+
+__all__ = ["DeadlineExceeded", "Failure", "JobRequest", "JobResult", "ModelBackend"]
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,6 @@ class JobRequest:
     labels: list[str] | None  # classify: the label set; embed: None
     top_k: int
     deadline: float | None  # time.monotonic() seconds (one clock for every process)
-
-
-@dataclass
-class Prediction:
-    """What the model gives for one job, and what the store keeps of it."""
-
-    embedding: np.ndarray  # (D,) float32, L2-normalised
-    labels: list[tuple[str, float]] | None  # classify: the top_k (label, probability)
-    tokens: int  # tokens (patches, frames) the item cost in the packed core
-    truncated: bool  # the input was longer than the tower's limit and was cut
 
 
 class DeadlineExceeded(Exception):
@@ -78,7 +69,7 @@ class ModelBackend(Protocol):
     cfg: object  # core.serving.batcher.BatcherConfig
 
     def submit(self, request: JobRequest) -> Future:
-        """-> a future of a ``Prediction``; ``InvalidInput`` or ``DeadlineExceeded``
+        """-> a future of a ``JobResult``; ``InvalidInput`` or ``DeadlineExceeded``
         (or another error) as its exception."""
 
     def close(self) -> None: ...

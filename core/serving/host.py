@@ -24,8 +24,9 @@ from core import store
 from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import JobStatus
-from core.model import check_labels
-from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.params import check_labels
+from core.serving.batcher import BatcherConfig, DynamicBatcher
+from core.serving.contracts import DeadlineExceeded, JobRequest, JobResult, ModelBackend
 from core.serving.metrics import BatchMetrics
 from core.serving.writer import GroupWriter
 from core.store import make_engine, session_factory
@@ -46,17 +47,19 @@ class InProcessModel:
             torch.set_num_threads(settings.torch_threads)
         self.model = MultimodalModel.load(device=device, settings=settings)
         self.version, self.device = self.model.version, str(self.model.device)
-        self.cfg = BatcherConfig.for_device(
-            self.model.device, max_batch_tokens=settings.max_batch_tokens,
-            max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
+        self.cfg = BatcherConfig.for_device(self.model.device, settings)
         self.metrics = metrics
         self.batcher = DynamicBatcher(self.model, self.cfg, metrics)
 
-    def submit(self, modality: str, payload: object, *, labels: list[str] | None,
-               top_k: int, deadline: float | None) -> Future:
-        prepared = self.model.prepare(modality, payload)  # InvalidInput for bad input
-        return self.batcher.submit(modality, prepared, labels=labels, top_k=top_k,
-                                   deadline=deadline)
+    def submit(self, request: JobRequest) -> Future:
+        try:
+            prepared = self.model.prepare(request.modality, request.payload)
+        except InvalidInput as e:  # the same path as a child process's refusal
+            fut: Future = Future()
+            fut.set_exception(e)
+            return fut
+        return self.batcher.submit(request.modality, prepared, labels=request.labels,
+                                   top_k=request.top_k, deadline=request.deadline)
 
     def close(self) -> None:
         self.batcher.stop()
@@ -65,7 +68,7 @@ class InProcessModel:
 @dataclass
 class ModelHost:
     settings: Settings
-    model: object  # ModelProcess or InProcessModel: version, device, cfg, submit
+    model: ModelBackend  # ModelProcess or InProcessModel
     metrics: BatchMetrics
     sessions: object  # sessionmaker
     writer: GroupWriter
@@ -108,15 +111,15 @@ class ModelHost:
             try:
                 labels = (check_labels(params.get("labels") or []) if job.task == "classify"
                           else None)
-                fut = self.model.submit(job.modality, payload, labels=labels,
-                                        top_k=int(params.get("top_k", 5)), deadline=deadline)
-            except InvalidInput as e:  # in-process model: prepared in submit
+            except InvalidInput as e:  # a row written before today's rules
                 ran_badly(job.modality, e)
                 return
+            fut = self.model.submit(JobRequest(job.modality, payload, labels,
+                                               int(params.get("top_k", 5)), deadline))
             _then(fut, done, lambda result: ran(job.modality, result),
                   on_error=lambda e: ran_badly(job.modality, e))
 
-        def ran(modality: str, result: dict) -> None:
+        def ran(modality: str, result: JobResult) -> None:
             _then(self.writer.finish(job_id, self.model.version, result), done,
                   lambda _: done.set_result(_summary(job_id, modality, result)))
 
@@ -166,13 +169,13 @@ def _aware(d: datetime) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite returns naive datetimes
 
 
-def _summary(job_id: str, modality: str, result: dict) -> dict:
+def _summary(job_id: str, modality: str, result: JobResult) -> dict:
     """What Flower shows as the task's result: enough to find the job in the store."""
     out = {"job": job_id, "modality": modality, "status": "succeeded"}
-    if result.get("labels"):
-        out["top"] = result["labels"][0]
-    elif result.get("embedding") is not None:
-        out["embedding_dim"] = len(result["embedding"])
+    if result.labels:
+        out["top"] = list(result.labels[0])
+    else:
+        out["embedding_dim"] = len(result.embedding)
     return out
 
 

@@ -30,25 +30,22 @@ from concurrent.futures import Future
 
 from core.config import Settings
 from core.errors import InvalidInput
-from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.serving.batcher import BatcherConfig, DynamicBatcher
+from core.serving.contracts import Failure, JobRequest, JobResult
 from core.serving.metrics import BatchMetrics
 from core.serving.procs import limit_malloc_arenas
 
 log = logging.getLogger("mmq.worker")
 
-# Outcome kinds on the wire (exceptions are sent as text: the parent rebuilds them).
-OK, INVALID, DEADLINE, ERROR = "ok", "invalid", "deadline", "error"
+# On the wire (pickled by the pipe): parent -> child lists of (request id,
+# JobRequest); child -> parent (results, batch observations, drops), each result
+# (request id, JobResult | Failure). A Failure rebuilds the same exception type,
+# with an InvalidInput's kind and index, on the parent's side.
 
 
-def _outcome(fut: Future) -> tuple[str, object]:
+def _outcome(fut: Future) -> JobResult | Failure:
     e = fut.exception()
-    if e is None:
-        return OK, fut.result()
-    if isinstance(e, InvalidInput):
-        return INVALID, e.reason
-    if isinstance(e, DeadlineExceeded):
-        return DEADLINE, str(e)
-    return ERROR, f"{type(e).__name__}: {e}"
+    return fut.result() if e is None else Failure.of(e)
 
 
 class _Outbox:
@@ -57,16 +54,16 @@ class _Outbox:
 
     def __init__(self, conn):
         self.conn = conn
-        self.results: list[tuple[int, str, object]] = []
+        self.results: list[tuple[int, JobResult | Failure]] = []
         self.batches: list[dict] = []
         self.drops: list[tuple[str, int]] = []
         self._cv = threading.Condition()
         threading.Thread(target=self._send_forever, name="mmq-child-send", daemon=True).start()
 
     def add(self, rid: int, fut: Future) -> None:
-        kind, value = _outcome(fut)
+        outcome = _outcome(fut)
         with self._cv:
-            self.results.append((rid, kind, value))
+            self.results.append((rid, outcome))
 
     # BatchMetrics sink: observations travel with the results of the same batch.
     def observe_batch(self, **obs) -> None:
@@ -101,9 +98,7 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
         from core.model import MultimodalModel
 
         model = MultimodalModel.load(device=device, settings=settings)
-        cfg = BatcherConfig.for_device(model.device, max_batch_tokens=settings.max_batch_tokens,
-                                       max_batch_size=settings.max_batch_size,
-                                       max_wait_ms=settings.max_wait_ms)
+        cfg = BatcherConfig.for_device(model.device, settings)
     except BaseException as e:  # noqa: BLE001  (the parent logs it and exits)
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -121,34 +116,36 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
         os._exit(0)
 
 
-def _accept(model, batcher: DynamicBatcher, outbox: _Outbox, reqs: list[tuple]) -> None:
+def _accept(model, batcher: DynamicBatcher, outbox: _Outbox,
+            reqs: list[tuple[int, JobRequest]]) -> None:
     """Prepare each modality's requests in one call and hand the valid ones to the
     batcher; a bad item is answered at once and fails alone."""
-    by_modality: dict[str, list[tuple]] = {}
-    for r in reqs:
-        by_modality.setdefault(r[1], []).append(r)
+    by_modality: dict[str, list[tuple[int, JobRequest]]] = {}
+    for rid, req in reqs:
+        by_modality.setdefault(req.modality, []).append((rid, req))
     bad = False
     for modality, rs in by_modality.items():
         try:
-            prepared = model.prepare_many(modality, [r[2] for r in rs])
+            prepared = model.prepare_many(modality, [req.payload for _, req in rs])
         except Exception as e:  # noqa: BLE001  (unknown modality: fail these requests)
             prepared = [InvalidInput(str(e))] * len(rs)
-        for (rid, _, _, labels, top_k, deadline), p in zip(rs, prepared, strict=True):
+        for (rid, req), p in zip(rs, prepared, strict=True):
             if isinstance(p, InvalidInput):
                 f: Future = Future()
                 f.set_exception(p)
                 outbox.add(rid, f)
                 bad = True
                 continue
-            fut = batcher.submit(modality, p, labels=labels, top_k=top_k, deadline=deadline)
+            fut = batcher.submit(modality, p, labels=req.labels, top_k=req.top_k,
+                                 deadline=req.deadline)
             fut.add_done_callback(lambda f, rid=rid: outbox.add(rid, f))
     if bad:
         outbox.flush()
 
 
 class ModelProcess:
-    """Parent side: ``submit`` from any task thread -> a future of the result dict
-    (embedding, labels, tokens, truncated), as ``DynamicBatcher.submit`` gives."""
+    """Parent side: ``submit`` from any task thread -> a future of a ``JobResult``,
+    as ``DynamicBatcher.submit`` gives."""
 
     def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics):
         ctx = mp.get_context("spawn")
@@ -168,21 +165,19 @@ class ModelProcess:
         self.metrics = metrics
         self._ids = itertools.count()
         self._futures: dict[int, Future] = {}
-        self._outgoing: list[tuple] = []
+        self._outgoing: list[tuple[int, JobRequest]] = []
         self._cv = threading.Condition()
         self._closing = False
         threading.Thread(target=self._send_forever, name="mmq-model-send", daemon=True).start()
         threading.Thread(target=self._receive_forever, name="mmq-model-recv",
                          daemon=True).start()
 
-    def submit(self, modality: str, payload: object, *, labels: list[str] | None,
-               top_k: int, deadline: float | None) -> Future:
-        """``deadline`` is time.monotonic() seconds: one clock for every process."""
+    def submit(self, request: JobRequest) -> Future:
         fut: Future = Future()
         with self._cv:
             rid = next(self._ids)
             self._futures[rid] = fut
-            self._outgoing.append((rid, modality, payload, labels, top_k, deadline))
+            self._outgoing.append((rid, request))
             self._cv.notify()
         return fut
 
@@ -220,15 +215,11 @@ class ModelProcess:
             logging.shutdown()
             os._exit(70)
 
-    def _resolve(self, results: list[tuple[int, str, object]]) -> None:
+    def _resolve(self, results: list[tuple[int, JobResult | Failure]]) -> None:
         with self._cv:
-            futs = [self._futures.pop(rid) for rid, _, _ in results]
-        for fut, (_, kind, value) in zip(futs, results, strict=True):
-            if kind == OK:
-                fut.set_result(value)
-            elif kind == INVALID:
-                fut.set_exception(InvalidInput(value))
-            elif kind == DEADLINE:
-                fut.set_exception(DeadlineExceeded(value))
+            futs = [self._futures.pop(rid) for rid, _ in results]
+        for fut, (_, outcome) in zip(futs, results, strict=True):
+            if isinstance(outcome, Failure):
+                fut.set_exception(outcome.exception())
             else:
-                fut.set_exception(RuntimeError(value))
+                fut.set_result(outcome)

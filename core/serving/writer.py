@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from core import store
+from core.serving.contracts import JobResult
 
 log = logging.getLogger("mmq.worker")
 
@@ -55,8 +56,8 @@ def _start_many(s, args: list[tuple[str, str]]) -> list:
     return out
 
 
-def _finish_many(s, args: list[tuple[str, str, dict]]) -> list:
-    """args: (job_id, model_version, result fields)."""
+def _finish_many(s, args: list[tuple[str, str, JobResult]]) -> list:
+    """args: (job_id, model_version, prediction)."""
     for version in dict.fromkeys(v for _, v, _ in args):
         store.finish_jobs(session=s, model_version=version,
                           results={j: r for j, v, r in args if v == version})
@@ -84,7 +85,7 @@ class GroupWriter:
         """-> (job, payload), or (None, status) when the job must not run."""
         return self._submit("start", (job_id, worker))
 
-    def finish(self, job_id: str, model_version: str, result: dict) -> Future:
+    def finish(self, job_id: str, model_version: str, result: JobResult) -> Future:
         """Store the prediction and mark the job succeeded."""
         return self._submit("finish", (job_id, model_version, result))
 

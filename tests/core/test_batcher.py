@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import Settings
 from core.samples import sentences
 from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
 
@@ -42,7 +43,7 @@ def test_concurrent_jobs_share_forwards_and_match_the_model(model):
     results, prepared = submit_all(b, model, texts)
     b.stop()
     want = model.embed("text", texts)
-    got = torch.from_numpy(np.stack([r["embedding"] for r in results]))
+    got = torch.from_numpy(np.stack([r.embedding for r in results]))
     assert (got - want).abs().max() <= 1e-5
     assert max(len(x) for x in spy.batches) > 1  # batching happened
     for sizes in spy.batches:  # budgets hold (a single oversized item may go alone)
@@ -56,7 +57,7 @@ def test_a_full_batch_does_not_wait_for_the_timer(model):
     prepared = [model.prepare("text", f"item {i}") for i in range(4)]
     futs = [b.submit("text", p) for p in prepared]
     # With a 10-minute timer, only the size rule can release these in time.
-    assert all(f.result(timeout=60)["embedding"].shape == (384,) for f in futs)
+    assert all(f.result(timeout=60).embedding.shape == (384,) for f in futs)
     b.stop()
 
 
@@ -65,7 +66,7 @@ def test_classify_in_the_batcher_thread(model):
     p = model.prepare("text", "the bank raised interest rates")
     r = b.submit("text", p, labels=["sport", "finance"], top_k=1).result(timeout=60)
     b.stop()
-    assert r["labels"][0][0] == "finance" and len(r["labels"]) == 1
+    assert r.labels[0][0] == "finance" and len(r.labels) == 1
 
 
 def test_past_deadline_items_are_dropped(model):
@@ -76,7 +77,7 @@ def test_past_deadline_items_are_dropped(model):
     ok = b.submit("text", model.prepare("text", "on time"), deadline=time.monotonic() + 60)
     with pytest.raises(DeadlineExceeded):
         late.result(timeout=60)
-    assert ok.result(timeout=60)["embedding"].shape == (384,)
+    assert ok.result(timeout=60).embedding.shape == (384,)
     b.stop()
     assert b.metrics.dropped == 1
 
@@ -95,7 +96,7 @@ def test_one_bad_item_fails_alone(model):
     outcomes = []
     for f in futs:
         try:
-            outcomes.append(f.result(timeout=60)["tokens"] > 0)
+            outcomes.append(f.result(timeout=60).tokens > 0)
         except RuntimeError:
             outcomes.append("failed")
     b.stop()
@@ -109,14 +110,17 @@ def test_out_of_memory_splits_the_batch_before_failing_anyone(model):
     spy = Spy(model, fail_if)
     b = DynamicBatcher(spy, BatcherConfig(max_batch_size=8, max_wait_ms=200))
     futs = [b.submit("text", model.prepare("text", f"item {i}")) for i in range(8)]
-    assert all(f.result(timeout=60)["embedding"].shape == (384,) for f in futs)
+    assert all(f.result(timeout=60).embedding.shape == (384,) for f in futs)
     b.stop()
     assert max(len(x) for x in spy.batches) == 8 and sorted({len(x) for x in spy.batches})[0] <= 2
 
 
 def test_per_device_defaults():
-    cpu = BatcherConfig.for_device(torch.device("cpu"))
-    gpu = BatcherConfig.for_device(torch.device("cuda"))
+    s = Settings()
+    cpu = BatcherConfig.for_device(torch.device("cpu"), s)
+    gpu = BatcherConfig.for_device(torch.device("cuda"), s)
     assert gpu.max_batch_tokens > cpu.max_batch_tokens and gpu.max_batch_size > cpu.max_batch_size
-    off = BatcherConfig.for_device(torch.device("cpu"), max_batch_size=1)
+    off = BatcherConfig.for_device(torch.device("cpu"), Settings(max_batch_size=1))
     assert off.max_batch_size == 1
+    # The model's own budget for long lists is the batcher's: computed in one place.
+    assert s.batching("cpu")[0] == cpu.max_batch_tokens

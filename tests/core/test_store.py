@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, inspect, select
 
 from core import store
-from core.jobs import JobStatus
+from core.jobs import JobResult, JobStatus
 from core.migrations import upgrade
 from tests.e2e.conftest import _pg_database, _pg_drop
 
@@ -48,8 +48,8 @@ def test_job_lifecycle_and_one_prediction_per_job(sessions):
     for attempt in (1, 2):  # a redelivered job runs twice: still one prediction
         with sessions.begin() as s:
             assert store.start_job(session=s, job_id=job.id, worker=f"w{attempt}") is not None
-            store.finish_job(session=s, job_id=job.id, model_version="v1", embedding=emb,
-                             labels=[["a", 0.9]], tokens=17, truncated=False)
+            store.finish_job(session=s, job_id=job.id, model_version="v1", result=JobResult(
+                embedding=emb, labels=[("a", 0.9)], tokens=17, truncated=False))
         with sessions.begin() as s:
             s.execute(store.update(store.Job).where(store.Job.id == job.id)
                       .values(status="running"))  # as if the ack was lost mid-way
@@ -123,15 +123,15 @@ def test_finish_jobs_twice_keeps_one_prediction_with_the_last_outcome(sessions):
     with sessions.begin() as s:
         assert set(store.start_jobs(session=s, job_ids=[a, b], worker="w1")) == {a, b}
         store.finish_jobs(session=s, model_version="v1", results={
-            a: {"embedding": np.ones(4, np.float32), "labels": [["x", 0.1]], "tokens": 3,
-                "truncated": False},
-            b: {"embedding": np.zeros(4, np.float32), "tokens": 2}})
+            a: JobResult(embedding=np.ones(4, np.float32), labels=[("x", 0.1)], tokens=3,
+                         truncated=False),
+            b: JobResult(embedding=np.zeros(4, np.float32), tokens=2)})
     with sessions.begin() as s:  # the second run: a new job (c) shares the statement
         store.start_jobs(session=s, job_ids=[c], worker="w2")
         store.finish_jobs(session=s, model_version="v2", results={
-            a: {"embedding": np.arange(8, dtype=np.float32), "labels": [["y", 0.9]],
-                "tokens": 9, "truncated": True},
-            c: {"labels": [["z", 0.5]], "tokens": 1}})
+            a: JobResult(embedding=np.arange(8, dtype=np.float32), labels=[("y", 0.9)],
+                         tokens=9, truncated=True),
+            c: JobResult(labels=[("z", 0.5)], tokens=1)})
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(store.Prediction)) == 3
         pa = store.get_prediction(session=s, job_id=a)
@@ -151,7 +151,7 @@ def test_finish_jobs_replaces_an_embedding_with_none(sessions):
     """The last outcome wins field by field, nulls included (an embed re-run as a
     classify must not keep the old vector)."""
     (a,) = _text_jobs(sessions, 1)
-    for result in ({"embedding": np.ones(3, np.float32)}, {"labels": [["k", 1.0]]}):
+    for result in (JobResult(embedding=np.ones(3, np.float32)), JobResult(labels=[("k", 1.0)])):
         with sessions.begin() as s:
             store.start_jobs(session=s, job_ids=[a], worker="w")
             store.finish_jobs(session=s, model_version="v", results={a: result})
@@ -167,7 +167,7 @@ def test_start_jobs_starts_queued_and_running_jobs_only(sessions):
     queued, running, done, failed, cancelled = _text_jobs(sessions, 5)
     with sessions.begin() as s:
         store.start_jobs(session=s, job_ids=[running, done, failed], worker="w0")
-        store.finish_jobs(session=s, model_version="v", results={done: {"tokens": 1}})
+        store.finish_jobs(session=s, model_version="v", results={done: JobResult(tokens=1)})
         store.fail_job(session=s, job_id=failed, error="boom")
         assert store.cancel_job(session=s, job_id=cancelled)
     with sessions.begin() as s:
@@ -197,7 +197,7 @@ def test_a_late_failure_does_not_undo_a_success(sessions):
     (a,) = _text_jobs(sessions, 1)
     with sessions.begin() as s:
         store.start_jobs(session=s, job_ids=[a], worker="w")
-        store.finish_jobs(session=s, model_version="v", results={a: {"tokens": 4}})
+        store.finish_jobs(session=s, model_version="v", results={a: JobResult(tokens=4)})
         store.fail_job(session=s, job_id=a, error="internal error: late")
     j = _job_row(sessions, a)
     assert j.status == "succeeded" and j.error is None

@@ -57,9 +57,9 @@ def test_batched_path_equals_classify(model, held_out):
     finally:
         b.stop()
     for g, w, x in zip(got, want, images[:6], strict=True):
-        assert [lb for lb, _ in g["labels"]] == [lb for lb, _ in w]
-        assert max(abs(a[1] - c[1]) for a, c in zip(g["labels"], w, strict=True)) < 1e-4
-        assert torch.allclose(torch.from_numpy(g["embedding"]), model.embed("image", [x])[0],
+        assert [lb for lb, _ in g.labels] == [lb for lb, _ in w]
+        assert max(abs(a[1] - c[1]) for a, c in zip(g.labels, w, strict=True)) < 1e-4
+        assert torch.allclose(torch.from_numpy(g.embedding), model.embed("image", [x])[0],
                               atol=1e-5)
 
 
