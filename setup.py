@@ -1,11 +1,11 @@
-"""Builds the CPU attention kernel (core/kernels/varlen_attn.c) when the package is
+"""Builds the CPU attention kernel (core/model/kernels/varlen_attn.c) when the package is
 built or installed, so that no serving process ever runs a compiler.
 
-The kernel is plain C loaded through ctypes (core/cpu_kernels.py), not a Python
+The kernel is plain C loaded through ctypes (core/model/cpu_kernels.py), not a Python
 extension module; it is built here as one only because that is how setuptools
 compiles C for a wheel and for an editable install alike. One build per
 instruction-set level, since the machine that serves need not be the one that
-builds: core/cpu_kernels.py loads the best one this CPU supports. Everything else
+builds: core/model/cpu_kernels.py loads the best one this CPU supports. Everything else
 about the package is in pyproject.toml.
 """
 
@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 COMMON = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 # -fopenmp links libgomp.so.1; torch's wheel carries a libgomp.so.1 of its own and has
 # loaded it first, so the dynamic linker reuses that one: one OpenMP runtime per
-# process (tests/core/test_attention.py checks).
+# process (tests/core/model/test_attention.py checks).
 LEVELS = {
     # AVX-512 only: an x86-64-v3 (AVX2) build of the kernel's 16-float vectors measured
     # 4.2x slower than this one on the same CPU, slower than grouped SDPA, so AVX2
@@ -30,7 +30,8 @@ LEVELS = {
 
 def kernels() -> list[Extension]:
     levels = LEVELS.get(platform.machine(), {})
-    return [Extension(f"core.kernels._varlen_attn_{name}", ["core/kernels/varlen_attn.c"],
+    return [Extension(f"core.model.kernels._varlen_attn_{name}",
+                      ["core/model/kernels/varlen_attn.c"],
                       extra_compile_args=COMMON + flags, extra_link_args=["-fopenmp"],
                       optional=True)  # no compiler: the package installs, SDPA is used
             for name, flags in levels.items()]

@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from core.attention import AttentionPlan, packed_attention_qkv
-from core.encoder import Encoder, EncoderConfig
+from core.model.attention import AttentionPlan, packed_attention_qkv
+from core.model.encoder import Encoder, EncoderConfig
 
 
 def sentence_lengths(rng: random.Random, n: int) -> list[int]:

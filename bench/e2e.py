@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from core import store
 from core.jobs import TERMINAL
-from core.samples import sentences
+from core.training.samples import sentences
 from producer.sdk import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def run_jobs(client: Client, items: list[dict], timeout: float = 1800) -> dict:
 def st_best(texts: list[str], sizes: tuple[int, ...] = (32, 64, 128)) -> tuple[float, int]:
     from sentence_transformers import SentenceTransformer
 
-    from core.text import default_text_path
+    from core.model.text import default_text_path
 
     st = SentenceTransformer(str(default_text_path()), device="cpu")
     best = (0.0, 0)
@@ -200,7 +200,7 @@ def main() -> None:
         b, u = results["batched worker"][0], results["unbatched worker (1 job/forward)"][0]
         print(f"\nbatched / unbatched worker: {b['jobs_per_s'] / u['jobs_per_s']:.2f}x; "
               f"batched / sentence-transformers offline: {b['jobs_per_s'] / st_rate:.2f}x")
-        from core.model import MultimodalModel
+        from core.model.multimodal import MultimodalModel
 
         m = MultimodalModel.load(device="cpu")
         m.embed("text", texts[:1])
@@ -260,8 +260,8 @@ def rounds(stack: Stack, items: list[dict], texts: list[str], st_bs: int, n: int
 
 def towers(stack: Stack) -> None:
     from bench.towers import speechlike_wav
-    from core import datasets as ds
-    from core.train import digit_png
+    from core.training import datasets as ds
+    from core.training.train import digit_png
 
     x, _ = ds.digits(32)
     rng = np.random.default_rng(0)

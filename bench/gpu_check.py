@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from core.attention import AttentionPlan, packed_attention
-from core.model import MultimodalModel
-from core.samples import sentences
+from core.model.attention import AttentionPlan, packed_attention
+from core.model.multimodal import MultimodalModel
+from core.training.samples import sentences
 
 
 def check_attention(dev: torch.device) -> bool:

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from core.model import MultimodalModel
-from core.samples import sentences
-from core.text import default_text_path
+from core.model.multimodal import MultimodalModel
+from core.model.text import default_text_path
+from core.training.samples import sentences
 
 
 def useful_flops(lengths: list[int], dim: int, mlp: int, layers: int) -> float:

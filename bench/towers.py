@@ -1,6 +1,6 @@
 """Image and audio towers: accuracy on real photographs, throughput, packed vs padded.
 
-1. The ImageNet image tower on real photographs (core/photo_eval.py): zero-shot
+1. The ImageNet image tower on real photographs (core/training/photo_eval.py): zero-shot
    top-1 (16 photographs x 16 plain labels) and text->image recall@1, on the
    held-out set and on the calibration set the zero-shot choices were tuned on,
    next to plain ConSE (top-5 classes, one template, cosine) as the baseline.
@@ -29,11 +29,11 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from core import photo_eval as pe
-from core.efficientnet import default_checkpoint, load_efficientnet_lite0
-from core.model import MultimodalModel
-from core.towers import PatchTower
-from core.zeroshot import CLASSES_FILE
+from core.model.efficientnet import default_checkpoint, load_efficientnet_lite0
+from core.model.multimodal import MultimodalModel
+from core.model.towers import PatchTower
+from core.model.zeroshot import CLASSES_FILE
+from core.training import photo_eval as pe
 
 
 def speechlike_wav(seconds: float, rng: np.random.Generator) -> bytes:

@@ -1,4 +1,4 @@
-"""The zero-shot choices, swept on the calibration photographs (core/photo_eval.py).
+"""The zero-shot choices, swept on the calibration photographs (core/training/photo_eval.py).
 
 Prints top-1 (image -> label) and recall@1 (label -> image) for each variant on
 CALIBRATION; pass --held-out to print the same table on HELD_OUT (only to
@@ -7,7 +7,7 @@ report, after choosing). Class-name sentences are embedded once per template
 
     .venv/bin/python bench/zeroshot_tune.py [--held-out] [--write-bank]
 
-``--write-bank`` writes core/weights/imagenet_bank.safetensors for ZeroShotConfig's
+``--write-bank`` writes core/model/weights/imagenet_bank.safetensors for ZeroShotConfig's
 defaults from the same sentence embeddings, and exits.
 """
 
@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from core import photo_eval as pe
-from core.efficientnet import load_efficientnet_lite0
-from core.image import ImageConfig, image_to_pixels
-from core.model import MultimodalModel
-from core.text import default_text_path
-from core.towers import sha256_file
-from core.zeroshot import BANK_FILE, ZeroShotConfig, bank_key, class_names
+from core.model.efficientnet import load_efficientnet_lite0
+from core.model.image import ImageConfig, image_to_pixels
+from core.model.multimodal import MultimodalModel
+from core.model.text import default_text_path
+from core.model.towers import sha256_file
+from core.model.zeroshot import BANK_FILE, ZeroShotConfig, bank_key, class_names
+from core.training import photo_eval as pe
 
 # Must hold ZeroShotConfig's templates: --write-bank sums these sentence embeddings.
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",

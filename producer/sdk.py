@@ -25,15 +25,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from core import store
-from core.audio import AudioConfig, decode_audio
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
-from core.image import ImageConfig, decode_image
 from core.jobs import TERMINAL, Modality, Task
-from core.migrations import upgrade
+from core.model.audio import AudioConfig, decode_audio
+from core.model.image import ImageConfig, decode_image
+from core.model.text import validate_text
 from core.params import job_params
-from core.text import validate_text
+from core.store.migrations import upgrade
 
 log = logging.getLogger(__name__)
 

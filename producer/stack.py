@@ -127,7 +127,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _bring_up(args: argparse.Namespace, sup: Supervisor) -> None:
-    from core.migrations import upgrade
+    from core.store.migrations import upgrade
 
     s = get_settings()
     _ensure_redis(s.broker_url, sup)

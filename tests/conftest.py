@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def model():
-    from core.model import MultimodalModel
+    from core.model.multimodal import MultimodalModel
 
     return MultimodalModel.load(device="cpu")
 
@@ -20,7 +20,7 @@ def model():
 # quietly with the tests that need it not run. Only skips for what a machine may simply
 # not have are kept, listed here by the reason their test gives:
 INHERENT_SKIPS = (
-    "needs a CUDA device",            # tests/core/test_attention.py: CPU-only machines
+    "needs a CUDA device",            # tests/core/model/test_attention.py: CPU-only machines
     "docker has no compose plugin",   # tests/test_compose.py: the schema tests still run
     "no docker client",               # likewise
 )

@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
 
-    from core.migrations import upgrade
     from core.serving.host import init_host
+    from core.store.migrations import upgrade
 
     upgrade(settings.db_url)
     batch_scheduling()

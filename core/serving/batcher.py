@@ -170,7 +170,7 @@ class DynamicBatcher:
 
     def _forward(self, batch: list[_Item]) -> list[JobResult]:
         modality = batch[0].modality
-        # Not unit length for images: their length scores labels (core/zeroshot.py).
+        # Not unit length for images: their length scores labels (core/model/zeroshot.py).
         vecs = self.model.forward(modality, [it.prepared for it in batch], unit=False)
         emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
         out = []

@@ -41,7 +41,7 @@ class InProcessModel:
     def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics):
         import torch
 
-        from core.model import MultimodalModel
+        from core.model.multimodal import MultimodalModel
 
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)

@@ -95,7 +95,7 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")
     try:
-        from core.model import MultimodalModel
+        from core.model.multimodal import MultimodalModel
 
         model = MultimodalModel.load(device=device, settings=settings)
         cfg = BatcherConfig.for_device(model.device, settings)

@@ -8,7 +8,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.samples import sentences
+from core.training.samples import sentences
 from producer.sdk import Client
 from tests.e2e.conftest import service_env
 

@@ -17,7 +17,7 @@ import redis
 from core import store
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
-from core.migrations import upgrade
+from core.store.migrations import upgrade
 from producer.flower import FlowerAuthMissing, flower_command, flower_credentials, flower_env
 from producer.sdk import Client
 from producer.top import collect, render

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from core import store
 from core.broker.sender import send_jobs
 from core.errors import InvalidInput
-from core.samples import sentences
+from core.training.samples import sentences
 from producer.sdk import Client
 from producer.stack import EXAMPLES
 from tests.e2e.conftest import Worker, service_env

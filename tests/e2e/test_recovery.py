@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import func, select, update
 
 from core import store
-from core.samples import sentences
+from core.training.samples import sentences
 from producer.sdk import Client
 from tests.e2e.conftest import service_env
 from tests.e2e.faults import TcpProxy

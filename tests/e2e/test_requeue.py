@@ -13,7 +13,7 @@ from core import store
 from core.broker.sender import producer_app, send_jobs
 from core.broker.sweep import requeue_stale
 from core.config import Settings
-from core.migrations import upgrade
+from core.store.migrations import upgrade
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import photo_eval as pe
 from core.config import Settings
-from core.image import image_to_pixels
-from core.model import MultimodalModel
+from core.model.image import image_to_pixels
+from core.model.multimodal import MultimodalModel
+from core.model.zeroshot import FRONT_END, PixelItem, ZeroShotConfig, compute_bank, load_bank
 from core.serving.batcher import BatcherConfig, DynamicBatcher
-from core.zeroshot import FRONT_END, PixelItem, ZeroShotConfig, compute_bank, load_bank
+from core.training import photo_eval as pe
 
 
 @pytest.fixture(scope="module")

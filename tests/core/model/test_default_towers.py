@@ -1,6 +1,6 @@
 """The committed default towers: held-out accuracy, retrieval, and the training command.
 
-The weights in core/weights were produced by `mmq train-default`; these tests
+The weights in core/model/weights were produced by `mmq train-default`; these tests
 re-measure them through the public API on data they were not trained on.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import datasets as ds
-from core.towers import WEIGHTS_DIR, sha256_file
-from core.train import digit_png
+from core.model.towers import WEIGHTS_DIR, sha256_file
+from core.training import datasets as ds
+from core.training.train import digit_png
 
 needs_espeak = pytest.mark.skipif(not ds.espeak_available(),
                                   reason="espeak-ng is not installed (.ci/run installs it)")
@@ -24,7 +24,7 @@ needs_espeak = pytest.mark.skipif(not ds.espeak_available(),
 def digits_model():
     """The digits image tower, by name: the default image tower is the ImageNet one."""
     from core.config import Settings
-    from core.model import MultimodalModel
+    from core.model.multimodal import MultimodalModel
 
     return MultimodalModel.load(device="cpu", settings=Settings(image_tower="digits"))
 
@@ -87,7 +87,7 @@ def test_tiny_retrain_writes_a_loadable_checkpoint(tmp_path):
     assert {"image_eval", "audio_eval", "sha256"} <= report.keys()
     assert (out / "towers.sha256").read_text().split()[0] == report["sha256"]
     from core.config import Settings
-    from core.model import MultimodalModel
+    from core.model.multimodal import MultimodalModel
 
     m = MultimodalModel.load(device="cpu", settings=Settings(towers_path=str(out),
                                                              image_tower="digits"))

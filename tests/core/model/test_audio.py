@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from core.audio import AudioConfig, LogMel, decode_audio, frames_to_patches
 from core.errors import InvalidInput
+from core.model.audio import AudioConfig, LogMel, decode_audio, frames_to_patches
 
 CFG = AudioConfig()
 

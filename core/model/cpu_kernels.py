@@ -1,6 +1,6 @@
-"""Load the C kernels in core/kernels/ built for this machine's CPU.
+"""Load the C kernels in core/model/kernels/ built for this machine's CPU.
 
-The attention kernel (core/kernels/varlen_attn.c) is plain C with GCC vector
+The attention kernel (core/model/kernels/varlen_attn.c) is plain C with GCC vector
 extensions, compiled when the package is built or installed (setup.py), once per
 instruction-set level: x86-64-v4 (AVX-512) or ARMv8 (NEON).
 Here the best level this CPU supports is picked; no serving process runs a

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.attention import AttentionPlan
-from core.audio import AudioConfig
-from core.encoder import Encoder, EncoderConfig
-from core.image import ImageConfig
+from core.model.attention import AttentionPlan
+from core.model.audio import AudioConfig
+from core.model.encoder import Encoder, EncoderConfig
+from core.model.image import ImageConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from core.config import Settings
-from core.samples import sentences
 from core.serving.batcher import BatcherConfig, DeadlineExceeded, DynamicBatcher
+from core.training.samples import sentences
 
 
 class Spy:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from core.samples import varied_sentences
-from core.text import default_text_path
+from core.model.text import default_text_path
+from core.training.samples import varied_sentences
 
 SENTENCES = varied_sentences(240, seed=7)
 
@@ -62,7 +62,7 @@ def test_token_ids_and_truncation_match_hf_tokenizer(model, hf):
 
 
 def test_hidden_states_match_bert_model(model, hf):
-    from core.attention import AttentionPlan
+    from core.model.attention import AttentionPlan
 
     tok, bert = hf
     prepared = model.prepare_many("text", SENTENCES)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core import datasets as ds
-from core.audio import AudioConfig, LogMel, decode_audio, frames_to_patches
-from core.image import ImageConfig, decode_image, image_to_patches, pixels_to_patches
-from core.towers import PatchTower, TowersCheckpoint, audio_tower_config, image_tower_config
+from core.model.audio import AudioConfig, LogMel, decode_audio, frames_to_patches
+from core.model.image import ImageConfig, decode_image, image_to_patches, pixels_to_patches
+from core.model.towers import PatchTower, TowersCheckpoint, audio_tower_config, image_tower_config
+from core.training import datasets as ds
 
 log = logging.getLogger(__name__)
 

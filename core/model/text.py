@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from core.attention import AttentionPlan
-from core.encoder import Encoder, EncoderConfig, mean_pool
 from core.errors import InvalidInput
+from core.model.attention import AttentionPlan
+from core.model.encoder import Encoder, EncoderConfig, mean_pool
 
 # The Rust tokenizer's thread pool keeps spinning after each batch and steals the
 # cores torch is about to use; tokenising one batch serially costs far less

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from core import cpu_kernels
-from core.attention import (
+from core.model import cpu_kernels
+from core.model.attention import (
     IMPLS,
     KERNEL_MAX_LEN,
     AttentionPlan,
@@ -15,7 +15,7 @@ from core.attention import (
     packed_attention_qkv,
     resolve_impl,
 )
-from core.encoder import Encoder, EncoderConfig, bucket_rows
+from core.model.encoder import Encoder, EncoderConfig, bucket_rows
 
 # A new seed every run, printed on failure, so that each run tries new batches.
 SEED = random.SystemRandom().randrange(2**31)

@@ -1,0 +1,168 @@
+"""The store's tables (SQLAlchemy 2.x models) and engine set-up; the functions that
+read and write them are in core/store/__init__.py, and Alembic's migrations of
+them in core/store/migrations."""
+
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from core.jobs import JobStatus
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    task: Mapped[str] = mapped_column(String(16))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # labels, top_k
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Last time the task was sent to the broker; requeue re-sends stale queued jobs.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    worker: Mapped[str | None] = mapped_column(String(255), default=None)
+    model_version: Mapped[str | None] = mapped_column(String(255), default=None)
+    text: Mapped[str | None] = mapped_column(Text, default=None)  # text payloads, inline
+    payload_sha256: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("blobs.sha256"), default=None)  # image/audio bytes
+    # The API key id that made the job (never the key); None = SDK/CLI without a key.
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
+
+    __table_args__ = (
+        Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_modality_status", "modality", "status"),
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_finished", "finished_at"),
+        Index("ix_jobs_owner_created", "owner", "created_at", "id"),
+        Index("ix_jobs_worker_status", "worker", "status"),
+    )
+
+    def as_dict(self) -> dict:
+        ts = lambda d: d.isoformat() if d else None  # noqa: E731
+        return {
+            "id": self.id, "modality": self.modality, "task": self.task,
+            "params": self.params or {}, "status": self.status, "attempts": self.attempts,
+            "error": self.error, "created_at": ts(self.created_at),
+            "started_at": ts(self.started_at), "finished_at": ts(self.finished_at),
+            "deadline": ts(self.deadline), "worker": self.worker,
+            "model_version": self.model_version, "payload_sha256": self.payload_sha256,
+            "owner": self.owner,
+        }
+
+
+class Blob(Base):
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id"), primary_key=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # float32 LE
+    dim: Mapped[int | None] = mapped_column(Integer, default=None)
+    labels: Mapped[list | None] = mapped_column(JSON, default=None)  # [[label, score], ...]
+    tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    truncated: Mapped[bool | None] = mapped_column(default=None)
+    model_version: Mapped[str | None] = mapped_column(String(255), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def vector(self) -> np.ndarray | None:
+        if self.embedding is None:
+            return None
+        return np.frombuffer(self.embedding, dtype="<f4")
+
+    def as_dict(self, with_embedding: bool = True) -> dict:
+        out = {"labels": self.labels, "dim": self.dim, "tokens": self.tokens,
+               "truncated": self.truncated, "model_version": self.model_version}
+        if with_embedding and self.embedding is not None:
+            out["embedding"] = self.vector().tolist()
+        return out
+
+
+class WorkerLease(Base):
+    """A live worker process: renewed every ``lease_renew_s``; a worker whose lease is
+    older than ``lease_s`` is dead, and the sweep recovers its running jobs."""
+
+    __tablename__ = "worker_leases"
+
+    worker: Mapped[str] = mapped_column(String(255), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_worker_leases_heartbeat", "heartbeat_at"),)
+
+
+class IdempotencyKey(Base):
+    """A submit's Idempotency-Key, the hash of its request and the jobs it created."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_ids: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# -- engine ---------------------------------------------------------------------------
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn, _record) -> None:
+            # WAL: readers never block the writer; busy_timeout: writers from several
+            # processes queue instead of failing with "database is locked".
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
