@@ -28,10 +28,8 @@ from core import store
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
+from core.inputs import AudioConfig, ImageConfig, decode_image, read_audio, validate_text
 from core.jobs import TERMINAL, Modality, Task
-from core.model.audio import AudioConfig, decode_audio
-from core.model.image import ImageConfig, decode_image
-from core.model.text import validate_text
 from core.params import job_params
 from core.store.migrations import upgrade
 
@@ -188,7 +186,7 @@ class Client:
         if modality == "image":
             decode_image(data, self._image_cfg, index)  # decodable, within limits
         else:
-            decode_audio(data, self._audio_cfg, index)
+            read_audio(data, self._audio_cfg, index)
         row["payload"] = data
         return row
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from core.errors import InvalidInput
+from core.inputs import validate_text
 from core.model.attention import AttentionPlan
 from core.model.encoder import Encoder, EncoderConfig, mean_pool
 
@@ -127,35 +128,6 @@ def _from_hf_bert(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch
             out[q + f"fc2.{kind}"] = sd[p + f"output.dense.{kind}"]
             out[q + f"ln_mlp.{kind}"] = sd[p + f"output.LayerNorm.{kind}"]
     return out
-
-
-def validate_text(item: object, max_chars: int, index: int | None = None) -> str:
-    """str or UTF-8 bytes -> the text (unstripped), or ``InvalidInput`` saying why.
-    Shared by producers (before enqueue) and the model (before tokenising)."""
-    if isinstance(item, bytes | bytearray):
-        try:
-            item = bytes(item).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidInput(f"text is not valid UTF-8 ({e.reason} at byte {e.start})",
-                               index=index) from None
-    if not isinstance(item, str):
-        raise InvalidInput(f"text must be a string, got {type(item).__name__}", index=index)
-    try:
-        item.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidInput(f"text is not valid Unicode ({e.reason} at {e.start})",
-                           index=index) from None
-    if "\x00" in item:
-        # Refused, not stripped: PostgreSQL text cannot hold NUL (the insert failed with
-        # a 500), and a NUL in a text is a client's bug that silence would hide.
-        raise InvalidInput(f"text contains a NUL character (at {item.index(chr(0))})",
-                           index=index)
-    if len(item) > max_chars:
-        raise InvalidInput(f"text has {len(item)} characters, over the limit of "
-                           f"{max_chars}", index=index, kind=InvalidInput.TOO_LARGE)
-    if not item.strip():
-        raise InvalidInput("text is empty or only whitespace", index=index)
-    return item
 
 
 @dataclass

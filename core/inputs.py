@@ -1,0 +1,222 @@
+"""Input checks and decoding that need no torch: what a producer validates before it
+enqueues a job (the API process never imports torch), and what the model's front
+ends (core/model/image.py, audio.py, text.py) start from.
+
+Images are decoded defensively: the pixel count is checked from the header before
+any pixel is decoded (a decompression bomb never reaches memory), truncated files
+and unknown formats become ``InvalidInput``, EXIF orientation is applied, and every
+mode Pillow reads (L, LA, RGB, RGBA, P, CMYK, I;16, ...) ends as RGB. Audio is
+read with soundfile, its length and sample rate checked from the header first.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from core.errors import InvalidInput, check_payload_size
+
+# -- text ---------------------------------------------------------------------------------
+
+def validate_text(item: object, max_chars: int, index: int | None = None) -> str:
+    """str or UTF-8 bytes -> the text (unstripped), or ``InvalidInput`` saying why.
+    Shared by producers (before enqueue) and the model (before tokenising)."""
+    if isinstance(item, bytes | bytearray):
+        try:
+            item = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"text is not valid UTF-8 ({e.reason} at byte {e.start})",
+                               index=index) from None
+    if not isinstance(item, str):
+        raise InvalidInput(f"text must be a string, got {type(item).__name__}", index=index)
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(f"text is not valid Unicode ({e.reason} at {e.start})",
+                           index=index) from None
+    if "\x00" in item:
+        # Refused, not stripped: PostgreSQL text cannot hold NUL (the insert failed with
+        # a 500), and a NUL in a text is a client's bug that silence would hide.
+        raise InvalidInput(f"text contains a NUL character (at {item.index(chr(0))})",
+                           index=index)
+    if len(item) > max_chars:
+        raise InvalidInput(f"text has {len(item)} characters, over the limit of "
+                           f"{max_chars}", index=index, kind=InvalidInput.TOO_LARGE)
+    if not item.strip():
+        raise InvalidInput("text is empty or only whitespace", index=index)
+    return item
+
+
+# -- images -------------------------------------------------------------------------------
+
+UNSUPPORTED = InvalidInput.UNSUPPORTED  # undecodable bytes: HTTP 415
+
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    image_size: int = 32  # square side after resize; the digit towers need no more
+    patch_size: int = 8  # (32 / 8)^2 = 16 patches + 1 class token = 17 tokens per image
+    # Refused before decoding: Pillow's own bomb guard only warns below 2x its limit.
+    max_pixels: int = 40_000_000
+    max_bytes: int = 20 * 1024 * 1024
+    mean: float = 0.5  # inputs are scaled to [0, 1] then (x - mean) / std, per channel
+    std: float = 0.5
+    # Shorter side before the centre crop to image_size (ImageNet's 256 -> 224 keeps the
+    # border out, as the backbone was evaluated); None resizes straight to image_size.
+    resize_size: int | None = None
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size * self.patch_size
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited over white (paper)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.size and a.max() > 0 else 1.0
+        img = Image.fromarray((a / (65535.0 if hi > 255 else max(hi, 1.0)) * 255).clip(
+            0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "RGBA", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Image.Image:
+    """bytes / bytearray / PIL.Image -> RGB PIL image, or ``InvalidInput`` saying why."""
+    if isinstance(data, Image.Image):
+        img = data
+    elif isinstance(data, bytes | bytearray | memoryview):
+        data = bytes(data)
+        check_payload_size(data, cfg.max_bytes, "image", index)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise InvalidInput("not an image (no decoder recognises these bytes)",
+                               index=index, kind=UNSUPPORTED) from None
+        except Image.DecompressionBombError as e:  # Pillow's own header check, at 2x its limit
+            raise InvalidInput(f"image pixel count is over the limit: {e}", index=index,
+                               kind=InvalidInput.TOO_LARGE) from None
+        except (OSError, SyntaxError, ValueError) as e:  # a known signature, then garbage
+            raise InvalidInput(f"not an image, or a corrupt one ({e})", index=index,
+                               kind=UNSUPPORTED) from None
+        if img.format not in FORMATS:
+            raise InvalidInput(f"unsupported image format {img.format}; accepted: "
+                               f"{', '.join(FORMATS)}", index=index, kind=UNSUPPORTED)
+    else:
+        raise InvalidInput(f"image must be bytes or a PIL image, got {type(data).__name__}",
+                           index=index)
+    w, h = img.size
+    if w * h > cfg.max_pixels:
+        raise InvalidInput(f"image is {w}x{h} = {w * h} pixels, over the limit of "
+                           f"{cfg.max_pixels}", index=index, kind=InvalidInput.TOO_LARGE)
+    if w == 0 or h == 0:
+        raise InvalidInput("image has no pixels", index=index)
+    try:
+        img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise InvalidInput(f"image could not be decoded: {e}", index=index,
+                           kind=UNSUPPORTED) from None
+
+
+# -- audio --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate: int = 16_000
+    n_fft: int = 400  # 25 ms windows
+    hop: int = 160  # 10 ms between frames
+    n_mels: int = 64
+    frames_per_patch: int = 4  # 40 ms per token: 1 s of audio = 25 tokens
+    max_seconds: float = 30.0  # longer clips are refused (750 tokens at the default)
+    max_bytes: int = 50 * 1024 * 1024
+    # Sample rates accepted (Hz): telephone speech to studio masters. A header can
+    # claim anything: 2 GHz passed the duration check (few samples per "second")
+    # and then failed in the worker's resampler with a raw torch error.
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 192_000
+
+    @property
+    def patch_dim(self) -> int:
+        return self.n_mels * self.frames_per_patch
+
+    @property
+    def max_patches(self) -> int:
+        frames = int(self.max_seconds * self.sample_rate) // self.hop + 1
+        return -(-frames // self.frames_per_patch)
+
+
+def read_audio(data: object, cfg: AudioConfig,
+               index: int | None = None) -> tuple[np.ndarray, int]:
+    """Audio bytes or (waveform, sample_rate) -> (mono float32 (samples,), its rate), or
+    ``InvalidInput`` saying why. Not resampled: the model's front end does that."""
+    if isinstance(data, tuple) and len(data) == 2:
+        wave, rate = data
+        try:
+            wave = np.asarray(wave, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"waveform is not numeric: {e}", index=index) from None
+        if wave.ndim == 2:  # (channels, samples) or (samples, channels): the short side
+            wave = wave.mean(axis=0 if wave.shape[0] <= wave.shape[1] else 1)
+        if wave.ndim != 1:
+            raise InvalidInput(f"waveform must be 1-D or 2-D, got shape {tuple(wave.shape)}",
+                               index=index)
+        if not isinstance(rate, int | np.integer) or isinstance(rate, bool):
+            raise InvalidInput(f"sample rate must be an integer, got {rate!r}", index=index)
+        rate = _check_rate(int(rate), cfg, index)
+    elif isinstance(data, bytes | bytearray | memoryview):
+        wave, rate = _decode_bytes(bytes(data), cfg, index)
+    else:
+        raise InvalidInput(f"audio must be bytes or (waveform, sample_rate), got "
+                           f"{type(data).__name__}", index=index)
+    if wave.size == 0:
+        raise InvalidInput("audio has no samples (zero length)", index=index)
+    if wave.size / rate > cfg.max_seconds:
+        raise InvalidInput(f"audio is {wave.size / rate:.1f} s long, over the limit of "
+                           f"{cfg.max_seconds:g} s", index=index, kind=InvalidInput.TOO_LARGE)
+    if not np.isfinite(wave).all():
+        raise InvalidInput("audio contains NaN or infinite samples", index=index)
+    return np.ascontiguousarray(wave, dtype=np.float32), rate
+
+
+def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.ndarray, int]:
+    check_payload_size(data, cfg.max_bytes, "audio", index)
+    try:
+        info = sf.info(io.BytesIO(data))
+        _check_rate(info.samplerate, cfg, index)
+        # Refuse long clips from the header, before decoding them into memory.
+        if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
+            raise InvalidInput(f"audio is {info.frames / info.samplerate:.1f} s long, over "
+                               f"the limit of {cfg.max_seconds:g} s", index=index,
+                               kind=InvalidInput.TOO_LARGE)
+        wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except InvalidInput:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise InvalidInput(f"not a readable audio file (WAV, FLAC or OGG): {e}",
+                           index=index, kind=InvalidInput.UNSUPPORTED) from None
+    return wave.mean(axis=1), int(rate)  # downmix (samples, ch) -> mono
+
+
+def _check_rate(rate: int, cfg: AudioConfig, index: int | None) -> int:
+    if not cfg.min_sample_rate <= rate <= cfg.max_sample_rate:
+        raise InvalidInput(f"sample rate {rate} Hz is outside {cfg.min_sample_rate}.."
+                           f"{cfg.max_sample_rate} Hz", index=index)
+    return rate
