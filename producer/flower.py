@@ -1,8 +1,9 @@
 """``mmq flower``: Flower for the mmq Celery app, always behind basic auth.
 
 Flower runs as its own process, ``python -m producer.flower [flower options]``, which
-loads the Celery app by name (``-A workers.app:monitor_app``), so this package still never
-imports ``workers``. Two things are adjusted in that process before Flower starts:
+loads the monitoring app of the broker contract (``-A core.broker.apps:monitor``): the
+queues and events, no task module and no torch. Two things are adjusted in that
+process before Flower starts:
 
 - ``/metrics`` requires the same basic auth as the UI. Flower 2 serves it
   unauthenticated on purpose (mher/flower#1129), and it names every task, worker and
@@ -25,7 +26,7 @@ import sys
 from core.config import Settings, get_settings
 from core.jobs import QUEUES
 
-CELERY_APP = "workers.app:monitor_app"  # without the task module: no torch in Flower
+CELERY_APP = "core.broker.apps:monitor"  # without the task module: no torch in Flower
 LOCAL_USER = "mmq"
 
 
@@ -84,7 +85,7 @@ def _harden_flower() -> None:
 
 
 def run_flower(argv: list[str]) -> None:
-    """Run Flower in this process: ``celery -A workers.app:monitor_app flower <argv>``."""
+    """Run Flower in this process: ``celery -A core.broker.apps:monitor flower <argv>``."""
     if not os.environ.get("FLOWER_BASIC_AUTH"):
         raise FlowerAuthMissing("producer.flower: FLOWER_BASIC_AUTH is not set; use `mmq flower`")
     _harden_flower()

@@ -9,16 +9,9 @@ from celery import Celery
 from celery.worker.consumer import Consumer
 from vine import promise
 
-from core.broker.queues import worker_queues
+from core.broker.apps import celery_conf
 from core.config import Settings, get_settings
-from core.jobs import QUEUES
 from workers import poison
-
-
-def route_by_modality(name, args, kwargs, options, task=None, **kw):
-    """Every job goes to its modality's queue; a worker consumes exactly one."""
-    modality = (kwargs or {}).get("modality")
-    return {"queue": modality} if modality in QUEUES else None
 
 
 class EventBatchingConsumer(Consumer):
@@ -57,40 +50,20 @@ class EventBatchingConsumer(Consumer):
         self._flush_events()
 
 
-def make_app(settings: Settings | None = None, *, include_tasks: bool = True) -> Celery:
+def make_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"] if include_tasks else [])
+    app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"])
     app.conf.update(
-        # JSON only: a pickle payload from the broker would be code execution.
-        task_serializer="json", accept_content=["json"],
-        result_serializer="json", result_accept_content=["json"],
-        # Results live in SQL (the store), not in a Celery result backend.
-        task_ignore_result=True,
-        # Ack after the prediction is stored; a worker killed mid-job leaves the
-        # message to be redelivered, and the store's upsert keeps one prediction.
-        task_acks_late=True, task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": s.visibility_timeout},
-        broker_connection_retry_on_startup=True,
+        celery_conf(s),
         # The worker's kombu Redis transport has a channel that dead-letters what is
         # not a message envelope (undecodable bytes, a JSON list): upstream raises out
         # of the event loop. Not Flower's (it reads the broker's kind from the
         # transport name), nor other schemes (sentinel, rediss).
         **({"broker_transport": "workers.poison:GuardedRedisTransport"}
-           if include_tasks and urlparse(s.broker_url).scheme == "redis" else {}),
-        task_queues=worker_queues(),  # core/broker/queues.py: why each has its exchange
-        task_default_queue=QUEUES[0],
-        task_routes=(route_by_modality,),
-        # Events for Flower: per-job task lifecycle.
-        worker_send_task_events=True, task_send_sent_event=True,
-        worker_hijack_root_logger=False,
+           if urlparse(s.broker_url).scheme == "redis" else {}),
         worker_consumer="workers.app:EventBatchingConsumer",
     )
     return app
 
 
 app = make_app()
-# The same configuration without the task module, for Flower: it needs the broker,
-# the queues and the events, not the model (importing workers.tasks loads torch,
-# about 500 MB of Flower's resident memory).
-monitor_app = make_app(include_tasks=False)
