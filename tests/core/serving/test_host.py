@@ -1,0 +1,128 @@
+"""The serving runtime without Celery: the host's store -> model -> store chain, the
+group-commit writer, and errors crossing the model process's pipe. Real SQLite,
+the real model; no broker, no worker process."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from PIL import Image
+
+from core import store
+from core.config import Settings
+from core.errors import InvalidInput
+from core.jobs import JobResult
+from core.serving.contracts import DeadlineExceeded, Failure, JobRequest
+from core.serving.host import InProcessModel, ModelHost
+from core.serving.metrics import BatchMetrics
+from core.serving.writer import GroupWriter
+from core.store.migrations import upgrade
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> Settings:
+    url = f"sqlite:///{tmp_path_factory.mktemp('host') / 'mmq.db'}"
+    upgrade(url)
+    return Settings(database_url=url, device="cpu", torch_threads=1, model_process=False)
+
+
+@pytest.fixture(scope="module")
+def host(settings):
+    sessions = store.session_factory(store.make_engine(settings.db_url))
+    model = InProcessModel(settings, "cpu", BatchMetrics())
+    h = ModelHost(settings, model, model.metrics, sessions, GroupWriter(sessions))
+    yield h
+    h.close()
+
+
+def _job(host: ModelHost, **kw) -> str:
+    with host.tx() as s:
+        return store.create_job(session=s, **kw).id
+
+
+def _row(host: ModelHost, job_id: str):
+    with host.sessions() as s:
+        return store.get_job(session=s, job_id=job_id), store.get_prediction(session=s,
+                                                                              job_id=job_id)
+
+
+def test_a_job_runs_and_its_prediction_is_stored(host):
+    job_id = _job(host, modality="text", task="classify", text="The striker scored twice.",
+                  params={"labels": ["sport", "cooking"], "top_k": 1})
+    summary = host.process(job_id, "w1").result(timeout=120)
+    assert summary["status"] == "succeeded" and summary["top"][0] == "sport"
+    job, pred = _row(host, job_id)
+    assert (job.status, job.worker, job.attempts) == ("succeeded", "w1", 1)
+    assert pred.labels[0][0] == "sport" and pred.dim == 384 and pred.model_version
+
+
+def test_bad_input_fails_the_job_with_its_reason(host):
+    job_id = _job(host, modality="image", task="embed", payload=b"\x89PNG\r\n\x1a\n broken")
+    summary = host.process(job_id, "w1").result(timeout=60)
+    job, pred = _row(host, job_id)
+    assert summary["status"] == job.status == "failed" and pred is None
+    assert "image" in job.error
+
+
+def test_a_passed_deadline_cancels_the_job(host):
+    job_id = _job(host, modality="text", task="embed", text="too late",
+                  deadline=store.utcnow() - timedelta(seconds=1))
+    assert host.process(job_id, "w1").result(timeout=60)["status"] == "cancelled"
+    assert _row(host, job_id)[0].error == "deadline passed before it ran"
+
+
+def test_terminal_and_unknown_jobs_are_not_run(host):
+    job_id = _job(host, modality="text", task="embed", text="once")
+    host.process(job_id, "w1").result(timeout=60)
+    assert host.process(job_id, "w2").result(timeout=60)["status"] == "succeeded"
+    assert _row(host, job_id)[0].attempts == 1  # not started again
+    assert host.process("no-such-job", "w1").result(timeout=60)["status"] == "unknown"
+
+
+def test_one_bad_write_in_a_group_fails_alone(host):
+    """The writer retries a failed group one request at a time."""
+    job_id = _job(host, modality="text", task="embed", text="grouped")
+    host.writer.start(job_id, "w1").result(timeout=60)
+
+    def boom(_session):
+        raise RuntimeError("a write that fails")
+
+    bad = host.writer.call(boom)
+    good = host.writer.finish(job_id, "v-test", JobResult(tokens=3))
+    with pytest.raises(RuntimeError):
+        bad.result(timeout=60)
+    good.result(timeout=60)
+    job, pred = _row(host, job_id)
+    assert job.status == "succeeded" and pred.tokens == 3 and pred.model_version == "v-test"
+
+
+def test_errors_keep_their_type_kind_and_index_across_the_pipe():
+    e = InvalidInput("too big", index=3, kind=InvalidInput.TOO_LARGE)
+    back = Failure.of(e).exception()
+    assert isinstance(back, InvalidInput)
+    assert (back.reason, back.index, back.kind) == ("too big", 3, InvalidInput.TOO_LARGE)
+    assert isinstance(Failure.of(DeadlineExceeded("late")).exception(), DeadlineExceeded)
+    assert "KeyError" in str(Failure.of(KeyError("x")).exception())
+
+
+def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
+    """A real spawned model process: an undecodable image comes back as InvalidInput
+    of kind "unsupported_media" (HTTP 415), a good one as a JobResult."""
+    from core.serving.modelproc import ModelProcess
+
+    proc = ModelProcess(settings, "cpu", BatchMetrics())
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
+        bad = proc.submit(JobRequest("image", b"GIF89a not really", None, 5, None))
+        good = proc.submit(JobRequest("image", buf.getvalue(), ["red", "blue"], 1, None))
+        with pytest.raises(InvalidInput) as err:
+            bad.result(timeout=120)
+        assert err.value.kind == InvalidInput.UNSUPPORTED
+        result = good.result(timeout=120)
+        assert isinstance(result, JobResult) and result.embedding.shape == (384,)
+        assert len(result.labels) == 1
+    finally:
+        proc.close()
