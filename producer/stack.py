@@ -126,6 +126,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_supervised(functools.partial(_bring_up, args))
 
 
+def _child_output(name: str, verbose: bool) -> dict:
+    """A child's stdout/stderr: the terminal with --verbose, else a log file under
+    MMQ_DATA_DIR/logs (Celery's banners and per-worker logs stay out of the way)."""
+    if verbose:
+        return {}
+    logs = Path(get_settings().data_dir).resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    f = open(logs / f"{name}.log", "ab")  # noqa: SIM115  (the child owns it from here)
+    return {"stdout": f, "stderr": subprocess.STDOUT}
+
+
 def _bring_up(args: argparse.Namespace, sup: Supervisor) -> None:
     from core.store.migrations import upgrade
 
@@ -137,7 +148,9 @@ def _bring_up(args: argparse.Namespace, sup: Supervisor) -> None:
         sup.add(f"worker {q}", functools.partial(
             subprocess.Popen, [sys.executable, "-m", "workers", q] + (
                 ["--concurrency", str(args.concurrency)] if args.concurrency else []),
-            env=_worker_env(s, i)))
+            env=_worker_env(s, i), **_child_output(f"worker-{q}", args.verbose)))
+    where = "this terminal" if args.verbose else f"{Path(s.data_dir).resolve() / 'logs'}"
+    print(f"workers: {', '.join(QUEUES)} (logs: {where})")
     if not args.no_flower:
         _start_flower(s, args.flower_port or s.flower_port, sup)
     if not args.no_api:
@@ -191,6 +204,8 @@ def add_stack_commands(sub) -> None:
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--api-port", type=int, default=None, help="default: MMQ_API_PORT")
     p.add_argument("--no-api", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="the workers' own output (Celery banners, logs) in this terminal")
     p.set_defaults(func=cmd_up)
     add_flower_command(sub)
     p = sub.add_parser("demo", help="submit the bundled examples to a running stack")

@@ -135,4 +135,8 @@ def run_supervised(setup: Callable[[Supervisor], None], sup: Supervisor | None =
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C (or SIGTERM) while the children stop must not abandon them
+        # half-way with a traceback: stopping is already under way.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sup.stop()
