@@ -70,7 +70,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     model = _load(args)
     inputs = _inputs(args)
-    labels = [lb.strip() for lb in args.labels.split(",")]
+    from core.params import check_labels
+
+    labels = check_labels([lb.strip() for lb in args.labels.split(",")])
     # unit=False: image vectors keep the length that scores labels (core/model/zeroshot.py)
     items = model.embed_items(args.modality, _payloads(args, inputs), unit=False)
     import torch

@@ -278,8 +278,9 @@ class MultimodalModel:
                modality: str | None = None) -> list[list[tuple[str, float]]]:
         """(B, D) embeddings -> per item the top_k (label, probability) pairs. Images
         from the ImageNet tower are scored by its distribution comparison, exactly
-        when given ``forward(..., unit=False)`` vectors (core/model/zeroshot.py)."""
-        labels = check_labels(labels)
+        when given ``forward(..., unit=False)`` vectors (core/model/zeroshot.py).
+        ``labels`` are checked already: by ``classify``, or by the worker's host (the
+        batcher calls this per item, and would otherwise check each set again)."""
         lab = self.label_embeddings(labels)  # (L, D)
         if modality == "image" and self.photo is not None:
             logits = self.photo.label_logits(embeddings, lab)  # (B, L)
@@ -293,7 +294,7 @@ class MultimodalModel:
 
     def classify(self, modality: str, inputs: list[object], labels: list[str],
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
-        check_labels(labels)
+        labels = check_labels(labels)
         if not len(inputs):
             self._check_modality(modality)
             return []
