@@ -260,16 +260,16 @@ def rounds(stack: Stack, items: list[dict], texts: list[str], st_bs: int, n: int
 
 def towers(stack: Stack) -> None:
     from bench.towers import speechlike_wav
-    from core.training import datasets as ds
-    from core.training.train import digit_png
+    from core.training import photo_eval as pe
 
-    x, _ = ds.digits(32)
+    # Real photographs for the ImageNet tower (the store keeps each distinct one once).
     rng = np.random.default_rng(0)
-    pngs = [digit_png(x[i]) for i in range(500)]
+    jpegs = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT]
+    photos = [jpegs[i % len(jpegs)] for i in range(300)]
     secs = rng.uniform(0.5, 3.0, 500)
     wavs = [speechlike_wav(float(s), rng) for s in secs]
     print(f"\n{'':<34} {'jobs/s':>8} {'':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
-    for modality, payloads in (("image", pngs), ("audio", wavs)):
+    for modality, payloads in (("image", photos), ("audio", wavs)):
         db = stack.fresh_db()
         log = stack.start_worker(modality, db)
         c = Client(broker_url=stack.broker, database_url=db)
