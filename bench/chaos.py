@@ -398,13 +398,16 @@ class Result:
 
 
 class Load:
-    """Submits ``n`` text jobs, keeping about ``window`` open, never past the next
-    fault's point (plus the window) until that fault has fired."""
+    """Submits ``n`` text jobs, keeping at most ``window`` open. It stops at the next
+    fault's point until the driver sets ``release`` (its victim is ready), then
+    submits that fault's share more, so that every fault meets jobs in flight."""
 
     def __init__(self, stack: Stack, n: int, n_faults: int, window: int = 200):
         self.stack, self.n, self.window = stack, n, window
         self.points = [n * (k + 1) // (n_faults + 1) for k in range(n_faults)]
+        self.step = max(1, min(window, n // (n_faults + 1)))  # a fault's share of jobs
         self.fired = 0
+        self.release = False
         self.submitted = 0
         self.texts = sentences(n, seed=7)
         self.errors: list[str] = []
@@ -421,7 +424,7 @@ class Load:
     def _submit(self) -> None:
         while self.submitted < self.n and not self._stop.is_set():
             gate = self.n if self.fired >= len(self.points) else (
-                self.points[self.fired] + self.window)
+                self.points[self.fired] + (self.step if self.release else 0))
             try:
                 room = self.window - self.stack.open_jobs()
             except Exception as e:  # our direct connection hiccuped: try again
@@ -450,6 +453,7 @@ class Load:
 
     def fire(self, fault: Fault) -> None:
         self.faults.append(fault)
+        self.release = False
         self.fired += 1
 
     def _watch(self) -> None:

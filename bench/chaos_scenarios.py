@@ -28,9 +28,10 @@ KILLS = 5
 
 # -- 1, 2: a worker, or its model process, SIGKILLed ------------------------------------------
 
-def _wait_busy(stack: Stack, w: Worker, timeout: float = 60) -> list[str]:
+def _wait_busy(stack: Stack, w: Worker, load: Load, timeout: float = 60) -> list[str]:
     """Until the worker is ready and has jobs running (so a kill hits work in flight)."""
     w.wait_ready()
+    load.release = True
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if ids := stack.running_on(w):
@@ -48,7 +49,7 @@ def worker_kill(stack: Stack, args, res: Result, model: bool = False) -> None:
     load.start()
     for _ in range(KILLS):
         load.wait_point()
-        ids = _wait_busy(stack, victim)
+        ids = _wait_busy(stack, victim, load)
         if model:
             child = victim.model_child()
             if child is None:
@@ -60,6 +61,8 @@ def worker_kill(stack: Stack, args, res: Result, model: bool = False) -> None:
             os.kill(victim.pid, signal.SIGKILL)
             what = f"worker {victim.pid} killed"
         load.fire(Fault(what, time.monotonic(), ids, target_s=60))
+        if not ids:
+            res.notes.append(f"{what} with no job running on it (none started in 60 s)")
         if model:
             try:
                 victim.proc.wait(15)
@@ -104,8 +107,11 @@ def redis_restart(stack: Stack, args, res: Result, empty: bool, kill_worker: boo
     load.start()
     load.wait_point()
     victim = workers[-1]
+    load.release = True  # the fault meets a flow of jobs, not a drained queue
     if kill_worker:
-        _wait_busy(stack, victim)
+        _wait_busy(stack, victim, load)
+    else:
+        time.sleep(1)
     ids = stack.all_ids()
     if kill_worker:
         os.kill(victim.pid, signal.SIGKILL)
@@ -147,6 +153,8 @@ def pg_outage(stack: Stack, args, res: Result) -> None:
     load = Load(stack, args.jobs, 1)
     load.start()
     load.wait_point()
+    load.release = True
+    time.sleep(1)
     stack.proxy.down()
     codes: Counter = Counter()
     end = time.monotonic() + 10
