@@ -23,7 +23,10 @@ Scenarios (``--scenarios 1,3,6`` or names):
                 probed during the outage: its status codes are in the notes).
 7 poison        five shapes of invalid message RPUSHed onto ``text`` between real
                 jobs (raw bytes, a JSON list, a task envelope with a bad body, an
-                unknown task name, a valid envelope for a job id not in SQL).
+                unknown task name, a valid envelope for a job id not in SQL), one
+                shape at a time, each followed by a share of the jobs. A worker
+                that dies is noted against that shape and replaced, and the
+                poison is taken out of Redis, so each shape gets its own verdict.
 8 bad-input     bad inputs through the HTTP API (each must get a 4xx) and the SDK
                 (each must raise InvalidInput).
 9 backpressure  200 HTTP clients at once, MMQ_MAX_QUEUE_DEPTH=100, no worker.
@@ -385,6 +388,7 @@ class Fault:
     watch: list[str] | None  # these jobs; None = every job (at the time of checking)
     recovered_s: float | None = None
     target_s: float | None = None
+    scope: str = "in-flight"  # how the watched jobs were chosen, for the notes
 
 
 @dataclass
@@ -509,7 +513,7 @@ def finish_result(res: Result, stack: Stack, load: Load, *, fail_ok: bool = Fals
         res.notes.append("failed: " + "; ".join(stack.errors()))
     for f in load.faults:
         got = "never" if f.recovered_s is None else f"{f.recovered_s:.1f} s"
-        n = "all jobs" if f.watch is None else f"{len(f.watch)} in-flight job(s)"
+        n = "all jobs" if f.watch is None else f"{len(f.watch)} {f.scope} job(s)"
         res.notes.append(f"{f.what}: {n} terminal after {got}")
     res.notes += sorted(set(load.errors))[:5]
 
