@@ -110,6 +110,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(_req: Request, e: Exception) -> JSONResponse:
+        if store.unreachable(e):  # an outage, not a bug: the client should come back
+            log.warning("the results store is unreachable: %s", str(e).splitlines()[0])
+            return JSONResponse(ApiError(503, "unavailable", "the results store (database) "
+                                         "is unreachable; retry later").body(),
+                                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         log.exception("unhandled error")
         return JSONResponse(ApiError(500, "internal", f"internal error: "
                                      f"{type(e).__name__}").body(), status_code=500)

@@ -19,7 +19,6 @@ import time
 from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from core import store
 from core.jobs import RUN_JOB_TASK
@@ -33,10 +32,8 @@ log = logging.getLogger(__name__)
 def transient(e: BaseException) -> bool:
     """Worth a retry: the database or the broker went away for a moment. Other
     database errors (a constraint, bad data) would fail the same way again."""
-    if isinstance(e, OperationalError | InterfaceError | ConnectionError | TimeoutError
-                  | RedisConnectionError | RedisTimeoutError):
-        return True
-    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
+    return store.unreachable(e) or isinstance(
+        e, ConnectionError | TimeoutError | RedisConnectionError | RedisTimeoutError)
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)

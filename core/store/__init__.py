@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from core.jobs import JobResult, JobStatus
@@ -30,6 +31,16 @@ from core.store.tables import (  # noqa: F401  (the store's public names, in one
     session_factory,
     utcnow,
 )
+
+
+def unreachable(e: BaseException) -> bool:
+    """The database went away (refused, cut, timed out, locked), as opposed to a bad
+    statement or bad data, which would fail the same way again: worth a retry, and
+    an HTTP 503 rather than a 500."""
+    if isinstance(e, OperationalError | InterfaceError):
+        return True
+    return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
+
 
 # -- jobs -----------------------------------------------------------------------------
 

@@ -346,3 +346,41 @@ def test_submit_is_refused_with_503_while_redis_is_down(broker_url, pg_url):
     finally:
         proxy.down()
         app.state.client.close()
+
+
+def test_requests_get_503_while_the_database_is_down(broker_url, pg_url):
+    """The API reaches PostgreSQL through a proxy taken down and up: submits and reads
+    get 503 with Retry-After (an outage, not a bug: it was a 500), /readyz says the
+    database is the problem, and everything works again once it is back."""
+    from urllib.parse import urlsplit
+
+    from producer.api import create_app
+    from tests.e2e.faults import TcpProxy
+
+    pg = urlsplit(pg_url)
+    proxy = TcpProxy(pg.hostname, pg.port)
+    s = Settings(broker_url=broker_url, api_keys=KEY,
+                 database_url=pg_url.replace(pg.netloc.split("@")[-1], proxy.address))
+    app = create_app(s)
+    body = {"text": "sent while PostgreSQL comes and goes"}
+    try:
+        with TestClient(app, raise_server_exceptions=False) as http:
+            r = http.post("/v1/jobs", headers=AUTH, json=body)
+            assert r.status_code == 202, r.text
+            job = r.json()["id"]
+            proxy.down()
+            for req in (lambda: http.post("/v1/jobs", headers=AUTH, json=body),
+                        lambda: http.get(f"/v1/jobs/{job}", headers=AUTH),
+                        lambda: http.get("/v1/jobs", headers=AUTH)):
+                r = req()
+                assert r.status_code == 503, r.text
+                assert int(r.headers["Retry-After"]) > 0
+            ready = http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["error"]["details"]["database"] != "ok"
+            proxy.up()
+            assert http.get(f"/v1/jobs/{job}", headers=AUTH).status_code == 200
+            assert http.post("/v1/jobs", headers=AUTH, json=body).status_code == 202
+    finally:
+        proxy.down()
+        app.state.client.close()
