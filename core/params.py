@@ -31,6 +31,10 @@ def check_labels(labels: object, *, max_labels: int | None = None,
             raise InvalidInput(f"label {lb!r} is not a non-empty string")
         if "\x00" in lb:  # PostgreSQL text cannot hold NUL; nor can a tokenizer use it
             raise InvalidInput(f"label {lb!r} contains a NUL character")
+        try:  # a lone surrogate (JSON "\ud800") is no text either; PostgreSQL refuses it
+            lb.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(f"label {lb!r} is not valid Unicode (a lone surrogate)") from None
         if max_chars is not None and len(lb.strip()) > max_chars:
             raise InvalidInput(f"label {lb[:20]!r}... has {len(lb.strip())} characters, "
                                f"over the limit of {max_chars}")

@@ -110,6 +110,14 @@ class Client:
         """Check every item (``InvalidInput`` names the first bad one); -> the rows
         ``submit_valid`` writes. For callers that must refuse bad input before
         anything else (the API: before it reserves room in the queue)."""
+        if isinstance(items, dict | str | bytes) or not isinstance(items, list | tuple):
+            raise InvalidInput(f"items must be a list of dicts, got {type(items).__name__}")
+        if not items:
+            raise InvalidInput("no items to submit")
+        for i, it in enumerate(items):
+            if not isinstance(it, dict):
+                raise InvalidInput(f"an item must be a dict (modality, input, ...), got "
+                                   f"{type(it).__name__}", index=i)
         return [self._validate(i, it) for i, it in enumerate(items)]
 
     def submit_valid(self, rows: list[dict], *, idempotency_key: str | None = None,

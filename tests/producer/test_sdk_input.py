@@ -72,10 +72,14 @@ BAD = {
     "10,000 labels": ({**CLASSIFY, "labels": [f"l{i}" for i in range(10_000)]}, "labels"),
     "label too long": ({**CLASSIFY, "labels": ["a", "x" * 21]}, "label"),
     "label with NUL": ({**CLASSIFY, "labels": ["a", "b\x00"]}, "label"),
+    "label a lone surrogate": ({**CLASSIFY, "labels": ["a", "\udc00"]}, "label"),
+    "text a lone surrogate": ({"modality": "text", "input": "\ud800"}, "Unicode"),
     "audio claiming 2 GHz": ({"modality": "audio", "input": wav_claiming(2_000_000_000)},
                              "sample rate"),
     "audio claiming 1 kHz": ({"modality": "audio", "input": wav_claiming(1000)},
                              "sample rate"),
+    "item None": (None, "must be a dict"),
+    "item a string": ("a sentence", "must be a dict"),
 }
 
 
@@ -87,6 +91,15 @@ def test_bad_item_is_invalid_input_and_nothing_is_written(client, case):
     with pytest.raises(InvalidInput, match=word) as e:
         client.submit_many([ok, item])
     assert e.value.index == 1 and e.value.kind == InvalidInput.INVALID
+    assert _jobs(client) == before
+
+
+@pytest.mark.parametrize("items", ["a sentence", {"modality": "text", "input": "x"}, [], None])
+def test_items_that_are_not_a_list_of_dicts_are_invalid_input(client, items):
+    """They raised AttributeError (chaos run, scenario 8)."""
+    before = _jobs(client)
+    with pytest.raises(InvalidInput):
+        client.submit_many(items)
     assert _jobs(client) == before
 
 
