@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -108,13 +109,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal(_req: Request, e: Exception) -> JSONResponse:
+    @app.exception_handler(DBAPIError)
+    async def _database(_req: Request, e: DBAPIError) -> JSONResponse:
+        # Its own handler, not the catch-all below: Starlette re-raises what reaches
+        # that one after answering, and uvicorn then drops the client's keep-alive
+        # connection (the next request on it failed with a read error).
         if store.unreachable(e):  # an outage, not a bug: the client should come back
             log.warning("the results store is unreachable: %s", str(e).splitlines()[0])
             return JSONResponse(ApiError(503, "unavailable", "the results store (database) "
                                          "is unreachable; retry later").body(),
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        log.exception("database error")
+        return JSONResponse(ApiError(500, "internal", f"internal error: "
+                                     f"{type(e).__name__}").body(), status_code=500)
+
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(ApiError(500, "internal", f"internal error: "
                                      f"{type(e).__name__}").body(), status_code=500)
