@@ -148,8 +148,13 @@ class Client:
             log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
                         len(pairs), e)
             return Submitted(ids)
-        with self.sessions.begin() as s:
-            store.mark_sent(session=s, job_ids=sent)
+        try:
+            with self.sessions.begin() as s:
+                store.mark_sent(session=s, job_ids=sent)
+        except Exception as e:  # noqa: BLE001  (the jobs are queued: a 503 would be a lie)
+            # The sweep reads a missing send time as "created then": at worst a job
+            # is re-sent once after a minute, and the upsert keeps one prediction.
+            log.warning("sent %d job(s) but could not record it (%s)", len(sent), e)
         return Submitted(ids)
 
     @staticmethod

@@ -13,15 +13,17 @@ import logging
 import os
 import socket
 import threading
+import uuid
 
 from core.config import get_settings
 from core.jobs import QUEUES
+from core.serving.lease import LeaseKeeper
 from core.serving.procs import batch_scheduling, limit_malloc_arenas
 
 log = logging.getLogger("mmq.worker")
 
 
-def _sweep_forever(modality: str, every: float) -> None:
+def _sweep_forever(modality: str, every: float, lease) -> None:
     """Re-send this modality's jobs whose message was lost, and put back the
     unacknowledged messages of dead workers (core/broker/sweep.py)."""
     from core.broker.sweep import sweep
@@ -31,35 +33,13 @@ def _sweep_forever(modality: str, every: float) -> None:
     queued_every = max(1, round(15 / every))
     for turn in itertools.count():
         threading.Event().wait(every)
+        if not lease.may_sweep():  # just back from a store outage (core/serving/lease.py)
+            continue
         try:
             sweep(get_settings(), modalities=[modality], single_flight=True,
                   queued=turn % queued_every == 0)
         except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
             log.warning("sweep failed (%s: %s); will try again", type(e).__name__, e)
-
-
-def _heartbeat_forever(h, worker: str, modality: str, stop: threading.Event) -> None:
-    """Renew this worker's lease; a worker whose lease lapses is taken for dead and
-    its running jobs are re-sent. Runs beside Celery, not in a task thread, so a
-    saturated worker still renews it."""
-    from core import store
-
-    every, failing = h.settings.lease_renew_s, False
-    while not stop.is_set():
-        try:
-            with h.tx() as s:
-                store.renew_lease(session=s, worker=worker, modality=modality)
-            failing = False
-        except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
-            if not failing:
-                log.warning("could not renew the worker lease (%s); retrying", e)
-            failing = True
-        stop.wait(every)
-    try:
-        with h.tx() as s:
-            store.drop_lease(session=s, worker=worker)
-    except Exception:  # noqa: BLE001  (it will expire by itself)
-        log.info("could not drop the worker lease; it expires in %g s", h.settings.lease_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
 
     upgrade(settings.db_url)
     batch_scheduling()
-    name = f"{args.modality}-{os.getpid()}@{socket.gethostname()}"
+    # Unique per start, not just per pid: a restarted container's worker is pid 1 again
+    # on the same hostname, and would renew the dead one's lease (its running jobs
+    # would then wait out the visibility timeout instead of being recovered).
+    name = f"{args.modality}-{os.getpid()}.{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     h = init_host(settings, args.device, modality=args.modality, worker=name)
     if h.exporter is not None:  # dead letters are counted beside the batching metrics
         from workers import poison
@@ -89,13 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
              h.model.version, h.model.device, settings.db_url.split("@")[-1],
              settings.broker_url.split("@")[-1])
+    h.lease = LeaseKeeper(h, name, args.modality)
     stop_lease = threading.Event()
-    lease = threading.Thread(target=_heartbeat_forever, daemon=True, name="mmq-lease",
-                             args=(h, name, args.modality, stop_lease))
+    lease = threading.Thread(target=h.lease.run, args=(stop_lease,), daemon=True,
+                             name="mmq-lease")
     lease.start()
     if settings.requeue_every_s > 0:
-        threading.Thread(target=_sweep_forever, args=(args.modality, settings.requeue_every_s),
-                         daemon=True, name="requeue-sweep").start()
+        threading.Thread(target=_sweep_forever, daemon=True, name="requeue-sweep",
+                         args=(args.modality, settings.requeue_every_s, h.lease)).start()
 
     # Celery logs two INFO lines per task; at hundreds of jobs per second that is
     # real CPU taken from the model. Job outcomes are in the store and in Flower.

@@ -128,6 +128,11 @@ class GuardedChannel(kombu_redis.Channel):
             info["exchange"], info["routing_key"]  # noqa: B018
             if not isinstance(message.headers, dict):
                 return "headers are not a JSON object"
+            # kombu's QoS writes the tag into a Redis hash: None, a bool or a list raise
+            # inside the event loop, which the worker does not survive.
+            tag = message.delivery_tag
+            if not isinstance(tag, str | int) or isinstance(tag, bool):
+                return f"delivery_tag is a {type(tag).__name__}, not a string"
         except Exception as e:  # noqa: BLE001  (anything here is a malformed envelope)
             return f"kombu cannot read it: {type(e).__name__}: {e}"
         return None

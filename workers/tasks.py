@@ -72,12 +72,16 @@ def _run(job_id: str, worker: str) -> dict:
 
 def _record_failure(job_id: str, error: str) -> None:
     """Write the failure, or refuse to acknowledge: a job whose outcome cannot be
-    recorded goes back onto the queue (or, with the broker down too, stays
-    unacknowledged until the sweep or the visibility timeout restores it)."""
+    recorded goes back onto the queue. With the broker down too, the reject fails
+    and the message stays unacknowledged: the worker then hands the job back to
+    ``queued`` once the store answers (core/serving/lease.py), and the sweep puts its
+    message back."""
     try:
         with host().tx() as s:
             store.fail_job(session=s, job_id=job_id, error=error)
     except Exception as e:
         log.error("job %s: could not record its failure (%s); leaving its message "
                   "unacknowledged", job_id, type(e).__name__)
+        if host().lease is not None:  # handed back once the store answers again
+            host().lease.abandon(job_id)
         raise Reject(f"outcome not recorded: {type(e).__name__}", requeue=True) from e

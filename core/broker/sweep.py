@@ -82,6 +82,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
     lease = timedelta(seconds=settings.lease_s)
     r = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
     if single_flight and not _take_turn(r, settings, modalities):
+        r.close()
         return SweepResult()
     engine = store.make_engine(settings.db_url)
     try:
@@ -106,6 +107,8 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
             out.resent += send_jobs(producer_app(settings), lost)
             with sessions.begin() as s:
                 store.mark_sent(session=s, job_ids=out.resent)
+        with sessions.begin() as s:  # one row per worker start: keep a day of them
+            store.forget_dead_leases(session=s, older_than=timedelta(days=1))
         if out.total:
             log.warning("sweep: re-sent %d job(s) whose message was lost, put back %d "
                         "unacknowledged message(s) of dead workers",

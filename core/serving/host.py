@@ -76,6 +76,7 @@ class ModelHost:
     # rather than in SQLite's busy handler (sleeps of up to 100 ms). None on PostgreSQL.
     write_lock: threading.Lock | None = None
     exporter: object | None = None  # the Prometheus sink, when the exporter runs
+    lease: object | None = None  # core.serving.lease.LeaseKeeper, set by the worker
 
     @contextmanager
     def tx(self):

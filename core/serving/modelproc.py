@@ -127,10 +127,13 @@ def _accept(model, batcher: DynamicBatcher, outbox: _Outbox,
     for modality, rs in by_modality.items():
         try:
             prepared = model.prepare_many(modality, [req.payload for _, req in rs])
-        except Exception as e:  # noqa: BLE001  (unknown modality: fail these requests)
+        except ValueError as e:  # an unknown modality: these requests are bad input
             prepared = [InvalidInput(str(e))] * len(rs)
+        except Exception as e:  # noqa: BLE001  (a fault, not the input: an internal error)
+            log.exception("preparing %d %s item(s) failed", len(rs), modality)
+            prepared = [e] * len(rs)
         for (rid, req), p in zip(rs, prepared, strict=True):
-            if isinstance(p, InvalidInput):
+            if isinstance(p, Exception):
                 f: Future = Future()
                 f.set_exception(p)
                 outbox.add(rid, f)
@@ -212,6 +215,11 @@ class ModelProcess:
             self._proc.join(5)
             log.critical("the model process died (exit code %s); exiting so that this "
                          "worker's unacknowledged jobs are redelivered", self._proc.exitcode)
+            logging.shutdown()
+            os._exit(70)
+        except BaseException:  # noqa: BLE001  (no future would resolve again: a wedged
+            # worker with a live lease is worse than a dead one, whose jobs are recovered)
+            log.critical("the model process receiver failed; exiting", exc_info=True)
             logging.shutdown()
             os._exit(70)
 

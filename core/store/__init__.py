@@ -254,6 +254,15 @@ def requeue_orphans(*, session: Session, jobs: list[tuple[str, str | None]]) -> 
     return moved
 
 
+def release_jobs(*, session: Session, job_ids: list[str], worker: str) -> None:
+    """running -> queued, under no worker and with no send time: the worker gives
+    them up; the sweep re-sends or restores their message."""
+    session.execute(
+        update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value,
+                          Job.worker == worker)
+        .values(status=JobStatus.QUEUED.value, worker=None, sent_at=None))
+
+
 def forget_dead_leases(*, session: Session, older_than: timedelta) -> int:
     res = session.execute(delete(WorkerLease)
                           .where(WorkerLease.heartbeat_at < utcnow() - older_than))

@@ -66,6 +66,8 @@ def poison_shapes(template: dict) -> list[tuple[str, bytes]]:
     pickled = renamed(template)
     pickled["content-type"] = "application/x-python-serialize"
     pickled["body"] = base64.b64encode(pickle.dumps(([str(uuid.uuid4())], {}, {}))).decode()
+    null_tag = renamed(template)  # kombu's QoS fails on it inside the event loop
+    null_tag["properties"]["delivery_tag"] = None
     ghost = renamed(template)
     ghost["body"] = base64.b64encode(json.dumps(
         [[ghost["headers"]["id"]], {"modality": "text"}, {}]).encode()).decode()
@@ -73,6 +75,7 @@ def poison_shapes(template: dict) -> list[tuple[str, bytes]]:
         (deadletter.UNDECODABLE, b"\x00\xff this is not JSON \x80"),
         (deadletter.NOT_AN_ENVELOPE, b"[1, 2, 3]"),
         (deadletter.NOT_AN_ENVELOPE, json.dumps({"body": "no properties"}).encode()),
+        (deadletter.NOT_AN_ENVELOPE, json.dumps(null_tag).encode()),
         (deadletter.BAD_BODY, json.dumps(bad_body).encode()),
         (deadletter.UNKNOWN_TASK, json.dumps(unknown_task).encode()),
         (deadletter.CONTENT_TYPE, json.dumps(pickled).encode()),

@@ -1,0 +1,76 @@
+"""A worker's lease: renewed in the store every ``lease_renew_s``; a worker whose lease
+is older than ``lease_s`` is taken for dead and its running jobs are recovered by the
+sweep (core/broker/sweep.py).
+
+Two cases need care. After a database outage every lease is stale at once, and a
+sweep run before the live workers have renewed would take all their running jobs
+for orphans: so this worker sweeps only once its own lease has been renewed for a
+whole ``lease_s`` in a row. And a job whose outcome could not be recorded (the
+database and the broker both down) is handed back: on the next renewal it goes
+back to ``queued`` under no worker, for the sweep to find.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from core import store
+
+log = logging.getLogger("mmq.worker")
+
+
+class LeaseKeeper:
+    def __init__(self, host, worker: str, modality: str):
+        self.host, self.worker, self.modality = host, worker, modality
+        self.healthy_since: float | None = None  # monotonic; None while renewals fail
+        self._abandoned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def abandon(self, job_id: str) -> None:
+        """This worker gives up a running job whose outcome it could not record."""
+        with self._lock:
+            self._abandoned.add(job_id)
+
+    def may_sweep(self) -> bool:
+        """Renewing without a break for one lease: every live worker has renewed since
+        the store came back, so a stale lease now means a dead worker."""
+        since = self.healthy_since
+        return since is not None and time.monotonic() - since >= self.host.settings.lease_s
+
+    def renew(self) -> None:
+        with self._lock:
+            abandoned, self._abandoned = self._abandoned, set()
+        try:
+            with self.host.tx() as s:
+                store.renew_lease(session=s, worker=self.worker, modality=self.modality)
+                if abandoned:
+                    store.release_jobs(session=s, job_ids=sorted(abandoned), worker=self.worker)
+        except Exception:
+            with self._lock:
+                self._abandoned |= abandoned
+            raise
+        if abandoned:
+            log.warning("handed back %d job(s) whose outcome could not be recorded",
+                        len(abandoned))
+
+    def run(self, stop: threading.Event) -> None:
+        """Beside Celery, not in a task thread, so that a saturated worker still renews."""
+        while not stop.is_set():
+            try:
+                self.renew()
+                if self.healthy_since is None:
+                    self.healthy_since = time.monotonic()
+            except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
+                if self.healthy_since is not None or not hasattr(self, "_warned"):
+                    log.warning("could not renew the worker lease (%s); retrying", e)
+                    self._warned = True
+                self.healthy_since = None
+            stop.wait(self.host.settings.lease_renew_s)
+        try:
+            with self.host.tx() as s:
+                store.drop_lease(session=s, worker=self.worker)
+        except Exception:  # noqa: BLE001  (it will expire by itself)
+            log.info("could not drop the worker lease; it expires in %g s",
+                     self.host.settings.lease_s)
