@@ -126,3 +126,24 @@ def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
         assert len(result.labels) == 1
     finally:
         proc.close()
+
+
+def test_a_lease_hands_back_abandoned_jobs_and_sweeps_only_when_healthy(host):
+    import time
+
+    from core.serving.lease import LeaseKeeper
+
+    lease = LeaseKeeper(host, "w-lease", "text")
+    job_id = _job(host, modality="text", task="embed", text="abandoned")
+    host.writer.start(job_id, "w-lease").result(timeout=60)
+    assert not lease.may_sweep()  # never renewed yet
+    lease.abandon(job_id)
+    lease.renew()
+    job = _row(host, job_id)[0]
+    assert (job.status, job.worker, job.sent_at) == ("queued", None, None)
+    with host.sessions() as s:
+        assert "w-lease" in store.live_workers(session=s, lease=timedelta(seconds=60))
+    lease.healthy_since = time.monotonic()  # just back from an outage: not yet
+    assert not lease.may_sweep()
+    lease.healthy_since = time.monotonic() - host.settings.lease_s
+    assert lease.may_sweep()
