@@ -26,8 +26,6 @@ log = logging.getLogger("mmq.worker")
 def _sweep_forever(modality: str, every: float, lease) -> None:
     """Re-send this modality's jobs whose message was lost, and put back the
     unacknowledged messages of dead workers (core/broker/sweep.py)."""
-    from core.broker.sweep import sweep
-
     # Dead workers' jobs every turn; stale queued jobs (which means reading every
     # message in the queue) about every 15 s: they are stale only after a minute.
     queued_every = max(1, round(15 / every))
@@ -36,6 +34,8 @@ def _sweep_forever(modality: str, every: float, lease) -> None:
         if not lease.may_sweep():  # just back from a store outage (core/serving/lease.py)
             continue
         try:
+            from core.broker.sweep import sweep
+
             sweep(get_settings(), modalities=[modality], single_flight=True,
                   queued=turn % queued_every == 0)
         except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("worker for queue %r: model %s on %s, database %s, broker %s", args.modality,
              h.model.version, h.model.device, settings.db_url.split("@")[-1],
              settings.broker_url.split("@")[-1])
+    # Imported here, before any thread starts: importing celery in a second thread while
+    # the main one imports it too left the sweep thread with a half-initialised module
+    # ("cannot import name 'Celery'") and no sweep for the life of the worker.
+    import core.broker.sweep  # noqa: F401
+
     h.lease = LeaseKeeper(h, name, args.modality)
     stop_lease = threading.Event()
     lease = threading.Thread(target=h.lease.run, args=(stop_lease,), daemon=True,
