@@ -160,7 +160,7 @@ class Worker:
 
     @property
     def name_like(self) -> str:
-        return f"text-{self.pid}@%"
+        return f"text-{self.pid}.%@%"  # workers are named <modality>-<pid>.<nonce>@<host>
 
     def ready(self) -> bool:
         return " ready." in self.log.read_text(errors="replace")

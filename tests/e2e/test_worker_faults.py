@@ -90,11 +90,11 @@ def test_two_workers_finishing_one_job_leave_one_row_with_the_last_outcome(
     try:
         (job_id,) = client.submit_many([{"modality": "text", "input": "run me twice"}])
         poll(lambda: job_row(client, job_id).status == "running", 120, "the first run")
-        assert job_row(client, job_id).worker.startswith(f"text-{first.proc.pid}@")
+        assert job_row(client, job_id).worker.startswith(f"text-{first.proc.pid}.")
         second = start_worker("text", env, concurrency=1)
         done = poll(lambda: (j := job_row(client, job_id)).status == "succeeded" and j, 180,
                     "the second worker to run the redelivered message")
-        assert done.attempts == 2 and done.worker.startswith(f"text-{second.proc.pid}@")
+        assert done.attempts == 2 and done.worker.startswith(f"text-{second.proc.pid}.")
         second_write = prediction_row(client, job_id).created_at
     finally:
         os.kill(first_model, signal.SIGCONT)
