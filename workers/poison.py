@@ -73,6 +73,22 @@ def dead_letter(*, reason: str, queue: str, raw: bytes | str, detail: str,
 # -- layer 1: the transport ---------------------------------------------------------------
 
 class GuardedChannel(kombu_redis.Channel):
+    def close(self) -> None:
+        """kombu's close, surviving a broker that went away. Closing restores the
+        channel's unacknowledged messages through a client built from
+        ``self.connection.client``, which a connection torn down after Redis restarted
+        has already set to None: the AttributeError escaped Celery's ignore_errors and
+        the worker died ("Unrecoverable error", seen in bench/chaos.py's Redis-restart
+        scenario). The messages are still in Redis's unacked hash (or gone with an
+        emptied Redis); the sweep and the visibility timeout take it from there."""
+        try:
+            super().close()
+        except AttributeError:
+            if getattr(self.connection, "client", None) is not None:
+                raise
+            log.warning("broker connection closed under the channel; its unacknowledged "
+                        "messages are left to the sweep")
+
     def _brpop_read(self, **options):
         # kombu's Channel._brpop_read (kombu 5.3-5.7), with the JSON decode and the
         # envelope checked: upstream decodes inline, and what it raises there stops

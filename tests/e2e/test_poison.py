@@ -198,3 +198,19 @@ def test_cli_dead_list_show_drop(broker_url):
     assert mmq(broker_url, "dead", "drop", "--all").returncode == 0
     assert deadletter.list_entries(r) == []
     assert "no dead letters" in mmq(broker_url, "dead", "list").stdout
+
+
+def test_closing_a_channel_whose_connection_is_gone_does_not_raise(broker_url):
+    """After a Redis restart kombu closes the channel with its connection's client
+    already None; restoring the unacked messages then raised AttributeError, which
+    killed the worker (bench/chaos.py, Redis restarted empty)."""
+    from kombu import Connection
+
+    from workers.poison import GuardedRedisTransport
+
+    with Connection(broker_url, transport=GuardedRedisTransport) as conn:
+        channel = conn.channel()
+        send_jobs(producer_app(Settings(broker_url=broker_url)), [(str(uuid.uuid4()), "text")])
+        assert channel.basic_get("text", no_ack=False) is not None  # one unacked message
+        channel.connection.client = None  # what the teardown leaves behind
+        channel.close()  # raised AttributeError: 'NoneType' object has no attribute ...
