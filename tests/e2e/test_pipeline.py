@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -193,6 +194,16 @@ def test_cli_submit_wait_results_cancel(stack, tmp_path):
     assert r.returncode == 2 and "not an image" in r.stderr
 
 
+def _until_running(client: Client, ids: list[str], timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with client.sessions() as s:
+            if s.scalar(select(func.count()).select_from(store.Job).where(
+                    store.Job.id.in_(ids), store.Job.status == "running")):
+                return
+        time.sleep(0.005)
+
+
 def test_sigkill_mid_job_is_redelivered_and_completed_once(broker_url, database_url,
                                                            start_worker):
     """Runs on a Redis database and workers of its own, not the stack's: it kills a
@@ -203,6 +214,7 @@ def test_sigkill_mid_job_is_redelivered_and_completed_once(broker_url, database_
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(400, seed=9, median_words=40)])
     client.wait(ids[:5], timeout=120, with_embedding=False)  # busy, far from done
+    _until_running(client, ids)  # kill mid-job, not in the gap between two batches
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     with client.sessions() as s:

@@ -39,6 +39,9 @@ def _running(client: Client, ids: list[str]) -> int:
 
 def _kill_mid_run(client: Client, victim, ids: list[str]) -> int:
     client.wait(ids[:3], timeout=180, with_embedding=False)  # busy, far from done
+    end = time.monotonic() + 60  # kill mid-job, not in the gap between two batches
+    while not _running(client, ids) and time.monotonic() < end:
+        time.sleep(0.005)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     running = _running(client, ids)
