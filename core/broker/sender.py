@@ -12,12 +12,8 @@ import redis
 from celery import Celery
 
 from core.broker.queues import (
-    UNACKED,
-    all_queue_keys,
     producer_queues,
     queue_keys,
-    task_id,
-    unacked_task_id,
 )
 from core.config import Settings
 from core.jobs import QUEUES, RUN_JOB_TASK
@@ -62,13 +58,3 @@ def queue_depths(settings: Settings, modalities: Iterable[str] = QUEUES,
         counts = pipe.execute()
     n = len(queue_keys(""))
     return {q: sum(counts[i * n:(i + 1) * n]) for i, q in enumerate(mods)}
-
-
-def live_job_ids(settings: Settings, modalities: Iterable[str] = QUEUES) -> set[str]:
-    """Job ids that have a message in Redis: waiting in a queue, or fetched by a
-    worker and not yet acknowledged (kombu's ``unacked`` hash)."""
-    r = redis.Redis.from_url(settings.broker_url)
-    ids = {task_id(raw) for key in all_queue_keys(modalities) for raw in r.lrange(key, 0, -1)}
-    ids |= {unacked_task_id(raw) for raw in r.hvals(UNACKED)}
-    ids.discard("")
-    return ids

@@ -119,6 +119,17 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
         r.close()
 
 
+def live_job_ids(settings: Settings, modalities=QUEUES) -> set[str]:
+    """Job ids with a message in Redis: waiting in a queue, or fetched and not yet
+    acknowledged (kombu's ``unacked`` hash)."""
+    r = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    try:
+        msgs = _messages(r, modalities)
+    finally:
+        r.close()
+    return msgs.queued | set(msgs.unacked)
+
+
 def _take_turn(r: redis.Redis, settings: Settings, modalities) -> bool:
     """Many workers sweep; one at a time per modality set, or they would all re-send."""
     key = SWEEP_LOCK + ",".join(sorted(modalities))

@@ -90,8 +90,7 @@ def test_redis_emptied_and_worker_killed_nothing_stuck(broker, database_url, sta
 def test_unacked_message_of_a_dead_worker_is_restored_not_resent(broker, database_url):
     """The sweep puts the dead worker's own message back (one message per job), and
     moves the job back to queued."""
-    from core.broker.sender import live_job_ids
-    from core.broker.sweep import sweep
+    from core.broker.sweep import live_job_ids, sweep
 
     client = Client(broker_url=broker, database_url=database_url)
     job_id = client.submit_text("a job whose worker died")
