@@ -34,6 +34,8 @@ class Modality(str, Enum):
 class Task(str, Enum):
     EMBED = "embed"
     CLASSIFY = "classify"
+    TRANSCRIBE = "transcribe"
+    """Audio only: the text of what was said (``JobResult.text``), and its embedding."""
 
 
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
@@ -53,3 +55,4 @@ class JobResult:
     labels: list[tuple[str, float]] | None = None  # classify: top_k (label, probability)
     tokens: int = 0  # tokens (patches, frames) the item cost in the packed core
     truncated: bool = False  # the input was longer than the tower's limit and was cut
+    text: str | None = None  # audio: the transcript (every audio job has one)

@@ -121,7 +121,7 @@ def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
     return {
         "job_id": job_id, "model_version": model_version, "created_at": utcnow(),
         "labels": None if r.labels is None else [list(x) for x in r.labels],
-        "tokens": r.tokens, "truncated": r.truncated,
+        "tokens": r.tokens, "truncated": r.truncated, "text": r.text,
         "embedding": None if emb is None else emb.tobytes(),
         "dim": None if emb is None else int(emb.shape[-1]),
     }

@@ -101,6 +101,7 @@ class Prediction(Base):
     tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     truncated: Mapped[bool | None] = mapped_column(default=None)
     model_version: Mapped[str | None] = mapped_column(String(255), default=None)
+    text: Mapped[str | None] = mapped_column(Text, default=None)  # audio: the transcript
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     def vector(self) -> np.ndarray | None:
@@ -110,7 +111,8 @@ class Prediction(Base):
 
     def as_dict(self, with_embedding: bool = True) -> dict:
         out = {"labels": self.labels, "dim": self.dim, "tokens": self.tokens,
-               "truncated": self.truncated, "model_version": self.model_version}
+               "truncated": self.truncated, "model_version": self.model_version,
+               "text": self.text}
         if with_embedding and self.embedding is not None:
             out["embedding"] = self.vector().tolist()
         return out
