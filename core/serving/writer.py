@@ -58,7 +58,8 @@ def _start_many(s, args: list[tuple[str, str]]) -> list:
         started |= store.start_jobs(session=s, job_ids=[j for j, w2 in args if w2 == worker],
                                     worker=worker)
     refs = {v.name: VersionFile(v.name, v.modality, v.adapter_file, v.adapter_sha256)
-            for v in version_refs(session=s, names=[j.model_version for j in started.values()])
+            for v in version_refs(session=s,
+                                  names=[j.model_version for j in started.values()]).values()
             }
     out = []
     for job_id, _ in args:
