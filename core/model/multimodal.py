@@ -22,7 +22,7 @@ from core.model.audio import LogMel, decode_audio, frames_to_patches
 from core.model.image import decode_image, image_to_patches, image_to_pixels
 from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.model.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
-from core.model.zeroshot import FRONT_END, PixelItem, ZeroShotImageTower, load_zero_shot_tower
+from core.model.zeroshot import FRONT_END, GRID, PixelItem, ZeroShotImageTower, load_zero_shot_tower
 from core.params import check_labels
 
 log = logging.getLogger(__name__)
@@ -228,13 +228,13 @@ class MultimodalModel:
     # -- features for adapters (core/model/adapters.py) --------------------------------
 
     def feature_kind(self, modality: str) -> tuple[str, int]:
-        """(name, width F) of what ``forward_features`` hands an adapter: the image
-        backbone's pooled features when the ImageNet tower is in use (measured better
-        than its 384-d zero-shot vector: bench/finetune.py), else the tower's own vector.
-        The speech tower replaces audio's with its mean-pooled encoder states."""
+        """(name, width F) of what ``forward_features`` hands an adapter: for the ImageNet
+        tower its last block's map on a 2x2 grid (measured best of the backbone's
+        features: bench/finetune.py), else the tower's own vector. The speech tower
+        replaces audio's with its mean-pooled encoder states."""
         self._check_modality(modality)
         if modality == "image" and self.photo is not None:
-            return "pooled", self.photo.net.cfg.head_dim
+            return f"grid{GRID}x{GRID}", self.photo.net._conv_head.in_channels * GRID * GRID
         return "embedding", self.dim
 
     @torch.inference_mode()
