@@ -41,6 +41,8 @@ def _job_items(args: argparse.Namespace) -> list[dict]:
                   "top_k": args.top_k}
     if args.timeout_s:
         extra["timeout_s"] = args.timeout_s
+    if args.model_version:
+        extra["model_version"] = args.model_version
     if args.from_dir:
         items = []
         for p in sorted(Path(args.from_dir).rglob("*")):
@@ -152,6 +154,8 @@ def add_job_commands(sub) -> None:
     p.add_argument("--labels", help="comma-separated labels (classify)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--timeout-s", type=float, help="drop the job if not started in time")
+    p.add_argument("--model-version", help="a version of the modality (`mmq models list`) or "
+                   "'base'; default: the promoted one when a worker starts the job")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait and print results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.config import Settings
 from producer.api_models import ApiError
 
-FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "file", "files"}
+FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "model_version", "file",
+               "files"}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -87,7 +88,8 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
         raise _invalid(f"task: must be embed or classify, got {task!r}")
     # labels=a,b,c or repeated labels=a&labels=b: both are what people send.
     names = [p.strip() for v in labels if isinstance(v, str) for p in v.split(",")]
-    out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None}
+    out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None,
+           "model_version": fields.get("model_version") or None}
     # Parsed here, bounded by the SDK (core/params.py): one bound for JSON and forms.
     for name, kind, what in (("top_k", int, "an integer"), ("timeout_s", float, "a number")):
         if fields.get(name) not in (None, ""):
