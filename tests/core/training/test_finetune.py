@@ -164,3 +164,64 @@ def test_one_batch_of_several_versions_keeps_each_jobs_output(tmp_path, model):
         assert len(batcher.adapters) == 2
     finally:
         batcher.stop()
+
+
+def test_base_image_jobs_are_unaffected_by_a_version_in_the_same_batch(tmp_path, model):
+    """The held-out photographs (core/training/photo_eval.py) score exactly as without
+    versions when they share batches with an adapter's jobs; the features pass gives
+    the same vectors as the plain forward."""
+    from core.training import photo_eval as pe
+
+    images, labels = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT], pe.labels_of(pe.HELD_OUT)
+    kind, width = model.feature_kind("image")
+    a = Adapter(AdapterConfig(modality="image", feature=kind, in_dim=width, dim=model.dim))
+    torch.nn.init.normal_(a.fc2.weight, std=0.2)
+    path, sha = save_adapter(a, tmp_path, "img")
+    ref = AdapterRef("img", "image", str(path), sha)
+    prepared = [model.prepare("image", x) for x in images]
+    vecs, feats = model.forward_features("image", prepared[:4])
+    assert feats.shape == (4, width)
+    assert torch.allclose(vecs, model.forward("image", prepared[:4], unit=False), atol=1e-6)
+    want = model.classify("image", images, labels=labels, top_k=1)
+    b = DynamicBatcher(model, BatcherConfig(max_batch_size=32, max_wait_ms=200))
+    try:
+        futs = [b.submit("image", p, labels=labels, top_k=1, adapter=r)
+                for p in prepared for r in (None, ref)]
+        got = [f.result(timeout=120) for f in futs]
+    finally:
+        b.stop()
+    base = got[0::2]
+    assert [g.labels[0][0] for g in base] == [w[0][0] for w in want]
+    assert max(abs(g.labels[0][1] - w[0][1]) for g, w in zip(base, want, strict=True)) < 1e-4
+
+
+def test_a_failed_recording_leaves_no_version_and_no_file(tmp_path, model, monkeypatch):
+    from core import store
+    from core.store import versions
+    from core.store.migrations import upgrade
+    from core.training import finetune
+
+    url = f"sqlite:///{tmp_path / 'mmq.db'}"
+    upgrade(url)
+    sessions = store.session_factory(store.make_engine(url))
+    _write(tmp_path / "data", {"alpha": SPORT, "omega": FINANCE})
+    cfg = FinetuneConfig(held_out=0.34, val=0.0, max_epochs=3, patience=3)
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(versions, "create_version", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train_version(model=model, modality="text", data_dir=tmp_path / "data",
+                               name="v1", sessions=sessions, adapters_dir=tmp_path / "ad",
+                               cfg=cfg, progress=False)
+    assert not list((tmp_path / "ad").iterdir())  # the renamed file was removed again
+    monkeypatch.undo()
+    v = finetune.train_version(model=model, modality="text", data_dir=tmp_path / "data",
+                               name="v1", sessions=sessions, adapters_dir=tmp_path / "ad",
+                               cfg=cfg, progress=False)
+    assert v["status"] == "candidate" and len(list((tmp_path / "ad").iterdir())) == 1
+    with pytest.raises(versions.VersionError, match="exists already"):
+        finetune.train_version(model=model, modality="text", data_dir=tmp_path / "data",
+                               name="v1", sessions=sessions, adapters_dir=tmp_path / "ad",
+                               cfg=cfg, progress=False)
