@@ -83,15 +83,15 @@ def feature_choices(model, digits_dir: Path, seed: int) -> list[tuple[str, int, 
     data = read_labelled(digits_dir)
     prepared = prepare_all(model, "image", data, read_contents(data, "image"))
     net, photo = model.photo.net, model.photo
-    maps, ms = [], []
-    with torch.inference_mode():
+    maps, ms, heads = [], [], []
+    with torch.no_grad():  # plain tensors: training the adapters below needs autograd
         for i in range(0, len(prepared), 32):
             x = torch.stack([p.pixels for p in prepared[i:i + 32]])
             h = net.trunk(x.contiguous(memory_format=torch.channels_last))  # (b, 320, 7, 7)
             maps.append(h)
-            ms.append(photo.forward_features(x)[0])
-    h, m = torch.cat(maps), torch.cat(ms)  # (N, 320, 7, 7), (N, D)
-    head = torch.cat([net.head(h[i:i + 64]) for i in range(0, len(h), 64)])  # (N, 1280)
+            heads.append(net.head(h))  # (b, 1280)
+            ms.append(photo.forward_features(x)[0])  # (b, D)
+    h, m, head = torch.cat(maps), torch.cat(ms), torch.cat(heads)
     lab = model.embed("text", data.names)
     rows = []
     for name, feats in (("head, global mean", head), ("zero-shot vector", m),
