@@ -289,9 +289,12 @@ class Client:
         ``DataError`` for unusable data, before any training."""
         from core.model.multimodal import MultimodalModel
         from core.training.finetune import FinetuneConfig, train_version
+        from core.training.labelled import read_labelled
 
         if modality not in {m.value for m in Modality}:
             raise InvalidInput(f"modality must be one of text, image, audio, got {modality!r}")
+        versions.check_version_name(name)
+        read_labelled(data_dir)  # the layout's errors before the model loads (seconds)
         cfg = config or FinetuneConfig(seed=seed)
         model = MultimodalModel.load(settings=self.settings)
         out = train_version(model=model, modality=modality, data_dir=data_dir, name=name,

@@ -84,3 +84,21 @@ def test_api_lists_models_and_checks_model_version(client):
         r = http.post("/v1/jobs", headers=auth, json={"modality": "text", "text": "hi",
                                                       "model_version": "nope"})
         assert r.status_code == 422 and "does not exist" in r.json()["error"]["message"]
+
+
+def test_train_refuses_bad_data_before_loading_a_model(client, capsys, tmp_path, monkeypatch):
+    from core.model.multimodal import MultimodalModel
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded for data that cannot train")
+
+    monkeypatch.setattr(MultimodalModel, "load", no_model)
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "cats" / "a.txt").write_text("x")
+    (tmp_path / "data" / "dogs").mkdir()
+    assert cli.main(["train", "text", "--data", str(tmp_path / "data"), "--name", "v"]) == 2
+    assert "class 'dogs'" in capsys.readouterr().err
+    assert cli.main(["train", "text", "--data", str(tmp_path / "nope"), "--name", "v"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli.main(["train", "text", "--data", str(tmp_path / "data"), "--name", "base"]) == 2
+    assert "reserved" in capsys.readouterr().err
