@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
-import pytest
 from sqlalchemy import func, select
 
 from core import store
@@ -16,22 +14,16 @@ from core.config import Settings
 from core.training.finetune import FinetuneConfig
 from producer.sdk import Client
 from tests.core.training.test_finetune import FINANCE, SPORT, _write
-from tests.e2e.conftest import _pg_database, _pg_drop, service_env
+from tests.e2e.conftest import service_env
 
 LABELS = ["alpha", "omega"]
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    name = f"mmq_versions_{uuid.uuid4().hex[:10]}"
-    url = _pg_database(name)
-    yield url
-    _pg_drop(name)
-
-
-def test_promote_and_rollback_during_a_stream(broker_url, pg_url, tmp_path, start_worker):
+def test_promote_and_rollback_during_a_stream(broker_url, database_url, tmp_path,
+                                              start_worker):
+    db_url = database_url  # a SQLite file and a PostgreSQL database: one run each
     adapters = tmp_path / "adapters"
-    settings = Settings(broker_url=broker_url, database_url=pg_url,
+    settings = Settings(broker_url=broker_url, database_url=db_url,
                         adapters_dir=str(adapters))
     client = Client(settings=settings)
     _write(tmp_path / "data", {"alpha": SPORT, "omega": FINANCE})
@@ -42,7 +34,7 @@ def test_promote_and_rollback_during_a_stream(broker_url, pg_url, tmp_path, star
                                             patience=30, seed=7))
     exact = {"t-a": f"t-a@{va['adapter_sha256'][:12]}", "t-b": f"t-b@{vb['adapter_sha256'][:12]}"}
 
-    env = service_env(broker_url, pg_url, MMQ_ADAPTERS_DIR=str(adapters), MMQ_MAX_WAIT_MS=20)
+    env = service_env(broker_url, db_url, MMQ_ADAPTERS_DIR=str(adapters), MMQ_MAX_WAIT_MS=20)
     workers = [start_worker("text", env), start_worker("text", env)]
 
     ids: list[str] = []
