@@ -16,7 +16,7 @@ import torch
 
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
-from core.jobs import MODALITIES
+from core.jobs import MODALITIES, JobResult
 from core.model.attention import AttentionPlan, resolve_impl
 from core.model.audio import LogMel, decode_audio, frames_to_patches
 from core.model.image import decode_image, image_to_patches, image_to_pixels
@@ -260,6 +260,21 @@ class MultimodalModel:
             self._check_modality(modality)
             return torch.empty(0, self.dim)
         return torch.stack([r.embedding for r in self.embed_items(modality, inputs)])
+
+    @torch.inference_mode()
+    def predict(self, modality: str, prepared: list[Prepared],
+                asks: list[tuple[list[str] | None, int]]) -> list[JobResult]:
+        """One batch of jobs -> their results, in order. ``asks`` holds each job's
+        (labels, top_k): labels None = embed only. The dynamic batcher's one call."""
+        # Not unit length for images: their length scores labels (core/model/zeroshot.py).
+        vecs = self.forward(modality, prepared, unit=False)  # (B, D)
+        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
+        out = []
+        for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
+            top = self.scores(vecs[i:i + 1], labels, top_k, modality)[0] if labels else None
+            out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
+                                 truncated=p.truncated))
+        return out
 
     # -- zero-shot classification -----------------------------------------------------
 

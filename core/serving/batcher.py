@@ -169,14 +169,5 @@ class DynamicBatcher:
             it.future.set_result(r)
 
     def _forward(self, batch: list[_Item]) -> list[JobResult]:
-        modality = batch[0].modality
-        # Not unit length for images: their length scores labels (core/model/zeroshot.py).
-        vecs = self.model.forward(modality, [it.prepared for it in batch], unit=False)
-        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
-        out = []
-        for i, it in enumerate(batch):
-            labels = (self.model.scores(vecs[i:i + 1], it.labels, it.top_k, modality)[0]
-                      if it.labels else None)
-            out.append(JobResult(embedding=emb[i].numpy(), labels=labels,
-                                  tokens=it.prepared.tokens, truncated=it.prepared.truncated))
-        return out
+        return self.model.predict(batch[0].modality, [it.prepared for it in batch],
+                                  [(it.labels, it.top_k) for it in batch])
