@@ -13,6 +13,7 @@ what was wrong, never a 500.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ HERE = Path(__file__).parent
 STATUSES = tuple(s.value for s in JobStatus)
 SIGNIN_BODY_BYTES = 16 * 1024  # a key and a path
 MAX_SEARCH_K = 100
+WHOLE = re.compile(r"[0-9]{1,9}")  # str.isdigit() also takes "²", which int() refuses
 # The pages load nothing from elsewhere and run no inline script or style.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; media-src 'self'; "
@@ -232,7 +234,7 @@ def jobs_page(request: Request) -> Response:
     page = _page_of_jobs(request, session)
     submitted = request.query_params.get("submitted", "")
     notice = (f"Submitted {submitted} job{'s' if submitted != '1' else ''}."
-              if submitted.isdigit() else None)
+              if WHOLE.fullmatch(submitted) else None)
     pending = any(j.pending for j in page["jobs"])
     every = request.app.state.settings.ui_refresh_s
     return render(request, "jobs.html", session, notice=notice, pending=pending,
@@ -321,7 +323,7 @@ async def _submit_items(form: FormData, s) -> list[dict]:
         common["labels"] = labels or None
     top_k = str(form.get("top_k") or "").strip()
     if top_k:
-        if not top_k.isdigit():
+        if not WHOLE.fullmatch(top_k):
             raise UiError(422, f"top_k: not a whole number: {top_k!r}")
         common["top_k"] = int(top_k)
     items = []
@@ -417,7 +419,7 @@ async def _search(request: Request, session: UiSession, query: str | bytes,
 def _search_k(raw: str | None) -> int:
     if not raw:
         return 10
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_SEARCH_K:
+    if not WHOLE.fullmatch(raw.strip()) or not 1 <= int(raw) <= MAX_SEARCH_K:
         raise UiError(422, f"k: a whole number from 1 to {MAX_SEARCH_K}, got {raw!r}")
     return int(raw)
 
@@ -435,9 +437,9 @@ def _search_filters(params: dict[str, str]) -> dict[str, Any]:
         if name.startswith("created_"):
             try:
                 when = datetime.fromisoformat(value)
-            except ValueError:
+                out[name] = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+            except (ValueError, OverflowError):  # "0001-01-01T00:00+14:00" overflows
                 raise UiError(422, f"{name}: not a date (YYYY-MM-DD): {value!r}") from None
-            out[name] = when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
             continue
         out[name] = value
     return out

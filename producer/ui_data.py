@@ -164,5 +164,5 @@ def parse_cursor(cursor: str) -> tuple[datetime, str]:
         at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         at = datetime.fromisoformat(str(at))
         return (at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         raise ValueError("not a page cursor this site issued") from None

@@ -285,3 +285,38 @@ def test_a_pending_job_refreshes_without_javascript_and_a_done_one_does_not(app)
     done = add_job(app, "root", text="done", result=JobResult(embedding=np.ones(4, "f4")))
     detail = c.get(f"/ui/jobs/{done}").text
     assert '<meta http-equiv="refresh"' not in detail and "4 dimensions" in detail
+
+
+def test_bad_requests_get_a_4xx_page_never_a_500(app, monkeypatch):
+    import base64
+    import json
+
+    monkeypatch.setattr(app.state.client, "search", lambda *a, **k: [], raising=False)
+    c = sign_in(app, "alice")
+    c = TestClient(app, base_url=ORIGIN, raise_server_exceptions=False, cookies=c.cookies)
+    token = csrf(c)
+    far = base64.urlsafe_b64encode(json.dumps(
+        ["9999-12-31T23:59:59-14:00", "x"]).encode()).decode()
+    gets = [f"/ui/jobs?before={far}", "/ui/jobs?before=WyJ4Il0", "/ui/jobs?status=%00",
+            "/ui/jobs?submitted=%C2%B2", "/ui/search?q=cat&k=%C2%B2",
+            "/ui/search?q=cat&created_since=0001-01-01T00:00:00%2B14:00",
+            "/ui/jobs/%00", "/ui/jobs/" + "9" * 5000, "/ui/signin?next=%0d%0aX:1"]
+    for url in gets:
+        assert c.get(url).status_code < 500, url
+    posts = [
+        ("/ui/submit", {"content": b"\xff\xfe=\xff", "headers": {
+            "content-type": "application/x-www-form-urlencoded"}}),
+        ("/ui/submit", {"content": b"--x\r\nbroken", "headers": {
+            "content-type": "multipart/form-data; boundary=x"}}),
+        ("/ui/submit", {"content": b"{}", "headers": {"content-type": "application/json"}}),
+        ("/ui/submit", {"data": {"csrf": token, "top_k": "\u00b2", "text": "x"}}),
+        ("/ui/submit", {"data": {"csrf": token, "text": "nul \x00 inside"}}),
+        ("/ui/submit", {"data": {"csrf": token, **{f"f{i}": "x" for i in range(100)}}}),
+        ("/ui/search", {"data": {"csrf": token}, "files": {"file": ("x", b"", "x/y")}}),
+        ("/ui/search", {"data": {"csrf": token}, "files": {"file": ("x", b"abc", "x/y")}}),
+        ("/ui/signin", {"content": b"\xff" * 20000, "headers": {
+            "content-type": "application/x-www-form-urlencoded"}}),
+    ]
+    for url, kw in posts:
+        r = c.post(url, **kw)
+        assert 400 <= r.status_code < 500 and 'role="alert"' in r.text, (url, kw, r.text[-300:])
