@@ -16,10 +16,37 @@
           if (r.status === 401) { window.location.reload(); return null; }  // signed out
           return r.ok ? r.text() : null;
         })
-        .then(function (html) { if (html !== null) tbody.innerHTML = html; })
+        .then(function (html) {
+          if (html === null) return;
+          merge(tbody, html);
+          tbody.dataset.polls = (parseInt(tbody.dataset.polls, 10) || 0) + 1;  // tests watch it
+        })
         .catch(function () { /* the API restarting: try again next time */ })
         .then(function () { busy = false; });
     }, every);
+  }
+
+  // Put the fresh rows in place, touching only rows that are new or whose status
+  // changed: a finished job's row (and an <audio> someone is playing in it) stays as
+  // it is. A job's place in the list never changes (newest first), so new rows go
+  // in at their index and rows pushed off the page are dropped.
+  function merge(tbody, html) {
+    var tpl = document.createElement("template");
+    tpl.innerHTML = "<table><tbody>" + html + "</tbody></table>";
+    var fresh = Array.prototype.slice.call(tpl.content.querySelector("tbody").children);
+    var ids = {};
+    fresh.forEach(function (row) { if (row.id) ids[row.id] = true; });
+    Array.prototype.slice.call(tbody.children).forEach(function (row) {
+      if (!row.id || !ids[row.id]) tbody.removeChild(row);
+    });
+    fresh.forEach(function (row, i) {
+      var old = row.id ? document.getElementById(row.id) : null;
+      if (old && old.parentNode === tbody) {
+        if (old.dataset.status !== row.dataset.status) tbody.replaceChild(row, old);
+      } else {
+        tbody.insertBefore(row, tbody.children[i] || null);
+      }
+    });
   }
 
   // A pending job's own page reloads until the job has finished.

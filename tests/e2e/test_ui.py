@@ -82,6 +82,8 @@ def add_job(app, owner: str | None, *, modality="text", text=None, payload=None,
 
 def test_pages_need_a_session_and_a_wrong_key_is_refused(app):
     c = browser(app)
+    for home in ("/ui", "/ui/"):
+        assert c.get(home, follow_redirects=False).headers["location"] == "/ui/jobs"
     r = c.get("/ui/jobs?modality=image", follow_redirects=False)
     assert r.status_code == 303
     assert r.headers["location"] == "/ui/signin?next=%2Fui%2Fjobs%3Fmodality%3Dimage"
