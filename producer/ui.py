@@ -404,6 +404,8 @@ async def _search(request: Request, session: UiSession, query: str | bytes,
             lambda: search(query, k=k, owner=session.caller.scope, **filters))
     except (ApiError, InvalidInput) as e:
         raise _api_error(e) from None
+    except RuntimeError as e:  # Client.search's SearchUnavailable: no worker embedded
+        raise UiError(503, f"Search could not run now: {e}. Try again shortly.") from None
     views = await run_in_threadpool(ui_data.views_by_id, client.sessions,
                                     [str(h["id"]) for h in hits], owner=session.caller.scope)
     results = []

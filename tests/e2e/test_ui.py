@@ -278,6 +278,13 @@ def test_search_calls_the_clients_search_within_the_key(app, monkeypatch):
         r = c.get(f"/ui/search?q=cat&{bad}")
         assert r.status_code == 422 and 'role="alert"' in r.text, bad
 
+    def unavailable(query, **kw):  # what Client.search raises when no worker embeds it
+        raise RuntimeError("no text worker answered within 30 s")
+
+    monkeypatch.setattr(app.state.client, "search", unavailable, raising=False)
+    r = c.get("/ui/search?q=cat")
+    assert r.status_code == 503 and "no text worker answered" in r.text
+
 
 def test_a_pending_job_refreshes_without_javascript_and_a_done_one_does_not(app):
     c = sign_in(app, "root")
