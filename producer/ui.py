@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import InvalidInput
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer import ui_data
-from producer.api import INPUT_STATUS, _submit
+from producer.api import INPUT_STATUS, _submit  # the form refuses what /v1/jobs refuses
 from producer.api_models import ApiError
 from producer.form import read_body, sniff_modality
 from producer.ui_session import COOKIE, PATH, Sessions, UiSession, same_origin
