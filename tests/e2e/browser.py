@@ -25,8 +25,9 @@ def artifacts(area: str) -> Path:
     return d
 
 
-def chrome(width: int = 1280, height: int = 900):
-    """A headless Chromium session; the caller quits it."""
+def chrome(width: int = 1280, height: int = 900, *, javascript: bool = True):
+    """A headless Chromium session (``javascript=False``: with scripts off, as some
+    readers browse); the caller quits it."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -43,6 +44,9 @@ def chrome(width: int = 1280, height: int = 900):
                 "--disable-extensions", "--password-store=basic", "--lang=en-US",
                 f"--window-size={width},{height}"):
         opts.add_argument(arg)
+    if not javascript:
+        opts.add_experimental_option(
+            "prefs", {"profile.managed_default_content_settings.javascript": 2})
     return webdriver.Chrome(options=opts, service=Service(executable_path=driver))
 
 

@@ -4,7 +4,7 @@ store, and `mmq api` under uvicorn on a free port. One stack and one browser for
 module.
 
 Screenshots are kept in ``$MMQ_ARTIFACTS/ui`` (default ``var/artifacts/ui``): signin,
-signin-refused, submit, jobs, job, search, dropped. ``docs/ui.png`` in the README is
+signin-refused, submit, jobs, job, dropped, no-javascript, search. ``docs/ui.png`` in the README is
 ``jobs.png`` from a run of this module.
 
 ``test_search_a_cat_finds_the_photograph`` needs search (``Client.search``,
@@ -153,6 +153,7 @@ def test_sign_in_submit_a_photo_see_its_result_and_sign_out(page, stack):
     page.find_element(By.LINK_TEXT, "Submit").click()
     photo = _photo("chelsea", tmp / "chelsea.jpg")
     page.find_element(By.ID, "files").send_keys(str(photo))  # the plain file input
+    assert not page.find_elements(By.ID, "no-drop")  # scripts on: <noscript> is inert
     page.find_element(By.ID, "text").send_keys(TEXT)  # a text job beside the photograph
     Select(page.find_element(By.ID, "task")).select_by_value("classify")
     page.find_element(By.ID, "labels").send_keys(LABELS)
@@ -231,6 +232,31 @@ def test_a_dropped_file_is_submitted(page, stack):
     assert row.get_attribute("data-modality") == "image"
     _until(page, lambda d: d.find_element(By.CSS_SELECTOR, "tr.job").get_attribute(
         "data-status") == "succeeded", what="the dropped image ran")
+
+
+def test_the_page_works_without_javascript(stack):
+    """Scripts off: sign in, submit a text through the form, and the job's result
+    arrives by the page's own meta refresh."""
+    from selenium.webdriver.common.by import By
+
+    base, _ = stack
+    driver = chrome(javascript=False)
+    try:
+        sign_in(driver, base, "bob")
+        driver.get(f"{base}/ui/submit")
+        # <noscript> content is parsed as elements only when scripts are really off.
+        assert driver.find_element(By.ID, "no-drop").is_displayed()
+        driver.find_element(By.ID, "text").send_keys("Rates rose again at the central bank.")
+        driver.find_element(By.ID, "submit").click()
+        notice = _until(driver, lambda d: d.find_element(By.ID, "notice"), 60, "submitted")
+        assert notice.text == "Submitted 1 job."
+        job = driver.find_element(By.CSS_SELECTOR, "tr.job").get_attribute("id")
+        _until(driver, lambda d: d.find_element(By.ID, job).get_attribute("data-status")
+               == "succeeded", what="succeeded, seen through meta refresh")
+        assert "embedding, 384 dimensions" in driver.find_element(By.ID, job).text
+        screenshot(driver, "ui", "no-javascript")
+    finally:
+        driver.quit()
 
 
 def _submit_over_http(base: str, who: str, path: Path) -> str:
