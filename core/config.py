@@ -127,6 +127,19 @@ class Settings(BaseSettings):
     max_top_k: int = 1000  # top_k above the label count is harmless, but bounded
     max_timeout_s: float = 7 * 86400  # timeout_s: a job may wait at most a week
 
+    # -- the results page (/ui, producer/ui.py) ------------------------------------------
+    # Signs the page's session cookies and CSRF tokens (HMAC-SHA256). Empty = a random
+    # secret per process: sessions end when the API restarts, and several API
+    # processes or replicas (uvicorn --workers, compose --scale) need one shared value.
+    ui_secret: str = ""
+    ui_session_s: float = 8 * 3600  # a sign-in lasts this long
+    # The session cookie is Secure (browsers keep it over HTTPS, and over plain HTTP
+    # only for localhost/127.0.0.1). False only for plain HTTP from another host on a
+    # network you trust.
+    ui_secure_cookie: bool = True
+    ui_page_size: int = 50  # jobs per page
+    ui_refresh_s: float = 2.0  # how often the jobs page refreshes while jobs are pending
+
     # -- monitoring -----------------------------------------------------------------------
     # Flower's basic auth, "user:password" (several: comma-separated). Required for
     # `mmq flower` outside the local/dev profile.

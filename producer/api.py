@@ -86,6 +86,9 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     _add_service_routes(app)
     add_model_routes(app)
     _publish_schemas(app, JobIn, BatchIn)
+    from producer.ui import mount_ui  # here: producer.ui builds on this module's routes
+
+    mount_ui(app)  # the results page, /ui
     return app
 
 

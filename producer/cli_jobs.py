@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from core.jobs import MODALITIES
+from core.jobs import MODALITIES, TASKS
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga"}
@@ -150,7 +150,8 @@ def add_job_commands(sub) -> None:
     p.add_argument("modality", nargs="?", choices=MODALITIES)
     p.add_argument("inputs", nargs="*", help="texts, or image/audio file paths")
     p.add_argument("--from-dir", help="submit every image/audio/.txt file under DIR")
-    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--task", default="embed", choices=list(TASKS),
+                   help="transcribe: audio only, the text of what was said")
     p.add_argument("--labels", help="comma-separated labels (classify)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--timeout-s", type=float, help="drop the job if not started in time")

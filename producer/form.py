@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import Settings
+from core.jobs import TASKS
 from producer.api_models import ApiError
 
 FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "model_version", "file",
@@ -84,8 +85,8 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
     if modality not in (None, "image", "audio"):
         raise _invalid("modality: uploads are image or audio (text jobs are JSON)")
     task = fields.get("task", "embed")
-    if task not in ("embed", "classify"):
-        raise _invalid(f"task: must be embed or classify, got {task!r}")
+    if task not in TASKS:
+        raise _invalid(f"task: must be one of {', '.join(TASKS)}, got {task!r}")
     # labels=a,b,c or repeated labels=a&labels=b: both are what people send.
     names = [p.strip() for v in labels if isinstance(v, str) for p in v.split(",")]
     out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None,

@@ -29,7 +29,7 @@ from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.inputs import AudioConfig, ImageConfig, decode_image, read_audio, validate_text
-from core.jobs import TERMINAL, Modality, Task
+from core.jobs import TASKS, TERMINAL, Modality, Task
 from core.params import job_params
 from core.store import versions
 from core.store.migrations import upgrade
@@ -197,8 +197,10 @@ class Client:
         try:
             task = Task(item.get("task", "embed")).value
         except ValueError:
-            raise InvalidInput(f"task must be embed or classify, got {item.get('task')!r}",
-                               index=index) from None
+            raise InvalidInput(f"task must be one of {', '.join(TASKS)}, got "
+                               f"{item.get('task')!r}", index=index) from None
+        if task == Task.TRANSCRIBE.value and modality != Modality.AUDIO.value:
+            raise InvalidInput(f"task transcribe is for audio, not {modality}", index=index)
         try:  # labels, top_k, timeout_s/deadline: types and bounds in core/params.py
             params, deadline = job_params(item, task, self.settings)
         except InvalidInput as e:

@@ -189,34 +189,12 @@ class DynamicBatcher:
             keep.append(it)
         return keep
 
-    @torch.inference_mode()
     def _forward(self, batch: list[_Item]) -> list[JobResult]:
-        modality = batch[0].modality
-        prepared = [it.prepared for it in batch]
-        # The tower runs once for the whole batch, whatever versions its jobs name; each
-        # version's adapter then maps only its own rows. Not unit length for images:
-        # their length scores labels on the base tower (core/model/zeroshot.py).
-        if any(it.adapter is not None for it in batch):
-            vecs, feats = self.model.forward_features(modality, prepared)  # (B, D), (B, F)
-        else:
-            vecs, feats = self.model.forward(modality, prepared, unit=False), None  # (B, D)
-        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
-        rows: dict[tuple[str, str], list[int]] = {}
-        for i, it in enumerate(batch):
-            if it.adapter is not None:
-                rows.setdefault((it.adapter.name, it.adapter.sha256), []).append(i)
-        adapted: set[int] = set()
-        for idx in rows.values():
-            adapter = self.adapters.get(batch[idx[0]].adapter)
-            emb[idx] = adapter(feats[idx], vecs[idx])  # (b, D) unit, in the text space
-            adapted.update(idx)
-        out = []
-        for i, it in enumerate(batch):
-            labels = None
-            if it.labels and i in adapted:  # adapters were trained on softmax(scale * cos)
-                labels = self.model.scores(emb[i:i + 1], it.labels, it.top_k)[0]
-            elif it.labels:
-                labels = self.model.scores(vecs[i:i + 1], it.labels, it.top_k, modality)[0]
-            out.append(JobResult(embedding=emb[i].numpy(), labels=labels,
-                                  tokens=it.prepared.tokens, truncated=it.prepared.truncated))
-        return out
+        modality, prepared = batch[0].modality, [it.prepared for it in batch]
+        asks = [(it.labels, it.top_k) for it in batch]
+        if all(it.adapter is None for it in batch):
+            return self.model.predict(modality, prepared, asks)
+        # Each job's adapter (its model version), loaded by _with_adapters; None = base.
+        adapters = [None if it.adapter is None else self.adapters.get(it.adapter)
+                    for it in batch]
+        return self.model.predict(modality, prepared, asks, adapters=adapters)

@@ -198,7 +198,9 @@ def _summary(job_id: str, modality: str, result: JobResult, version: str) -> dic
            "model_version": version}
     if result.labels:
         out["top"] = list(result.labels[0])
-    else:
+    if result.text is not None:  # audio: the start of the transcript, for the task list
+        out["text"] = result.text if len(result.text) <= 80 else result.text[:77] + "..."
+    if not result.labels and result.text is None:
         out["embedding_dim"] = len(result.embedding)
     return out
 
