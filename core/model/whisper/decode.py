@@ -88,7 +88,8 @@ def beam_search(dec: TextDecoder, cross: CrossKV, tok: WhisperTokens,
     scores, ids = logp.topk(2 * K, dim=-1)  # (B, 2K): one beam at step 0
     beam_of = torch.zeros_like(ids)
 
-    alive = list(range(B))  # window index of each alive row group
+    alive = list(range(B))  # window index of each row group in the batch
+    done: set[int] = set()  # windows finished but still in the batch (see below)
     results: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     seqs = torch.zeros(B, 0, dtype=torch.long, device=dev)  # (B*K_rows, t) alive sequences
     rows_per = 1  # rows per window in ``seqs`` / ``cache`` before this step's expansion
@@ -97,6 +98,10 @@ def beam_search(dec: TextDecoder, cross: CrossKV, tok: WhisperTokens,
         sc, bi, ti = scores.tolist(), beam_of.tolist(), ids.tolist()
         keep, pick = [], []  # windows going on; their K candidate slots
         for i, w in enumerate(alive):
+            if w in done:  # rides along until the next compaction; its output is ignored
+                keep.append(i)
+                pick.append(list(range(K)))
+                continue
             nxt, chosen = K, []
             for k in range(K):
                 c = k
@@ -109,11 +114,19 @@ def beam_search(dec: TextDecoder, cross: CrossKV, tok: WhisperTokens,
                     if nxt < 2 * K:
                         c, nxt = nxt, nxt + 1
                 chosen.append(c)
-            if not last and len(results[w]) < max_cand:
-                keep.append(i)
-                pick.append(chosen)
-        if not keep:
+            if last or len(results[w]) >= max_cand:
+                done.add(w)
+            keep.append(i)
+            pick.append(chosen)
+        n_live = len(alive) - sum(w in done for w in alive)
+        if n_live == 0:
             break
+        # Dropping finished windows copies every layer's cross keys/values of the rest
+        # (about 18 MB per window): do it only once half the batch has finished.
+        if 2 * n_live <= len(alive):
+            keep_pick = [(i, p) for i, p in zip(keep, pick, strict=True)
+                         if alive[i] not in done]
+            keep, pick = [i for i, _ in keep_pick], [p for _, p in keep_pick]
         kept = torch.tensor(keep, device=dev)
         sel = torch.tensor(pick, device=dev)  # (B', K) candidate index per new beam
         new_scores = scores[kept].gather(1, sel)  # (B', K)
