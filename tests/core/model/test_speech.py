@@ -96,7 +96,7 @@ def test_label_scoring_picks_the_keyword(tower):
     assert [KEYWORDS[i] for i in scores.argmax(1).tolist()] == words
 
 
-def test_long_clip_is_cut_into_30s_windows(tower):
+def test_long_clip_is_cut_into_30s_windows():
     item = SpeechItem(torch.zeros(80, 6500), 65.0)
     assert item.windows == [(0, 3000), (3000, 3000), (6000, 500)]
     assert item.cost == 3 * 1500
@@ -126,3 +126,13 @@ def test_bytes_and_other_rates_are_read(tower, waves):
     data = _wav(waves[3].numpy()[::2].copy(), rate=8_000)  # 8 kHz WAV, resampled to 16 kHz
     item = tower.prepare(data)
     assert abs(item.seconds - waves[3].numel() / 16_000) < 0.01
+
+
+def test_clip_over_30s_is_transcribed_window_by_window(tower, waves, reference):
+    # sentence, 29 s of silence, sentence: the second lands in the second window.
+    wave = torch.cat([waves[2], torch.zeros(29 * 16_000), waves[3]])
+    item = tower.prepare(wave)
+    assert len(item.windows) == 2
+    segments = tower.transcribe_segments([item], beam_size=1)[0]
+    assert [s.start for s in segments] == [0.0, 30.0]
+    assert tower.transcribe([item], beam_size=1) == [_fw(reference, wave, 1)]
