@@ -70,16 +70,21 @@ class AudioEncoder(nn.Module):
         lens = [m.shape[1] for m in mels]
         T = max(lens)
         C = self.cfg.dim
-        x = mels[0].new_zeros(B, self.cfg.n_mels, T)  # (B, n_mels, T) zero-padded
-        for i, m in enumerate(mels):
-            x[i, :, :lens[i]] = m
+        uniform = min(lens) == T  # always so for 30 s windows: no padding, no masking
+        if uniform:
+            x = torch.stack(mels)  # (B, n_mels, T)
+        else:
+            x = mels[0].new_zeros(B, self.cfg.n_mels, T)  # (B, n_mels, T) zero-padded
+            for i, m in enumerate(mels):
+                x[i, :, :lens[i]] = m
         h = F.gelu(self.conv1(x))  # (B, C, T)
-        # conv2 must see zeros past each clip's end (its own padding), not conv1's output
-        # of the zero-padded frames: mask them, so a clip's states do not depend on the
-        # longest clip in its batch.
-        t = torch.arange(T, device=x.device)
-        real = t[None, :] < torch.tensor(lens, device=x.device)[:, None]  # (B, T)
-        h = h * real[:, None, :].to(h.dtype)
+        if not uniform:
+            # conv2 must see zeros past each clip's end (its own padding), not conv1's
+            # output of the zero-padded frames: mask them, so a clip's states do not
+            # depend on the longest clip in its batch.
+            t = torch.arange(T, device=x.device)
+            real = t[None, :] < torch.tensor(lens, device=x.device)[:, None]  # (B, T)
+            h = h * real[:, None, :].to(h.dtype)
         h = F.gelu(self.conv2(h))  # (B, C, ceil(T/2))
         n_pos = [self.n_positions(n) for n in lens]
         if max(n_pos) > self.cfg.n_audio_ctx:
@@ -87,7 +92,11 @@ class AudioEncoder(nn.Module):
                              f"{2 * self.cfg.n_audio_ctx}")
         h = h.transpose(1, 2)  # (B, S, C)
         plan = AttentionPlan.from_lengths(n_pos, device=x.device)
-        packed = torch.cat([h[i, :n] + self.pos[:n] for i, n in enumerate(n_pos)])  # (N, C)
+        if uniform:
+            S = n_pos[0]
+            packed = (h + self.pos[:S]).reshape(B * S, C)  # (N, C), one pass
+        else:
+            packed = torch.cat([h[i, :n] + self.pos[:n] for i, n in enumerate(n_pos)])
         out = self.ln_post(self.encoder(packed, plan, impl))  # (N, C)
         assert out.shape == (sum(n_pos), C)
         return out, plan

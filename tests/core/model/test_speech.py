@@ -76,6 +76,18 @@ def test_encoder_matches_ctranslate2(tower, waves):
     assert (ours - torch.from_numpy(ref[0])).abs().max() < 1e-3
 
 
+def test_ragged_clips_packed_equal_each_alone(tower, waves):
+    # The encoder packs clips by their real frames (used without the 30 s padding): a
+    # clip's states must not depend on the others in its batch.
+    mels = [tower.prepare(w).mel for w in waves[:2]]
+    mels = [mels[0][:, :151], mels[1][:, :120]]  # odd and even frame counts
+    with torch.inference_mode():
+        both, plan = tower.model.encoder(mels)
+        alone = [tower.model.encoder([m])[0] for m in mels]
+    assert plan.lengths == [76, 60]
+    assert torch.allclose(both, torch.cat(alone), atol=1e-4)
+
+
 def test_greedy_transcripts_equal_faster_whisper(tower, waves, reference):
     items = [tower.prepare(w) for w in waves]
     assert tower.transcribe(items, beam_size=1) == [_fw(reference, w, 1) for w in waves]
