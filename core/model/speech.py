@@ -1,0 +1,155 @@
+"""Audio jobs on the Whisper speech tower (core/model/whisper): what ``MultimodalModel``
+does with a batch of clips.
+
+Every audio job is transcribed (beam search, batched across the batch's windows); its
+embedding is the text tower's embedding of the transcript, so spoken and written
+sentences share the space. ``classify`` scores each label as a hypothesis under the
+decoder (teacher-forced log-likelihood minus the label's likelihood given silence:
+``SpeechTower.label_scores``), because free decoding mishears isolated words. One pass
+per chunk of windows: the encoder runs once, and its states feed the beam search, the
+label scoring and the adapters' features (the mean of the states over the clip's real
+frames).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from core.model.attention import AttentionPlan
+from core.model.whisper.decode import beam_search, score_sequences
+from core.model.whisper.tower import SpeechItem, SpeechTower
+from core.model.whisper.weights import MODEL_BIN_SHA256
+
+# The version tag of the speech tower: the bundled model.bin's sha256 prefix, known
+# without loading the tower, so workers that never load it still report one version.
+SPEECH_VERSION = f"whisper-tiny.en@{MODEL_BIN_SHA256[:12]}"
+FEATURE_KIND = "whisper-encoder-mean"  # what audio adapters are trained on
+# Decode steps a window is expected to cost, for the batch budget: English speech is
+# about three tokens a second, plus the prompt and the end token.
+TOKENS_PER_SECOND = 3.0
+
+
+@dataclass
+class SpeechPrepared:
+    """A prepared clip as the batcher sees it: ``tokens`` is its cost in the batch
+    budget, the encoder positions of its 30 s windows (1,500 each) plus its expected
+    decode steps times the beam width."""
+
+    item: SpeechItem
+    tokens: int
+    truncated: bool = False  # clips over the limit are refused, never cut
+
+    @property
+    def seconds(self) -> float:
+        return self.item.seconds
+
+
+@dataclass
+class SpeechRun:
+    texts: list[str]  # per clip
+    scores: list[torch.Tensor | None]  # per clip: (L,) label scores, None without labels
+    features: torch.Tensor | None  # (B, C) mean encoder states over real frames
+
+
+class SpeechJobs:
+    """The speech tower, loaded on first use (text and image workers never pay for it),
+    and the batch logic of audio jobs."""
+
+    def __init__(self, load: Callable[[], SpeechTower], beam_size: int = 5):
+        self._load = load
+        self._tower: SpeechTower | None = None
+        self._lock = threading.Lock()
+        self.beam_size = beam_size
+
+    @property
+    def tower(self) -> SpeechTower:
+        if self._tower is None:
+            with self._lock:
+                if self._tower is None:
+                    self._tower = self._load()
+        return self._tower
+
+    @property
+    def dim(self) -> int:
+        return self.tower.model.cfg.dim
+
+    def prepare(self, data: object, index: int | None = None) -> SpeechPrepared:
+        item = self.tower.prepare(data, index)
+        windows = len(item.windows)
+        steps = self.beam_size * (windows * 4 + int(TOKENS_PER_SECOND * item.seconds))
+        return SpeechPrepared(item, tokens=item.cost + steps)
+
+    @torch.inference_mode()
+    def run(self, prepared: list[SpeechPrepared], label_sets: list[list[str] | None],
+            features: bool = False) -> SpeechRun:
+        """Transcribe every clip; score each clip's labels (if any); and the adapters'
+        features when asked. Windows of all clips are searched together."""
+        t = self.tower
+        items = [p.item for p in prepared]
+        mels, owner = t._window_mels(items)  # W windows of (80, 3000), clip of each
+        real = [n for it in items for _, n in it.windows]  # real mel frames per window
+        dcfg = replace(t.cfg.decode, beam_size=self.beam_size)
+        sets = {tuple(s) for s in label_sets if s}
+        hyps, feats = [], []
+        ll: dict[tuple[str, ...], list[torch.Tensor]] = {s: [] for s in sets}
+        for a in range(0, len(mels), t.cfg.decode_batch):
+            chunk = mels[a:a + t.cfg.decode_batch]
+            enc, plan = self._encode(chunk)  # (N, C) packed, plan over the chunk
+            cross = t.model.decoder.cross_kv(enc, plan)
+            hyps += beam_search(t.model.decoder, cross, t.tokens, dcfg)
+            for s in sets:
+                seqs, n_forms = t._forms(list(s))
+                w = score_sequences(t.model.decoder, cross, t.tokens.prompt, seqs)
+                ll[s].append(torch.logsumexp(w.view(len(chunk), len(s), n_forms), dim=-1))
+            if features:
+                feats.append(_real_mean(enc, plan, real[a:a + len(chunk)]))  # (w, C)
+        texts = [[] for _ in items]
+        for h, i in zip(hyps, owner, strict=True):
+            if not h.silent(dcfg):
+                texts[i].append(t.tokens.decode(h.tokens))
+        best = {s: self._best_window(torch.cat(ll[s]) - t.prior(list(s))[None], owner,
+                                     len(items)) for s in sets}  # (B, L) each
+        scores = [best[tuple(s)][i] if s else None for i, s in enumerate(label_sets)]
+        out_feats = None
+        if features:
+            fw = torch.cat(feats).float()  # (W, C)
+            weight = torch.tensor(real, dtype=torch.float32)[:, None]  # (W, 1)
+            out_feats = torch.zeros(len(items), fw.shape[1])
+            out_feats.index_add_(0, torch.tensor(owner), fw * weight)
+            total = torch.zeros(len(items)).index_add_(0, torch.tensor(owner), weight[:, 0])
+            out_feats /= total.clamp_min(1)[:, None]  # (B, C) mean over real frames
+        return SpeechRun(["".join(x).strip() for x in texts], scores, out_feats)
+
+    def _encode(self, mels: list[torch.Tensor]):
+        """Windows' mels -> packed encoder states (N, C) and their plan."""
+        t = self.tower
+        outs, lens = [], []
+        for a in range(0, len(mels), t.cfg.encode_batch):
+            chunk = [m.to(t.device, t.dtype) for m in mels[a:a + t.cfg.encode_batch]]
+            x, plan = t.model.encoder(chunk)  # (n, C)
+            outs.append(x)
+            lens += plan.lengths
+        return torch.cat(outs), AttentionPlan.from_lengths(lens, device=t.device)
+
+    @staticmethod
+    def _best_window(ll: torch.Tensor, owner: list[int], n: int) -> torch.Tensor:
+        """(W, L) per-window scores -> (B, L): each clip's best window per label."""
+        out = ll.new_full((n, ll.shape[1]), float("-inf"))
+        for w, i in enumerate(owner):
+            out[i] = torch.maximum(out[i], ll[w])
+        return out.float().cpu()
+
+
+def _real_mean(enc: torch.Tensor, plan: AttentionPlan, real_frames: list[int]) -> torch.Tensor:
+    """(N, C) packed states of w windows -> (w, C) each window's mean over the positions
+    of its real frames (not the zero padding of a short clip's window)."""
+    out = []
+    for j, n in enumerate(real_frames):
+        start = int(plan.cu_seqlens[j])
+        k = max(1, (n + 1) // 2)  # encoder positions: one per two mel frames
+        out.append(enc[start:start + k].float().mean(0))
+    return torch.stack(out).cpu()
