@@ -142,6 +142,13 @@ def embed_query(client, q: Query, *, owner: str | None) -> tuple[str, np.ndarray
     """Submit the query as an embed job, wait for it -> (job id, vector (D,), version)."""
     s = client.settings
     rows = client.validate([{"modality": q.modality, "input": q.data}])
+    with client.sessions() as sess:  # fail now, not after the timeout, with no worker
+        alive = sess.scalar(select(store.WorkerLease.worker).where(
+            store.WorkerLease.modality == q.modality,
+            store.WorkerLease.heartbeat_at >= store.utcnow() - timedelta(seconds=s.lease_s))
+            .limit(1))
+    if alive is None:
+        raise SearchUnavailable(f"no {q.modality} worker is running to embed the query")
     timeout = s.search_query_timeout_s
     rows[0]["params"] = {SEARCH_QUERY_PARAM: True}
     # Dropped by the worker if it has not started by then: nobody waits for it any more.

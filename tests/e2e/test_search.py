@@ -186,3 +186,12 @@ def test_search_needs_a_key_and_a_known_media_type(stack):
     assert r.status_code == 415
     r = http.post("/v1/search", headers=auth(ALICE), files={"file": b""})
     assert r.status_code == 422  # an empty upload
+
+
+def test_no_worker_for_the_query_modality_is_503_at_once(stack):
+    http, _, _ = stack  # this stack runs no audio worker
+    wav = (EXAMPLES / "spoken-yes.wav").read_bytes()
+    r = http.post("/v1/search", headers=auth(ALICE), files={"file": wav})
+    assert r.status_code == 503, r.text
+    assert "no audio worker" in r.json()["error"]["message"]
+    assert r.headers["Retry-After"]

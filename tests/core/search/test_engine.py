@@ -183,3 +183,24 @@ def test_ann_index_recall_against_exact_and_catch_up(sessions):
     # A filter few rows pass: too few candidates survive, so exact answers in full.
     hits, stats = eng.search(qs[1], V1, SearchFilters(owner="bob"), k=10)
     assert [h.id for h in hits] == new and stats.method == "exact"
+
+
+def test_ann_falls_back_to_exact_when_too_few_candidates_pass(sessions):
+    """A filter most candidates fail: the images sit in one cluster, the query and the
+    texts in another. The index's candidates are all texts, so exact search over the
+    images answers, in full."""
+    rng = np.random.default_rng(5)
+    a, b = unit(rng, 2)
+
+    def around(c, n):
+        x = c + 0.03 * rng.standard_normal((n, D)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    images = around(a, 700)
+    image_ids = store_jobs(sessions, images, modality="image")
+    store_jobs(sessions, around(b, 600))
+    eng = engine_for(sessions, ann_min=500, ann=AnnConfig(threads=1))
+    q = around(b, 1)[0]
+    hits, stats = eng.search(q, V1, SearchFilters(modality="image"), k=10)
+    assert stats.method == "ann->exact"
+    assert [h.id for h in hits] == brute(images, image_ids, q, 10)
