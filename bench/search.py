@@ -129,10 +129,7 @@ def run_size(n: int, args, rng) -> list[Row]:
                     None))
     print(f"[{n:,}] exact done; building HNSW ({args.dtype}, M={args.connectivity}, "
           f"efC={args.expansion_add}, {os.cpu_count()} cores)...", flush=True)
-    t = time.perf_counter()
-    idx = AnnIndex(D, cfg.ann)
-    idx.add(np.arange(n), shard.vecs[:n])
-    build = time.perf_counter() - t
+    idx, build = built_index(shard, cfg.ann, args)
     shard.ann, shard.ann_rows = idx, n
     ann_mib = idx.memory_bytes / 2**20
     got, lat = timed(nearest(SearchFilters()), queries)
@@ -151,6 +148,30 @@ def run_size(n: int, args, rng) -> list[Row]:
         rows.append(faiss_row(shard, queries, truth, args))
     shard.ann = None
     return rows
+
+
+def built_index(shard: Shard, cfg: AnnConfig, args) -> tuple[AnnIndex, float]:
+    """Build the index (timed), or with --index-cache DIR load one built earlier on the
+    same data (seeded per size) with the same parameters, and its recorded build time:
+    re-running the search sweeps at 1 M does not cost another quarter of an hour."""
+    idx = AnnIndex(D, cfg)
+    path = None
+    if args.index_cache:
+        os.makedirs(args.index_cache, exist_ok=True)
+        path = os.path.join(args.index_cache, f"hnsw-{shard.n}-s{args.seed}-{cfg.dtype}-"
+                            f"M{cfg.connectivity}-efc{cfg.expansion_add}.usearch")
+        if os.path.exists(path) and os.path.exists(path + ".build_s"):
+            idx.index.load(path)
+            with open(path + ".build_s") as f:
+                return idx, float(f.read())
+    t = time.perf_counter()
+    idx.add(np.arange(shard.n), shard.vecs[:shard.n])
+    build = time.perf_counter() - t
+    if path:
+        idx.index.save(path)
+        with open(path + ".build_s", "w") as f:
+            f.write(f"{build:.3f}")
+    return idx, build
 
 
 def faiss_row(shard: Shard, queries, truth, args) -> Row:
@@ -181,7 +202,8 @@ def print_table(rows: list[Row]) -> None:
         if r.method.startswith("exact"):
             base[(r.size, "filtered" in r.method)] = r.p50
         ref = base.get((r.size, "filtered" in r.method))
-        ratio = "" if r.method.startswith("exact") or not ref else f"{ref / r.p50:.0f}x faster"
+        ratio = "" if r.method.startswith("exact") or not ref else \
+            f"{ref / r.p50:.{0 if ref / r.p50 >= 10 else 1}f}x faster"
         print(f"{r.size:>9,}  {r.method:<24}{_f(r.build_s, 1):>8}{r.mem_mib:>9.0f}"
               f"{r.p50:>8.2f}{r.p99:>8.2f}{_f(r.recall, 3):>8}  {ratio}")
     big = [r for r in rows if r.size >= 1_000_000]
@@ -207,16 +229,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="i8", help="the index's vector copy: f32, f16, i8")
     ap.add_argument("--connectivity", type=int, default=16)
     ap.add_argument("--expansion-add", type=int, default=128)
-    ap.add_argument("--expansion-search", type=int, default=128)
+    ap.add_argument("--expansion-search", type=int, default=512)
     ap.add_argument("--overfetch", type=float, default=4.0)
-    ap.add_argument("--ef-sweep", default="64,256", help="other search-time expansions")
+    ap.add_argument("--ef-sweep", default="128,256,1024", help="other search-time expansions")
+    ap.add_argument("--index-cache", default=None, help="keep built indexes in this dir")
     ap.add_argument("--compare-faiss", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    rng = np.random.default_rng(args.seed)
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows += run_size(n, args, rng)
+        rows += run_size(n, args, np.random.default_rng([args.seed, n]))  # same data per size
         print_table(rows)
     print(f"\npeak RSS {rss_mib():.0f} MiB; {os.cpu_count()} CPU cores (shared)")
 

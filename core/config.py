@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     # while searching. Measured in bench/search.py: these reach recall@10 >= 0.95 at 1 M.
     search_ann_connectivity: int = 16
     search_ann_expansion_add: int = 128
-    search_ann_expansion_search: int = 128
+    search_ann_expansion_search: int = 512
     # With filters, the index is asked for k * search_ann_overfetch / (fraction of rows
     # passing the filters) candidates (at most search_ann_max_fetch); if fewer than k of
     # them pass, the query falls back to exact search over the rows that pass.
