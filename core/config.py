@@ -123,16 +123,19 @@ class Settings(BaseSettings):
     # -- search over stored predictions (core/search/) ------------------------------------
     # Past this many stored vectors of one model version, an approximate (HNSW) index is
     # built in the background and used once ready; below it exact search is fast enough
-    # (about 10 ms per 100,000 vectors on 2 cores, bench/search.py) and exact is exact.
+    # (5 ms p50 at 100,000 vectors on 2 shared cores, bench/search.py) and exact is
+    # exact; building the index costs 10-30 s per 100,000 vectors there.
     search_ann_min: int = 100_000
     # HNSW parameters (usearch): graph degree, and candidate list sizes while adding and
-    # while searching. Measured in bench/search.py: these reach recall@10 >= 0.95 at 1 M.
+    # while searching. Measured in bench/search.py at 1 M clustered vectors: recall@10
+    # 0.82 / 0.94 / 0.956 at expansion_search 128 / 512 / 1024 (p50 0.5 / 1.6 / 3.2 ms).
     search_ann_connectivity: int = 16
     search_ann_expansion_add: int = 128
-    search_ann_expansion_search: int = 512
-    # With filters, the index is asked for k * search_ann_overfetch / (fraction of rows
-    # passing the filters) candidates (at most search_ann_max_fetch); if fewer than k of
-    # them pass, the query falls back to exact search over the rows that pass.
+    search_ann_expansion_search: int = 1024
+    # The index is asked for expansion_search candidates, or with filters for
+    # k * search_ann_overfetch / (fraction of rows passing the filters) if more (at most
+    # search_ann_max_fetch); if fewer than k of them pass, the query falls back to
+    # exact search over the rows that pass.
     search_ann_overfetch: float = 4.0
     search_ann_max_fetch: int = 4096
     # A query looks for newly stored predictions at most this often (seconds): a

@@ -24,7 +24,7 @@ from usearch.index import Index
 class AnnConfig:
     connectivity: int = 16  # HNSW graph degree (M)
     expansion_add: int = 128  # candidate list while inserting (efConstruction)
-    expansion_search: int = 512  # candidate list while searching (ef), raised to the fetch
+    expansion_search: int = 1024  # candidate list while searching (ef), raised to the fetch
     threads: int = 0  # threads for bulk adds; 0 = all cores
     dtype: str = "i8"  # the index's own copy of the vectors (re-scored in float32)
 
