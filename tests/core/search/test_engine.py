@@ -199,7 +199,8 @@ def test_ann_falls_back_to_exact_when_too_few_candidates_pass(sessions):
     images = around(a, 700)
     image_ids = store_jobs(sessions, images, modality="image")
     store_jobs(sessions, around(b, 600))
-    eng = engine_for(sessions, ann_min=500, ann=AnnConfig(threads=1))
+    # A short search list (64, 75 candidates with the over-fetch), all of them texts.
+    eng = engine_for(sessions, ann_min=500, ann=AnnConfig(threads=1, expansion_search=64))
     q = around(b, 1)[0]
     hits, stats = eng.search(q, V1, SearchFilters(modality="image"), k=10)
     assert stats.method == "ann->exact"
