@@ -86,8 +86,9 @@ class Client:
         text, owner. ``query``: a str is text; bytes or a ``Path`` are an image or audio
         file (found from the bytes). Filters: modality, task, label (the top label),
         model_version (default: the query's), created_since, created_until (datetimes);
-        ``owner``: only that key id's jobs (None: everyone's). ``InvalidInput`` for a bad
-        query, ``SearchUnavailable`` when no worker embeds it in time."""
+        ``owner``: only that key id's jobs (None: everyone's); ``query_modality``
+        ("image" | "audio") skips sniffing the bytes. ``InvalidInput`` for a bad query,
+        ``producer.search.SearchUnavailable`` when no worker embeds it in time."""
         from producer.search import run_search
 
         res = run_search(self, query, k=k, owner=owner, **filters)
