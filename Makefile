@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml setup.py core/model/kernels/varlen_attn.c
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null; } \
 	  || echo "note: espeak-ng is not installed; audio training tests will be skipped"
+	@# Debian's chromium and chromedriver: the browser tests (results page, Flower's task list).
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } \
+	  || echo "note: chromium/chromium-driver are not installed; the browser tests will fail"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

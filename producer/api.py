@@ -52,6 +52,7 @@ from producer.api_models import (
 )
 from producer.api_search import SearchIn
 from producer.api_search import router as search_router
+from producer.api_versions import add_model_routes
 from producer.form import read_body, upload_items
 from producer.sdk import Client, IdempotencyConflict
 
@@ -85,8 +86,12 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     _install_error_handlers(app)
     _add_job_routes(app)
     _add_service_routes(app)
+    add_model_routes(app)
     app.include_router(search_router)  # POST /v1/search (producer/api_search.py)
     _publish_schemas(app, JobIn, BatchIn, SearchIn)
+    from producer.ui import mount_ui  # here: producer.ui builds on this module's routes
+
+    mount_ui(app)  # the results page, /ui
     return app
 
 
@@ -190,7 +195,8 @@ def _invalid_json(e: ValueError | RecursionError) -> ApiError:
 
 def _json_item(index: int, job: JobIn) -> dict:
     item = {"modality": job.modality.value, "task": job.task.value, "top_k": job.top_k,
-            "labels": job.labels, "timeout_s": job.timeout_s}
+            "labels": job.labels, "timeout_s": job.timeout_s,
+            "model_version": job.model_version}
     if job.modality is Modality.TEXT:
         if job.data_base64 is not None:
             raise ApiError(422, "invalid_input", f"item {index}: text jobs take 'text', "

@@ -65,6 +65,9 @@ class JobIn(BaseModel):
     # Dropped (status cancelled) if no worker has started it this many seconds after submit.
     timeout_s: float | None = Field(None, description="seconds, above 0 and at most "
                                     "MMQ_MAX_TIMEOUT_S (default 7 days)")
+    model_version: str | None = Field(None, description="a version of this modality "
+                                      "(GET /v1/models) or 'base'; default: the promoted "
+                                      "one when a worker starts the job")
 
 
 class BatchIn(BaseModel):
@@ -90,6 +93,7 @@ def multipart_schema(batch: bool) -> dict:
             "top_k": {"type": "integer", "minimum": 1,
                       "description": "at most MMQ_MAX_TOP_K (default 1000)"},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+            "model_version": {"type": "string", "description": "GET /v1/models; 'base'"},
         },
     }
 

@@ -4,6 +4,8 @@
     mmq classify --modality text --labels a,b,c "a sentence" ...
     mmq classify --modality image --labels zero,one,two digit.png
     mmq classify --modality audio --labels yes,no clip.wav
+    mmq train image|text|audio --data DIR --name NAME [--seed N] [--promote]
+    mmq models list | show NAME | promote NAME | rollback MODALITY | rm NAME
     mmq train-default [--out DIR] [--tiny]
     mmq up [--demo] | mmq worker text|image|audio | mmq demo
     mmq flower | mmq top [--interval S] [--once]
@@ -28,6 +30,7 @@ from core.errors import InvalidInput
 from core.jobs import MODALITIES
 from producer.cli_dead import add_dead_commands
 from producer.cli_jobs import add_job_commands
+from producer.cli_models import add_model_commands
 from producer.cli_search import add_search_command
 from producer.stack import add_stack_commands
 from producer.top import add_top_command
@@ -181,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo_local)
     add_job_commands(sub)
+    add_model_commands(sub)
     add_search_command(sub)
     add_dead_commands(sub)
     add_stack_commands(sub)

@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from core.jobs import MODALITIES
+from core.jobs import MODALITIES, TASKS
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga"}
@@ -41,6 +41,8 @@ def _job_items(args: argparse.Namespace) -> list[dict]:
                   "top_k": args.top_k}
     if args.timeout_s:
         extra["timeout_s"] = args.timeout_s
+    if args.model_version:
+        extra["model_version"] = args.model_version
     if args.from_dir:
         items = []
         for p in sorted(Path(args.from_dir).rglob("*")):
@@ -148,10 +150,13 @@ def add_job_commands(sub) -> None:
     p.add_argument("modality", nargs="?", choices=MODALITIES)
     p.add_argument("inputs", nargs="*", help="texts, or image/audio file paths")
     p.add_argument("--from-dir", help="submit every image/audio/.txt file under DIR")
-    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--task", default="embed", choices=list(TASKS),
+                   help="transcribe: audio only, the text of what was said")
     p.add_argument("--labels", help="comma-separated labels (classify)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--timeout-s", type=float, help="drop the job if not started in time")
+    p.add_argument("--model-version", help="a version of the modality (`mmq models list`) or "
+                   "'base'; default: the promoted one when a worker starts the job")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait and print results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)

@@ -11,6 +11,13 @@ process before Flower starts:
 - The broker page and ``/api/queues/length`` list every modality's queue. Flower
   lists only the queues of the workers it knows, and a queue that has no worker is
   exactly the backlog worth seeing.
+- The task list shows each job's modality and the compact summary of its outcome
+  (``TASKS_COLUMNS``, ``format_task``). By default Flower shows only name, id, state,
+  received, runtime and worker: forty rows of ``mmq.run_job`` and nothing else. The
+  modality comes from the message's kwargs (``core/broker/sender.py`` sends
+  ``modality=``) and the summary from the task's return value, which the worker's
+  ``task-succeeded`` event carries (``core/serving/host.py``'s ``_summary``). Only the
+  HTML pages are reformatted; ``/api/tasks`` keeps Celery's reprs.
 
 Credentials travel to Flower in its environment (``FLOWER_BASIC_AUTH``, which Flower
 reads like ``--basic-auth=``), never on its command line, where ``ps`` shows them.
@@ -19,6 +26,7 @@ reads like ``--basic-auth=``), never on its command line, where ``ps`` shows the
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import secrets
 import sys
@@ -28,6 +36,10 @@ from core.jobs import QUEUES
 
 CELERY_APP = "core.broker.apps:monitor"  # without the task module: no torch in Flower
 LOCAL_USER = "mmq"
+# Flower's tasks_columns: kwargs is the job's modality and result its summary (both
+# relabelled and compacted by _harden_flower); FLOWER_TASKS_COLUMNS still overrides.
+TASKS_COLUMNS = "name,uuid,state,kwargs,result,received,runtime,worker"
+COLUMN_LABELS = {"kwargs": "Modality", "result": "Summary"}
 
 
 class FlowerAuthMissing(SystemExit):
@@ -64,11 +76,60 @@ def flower_env(auth: str, base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _literal(text: object) -> object:
+    """A repr Celery put in an event, read back (literals only; never code), or None."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None  # e.g. cut short by Celery's repr size limit
+
+
+def compact_summary(result: object) -> str | None:
+    """The task's summary as one short line: ``succeeded · top: tabby 0.62`` (the
+    modality has a column of its own). Anything that is not an mmq summary is
+    returned unchanged."""
+    d = _literal(result)
+    if not isinstance(d, dict) or "status" not in d:
+        return result if result is None else str(result)
+    parts = [str(d["status"])]
+    top = d.get("top")
+    if isinstance(top, list | tuple) and len(top) == 2 and isinstance(top[1], int | float):
+        parts.append(f"top: {top[0]} {top[1]:.2f}")
+    elif d.get("embedding_dim"):
+        parts.append(f"embedding {d['embedding_dim']}-d")
+    for key in ("text", "error"):  # an audio job's transcript, a failure's reason
+        if d.get(key):
+            value = str(d[key])
+            parts.append(value if len(value) <= 80 else value[:79] + "…")
+    return " · ".join(parts)
+
+
+def format_task(task):
+    """Flower's format_task hook (the tasks page and a task's page): the modality alone
+    in the kwargs column, the compact summary in the result column."""
+    kwargs = _literal(task.kwargs)
+    if isinstance(kwargs, dict) and set(kwargs) == {"modality"}:
+        task.kwargs = str(kwargs["modality"])
+    if task.result is not None:
+        task.result = compact_summary(task.result)
+    return task
+
+
 def _harden_flower() -> None:
-    """The two adjustments described in the module docstring."""
+    """The adjustments described in the module docstring."""
+    from flower.options import options
     from flower.views import BaseHandler
+    from flower.views import tasks as task_views
     from flower.views.monitor import Metrics
     from tornado import web
+
+    # Defaults only: FLOWER_TASKS_COLUMNS or --tasks_columns, applied later by Flower,
+    # still win.
+    options.tasks_columns = TASKS_COLUMNS
+    options.format_task = format_task
+    task_views.TASK_COLUMNS.update(COLUMN_LABELS)
 
     if not getattr(Metrics.get, "_mmq_auth", False):
         get = web.authenticated(Metrics.get)

@@ -13,9 +13,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import Settings
+from core.jobs import TASKS
 from producer.api_models import ApiError
 
-FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "file", "files"}
+FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "model_version", "file",
+               "files"}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -83,11 +85,12 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
     if modality not in (None, "image", "audio"):
         raise _invalid("modality: uploads are image or audio (text jobs are JSON)")
     task = fields.get("task", "embed")
-    if task not in ("embed", "classify"):
-        raise _invalid(f"task: must be embed or classify, got {task!r}")
+    if task not in TASKS:
+        raise _invalid(f"task: must be one of {', '.join(TASKS)}, got {task!r}")
     # labels=a,b,c or repeated labels=a&labels=b: both are what people send.
     names = [p.strip() for v in labels if isinstance(v, str) for p in v.split(",")]
-    out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None}
+    out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None,
+           "model_version": fields.get("model_version") or None}
     # Parsed here, bounded by the SDK (core/params.py): one bound for JSON and forms.
     for name, kind, what in (("top_k", int, "an integer"), ("timeout_s", float, "a number")):
         if fields.get(name) not in (None, ""):

@@ -30,8 +30,9 @@ from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.inputs import AudioConfig, ImageConfig, decode_image, read_audio, validate_text
-from core.jobs import TERMINAL, Modality, Task
+from core.jobs import TASKS, TERMINAL, Modality, Task
 from core.params import job_params
+from core.store import versions
 from core.store.migrations import upgrade
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ def request_digest(rows: list[dict]) -> str:
     h = hashlib.sha256()
     for row in rows:
         payload = row.get("payload")
-        h.update(json.dumps([row["modality"], row["task"], row["params"], row.get("text"),
-                             hashlib.sha256(payload).hexdigest() if payload else None],
-                            sort_keys=True).encode())
+        fields = [row["modality"], row["task"], row["params"], row.get("text"),
+                  hashlib.sha256(payload).hexdigest() if payload else None]
+        if row.get("model_version"):  # only when named: older keys keep their digests
+            fields.append(row["model_version"])
+        h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -118,9 +121,10 @@ class Client:
     def submit_many(self, items: list[dict], *, idempotency_key: str | None = None,
                     owner: str | None = None) -> list[str]:
         """Each item: modality, input, and optionally task ("embed" | "classify"),
-        labels, top_k, deadline (datetime) or timeout_s. All are validated first;
-        one bad item raises ``InvalidInput`` (naming it) and nothing is enqueued.
-        Rows are written in one transaction, then the tasks are sent over one
+        labels, top_k, deadline (datetime) or timeout_s, model_version (a version of
+        that modality, or "base"; default: the promoted one when a worker starts it).
+        All are validated first; one bad item raises ``InvalidInput`` (naming it) and
+        nothing is enqueued. Rows are written in one transaction, then the tasks are sent over one
         connection. With an ``idempotency_key``, submitting the same items again
         returns the first call's job ids (see ``submit``)."""
         return self.submit(items, idempotency_key=idempotency_key, owner=owner).ids
@@ -147,7 +151,24 @@ class Client:
             if not isinstance(it, dict):
                 raise InvalidInput(f"an item must be a dict (modality, input, ...), got "
                                    f"{type(it).__name__}", index=i)
-        return [self._validate(i, it) for i, it in enumerate(items)]
+        rows = [self._validate(i, it) for i, it in enumerate(items)]
+        self._check_versions(rows)
+        return rows
+
+    def _check_versions(self, rows: list[dict]) -> None:
+        """Each named model_version exists and is of the job's modality (one query)."""
+        named = [(i, r) for i, r in enumerate(rows) if r.get("model_version") is not None]
+        if not named:
+            return
+        with self.sessions() as s:
+            known = versions.version_modalities(
+                session=s, names=[r["model_version"] for _, r in named
+                                  if isinstance(r["model_version"], str)])
+        for i, r in named:
+            try:
+                versions.check_job_version(r["model_version"], r["modality"], known)
+            except InvalidInput as e:
+                raise InvalidInput(e.reason, index=i) from None
 
     def submit_valid(self, rows: list[dict], *, idempotency_key: str | None = None,
                      owner: str | None = None) -> Submitted:
@@ -205,13 +226,17 @@ class Client:
         try:
             task = Task(item.get("task", "embed")).value
         except ValueError:
-            raise InvalidInput(f"task must be embed or classify, got {item.get('task')!r}",
-                               index=index) from None
+            raise InvalidInput(f"task must be one of {', '.join(TASKS)}, got "
+                               f"{item.get('task')!r}", index=index) from None
+        if task == Task.TRANSCRIBE.value and modality != Modality.AUDIO.value:
+            raise InvalidInput(f"task transcribe is for audio, not {modality}", index=index)
         try:  # labels, top_k, timeout_s/deadline: types and bounds in core/params.py
             params, deadline = job_params(item, task, self.settings)
         except InvalidInput as e:
             raise InvalidInput(e.reason, index=index, kind=e.kind) from None
         row = {"modality": modality, "task": task, "params": params, "deadline": deadline}
+        if item.get("model_version") is not None:  # checked against the store in validate()
+            row["model_version"] = item["model_version"]
         data = item.get("input")
         if modality == "text":
             row["text"] = validate_text(data, self.settings.max_text_chars, index)
@@ -283,3 +308,58 @@ class Client:
             return [j.as_dict() for j in store.list_jobs(
                 session=s, status=status, modality=modality, since=since, limit=limit,
                 owner=owner)]
+
+    # -- model versions (core/store/versions.py) ----------------------------------------
+
+    def train(self, modality: str, data_dir: str | Path, name: str, *, seed: int = 0,
+              promote: bool = False, progress: bool = True, config=None) -> dict:
+        """Fine-tune an adapter on ``data_dir`` (one sub-folder per label, or
+        labels.csv/.jsonl) and record it as version ``name`` (a candidate, or promoted
+        with ``promote``). Runs in this process: it loads the model and needs torch,
+        imported here so that importing the SDK stays light. -> the version's row;
+        ``DataError`` for unusable data, before any training."""
+        from core.model.multimodal import MultimodalModel
+        from core.training.finetune import FinetuneConfig, train_version
+        from core.training.labelled import read_labelled
+
+        if modality not in {m.value for m in Modality}:
+            raise InvalidInput(f"modality must be one of text, image, audio, got {modality!r}")
+        versions.check_version_name(name)
+        read_labelled(data_dir)  # the layout's errors before the model loads (seconds)
+        cfg = config or FinetuneConfig(seed=seed)
+        model = MultimodalModel.load(settings=self.settings)
+        out = train_version(model=model, modality=modality, data_dir=data_dir, name=name,
+                            sessions=self.sessions, adapters_dir=self.settings.adapters_path,
+                            cfg=cfg, progress=progress)
+        if promote:
+            out = self.promote(name)
+        return out
+
+    def models(self, modality: str | None = None) -> list[dict]:
+        """Every version (newest first per modality), with which one each modality serves."""
+        with self.sessions() as s:
+            return [v.as_dict(with_metrics=False)
+                    for v in versions.list_versions(session=s, modality=modality)]
+
+    def model(self, name: str) -> dict | None:
+        with self.sessions() as s:
+            v = versions.get_version(session=s, name=name)
+            return None if v is None else v.as_dict()
+
+    def promote(self, name: str) -> dict:
+        """Jobs of its modality that name no version run ``name`` from now on: workers
+        resolve the promoted version as each job starts (no restart)."""
+        with self.sessions.begin() as s:
+            return versions.promote(session=s, name=name).as_dict()
+
+    def rollback(self, modality: str) -> tuple[str, str]:
+        """Undo the last promote of ``modality`` -> (from, to); ``to`` may be "base"."""
+        with self.sessions.begin() as s:
+            return versions.rollback(session=s, modality=modality)
+
+    def remove_model(self, name: str, *, force: bool = False) -> dict:
+        """Delete a version's row, then its adapter file (not the promoted one)."""
+        with self.sessions.begin() as s:
+            v = versions.remove_version(session=s, name=name, force=force).as_dict()
+        (Path(self.settings.adapters_path) / v["adapter_file"]).unlink(missing_ok=True)
+        return v

@@ -109,7 +109,8 @@ def _start_api(s: Settings, port: int, sup: Supervisor) -> None:
         subprocess.Popen, [sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     key = "a key from MMQ_API_KEYS" if s.api_keys else f"Bearer {LOCAL_API_KEY}"
-    print(f"api: http://127.0.0.1:{port}/docs ({key})")
+    print(f"api: http://127.0.0.1:{port}/docs ({key}); results page: "
+          f"http://127.0.0.1:{port}/ui")
 
 
 def _worker_env(s: Settings, index: int) -> dict:

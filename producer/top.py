@@ -48,6 +48,7 @@ class Frame:
     # key id (None: no key) -> {"queued", "running", "finished"} -> jobs
     owners: dict[str | None, dict[str, int]] | None = None
     failures: list[dict] = field(default_factory=list)
+    transcripts: list[dict] = field(default_factory=list)  # latest audio jobs' text
     problems: list[str] = field(default_factory=list)
 
 
@@ -75,6 +76,17 @@ def _sql(session: Session, window_s: float, n_failures: int) -> tuple[dict, dict
     failures = [{"id": j.id, "modality": j.modality, "error": j.error or "",
                  "at": j.finished_at} for j in failed]
     return rates, counts, failures
+
+
+def _transcripts(session: Session, n: int) -> list[dict]:
+    """The latest transcribed audio jobs: what the speech workers are hearing."""
+    rows = session.execute(
+        select(store.Job.id, store.Job.finished_at, store.Prediction.text)
+        .join(store.Prediction, store.Prediction.job_id == store.Job.id)
+        .where(store.Job.modality == "audio", store.Job.status == JobStatus.SUCCEEDED.value,
+               store.Prediction.text.is_not(None))
+        .order_by(store.Job.finished_at.desc()).limit(n))
+    return [{"id": i, "at": at, "text": t} for i, at, t in rows]
 
 
 def _owners(session: Session) -> dict[str | None, dict[str, int]]:
@@ -106,6 +118,7 @@ def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_
         with sessions() as s:
             frame.rates, frame.counts, frame.failures = _sql(s, window_s, n_failures)
             frame.owners = _owners(s)
+            frame.transcripts = _transcripts(s, n_failures)
     except Exception as e:
         frame.problems.append(f"database: {type(e).__name__}: {str(e).splitlines()[0]}")
     return frame
@@ -139,6 +152,12 @@ def render(frame: Frame, settings: Settings) -> str:
               f"processed {w.processed}" for w in workers] or [
         "  none answered" if frame.workers is not None else "  unknown: no broker"]
     lines += _render_owners(frame.owners)
+    lines += ["", "recent transcripts"]
+    for t in frame.transcripts:
+        at = f"{t['at']:%Y-%m-%d %H:%M:%S}" if t["at"] else "-"
+        lines.append(f"  {at}  {t['id']}  {' '.join(t['text'].split())[:60]!r}")
+    if not frame.transcripts:
+        lines.append("  none")
     lines += ["", "recent failures"]
     for f in frame.failures:
         at = f"{f['at']:%Y-%m-%d %H:%M:%S}" if f["at"] else "-"

@@ -102,13 +102,20 @@ class EfficientNetLite(nn.Module):
         self._bn1 = _bn(cfg.head_dim, cfg)
         self._fc = nn.Linear(cfg.head_dim, cfg.num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 224, 224) normalised pixels -> (B, 1280) pooled features."""
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) normalised pixels -> (B, 320, 7, 7), the last block's map."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))  # (B, 1280, 7, 7)
-        return x.mean((2, 3))
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 320, 7, 7) -> (B, 1280) pooled head features."""
+        return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) normalised pixels -> (B, 1280) pooled features."""
+        return self.head(self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, num_classes) ImageNet logits."""

@@ -16,13 +16,13 @@ import torch
 
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
-from core.jobs import MODALITIES
+from core.jobs import MODALITIES, JobResult
 from core.model.attention import AttentionPlan, resolve_impl
 from core.model.audio import LogMel, decode_audio, frames_to_patches
 from core.model.image import decode_image, image_to_patches, image_to_pixels
 from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
 from core.model.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
-from core.model.zeroshot import FRONT_END, PixelItem, ZeroShotImageTower, load_zero_shot_tower
+from core.model.zeroshot import FRONT_END, GRID, PixelItem, ZeroShotImageTower, load_zero_shot_tower
 from core.params import check_labels
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,34 @@ class MultimodalModel:
         out[torch.tensor(order)] = emb
         return out
 
+    # -- features for adapters (core/model/adapters.py) --------------------------------
+
+    def feature_kind(self, modality: str) -> tuple[str, int]:
+        """(name, width F) of what ``forward_features`` hands an adapter: for the ImageNet
+        tower its last block's map on a 2x2 grid (measured best of the backbone's
+        features: bench/finetune.py), else the tower's own vector. The speech tower
+        replaces audio's with its mean-pooled encoder states."""
+        self._check_modality(modality)
+        if modality == "image" and self.photo is not None:
+            return f"grid{GRID}x{GRID}", self.photo.net._conv_head.in_channels * GRID * GRID
+        return "embedding", self.dim
+
+    @torch.inference_mode()
+    def forward_features(self, modality: str, prepared: list[Prepared],
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward -> (vectors (B, D) as ``forward(..., unit=False)``, features
+        (B, F) for adapters), both on the CPU."""
+        if modality == "image" and self.photo is not None:
+            pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
+            m, feats = self.photo.forward_features(pixels)
+            return m.float().cpu(), feats.float().cpu()
+        vecs = self.forward(modality, prepared, unit=False)  # (B, D)
+        return vecs, vecs
+
+    def features(self, modality: str, prepared: list[Prepared]) -> torch.Tensor:
+        """(B, F) adapter inputs of already-prepared items."""
+        return self.forward_features(modality, prepared)[1]
+
     def _chunks(self, prepared: list[Prepared]) -> list[list[Prepared]]:
         """Split a long list into forwards of at most ``max_batch_tokens`` real tokens."""
         chunks: list[list[Prepared]] = [[]]
@@ -260,6 +288,41 @@ class MultimodalModel:
             self._check_modality(modality)
             return torch.empty(0, self.dim)
         return torch.stack([r.embedding for r in self.embed_items(modality, inputs)])
+
+    @torch.inference_mode()
+    @torch.inference_mode()
+    def predict(self, modality: str, prepared: list[Prepared],
+                asks: list[tuple[list[str] | None, int]],
+                adapters: list | None = None) -> list[JobResult]:
+        """One batch of jobs -> their results, in order. ``asks`` holds each job's
+        (labels, top_k): labels None = embed only. ``adapters``: each job's model
+        version (a core.model.adapters.Adapter) or None for the pretrained tower. The
+        dynamic batcher's one call."""
+        adapters = adapters or [None] * len(prepared)
+        # The tower runs once for the whole batch, whatever versions its jobs name; each
+        # version's adapter then maps only its own rows. Not unit length for images:
+        # their length scores labels on the base tower (core/model/zeroshot.py).
+        if any(a is not None for a in adapters):
+            vecs, feats = self.forward_features(modality, prepared)  # (B, D), (B, F)
+        else:
+            vecs, feats = self.forward(modality, prepared, unit=False), None  # (B, D)
+        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
+        rows: dict[int, list[int]] = {}
+        for i, a in enumerate(adapters):
+            if a is not None:
+                rows.setdefault(id(a), []).append(i)
+        for idx in rows.values():
+            emb[idx] = adapters[idx[0]](feats[idx], vecs[idx])  # (b, D) unit, text space
+        out = []
+        for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
+            top = None
+            if labels and adapters[i] is not None:  # adapters train on softmax(scale * cos)
+                top = self.scores(emb[i:i + 1], labels, top_k)[0]
+            elif labels:
+                top = self.scores(vecs[i:i + 1], labels, top_k, modality)[0]
+            out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
+                                 truncated=p.truncated))
+        return out
 
     # -- zero-shot classification -----------------------------------------------------
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from core.config import Settings
-from core.serving.contracts import DeadlineExceeded, JobResult
+from core.model.adapters import AdapterCache
+from core.serving.contracts import AdapterRef, DeadlineExceeded, JobResult
 from core.serving.metrics import BatchMetrics
 
 __all__ = ["BatcherConfig", "DeadlineExceeded", "DynamicBatcher"]
@@ -51,15 +52,17 @@ class _Item:
     labels: list[str] | None
     top_k: int
     deadline: float | None  # time.monotonic() seconds
+    adapter: AdapterRef | None = None  # the job's model version; None = the base tower
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
     def __init__(self, model, cfg: BatcherConfig, metrics: BatchMetrics | None = None,
-                 after_batch=None):
+                 after_batch=None, adapters: AdapterCache | None = None):
         self.model = model
         self.cfg = cfg
+        self.adapters = adapters or AdapterCache()
         self.metrics = metrics or BatchMetrics()
         # Called by the batcher thread once a batch's futures are all resolved (a
         # child process then sends the batch's results in one message, not one each).
@@ -73,9 +76,11 @@ class DynamicBatcher:
     # -- task-thread side ---------------------------------------------------------------
 
     def submit(self, modality: str, prepared, *, labels: list[str] | None = None,
-               top_k: int = 5, deadline: float | None = None) -> Future:
-        """Queue one prepared item; the future resolves to a ``JobResult``."""
-        item = _Item(modality, prepared, labels, top_k, deadline)
+               top_k: int = 5, deadline: float | None = None,
+               adapter: AdapterRef | None = None) -> Future:
+        """Queue one prepared item; the future resolves to a ``JobResult``. Items of
+        every model version of a modality share batches (``_forward``)."""
+        item = _Item(modality, prepared, labels, top_k, deadline, adapter)
         with self._cv:
             if self._stop:
                 raise RuntimeError("the batcher is stopped")
@@ -142,6 +147,7 @@ class DynamicBatcher:
         return batch
 
     def _run(self, batch: list[_Item]) -> None:
+        batch = self._with_adapters(batch)
         if not batch:
             return
         t0 = time.monotonic()
@@ -168,15 +174,27 @@ class DynamicBatcher:
         for it, r in zip(batch, results, strict=True):
             it.future.set_result(r)
 
+    def _with_adapters(self, batch: list[_Item]) -> list[_Item]:
+        """Load each version's adapter before the forward; an item whose adapter cannot
+        be loaded (file missing, sha256 mismatch) fails alone, not its batch."""
+        keep = []
+        for it in batch:
+            if it.adapter is not None:
+                try:
+                    self.adapters.get(it.adapter, self.model.feature_kind(it.modality))
+                except Exception as e:  # noqa: BLE001  (this job's failure, with its reason)
+                    log.error("model version %s: %s", it.adapter.name, e)
+                    it.future.set_exception(e)
+                    continue
+            keep.append(it)
+        return keep
+
     def _forward(self, batch: list[_Item]) -> list[JobResult]:
-        modality = batch[0].modality
-        # Not unit length for images: their length scores labels (core/model/zeroshot.py).
-        vecs = self.model.forward(modality, [it.prepared for it in batch], unit=False)
-        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
-        out = []
-        for i, it in enumerate(batch):
-            labels = (self.model.scores(vecs[i:i + 1], it.labels, it.top_k, modality)[0]
-                      if it.labels else None)
-            out.append(JobResult(embedding=emb[i].numpy(), labels=labels,
-                                  tokens=it.prepared.tokens, truncated=it.prepared.truncated))
-        return out
+        modality, prepared = batch[0].modality, [it.prepared for it in batch]
+        asks = [(it.labels, it.top_k) for it in batch]
+        if all(it.adapter is None for it in batch):
+            return self.model.predict(modality, prepared, asks)
+        # Each job's adapter (its model version), loaded by _with_adapters; None = base.
+        adapters = [None if it.adapter is None else self.adapters.get(it.adapter)
+                    for it in batch]
+        return self.model.predict(modality, prepared, asks, adapters=adapters)

@@ -16,7 +16,23 @@ from typing import Protocol
 from core.errors import InvalidInput
 from core.jobs import JobResult
 
-__all__ = ["DeadlineExceeded", "Failure", "JobRequest", "JobResult", "ModelBackend"]
+__all__ = ["AdapterRef", "DeadlineExceeded", "Failure", "JobRequest", "JobResult", "ModelBackend"]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A model version as a worker runs it: the host reads it from the model_versions
+    row; the model process loads (and caches) the file after checking its sha256."""
+
+    name: str
+    modality: str
+    path: str  # absolute: MMQ_ADAPTERS_DIR / the row's adapter_file
+    sha256: str
+
+    @property
+    def exact(self) -> str:
+        """What predictions record: the name and the weights it ran with."""
+        return f"{self.name}@{self.sha256[:12]}"
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,7 @@ class JobRequest:
     labels: list[str] | None  # classify: the label set; embed: None
     top_k: int
     deadline: float | None  # time.monotonic() seconds (one clock for every process)
+    adapter: AdapterRef | None = None  # None: the pretrained tower (version "base")
 
 
 class DeadlineExceeded(Exception):

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from core import store
 from core.config import Settings
@@ -26,10 +27,16 @@ from core.errors import InvalidInput
 from core.jobs import JobStatus
 from core.params import check_labels
 from core.serving.batcher import BatcherConfig, DynamicBatcher
-from core.serving.contracts import DeadlineExceeded, JobRequest, JobResult, ModelBackend
+from core.serving.contracts import (
+    AdapterRef,
+    DeadlineExceeded,
+    JobRequest,
+    JobResult,
+    ModelBackend,
+)
 from core.serving.metrics import BatchMetrics
 from core.serving.writer import GroupWriter
-from core.store import make_engine, session_factory
+from core.store import BASE_VERSION, make_engine, session_factory
 
 log = logging.getLogger("mmq.worker")
 
@@ -49,7 +56,10 @@ class InProcessModel:
         self.version, self.device = self.model.version, str(self.model.device)
         self.cfg = BatcherConfig.for_device(self.model.device, settings)
         self.metrics = metrics
-        self.batcher = DynamicBatcher(self.model, self.cfg, metrics)
+        from core.model.adapters import AdapterCache
+
+        self.batcher = DynamicBatcher(self.model, self.cfg, metrics,
+                                      adapters=AdapterCache(settings.adapter_cache_size))
 
     def submit(self, request: JobRequest) -> Future:
         try:
@@ -59,7 +69,8 @@ class InProcessModel:
             fut.set_exception(e)
             return fut
         return self.batcher.submit(request.modality, prepared, labels=request.labels,
-                                   top_k=request.top_k, deadline=request.deadline)
+                                   top_k=request.top_k, deadline=request.deadline,
+                                   adapter=request.adapter)
 
     def close(self) -> None:
         self.batcher.stop()
@@ -96,10 +107,18 @@ class ModelHost:
         done: Future = Future()
 
         def started(value) -> None:
-            job, payload = value
+            job, payload, version = value
             if job is None:  # cancelled, already done, or unknown (no row): nothing to run
                 done.set_result({"job": job_id, "status": payload})
                 return
+            if job.model_version != BASE_VERSION and version is None:
+                self._fail(done, job_id, job.modality, f"model version {job.model_version!r} "
+                           "no longer exists (removed after the job was submitted)",
+                           JobStatus.FAILED)
+                return
+            adapter = None if version is None else AdapterRef(
+                version.name, version.modality,
+                str(Path(self.settings.adapters_path) / version.adapter_file), version.sha256)
             deadline = None
             if job.deadline:
                 left = (_aware(job.deadline) - datetime.now(UTC)).total_seconds()
@@ -116,13 +135,16 @@ class ModelHost:
                 ran_badly(job.modality, e)
                 return
             fut = self.model.submit(JobRequest(job.modality, payload, labels,
-                                               int(params.get("top_k", 5)), deadline))
-            _then(fut, done, lambda result: ran(job.modality, result),
+                                               int(params.get("top_k", 5)), deadline, adapter))
+            # The exact version the prediction came from: the adapter's name and weights,
+            # or the pretrained towers' own version string.
+            exact = self.model.version if adapter is None else adapter.exact
+            _then(fut, done, lambda result: ran(job.modality, result, exact),
                   on_error=lambda e: ran_badly(job.modality, e))
 
-        def ran(modality: str, result: JobResult) -> None:
-            _then(self.writer.finish(job_id, self.model.version, result), done,
-                  lambda _: done.set_result(_summary(job_id, modality, result)))
+        def ran(modality: str, result: JobResult, exact: str) -> None:
+            _then(self.writer.finish(job_id, exact, result), done,
+                  lambda _: done.set_result(_summary(job_id, modality, result, exact)))
 
         def ran_badly(modality: str, e: BaseException) -> None:
             if isinstance(e, DeadlineExceeded):
@@ -170,12 +192,15 @@ def _aware(d: datetime) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite returns naive datetimes
 
 
-def _summary(job_id: str, modality: str, result: JobResult) -> dict:
+def _summary(job_id: str, modality: str, result: JobResult, version: str) -> dict:
     """What Flower shows as the task's result: enough to find the job in the store."""
-    out = {"job": job_id, "modality": modality, "status": "succeeded"}
+    out = {"job": job_id, "modality": modality, "status": "succeeded",
+           "model_version": version}
     if result.labels:
         out["top"] = list(result.labels[0])
-    else:
+    if result.text is not None:  # audio: the start of the transcript, for the task list
+        out["text"] = result.text if len(result.text) <= 80 else result.text[:77] + "..."
+    if not result.labels and result.text is None:
         out["embedding_dim"] = len(result.embedding)
     return out
 

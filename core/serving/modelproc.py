@@ -95,6 +95,7 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")
     try:
+        from core.model.adapters import AdapterCache
         from core.model.multimodal import MultimodalModel
 
         model = MultimodalModel.load(device=device, settings=settings)
@@ -103,7 +104,8 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     outbox = _Outbox(conn)
-    batcher = DynamicBatcher(model, cfg, BatchMetrics(sinks=[outbox]), after_batch=outbox.flush)
+    batcher = DynamicBatcher(model, cfg, BatchMetrics(sinks=[outbox]), after_batch=outbox.flush,
+                             adapters=AdapterCache(settings.adapter_cache_size))
     conn.send(("ready", {"version": model.version, "device": str(model.device), "cfg": cfg,
                          "modalities": model.modalities}))
     try:
@@ -140,7 +142,7 @@ def _accept(model, batcher: DynamicBatcher, outbox: _Outbox,
                 bad = True
                 continue
             fut = batcher.submit(modality, p, labels=req.labels, top_k=req.top_k,
-                                 deadline=req.deadline)
+                                 deadline=req.deadline, adapter=req.adapter)
             fut.add_done_callback(lambda f, rid=rid: outbox.add(rid, f))
     if bad:
         outbox.flush()

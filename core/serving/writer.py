@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from core import store
 from core.serving.contracts import JobResult
+from core.store.versions import version_refs
 
 log = logging.getLogger("mmq.worker")
 
@@ -37,22 +38,40 @@ class _Req:
     future: Future = field(default_factory=Future)
 
 
+@dataclass(frozen=True)
+class VersionFile:
+    """A started job's model version as the store has it (the host makes an AdapterRef)."""
+
+    name: str
+    modality: str
+    adapter_file: str
+    sha256: str
+
+
 def _start_many(s, args: list[tuple[str, str]]) -> list:
-    """args: (job_id, worker) -> per request (job, payload) or (None, current status)."""
+    """args: (job_id, worker) -> per request (job, payload, VersionFile | None) or
+    (None, current status, None). The job's model version was resolved by the same
+    UPDATE that started it; None for ``base`` or for a version since removed (the
+    host fails that job)."""
     started: dict = {}
     for worker in dict.fromkeys(w for _, w in args):
         started |= store.start_jobs(session=s, job_ids=[j for j, w2 in args if w2 == worker],
                                     worker=worker)
+    refs = {v.name: VersionFile(v.name, v.modality, v.adapter_file, v.adapter_sha256)
+            for v in version_refs(session=s,
+                                  names=[j.model_version for j in started.values()]).values()
+            }
     out = []
     for job_id, _ in args:
         job = started.get(job_id)
         if job is None:  # cancelled, already done, or unknown: nothing to run
             current = s.scalar(select(store.Job.status).where(store.Job.id == job_id))
-            out.append((None, current or "unknown"))
+            out.append((None, current or "unknown", None))
         elif job.modality == "text":
-            out.append((job, job.text))
+            out.append((job, job.text, refs.get(job.model_version)))
         else:
-            out.append((job, store.get_blob(session=s, sha256=job.payload_sha256)))
+            out.append((job, store.get_blob(session=s, sha256=job.payload_sha256),
+                        refs.get(job.model_version)))
     return out
 
 
@@ -82,7 +101,8 @@ class GroupWriter:
         threading.Thread(target=self._loop, name="mmq-writer", daemon=True).start()
 
     def start(self, job_id: str, worker: str) -> Future:
-        """-> (job, payload), or (None, status) when the job must not run."""
+        """-> (job, payload, VersionFile | None), or (None, status, None) when the job
+        must not run."""
         return self._submit("start", (job_id, worker))
 
     def finish(self, job_id: str, model_version: str, result: JobResult) -> Future:

@@ -21,11 +21,14 @@ from sqlalchemy.orm import Session
 from core.jobs import JobResult, JobStatus
 from core.store.tables import (  # noqa: F401  (the store's public names, in one place)
     ACTIVE,
+    BASE_VERSION,
     Base,
     Blob,
     IdempotencyKey,
     Job,
+    ModelVersion,
     Prediction,
+    VersionStatus,
     WorkerLease,
     make_engine,
     session_factory,
@@ -62,11 +65,13 @@ def get_blob(*, session: Session, sha256: str) -> bytes:
 def create_job(*, session: Session, modality: str, task: str, params: dict | None = None,
                text: str | None = None, payload: bytes | None = None,
                deadline: datetime | None = None, job_id: str | None = None,
-               owner: str | None = None) -> Job:
+               owner: str | None = None, model_version: str | None = None) -> Job:
+    """A queued job. ``model_version`` is the version the caller named (checked by the
+    producer); None = whichever is promoted when a worker starts it."""
     sha = put_blob(session=session, data=payload) if payload is not None else None
     job = Job(id=job_id or str(uuid.uuid4()), modality=modality, task=task, params=params or {},
               status=JobStatus.QUEUED.value, text=text, payload_sha256=sha, deadline=deadline,
-              attempts=0, created_at=utcnow(), owner=owner)
+              attempts=0, created_at=utcnow(), owner=owner, model_version=model_version)
     session.add(job)
     return job
 
@@ -94,7 +99,7 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
     return session.scalars(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
-                started_at=utcnow(), worker=worker)
+                started_at=utcnow(), worker=worker, model_version=_resolved_version())
         .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
 
 
@@ -102,7 +107,19 @@ def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
 # ORM classes: the ORM's bulk-statement machinery cost more than the SQL itself.
 _JOBS = Job.__table__
 RUN_COLUMNS = tuple(_JOBS.c[n] for n in ("id", "modality", "task", "params", "deadline",
-                                         "text", "payload_sha256"))
+                                         "text", "payload_sha256", "model_version"))
+
+
+def _resolved_version():
+    """The version a starting job runs: the one it names, else the promoted one of its
+    modality at this instant, else ``base``. Written by the UPDATE that starts the job,
+    so the resolution and the start are one atomic step, a redelivered job keeps the
+    version it was first resolved to, and a promote reaches every worker at its next
+    job (core/store/versions.py)."""
+    from core.store.versions import promoted_subquery
+
+    return func.coalesce(_JOBS.c.model_version, promoted_subquery(_JOBS.c.modality),
+                         BASE_VERSION)
 
 
 def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
@@ -111,7 +128,7 @@ def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
     rows = session.execute(
         update(_JOBS).where(_JOBS.c.id.in_(job_ids), _JOBS.c.status.in_(ACTIVE))
         .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
-                started_at=utcnow(), worker=worker)
+                started_at=utcnow(), worker=worker, model_version=_resolved_version())
         .returning(*RUN_COLUMNS)).all()
     return {r.id: r for r in rows}
 

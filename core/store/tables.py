@@ -6,6 +6,7 @@ them in core/store/migrations."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import Enum
 
 import numpy as np
 from sqlalchemy import (
@@ -19,6 +20,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+)
+from sqlalchemy import (
+    text as sql_text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -130,6 +134,56 @@ class WorkerLease(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("ix_worker_leases_heartbeat", "heartbeat_at"),)
+
+
+class VersionStatus(str, Enum):
+    CANDIDATE = "candidate"
+    """Trained and recorded; jobs run it only when they name it."""
+    PROMOTED = "promoted"
+    """The default for jobs of its modality that name no version (at most one)."""
+    RETIRED = "retired"
+    """Was promoted, then replaced or rolled back; jobs may still name it."""
+
+
+# The version name that means the frozen pretrained tower, with no adapter.
+BASE_VERSION = "base"
+
+
+class ModelVersion(Base):
+    """A fine-tuned adapter on a frozen tower (core/model/adapters.py)."""
+
+    __tablename__ = "model_versions"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    base_model: Mapped[str] = mapped_column(String(255))  # MultimodalModel.version trained on
+    data_digest: Mapped[str] = mapped_column(String(64))  # sha256 over (label, file sha256)
+    metrics: Mapped[dict] = mapped_column(JSON)  # held-out accuracy, per class, confusions
+    config: Mapped[dict] = mapped_column(JSON)  # adapter and training configs, seed
+    adapter_file: Mapped[str] = mapped_column(String(300))  # under MMQ_ADAPTERS_DIR
+    adapter_sha256: Mapped[str] = mapped_column(String(64))  # checked at every load
+    status: Mapped[str] = mapped_column(String(16), default=VersionStatus.CANDIDATE.value)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+    __table_args__ = (
+        Index("ix_model_versions_modality", "modality", "status"),
+        Index("ux_model_versions_promoted", "modality", unique=True,
+              sqlite_where=sql_text("status = 'promoted'"),
+              postgresql_where=sql_text("status = 'promoted'")),
+    )
+
+    def as_dict(self, with_metrics: bool = True) -> dict:
+        ts = lambda d: d.isoformat() if d else None  # noqa: E731
+        out = {"name": self.name, "modality": self.modality, "status": self.status,
+               "base_model": self.base_model, "data_digest": self.data_digest,
+               "adapter_sha256": self.adapter_sha256, "created_at": ts(self.created_at),
+               "promoted_at": ts(self.promoted_at),
+               "accuracy": (self.metrics or {}).get("accuracy")}
+        if with_metrics:
+            out |= {"metrics": self.metrics, "config": self.config,
+                    "adapter_file": self.adapter_file}
+        return out
 
 
 class IdempotencyKey(Base):

@@ -1,5 +1,6 @@
 """Monitoring against real services: a real Flower process and `mmq top` on a real
-redis-server (the session fixture) and a SQLite store."""
+redis-server (the session fixture) and a SQLite store; Flower's task list also in
+headless Chromium (screenshot: $MMQ_ARTIFACTS/flower/tasks.png)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from core.store.migrations import upgrade
 from producer.flower import FlowerAuthMissing, flower_command, flower_credentials, flower_env
 from producer.sdk import Client
 from producer.top import collect, render
+from tests.e2e.browser import chrome, screenshot
 from tests.e2e.conftest import _free_port, service_env
 
 ROOT = Path(__file__).parents[2]
@@ -145,6 +147,7 @@ def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
     summary = ast.literal_eval(task["result"])  # Flower shows the result's repr
     assert summary["job"] == job and summary["status"] == "succeeded"
     assert summary["modality"] == "text" and summary["top"][0] == "sport"
+    _task_list_shows_modality_and_summary(f, job)
     metrics = f.get("/metrics").text
     assert 'flower_events_total{task="mmq.run_job",type="task-succeeded"' in metrics
     # Now that Flower knows a worker, it would list only that worker's queue; the
@@ -164,6 +167,47 @@ def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
     assert [(w.modality, w.processed) for w in frame.workers] == [("text", 1)]
     assert frame.workers[0].name == task["worker"]
     assert frame.counts == {("text", "succeeded"): 1} and frame.rates["text"] > 0
+
+
+def _task_list_shows_modality_and_summary(f: FlowerProcess, job: str) -> None:
+    """Flower's task list as an operator sees it, in headless Chromium: a Modality and a
+    Summary column (producer/flower.py's TASKS_COLUMNS), filled for the job."""
+    import base64
+
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome(width=1600)
+    try:
+        auth = base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
+        driver.execute_cdp_cmd("Network.enable", {})  # basic auth on every request
+        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders",
+                               {"headers": {"Authorization": f"Basic {auth}"}})
+        driver.get(f"{f.url}/tasks")
+        # DataTables copies the header into a scrolling one: read the server's own.
+        headers = [(th.get_attribute("data-column"), th.get_attribute("textContent").strip())
+                   for th in driver.find_elements(By.CSS_SELECTOR, "#tasks-table thead th")]
+        assert headers == [("name", "Name"), ("uuid", "UUID"), ("state", "State"),
+                           ("kwargs", "Modality"), ("result", "Summary"),
+                           ("received", "Received"), ("runtime", "Runtime"),
+                           ("worker", "Worker")], headers
+
+        def row_text(d):  # the rows are drawn by DataTables from /tasks/datatable
+            try:
+                rows = d.find_elements(By.ID, job)
+                return rows[0].text if rows else False
+            except StaleElementReferenceException:
+                return False
+
+        text = WebDriverWait(driver, 60, poll_frequency=0.3).until(row_text, "task row")
+        assert "succeeded · top: sport" in text and "SUCCESS" in text, text
+        cells = [td.get_attribute("textContent").strip()
+                 for td in driver.find_elements(By.CSS_SELECTOR, f"tr[id='{job}'] td")]
+        assert cells[3] == "text", cells  # the Modality column alone
+        screenshot(driver, "flower", "tasks")
+    finally:
+        driver.quit()
 
 
 def _flower_task(f: FlowerProcess, job: str, timeout: float = 60) -> dict:

@@ -18,14 +18,11 @@ class Spy:
         self.model, self.fail_if, self.batches = model, fail_if, []
         self.version = model.version
 
-    def forward(self, modality, prepared, **kw):
+    def predict(self, modality, prepared, asks):
         self.batches.append([p.tokens for p in prepared])
         if self.fail_if and self.fail_if(prepared):
             raise self.fail_if(prepared)
-        return self.model.forward(modality, prepared, **kw)
-
-    def scores(self, *a, **kw):
-        return self.model.scores(*a, **kw)
+        return self.model.predict(modality, prepared, asks)
 
 
 def submit_all(batcher, model, texts, **kw):

@@ -1,0 +1,163 @@
+"""Speech tower (Whisper tiny.en on the packed core) against faster-whisper, same run.
+
+    python bench/speech.py            # 20 sentences x 6 evaluation voices, 20 keywords x 6
+    python bench/speech.py --quick    # 8 sentences x 2 voices, 20 keywords x 2
+
+Tables:
+  (a) transcripts identical to faster-whisper fp32 at the same beam (target >= 95%)
+  (b) word error rate per voice, ours vs faster-whisper, greedy and beam 5 (target: within
+      1 point at beam 5)
+  (c) the twenty keywords classified zero-shot by label scoring (target >= 80%)
+  (d) throughput in audio-seconds per second: ours batched vs faster-whisper fp32 (one
+      ``transcribe`` per clip, its normal use) on the same clips in this run (target >= 1.5x
+      at the same beam), and faster-whisper's int8 engine as a second baseline.
+
+faster-whisper runs with ``without_timestamps=True, condition_on_previous_text=False,
+temperature=0.0``: its default fallback to sampling at temperatures 0.2.. is random and
+cannot be compared transcript by transcript. Voices: bench/speech_data.py (the tuning
+voices are not used here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.speech_data import EVAL_VOICES, KEYWORDS, SENTENCES, Clip, clips  # noqa: E402
+from core.model.whisper.tower import SpeechTower  # noqa: E402
+from core.model.whisper.weights import bundled_dir  # noqa: E402
+
+DIGITS = "zero one two three four five six seven eight nine".split()
+
+
+def normalise(text: str) -> list[str]:
+    """Lower case, no punctuation, single digits spelled (Whisper writes "7" for "seven")."""
+    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " "))
+    return [DIGITS[int(w)] if w.isdigit() and len(w) == 1 else w for w in text.split()]
+
+
+def word_errors(ref: list[str], hyp: list[str]) -> int:
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[-1]
+
+
+def wer(cs: list[Clip], outs: list[str]) -> float:
+    errs = sum(word_errors(normalise(c.text), normalise(o)) for c, o in zip(cs, outs,
+                                                                        strict=True))
+    return 100.0 * errs / sum(len(normalise(c.text)) for c in cs)
+
+
+def run_fw(model, cs: list[Clip], beam: int) -> tuple[list[str], float]:
+    t = time.perf_counter()
+    outs = []
+    for c in cs:
+        segs, _ = model.transcribe(c.wave.numpy(), beam_size=beam, without_timestamps=True,
+                                   temperature=0.0, condition_on_previous_text=False)
+        outs.append("".join(s.text for s in segs).strip())
+    return outs, time.perf_counter() - t
+
+
+def run_ours(tower: SpeechTower, cs: list[Clip], beam: int) -> tuple[list[str], float]:
+    t = time.perf_counter()
+    items = [tower.prepare(c.wave) for c in cs]
+    outs = tower.transcribe(items, beam_size=beam)
+    return outs, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8 sentences x 2 voices")
+    ap.add_argument("--beams", default="1,5", help="beam sizes to compare (default 1,5)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("MMQ_THREADS", 2)))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    voices = EVAL_VOICES[:2] if args.quick else EVAL_VOICES
+    sentences = SENTENCES[:8] if args.quick else SENTENCES
+    beams = [int(b) for b in args.beams.split(",")]
+
+    from faster_whisper import WhisperModel
+
+    path = str(bundled_dir())
+    fw32 = WhisperModel(path, device="cpu", compute_type="float32", cpu_threads=args.threads)
+    fw8 = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=args.threads)
+    tower = SpeechTower.from_bundled(device="cpu")
+    cs = clips(sentences, voices)
+    audio_s = sum(c.seconds for c in cs)
+    print(f"{len(cs)} clips ({len(sentences)} sentences x {len(voices)} voices), "
+          f"{audio_s:.1f} s of audio; {args.threads} threads; voices: {', '.join(voices)}")
+    # Warm-up, untimed: oneDNN builds a primitive per new shape, and an encoder call of
+    # ``encode_batch`` windows is the shape every timed call uses.
+    for b in beams:
+        run_ours(tower, cs[:tower.cfg.encode_batch], b)
+        run_fw(fw32, cs[:1], b)
+        run_fw(fw8, cs[:1], b)
+
+    # Engines take turns on chunks of one decode batch (32 clips), so a change in the
+    # machine's load (it is shared) falls on all three alike; times are summed.
+    res: dict[tuple[str, int], tuple[list[str], float]] = {}
+    step = tower.cfg.decode_batch
+    for b in beams:
+        for name in ("fw32", "ours", "fw8"):
+            res[name, b] = ([], 0.0)
+        for a in range(0, len(cs), step):
+            chunk = cs[a:a + step]
+            for name, (outs, t) in (("fw32", run_fw(fw32, chunk, b)),
+                                    ("ours", run_ours(tower, chunk, b)),
+                                    ("fw8", run_fw(fw8, chunk, b))):
+                res[name, b] = (res[name, b][0] + outs, res[name, b][1] + t)
+
+    print("\n(a) transcripts identical to faster-whisper fp32, same beam (target >= 95%)")
+    print(f"{'beam':>4}  {'identical':>12}  example of a difference")
+    for b in beams:
+        ours, ref = res["ours", b][0], res["fw32", b][0]
+        same = sum(o == r for o, r in zip(ours, ref, strict=True))
+        diff = next(((o, r) for o, r in zip(ours, ref, strict=True) if o != r), None)
+        print(f"{b:>4}  {same:>4}/{len(cs)} {100 * same / len(cs):5.1f}%  "
+              f"{'' if diff is None else f'ours {diff[0]!r} / fw {diff[1]!r}'}")
+
+    print("\n(b) word error rate % per voice (target: ours within 1 point of fw at beam 5)")
+    cols = [(n, b) for b in beams for n in ("ours", "fw32", "fw8")]
+    print(f"{'voice':<20}" + "".join(f"{f'{n} b{b}':>10}" for n, b in cols))
+    for v in voices + ["all"]:
+        idx = [i for i, c in enumerate(cs) if v in ("all", c.voice)]
+        sub = [cs[i] for i in idx]
+        print(f"{v:<20}" + "".join(f"{wer(sub, [res[k][0][i] for i in idx]):>10.1f}"
+                                  for k in cols))
+
+    print("\n(d) throughput, audio-seconds per second (same clips, same run)")
+    print(f"{'beam':>4}  {'ours':>8}  {'fw fp32':>8}  {'fw int8':>8}  {'ours/fp32':>9}  "
+          f"{'ours/int8':>9}  (target ours/fp32 >= 1.5)")
+    for b in beams:
+        o, f, q = (audio_s / res[k, b][1] for k in ("ours", "fw32", "fw8"))
+        print(f"{b:>4}  {o:>8.2f}  {f:>8.2f}  {q:>8.2f}  {o / f:>8.2f}x  {o / q:>8.2f}x")
+
+    kvoices = EVAL_VOICES[:2] if args.quick else EVAL_VOICES
+    ks = clips(KEYWORDS, kvoices)
+    t = time.perf_counter()
+    scores = tower.label_scores([tower.prepare(c.wave) for c in ks], KEYWORDS)
+    dt = time.perf_counter() - t
+    pred = [KEYWORDS[i] for i in scores.argmax(1).tolist()]
+    print(f"\n(c) keywords by label scoring, {len(ks)} clips of unseen voices, 20 labels "
+          f"(target >= 80%), {dt:.1f} s")
+    for v in kvoices + ["all"]:
+        idx = [i for i, c in enumerate(ks) if v in ("all", c.voice)]
+        ok = sum(pred[i] == ks[i].text for i in idx)
+        print(f"{v:<20} {ok:>3}/{len(idx)}  {100 * ok / len(idx):5.1f}%")
+    wrong = [(c.text, p) for c, p in zip(ks, pred, strict=True) if c.text != p]
+    print("confusions (said -> chosen):", ", ".join(f"{a}->{b}" for a, b in wrong) or "none")
+
+
+if __name__ == "__main__":
+    main()

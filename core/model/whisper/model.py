@@ -1,0 +1,240 @@
+"""Whisper's encoder and decoder on the project's own modules.
+
+The encoder is the conv front end (two 3-tap convolutions, the second with stride 2:
+one position per 20 ms) followed by the project's packed pre-LN ``Encoder``
+(core/model/encoder.py): ragged clips are packed by their real positions and attention
+runs per clip through an ``AttentionPlan``, so a 2 s clip costs 100 positions, not the
+1,500 of a 30 s window (whether the window is padded is the caller's choice, see
+``SpeechConfig.pad_to_window``).
+
+The decoder is the usual pre-LN stack (causal self-attention, cross-attention to the
+clip's encoder states, MLP) run over *rows* grouped by clip: every clip has the same
+number ``R`` of rows (beam hypotheses, or label sequences when scoring), so cross
+attention is one batched matmul with the clip's keys shared by its rows and never
+copied per beam. Self-attention keeps a KV cache for step-by-step decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.model.attention import AttentionPlan
+from core.model.encoder import Encoder, EncoderConfig
+
+
+@dataclass(frozen=True)
+class WhisperConfig:
+    n_mels: int = 80
+    n_audio_ctx: int = 1500  # encoder positions in a 30 s window (3,000 mel frames / 2)
+    n_text_ctx: int = 448  # decoder positions
+    dim: int = 384
+    n_heads: int = 6
+    n_audio_layers: int = 4
+    n_text_layers: int = 4
+    n_vocab: int = 51864  # tiny.en
+    ln_eps: float = 1e-5  # Whisper's LayerNorm default (PyTorch's), not BERT's 1e-12
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(dim=self.dim, n_layers=self.n_audio_layers, n_heads=self.n_heads,
+                             mlp_dim=4 * self.dim, norm_first=True, ln_eps=self.ln_eps)
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.conv1 = nn.Conv1d(cfg.n_mels, cfg.dim, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
+        # Sinusoidal positions, stored in the checkpoint (kept as stored: bit-exact).
+        self.register_buffer("pos", torch.zeros(cfg.n_audio_ctx, cfg.dim))
+        self.encoder = Encoder(cfg.encoder_config())
+        self.ln_post = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+
+    @staticmethod
+    def n_positions(n_frames: int) -> int:
+        """Encoder positions for ``n_frames`` mel frames (stride-2 conv, padding 1)."""
+        return (n_frames + 1) // 2
+
+    def forward(self, mels: list[torch.Tensor], impl: str = "auto") -> tuple[torch.Tensor,
+                                                                          AttentionPlan]:
+        """``mels``: B clips of (n_mels, T_i) frames -> (N, C) packed states and their plan."""
+        B = len(mels)
+        lens = [m.shape[1] for m in mels]
+        T = max(lens)
+        C = self.cfg.dim
+        uniform = min(lens) == T  # always so for 30 s windows: no padding, no masking
+        if uniform:
+            x = torch.stack(mels)  # (B, n_mels, T)
+        else:
+            x = mels[0].new_zeros(B, self.cfg.n_mels, T)  # (B, n_mels, T) zero-padded
+            for i, m in enumerate(mels):
+                x[i, :, :lens[i]] = m
+        h = F.gelu(self.conv1(x))  # (B, C, T)
+        if not uniform:
+            # conv2 must see zeros past each clip's end (its own padding), not conv1's
+            # output of the zero-padded frames: mask them, so a clip's states do not
+            # depend on the longest clip in its batch.
+            t = torch.arange(T, device=x.device)
+            real = t[None, :] < torch.tensor(lens, device=x.device)[:, None]  # (B, T)
+            h = h * real[:, None, :].to(h.dtype)
+        h = F.gelu(self.conv2(h))  # (B, C, ceil(T/2))
+        n_pos = [self.n_positions(n) for n in lens]
+        if max(n_pos) > self.cfg.n_audio_ctx:
+            raise ValueError(f"{max(lens)} mel frames; a window holds "
+                             f"{2 * self.cfg.n_audio_ctx}")
+        h = h.transpose(1, 2)  # (B, S, C)
+        plan = AttentionPlan.from_lengths(n_pos, device=x.device)
+        if uniform:
+            S = n_pos[0]
+            packed = (h + self.pos[:S]).reshape(B * S, C)  # (N, C), one pass
+        else:
+            packed = torch.cat([h[i, :n] + self.pos[:n] for i, n in enumerate(n_pos)])
+        out = self.ln_post(self.encoder(packed, plan, impl))  # (N, C)
+        assert out.shape == (sum(n_pos), C)
+        return out, plan
+
+
+@dataclass
+class CrossKV:
+    """Every decoder layer's cross-attention keys and values for B clips, computed once."""
+
+    k: list[torch.Tensor]  # per layer (B, nh, S, hs), S = longest clip's positions
+    v: list[torch.Tensor]
+    key_mask: torch.Tensor | None  # (B, 1, 1, S) True = real position; None when all equal
+
+    def select(self, idx: torch.Tensor) -> CrossKV:
+        return CrossKV([k[idx] for k in self.k], [v[idx] for v in self.v],
+                       None if self.key_mask is None else self.key_mask[idx])
+
+
+@dataclass
+class SelfKV:
+    """Self-attention cache for rows (hypotheses), filled step by step."""
+
+    k: list[torch.Tensor]  # per layer (rows, nh, T_max, hs)
+    v: list[torch.Tensor]
+    length: int = 0  # positions filled
+
+    def select(self, idx: torch.Tensor) -> SelfKV:
+        """Rows ``idx`` (beam reordering): only the filled positions are copied, into a
+        buffer of the same capacity (a full-capacity copy per step was 2/3 of the search)."""
+        L = self.length
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty((idx.shape[0],) + t.shape[1:])
+            out[:, :, :L] = t[:, :, :L].index_select(0, idx)
+            return out
+
+        return SelfKV([pick(k) for k in self.k], [pick(v) for v in self.v], L)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        C, self.nh, self.hs = cfg.dim, cfg.n_heads, cfg.head_dim
+        self.ln_self = nn.LayerNorm(C, eps=cfg.ln_eps)
+        self.qkv = nn.Linear(C, 3 * C)  # Whisper's key projection has no bias: zeros here
+        self.proj = nn.Linear(C, C)
+        self.ln_cross = nn.LayerNorm(C, eps=cfg.ln_eps)
+        self.cross_q = nn.Linear(C, C)
+        self.cross_kv = nn.Linear(C, 2 * C)
+        self.cross_proj = nn.Linear(C, C)
+        self.ln_mlp = nn.LayerNorm(C, eps=cfg.ln_eps)
+        self.fc1 = nn.Linear(C, 4 * C)
+        self.fc2 = nn.Linear(4 * C, C)
+
+    def cross_keys(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, C) encoder states -> keys, values (B, nh, S, hs)."""
+        B, S, C = enc.shape
+        kv = self.cross_kv(enc).view(B, S, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(self, x: torch.Tensor, layer: int, cache: SelfKV | None, cross: CrossKV,
+                causal_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B*R, T, C) rows grouped by clip (R rows per clip), T new positions."""
+        BR, T, C = x.shape
+        nh, hs = self.nh, self.hs
+        qkv = self.qkv(self.ln_self(x)).view(BR, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (BR, nh, T, hs)
+        if cache is not None:
+            t0 = cache.length
+            cache.k[layer][:, :, t0:t0 + T] = k
+            cache.v[layer][:, :, t0:t0 + T] = v
+            k = cache.k[layer][:, :, :t0 + T]  # (BR, nh, t0+T, hs)
+            v = cache.v[layer][:, :, :t0 + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask)  # (BR, nh, T, hs)
+        x = x + self.proj(y.transpose(1, 2).reshape(BR, T, C))
+        # Cross-attention: the R rows of a clip become R*T query positions of that clip.
+        B = cross.k[layer].shape[0]
+        R = BR // B
+        q = self.cross_q(self.ln_cross(x)).view(B, R * T, nh, hs).transpose(1, 2)  # (B,nh,RT,hs)
+        y = F.scaled_dot_product_attention(q, cross.k[layer], cross.v[layer],
+                                           attn_mask=cross.key_mask)  # (B, nh, R*T, hs)
+        x = x + self.cross_proj(y.transpose(1, 2).reshape(BR, T, C))
+        return x + self.fc2(F.gelu(self.fc1(self.ln_mlp(x))))
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.n_vocab, cfg.dim)  # also the output projection (tied)
+        self.register_buffer("pos", torch.zeros(cfg.n_text_ctx, cfg.dim))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_text_layers))
+        self.ln = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+
+    def cross_kv(self, enc: torch.Tensor, plan: AttentionPlan) -> CrossKV:
+        """Packed encoder states (N, C) of B clips -> every layer's cross keys/values."""
+        N, C = enc.shape
+        B, S = len(plan.lengths), plan.max_seqlen
+        gather, mask = plan.pad_all()  # (B*S,) rows (pads -> N), (B, S)
+        padded = torch.cat([enc, enc.new_zeros(1, C)])[gather].view(B, S, C)  # (B, S, C)
+        ks, vs = zip(*(layer.cross_keys(padded) for layer in self.layers), strict=True)
+        uniform = min(plan.lengths) == S
+        return CrossKV(list(ks), list(vs), None if uniform else mask[:, None, None, :])
+
+    def new_cache(self, rows: int, max_len: int, like: torch.Tensor) -> SelfKV:
+        shape = (rows, self.cfg.n_heads, max_len, self.cfg.head_dim)
+        n = self.cfg.n_text_layers
+        return SelfKV([like.new_zeros(shape) for _ in range(n)],
+                      [like.new_zeros(shape) for _ in range(n)])
+
+    def hidden(self, tokens: torch.Tensor, cross: CrossKV,
+               cache: SelfKV | None = None) -> torch.Tensor:
+        """tokens (B*R, T) -> final normalised states (B*R, T, C)."""
+        BR, T = tokens.shape
+        t0 = cache.length if cache is not None else 0
+        x = self.tok(tokens) + self.pos[t0:t0 + T]  # (BR, T, C)
+        mask = None
+        if T > 1:  # new positions see the cache and the new positions up to themselves
+            i = torch.arange(T, device=tokens.device)[:, None]
+            j = torch.arange(t0 + T, device=tokens.device)[None, :]
+            mask = j <= i + t0  # (T, t0+T)
+        for n, layer in enumerate(self.layers):
+            x = layer(x, n, cache, cross, mask)
+        if cache is not None:
+            cache.length = t0 + T
+        return self.ln(x)
+
+    def forward(self, tokens: torch.Tensor, cross: CrossKV, cache: SelfKV | None = None,
+                all_logits: bool = True) -> torch.Tensor:
+        """tokens (B*R, T) -> logits (B*R, T, V), or only the last position's (B*R, V)."""
+        x = self.hidden(tokens, cross, cache)  # (BR, T, C)
+        x = x if all_logits else x[:, -1]
+        return x @ self.tok.weight.T  # (BR, T, V) or (BR, V): the embedding, tied
+
+
+class Whisper(nn.Module):
+    def __init__(self, cfg: WhisperConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = AudioEncoder(cfg)
+        self.decoder = TextDecoder(cfg)

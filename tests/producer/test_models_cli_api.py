@@ -1,0 +1,104 @@
+"""`mmq models`, `mmq submit --model-version`, GET /v1/models and the API's
+model_version field, on a SQLite store (no workers: nothing here runs a job)."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core.config import Settings, get_settings
+from core.model.adapters import Adapter, AdapterConfig, save_adapter
+from core.store import versions
+from producer import cli
+from producer.api import create_app
+from producer.sdk import Client
+
+KEY = "models-test-key"
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMQ_DATABASE_URL", f"sqlite:///{tmp_path / 'mmq.db'}")
+    monkeypatch.setenv("MMQ_ADAPTERS_DIR", str(tmp_path / "adapters"))
+    monkeypatch.setenv("MMQ_BROKER_URL", "redis://127.0.0.1:1/0")  # never reached here
+    get_settings.cache_clear()
+    c = Client()
+    for name, modality in (("img-a", "image"), ("img-b", "image"), ("txt-a", "text")):
+        a = Adapter(AdapterConfig(modality=modality, feature="embedding", in_dim=8, dim=8))
+        path, sha = save_adapter(a, tmp_path / "adapters", name)
+        with c.sessions.begin() as s:
+            versions.create_version(session=s, name=name, modality=modality, base_model="b",
+                                    data_digest="d", metrics={"accuracy": 0.5}, config={},
+                                    adapter_file=path.name, adapter_sha256=sha)
+    yield c
+    c.close()
+    get_settings.cache_clear()
+
+
+def test_models_commands(client, capsys, tmp_path):
+    assert cli.main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "img-a" in out and "candidate" in out and "txt-a" in out
+    assert cli.main(["models", "promote", "img-a"]) == 0
+    assert cli.main(["models", "promote", "img-b"]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "list", "--json", "--modality", "image"]) == 0
+    rows = {r["name"]: r["status"] for r in json.loads(capsys.readouterr().out)}
+    assert rows == {"img-a": "retired", "img-b": "promoted"}
+    assert cli.main(["models", "rollback", "image"]) == 0
+    assert "now run img-a" in capsys.readouterr().out
+    assert cli.main(["models", "rm", "img-a"]) == 1  # promoted again: kept
+    assert "promoted" in capsys.readouterr().err
+    assert cli.main(["models", "rm", "img-b"]) == 0
+    assert not list((tmp_path / "adapters").glob("img-b-*"))  # its file went with it
+    assert cli.main(["models", "show", "img-b"]) == 3
+    capsys.readouterr()
+    assert cli.main(["models", "show", "img-a"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "promoted"
+
+
+def test_submit_checks_the_version(client, capsys):
+    assert cli.main(["submit", "text", "hello", "--model-version", "nope"]) == 2
+    assert "model_version 'nope' does not exist" in capsys.readouterr().err
+    assert cli.main(["submit", "text", "hello", "--model-version", "img-a"]) == 2
+    assert "is for image jobs, not text" in capsys.readouterr().err
+    rows = client.validate([{"modality": "text", "input": "hi", "model_version": "txt-a"},
+                            {"modality": "text", "input": "hi", "model_version": "base"}])
+    assert [r["model_version"] for r in rows] == ["txt-a", "base"]
+
+
+def test_api_lists_models_and_checks_model_version(client):
+    settings = Settings(database_url=client.settings.database_url, api_keys=KEY,
+                        broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings, client)) as http:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert http.get("/v1/models").status_code == 401
+        client.promote("txt-a")
+        body = http.get("/v1/models", headers=auth).json()
+        assert body["serving"] == {"text": "txt-a", "image": "base", "audio": "base"}
+        assert {v["name"] for v in body["versions"]} == {"img-a", "img-b", "txt-a"}
+        one = http.get("/v1/models?modality=image", headers=auth).json()
+        assert one["serving"] == {"image": "base"} and len(one["versions"]) == 2
+        assert http.get("/v1/models/txt-a", headers=auth).json()["status"] == "promoted"
+        assert http.get("/v1/models/nope", headers=auth).status_code == 404
+        r = http.post("/v1/jobs", headers=auth, json={"modality": "text", "text": "hi",
+                                                      "model_version": "nope"})
+        assert r.status_code == 422 and "does not exist" in r.json()["error"]["message"]
+
+
+def test_train_refuses_bad_data_before_loading_a_model(client, capsys, tmp_path, monkeypatch):
+    from core.model.multimodal import MultimodalModel
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded for data that cannot train")
+
+    monkeypatch.setattr(MultimodalModel, "load", no_model)
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "cats" / "a.txt").write_text("x")
+    (tmp_path / "data" / "dogs").mkdir()
+    assert cli.main(["train", "text", "--data", str(tmp_path / "data"), "--name", "v"]) == 2
+    assert "class 'dogs'" in capsys.readouterr().err
+    assert cli.main(["train", "text", "--data", str(tmp_path / "nope"), "--name", "v"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli.main(["train", "text", "--data", str(tmp_path / "data"), "--name", "base"]) == 2
+    assert "reserved" in capsys.readouterr().err
