@@ -6,8 +6,8 @@ found from the bytes), or a multipart upload (``file``, or ``text``; the filters
 form fields of the same names; ``query_modality`` for the file's kind). It follows
 the input rules of a job (422/413/415), and it is embedded by a short job on its
 modality's queue (producer/search.py). A key sees only its own jobs; admin keys
-everyone's. Results are within the query's model version unless ``model_version``
-is given.
+everyone's. Results are within the query's embedding space (its base model and the
+adapters trained into it); ``model_version`` narrows them to one version.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class FiltersIn(BaseModel):
     modality: Modality | None = Field(None, description="return only jobs of this modality")
     task: Task | None = None
     label: str | None = Field(None, description="the job's top label (case-insensitive)")
-    model_version: str | None = Field(None, description="default: the query's own")
+    model_version: str | None = Field(None, description="only predictions of this exact "
+                                      "version (default: any in the query's space)")
     created_since: datetime | None = None
     created_until: datetime | None = None
 
@@ -89,7 +90,7 @@ class HitOut(BaseModel):
 class QueryOut(BaseModel):
     modality: Modality
     job_id: str = Field(description="the job that embedded the query (params.search_query)")
-    model_version: str | None
+    model_version: str | None = Field(description="the space searched: its base model")
 
 
 class SearchOut(BaseModel):
@@ -97,7 +98,7 @@ class SearchOut(BaseModel):
     query: QueryOut
     method: str = Field(description="exact, ann, or ann->exact (too few index candidates "
                                     "passed the filters)")
-    searched: int = Field(description="stored vectors of the model version")
+    searched: int = Field(description="stored vectors of the embedding space")
     embed_ms: float
     search_ms: float
 
@@ -119,7 +120,7 @@ def _multipart_schema() -> dict:
                  "multipart/form-data": {"schema": _multipart_schema()}}}})
 async def search(request: Request, caller: CallerDep) -> SearchOut:
     """The k stored jobs nearest to the query, best first, within the caller's jobs
-    (an admin key: everyone's) and the query's model version."""
+    (an admin key: everyone's) and the query's embedding space."""
     s: Settings = request.app.state.settings
     query, query_modality, k, filters = await _parse(request, s)
     try:

@@ -56,7 +56,7 @@ def add_search_command(sub) -> None:
     p.add_argument("--modality", choices=MODALITIES, help="return only jobs of this modality")
     p.add_argument("--task", choices=TASKS)
     p.add_argument("--label", help="the jobs' top label (case-insensitive)")
-    p.add_argument("--model-version", help="default: the query's own model version")
+    p.add_argument("--model-version", help="only this exact version's predictions")
     p.add_argument("--since", type=parse_duration, help="created within, e.g. 1h, 7d")
     p.add_argument("--until", type=parse_duration, help="created before this long ago")
     p.add_argument("--owner", help="only this API key id's jobs (default: everyone's)")

@@ -88,7 +88,8 @@ class Client:
         modality, task, score, summary, created_at, model_version, label, label_score,
         text, owner. ``query``: a str is text; bytes or a ``Path`` are an image or audio
         file (found from the bytes). Filters: modality, task, label (the top label),
-        model_version (default: the query's), created_since, created_until (datetimes);
+        model_version (exact; default: any in the query's embedding space: its base model
+        and the adapters trained into it), created_since, created_until (datetimes);
         ``owner``: only that key id's jobs (None: everyone's); ``query_modality``
         ("image" | "audio") skips sniffing the bytes. ``InvalidInput`` for a bad query,
         ``producer.search.SearchUnavailable`` when no worker embeds it in time."""

@@ -1,7 +1,7 @@
 """Search over stored predictions: every prediction's embedding lives in one space
 shared by text, images and speech, so any query finds any modality.
 
-``SearchEngine`` (engine.py) keeps the vectors in memory per model version
+``SearchEngine`` (engine.py) keeps the vectors in memory per embedding space
 (shard.py), searches them exactly in chunks, and past ``MMQ_SEARCH_ANN_MIN`` vectors
 through an HNSW index (ann.py). The query's embedding comes from the model, through
 a short job (producer/search.py); this package never imports torch.

@@ -1,5 +1,7 @@
 """Search over stored predictions: a vector cache kept in memory and updated from SQL
-as predictions land, exact search by default, an HNSW index past a size.
+as predictions land, exact search by default, an HNSW index past a size. One shard
+per embedding space: a base model version and the adapters (model versions, issue
+16) trained into its space.
 
 The cache is read from SQL once, then incrementally: each refresh (at most every
 ``search_refresh_s``, on the next query) reads the ids of jobs finished since the
@@ -17,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, timedelta
 
@@ -29,7 +32,7 @@ from core.jobs import JobStatus
 from core.search.ann import AnnConfig, AnnIndex
 from core.search.shard import Codes, Shard
 from core.search.types import SearchFilters, SearchHit, SearchStats, epoch, is_search_query
-from core.store import Job, Prediction
+from core.store import Job, ModelVersion, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ class SearchEngine:
     def __init__(self, sessions: sessionmaker[Session], cfg: SearchConfig | None = None):
         self.sessions, self.cfg = sessions, cfg or SearchConfig()
         self.shards: dict[str, Shard] = {}
-        self.codes = {t: Codes() for t in ("modality", "task", "owner", "label")}
+        self.codes = {t: Codes() for t in ("modality", "task", "owner", "label", "version")}
+        self.spaces: dict[str, str] = {}  # model version -> its space (base model version)
         self.watermark = None  # the newest jobs.finished_at loaded (the DB's own type)
         self.recent: dict[str, object] = {}  # job id -> finished_at, inside the window
         self.loaded_at = -math.inf  # time.monotonic() of the last refresh
@@ -99,7 +103,7 @@ class SearchEngine:
                 rows = s.execute(q).all()
                 if not rows:
                     break
-                total += self._put_rows(rows)
+                total += self._put_rows(s, rows)
                 after = (rows[-1].finished_at, rows[-1].id)
         if total:
             log.info("search: %d stored vectors loaded", total)
@@ -115,7 +119,7 @@ class SearchEngine:
             new = [r.id for r in ids if self.recent.get(r.id) != r.finished_at]
             total = 0
             for lo in range(0, len(new), PAGE):
-                total += self._put_rows(s.execute(
+                total += self._put_rows(s, s.execute(
                     self._rows().where(Job.id.in_(new[lo:lo + PAGE]))).all())
         # Forget what fell out of the window: it will not be read again.
         self.recent = {j: at for j, at in self.recent.items() if at >= since}
@@ -129,7 +133,23 @@ class SearchEngine:
                 .join(Prediction, Prediction.job_id == Job.id)
                 .where(Job.status == JobStatus.SUCCEEDED.value))
 
-    def _put_rows(self, rows) -> int:
+    def space_of(self, version: str, session: Session | None = None) -> str:
+        """The embedding space of a model version: an adapter's version
+        (``name@sha256[:12]``, a model_versions row) is in its base model's space (it
+        was trained into it); any other version is a space of its own."""
+        if version in self.spaces:
+            return self.spaces[version]
+        name, _, digest = version.partition("@")
+        space = version
+        if digest and len(digest) == 12:
+            with (nullcontext(session) if session else self.sessions()) as s:
+                row = s.get(ModelVersion, name)
+            if row is not None and row.adapter_sha256[:12] == digest:
+                space = row.base_model
+        self.spaces[version] = space
+        return space
+
+    def _put_rows(self, session: Session, rows) -> int:
         added = 0
         for r in rows:
             self.recent[r.id] = r.finished_at
@@ -139,18 +159,19 @@ class SearchEngine:
                 continue
             vec = np.frombuffer(r.embedding, dtype="<f4")  # (D,)
             version = r.model_version or ""
-            shard = self.shards.get(version)
+            space = self.space_of(version, session)
+            shard = self.shards.get(space)
             if shard is None:
-                shard = self.shards[version] = Shard(version, len(vec))
-            if len(vec) != shard.dim:  # one version, one dimension: a bad row
-                log.warning("search: job %s has a %d-d embedding, its version %s has %d",
-                            r.id, len(vec), version, shard.dim)
+                shard = self.shards[space] = Shard(space, len(vec))
+            if len(vec) != shard.dim:  # one space, one dimension: a bad row
+                log.warning("search: job %s has a %d-d embedding, its space %s has %d",
+                            r.id, len(vec), space, shard.dim)
                 continue
             top = r.labels[0][0].strip().casefold() if r.labels else None
             c = self.codes
             row = shard.put(r.id, vec, c["modality"].code(r.modality), c["task"].code(r.task),
                             c["owner"].code(r.owner), c["label"].code(top),
-                            epoch(r.created_at))
+                            epoch(r.created_at), c["version"].code(version))
             added += row is not None
         return added
 
@@ -196,11 +217,13 @@ class SearchEngine:
 
     def search(self, q: np.ndarray, version: str, filters: SearchFilters,
                k: int = 10) -> tuple[list[SearchHit], SearchStats]:
-        """The k stored predictions of ``version`` nearest to q (D,), best first."""
+        """The k stored predictions nearest to q (D,), best first, in the embedding
+        space of ``version`` (the query's; ``filters.model_version`` narrows to one)."""
         self.refresh()
-        shard = self.shards.get(version)
+        space = self.space_of(filters.model_version or version)
+        shard = self.shards.get(space)
         if shard is None or shard.n == 0 or len(q) != shard.dim:
-            return [], SearchStats("exact", 0, 0, version)
+            return [], SearchStats("exact", 0, 0, space)
         rows, scores, stats = self._nearest(shard, np.ascontiguousarray(q, np.float32),
                                             filters, k)
         return self._hits(shard, rows, scores), stats
@@ -245,7 +268,7 @@ class SearchEngine:
                 if i in found]
 
     def stats(self) -> dict:
-        """What the cache holds, per model version (for logs and bench/)."""
+        """What the cache holds, per embedding space (for logs and bench/)."""
         return {v: {"vectors": s.n, "ann": None if s.ann is None else len(s.ann),
                     "cache_bytes": s.memory_bytes,
                     "ann_bytes": None if s.ann is None else s.ann.memory_bytes}

@@ -1,4 +1,4 @@
-"""One model version's stored vectors in memory, with the columns filters need, and
+"""One embedding space's stored vectors in memory, with the columns filters need, and
 exact search over them in chunks.
 
 Rows only grow (a prediction upserted again, by a redelivered job, is updated in
@@ -47,16 +47,18 @@ class Codes:
 
 
 class Shard:
-    """The vectors of one model version: growable arrays, capacity doubled on demand."""
+    """The vectors of one embedding space (a base model version, with the adapters
+    trained on it): growable arrays, capacity doubled on demand."""
 
     def __init__(self, version: str, dim: int, capacity: int = 1024):
-        self.version, self.dim, self.n = version, dim, 0
+        self.version, self.dim, self.n = version, dim, 0  # version: the space's base model
         self.vecs = np.zeros((capacity, dim), np.float32)  # (cap, D), rows [:n] valid
         self.modality = np.zeros(capacity, np.int16)
         self.task = np.zeros(capacity, np.int16)
         self.owner = np.zeros(capacity, np.int32)
         self.label = np.zeros(capacity, np.int32)  # the top label's code, NONE if none
         self.created = np.zeros(capacity, np.float64)  # jobs.created_at, epoch seconds
+        self.versions = np.zeros(capacity, np.int32)  # predictions.model_version's code
         self.job_ids: list[str] = []
         self.row_of: dict[str, int] = {}
         self.ann: AnnIndex | None = None  # set once a background build has finished
@@ -71,14 +73,14 @@ class Shard:
         if need <= cap:
             return
         new = max(need, cap * 2)
-        for name in ("vecs", "modality", "task", "owner", "label", "created"):
+        for name in ("vecs", "modality", "task", "owner", "label", "created", "versions"):
             old = getattr(self, name)
             arr = np.zeros((new, *old.shape[1:]), old.dtype)
             arr[:cap] = old
             setattr(self, name, arr)  # a search holding the old array keeps a valid copy
 
     def put(self, job_id: str, vec: np.ndarray, modality: int, task: int, owner: int,
-            label: int, created: float) -> int | None:
+            label: int, created: float, version: int = 0) -> int | None:
         """Append a row (or update a job's row in place) -> the row if it is new."""
         row = self.row_of.get(job_id)
         new = row is None
@@ -87,7 +89,7 @@ class Shard:
             self._grow(row + 1)
         self.vecs[row] = vec
         self.modality[row], self.task[row], self.owner[row] = modality, task, owner
-        self.label[row], self.created[row] = label, created
+        self.label[row], self.created[row], self.versions[row] = label, created, version
         if new:
             self.job_ids.append(job_id)
             self.row_of[job_id] = row
@@ -97,13 +99,14 @@ class Shard:
 
     def extend(self, job_ids: list[str], vecs: np.ndarray, modality: np.ndarray,
                task: np.ndarray, owner: np.ndarray, label: np.ndarray,
-               created: np.ndarray) -> None:
+               created: np.ndarray, version: int = 0) -> None:
         """Append many new rows at once: vecs (m, D), the columns (m,) (a bulk load)."""
         lo, m = self.n, len(job_ids)
         self._grow(lo + m)
         hi = lo + m
         self.vecs[lo:hi], self.modality[lo:hi], self.task[lo:hi] = vecs, modality, task
         self.owner[lo:hi], self.label[lo:hi], self.created[lo:hi] = owner, label, created
+        self.versions[lo:hi] = version
         self.row_of.update(zip(job_ids, range(lo, hi), strict=True))
         self.job_ids.extend(job_ids)
         self.n = hi
@@ -119,7 +122,8 @@ class Shard:
                                   (f.task, self.task, "task"),
                                   (f.owner, self.owner, "owner"),
                                   (f.label and f.label.strip().casefold(), self.label,
-                                   "label")):
+                                   "label"),
+                                  (f.model_version, self.versions, "version")):
             if value is None:
                 continue
             code = codes[table].find(value)
@@ -182,4 +186,5 @@ class Shard:
     @property
     def memory_bytes(self) -> int:
         return int(sum(getattr(self, a).nbytes for a in
-                       ("vecs", "modality", "task", "owner", "label", "created")))
+                       ("vecs", "modality", "task", "owner", "label", "created",
+                        "versions")))

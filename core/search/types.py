@@ -25,8 +25,10 @@ class SearchFilters:
     # stored label: a classify job keeps its top_k labels, and "cat" ranked third at
     # 0.01 is not a cat picture.
     label: str | None = None
-    # None = the query's own model version: embeddings of different versions are not
-    # comparable. Set it to search another version's predictions with this query.
+    # Only predictions of exactly this version (predictions.model_version). Searches
+    # stay within one embedding space either way: the query's, or this version's (a
+    # base model and the adapters trained on it, which map into its space; different
+    # base models' embeddings are not comparable).
     model_version: str | None = None
     created_since: datetime | None = None  # jobs.created_at >= this
     created_until: datetime | None = None  # jobs.created_at < this
@@ -37,8 +39,8 @@ class SearchFilters:
     def restricts_rows(self) -> bool:
         """Anything besides the model version narrows the rows searched."""
         return any(v is not None for v in (self.modality, self.task, self.label,
-                                           self.created_since, self.created_until,
-                                           self.owner))
+                                           self.model_version, self.created_since,
+                                           self.created_until, self.owner))
 
 
 def epoch(d: datetime) -> float:
@@ -56,7 +58,7 @@ class SearchHit:
     score: float  # cosine similarity to the query, -1..1 (higher is nearer)
     summary: str
     created_at: str | None  # ISO 8601, UTC
-    model_version: str | None
+    model_version: str | None  # the version that made this prediction
     label: str | None = None  # the top label of a classify job
     label_score: float | None = None
     text: str | None = None  # the start of a text job's text, or of an audio transcript
@@ -71,6 +73,6 @@ class SearchStats:
     """How one search was answered (logged, and returned by the API for operators)."""
 
     method: str  # "exact" | "ann" | "ann->exact" (too few candidates passed the filters)
-    searched: int  # vectors of the model version in the cache
+    searched: int  # vectors of the embedding space in the cache
     candidates: int  # rows that passed the filters (exact) or that the index returned
-    model_version: str | None
+    model_version: str | None  # the space searched: its base model version

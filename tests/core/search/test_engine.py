@@ -205,3 +205,32 @@ def test_ann_falls_back_to_exact_when_too_few_candidates_pass(sessions):
     hits, stats = eng.search(q, V1, SearchFilters(modality="image"), k=10)
     assert stats.method == "ann->exact"
     assert [h.id for h in hits] == brute(images, image_ids, q, 10)
+
+
+def test_adapter_versions_share_their_base_models_space(sessions):
+    """A model version (an adapter trained into its base model's space, issue 16) is
+    searched with its base: a text query of the base model finds image jobs run under
+    an image adapter. model_version= narrows to one version's predictions."""
+    from core.store.versions import create_version
+
+    rng = np.random.default_rng(6)
+    sha = "ab" * 32
+    with sessions.begin() as s:
+        create_version(session=s, name="cats", modality="image", base_model=V1,
+                       data_digest="0" * 64, metrics={}, config={},
+                       adapter_file="cats.safetensors", adapter_sha256=sha)
+    base = store_jobs(sessions, unit(rng, 5))
+    adapted = store_jobs(sessions, unit(rng, 5), modality="image",
+                         version=f"cats@{sha[:12]}")
+    stranger = store_jobs(sessions, unit(rng, 5), version="dogs@" + "cd" * 6)  # no row
+    eng = engine_for(sessions)
+    q = unit(rng, 1)[0]
+    found = lambda version, **f: {h.id for h in eng.search(  # noqa: E731
+        q, version, SearchFilters(**f), k=100)[0]}
+    assert found(V1) == set(base + adapted)
+    assert found(f"cats@{sha[:12]}") == set(base + adapted)  # an adapted query: same space
+    assert found(V1, model_version=f"cats@{sha[:12]}") == set(adapted)
+    assert found(V1, model_version=V1) == set(base)
+    assert found("dogs@" + "cd" * 6) == set(stranger)  # unknown version: a space of its own
+    hits, stats = eng.search(q, V1, SearchFilters(modality="image"), k=1)
+    assert hits[0].model_version == f"cats@{sha[:12]}" and stats.model_version == V1
