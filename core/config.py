@@ -143,6 +143,36 @@ class Settings(BaseSettings):
     max_top_k: int = 1000  # top_k above the label count is harmless, but bounded
     max_timeout_s: float = 7 * 86400  # timeout_s: a job may wait at most a week
 
+    # -- search over stored predictions (core/search/) ------------------------------------
+    # Past this many stored vectors of one model version, an approximate (HNSW) index is
+    # built in the background and used once ready; below it exact search is fast enough
+    # (5 ms p50 at 100,000 vectors on 2 shared cores, bench/search.py) and exact is
+    # exact; building the index costs 10-30 s per 100,000 vectors there.
+    search_ann_min: int = 100_000
+    # HNSW parameters (usearch): graph degree, and candidate list sizes while adding and
+    # while searching. Measured in bench/search.py at 1 M clustered vectors: recall@10
+    # 0.82 / 0.94 / 0.956 at expansion_search 128 / 512 / 1024 (p50 0.5 / 1.6 / 3.2 ms).
+    search_ann_connectivity: int = 16
+    search_ann_expansion_add: int = 128
+    search_ann_expansion_search: int = 1024
+    # The index is asked for expansion_search candidates, or with filters for
+    # k * search_ann_overfetch / (fraction of rows passing the filters) if more (at most
+    # search_ann_max_fetch); if fewer than k of them pass, the query falls back to
+    # exact search over the rows that pass.
+    search_ann_overfetch: float = 4.0
+    search_ann_max_fetch: int = 4096
+    # A query looks for newly stored predictions at most this often (seconds): a
+    # prediction is searchable at most this long after it lands. Each look re-reads the
+    # ids of predictions finished in the last search_catchup_s seconds, because a
+    # transaction's finish time is taken before it commits (and on a worker's clock).
+    search_refresh_s: float = 0.2
+    search_catchup_s: float = 30.0
+    # How long a search waits for its query to be embedded by a worker (the query is a
+    # short job on its modality's queue) before answering 503.
+    search_query_timeout_s: float = 30.0
+    # Largest k a search may ask for.
+    search_max_k: int = 1000
+
     # -- the results page (/ui, producer/ui.py) ------------------------------------------
     # Signs the page's session cookies and CSRF tokens (HMAC-SHA256). Empty = a random
     # secret per process: sessions end when the API restarts, and several API

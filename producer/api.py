@@ -50,6 +50,8 @@ from producer.api_models import (
     job_out,
     multipart_schema,
 )
+from producer.api_search import SearchIn
+from producer.api_search import router as search_router
 from producer.api_versions import add_model_routes
 from producer.form import read_body, upload_items
 from producer.sdk import Client, IdempotencyConflict
@@ -85,7 +87,8 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     _add_job_routes(app)
     _add_service_routes(app)
     add_model_routes(app)
-    _publish_schemas(app, JobIn, BatchIn)
+    app.include_router(search_router)  # POST /v1/search (producer/api_search.py)
+    _publish_schemas(app, JobIn, BatchIn, SearchIn)
     from producer.ui import mount_ui  # here: producer.ui builds on this module's routes
 
     mount_ui(app)  # the results page, /ui

@@ -11,6 +11,7 @@
     mmq flower | mmq top [--interval S] [--once]
     mmq submit ... | status | wait | results | cancel | requeue | db upgrade
     mmq dead list | show N | drop N|--all
+    mmq search "a cat" --modality image [-k 10] [--label L] [--since 1h] [--json]
 
 ``embed`` and ``classify`` run the model in this process (no queue) and print
 JSON. Text inputs are the arguments (or one per stdin line); image and audio
@@ -30,6 +31,7 @@ from core.jobs import MODALITIES
 from producer.cli_dead import add_dead_commands
 from producer.cli_jobs import add_job_commands
 from producer.cli_models import add_model_commands
+from producer.cli_search import add_search_command
 from producer.stack import add_stack_commands
 from producer.top import add_top_command
 
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_local)
     add_job_commands(sub)
     add_model_commands(sub)
+    add_search_command(sub)
     add_dead_commands(sub)
     add_stack_commands(sub)
     add_api_command(sub)

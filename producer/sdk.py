@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +36,7 @@ from core.store import versions
 from core.store.migrations import upgrade
 
 log = logging.getLogger(__name__)
+_ENGINE_LOCK = threading.Lock()  # one search engine per Client, made on first use
 
 
 class IdempotencyConflict(ValueError):
@@ -77,6 +79,34 @@ class Client:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- searching (producer/search.py) -----------------------------------------------------
+
+    def search(self, query: str | bytes | Path, *, k: int = 10, owner: str | None = None,
+               **filters) -> list[dict]:
+        """The k stored jobs nearest to ``query``, best first, as dicts with keys id,
+        modality, task, score, summary, created_at, model_version, label, label_score,
+        text, owner. ``query``: a str is text; bytes or a ``Path`` are an image or audio
+        file (found from the bytes). Filters: modality, task, label (the top label),
+        model_version (exact; default: any in the query's embedding space: its base model
+        and the adapters trained into it), created_since, created_until (datetimes);
+        ``owner``: only that key id's jobs (None: everyone's); ``query_modality``
+        ("image" | "audio") skips sniffing the bytes. ``InvalidInput`` for a bad query,
+        ``producer.search.SearchUnavailable`` when no worker embeds it in time."""
+        from producer.search import run_search
+
+        res = run_search(self, query, k=k, owner=owner, **filters)
+        return [h.as_dict() for h in res.hits]
+
+    def search_engine(self):
+        """This client's vector cache and index (built on first use, then kept current)."""
+        with _ENGINE_LOCK:
+            if getattr(self, "_search", None) is None:
+                from core.search import SearchConfig, SearchEngine
+
+                self._search = SearchEngine(self.sessions,
+                                            SearchConfig.from_settings(self.settings))
+            return self._search
 
     # -- submitting ---------------------------------------------------------------------
 

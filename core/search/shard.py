@@ -1,0 +1,190 @@
+"""One embedding space's stored vectors in memory, with the columns filters need, and
+exact search over them in chunks.
+
+Rows only grow (a prediction upserted again, by a redelivered job, is updated in
+place), so a search that read ``n`` once sees a consistent prefix of the arrays
+while the loader appends beyond it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from core.search.ann import AnnIndex
+from core.search.types import SearchFilters, epoch
+
+# Rows per matmul: 65,536 x 384 float32 is 96 MiB, a chunk's scores 256 KiB; bigger
+# chunks gained nothing in bench/search.py and cost a temporary of their size.
+CHUNK = 65_536
+NONE = -1  # the code of a missing owner / label
+
+
+def dot(block: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """block (m, D) @ q (D,) -> (m,). einsum, not ``@``: ``@`` is OpenBLAS's threaded
+    gemv, which on a machine whose cores are busy (the API beside workers) ran 7x
+    slower than einsum's single-threaded loop (15 ms against 2 ms for 20,000 rows);
+    the product is bound by memory bandwidth, so one thread loses little."""
+    return np.einsum("nd,d->n", block, q)
+
+
+class Codes:
+    """Strings (owners, labels, modalities, tasks) as small integers, so a filter is
+    one vectorised comparison over a column."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def code(self, value: str | None) -> int:
+        if value is None:
+            return NONE
+        return self.ids.setdefault(value, len(self.ids))
+
+    def find(self, value: str | None) -> int | None:
+        """The code of a value, None if no row has it (then nothing can match)."""
+        return NONE if value is None else self.ids.get(value)
+
+
+class Shard:
+    """The vectors of one embedding space (a base model version, with the adapters
+    trained on it): growable arrays, capacity doubled on demand."""
+
+    def __init__(self, version: str, dim: int, capacity: int = 1024):
+        self.version, self.dim, self.n = version, dim, 0  # version: the space's base model
+        self.vecs = np.zeros((capacity, dim), np.float32)  # (cap, D), rows [:n] valid
+        self.modality = np.zeros(capacity, np.int16)
+        self.task = np.zeros(capacity, np.int16)
+        self.owner = np.zeros(capacity, np.int32)
+        self.label = np.zeros(capacity, np.int32)  # the top label's code, NONE if none
+        self.created = np.zeros(capacity, np.float64)  # jobs.created_at, epoch seconds
+        self.versions = np.zeros(capacity, np.int32)  # predictions.model_version's code
+        self.job_ids: list[str] = []
+        self.row_of: dict[str, int] = {}
+        self.ann: AnnIndex | None = None  # set once a background build has finished
+        self.ann_rows = 0  # rows [:ann_rows] are in the index
+        self.building = False
+        self.lock = threading.Lock()  # appends, and the hand-over of a built index
+
+    # -- writing (the loader, under the cache's lock) ----------------------------------------
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.vecs)
+        if need <= cap:
+            return
+        new = max(need, cap * 2)
+        for name in ("vecs", "modality", "task", "owner", "label", "created", "versions"):
+            old = getattr(self, name)
+            arr = np.zeros((new, *old.shape[1:]), old.dtype)
+            arr[:cap] = old
+            setattr(self, name, arr)  # a search holding the old array keeps a valid copy
+
+    def put(self, job_id: str, vec: np.ndarray, modality: int, task: int, owner: int,
+            label: int, created: float, version: int = 0) -> int | None:
+        """Append a row (or update a job's row in place) -> the row if it is new."""
+        row = self.row_of.get(job_id)
+        new = row is None
+        if new:
+            row = self.n
+            self._grow(row + 1)
+        self.vecs[row] = vec
+        self.modality[row], self.task[row], self.owner[row] = modality, task, owner
+        self.label[row], self.created[row], self.versions[row] = label, created, version
+        if new:
+            self.job_ids.append(job_id)
+            self.row_of[job_id] = row
+            self.n = row + 1  # published last: a reader never sees a half-written row
+            return row
+        return None
+
+    def extend(self, job_ids: list[str], vecs: np.ndarray, modality: np.ndarray,
+               task: np.ndarray, owner: np.ndarray, label: np.ndarray,
+               created: np.ndarray, version: int = 0) -> None:
+        """Append many new rows at once: vecs (m, D), the columns (m,) (a bulk load)."""
+        lo, m = self.n, len(job_ids)
+        self._grow(lo + m)
+        hi = lo + m
+        self.vecs[lo:hi], self.modality[lo:hi], self.task[lo:hi] = vecs, modality, task
+        self.owner[lo:hi], self.label[lo:hi], self.created[lo:hi] = owner, label, created
+        self.versions[lo:hi] = version
+        self.row_of.update(zip(job_ids, range(lo, hi), strict=True))
+        self.job_ids.extend(job_ids)
+        self.n = hi
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def mask(self, f: SearchFilters, codes: dict[str, Codes], n: int) -> np.ndarray | None:
+        """(n,) bool of rows passing the filters; None when nothing is filtered."""
+        if not f.restricts_rows():
+            return None
+        m = np.ones(n, bool)
+        for value, col, table in ((f.modality, self.modality, "modality"),
+                                  (f.task, self.task, "task"),
+                                  (f.owner, self.owner, "owner"),
+                                  (f.label and f.label.strip().casefold(), self.label,
+                                   "label"),
+                                  (f.model_version, self.versions, "version")):
+            if value is None:
+                continue
+            code = codes[table].find(value)
+            if code is None:  # no stored row has it
+                return np.zeros(n, bool)
+            m &= col[:n] == code
+        if f.created_since is not None:
+            m &= self.created[:n] >= epoch(f.created_since)
+        if f.created_until is not None:
+            m &= self.created[:n] < epoch(f.created_until)
+        return m
+
+    def exact(self, q: np.ndarray, k: int, n: int,
+              mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top k of rows [:n] by inner product with q (D,) -> (rows, scores), best first."""
+        if mask is not None:
+            rows = np.flatnonzero(mask)
+            # Few pass: score only those. A gather copies its rows, so it pays only when
+            # it skips most of them (bench/search.py: a third passing was 2x slower
+            # gathered than masked).
+            if len(rows) < n // 8:
+                return self._top(rows, self._scores_of(rows, q), k)
+        best_r, best_s = [], []
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            s = dot(self.vecs[lo:hi], q)  # (hi-lo,)
+            if mask is not None:
+                s = np.where(mask[lo:hi], s, -np.inf)
+            r, sc = self._top(np.arange(lo, hi), s, k)
+            best_r.append(r)
+            best_s.append(sc)
+        if not best_r:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        rows, scores = self._top(np.concatenate(best_r), np.concatenate(best_s), k)
+        keep = np.isfinite(scores)  # rows masked out score -inf
+        return rows[keep], scores[keep]
+
+    def _scores_of(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        out = np.empty(len(rows), np.float32)
+        for lo in range(0, len(rows), CHUNK):
+            out[lo:lo + CHUNK] = dot(self.vecs[rows[lo:lo + CHUNK]], q)  # (chunk,)
+        return out
+
+    @staticmethod
+    def _top(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(scores) > k:
+            part = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[part], scores[part]
+        order = np.argsort(-scores, kind="stable")
+        return rows[order], scores[order]
+
+    def rescore(self, rows: np.ndarray, q: np.ndarray, k: int,
+                mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the index, re-scored exactly against the float32 rows and
+        filtered -> top k (rows, scores)."""
+        if mask is not None:
+            rows = rows[mask[rows]]
+        return self._top(rows, self._scores_of(rows, q), k)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(sum(getattr(self, a).nbytes for a in
+                       ("vecs", "modality", "task", "owner", "label", "created",
+                        "versions")))
