@@ -145,7 +145,9 @@ class AudioConfig:
     hop: int = 160  # 10 ms between frames
     n_mels: int = 64
     frames_per_patch: int = 4  # 40 ms per token: 1 s of audio = 25 tokens
-    max_seconds: float = 30.0  # longer clips are refused (750 tokens at the default)
+    # Longer clips are refused: the speech tower transcribes 30 s windows one after
+    # another, ten at most (core/model/whisper/tower.py SpeechConfig.max_seconds).
+    max_seconds: float = 300.0
     max_bytes: int = 50 * 1024 * 1024
     # Sample rates accepted (Hz): telephone speech to studio masters. A header can
     # claim anything: 2 GHz passed the duration check (few samples per "second")

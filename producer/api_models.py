@@ -117,6 +117,7 @@ class PredictionOut(BaseModel):
     tokens: int | None = None
     truncated: bool | None = None  # the input was cut at the model's length limit
     model_version: str | None = None
+    text: str | None = Field(None, description="audio: the transcript (what was said)")
 
 
 class Timings(BaseModel):

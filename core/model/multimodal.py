@@ -230,7 +230,7 @@ class MultimodalModel:
             return self.photo(pixels, unit=unit).float().cpu()
         if modality == "audio" and self.speech is not None:
             # The transcript's text embedding: what a spoken sentence means.
-            return self.embed("text", self.speech.run(prepared, [None] * len(prepared)).texts)
+            return self._embed_transcripts(self.speech.run(prepared, [None] * len(prepared)).texts)
         if modality != "text":
             tower = self.towers.image if modality == "image" else self.towers.audio
             patches = torch.cat([p.patches for p in prepared]).to(self.device)  # (P, patch_dim)
@@ -272,7 +272,7 @@ class MultimodalModel:
             return m.float().cpu(), feats.float().cpu()
         if modality == "audio" and self.speech is not None:
             run = self.speech.run(prepared, [None] * len(prepared), features=True)
-            return self.embed("text", run.texts), run.features
+            return self._embed_transcripts(run.texts), run.features
         vecs = self.forward(modality, prepared, unit=False)  # (B, D)
         return vecs, vecs
 
@@ -363,7 +363,7 @@ class MultimodalModel:
                       for (labels, _), a in zip(asks, adapters, strict=True)]
         adapted = any(a is not None for a in adapters)
         run = self.speech.run(prepared, label_sets, features=adapted)
-        emb = self.embed("text", run.texts)  # (B, D) the transcripts in the text space
+        emb = self._embed_transcripts(run.texts)  # (B, D) the transcripts in the text space
         rows: dict[int, list[int]] = {}
         for i, a in enumerate(adapters):
             if a is not None:
@@ -380,6 +380,18 @@ class MultimodalModel:
             out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
                                  truncated=p.truncated, text=run.texts[i]))
         return out
+
+    def _embed_transcripts(self, texts: list[str]) -> torch.Tensor:
+        """(B, D) text embeddings of transcripts, empty ones included (silence)."""
+        items = self.text_pre.tokenize(texts)
+        return torch.cat([self.forward("text", chunk) for chunk in self._chunks(items)])
+
+    def transcribe(self, inputs: list[object]) -> list[str]:
+        """The text of what was said in each clip (audio bytes, or (waveform, rate))."""
+        if self.speech is None:
+            raise ValueError("transcribe needs the speech tower (MMQ_AUDIO_TOWER=whisper)")
+        prepared = [_raise_if_invalid(p) for p in self.prepare_many("audio", inputs)]
+        return self.speech.run(prepared, [None] * len(prepared)).texts if prepared else []
 
     # -- zero-shot classification -----------------------------------------------------
 

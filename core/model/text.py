@@ -162,6 +162,12 @@ class TextPreprocessor:
         # stripped as sentence-transformers does before tokenising
         return validate_text(item, self.max_chars, index).strip()
 
+    def tokenize(self, texts: list[str]) -> list[TextItem]:
+        """Text the model itself produced (a transcript), unchecked: an empty string is
+        a valid "nothing was said" ([CLS] [SEP])."""
+        return [TextItem(ids=enc.ids, truncated=bool(enc.overflowing))
+                for enc in self._tok.encode_batch(texts)] if texts else []
+
     def prepare_many(self, items: list[object]) -> list[TextItem | InvalidInput]:
         out: list[TextItem | InvalidInput] = []
         texts: list[str] = []
