@@ -121,3 +121,40 @@ def test_per_device_defaults():
     assert off.max_batch_size == 1
     # The model's own budget for long lists is the batcher's: computed in one place.
     assert s.batching("cpu")[0] == cpu.max_batch_tokens
+
+
+class CostOnly:
+    """Records each batch's item costs and answers at once: the batching policy alone."""
+
+    version = "cost-only"
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def predict(self, modality, prepared, asks, adapters=None):
+        from core.jobs import JobResult
+
+        self.batches.append([p.tokens for p in prepared])
+        return [JobResult(embedding=np.zeros(2, "f4"), tokens=p.tokens) for p in prepared]
+
+
+def test_audio_batches_have_their_own_budget_and_a_long_clip_goes_alone():
+    """Audio items cost encoder positions + decode steps (core/model/speech.py): a
+    10-window clip runs alone, the short clips behind it share the next batches, and
+    the text budget does not cap audio."""
+    from types import SimpleNamespace
+
+    rec = CostOnly()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_tokens=100, max_batch_size=64,
+                                          max_wait_ms=200, max_batch_frames=6400))
+    long_clip = SimpleNamespace(tokens=15_600, truncated=False)
+    short = [SimpleNamespace(tokens=1550, truncated=False) for _ in range(8)]
+    futs = [b.submit("audio", long_clip)] + [b.submit("audio", p) for p in short]
+    assert all(f.result(timeout=60).tokens in (15_600, 1550) for f in futs)
+    b.stop()
+    assert [15_600] in rec.batches  # alone
+    mixed = [x for x in rec.batches if 15_600 in x and len(x) > 1]
+    assert not mixed, rec.batches
+    shorts = [x for x in rec.batches if 15_600 not in x]
+    assert sum(map(len, shorts)) == 8 and max(map(len, shorts)) > 1  # over the text budget
+    assert all(sum(x) <= 6400 for x in shorts), rec.batches

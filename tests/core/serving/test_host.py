@@ -147,3 +147,17 @@ def test_a_lease_hands_back_abandoned_jobs_and_sweeps_only_when_healthy(host):
     assert not lease.may_sweep()
     lease.healthy_since = time.monotonic() - host.settings.lease_s
     assert lease.may_sweep()
+
+
+def test_task_summary_shows_the_start_of_a_transcript():
+    """Flower's task list shows the task's summary: a transcribed job says what was said."""
+    import numpy as np
+
+    from core.jobs import JobResult
+    from core.serving.host import _summary
+
+    long = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="so " * 60))
+    assert long["text"].startswith("so so") and len(long["text"]) == 80
+    short = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="Yes."))
+    assert short["text"] == "Yes." and "embedding_dim" not in short
+    assert "text" not in _summary("j", "text", JobResult(embedding=np.zeros(384, "f4")))
