@@ -156,8 +156,8 @@ def test_task_summary_shows_the_start_of_a_transcript():
     from core.jobs import JobResult
     from core.serving.host import _summary
 
-    long = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="so " * 60))
+    long = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="so " * 60), "v")
     assert long["text"].startswith("so so") and len(long["text"]) == 80
-    short = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="Yes."))
+    short = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="Yes."), "v")
     assert short["text"] == "Yes." and "embedding_dim" not in short
-    assert "text" not in _summary("j", "text", JobResult(embedding=np.zeros(384, "f4")))
+    assert "text" not in _summary("j", "text", JobResult(embedding=np.zeros(384, "f4")), "v")
