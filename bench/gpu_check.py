@@ -6,6 +6,9 @@
    packed core, against a plain matmul measured in the same run.
 3. The image tower on CUDA (channels_last, bf16 autocast): the held-out photographs'
    top-1 labels agree with the CPU's, and images/s at several batch sizes.
+4. The speech tower on CUDA in fp16 (the encoder on the packed core, the decoder's KV
+   cache and the beam search on the device): the bundled spoken examples' transcripts
+   agree with the CPU fp32 ones, and audio-seconds/s at beam 5 over many windows.
 
     python bench/gpu_check.py            # exits 1 if any check fails
 """
@@ -107,6 +110,37 @@ def check_image(dev: torch.device) -> bool:
     return ok
 
 
+def check_speech(dev: torch.device) -> bool:
+    from core.model.whisper.tower import SpeechTower
+    from producer.stack import EXAMPLES
+
+    clips = [p.read_bytes() for p in sorted(EXAMPLES.glob("spoken-*.wav"))]
+    cpu = SpeechTower.from_bundled("cpu")
+    want = cpu.transcribe([cpu.prepare(c) for c in clips])
+    ok = True
+    for dtype in (torch.float16, torch.bfloat16):
+        gpu = SpeechTower.from_bundled(dev, dtype)
+        items = [gpu.prepare(c) for c in clips]
+        got = gpu.transcribe(items)
+        agree = sum(a == b for a, b in zip(want, got, strict=True))
+        good = agree >= len(want) - 1  # half precision may flip one near-tie
+        ok &= good
+        print(f"\nspeech tower: CUDA {str(dtype)[6:]} transcripts equal CPU fp32 on "
+              f"{agree}/{len(want)} {'ok' if good else 'FAIL'}  {got}")
+        seconds = sum(it.seconds for it in items)
+        print(f"{'windows':>8} {'audio s/s':>10}  (beam 5)")
+        for n in (32, 128):
+            batch = items * (n // len(items))
+            gpu.transcribe(batch[:8])  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            gpu.transcribe(batch)
+            torch.cuda.synchronize()
+            rate = seconds * len(batch) / len(items) / (time.perf_counter() - t)
+            print(f"{len(batch):>8} {rate:>10.0f}")
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here")
@@ -117,6 +151,7 @@ def main() -> int:
     ok = check_attention(dev)
     throughput(dev)
     ok &= check_image(dev)
+    ok &= check_speech(dev)
     print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'} in "
           f"{time.perf_counter() - t0:.0f} s")
     return 0 if ok else 1
