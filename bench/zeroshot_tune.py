@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from core.model.efficientnet import load_efficientnet_lite0
+from core.model.files import sha256_file
 from core.model.image import ImageConfig, image_to_pixels
 from core.model.multimodal import MultimodalModel
 from core.model.text import default_text_path
-from core.model.towers import sha256_file
 from core.model.zeroshot import BANK_FILE, ZeroShotConfig, bank_key, class_names
 from core.training import photo_eval as pe
 

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.model.towers import sha256_file
+from core.model.files import sha256_file
 
 FORMAT = "mmq-adapter/1"
 

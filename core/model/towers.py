@@ -9,7 +9,6 @@ L2-normalised. Checkpoints: ``towers.json`` (configs), ``towers.safetensors``
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from core.model.attention import AttentionPlan
 from core.model.audio import AudioConfig
 from core.model.encoder import Encoder, EncoderConfig
+from core.model.files import sha256_file
 from core.model.image import ImageConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -138,11 +138,3 @@ def _tower_dict(cfg: TowerConfig) -> dict:
 
 def _tower_from_dict(d: dict) -> TowerConfig:
     return TowerConfig(**{**d, "encoder": EncoderConfig(**d["encoder"])})
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

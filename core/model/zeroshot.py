@@ -41,8 +41,8 @@ from core.model.efficientnet import (
     EfficientNetLite,
     load_efficientnet_lite0,
 )
+from core.model.files import sha256_file
 from core.model.image import ImageConfig
-from core.model.towers import sha256_file
 
 log = logging.getLogger(__name__)
 

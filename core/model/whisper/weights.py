@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.model.towers import sha256_file
+from core.model.files import sha256_file
 from core.model.whisper.ct2 import Ct2Model, read_model_bin
 from core.model.whisper.model import Whisper, WhisperConfig
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.model.towers import WEIGHTS_DIR, sha256_file
+from core.model.files import sha256_file
+from core.model.towers import WEIGHTS_DIR
 from core.training import datasets as ds
 from core.training.train import digit_png
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from core.model.towers import sha256_file
+from core.model.files import sha256_file
 from core.model.whisper.ct2 import read_model_bin
 from core.model.whisper.weights import MODEL_BIN_SHA256, bundled_dir, load_whisper
 
