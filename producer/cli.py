@@ -2,11 +2,10 @@
 
     mmq embed --modality text "a sentence" ...
     mmq classify --modality text --labels a,b,c "a sentence" ...
-    mmq classify --modality image --labels zero,one,two digit.png
+    mmq classify --modality image --labels "a cat,a dog" photo.jpg
     mmq classify --modality audio --labels yes,no clip.wav
     mmq train image|text|audio --data DIR --name NAME [--seed N] [--promote]
     mmq models list | show NAME | promote NAME | rollback MODALITY | rm NAME
-    mmq train-default [--out DIR] [--tiny]
     mmq up [--demo] | mmq worker text|image|audio | mmq demo
     mmq flower | mmq top [--interval S] [--once]
     mmq submit ... | status | wait | results | cancel | requeue | db upgrade
@@ -100,24 +99,6 @@ def cmd_demo_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_default(args: argparse.Namespace) -> int:
-    """Train the image and audio towers on local data and write the checkpoint."""
-    from core.model.multimodal import MultimodalModel
-    from core.model.towers import WEIGHTS_DIR
-    from core.training.train import TrainConfig, train_default
-
-    logging.getLogger().setLevel(logging.INFO)
-    cfg = TrainConfig.tiny_run() if args.tiny else TrainConfig()
-    if args.seed is not None:
-        cfg = TrainConfig(**{**cfg.__dict__, "seed": args.seed})
-    text = MultimodalModel.load(device="cpu")
-    ckpt = train_default(cfg, text)
-    out = Path(args.out) if args.out else WEIGHTS_DIR
-    digest = ckpt.save(out)
-    print(json.dumps({"out": str(out), "sha256": digest, **ckpt.meta}, indent=2))
-    return 0
-
-
 # -- `mmq api` -----------------------------------------------------------------------------------
 
 def cmd_api(args) -> int:
@@ -170,11 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="comma-separated label texts")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_classify)
-    p = sub.add_parser("train-default", help="train the image and audio towers (CPU)")
-    p.add_argument("--out", default=None, help="checkpoint dir (default: core/model/weights)")
-    p.add_argument("--tiny", action="store_true", help="a quick smoke run on little data")
-    p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=cmd_train_default)
     p = sub.add_parser("demo-local", help="classify example texts in this process (no queue)")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)

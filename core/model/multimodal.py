@@ -1,4 +1,10 @@
-"""``MultimodalModel``: the towers behind one API, embeddings in one space.
+"""``MultimodalModel``: the three towers behind one API, embeddings in one space.
+
+Text: all-MiniLM-L6-v2 (or a local checkpoint). Images: EfficientNet-Lite0 mapped
+zero-shot into the text space (core/model/zeroshot.py). Audio: the Whisper speech
+tower, whose transcript's text embedding is the clip's (core/model/speech.py). The
+image and speech towers load on their modality's first item, so a text worker never
+holds them.
 
 Callers hand in raw items; each item is validated on its own (``prepare_many``
 returns an ``InvalidInput`` in that item's slot), valid items are packed into
@@ -8,6 +14,7 @@ ragged batches under a token budget and run through the tower in one forward.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +25,18 @@ from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.jobs import MODALITIES, JobResult
 from core.model.attention import AttentionPlan, resolve_impl
-from core.model.audio import LogMel, decode_audio, frames_to_patches
 from core.model.files import sha256_file
-from core.model.image import decode_image, image_to_patches, image_to_pixels
+from core.model.image import decode_image, image_to_pixels
 from core.model.speech import FEATURE_KIND, SPEECH_VERSION, SpeechJobs, SpeechPrepared
 from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
-from core.model.towers import WEIGHTS_DIR, TowersCheckpoint
-from core.model.zeroshot import FRONT_END, GRID, PixelItem, ZeroShotImageTower, load_zero_shot_tower
+from core.model.zeroshot import (
+    FRONT_END,
+    GRID,
+    PixelItem,
+    ZeroShotImageTower,
+    load_zero_shot_tower,
+    zero_shot_version,
+)
 from core.params import check_labels
 
 log = logging.getLogger(__name__)
@@ -34,8 +46,8 @@ log = logging.getLogger(__name__)
 class ModelConfig:
     # Zero-shot scores are softmax(logit_scale * cosine) over the labels; cosines of
     # this embedding space sit in a narrow band, so a scale near CLIP's learned
-    # temperature (1/0.05) spreads them into usable probabilities. The image and
-    # audio towers are trained at this same scale.
+    # temperature (1/0.05) spreads them into usable probabilities. Adapters (model
+    # versions) are trained at this same scale.
     logit_scale: float = 20.0
     max_batch_tokens: int = 2048  # real tokens per forward when a caller passes a long list
     attention_impl: str = "auto"
@@ -65,20 +77,7 @@ class LruCache(OrderedDict):
             self.popitem(last=False)
 
 
-@dataclass
-class PatchItem:
-    """One decoded image or clip as patch vectors; the class token adds one token."""
-
-    patches: torch.Tensor  # (n_patches, patch_dim)
-    seconds: float | None = None  # audio duration after decoding
-    truncated: bool = False  # images and clips are never cut: over-limit ones are refused
-
-    @property
-    def tokens(self) -> int:
-        return self.patches.shape[0] + 1
-
-
-Prepared = TextItem | PatchItem | PixelItem | SpeechPrepared
+Prepared = TextItem | PixelItem | SpeechPrepared
 
 
 @dataclass
@@ -94,51 +93,39 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _towers_dir(root: Path, s: Settings) -> Path | None:
-    """Towers live beside the text weights; the bundled ones go with the bundled text
-    model only, since they were aligned to its embedding space."""
-    if s.towers_path:
-        return Path(s.towers_path)
-    if (root / "towers.json").exists():
-        return root
-    if root == default_text_path() and (WEIGHTS_DIR / "towers.json").exists():
-        return WEIGHTS_DIR
-    return None
-
-
 class MultimodalModel:
     def __init__(self, text: TextTower, text_pre: TextPreprocessor, device: torch.device,
-                 cfg: ModelConfig, version: str, towers: TowersCheckpoint | None = None):
+                 cfg: ModelConfig, text_version: str, speech: SpeechJobs,
+                 image_weights: str | None = None):
         self.text = text.to(device)
         self.text_pre = text_pre
         self.device = device
         self.cfg = cfg
-        self.version = version
         self.dim = text.cfg.encoder.dim
-        self.towers = towers
-        if towers is not None:
-            towers.image.to(device)
-            towers.audio.to(device)
-            self._mel = LogMel(towers.audio_cfg)
         self._label_cache: LruCache = LruCache(cfg.label_cache_size)
-        # The image tower in use when set (MMQ_IMAGE_TOWER=efficientnet); None = the
-        # patch tower in ``towers`` (MMQ_IMAGE_TOWER=digits).
-        self.photo: ZeroShotImageTower | None = None
-        # The speech tower for audio when set (MMQ_AUDIO_TOWER=whisper); None = the
-        # keyword tower in ``towers``.
-        self.speech: SpeechJobs | None = None
+        self.speech = speech  # loads its tower on the first audio item
+        self._text_version = text_version  # the ImageNet class text bank's key
+        self._image_weights = image_weights
+        self._photo: ZeroShotImageTower | None = None
+        self._photo_lock = threading.Lock()
+        self.version = (f"{text_version}+image@{zero_shot_version(text_version, image_weights)}"
+                        f"+speech@{SPEECH_VERSION.split('@')[1]}")
 
-    def use_speech_tower(self, speech: SpeechJobs) -> None:
-        self.speech = speech
-        self.version += f"+speech@{SPEECH_VERSION.split('@')[1]}"
-
-    def use_photo_tower(self, tower: ZeroShotImageTower, version: str) -> None:
-        self.photo = tower.to(self.device)
-        self.version += f"+image@{version}"
+    @property
+    def photo(self) -> ZeroShotImageTower:
+        """The image tower, loaded on first use (text and audio workers never pay for it;
+        a text model without a bundled class bank computes one then, and caches it)."""
+        if self._photo is None:
+            with self._photo_lock:
+                if self._photo is None:
+                    tower, _ = load_zero_shot_tower(lambda xs: self.embed("text", xs),
+                                                    self._text_version, self._image_weights)
+                    self._photo = tower.to(self.device)
+        return self._photo
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return MODALITIES if self.towers is not None else ("text",)
+        return MODALITIES
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None, *,
@@ -155,28 +142,16 @@ class MultimodalModel:
         budget, _, _ = s.batching(dev.type)
         cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl)
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
-        version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
-        towers = None
-        tdir = _towers_dir(root, s)
-        if tdir is not None:
-            towers = TowersCheckpoint.load(tdir)
-            version += f"+towers@{sha256_file(tdir / 'towers.safetensors')[:12]}"
-        model = cls(text, pre, dev, cfg, version, towers)
-        if towers is not None and s.image_tower == "efficientnet":
-            text_version = version.split("+", 1)[0]  # the class text bank's key
-            model.use_photo_tower(*load_zero_shot_tower(
-                lambda xs: model.embed("text", xs), text_version, s.image_weights))
-        elif s.image_tower not in ("efficientnet", "digits"):
-            raise ValueError(f"MMQ_IMAGE_TOWER={s.image_tower!r}: expected efficientnet or digits")
-        if towers is not None and s.audio_tower == "whisper":
+        text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
+
+        def load_speech():
             from core.model.whisper.tower import SpeechTower
 
-            cache = Path(s.whisper_cache) if s.whisper_cache else None
-            # Loaded on the first audio item: a text or image worker never holds it.
-            model.use_speech_tower(SpeechJobs(
-                lambda: SpeechTower.from_bundled(dev, cache=cache), s.speech_beam_size))
-        elif s.audio_tower not in ("whisper", "keywords"):
-            raise ValueError(f"MMQ_AUDIO_TOWER={s.audio_tower!r}: expected whisper or keywords")
+            return SpeechTower.from_bundled(dev, cache=Path(s.whisper_cache)
+                                            if s.whisper_cache else None)
+
+        model = cls(text, pre, dev, cfg, text_version,
+                    SpeechJobs(load_speech, s.speech_beam_size), s.image_weights)
         log.info("model %s on %s (attention %s)", model.version, dev,
                  resolve_impl(cfg.attention_impl, dev, torch.float32))
         return model
@@ -199,24 +174,16 @@ class MultimodalModel:
         out: list[Prepared | InvalidInput] = []
         for i, item in enumerate(items):
             try:
-                out.append(self._prepare_patches(modality, item, i))
+                out.append(self._prepare_one(modality, item, i))
             except InvalidInput as e:
                 out.append(e)
         return out
 
-    def _prepare_patches(self, modality: str, item: object,
-                         index: int) -> PatchItem | PixelItem | SpeechPrepared:
-        t = self.towers
-        if modality == "image" and self.photo is not None:
-            return PixelItem(image_to_pixels(decode_image(item, FRONT_END, index), FRONT_END))
+    def _prepare_one(self, modality: str, item: object,
+                     index: int) -> PixelItem | SpeechPrepared:
         if modality == "image":
-            img = decode_image(item, t.image_cfg, index)
-            return PatchItem(image_to_patches(img, t.image_cfg))
-        if self.speech is not None:
-            return self.speech.prepare(item, index)
-        wave = decode_audio(item, t.audio_cfg, index)
-        patches = frames_to_patches(self._mel(wave), t.audio_cfg)
-        return PatchItem(patches, seconds=wave.numel() / t.audio_cfg.sample_rate)
+            return PixelItem(image_to_pixels(decode_image(item, FRONT_END, index), FRONT_END))
+        return self.speech.prepare(item, index)
 
     # -- batched forward --------------------------------------------------------------
 
@@ -226,17 +193,12 @@ class MultimodalModel:
         ``unit=False`` image vectors keep the length that scores labels exactly
         (``scores(..., modality="image")``); other modalities are unit either way."""
         self._check_modality(modality)
-        if modality == "image" and self.photo is not None:
+        if modality == "image":
             pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
             return self.photo(pixels, unit=unit).float().cpu()
-        if modality == "audio" and self.speech is not None:
+        if modality == "audio":
             # The transcript's text embedding: what a spoken sentence means.
             return self._embed_transcripts(self.speech.run(prepared, [None] * len(prepared)).texts)
-        if modality != "text":
-            tower = self.towers.image if modality == "image" else self.towers.audio
-            patches = torch.cat([p.patches for p in prepared]).to(self.device)  # (P, patch_dim)
-            return tower(patches, [p.patches.shape[0] for p in prepared],
-                         self.cfg.attention_impl).float().cpu()
         # Pack longest first: equal-length neighbours then form attention groups that
         # are views of the packed tokens, with no gather and no padding.
         order = sorted(range(len(prepared)), key=lambda i: -prepared[i].tokens)
@@ -251,14 +213,14 @@ class MultimodalModel:
     # -- features for adapters (core/model/adapters.py) --------------------------------
 
     def feature_kind(self, modality: str) -> tuple[str, int]:
-        """(name, width F) of what ``forward_features`` hands an adapter: for the ImageNet
-        tower its last block's map on a 2x2 grid (measured best of the backbone's
-        features: bench/finetune.py), else the tower's own vector. The speech tower
-        replaces audio's with its mean-pooled encoder states."""
+        """(name, width F) of what ``forward_features`` hands an adapter: for images the
+        ImageNet backbone's last block's map on a 2x2 grid (measured best of its
+        features: bench/finetune.py), for audio the speech tower's mean-pooled encoder
+        states, for text the sentence embedding."""
         self._check_modality(modality)
-        if modality == "image" and self.photo is not None:
+        if modality == "image":
             return f"grid{GRID}x{GRID}", self.photo.net._conv_head.in_channels * GRID * GRID
-        if modality == "audio" and self.speech is not None:
+        if modality == "audio":
             return FEATURE_KIND, self.speech.dim
         return "embedding", self.dim
 
@@ -267,11 +229,11 @@ class MultimodalModel:
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward -> (vectors (B, D) as ``forward(..., unit=False)``, features
         (B, F) for adapters), both on the CPU."""
-        if modality == "image" and self.photo is not None:
+        if modality == "image":
             pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
             m, feats = self.photo.forward_features(pixels)
             return m.float().cpu(), feats.float().cpu()
-        if modality == "audio" and self.speech is not None:
+        if modality == "audio":
             run = self.speech.run(prepared, [None] * len(prepared), features=True)
             return self._embed_transcripts(run.texts), run.features
         vecs = self.forward(modality, prepared, unit=False)  # (B, D)
@@ -326,7 +288,7 @@ class MultimodalModel:
         version (a core.model.adapters.Adapter) or None for the pretrained tower. The
         dynamic batcher's one call."""
         adapters = adapters or [None] * len(prepared)
-        if modality == "audio" and self.speech is not None:
+        if modality == "audio":
             return self._predict_speech(prepared, asks, adapters)
         # The tower runs once for the whole batch, whatever versions its jobs name; each
         # version's adapter then maps only its own rows. Not unit length for images:
@@ -389,8 +351,6 @@ class MultimodalModel:
 
     def transcribe(self, inputs: list[object]) -> list[str]:
         """The text of what was said in each clip (audio bytes, or (waveform, rate))."""
-        if self.speech is None:
-            raise ValueError("transcribe needs the speech tower (MMQ_AUDIO_TOWER=whisper)")
         prepared = [_raise_if_invalid(p) for p in self.prepare_many("audio", inputs)]
         return self.speech.run(prepared, [None] * len(prepared)).texts if prepared else []
 
@@ -415,7 +375,7 @@ class MultimodalModel:
         ``labels`` are checked already: by ``classify``, or by the worker's host (the
         batcher calls this per item, and would otherwise check each set again)."""
         lab = self.label_embeddings(labels)  # (L, D)
-        if modality == "image" and self.photo is not None:
+        if modality == "image":
             logits = self.photo.label_logits(embeddings, lab)  # (B, L)
         else:
             logits = self.cfg.logit_scale * embeddings @ lab.T  # (B, L)
@@ -428,7 +388,7 @@ class MultimodalModel:
         if not len(inputs):
             self._check_modality(modality)
             return []
-        if modality == "audio" and self.speech is not None:
+        if modality == "audio":
             prepared = [_raise_if_invalid(p) for p in self.prepare_many(modality, inputs)]
             return [r.labels for r in self._predict_speech(
                 prepared, [(labels, top_k)] * len(prepared), [None] * len(prepared))]

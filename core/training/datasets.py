@@ -1,10 +1,12 @@
-"""Training data for the default towers, built locally from real sources.
+"""Labelled data built locally from real sources, for fine-tuned versions (bench/
+finetune.py: the digits and keywords as `mmq train` versions), the speech benchmarks
+and tests.
 
 - Images: the 1,797 handwritten digits shipped inside scikit-learn (8x8, 16 grey
   levels), upscaled.
 - Audio: spoken words synthesised with espeak-ng (Debian package) across English
   accents, voice variants, speeds and pitches. Evaluation holds out whole voice
-  variants, so the audio tower is scored on voices it never heard.
+  variants, so a model is scored on voices it never heard.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,27 +59,6 @@ def split_indices(labels: torch.Tensor, held_out: float, seed: int) -> tuple[lis
     return sorted(train), sorted(test)
 
 
-def augment_images(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random affine (shift, scale, rotation, shear), polarity, contrast and noise."""
-    B = x.shape[0]
-    u = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
-    ang = (u(B) - 0.5) * 0.5  # about +-14 degrees
-    scale = 0.8 + 0.4 * u(B)
-    shear = (u(B) - 0.5) * 0.3
-    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-    theta = torch.stack([torch.stack([cos, -sin + shear, (u(B) - 0.5) * 0.3], 1),
-                         torch.stack([sin, cos, (u(B) - 0.5) * 0.3], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    ink = F.grid_sample(1.0 - x, grid, align_corners=False, padding_mode="zeros")
-    out = 1.0 - ink  # white paper outside the original frame
-    flip = u(B) < 0.3  # light ink on dark, as MNIST-style images come
-    out[flip] = 1.0 - out[flip]
-    lo, hi = 0.25 * u(B, 1, 1, 1), 1.0 - 0.25 * u(B, 1, 1, 1)
-    out = lo + (hi - lo) * out
-    out = out + 0.05 * u(B, 1, 1, 1) * torch.randn(x.shape, generator=gen)
-    return out.clamp(0.0, 1.0)
-
-
 # -- audio --------------------------------------------------------------------------
 
 @dataclass
@@ -112,45 +92,3 @@ def speech_clips(variants: list[str], per_voice: int, seed: int,
     with ThreadPoolExecutor(workers) as pool:
         wavs = list(pool.map(lambda j: synthesise(words[j[0]], j[1], j[2], j[3]), jobs))
     return [Clip(j[0], j[1], wav) for j, wav in zip(jobs, wavs, strict=True) if len(wav) > 100]
-
-
-def augment_wave(wave: torch.Tensor, rate: int, gen: torch.Generator) -> torch.Tensor:
-    """Gain, time shift (leading/trailing silence), speed and additive noise."""
-    u = lambda: float(torch.rand((), generator=gen))  # noqa: E731
-    if u() < 0.7:  # speed/pitch perturbation by resampling, +-12%
-        factor = 0.88 + 0.24 * u()
-        n = max(16, int(wave.numel() / factor))
-        wave = F.interpolate(wave[None, None], size=n, mode="linear", align_corners=False)[0, 0]
-    lead, trail = int(u() * 0.3 * rate), int(u() * 0.3 * rate)
-    wave = torch.cat([wave.new_zeros(lead), wave, wave.new_zeros(trail)])
-    wave = wave * (10 ** ((u() * 30 - 20) / 20))  # gain -20 dB .. +10 dB
-    if u() < 0.8:
-        rms = wave.pow(2).mean().sqrt().clamp_min(1e-4)
-        snr_db = 5 + 30 * u()
-        noise = torch.randn(wave.shape, generator=gen)
-        if u() < 0.5:  # brown-ish noise: low-passed, like room rumble
-            noise = torch.cumsum(noise, 0)
-            noise = noise - noise.mean()
-            noise = noise / noise.std().clamp_min(1e-6)
-        wave = wave + noise * rms / (10 ** (snr_db / 20))
-    return wave
-
-
-def spec_augment(frames: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(T, n_mels) with up to two time masks and two frequency masks."""
-    T, M = frames.shape
-    out = frames.clone()
-    for _ in range(2):
-        w = int(torch.randint(0, max(1, T // 8) + 1, (), generator=gen))
-        s = int(torch.randint(0, max(1, T - w) + 1, (), generator=gen))
-        out[s:s + w] = 0.0
-        f = int(torch.randint(0, M // 8 + 1, (), generator=gen))
-        s = int(torch.randint(0, M - f + 1, (), generator=gen))
-        out[:, s:s + f] = 0.0
-    return out
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -207,7 +207,7 @@ def fit_dir(model, modality: str, data_dir: str | Path, cfg: FinetuneConfig,
 def _base_logits(model, modality: str, vecs: torch.Tensor, names: list[str]) -> torch.Tensor:
     """(n, L) the pretrained tower's own classify scores (the image tower's rule too)."""
     lab = model.label_embeddings(names)
-    if modality == "image" and model.photo is not None:
+    if modality == "image":
         return model.photo.label_logits(vecs, lab)
     return vecs @ lab.T
 

@@ -4,11 +4,10 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core.errors import InvalidInput
-from core.model.image import ImageConfig, decode_image, image_to_patches, pixels_to_patches
+from core.model.image import ImageConfig, decode_image
 
 CFG = ImageConfig()
 
@@ -97,10 +96,3 @@ def test_oversized_payload():
     with pytest.raises(InvalidInput, match="bytes, over the limit"):
         decode_image(b"\0" * (CFG.max_bytes + 1), CFG)
 
-
-def test_patches_shape_and_order_match_the_training_path():
-    img = sample(size=(32, 32))
-    patches = image_to_patches(img, CFG)
-    assert patches.shape == (CFG.n_patches, CFG.patch_dim)
-    pix = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    assert torch.allclose(pixels_to_patches(pix, CFG)[0], patches, atol=1e-6)

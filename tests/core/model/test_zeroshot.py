@@ -4,9 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import Settings
 from core.model.image import image_to_pixels
-from core.model.multimodal import MultimodalModel
 from core.model.zeroshot import FRONT_END, PixelItem, ZeroShotConfig, compute_bank, load_bank
 from core.serving.batcher import BatcherConfig, DynamicBatcher
 from core.training import photo_eval as pe
@@ -92,10 +90,3 @@ def test_bank_is_recomputed_for_another_text_model(tmp_path, monkeypatch):
     assert calls == [1000] and torch.allclose(again, bank, atol=1e-3)
     assert compute_bank(lambda xs: torch.eye(1000)[: len(xs)], names, cfg).shape == (1000, 1000)
 
-
-def test_digits_tower_still_loads_by_name_and_unknown_names_fail():
-    m = MultimodalModel.load(device="cpu", settings=Settings(image_tower="digits"))
-    assert m.photo is None and "+image@" not in m.version
-    assert m.embed("image", [pe.load_photo(pe.HELD_OUT[1])]).shape == (1, 384)
-    with pytest.raises(ValueError, match="MMQ_IMAGE_TOWER"):
-        MultimodalModel.load(device="cpu", settings=Settings(image_tower="resnet"))
