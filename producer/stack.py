@@ -35,6 +35,9 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 # photo-cat.jpg is scikit-image's "chelsea" (CC0, Stefan van der Walt).
 PHOTO_LABELS = ["a cat", "a dog", "a cup of coffee", "a rocket", "a motorcycle", "a flower"]
 WORDS = DIGITS + ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+# spoken-*.wav: espeak-ng recordings; the sentence is transcribed and classified by topic.
+SPOKEN_SENTENCE = EXAMPLES / "spoken-weather.wav"
+SPOKEN_TOPICS = ["weather", "sport", "cooking"]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -162,27 +165,36 @@ def _bring_up(args: argparse.Namespace, sup: Supervisor) -> None:
         run_demo()
 
 
-def run_demo(timeout: float = 120) -> None:
-    """Submit the bundled examples, wait, print the predictions from SQL."""
+def run_demo(timeout: float = 120, client=None) -> None:
+    """Submit the bundled examples, wait, print the predictions (and transcripts) from SQL.
+    ``client``: a producer.sdk.Client (default: one from the MMQ_* settings)."""
     from producer.sdk import Client
 
-    c = Client()
+    c = client or Client()
+    images = sorted(EXAMPLES.glob("photo-*.jpg"))  # real photographs, for the ImageNet tower
+    words = sorted(p for p in EXAMPLES.glob("spoken-*.wav") if p != SPOKEN_SENTENCE)
     items = [{"modality": "text", "input": t, "task": "classify", "labels": TEXT_LABELS,
               "top_k": 1} for t in DEMO_TEXTS]
-    images = sorted(EXAMPLES.glob("*.jpg"))  # real photographs, for the ImageNet tower
     items += [{"modality": "image", "input": p, "task": "classify", "labels": PHOTO_LABELS,
                "top_k": 1} for p in images]
+    # Spoken keywords, scored zero-shot by the speech tower's decoder against the words.
     items += [{"modality": "audio", "input": p, "task": "classify", "labels": WORDS,
-               "top_k": 1} for p in sorted(EXAMPLES.glob("*.wav"))]
-    names = DEMO_TEXTS + [p.name for p in images] + [
-        p.name for p in sorted(EXAMPLES.glob("*.wav"))]
+               "top_k": 1} for p in words]
+    # A spoken sentence: its transcript, and its topic.
+    items += [{"modality": "audio", "input": SPOKEN_SENTENCE, "task": "transcribe"},
+              {"modality": "audio", "input": SPOKEN_SENTENCE, "task": "classify",
+               "labels": SPOKEN_TOPICS, "top_k": 1}]
+    names = DEMO_TEXTS + [p.name for p in images + words] + [SPOKEN_SENTENCE.name] * 2
     ids = c.submit_many(items)
     results = c.wait(ids, timeout=timeout, with_embedding=False)
-    print(f"\n{'modality':<8} {'status':<9} {'label':<10} {'score':>6}  input")
+    print(f"\n{'modality':<8} {'task':<10} {'status':<9} {'label':<10} {'score':>6}  input")
     for name, r in zip(names, results, strict=True):
-        top = (r["prediction"] or {}).get("labels") or [["-", 0.0]]
-        print(f"{r['modality']:<8} {r['status']:<9} {top[0][0]:<10} {top[0][1]:>6.3f}  "
-              f"{name[:70]}")
+        pred = r["prediction"] or {}
+        label, score = ((pred.get("labels") or [["-", None]])[0])
+        score = f"{score:>6.3f}" if score is not None else f"{'-':>6}"
+        heard = f"  heard: {pred['text']!r}" if pred.get("text") is not None else ""
+        print(f"{r['modality']:<8} {r['task']:<10} {r['status']:<9} {label:<10} {score}  "
+              f"{name[:70]}{heard}")
     print(f"\n{len(results)} jobs; results are in {c.settings.db_url.split('@')[-1]}")
 
 

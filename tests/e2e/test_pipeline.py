@@ -100,6 +100,31 @@ def test_classify_jobs(stack):
     assert len(r[0]["prediction"]["labels"]) == 1 and len(r[1]["prediction"]["labels"]) == 3
 
 
+def test_the_demo_shows_a_photo_spoken_keywords_and_a_transcribed_sentence(stack, capsys):
+    """`mmq demo` (and `mmq up --demo`): every job succeeds; the photograph is a cat, each
+    spoken keyword is its word (scored zero-shot by the speech tower), and the spoken
+    sentence is transcribed and classified as weather."""
+    from producer.stack import run_demo
+
+    client, _, _ = stack
+    run_demo(timeout=300, client=client)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["text"], ["image"], ["audio"])]
+    assert rows and all(r[2] == "succeeded" for r in rows), rows
+    by_input = {}
+    for r in rows:
+        for w in r:
+            if w.endswith((".jpg", ".wav")):
+                by_input.setdefault(w, []).append(r)
+                break
+    assert by_input["photo-cat.jpg"][0][3:5] == ["a", "cat"]
+    for name in ("spoken-yes.wav", "spoken-stop.wav", "spoken-seven.wav"):
+        assert by_input[name][0][3] == name[len("spoken-"):-len(".wav")], by_input[name]
+    transcribe, classify = by_input["spoken-weather.wav"]
+    assert transcribe[1] == "transcribe" and "heard:" in transcribe
+    assert classify[1] == "classify" and classify[3] == "weather"
+
+
 def test_bad_payloads_fail_with_reasons_and_workers_go_on(stack):
     """Payloads that skipped producer validation (another client, a bug) still end
     `failed` with a readable error; the worker keeps serving the next job."""
