@@ -33,7 +33,7 @@ from core.training.samples import sentences
 from producer.sdk import Client
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for `bench.towers` when run as a script
+sys.path.insert(0, str(ROOT))  # for `producer` and `core` when run as a script
 
 
 def free_port() -> int:
@@ -165,7 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--light", type=int, default=30, help="jobs for the light-load latency")
-    ap.add_argument("--towers", action="store_true", help="also image and audio workers")
+    ap.add_argument("--towers", action="store_true",
+                    help="also an image worker (photographs) and an audio worker (speech)")
     ap.add_argument("--scaling", action="store_true", help="also 1 vs 2 worker processes")
     ap.add_argument("--backlog", type=int, default=0, help="also N jobs queued before start")
     ap.add_argument("--rounds", type=int, default=1,
@@ -259,15 +260,20 @@ def rounds(stack: Stack, items: list[dict], texts: list[str], st_bs: int, n: int
 
 
 def towers(stack: Stack) -> None:
-    from bench.towers import speechlike_wav
+    """An image worker on real photographs (the ImageNet tower) and an audio worker on the
+    bundled spoken examples (the Whisper speech tower, transcribing each clip: about a
+    second of CPU per job, hence fewer jobs)."""
+    import soundfile as sf
+
     from core.training import photo_eval as pe
+    from producer.stack import EXAMPLES
 
     # Real photographs for the ImageNet tower (the store keeps each distinct one once).
-    rng = np.random.default_rng(0)
     jpegs = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT]
     photos = [jpegs[i % len(jpegs)] for i in range(300)]
-    secs = rng.uniform(0.5, 3.0, 500)
-    wavs = [speechlike_wav(float(s), rng) for s in secs]
+    spoken = sorted(EXAMPLES.glob("spoken-*.wav"))
+    wavs = [spoken[i % len(spoken)].read_bytes() for i in range(60)]
+    secs = np.array([sf.info(spoken[i % len(spoken)]).duration for i in range(60)])
     print(f"\n{'':<34} {'jobs/s':>8} {'':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for modality, payloads in (("image", photos), ("audio", wavs)):
         db = stack.fresh_db()
@@ -276,7 +282,7 @@ def towers(stack: Stack) -> None:
         r = run_jobs(c, [{"modality": modality, "input": p} for p in payloads])
         extra = f"mean batch {batching_summary(log).get('mean_batch_size', '?')}"
         if modality == "audio":
-            extra += f", {r['jobs_per_s'] * secs.mean():.0f} audio-seconds/s"
+            extra += f", {r['jobs_per_s'] * secs.mean():.1f} audio-seconds/s"
         print(row(f"{modality} worker", r, r["jobs_per_s"], extra))
         c.close()
         stack.stop_workers()
