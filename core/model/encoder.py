@@ -73,8 +73,8 @@ class EncoderConfig:
     n_layers: int = 6
     n_heads: int = 12
     mlp_dim: int = 1536
-    # BERT normalises after each residual add (post-LN); ViT-style towers trained
-    # from scratch are steadier with pre-LN, so each tower says which it uses.
+    # BERT normalises after each residual add (post-LN); Whisper's audio encoder
+    # normalises before each block (pre-LN), so each tower says which it uses.
     norm_first: bool = False
     ln_eps: float = 1e-12
     # "gelu" is BERT's exact erf GELU; the tanh approximation would break parity.
