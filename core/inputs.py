@@ -78,10 +78,6 @@ class ImageConfig:
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    @property
-    def patch_dim(self) -> int:
-        return 3 * self.patch_size * self.patch_size
-
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency is composited over white (paper)."""
