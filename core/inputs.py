@@ -208,3 +208,21 @@ def _check_rate(rate: int, cfg: AudioConfig, index: int | None) -> int:
         raise InvalidInput(f"sample rate {rate} Hz is outside {cfg.min_sample_rate}.."
                            f"{cfg.max_sample_rate} Hz", index=index)
     return rate
+
+
+def media_kind(data: bytes) -> str | None:
+    """"image" or "audio" by which decoder reads the header (never a file name); None
+    when neither does. An image with too many pixels is still an image: its own check
+    refuses it with TOO_LARGE."""
+    try:
+        Image.open(io.BytesIO(data))
+        return "image"
+    except Image.DecompressionBombError:
+        return "image"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass
+    try:
+        sf.info(io.BytesIO(data))
+        return "audio"
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return None

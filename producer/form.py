@@ -4,15 +4,12 @@ filename and the part's Content-Type are never trusted."""
 
 from __future__ import annotations
 
-import io
-
-import soundfile as sf
 from fastapi import Request
-from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import Settings
+from core.inputs import media_kind
 from core.jobs import TASKS
 from producer.api_models import ApiError
 
@@ -103,21 +100,12 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
 
 def sniff_modality(data: bytes, index: int) -> str:
     """image or audio, by what decodes the header; 415 if neither does."""
-    try:
-        Image.open(io.BytesIO(data))
-        return "image"
-    except Image.DecompressionBombError:
-        return "image"  # an image, too many pixels: decode_image refuses it with a 413
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        pass
-    try:
-        sf.info(io.BytesIO(data))
-        return "audio"
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        pass
-    raise ApiError(415, "unsupported_media_type", f"item {index}: not an image or audio "
-                   "file this service decodes (images: PNG, JPEG, ...; audio: WAV, FLAC, OGG)",
-                   details=[{"item": index}])
+    kind = media_kind(data)
+    if kind is None:
+        raise ApiError(415, "unsupported_media_type", f"item {index}: not an image or audio "
+                       "file this service decodes (images: PNG, JPEG, ...; audio: WAV, FLAC, "
+                       "OGG)", details=[{"item": index}])
+    return kind
 
 
 def _form_refused(detail: str, max_files: int) -> ApiError:

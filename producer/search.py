@@ -11,19 +11,17 @@ late drops it; the vector cache never loads such jobs, so they are never results
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 
 from core import store
 from core.errors import InvalidInput
+from core.inputs import media_kind
 from core.jobs import MODALITIES, TASKS, JobStatus
 from core.params import check_top_k
 from core.search import SEARCH_QUERY_PARAM, SearchFilters, SearchHit, SearchStats
@@ -55,20 +53,11 @@ class SearchResult:
 
 def sniff_modality(data: bytes) -> str:
     """image or audio, by which decoder reads the header (never a file name)."""
-    try:
-        Image.open(io.BytesIO(data))
-        return "image"
-    except Image.DecompressionBombError:
-        return "image"  # the image check refuses it with TOO_LARGE
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        pass
-    try:
-        sf.info(io.BytesIO(data))
-        return "audio"
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        pass
-    raise InvalidInput("query bytes are not an image or audio file this service decodes",
-                       kind=InvalidInput.UNSUPPORTED)
+    kind = media_kind(data)
+    if kind is None:
+        raise InvalidInput("query bytes are not an image or audio file this service decodes",
+                           kind=InvalidInput.UNSUPPORTED)
+    return kind
 
 
 def make_query(query: object, modality: str | None = None) -> Query:
