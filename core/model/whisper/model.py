@@ -4,8 +4,10 @@ The encoder is the conv front end (two 3-tap convolutions, the second with strid
 one position per 20 ms) followed by the project's packed pre-LN ``Encoder``
 (core/model/encoder.py): ragged clips are packed by their real positions and attention
 runs per clip through an ``AttentionPlan``, so a 2 s clip costs 100 positions, not the
-1,500 of a 30 s window (whether the window is padded is the caller's choice, see
-``SpeechConfig.pad_to_window``).
+1,500 of a 30 s window. Equal-length clips (the tower's 30 s windows, always padded:
+see core/model/whisper/tower.py) skip the packing and run the same layers' weights on
+(B, S, C) directly (``AudioEncoder.windows_forward``), on a CPU with native bf16 as bf16
+matmuls (``SpeechConfig.encoder_precision``).
 
 The decoder is the usual pre-LN stack (causal self-attention, cross-attention to the
 clip's encoder states, MLP) run over *rows* grouped by clip: every clip has the same

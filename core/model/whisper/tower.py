@@ -12,8 +12,9 @@ log-mel domain exactly as faster-whisper pads it. Trimming the padding was measu
 changes transcripts: on 40 espeak-ng sentences (greedy, tuning voices), identical to
 faster-whisper: 7/40 with no padding (the decoder loops), 17/40 with 5 s of padding,
 22/40 padded to 10 or 15 s, 25/40 to 20 s, 40/40 only at the full 30 s. So every window
-costs 1,500 encoder positions on the packed core (equal lengths: uniform groups on the
-CPU, varlen flash attention on CUDA), and batching across clips is where the speed is.
+costs 1,500 encoder positions (equal lengths: the encoder's windows path, bf16 matmuls
+on CPUs that have them, SDPA over (B, nh, S, hs) on CUDA), and batching across clips and
+cheaper matmuls are where the speed is.
 Clips up to ``max_seconds`` (5 minutes: 10 windows) are accepted.
 """
 
