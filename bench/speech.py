@@ -22,8 +22,10 @@ Last full run (2 cores shared with other work, 120 clips, 285.5 s of audio; enco
 matmuls bf16, the default on CPUs with native bf16; decode_batch 64): identical
 transcripts 114/120 (95.0%) greedy, 115/120 (95.8%) at beam 5; WER 21.0% ours vs 21.2%
 fp32 at beam 5 (25.9% vs 25.7% greedy); keywords 114/120; throughput ours/fp32 1.77x
-greedy, 1.83x beam 5 (ours/int8 1.48x, 1.28x). Before (fp32 encoder on the packed core,
-decode_batch 32): 120/120 identical, 1.08x greedy and 1.30x beam 5.
+greedy, 1.83x beam 5 (ours/int8 1.48x, 1.28x). With ``--precision fp32`` (a quieter
+run): 120/120 identical at beam 1 and 5, WER equal, 1.62x greedy, 1.52x beam 5.
+Before (fp32 encoder on the packed core, decode_batch 32): 120/120 identical, 1.08x
+greedy and 1.30x beam 5.
 """
 
 from __future__ import annotations
