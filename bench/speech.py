@@ -18,14 +18,14 @@ temperature=0.0``: its default fallback to sampling at temperatures 0.2.. is ran
 cannot be compared transcript by transcript. Voices: bench/speech_data.py (the tuning
 voices are not used here).
 
-Last full run (2 cores shared with other work, 120 clips, 285.5 s of audio; encoder
-matmuls bf16, the default on CPUs with native bf16; decode_batch 64): identical
-transcripts 114/120 (95.0%) greedy, 115/120 (95.8%) at beam 5; WER 21.0% ours vs 21.2%
-fp32 at beam 5 (25.9% vs 25.7% greedy); keywords 114/120; throughput ours/fp32 1.77x
-greedy, 1.83x beam 5 (ours/int8 1.48x, 1.28x). With ``--precision fp32`` (a quieter
-run): 120/120 identical at beam 1 and 5, WER equal, 1.62x greedy, 1.52x beam 5.
-Before (fp32 encoder on the packed core, decode_batch 32): 120/120 identical, 1.08x
-greedy and 1.30x beam 5.
+Last full run (2 cores, lightly shared, 120 clips, 285.5 s of audio; encoder matmuls
+bf16, the default on CPUs with native bf16; decode_batch 32): identical transcripts
+114/120 (95.0%) greedy, 115/120 (95.8%) at beam 5; WER 21.0% ours vs 21.2% fp32 at beam
+5 (25.9% vs 25.7% greedy); keywords 114/120; throughput ours/fp32 2.26x greedy, 2.44x
+beam 5 (ours/int8 1.85x, 1.99x); under heavy load from other work 1.77x and 1.83x. With
+``--precision fp32``: 120/120 identical at beam 1 and 5, WER equal, 1.62x greedy, 1.52x
+beam 5 (decode_batch 64, moderate load). Before (fp32 encoder on the packed core): 120/120
+identical, 1.08x greedy and 1.30x beam 5.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> None:
         run_fw(fw32, cs[:1], b)
         run_fw(fw8, cs[:1], b)
 
-    # Engines take turns on chunks of one decode batch (64 clips), so a change in the
+    # Engines take turns on chunks of one decode batch (32 clips), so a change in the
     # machine's load (it is shared) falls on all three alike; times are summed.
     res: dict[tuple[str, int], tuple[list[str], float]] = {}
     step = tower.cfg.decode_batch

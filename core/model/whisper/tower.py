@@ -42,10 +42,12 @@ class SpeechConfig:
     beam_size: int = 5  # faster-whisper's default
     max_seconds: float = 300.0  # longer clips are refused: 10 windows of 30 s
     encode_batch: int = 8  # windows per encoder call (attention memory: ~55 MB each, fp32)
-    # Windows searched together (cross K/V: ~18 MB each, fp32: 1.2 GB at 64). A decode
-    # step is ~100 small ops whatever the batch, so wider is faster: 60 windows took
-    # 0.42x (greedy) / 0.52x (beam 5) the time as four batches of 15, on 2 busy cores.
-    decode_batch: int = 64
+    # Windows searched together (cross K/V: ~18 MB each, fp32). A decode step is ~100
+    # small ops whatever the width: on 2 heavily shared cores 60 windows in one batch
+    # took 0.42x (greedy) / 0.52x (beam 5) the time of four batches of 15, but on a quiet
+    # machine bench/speech.py ran as fast at 32 as at 64 (2.26x/2.44x vs 2.37x/2.30x
+    # faster-whisper fp32), so 32 (half the memory).
+    decode_batch: int = 32
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     # The encoder's matmuls on a CPU: "bf16" (oneDNN bf16 matmuls, residuals and layer
     # norms in fp32; ~1.9x the fp32 encoder on 2 cores, transcripts and WER measured in
