@@ -2,6 +2,7 @@
 
     python bench/speech.py            # 20 sentences x 6 evaluation voices, 20 keywords x 6
     python bench/speech.py --quick    # 8 sentences x 2 voices, 20 keywords x 2
+    python bench/speech.py --precision fp32 --decode-batch 32   # fp32 encoder, narrower
 
 Tables:
   (a) transcripts identical to faster-whisper fp32 at the same beam (target >= 95%)
@@ -17,12 +18,14 @@ temperature=0.0``: its default fallback to sampling at temperatures 0.2.. is ran
 cannot be compared transcript by transcript. Voices: bench/speech_data.py (the tuning
 voices are not used here).
 
-Last full run (2 cores shared with other work, 120 clips, 285.5 s of audio): identical
-transcripts 120/120 at beam 1 and 5; WER 21.2% ours and fp32 at beam 5 (25.7% greedy);
-keywords 114/120; throughput ours/fp32 1.08x greedy, 1.30x beam 5 (target 1.5x missed).
-The encoder is ~90% of our time and, with every window padded to 30 s (required for
-identical transcripts, see core/model/whisper/tower.py), does the same work per window as
-CTranslate2's; batching wins only the decoder's share.
+Last full run (2 cores, lightly shared, 120 clips, 285.5 s of audio; encoder matmuls
+bf16, the default on CPUs with native bf16; decode_batch 32): identical transcripts
+114/120 (95.0%) greedy, 115/120 (95.8%) at beam 5; WER 21.0% ours vs 21.2% fp32 at beam
+5 (25.9% vs 25.7% greedy); keywords 114/120; throughput ours/fp32 2.26x greedy, 2.44x
+beam 5 (ours/int8 1.85x, 1.99x); under heavy load from other work 1.77x and 1.83x. With
+``--precision fp32``: 120/120 identical at beam 1 and 5, WER equal, 1.62x greedy, 1.52x
+beam 5 (decode_batch 64, moderate load). Before (fp32 encoder on the packed core): 120/120
+identical, 1.08x greedy and 1.30x beam 5.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.speech_data import EVAL_VOICES, KEYWORDS, SENTENCES, Clip, clips  # noqa: E402
-from core.model.whisper.tower import SpeechTower  # noqa: E402
+from core.model.whisper.tower import SpeechConfig, SpeechTower  # noqa: E402
 from core.model.whisper.weights import bundled_dir  # noqa: E402
 
 DIGITS = "zero one two three four five six seven eight nine".split()
@@ -88,6 +91,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8 sentences x 2 voices")
     ap.add_argument("--beams", default="1,5", help="beam sizes to compare (default 1,5)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("MMQ_THREADS", 2)))
+    ap.add_argument("--precision", default="auto",
+                    help="SpeechConfig.encoder_precision: auto (bf16 where native), bf16, fp32")
+    ap.add_argument("--decode-batch", type=int, default=SpeechConfig.decode_batch,
+                    help="windows searched together; also the clips per engine turn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     voices = EVAL_VOICES[:2] if args.quick else EVAL_VOICES
@@ -99,11 +106,14 @@ def main() -> None:
     path = str(bundled_dir())
     fw32 = WhisperModel(path, device="cpu", compute_type="float32", cpu_threads=args.threads)
     fw8 = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=args.threads)
-    tower = SpeechTower.from_bundled(device="cpu")
+    tower = SpeechTower.from_bundled(device="cpu", cfg=SpeechConfig(
+        encoder_precision=args.precision, decode_batch=args.decode_batch))
     cs = clips(sentences, voices)
     audio_s = sum(c.seconds for c in cs)
     print(f"{len(cs)} clips ({len(sentences)} sentences x {len(voices)} voices), "
-          f"{audio_s:.1f} s of audio; {args.threads} threads; voices: {', '.join(voices)}")
+          f"{audio_s:.1f} s of audio; {args.threads} threads; voices: {', '.join(voices)}; "
+          f"encoder matmuls {tower.model.encoder.mm_dtype or tower.dtype}, "
+          f"decode_batch {tower.cfg.decode_batch}")
     # Warm-up, untimed: oneDNN builds a primitive per new shape, and an encoder call of
     # ``encode_batch`` windows is the shape every timed call uses.
     for b in beams:

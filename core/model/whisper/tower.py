@@ -12,8 +12,9 @@ log-mel domain exactly as faster-whisper pads it. Trimming the padding was measu
 changes transcripts: on 40 espeak-ng sentences (greedy, tuning voices), identical to
 faster-whisper: 7/40 with no padding (the decoder loops), 17/40 with 5 s of padding,
 22/40 padded to 10 or 15 s, 25/40 to 20 s, 40/40 only at the full 30 s. So every window
-costs 1,500 encoder positions on the packed core (equal lengths: uniform groups on the
-CPU, varlen flash attention on CUDA), and batching across clips is where the speed is.
+costs 1,500 encoder positions (equal lengths: the encoder's windows path, bf16 matmuls
+on CPUs that have them, SDPA over (B, nh, S, hs) on CUDA), and batching across clips and
+cheaper matmuls are where the speed is.
 Clips up to ``max_seconds`` (5 minutes: 10 windows) are accepted.
 """
 
@@ -41,8 +42,18 @@ class SpeechConfig:
     beam_size: int = 5  # faster-whisper's default
     max_seconds: float = 300.0  # longer clips are refused: 10 windows of 30 s
     encode_batch: int = 8  # windows per encoder call (attention memory: ~55 MB each, fp32)
-    decode_batch: int = 32  # windows searched together (cross K/V: ~18 MB each, fp32)
+    # Windows searched together (cross K/V: ~18 MB each, fp32). A decode step is ~100
+    # small ops whatever the width: on 2 heavily shared cores 60 windows in one batch
+    # took 0.42x (greedy) / 0.52x (beam 5) the time of four batches of 15, but on a quiet
+    # machine bench/speech.py ran as fast at 32 as at 64 (2.26x/2.44x vs 2.37x/2.30x
+    # faster-whisper fp32), so 32 (half the memory).
+    decode_batch: int = 32
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    # The encoder's matmuls on a CPU: "bf16" (oneDNN bf16 matmuls, residuals and layer
+    # norms in fp32; ~1.9x the fp32 encoder on 2 cores, transcripts and WER measured in
+    # bench/speech.py), "fp32", or "auto": bf16 where the CPU has native bf16 (AVX-512
+    # BF16 / AMX), else fp32. Ignored on CUDA (the tower's own fp16/bf16 there).
+    encoder_precision: str = "auto"
     # Label scoring: each label is scored as the sum over these surface forms' likelihoods
     # (an isolated word is written with or without a full stop), minus the
     # same under a silent window (the label's prior: short common words are likely
@@ -77,16 +88,34 @@ class Segment:
     text: str
 
 
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class SpeechTower:
     def __init__(self, model: Whisper, tokens: WhisperTokens, cfg: SpeechConfig | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg = cfg or SpeechConfig()
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(self.device, dtype).eval()
+        self.model.encoder.set_matmul_dtype(self._encoder_matmul_dtype())
         self.tokens = tokens
         self.front = LogMelFrontEnd()
         self.audio_cfg = AudioConfig(max_seconds=self.cfg.max_seconds)
         self._priors: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+
+    def _encoder_matmul_dtype(self) -> torch.dtype | None:
+        prec = self.cfg.encoder_precision
+        if prec not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"encoder_precision {prec!r}: choose auto, bf16 or fp32")
+        if self.device.type != "cpu" or self.dtype != torch.float32 or prec == "fp32":
+            return None
+        if prec == "auto" and not _cpu_has_bf16():
+            return None
+        return torch.bfloat16
 
     @classmethod
     def from_bundled(cls, device: torch.device | str | None = None,

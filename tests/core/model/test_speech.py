@@ -70,10 +70,20 @@ def test_encoder_matches_ctranslate2(tower, waves):
     mel = tower.front.pad_window(tower.prepare(waves[1]).mel)  # (80, 3000)
     ct = ctranslate2.models.Whisper(str(bundled_dir()), device="cpu", compute_type="float32")
     ref = np.array(ct.encode(ctranslate2.StorageView.from_array(mel[None].numpy().copy())))
-    with torch.inference_mode():
-        ours, plan = tower.model.encoder([mel])
+    enc = tower.model.encoder
+    try:
+        with torch.inference_mode():
+            enc.set_matmul_dtype(None)  # fp32 throughout: CTranslate2's fp32 to 1e-3
+            ours, plan = enc([mel])
+            enc.set_matmul_dtype(torch.bfloat16)  # SpeechConfig.encoder_precision="bf16"
+            low, _ = enc([mel])
+    finally:
+        enc.set_matmul_dtype(tower._encoder_matmul_dtype())
     assert plan.lengths == [1500]
-    assert (ours - torch.from_numpy(ref[0])).abs().max() < 1e-3
+    diff = (ours - torch.from_numpy(ref[0])).abs()
+    assert diff.max() < 1e-3
+    low = (low - torch.from_numpy(ref[0])).abs()
+    assert low.mean() < 0.03 and low.max() < 1.0, (low.mean(), low.max())
 
 
 def test_ragged_clips_packed_equal_each_alone(tower, waves):
@@ -81,9 +91,16 @@ def test_ragged_clips_packed_equal_each_alone(tower, waves):
     # clip's states must not depend on the others in its batch.
     mels = [tower.prepare(w).mel for w in waves[:2]]
     mels = [mels[0][:, :151], mels[1][:, :120]]  # odd and even frame counts
-    with torch.inference_mode():
-        both, plan = tower.model.encoder(mels)
-        alone = [tower.model.encoder([m])[0] for m in mels]
+    # fp32: a batch of one clip is "equal-length windows" (bf16 there when the CPU has
+    # it), ragged ones take the packed core in the model's dtype.
+    enc = tower.model.encoder
+    try:
+        enc.set_matmul_dtype(None)
+        with torch.inference_mode():
+            both, plan = enc(mels)
+            alone = [enc([m])[0] for m in mels]
+    finally:
+        enc.set_matmul_dtype(tower._encoder_matmul_dtype())
     assert plan.lengths == [76, 60]
     assert torch.allclose(both, torch.cat(alone), atol=1e-4)
 
