@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from core.model.attention import AttentionPlan
-from core.model.whisper.decode import beam_search, score_sequences
+from core.model.whisper.decode import beam_search
 from core.model.whisper.tower import SpeechItem, SpeechTower
 from core.model.whisper.weights import MODEL_BIN_SHA256
 
@@ -90,7 +90,7 @@ class SpeechJobs:
         features when asked. Windows of all clips are searched together."""
         t = self.tower
         items = [p.item for p in prepared]
-        mels, owner = t._window_mels(items)  # W windows of (80, 3000), clip of each
+        mels, owner = t.window_mels(items)  # W windows of (80, 3000), clip of each
         real = [n for it in items for _, n in it.windows]  # real mel frames per window
         dcfg = replace(t.cfg.decode, beam_size=self.beam_size)
         sets = {tuple(s) for s in label_sets if s}
@@ -98,21 +98,19 @@ class SpeechJobs:
         ll: dict[tuple[str, ...], list[torch.Tensor]] = {s: [] for s in sets}
         for a in range(0, len(mels), t.cfg.decode_batch):
             chunk = mels[a:a + t.cfg.decode_batch]
-            enc, plan = self._encode(chunk)  # (N, C) packed, plan over the chunk
+            enc, plan = t.encode(chunk)  # (N, C) packed, plan over the chunk
             cross = t.model.decoder.cross_kv(enc, plan)
             hyps += beam_search(t.model.decoder, cross, t.tokens, dcfg)
             for s in sets:
-                seqs, n_forms = t._forms(list(s))
-                w = score_sequences(t.model.decoder, cross, t.tokens.prompt, seqs)
-                ll[s].append(torch.logsumexp(w.view(len(chunk), len(s), n_forms), dim=-1))
+                ll[s].append(t.label_ll(cross, list(s)))  # (w, L)
             if features:
                 feats.append(_real_mean(enc, plan, real[a:a + len(chunk)]))  # (w, C)
         texts = [[] for _ in items]
         for h, i in zip(hyps, owner, strict=True):
             if not h.silent(dcfg):
                 texts[i].append(t.tokens.decode(h.tokens))
-        best = {s: self._best_window(torch.cat(ll[s]) - t.prior(list(s))[None], owner,
-                                     len(items)) for s in sets}  # (B, L) each
+        best = {s: t.clip_scores(torch.cat(ll[s]), list(s), owner, len(items))
+                for s in sets}  # (B, L) each
         scores = [best[tuple(s)][i] if s else None for i, s in enumerate(label_sets)]
         out_feats = None
         if features:
@@ -123,25 +121,6 @@ class SpeechJobs:
             total = torch.zeros(len(items)).index_add_(0, torch.tensor(owner), weight[:, 0])
             out_feats /= total.clamp_min(1)[:, None]  # (B, C) mean over real frames
         return SpeechRun(["".join(x).strip() for x in texts], scores, out_feats)
-
-    def _encode(self, mels: list[torch.Tensor]):
-        """Windows' mels -> packed encoder states (N, C) and their plan."""
-        t = self.tower
-        outs, lens = [], []
-        for a in range(0, len(mels), t.cfg.encode_batch):
-            chunk = [m.to(t.device, t.dtype) for m in mels[a:a + t.cfg.encode_batch]]
-            x, plan = t.model.encoder(chunk)  # (n, C)
-            outs.append(x)
-            lens += plan.lengths
-        return torch.cat(outs), AttentionPlan.from_lengths(lens, device=t.device)
-
-    @staticmethod
-    def _best_window(ll: torch.Tensor, owner: list[int], n: int) -> torch.Tensor:
-        """(W, L) per-window scores -> (B, L): each clip's best window per label."""
-        out = ll.new_full((n, ll.shape[1]), float("-inf"))
-        for w, i in enumerate(owner):
-            out[i] = torch.maximum(out[i], ll[w])
-        return out.float().cpu()
 
 
 def _real_mean(enc: torch.Tensor, plan: AttentionPlan, real_frames: list[int]) -> torch.Tensor:

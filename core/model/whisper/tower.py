@@ -158,7 +158,7 @@ class SpeechTower:
 
     # -- transcription -------------------------------------------------------------------
 
-    def _window_mels(self, items: list[SpeechItem]) -> tuple[list[torch.Tensor], list[int]]:
+    def window_mels(self, items: list[SpeechItem]) -> tuple[list[torch.Tensor], list[int]]:
         mels, owner = [], []
         for i, it in enumerate(items):
             for s, n in it.windows:
@@ -167,23 +167,27 @@ class SpeechTower:
         return mels, owner
 
     @torch.inference_mode()
-    def _cross(self, mels: list[torch.Tensor]) -> CrossKV:
-        """Windows' (80, 3000) mels -> the decoder's cross keys/values for all of them."""
-        enc = self.model.encoder
+    def encode(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, AttentionPlan]:
+        """Windows' (80, 3000) mels -> packed encoder states (N, C) and their plan, in
+        chunks of ``encode_batch`` windows."""
         outs, lens = [], []
         for a in range(0, len(mels), self.cfg.encode_batch):
             chunk = [m.to(self.device, self.dtype) for m in mels[a:a + self.cfg.encode_batch]]
-            x, plan = enc(chunk)  # (N, C) packed
+            x, plan = self.model.encoder(chunk)  # (n, C) packed
             outs.append(x)
             lens += plan.lengths
-        plan = AttentionPlan.from_lengths(lens, device=self.device)
-        return self.model.decoder.cross_kv(torch.cat(outs), plan)
+        return torch.cat(outs), AttentionPlan.from_lengths(lens, device=self.device)
+
+    @torch.inference_mode()
+    def _cross(self, mels: list[torch.Tensor]) -> CrossKV:
+        """Windows' (80, 3000) mels -> the decoder's cross keys/values for all of them."""
+        return self.model.decoder.cross_kv(*self.encode(mels))
 
     def search(self, items: list[SpeechItem], beam_size: int | None = None
                ) -> tuple[list[Hypothesis], list[int]]:
         """Every window's best hypothesis, and the item each window belongs to."""
         dcfg = replace(self.cfg.decode, beam_size=beam_size or self.cfg.beam_size)
-        mels, owner = self._window_mels(items)
+        mels, owner = self.window_mels(items)
         hyps: list[Hypothesis] = []
         for a in range(0, len(mels), self.cfg.decode_batch):
             cross = self._cross(mels[a:a + self.cfg.decode_batch])
@@ -222,11 +226,15 @@ class SpeechTower:
                 seqs.append(self.tokens.encode(text) + [self.tokens.eot])
         return seqs, F
 
-    def _label_ll(self, mels: list[torch.Tensor], labels: list[str]) -> torch.Tensor:
-        """(W, L) log of the summed likelihood of each label's surface forms, per window."""
+    def label_ll(self, cross: CrossKV, labels: list[str]) -> torch.Tensor:
+        """(W, L) log of the summed likelihood of each label's surface forms, for each of
+        the W windows whose cross keys/values ``cross`` holds."""
         seqs, F = self._forms(labels)
-        ll = score_sequences(self.model.decoder, self._cross(mels), self.tokens.prompt, seqs)
-        return torch.logsumexp(ll.view(len(mels), len(labels), F), dim=-1)  # (W, L)
+        ll = score_sequences(self.model.decoder, cross, self.tokens.prompt, seqs)  # (W, L*F)
+        return torch.logsumexp(ll.view(ll.shape[0], len(labels), F), dim=-1)  # (W, L)
+
+    def _label_ll(self, mels: list[torch.Tensor], labels: list[str]) -> torch.Tensor:
+        return self.label_ll(self._cross(mels), labels)
 
     def prior(self, labels: list[str]) -> torch.Tensor:
         """(L,) each label's score under a silent window (zero waveform), cached per set."""
@@ -244,14 +252,19 @@ class SpeechTower:
         transcript, minus its likelihood given silence; a long clip's best window."""
         if not labels:
             raise ValueError("label_scores needs at least one label")
-        mels, owner = self._window_mels(items)
+        mels, owner = self.window_mels(items)
         rows = []
         for a in range(0, len(mels), self.cfg.decode_batch):
             rows.append(self._label_ll(mels[a:a + self.cfg.decode_batch], labels))
-        ll = torch.cat(rows)  # (W, L)
+        return self.clip_scores(torch.cat(rows), labels, owner, len(items))
+
+    def clip_scores(self, ll: torch.Tensor, labels: list[str], owner: list[int],
+                    n_clips: int) -> torch.Tensor:
+        """(W, L) windows' label log-likelihoods -> (B, L) clips' scores: less the silent
+        prior (``subtract_prior``), a long clip's best window per label."""
         if self.cfg.subtract_prior:
             ll = ll - self.prior(labels)[None]
-        out = ll.new_full((len(items), len(labels)), float("-inf"))
+        out = ll.new_full((n_clips, len(labels)), float("-inf"))
         for w, i in enumerate(owner):  # a clip's best window
             out[i] = torch.maximum(out[i], ll[w])
         return out.float().cpu()
