@@ -298,22 +298,9 @@ class MultimodalModel:
         else:
             vecs, feats = self.forward(modality, prepared, unit=False), None  # (B, D)
         emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
-        rows: dict[int, list[int]] = {}
-        for i, a in enumerate(adapters):
-            if a is not None:
-                rows.setdefault(id(a), []).append(i)
-        for idx in rows.values():
-            emb[idx] = adapters[idx[0]](feats[idx], vecs[idx])  # (b, D) unit, text space
-        out = []
-        for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
-            top = None
-            if labels and adapters[i] is not None:  # adapters train on softmax(scale * cos)
-                top = self.scores(emb[i:i + 1], labels, top_k)[0]
-            elif labels:
-                top = self.scores(vecs[i:i + 1], labels, top_k, modality)[0]
-            out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
-                                 truncated=p.truncated))
-        return out
+        _adapt(emb, adapters, feats, vecs)
+        return self._results(prepared, asks, adapters, emb, lambda i, labels, top_k: self.scores(
+            vecs[i:i + 1], labels, top_k, modality)[0])
 
     def _predict_speech(self, prepared: list[SpeechPrepared],
                         asks: list[tuple[list[str] | None, int]],
@@ -327,21 +314,26 @@ class MultimodalModel:
         adapted = any(a is not None for a in adapters)
         run = self.speech.run(prepared, label_sets, features=adapted)
         emb = self._embed_transcripts(run.texts)  # (B, D) the transcripts in the text space
-        rows: dict[int, list[int]] = {}
-        for i, a in enumerate(adapters):
-            if a is not None:
-                rows.setdefault(id(a), []).append(i)
-        for idx in rows.values():
-            emb[idx] = adapters[idx[0]](run.features[idx], emb[idx])  # (b, D) unit
+        _adapt(emb, adapters, run.features, emb)  # groups are disjoint rows
+        return self._results(prepared, asks, adapters, emb, lambda i, labels, top_k: _top(
+            torch.softmax(run.scores[i], dim=-1), labels, top_k), run.texts)
+
+    def _results(self, prepared: list[Prepared], asks: list[tuple[list[str] | None, int]],
+                 adapters: list, emb: torch.Tensor, base_top, texts: list[str] | None = None,
+                 ) -> list[JobResult]:
+        """The batch's JobResults: a fine-tuned version's labels by cosine to its adapted
+        vector (adapters train on softmax(scale * cos)); the pretrained tower's by
+        ``base_top(i, labels, top_k)``, the tower's own rule."""
         out = []
         for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
             top = None
             if labels and adapters[i] is not None:
                 top = self.scores(emb[i:i + 1], labels, top_k)[0]
             elif labels:
-                top = _top(torch.softmax(run.scores[i], dim=-1), labels, top_k)
+                top = base_top(i, labels, top_k)
             out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
-                                 truncated=p.truncated, text=run.texts[i]))
+                                 truncated=p.truncated,
+                                 text=None if texts is None else texts[i]))
         return out
 
     def _embed_transcripts(self, texts: list[str]) -> torch.Tensor:
@@ -394,6 +386,18 @@ class MultimodalModel:
                 prepared, [(labels, top_k)] * len(prepared), [None] * len(prepared))]
         vecs = [r.embedding for r in self.embed_items(modality, inputs, unit=False)]
         return self.scores(torch.stack(vecs), labels, top_k, modality)
+
+
+def _adapt(emb: torch.Tensor, adapters: list, feats: torch.Tensor | None,
+           base: torch.Tensor) -> None:
+    """Each version's adapter maps its own rows of ``emb`` in place, one call per
+    version: (features, base vector) -> unit vector in the text space."""
+    rows: dict[int, list[int]] = {}
+    for i, a in enumerate(adapters):
+        if a is not None:
+            rows.setdefault(id(a), []).append(i)
+    for idx in rows.values():
+        emb[idx] = adapters[idx[0]](feats[idx], base[idx])  # (b, D)
 
 
 def _top(probs: torch.Tensor, labels: list[str], top_k: int) -> list[tuple[str, float]]:
