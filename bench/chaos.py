@@ -42,7 +42,9 @@ jobs with ``attempts`` > 1 (informative: a redelivered job runs again).
 
 Time to recover, per fault, then the worst over a scenario's faults:
 - a killed worker (1, 2): from the SIGKILL until every job that was ``running`` on
-  that worker at the kill is terminal. Target: 60 s.
+  that worker at the kill is terminal, and (1) every job whose message was fetched
+  and not yet started (by any worker: the survivor starts what it fetches at once).
+  Target: 60 s.
 - Redis (3, 4, 5): from Redis answering again until every job submitted before
   the fault is terminal (the submits go on meanwhile, so this includes draining
   the ~200 jobs that were open).
@@ -180,6 +182,23 @@ class Stack:
         with self.engine.connect() as c:
             return list(c.execute(text("SELECT id FROM jobs WHERE status = 'running' AND "
                                        "worker LIKE :w"), {"w": w.name_like}).scalars())
+
+    def fetched_unstarted(self) -> list[str]:
+        """Jobs still ``queued`` whose message a worker has fetched and not acknowledged
+        (kombu's ``unacked`` hash): a worker killed now never started them."""
+        from core.broker.queues import UNACKED, unacked_task_id
+
+        r = self.redis.client()
+        try:
+            fetched = {unacked_task_id(raw) for raw in r.hvals(UNACKED)} - {""}
+        finally:
+            r.close()
+        if not fetched:
+            return []
+        with self.engine.connect() as c:
+            queued = set(c.execute(text("SELECT id FROM jobs WHERE status = 'queued'"))
+                         .scalars())
+        return sorted(fetched & queued)
 
     def open_among(self, ids: list[str] | None) -> int:
         if ids is None:

@@ -60,7 +60,12 @@ def worker_kill(stack: Stack, args, res: Result, model: bool = False) -> None:
             what = f"worker {victim.pid} killed"
         t = time.monotonic()
         ids = stack.running_on(victim)  # what it held when it died (jobs end in ms)
-        load.fire(Fault(what, t, ids, target_s=60))
+        scope = "in-flight"
+        if not model:  # and what it had fetched, not started: recovered another way
+            fetched = [i for i in stack.fetched_unstarted() if i not in ids]
+            scope = f"in-flight ({len(ids)} running, {len(fetched)} fetched unstarted)"
+            ids += fetched
+        load.fire(Fault(what, t, ids, target_s=60, scope=scope))
         if not ids:
             res.notes.append(f"{what} with no job running on it: this kill tests nothing")
         if model:

@@ -23,14 +23,17 @@ from core.serving.procs import batch_scheduling, limit_malloc_arenas
 log = logging.getLogger("mmq.worker")
 
 
-def _sweep_forever(modality: str, every: float, lease) -> None:
+def _sweep_forever(modality: str, every: float, lease,
+                   stop: threading.Event | None = None) -> None:
     """Re-send this modality's jobs whose message was lost, and put back the
     unacknowledged messages of dead workers (core/broker/sweep.py)."""
     # Dead workers' jobs every turn; stale queued jobs (which means reading every
     # message in the queue) about every 15 s: they are stale only after a minute.
     queued_every = max(1, round(15 / every))
+    stop = stop or threading.Event()
     for turn in itertools.count():
-        threading.Event().wait(every)
+        if stop.wait(every):
+            return
         if not lease.may_sweep():  # just back from a store outage (core/serving/lease.py)
             continue
         try:
@@ -40,6 +43,19 @@ def _sweep_forever(modality: str, every: float, lease) -> None:
                   queued=turn % queued_every == 0)
         except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
             log.warning("sweep failed (%s: %s); will try again", type(e).__name__, e)
+
+
+def _first_renewal(lease, every: float) -> None:
+    """A worker holds a live lease before it fetches anything: the sweep takes a
+    fetched message whose worker (workers/poison.py records it) holds no live lease
+    for a dead worker's, and puts it back (core/broker/sweep.py)."""
+    while True:
+        try:
+            lease.renew()
+            return
+        except Exception as e:  # noqa: BLE001  (the store is down: nothing to do yet)
+            log.warning("could not take the worker lease (%s); retrying", e)
+            threading.Event().wait(every)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     import core.broker.sweep  # noqa: F401
 
     h.lease = LeaseKeeper(h, name, args.modality)
+    _first_renewal(h.lease, settings.lease_renew_s)
     stop_lease = threading.Event()
     lease = threading.Thread(target=h.lease.run, args=(stop_lease,), daemon=True,
                              name="mmq-lease")

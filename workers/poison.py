@@ -8,7 +8,8 @@ that are not JSON, or JSON that is not a kombu envelope, fail even earlier, in
 kombu's Redis transport. Two guards, one per layer:
 
 - ``GuardedRedisTransport``: kombu's Redis transport, whose channel checks each
-  popped item is a JSON envelope kombu can read before delivering it;
+  popped item is a JSON envelope kombu can read before delivering it (its QoS also
+  records which worker fetched each message: see ``OwnedQoS``);
 - ``guard_task_handler``: wraps Celery's task-message handler (see
   ``EventBatchingConsumer`` in workers/app.py): checks the task name, content
   type and body shape before Celery sees the message, and dead-letters anything
@@ -22,15 +23,18 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import redis
 from kombu.exceptions import ContentDisallowed
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from core.broker import deadletter
+from core.broker.queues import FETCHED_BY
 from core.config import get_settings
 from core.jobs import RUN_JOB_TASK
 
@@ -72,7 +76,32 @@ def dead_letter(*, reason: str, queue: str, raw: bytes | str, detail: str,
 
 # -- layer 1: the transport ---------------------------------------------------------------
 
+class OwnedQoS(kombu_redis.QoS):
+    """kombu's ack emulation, plus the name of the worker that fetched each message
+    (``FETCHED_BY``), written and removed in the same transaction as the ``unacked``
+    entry. The sweep then restores the fetched-but-unstarted messages of a worker as
+    soon as the store says its lease is dead (core/broker/sweep.py), instead of
+    guessing from kombu's fetch time, which is the fetching host's wall clock."""
+
+    def append(self, message, delivery_tag):
+        # kombu's QoS.append (5.3-5.7) with the owner in the same MULTI/EXEC.
+        delivery = message.delivery_info
+        ex, rk = delivery["exchange"], delivery["routing_key"]
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}) \
+                .hset(self.unacked_key, delivery_tag, dumps([message._raw, ex, rk])) \
+                .hset(FETCHED_BY, delivery_tag, worker_name) \
+                .execute()
+            virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        # Every ack, reject and restore (kombu's and at shutdown) goes through here.
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(FETCHED_BY, delivery_tag)
+
+
 class GuardedChannel(kombu_redis.Channel):
+    QoS = OwnedQoS
+
     def close(self) -> None:
         """kombu's close, surviving a broker that went away. Closing restores the
         channel's unacknowledged messages through a client built from

@@ -17,12 +17,20 @@ from core.jobs import QUEUES
 
 # -- kombu's keys (its Redis transport's ack emulation) ---------------------------------
 UNACKED = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing key]
-UNACKED_INDEX = "unacked_index"  # sorted set: delivery tag -> fetch time (s)
+# sorted set: delivery tag -> fetch time (s) on the fetching host's clock: kombu's own
+# visibility timeout uses it; mmq decides nothing on it (hosts' clocks differ)
+UNACKED_INDEX = "unacked_index"
 
 # -- mmq's keys --------------------------------------------------------------------------
 SWEEP_LOCK = "mmq:requeue-lock:"  # + modalities: one sweeping worker at a time
 ADMIT = "mmq:admit:"  # + queue: room reserved by submits in flight (hash, + ":exp")
 DEAD_LETTERS = "mmq:dead-letters"  # list of JSON entries, oldest first
+# hash: delivery tag -> name of the worker that fetched it (its lease's name), written
+# and deleted in the same transaction as kombu's ``unacked`` entry (workers/poison.py)
+FETCHED_BY = "mmq:fetched-by"
+# hash: delivery tag -> Redis server time (s) when a sweep first saw it in ``unacked``
+# with no known fetcher: that message's age on one clock (core/broker/sweep.py)
+UNACKED_SEEN = "mmq:unacked-seen"
 
 
 def worker_queues() -> list[Queue]:

@@ -12,8 +12,17 @@ every worker every ``MMQ_REQUEUE_EVERY_S``, one at a time) repairs the rest:
   queue, without waiting for the visibility timeout (an hour by default, and kombu
   only scans for expired ones every ~100 s); with no message it is sent again.
   The job goes back to ``queued`` either way;
-- a message fetched but not acknowledged for longer than ``requeue_stale_s`` (and
-  ``lease_s``) whose job is still ``queued``: its worker died before starting it.
+- a message fetched but not acknowledged whose job is still ``queued``: its worker
+  died before starting it. Each worker records its name beside every message it
+  fetches (``FETCHED_BY``, workers/poison.py), so such a message goes back as soon
+  as the store says that worker's lease is dead, whatever the age of the worker.
+  A message with no recorded fetcher (a worker without that record) goes back once
+  it has been unacknowledged for ``requeue_stale_s`` (and ``lease_s``), measured on
+  the Redis server's clock from the first sweep that saw it: never on kombu's fetch
+  time, which is the fetching host's wall clock.
+
+No decision here compares two hosts' wall clocks: leases are judged by the store,
+ages by Redis's ``TIME``.
 
 Re-sending may run a job twice (a message in flight between kombu's BRPOP and its
 unacked record looks lost for a moment); writes are idempotent by job id, so the
@@ -26,7 +35,6 @@ import json
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -35,9 +43,11 @@ from sqlalchemy import select
 
 from core import store
 from core.broker.queues import (
+    FETCHED_BY,
     SWEEP_LOCK,
     UNACKED,
     UNACKED_INDEX,
+    UNACKED_SEEN,
     all_queue_keys,
     task_id,
     unacked_task_id,
@@ -63,7 +73,9 @@ class SweepResult:
 @dataclass
 class _Messages:
     queued: set[str]  # job ids with a message waiting in a queue
-    unacked: dict[str, tuple[bytes, float]]  # job id -> (delivery tag, fetched at)
+    unacked: dict[str, tuple[bytes, str | None]]  # job id -> (delivery tag, fetched by)
+    tags: set[bytes] = field(default_factory=set)  # every tag in the unacked hash
+    stray_owners: list[bytes] = field(default_factory=list)  # FETCHED_BY without unacked
 
 
 def requeue_stale(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None,
@@ -95,11 +107,15 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
                        store.orphaned_running(session=s, lease=lease)
                        if j.modality in modalities]
         msgs = _messages(r, modalities, read_queues=bool(stale_jobs or orphans))
+        # Read after the messages: a worker's lease row exists before it fetches
+        # anything (workers/__main__.py), so every fetcher named in ``msgs`` that is
+        # alive is in this list.
+        with sessions() as s:
+            live = set(store.live_workers(session=s, lease=lease))
         out = SweepResult()
-        # A worker starts what it fetches at once; a message fetched over a lease ago
-        # (and over the stale limit: `mmq requeue --stale 0` must not take messages
-        # from live workers) whose job never started belongs to a dead one.
-        out.restored += _restore_fetched_unstarted(r, msgs, max(stale, lease), sessions)
+        # A message with no known fetcher must be older than a lease (and than the
+        # stale limit: `mmq requeue --stale 0` must not take messages from live workers).
+        out.restored += _restore_fetched_unstarted(r, msgs, live, max(stale, lease), sessions)
         lost = [(i, m) for i, m in stale_jobs if i not in msgs.queued and i not in msgs.unacked]
         moved_orphans = _recover_orphans(r, msgs, orphans, sessions, out)
         lost += moved_orphans
@@ -139,20 +155,23 @@ def _take_turn(r: redis.Redis, settings: Settings, modalities) -> bool:
 
 def _messages(r: redis.Redis, modalities, read_queues: bool = True) -> _Messages:
     """Queues first, then the unacked hash: a message moving from one to the other
-    between the two reads is then seen in at least one of them."""
+    between the two reads is then seen in at least one of them. The unacked hash and
+    the fetchers are read in one transaction: both change in one (workers/poison.py)."""
     queued: set[str] = set()
     with r.pipeline(transaction=False) as pipe:
         for key in all_queue_keys(modalities) if read_queues else []:
             pipe.lrange(key, 0, -1)
         for raws in pipe.execute():
             queued |= {task_id(raw) for raw in raws}
-    fetched_at = dict(r.zrange(UNACKED_INDEX, 0, -1, withscores=True))
-    unacked: dict[str, tuple[bytes, float]] = {}
-    for tag, raw in r.hgetall(UNACKED).items():
+    with r.pipeline(transaction=True) as pipe:
+        entries, owners = pipe.hgetall(UNACKED).hgetall(FETCHED_BY).execute()
+    unacked: dict[str, tuple[bytes, str | None]] = {}
+    for tag, raw in entries.items():
         if job_id := unacked_task_id(raw):
-            unacked[job_id] = (tag, fetched_at.get(tag, time.time()))
+            owner = owners.get(tag)
+            unacked[job_id] = (tag, owner.decode(errors="replace") if owner else None)
     queued.discard("")
-    return _Messages(queued, unacked)
+    return _Messages(queued, unacked, set(entries), [t for t in owners if t not in entries])
 
 
 def _recover_orphans(r: redis.Redis, msgs: _Messages, orphans: list[tuple[str, str, str]],
@@ -173,20 +192,57 @@ def _recover_orphans(r: redis.Redis, msgs: _Messages, orphans: list[tuple[str, s
     return need_send
 
 
-def _restore_fetched_unstarted(r: redis.Redis, msgs: _Messages, stale: timedelta,
-                               sessions) -> list[str]:
-    """Messages fetched longer than ``stale`` ago whose job never started: a worker
-    starts every job it fetches at once (prefetch = its thread count), so the one
-    that fetched these is gone."""
-    cutoff = time.time() - stale.total_seconds()
-    old = {j: tag for j, (tag, at) in msgs.unacked.items() if at < cutoff}
-    if not old:
+def _restore_fetched_unstarted(r: redis.Redis, msgs: _Messages, live: set[str],
+                               stale: timedelta, sessions) -> list[str]:
+    """Fetched messages whose job never started, of workers that are gone: a worker
+    starts every job it fetches at once (prefetch = its thread count), and its
+    running ones are the orphans' business. Gone means: the fetcher is known and
+    holds no live lease, or it is unknown and the message has been unacknowledged
+    for over ``stale`` on Redis's clock."""
+    dead = {j: tag for j, (tag, owner) in msgs.unacked.items()
+            if owner is not None and owner not in live}
+    unowned = {j: tag for j, (tag, owner) in msgs.unacked.items() if owner is None}
+    old_tags = _unacked_longer_than(r, msgs, set(unowned.values()), stale.total_seconds())
+    candidates = dead | {j: tag for j, tag in unowned.items() if tag in old_tags}
+    if not candidates:
         return []
     with sessions() as s:
         still_queued = set(s.scalars(
-            select(store.Job.id).where(store.Job.id.in_(list(old)),
+            select(store.Job.id).where(store.Job.id.in_(list(candidates)),
                                        store.Job.status == JobStatus.QUEUED.value)))
-    return [j for j in still_queued if restore_unacked(r, old[j])]
+    return [j for j in still_queued if restore_unacked(r, candidates[j])]
+
+
+# Deletes the fetchers recorded for tags no longer in the unacked hash (kombu's own QoS,
+# in a worker without ours, removed them), checked inside Redis: a tag can come back.
+_FORGET_STRAY = """
+for _, tag in ipairs(ARGV) do
+  if redis.call('HEXISTS', KEYS[1], tag) == 0 then redis.call('HDEL', KEYS[2], tag) end
+end
+"""
+
+
+def _unacked_longer_than(r: redis.Redis, msgs: _Messages, tags: set[bytes],
+                         limit_s: float) -> set[bytes]:
+    """Those of ``tags`` first seen by a sweep over ``limit_s`` ago, on the Redis
+    server's clock (one clock for every sweeper, whatever their hosts' clocks say).
+    A sweep sees a message at most one sweep period after its fetch: its age is
+    under-estimated by that much, so it is never restored early. Also keeps the
+    first-seen hash to the messages still unacknowledged."""
+    secs, usecs = r.time()
+    now = secs + usecs / 1e6
+    seen = {t: float(v) for t, v in r.hgetall(UNACKED_SEEN).items()}
+    with r.pipeline(transaction=False) as pipe:
+        new = tags - set(seen)
+        for tag in new:
+            pipe.hsetnx(UNACKED_SEEN, tag, repr(now))
+        gone = [t for t in seen if t not in msgs.tags]
+        if gone:
+            pipe.hdel(UNACKED_SEEN, *gone)
+        if msgs.stray_owners:
+            pipe.eval(_FORGET_STRAY, 2, UNACKED, FETCHED_BY, *msgs.stray_owners)
+        pipe.execute()
+    return {t for t in tags if t in seen and now - seen[t] > limit_s}
 
 
 def restore_unacked(r: redis.Redis, tag: bytes) -> bool:
@@ -204,6 +260,8 @@ def restore_unacked(r: redis.Redis, tag: bytes) -> bool:
         pipe.multi()
         pipe.zrem(UNACKED_INDEX, tag)
         pipe.hdel(UNACKED, tag)
+        pipe.hdel(FETCHED_BY, tag)
+        pipe.hdel(UNACKED_SEEN, tag)
         pipe.rpush(queue, json.dumps(payload))  # BRPOP takes from the right: next up
         return True
 

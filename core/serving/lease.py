@@ -25,6 +25,7 @@ class LeaseKeeper:
     def __init__(self, host, worker: str, modality: str):
         self.host, self.worker, self.modality = host, worker, modality
         self.healthy_since: float | None = None  # monotonic; None while renewals fail
+        self.renewed_at: float | None = None  # monotonic: start of the last good renewal
         self._abandoned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -35,9 +36,13 @@ class LeaseKeeper:
 
     def may_sweep(self) -> bool:
         """Renewing without a break for one lease: every live worker has renewed since
-        the store came back, so a stale lease now means a dead worker."""
-        since = self.healthy_since
-        return since is not None and time.monotonic() - since >= self.host.settings.lease_s
+        the store came back, so a stale lease now means a dead worker. A renewal that
+        hangs (a link cut rather than refused) is a break too: then nothing has been
+        renewed for a lease."""
+        since, last, now = self.healthy_since, self.renewed_at, time.monotonic()
+        lease_s = self.host.settings.lease_s
+        return (since is not None and last is not None
+                and now - since >= lease_s and now - last < lease_s)
 
     def renew(self) -> None:
         with self._lock:
@@ -55,18 +60,29 @@ class LeaseKeeper:
             log.warning("handed back %d job(s) whose outcome could not be recorded",
                         len(abandoned))
 
+    def tick(self) -> None:
+        """One renewal, and the bookkeeping ``may_sweep`` reads."""
+        start = time.monotonic()
+        try:
+            self.renew()
+        except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
+            if self.healthy_since is not None or not hasattr(self, "_warned"):
+                log.warning("could not renew the worker lease (%s); retrying", e)
+                self._warned = True
+            self.healthy_since = None
+            return
+        end = time.monotonic()
+        # Since the last good renewal began, a lease may have passed with no renewal
+        # (this one hung): the run of renewals starts again now.
+        if (self.healthy_since is None or self.renewed_at is None
+                or end - self.renewed_at >= self.host.settings.lease_s):
+            self.healthy_since = end
+        self.renewed_at = start
+
     def run(self, stop: threading.Event) -> None:
         """Beside Celery, not in a task thread, so that a saturated worker still renews."""
         while not stop.is_set():
-            try:
-                self.renew()
-                if self.healthy_since is None:
-                    self.healthy_since = time.monotonic()
-            except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
-                if self.healthy_since is not None or not hasattr(self, "_warned"):
-                    log.warning("could not renew the worker lease (%s); retrying", e)
-                    self._warned = True
-                self.healthy_since = None
+            self.tick()
             stop.wait(self.host.settings.lease_renew_s)
         try:
             with self.host.tx() as s:

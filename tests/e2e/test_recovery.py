@@ -112,6 +112,43 @@ def test_unacked_message_of_a_dead_worker_is_restored_not_resent(broker, databas
     assert sweep(settings).total == 0  # it has a message now: nothing more to do
 
 
+def test_a_worker_killed_in_its_first_seconds_has_its_fetched_jobs_put_back_by_its_lease(
+        broker_url, start_worker, request):
+    """A worker fetches jobs and dies before starting any (here its database link is
+    cut, so it cannot mark them running): the jobs are ``queued``, their messages
+    fetched and unacknowledged. The sweep of another worker puts them back as soon as
+    the store says the dead one's lease expired. The stale-message path is switched
+    off (requeue_stale_s of a day), so nothing else can recover them. Before, only
+    that path could: after requeue_stale_s, judged on kombu's fetch time (the fetching
+    host's wall clock), which made a worker killed early cost over a minute."""
+    from tests.e2e.conftest import _pg_database, _pg_drop
+
+    url = _pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
+    request.addfinalizer(lambda: _pg_drop(name))
+    proxy = TcpProxy("127.0.0.1", 5432)
+    request.addfinalizer(proxy.close)
+    settings = {**FAST, "MMQ_REQUEUE_STALE_S": 86_400}
+    victim = start_worker("text", service_env(broker_url, url.replace(
+        "127.0.0.1:5432", proxy.address), **settings), concurrency=8)
+    client = Client(broker_url=broker_url, database_url=url)
+    proxy.down()
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(6, seed=6)])
+    r = redis.Redis.from_url(broker_url)
+    end = time.monotonic() + 60
+    while r.hlen("unacked") < len(ids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert r.hlen("unacked") == len(ids), "the worker did not fetch every job"
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    proxy.up()
+    assert {client.get(i)["status"] for i in ids} == {"queued"}  # fetched, never started
+    start_worker("text", service_env(broker_url, url, **settings), concurrency=8)
+    res = client.wait(ids, timeout=120, with_embedding=False)
+    _assert_all_once(client, ids, res)
+    assert [j["attempts"] for j in res] == [1] * len(ids)  # no orphan path: never started
+
+
 def test_postgres_outage_fails_nothing(broker_url, start_worker, request):
     """Workers reach PostgreSQL through a proxy taken down for 12 s mid-run: every
     job still succeeds, none is left running. (Before: retries gave up after 7 s.)"""

@@ -138,7 +138,7 @@ def test_a_lease_hands_back_abandoned_jobs_and_sweeps_only_when_healthy(host):
     host.writer.start(job_id, "w-lease").result(timeout=60)
     assert not lease.may_sweep()  # never renewed yet
     lease.abandon(job_id)
-    lease.renew()
+    lease.tick()
     job = _row(host, job_id)[0]
     assert (job.status, job.worker, job.sent_at) == ("queued", None, None)
     with host.sessions() as s:
