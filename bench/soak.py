@@ -15,7 +15,7 @@ cache warm-up grows early and then stops. The table shows each stretch's growth
 so the two can be told apart.
 
     python bench/soak.py [--n 20000] [--every 1000] [--window 400] [--labels 300]
-                         [--db sqlite|postgresql+psycopg://...]
+                         [--distinct N] [--db sqlite|postgresql+psycopg://...]
 """
 
 from __future__ import annotations
@@ -76,15 +76,21 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=400, help="open jobs at most")
     ap.add_argument("--labels", type=int, default=300, help="size of the label pool")
     ap.add_argument("--db", default="sqlite")
+    ap.add_argument("--distinct", type=int, default=0,
+                    help="only this many distinct jobs, submitted over and over: after the "
+                         "first round every input (and its shape) has been seen, so what "
+                         "still grows is not warm-up")
     args = ap.parse_args()
-    work = items(args.n, label_pool(args.labels))
+    work = items(args.distinct or args.n, label_pool(args.labels))
+    work = [work[i % len(work)] for i in range(args.n)]
     stack = Stack(Path(tempfile.mkdtemp(prefix="mmq-soak-")))
     try:
         db = stack.fresh_db() if args.db == "sqlite" else args.db
         t0 = time.monotonic()
         stack.start_worker("text", db, MMQ_METRICS_LOG_EVERY_S=60)
         pid = stack.workers[-1][0].pid
-        kids = children(pid)
+        kids = [k for k in children(pid)  # the model process, not the resource tracker
+                if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
         print(f"worker {pid} ready in {time.monotonic() - t0:.0f} s; model process(es) "
               f"{kids}; RSS MiB main {rss_mb(pid):.0f}, model "
               f"{sum(rss_mb(k) for k in kids):.0f}", flush=True)
@@ -114,7 +120,8 @@ def main() -> None:
 
 
 def report(samples, args, wall: float, failed: int) -> None:
-    print(f"\n{args.n} text jobs (1 in 4 classify, {args.labels}-label pool), one text "
+    distinct = f", {args.distinct} distinct" if args.distinct else ""
+    print(f"\n{args.n} text jobs{distinct} (1 in 4 classify, {args.labels}-label pool), one text "
           f"worker, {args.db.split(':')[0]}; {args.n / wall:.1f} jobs/s, {failed} failed\n")
     print(f"{'jobs done':>9} | {'main MiB':>8} | {'+ main':>7} | {'model MiB':>9} | "
           f"{'+ model':>7} | {'total':>7}")
