@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from numbers import Real
 
 from core.config import Settings
@@ -79,9 +79,12 @@ def check_deadline(value: object) -> datetime:
         raise InvalidInput(f"deadline out of range: {value}") from None
 
 
-def job_params(item: dict, task: str, settings: Settings) -> tuple[dict, datetime | None]:
-    """(params, deadline) of one submitted item, or ``InvalidInput`` without an index
-    (the caller adds it). ``timeout_s`` wins over ``deadline`` when both are given."""
+def job_params(item: dict, task: str,
+               settings: Settings) -> tuple[dict, datetime | None, float | None]:
+    """(params, deadline, timeout_s) of one submitted item, or ``InvalidInput`` without
+    an index (the caller adds it). ``timeout_s`` wins over ``deadline`` when both are
+    given; it stays a duration here: the store turns it into a deadline with the
+    database's clock, since the producer's own clock may be off."""
     params: dict = {}
     # Checked even where the task ignores it: a bad value is a client bug either way.
     top_k = check_top_k(5 if item.get("top_k") is None else item["top_k"], settings.max_top_k)
@@ -91,7 +94,6 @@ def job_params(item: dict, task: str, settings: Settings) -> tuple[dict, datetim
                                         max_chars=settings.max_label_chars)
         params["top_k"] = top_k
     if item.get("timeout_s") is not None:
-        timeout = check_timeout(item["timeout_s"], settings.max_timeout_s)
-        return params, datetime.now(UTC) + timedelta(seconds=timeout)
+        return params, None, check_timeout(item["timeout_s"], settings.max_timeout_s)
     deadline = item.get("deadline")
-    return params, None if deadline is None else check_deadline(deadline)
+    return params, None if deadline is None else check_deadline(deadline), None

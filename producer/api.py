@@ -398,13 +398,15 @@ def _add_read_routes(app: FastAPI) -> None:
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"],
                 responses=error_responses(401, 404, 409))
     def cancel_job(request: Request, job_id: str, caller: CallerDep) -> JobOut:
-        """Cancel a job that no worker has started; 409 once it runs or has finished."""
+        """Cancel a queued or running job: it is ``cancelled`` at once, a worker drops it
+        from a batch that has not started, and a running attempt's outcome is discarded.
+        409 once it has finished (succeeded, failed, or cancelled before)."""
         client: Client = request.app.state.client
         cancelled = client.cancel(_valid_id(job_id), owner=caller.scope)
         job = _job_or_404(client, job_id, with_embedding=False, owner=caller.scope)
         if not cancelled and job.status is not JobStatus.CANCELLED:
             raise ApiError(409, "not_cancellable", f"job {job_id} is {job.status.value}; "
-                           "only queued jobs can be cancelled")
+                           "only queued or running jobs can be cancelled")
         return job
 
     @app.get("/v1/jobs/{job_id}/wait", response_model=JobOut, tags=["jobs"],

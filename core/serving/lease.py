@@ -40,6 +40,8 @@ class LeaseKeeper:
         return since is not None and time.monotonic() - since >= self.host.settings.lease_s
 
     def renew(self) -> None:
+        """Renew the lease, hand back abandoned jobs, and drop the jobs in flight here
+        that their owners cancelled (``ModelHost.check_cancelled``)."""
         with self._lock:
             abandoned, self._abandoned = self._abandoned, set()
         try:
@@ -54,6 +56,9 @@ class LeaseKeeper:
         if abandoned:
             log.warning("handed back %d job(s) whose outcome could not be recorded",
                         len(abandoned))
+        if cancelled := self.host.check_cancelled():
+            log.info("%d job(s) in flight here were cancelled; dropped from their batches "
+                     "where not yet running", len(cancelled))
 
     def run(self, stop: threading.Event) -> None:
         """Beside Celery, not in a task thread, so that a saturated worker still renews."""

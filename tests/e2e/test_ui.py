@@ -73,10 +73,13 @@ def add_job(app, owner: str | None, *, modality="text", text=None, payload=None,
                                payload=payload, owner=owner)
         job_id = job.id
     with client.sessions.begin() as s:
+        if result is not None or status == "failed":
+            store.start_job(session=s, job_id=job_id, worker="w")
         if result is not None:
-            store.finish_job(session=s, job_id=job_id, model_version="test", result=result)
+            store.finish_job(session=s, job_id=job_id, attempt=1, model_version="test",
+                             result=result)
         elif status == "failed":
-            store.fail_job(session=s, job_id=job_id, error=error or "failed")
+            store.fail_job(session=s, job_id=job_id, error=error or "failed", attempt=1)
     return job_id
 
 
