@@ -332,3 +332,23 @@ def test_bad_requests_get_a_4xx_page_never_a_500(app, monkeypatch):
     for url, kw in posts:
         r = c.post(url, **kw)
         assert 400 <= r.status_code < 500 and 'role="alert"' in r.text, (url, kw, r.text[-300:])
+
+
+def test_the_owner_cancels_a_pending_job_from_its_page(app):
+    queued = add_job(app, "alice", text="cancel me from the page")
+    running = add_job(app, "alice", text="cancel me while running")
+    with app.state.client.sessions.begin() as s:
+        store.start_job(session=s, job_id=running, worker="w")
+    bob, alice = sign_in(app, "bob"), sign_in(app, "alice")
+    # Another key's job looks like no job: its cancel changes nothing.
+    bob.post(f"/ui/jobs/{queued}/cancel", data={"csrf": csrf(bob)})
+    assert app.state.client.get(queued)["status"] == "queued"
+    for job_id in (queued, running):
+        page = alice.get(f"/ui/jobs/{job_id}")
+        assert "Cancel this job" in page.text
+        assert alice.post(f"/ui/jobs/{job_id}/cancel", data={}).status_code == 403  # no token
+        r = alice.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf(alice)},
+                       follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == f"/ui/jobs/{job_id}"
+        assert app.state.client.get(job_id)["status"] == "cancelled"
+        assert "Cancel this job" not in alice.get(f"/ui/jobs/{job_id}").text
