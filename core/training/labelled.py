@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import InvalidInput
+from core.params import label_text
 
 INDEX_FILES = ("labels.csv", "labels.jsonl")
 
@@ -85,7 +86,7 @@ def _rows_from_index(root: Path) -> list[tuple[Path, str]] | None:
     for p, label in rows:
         if not p or not label:
             raise DataError(f"{root}: a row with an empty path or label ({p!r}, {label!r})")
-    return [(root / p, label) for p, label in rows]
+    return [(root / p, label_text(label)) for p, label in rows]
 
 
 def _rows_from_folders(root: Path) -> list[tuple[Path, str]]:
@@ -96,7 +97,7 @@ def _rows_from_folders(root: Path) -> list[tuple[Path, str]]:
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise DataError(f"class {d.name!r} ({d}) has no files")
-        rows += [(p, d.name) for p in files]
+        rows += [(p, label_text(d.name)) for p in files]
     return rows
 
 

@@ -73,6 +73,8 @@ BAD = {
     "label too long": ({**CLASSIFY, "labels": ["a", "x" * 21]}, "label"),
     "label with NUL": ({**CLASSIFY, "labels": ["a", "b\x00"]}, "label"),
     "label a lone surrogate": ({**CLASSIFY, "labels": ["a", "\udc00"]}, "label"),
+    "labels equal after NFC": ({**CLASSIFY, "labels": ["caf\u00e9", "cafe\u0301"]},
+                               "distinct"),
     "text a lone surrogate": ({"modality": "text", "input": "\ud800"}, "Unicode"),
     "transcribe a text": ({"modality": "text", "input": "x", "task": "transcribe"},
                           "transcribe is for audio"),

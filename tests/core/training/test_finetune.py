@@ -3,6 +3,7 @@ its weights checked by sha256, versions of one batch kept apart in the batcher."
 
 import json
 import re
+import unicodedata
 
 import pytest
 import torch
@@ -103,6 +104,19 @@ def test_index_rows_outside_the_folder_are_refused(tmp_path, index, escape):
                                           for p, lb in rows))
     with pytest.raises(DataError, match=f"{re.escape(escape)}: outside the data folder"):
         read_labelled(data)
+
+
+def test_label_names_are_compared_after_nfc_normalisation(tmp_path):
+    """"café" in NFC and in NFD (as macOS names folders) were two classes."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    _write(tmp_path, {"files": ["one", "two", "three", "four"]})
+    (tmp_path / "labels.csv").write_text(f"files/0.txt,{nfc}\nfiles/1.txt,{nfd}\n"
+                                         "files/2.txt,tea\nfiles/3.txt,tea\n")
+    data = read_labelled(tmp_path)
+    assert data.names == [nfc, "tea"] and data.labels == [0, 0, 1, 1]
+    folders = tmp_path / "folders"
+    _write(folders, {nfd: ["one", "two"], "tea": ["three", "four"]})
+    assert read_labelled(folders).names == [nfc, "tea"]
 
 
 def test_a_symlink_out_of_a_class_folder_is_refused(tmp_path):
