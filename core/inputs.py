@@ -7,7 +7,8 @@ any pixel is decoded (a decompression bomb never reaches memory), truncated file
 (every pixel decoded, and for PNG and GIF the file's end checked too) and unknown
 formats become ``InvalidInput``, EXIF orientation is applied, and every
 mode Pillow reads (L, LA, RGB, RGBA, P, CMYK, I;16, ...) ends as RGB. Audio is
-read with soundfile, its length and sample rate checked from the header first.
+read with soundfile (``AUDIO_FORMATS`` only), its length and sample rate checked
+from the header first.
 """
 
 from __future__ import annotations
@@ -161,6 +162,14 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
 
 # -- audio --------------------------------------------------------------------------------
 
+# Audio containers accepted (libsndfile's names: soundfile.info().format), and how the
+# README and errors name them. libsndfile reads two dozen more (AU, CAF, VOC, PAF,
+# ...): refused, so that what is accepted is what is documented, and rarely used
+# parsers never see untrusted bytes. WAVEX is WAV with the extensible header.
+AUDIO_FORMATS = ("WAV", "WAVEX", "FLAC", "OGG", "MP3", "AIFF")
+AUDIO_FORMATS_TEXT = "WAV, FLAC, OGG Vorbis or Opus, MP3, AIFF"
+
+
 @dataclass(frozen=True)
 class AudioConfig:
     sample_rate: int = 16_000
@@ -212,6 +221,9 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     check_payload_size(data, cfg.max_bytes, "audio", index)
     try:
         info = sf.info(io.BytesIO(data))
+        if info.format not in AUDIO_FORMATS:
+            raise InvalidInput(f"{info.format} audio is not accepted; accepted: "
+                               f"{AUDIO_FORMATS_TEXT}", index=index, kind=UNSUPPORTED)
         _check_rate(info.samplerate, cfg, index)
         # Refuse long clips from the header, before decoding them into memory.
         if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
@@ -222,7 +234,7 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     except InvalidInput:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise InvalidInput(f"not a readable audio file (WAV, FLAC or OGG): {e}",
+        raise InvalidInput(f"not a readable audio file ({AUDIO_FORMATS_TEXT}): {e}",
                            index=index, kind=InvalidInput.UNSUPPORTED) from None
     return wave.mean(axis=1), int(rate)  # downmix (samples, ch) -> mono
 

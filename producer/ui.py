@@ -29,6 +29,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import InvalidInput
+from core.inputs import AUDIO_FORMATS_TEXT
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer import ui_data
 from producer.api import INPUT_STATUS, _submit  # the form refuses what /v1/jobs refuses
@@ -346,7 +347,7 @@ async def _submit_items(form: FormData, s) -> list[dict]:
             modality = sniff_modality(data, len(items))
         except ApiError:
             raise UiError(415, f"{f.filename or 'a file'}: not an image or audio file this "
-                          "service reads (images: PNG, JPEG, ...; audio: WAV, FLAC, OGG)"
+                          f"service reads (images: PNG, JPEG, ...; audio: {AUDIO_FORMATS_TEXT})"
                           ) from None
         items.append({**common, "modality": modality, "input": data})
     text = str(form.get("text") or "")
