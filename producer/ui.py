@@ -24,6 +24,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -75,7 +76,10 @@ def mount_ui(app: FastAPI) -> None:
 
     @app.exception_handler(UiError)
     async def _ui_error(request: Request, e: UiError) -> HTMLResponse:
-        session = await run_in_threadpool(_session, request)
+        try:
+            session = await run_in_threadpool(_session, request)
+        except DBAPIError:  # the store is down: the error page still renders
+            session = None
         return render(request, "error.html", session, status=e.status,
                       error=e.message)
 
