@@ -14,7 +14,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMQ_", extra="ignore")
 
     # -- the queue and the store --------------------------------------------------------
+    # A Redis URL, or Redis Sentinels for failover, kombu's way: one sentinel:// URL per
+    # Sentinel joined by ";" ("sentinel://h1:26379/0;sentinel://h2:26379"), the first
+    # one's password and database being the primary's (core/broker/redis_client.py).
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # The name the Sentinels monitor the primary under (a sentinel:// broker_url only).
+    sentinel_master: str = "mymaster"
     # None = the embedded default, a SQLite file (WAL mode) in data_dir. Use
     # PostgreSQL (postgresql+psycopg://...) for anything shared by several machines.
     database_url: str | None = None

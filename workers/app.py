@@ -50,6 +50,10 @@ class EventBatchingConsumer(Consumer):
         self._flush_events()
 
 
+GUARDED_TRANSPORTS = {"redis": "workers.poison:GuardedRedisTransport",
+                      "sentinel": "workers.poison:GuardedSentinelTransport"}
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"])
@@ -58,9 +62,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         # The worker's kombu Redis transport has a channel that dead-letters what is
         # not a message envelope (undecodable bytes, a JSON list): upstream raises out
         # of the event loop. Not Flower's (it reads the broker's kind from the
-        # transport name), nor other schemes (sentinel, rediss).
-        **({"broker_transport": "workers.poison:GuardedRedisTransport"}
-           if urlparse(s.broker_url).scheme == "redis" else {}),
+        # transport name), nor other schemes (rediss).
+        **({"broker_transport": GUARDED_TRANSPORTS[scheme]}
+           if (scheme := urlparse(s.broker_url.split(";", 1)[0]).scheme) in GUARDED_TRANSPORTS
+           else {}),
         worker_consumer="workers.app:EventBatchingConsumer",
     )
     return app
