@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     # The name the Sentinels monitor the primary under (a sentinel:// broker_url only).
     sentinel_master: str = "mymaster"
+    # Longest wait for the broker on one socket operation (connect, a command's reply),
+    # and the health-check interval of Celery's long-lived connections. A primary whose
+    # host is lost or cut off never resets its connections: without a limit a worker
+    # waits on it for ever and never follows a failover (core/broker/redis_client.py).
+    broker_socket_timeout: float = 5.0
     # None = the embedded default, a SQLite file (WAL mode) in data_dir. Use
     # PostgreSQL (postgresql+psycopg://...) for anything shared by several machines.
     database_url: str | None = None

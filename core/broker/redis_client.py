@@ -101,8 +101,31 @@ def redis_for(source: Settings | str | None = None, *, master_name: str | None =
 
 def broker_transport_options(s: Settings) -> dict:
     """kombu's transport options for the broker URL, for every Celery app mmq makes
-    (workers, producers, Flower's monitor, control clients)."""
-    opts: dict = {"visibility_timeout": s.visibility_timeout}
+    (workers, producers, Flower's monitor, control clients).
+
+    The socket limits are what make a worker follow a failover when the primary's host
+    is lost rather than its process (Celery #6348): a SIGKILLed primary's kernel resets
+    every connection and kombu reconnects at once, through the Sentinels; a lost or cut
+    off host resets nothing. kombu's default is no socket timeout, and a worker then
+    waited for ever on its first synchronous call to the dead primary (tests/e2e/
+    test_sentinel.py with the primary SIGSTOPped: 18 jobs done, then none for ten
+    minutes while the replica had long been promoted). With a timeout each pooled
+    connection to the lost primary fails once and is dropped, and the next one asks
+    the Sentinels. They fail one at a time in the consumer's event loop (stack dumps:
+    the events publish, the bindings refresh, the BRPOP's health-check PING, each
+    waiting its full timeout), so a worker is back about four timeouts after the
+    promotion: hence a short timeout. ``health_check_interval`` makes kombu (>= 5.7)
+    drop a BRPOP whose reply is overdue, which no socket timeout covers in its event
+    loop; keepalive lets the kernel give up on dead peers too. Not
+    ``retry_on_timeout``: it would replay publishes (and kombu then stops batching them).
+    """
+    opts: dict = {
+        "visibility_timeout": s.visibility_timeout,
+        "socket_timeout": s.broker_socket_timeout,
+        "socket_connect_timeout": s.broker_socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": max(1, round(s.broker_socket_timeout)),
+    }
     if is_sentinel(s.broker_url):
         opts["master_name"] = s.sentinel_master
     return opts
