@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import math
 import operator
-from datetime import UTC, datetime, timedelta
+import unicodedata
+from datetime import UTC, datetime
 from numbers import Real
 
 from core.config import Settings
 from core.errors import InvalidInput
 
 
+def label_text(label: str) -> str:
+    """A label as it is compared and stored: stripped, in Unicode NFC, so that "café"
+    typed as one code point and as "e" + a combining accent (NFD, as macOS names
+    files) is one label, not two."""
+    return unicodedata.normalize("NFC", label.strip())
+
+
 def check_labels(labels: object, *, max_labels: int | None = None,
                  max_chars: int | None = None) -> list[str]:
-    """Distinct non-empty label strings, stripped. The bounds are the producers'
-    (``None``: unbounded, as a worker reading an already accepted job uses it)."""
+    """Distinct non-empty label strings, stripped and in NFC (``label_text``). The
+    bounds are the producers' (``None``: unbounded, as a worker reading an already
+    accepted job uses it)."""
     if isinstance(labels, str) or not isinstance(labels, list | tuple) or not labels:
         raise InvalidInput("labels must be a non-empty list of strings")
     if max_labels is not None and len(labels) > max_labels:
@@ -35,10 +44,11 @@ def check_labels(labels: object, *, max_labels: int | None = None,
             lb.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidInput(f"label {lb!r} is not valid Unicode (a lone surrogate)") from None
-        if max_chars is not None and len(lb.strip()) > max_chars:
-            raise InvalidInput(f"label {lb[:20]!r}... has {len(lb.strip())} characters, "
+        lb = label_text(lb)
+        if max_chars is not None and len(lb) > max_chars:
+            raise InvalidInput(f"label {lb[:20]!r}... has {len(lb)} characters, "
                                f"over the limit of {max_chars}")
-        clean.append(lb.strip())
+        clean.append(lb)
     if len(set(clean)) != len(clean):
         raise InvalidInput("labels must be distinct")
     return clean
@@ -79,9 +89,12 @@ def check_deadline(value: object) -> datetime:
         raise InvalidInput(f"deadline out of range: {value}") from None
 
 
-def job_params(item: dict, task: str, settings: Settings) -> tuple[dict, datetime | None]:
-    """(params, deadline) of one submitted item, or ``InvalidInput`` without an index
-    (the caller adds it). ``timeout_s`` wins over ``deadline`` when both are given."""
+def job_params(item: dict, task: str,
+               settings: Settings) -> tuple[dict, datetime | None, float | None]:
+    """(params, deadline, timeout_s) of one submitted item, or ``InvalidInput`` without
+    an index (the caller adds it). ``timeout_s`` wins over ``deadline`` when both are
+    given; it stays a duration here: the store turns it into a deadline with the
+    database's clock, since the producer's own clock may be off."""
     params: dict = {}
     # Checked even where the task ignores it: a bad value is a client bug either way.
     top_k = check_top_k(5 if item.get("top_k") is None else item["top_k"], settings.max_top_k)
@@ -91,7 +104,6 @@ def job_params(item: dict, task: str, settings: Settings) -> tuple[dict, datetim
                                         max_chars=settings.max_label_chars)
         params["top_k"] = top_k
     if item.get("timeout_s") is not None:
-        timeout = check_timeout(item["timeout_s"], settings.max_timeout_s)
-        return params, datetime.now(UTC) + timedelta(seconds=timeout)
+        return params, None, check_timeout(item["timeout_s"], settings.max_timeout_s)
     deadline = item.get("deadline")
-    return params, None if deadline is None else check_deadline(deadline)
+    return params, None if deadline is None else check_deadline(deadline), None

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import store
 from core.broker.admission import Admission, release_room, reserve_room
+from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.jobs import MODALITIES, TERMINAL, JobStatus, Modality
@@ -77,8 +78,7 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
                   description="Submit text, image and audio jobs; read their predictions.")
     app.state.settings = s
     app.state.client = client or Client(settings=s)
-    app.state.redis = redis.Redis.from_url(s.broker_url, socket_timeout=2,
-                                           socket_connect_timeout=2)
+    app.state.redis = redis_for(s, socket_timeout=2, socket_connect_timeout=2)
     app.state.registry = metrics_registry(s, app.state.client, app.state.redis)
     app.state.keyring = keyring(s)  # a malformed key entry stops start-up here
     if not app.state.keyring:
@@ -398,13 +398,15 @@ def _add_read_routes(app: FastAPI) -> None:
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"],
                 responses=error_responses(401, 404, 409))
     def cancel_job(request: Request, job_id: str, caller: CallerDep) -> JobOut:
-        """Cancel a job that no worker has started; 409 once it runs or has finished."""
+        """Cancel a queued or running job: it is ``cancelled`` at once, a worker drops it
+        from a batch that has not started, and a running attempt's outcome is discarded.
+        409 once it has finished (succeeded, failed, or cancelled before)."""
         client: Client = request.app.state.client
         cancelled = client.cancel(_valid_id(job_id), owner=caller.scope)
         job = _job_or_404(client, job_id, with_embedding=False, owner=caller.scope)
         if not cancelled and job.status is not JobStatus.CANCELLED:
             raise ApiError(409, "not_cancellable", f"job {job_id} is {job.status.value}; "
-                           "only queued jobs can be cancelled")
+                           "only queued or running jobs can be cancelled")
         return job
 
     @app.get("/v1/jobs/{job_id}/wait", response_model=JobOut, tags=["jobs"],

@@ -30,7 +30,9 @@ class StoreCollector:
     def __init__(self, settings: Settings, client, redis_client: redis.Redis):
         self.settings, self.client, self.redis = settings, client, redis_client
         self._lock = threading.Lock()  # scrapes may overlap; the watermark must not
-        self._seen_until = store.utcnow()
+        # Where the latency histogram starts: the database's clock at the first scrape
+        # (finished_at is stamped by it; this API host's clock may be off).
+        self._seen_until = None
         # (modality, status) -> [per-bucket counts ..., +Inf], sum
         self._hist: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
@@ -58,6 +60,8 @@ class StoreCollector:
         yield lat
 
     def _observe_finished(self, session) -> None:
+        if self._seen_until is None:
+            self._seen_until = store.db_time(session=session)
         rows = store.finished_since(session=session, after=self._seen_until)
         for modality, status, created, finished in rows:
             counts, total = self._hist.setdefault(

@@ -12,7 +12,7 @@ from pathlib import Path
 from core.jobs import MODALITIES, TASKS
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga"}
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}
 
 
 def parse_duration(text: str) -> timedelta:
@@ -117,7 +117,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     c = _client()
     done = {i: c.cancel(i) for i in args.ids}
-    _print({i: ("cancelled" if ok else "not cancelled (running, finished or unknown)")
+    _print({i: ("cancelled" if ok else "not cancelled (already finished, or unknown)")
             for i, ok in done.items()})
     return 0 if all(done.values()) else 1
 
@@ -177,7 +177,8 @@ def add_job_commands(sub) -> None:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_results)
-    p = sub.add_parser("cancel", help="cancel jobs that have not started")
+    p = sub.add_parser("cancel", help="cancel queued or running jobs (a running job's "
+                       "outcome is discarded)")
     p.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("requeue", help="sweep now: re-send jobs whose message was lost, recover "

@@ -179,12 +179,14 @@ class Client:
             with self.sessions.begin() as s:
                 if idempotency_key and (prior := self._replay(s, idempotency_key, digest)):
                     return prior
-                jobs = [store.create_job(session=s, owner=owner, **row) for row in rows]
+                now = store.db_time(session=s)  # one clock for every stamp and deadline
+                jobs = [store.create_job(session=s, owner=owner, now=now, **row)
+                        for row in rows]
                 pairs = [(j.id, j.modality) for j in jobs]
                 if idempotency_key:  # same transaction: the key exists iff the jobs do
                     s.add(store.IdempotencyKey(key=idempotency_key, request_hash=digest,
                                                job_ids=[i for i, _ in pairs],
-                                               created_at=store.utcnow()))
+                                               created_at=now))
         except IntegrityError:
             if not idempotency_key:
                 raise
@@ -194,7 +196,16 @@ class Client:
             raise
         ids = [i for i, _ in pairs]
         try:
-            sent = send_jobs(self.app, pairs)
+            try:
+                sent = send_jobs(self.app, pairs)
+            except Exception as e:  # noqa: BLE001
+                # Once more, on a new connection: after a Sentinel failover the first
+                # send can fail on a pooled connection to the lost primary (a timeout,
+                # then redis-py drops it), and the second finds the new one at once
+                # instead of waiting for the sweep. A send that half happened is sent
+                # twice: the job may run twice, and its upsert keeps one prediction.
+                log.info("send failed (%s); trying once more", e)
+                sent = send_jobs(self.app, pairs)
         except Exception as e:  # broker down: the rows stay queued for requeue
             log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
                         len(pairs), e)
@@ -232,10 +243,11 @@ class Client:
         if task == Task.TRANSCRIBE.value and modality != Modality.AUDIO.value:
             raise InvalidInput(f"task transcribe is for audio, not {modality}", index=index)
         try:  # labels, top_k, timeout_s/deadline: types and bounds in core/params.py
-            params, deadline = job_params(item, task, self.settings)
+            params, deadline, timeout_s = job_params(item, task, self.settings)
         except InvalidInput as e:
             raise InvalidInput(e.reason, index=index, kind=e.kind) from None
-        row = {"modality": modality, "task": task, "params": params, "deadline": deadline}
+        row = {"modality": modality, "task": task, "params": params, "deadline": deadline,
+               "timeout_s": timeout_s}
         if item.get("model_version") is not None:  # checked against the store in validate()
             row["model_version"] = item["model_version"]
         data = item.get("input")
@@ -298,7 +310,10 @@ class Client:
         return [self.get(i, with_embedding=with_embedding, owner=owner) for i in job_ids]
 
     def cancel(self, job_id: str, *, owner: str | None = None) -> bool:
-        """Cancel a job that has not started; True if it was cancelled."""
+        """Cancel a queued or running job; True if it was cancelled (False: it had
+        already finished, or is unknown). A running attempt is not interrupted: its
+        worker drops the job from a batch that has not started, and the store discards
+        the attempt's outcome (the fence), so the job stays ``cancelled``."""
         with self.sessions.begin() as s:
             return store.cancel_job(session=s, job_id=job_id, owner=owner)
 

@@ -132,16 +132,14 @@ def embed_query(client, q: Query, *, owner: str | None) -> tuple[str, np.ndarray
     s = client.settings
     rows = client.validate([{"modality": q.modality, "input": q.data}])
     with client.sessions() as sess:  # fail now, not after the timeout, with no worker
-        alive = sess.scalar(select(store.WorkerLease.worker).where(
-            store.WorkerLease.modality == q.modality,
-            store.WorkerLease.heartbeat_at >= store.utcnow() - timedelta(seconds=s.lease_s))
-            .limit(1))
-    if alive is None:
+        alive = store.live_workers(session=sess, lease=timedelta(seconds=s.lease_s),
+                                   modality=q.modality)
+    if not alive:
         raise SearchUnavailable(f"no {q.modality} worker is running to embed the query")
     timeout = s.search_query_timeout_s
     rows[0]["params"] = {SEARCH_QUERY_PARAM: True}
     # Dropped by the worker if it has not started by then: nobody waits for it any more.
-    rows[0]["deadline"] = datetime.now(UTC) + timedelta(seconds=timeout)
+    rows[0]["timeout_s"] = timeout
     job_id = client.submit_valid(rows, owner=owner).ids[0]
     status = _wait(client, job_id, timeout)
     with client.sessions() as sess:

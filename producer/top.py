@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -63,7 +63,7 @@ def _workers(app, timeout: float) -> list[WorkerInfo]:
 
 
 def _sql(session: Session, window_s: float, n_failures: int) -> tuple[dict, dict, list]:
-    since = store.utcnow() - timedelta(seconds=window_s)
+    since = store.db_now(-window_s)  # the stamps' own clock, not this terminal's
     done = session.execute(
         select(store.Job.modality, func.count())
         .where(store.Job.status == JobStatus.SUCCEEDED.value, store.Job.finished_at >= since)

@@ -41,15 +41,19 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
     worker = self.request.hostname or "worker"
     settings = host().settings
     for attempt in range(settings.task_max_retries + 1):
+        fut = None
         try:
-            return _run(job_id, worker)
+            fut = host().process(job_id, worker)
+            return _summarise(job_id, fut)
         except Exception as e:
+            # The start that holds the job, if it started: the failure is fenced by it.
+            token = None if fut is None else fut.attempt
             if not transient(e):
-                _record_failure(job_id, f"internal error: {type(e).__name__}: {e}")
+                _record_failure(job_id, f"internal error: {type(e).__name__}: {e}", token)
                 raise  # recorded: Celery marks the task failed and acknowledges it
             if attempt == settings.task_max_retries:
                 _record_failure(job_id, f"gave up after {attempt} retries: "
-                                f"{type(e).__name__}: {e}")
+                                f"{type(e).__name__}: {e}", token)
                 raise
             delay = min(settings.retry_backoff_max_s, 2.0 ** attempt)
             log.warning("job %s: %s (%s); retry %d of %d in %g s", job_id, type(e).__name__,
@@ -59,26 +63,26 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
     raise AssertionError("unreachable")
 
 
-def _run(job_id: str, worker: str) -> dict:
-    h = host()
+def _summarise(job_id: str, fut) -> dict:
     # Bounded, so that a hung store or a wedged device cannot hold a task thread (and
     # its message) forever: the task retries, then fails.
-    store_wait = max(60.0, h.settings.visibility_timeout / 2)
-    summary = h.process(job_id, worker).result(timeout=3 * store_wait)
+    store_wait = max(60.0, host().settings.visibility_timeout / 2)
+    summary = fut.result(timeout=3 * store_wait)
     if summary.get("status") == "unknown":  # no row: a poison message, not a job
         poison.dead_letter_unknown_job(job_id)
     return summary
 
 
-def _record_failure(job_id: str, error: str) -> None:
+def _record_failure(job_id: str, error: str, attempt: int | None) -> None:
     """Write the failure, or refuse to acknowledge: a job whose outcome cannot be
     recorded goes back onto the queue. With the broker down too, the reject fails
     and the message stays unacknowledged: the worker then hands the job back to
     ``queued`` once the store answers (core/serving/lease.py), and the sweep puts its
-    message back."""
+    message back. Fenced by ``attempt`` (None: the job never started here): a failure
+    of an attempt that no longer holds the job is dropped."""
     try:
         with host().tx() as s:
-            store.fail_job(session=s, job_id=job_id, error=error)
+            store.fail_job(session=s, job_id=job_id, error=error, attempt=attempt)
     except Exception as e:
         log.error("job %s: could not record its failure (%s); leaving its message "
                   "unacknowledged", job_id, type(e).__name__)

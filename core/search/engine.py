@@ -6,9 +6,10 @@ per embedding space: a base model version and the adapters (model versions, issu
 The cache is read from SQL once, then incrementally: each refresh (at most every
 ``search_refresh_s``, on the next query) reads the ids of jobs finished since the
 watermark minus ``search_catchup_s`` and loads only the ones it has not seen. The
-overlap is there because ``jobs.finished_at`` is taken before its transaction
-commits, on the worker's clock: a row committed late, or from a host whose clock
-lags, still lands inside the window. No migration is needed: ``jobs.finished_at``
+overlap is there because ``jobs.finished_at`` is taken by the database's clock
+before its transaction commits: a row committed late still lands inside the window.
+(It is never a worker's clock: one 10 minutes fast once moved the watermark past
+every later result.) No migration is needed: ``jobs.finished_at``
 is indexed already. Jobs made only to embed a query (``params.search_query``) are
 never loaded, so they are never results.
 """

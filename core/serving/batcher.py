@@ -23,7 +23,7 @@ import torch
 
 from core.config import Settings
 from core.model.adapters import AdapterCache
-from core.serving.contracts import AdapterRef, DeadlineExceeded, JobResult
+from core.serving.contracts import AdapterRef, Cancelled, DeadlineExceeded, JobResult
 from core.serving.metrics import BatchMetrics
 
 __all__ = ["BatcherConfig", "DeadlineExceeded", "DynamicBatcher"]
@@ -59,6 +59,7 @@ class _Item:
     top_k: int
     deadline: float | None  # time.monotonic() seconds
     adapter: AdapterRef | None = None  # the job's model version; None = the base tower
+    key: str | None = None  # the job id, so that a cancel can find it
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -83,16 +84,29 @@ class DynamicBatcher:
 
     def submit(self, modality: str, prepared, *, labels: list[str] | None = None,
                top_k: int = 5, deadline: float | None = None,
-               adapter: AdapterRef | None = None) -> Future:
+               adapter: AdapterRef | None = None, key: str | None = None) -> Future:
         """Queue one prepared item; the future resolves to a ``JobResult``. Items of
         every model version of a modality share batches (``_forward``)."""
-        item = _Item(modality, prepared, labels, top_k, deadline, adapter)
+        item = _Item(modality, prepared, labels, top_k, deadline, adapter, key)
         with self._cv:
             if self._stop:
                 raise RuntimeError("the batcher is stopped")
             self._pending.setdefault(modality, deque()).append(item)
             self._cv.notify()
         return item.future
+
+    def cancel(self, keys: set[str]) -> int:
+        """Drop the queued items with these keys (their futures raise ``Cancelled``);
+        items already in a forward are not interrupted. -> how many were dropped."""
+        dropped: list[_Item] = []
+        with self._cv:
+            for modality, q in self._pending.items():
+                keep = deque(it for it in q if it.key not in keys)
+                dropped += [it for it in q if it.key in keys]
+                self._pending[modality] = keep
+        for it in dropped:
+            it.future.set_exception(Cancelled("cancelled before its batch ran"))
+        return len(dropped)
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:

@@ -16,7 +16,8 @@ from typing import Protocol
 from core.errors import InvalidInput
 from core.jobs import JobResult
 
-__all__ = ["AdapterRef", "DeadlineExceeded", "Failure", "JobRequest", "JobResult", "ModelBackend"]
+__all__ = ["AdapterRef", "Cancelled", "DeadlineExceeded", "Failure", "JobRequest", "JobResult",
+           "ModelBackend"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class AdapterRef:
 class JobRequest:
     """One job for the model: the host builds it from the job row."""
 
+    job_id: str  # carried to the batcher: a cancelled job is dropped from its queue by id
     modality: str
     payload: object  # text (str) or the image/audio bytes
     labels: list[str] | None  # classify: the label set; embed: None
@@ -51,12 +53,16 @@ class DeadlineExceeded(Exception):
     """The job's deadline passed while it waited for a batch."""
 
 
+class Cancelled(Exception):
+    """The job was cancelled while it waited for a batch: it was dropped unrun."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """An error on its way across a process boundary, keeping what the receiver needs
     to raise the same thing: its class, and for bad input its kind and item index."""
 
-    kind: str  # "invalid", "deadline" or "error"
+    kind: str  # "invalid", "deadline", "cancelled" or "error"
     message: str
     input_kind: str = InvalidInput.INVALID  # InvalidInput.kind: 422, 413 or 415
     index: int | None = None
@@ -67,6 +73,8 @@ class Failure:
             return cls("invalid", e.reason, e.kind, e.index)
         if isinstance(e, DeadlineExceeded):
             return cls("deadline", str(e))
+        if isinstance(e, Cancelled):
+            return cls("cancelled", str(e))
         return cls("error", f"{type(e).__name__}: {e}")
 
     def exception(self) -> Exception:
@@ -74,6 +82,8 @@ class Failure:
             return InvalidInput(self.message, index=self.index, kind=self.input_kind)
         if self.kind == "deadline":
             return DeadlineExceeded(self.message)
+        if self.kind == "cancelled":
+            return Cancelled(self.message)
         return RuntimeError(self.message)
 
 
@@ -88,5 +98,10 @@ class ModelBackend(Protocol):
     def submit(self, request: JobRequest) -> Future:
         """-> a future of a ``JobResult``; ``InvalidInput`` or ``DeadlineExceeded``
         (or another error) as its exception."""
+
+    def cancel(self, job_ids: list[str]) -> None:
+        """Drop these jobs from batches that have not started (their futures raise
+        ``Cancelled``); a job already in a running forward finishes, and the store's
+        fence drops its outcome."""
 
     def close(self) -> None: ...

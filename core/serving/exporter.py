@@ -48,6 +48,10 @@ class PrometheusSink:
         self.jobs = Counter("mmq_jobs", "Jobs through the model", LABELS, registry=r)
         self.dropped = Counter("mmq_dropped_jobs", "Jobs dropped past their deadline when a "
                                "batch formed", LABELS, registry=r)
+        self.late = Counter("mmq_late_outcomes_dropped", "Outcomes (results, failures) of "
+                            "attempts that no longer held their job, refused by the store's "
+                            "fence: the job was cancelled or handed to another attempt",
+                            LABELS, registry=r)
         self.dead_letters = Counter("mmq_dead_letters", "Messages that were not valid mmq "
                                     "tasks, moved to the dead-letter list", LABELS + ("reason",),
                                     registry=r)
@@ -58,7 +62,7 @@ class PrometheusSink:
                   lambda: metrics.jobs / max(1e-9, _elapsed(metrics)))
         # Series exist from the start (a scraper sees 0, not nothing, before a job).
         for m in (self.batch_size, self.batch_tokens, self.queue_wait, self.model_time,
-                  self.jobs, self.dropped):
+                  self.jobs, self.dropped, self.late):
             m.labels(modality, worker)
         for reason in deadletter.REASONS:
             self.dead_letters.labels(modality, worker, reason)
@@ -76,6 +80,9 @@ class PrometheusSink:
 
     def observe_dropped(self, modality: str, n: int) -> None:
         self.dropped.labels(modality, self.worker).inc(n)
+
+    def observe_late(self, modality: str, n: int) -> None:
+        self.late.labels(modality, self.worker).inc(n)
 
     def observe_dead_letter(self, entry: deadletter.DeadLetter) -> None:
         # Labelled with the worker's modality, not the entry's queue: a queue name

@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
 from core.config import Settings
@@ -29,6 +31,7 @@ from core.params import check_labels
 from core.serving.batcher import BatcherConfig, DynamicBatcher
 from core.serving.contracts import (
     AdapterRef,
+    Cancelled,
     DeadlineExceeded,
     JobRequest,
     JobResult,
@@ -70,10 +73,21 @@ class InProcessModel:
             return fut
         return self.batcher.submit(request.modality, prepared, labels=request.labels,
                                    top_k=request.top_k, deadline=request.deadline,
-                                   adapter=request.adapter)
+                                   adapter=request.adapter, key=request.job_id)
+
+    def cancel(self, job_ids: list[str]) -> None:
+        self.batcher.cancel(set(job_ids))
 
     def close(self) -> None:
         self.batcher.stop()
+
+
+class JobFuture(Future):
+    """A job's outcome, as the task waits for it; ``attempt`` is the fencing token of
+    this start once the store has started it (None before, or if it never started),
+    so that a failure the task records is fenced like any other outcome."""
+
+    attempt: int | None = None
 
 
 @dataclass
@@ -81,13 +95,16 @@ class ModelHost:
     settings: Settings
     model: ModelBackend  # ModelProcess or InProcessModel
     metrics: BatchMetrics
-    sessions: object  # sessionmaker
+    sessions: sessionmaker[Session]
     writer: GroupWriter
     # SQLite takes one writer at a time; writers in this process queue on this lock
     # rather than in SQLite's busy handler (sleeps of up to 100 ms). None on PostgreSQL.
     write_lock: threading.Lock | None = None
     exporter: object | None = None  # the Prometheus sink, when the exporter runs
     lease: object | None = None  # core.serving.lease.LeaseKeeper, set by the worker
+    # job id -> the attempt this process runs: what a cancel check asks the store about.
+    inflight: dict[str, int] = field(default_factory=dict)
+    _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextmanager
     def tx(self):
@@ -95,7 +112,40 @@ class ModelHost:
         with self.write_lock or nullcontext(), self.sessions.begin() as s:
             yield s
 
-    def process(self, job_id: str, worker: str) -> Future:
+    def check_cancelled(self) -> list[str]:
+        """Ask the store which of the jobs in flight here were cancelled (a user's DELETE
+        of a running job) and drop them from batches that have not started. Called at
+        each lease renewal: one indexed query, whatever the load. -> the ids."""
+        with self._inflight_lock:
+            ids = list(self.inflight)
+        if not ids:
+            return []
+        with self.sessions() as s:
+            cancelled = store.cancelled_among(session=s, job_ids=ids)
+        if cancelled:
+            self.model.cancel(cancelled)
+        return cancelled
+
+    def _track(self, done: JobFuture, job_id: str, attempt: int) -> None:
+        with self._inflight_lock:
+            self.inflight[job_id] = attempt
+
+        def untrack(_f) -> None:
+            with self._inflight_lock:
+                if self.inflight.get(job_id) == attempt:
+                    del self.inflight[job_id]
+
+        done.add_done_callback(untrack)
+
+    def _late(self, job_id: str, modality: str, attempt: int, what: str) -> dict:
+        """An outcome the fence refused: the attempt outlived its hold on the job."""
+        log.warning("job %s: dropped the late %s of attempt %d (the job was cancelled, or "
+                    "handed to another attempt, meanwhile)", job_id, what, attempt)
+        self.metrics.observe_late(modality)
+        return {"job": job_id, "modality": modality, "status": "dropped",
+                "reason": f"late {what} of attempt {attempt}"}
+
+    def process(self, job_id: str, worker: str) -> JobFuture:
         """Run one job: start it in the store, run the model, store the outcome.
         -> a future of the task's summary dict, resolved once the outcome is committed
         (so a late ack follows the stored prediction); store errors are raised.
@@ -104,27 +154,32 @@ class ModelHost:
         model receiver's thread), not by the task thread: that thread then wakes once
         per job instead of three times. Each wake-up is a few context switches and GIL
         hand-offs, a tenth of the worker's CPU per job at load (bench/e2e.py)."""
-        done: Future = Future()
+        done = JobFuture()
 
         def started(value) -> None:
             job, payload, version = value
             if job is None:  # cancelled, already done, or unknown (no row): nothing to run
                 done.set_result({"job": job_id, "status": payload})
                 return
+            attempt = done.attempt = job.attempts  # the fencing token of this start
+            self._track(done, job_id, attempt)
             if job.model_version != BASE_VERSION and version is None:
-                self._fail(done, job_id, job.modality, f"model version {job.model_version!r} "
-                           "no longer exists (removed after the job was submitted)",
-                           JobStatus.FAILED)
+                self._fail(done, job_id, attempt, job.modality, f"model version "
+                           f"{job.model_version!r} no longer exists (removed after the job "
+                           "was submitted)", JobStatus.FAILED)
                 return
             adapter = None if version is None else AdapterRef(
                 version.name, version.modality,
                 str(Path(self.settings.adapters_path) / version.adapter_file), version.sha256)
             deadline = None
             if job.deadline:
-                left = (_aware(job.deadline) - datetime.now(UTC)).total_seconds()
+                # The database's clock on both sides (the deadline was set from it at
+                # submit, ``now`` read by the start): this worker's wall clock never
+                # decides. The rest is a duration on this host's monotonic clock.
+                left = (_aware(job.deadline) - _aware(job.now)).total_seconds()
                 if left <= 0:
-                    self._fail(done, job_id, job.modality, "deadline passed before it ran",
-                               JobStatus.CANCELLED)
+                    self._fail(done, job_id, attempt, job.modality,
+                               "deadline passed before it ran", JobStatus.CANCELLED)
                     return
                 deadline = time.monotonic() + left
             params = dict(job.params or {})
@@ -132,37 +187,46 @@ class ModelHost:
                 labels = (check_labels(params.get("labels") or []) if job.task == "classify"
                           else None)
             except InvalidInput as e:  # a row written before today's rules
-                ran_badly(job.modality, e)
+                ran_badly(job.modality, attempt, e)
                 return
-            fut = self.model.submit(JobRequest(job.modality, payload, labels,
+            fut = self.model.submit(JobRequest(job_id, job.modality, payload, labels,
                                                int(params.get("top_k", 5)), deadline, adapter))
             # The exact version the prediction came from: the adapter's name and weights,
             # or the pretrained towers' own version string.
             exact = self.model.version if adapter is None else adapter.exact
-            _then(fut, done, lambda result: ran(job.modality, result, exact),
-                  on_error=lambda e: ran_badly(job.modality, e))
+            _then(fut, done, lambda result: ran(job.modality, attempt, result, exact),
+                  on_error=lambda e: ran_badly(job.modality, attempt, e))
 
-        def ran(modality: str, result: JobResult, exact: str) -> None:
-            _then(self.writer.finish(job_id, exact, result), done,
-                  lambda _: done.set_result(_summary(job_id, modality, result, exact)))
+        def ran(modality: str, attempt: int, result: JobResult, exact: str) -> None:
+            def recorded(ok: bool) -> None:
+                done.set_result(_summary(job_id, modality, result, exact) if ok else
+                                self._late(job_id, modality, attempt, "result"))
 
-        def ran_badly(modality: str, e: BaseException) -> None:
-            if isinstance(e, DeadlineExceeded):
-                self._fail(done, job_id, modality, str(e), JobStatus.CANCELLED)
+            _then(self.writer.finish(job_id, attempt, exact, result), done, recorded)
+
+        def ran_badly(modality: str, attempt: int, e: BaseException) -> None:
+            if isinstance(e, Cancelled):  # the row says so already: nothing to write
+                done.set_result({"job": job_id, "modality": modality, "status": "cancelled"})
+            elif isinstance(e, DeadlineExceeded):
+                self._fail(done, job_id, attempt, modality, str(e), JobStatus.CANCELLED)
             elif isinstance(e, InvalidInput):
-                self._fail(done, job_id, modality, str(e.reason), JobStatus.FAILED)
+                self._fail(done, job_id, attempt, modality, str(e.reason), JobStatus.FAILED)
             else:
                 done.set_exception(e)
 
         _then(self.writer.start(job_id, worker), done, started)
         return done
 
-    def _fail(self, done: Future, job_id: str, modality: str, error: str,
+    def _fail(self, done: Future, job_id: str, attempt: int, modality: str, error: str,
               status: JobStatus) -> None:
         summary = {"job": job_id, "modality": modality, "status": status.value, "error": error}
+
+        def recorded(ok: bool) -> None:
+            done.set_result(summary if ok else self._late(job_id, modality, attempt, status.value))
+
         _then(self.writer.call(lambda s: store.fail_job(session=s, job_id=job_id, error=error,
-                                                        status=status)),
-              done, lambda _: done.set_result(summary))
+                                                        attempt=attempt, status=status)),
+              done, recorded)
 
     def close(self) -> None:
         self.model.close()

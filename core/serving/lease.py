@@ -45,6 +45,8 @@ class LeaseKeeper:
                 and now - since >= lease_s and now - last < lease_s)
 
     def renew(self) -> None:
+        """Renew the lease, hand back abandoned jobs, and drop the jobs in flight here
+        that their owners cancelled (``ModelHost.check_cancelled``)."""
         with self._lock:
             abandoned, self._abandoned = self._abandoned, set()
         try:
@@ -59,6 +61,9 @@ class LeaseKeeper:
         if abandoned:
             log.warning("handed back %d job(s) whose outcome could not be recorded",
                         len(abandoned))
+        if cancelled := self.host.check_cancelled():
+            log.info("%d job(s) in flight here were cancelled; dropped from their batches "
+                     "where not yet running", len(cancelled))
 
     def tick(self) -> None:
         """One renewal, and the bookkeeping ``may_sweep`` reads."""

@@ -43,6 +43,7 @@ class BatchMetrics:
     model_s: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
     jobs: int = 0
     dropped: int = 0  # past their deadline when a batch formed
+    late: int = 0  # outcomes of attempts that no longer held their job (the fence)
     started: float = field(default_factory=time.monotonic)
     # Called with each observation as well (a Prometheus exporter, or the pipe from a
     # model child process to its parent): objects with observe_batch(**kw) and
@@ -66,10 +67,18 @@ class BatchMetrics:
         for sink in self.sinks:
             sink.observe_dropped(modality, n)
 
+    def observe_late(self, modality: str, n: int = 1) -> None:
+        """Only the worker's host observes these (the store's fence answers there)."""
+        self.late += n
+        for sink in self.sinks:
+            if hasattr(sink, "observe_late"):  # the model child's pipe has no such event
+                sink.observe_late(modality, n)
+
     def summary(self) -> dict:
         elapsed = max(1e-9, time.monotonic() - self.started)
         return {
             "jobs": self.jobs, "batches": self.batch_size.n, "dropped": self.dropped,
+            "late_outcomes_dropped": self.late,
             "mean_batch_size": round(self.batch_size.mean, 2),
             "mean_batch_tokens": round(self.batch_tokens.mean, 1),
             "mean_queue_wait_ms": round(1e3 * self.queue_wait_s.mean, 2),

@@ -110,12 +110,28 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
                          "modalities": model.modalities}))
     try:
         while True:
-            reqs = conn.recv()
-            while conn.poll():  # whatever else is waiting joins this tokenizer call
-                reqs += conn.recv()
+            reqs, cancels = _receive(conn)
             _accept(model, batcher, outbox, reqs)
+            if cancels:  # after _accept: a cancel may name a job of the same message
+                batcher.cancel(cancels)
     except (EOFError, OSError):  # the parent is gone: nobody is waiting for results
         os._exit(0)
+
+
+def _receive(conn) -> tuple[list[tuple[int, JobRequest]], set[str]]:
+    """One message, and whatever else is waiting (it joins this tokenizer call):
+    -> (requests, job ids to cancel). A message is ("submit", [(rid, JobRequest)])
+    or ("cancel", [job id])."""
+    reqs: list[tuple[int, JobRequest]] = []
+    cancels: set[str] = set()
+    while True:
+        kind, body = conn.recv()
+        if kind == "cancel":
+            cancels.update(body)
+        else:
+            reqs += body
+        if not conn.poll():
+            return reqs, cancels
 
 
 def _accept(model, batcher: DynamicBatcher, outbox: _Outbox,
@@ -142,7 +158,7 @@ def _accept(model, batcher: DynamicBatcher, outbox: _Outbox,
                 bad = True
                 continue
             fut = batcher.submit(modality, p, labels=req.labels, top_k=req.top_k,
-                                 deadline=req.deadline, adapter=req.adapter)
+                                 deadline=req.deadline, adapter=req.adapter, key=req.job_id)
             fut.add_done_callback(lambda f, rid=rid: outbox.add(rid, f))
     if bad:
         outbox.flush()
@@ -171,6 +187,7 @@ class ModelProcess:
         self._ids = itertools.count()
         self._futures: dict[int, Future] = {}
         self._outgoing: list[tuple[int, JobRequest]] = []
+        self._cancels: list[str] = []
         self._cv = threading.Condition()
         self._closing = False
         threading.Thread(target=self._send_forever, name="mmq-model-send", daemon=True).start()
@@ -186,6 +203,11 @@ class ModelProcess:
             self._cv.notify()
         return fut
 
+    def cancel(self, job_ids: list[str]) -> None:
+        with self._cv:
+            self._cancels += job_ids
+            self._cv.notify()
+
     def close(self) -> None:
         self._closing = True
         self._proc.terminate()
@@ -194,11 +216,15 @@ class ModelProcess:
     def _send_forever(self) -> None:
         while True:
             with self._cv:
-                while not self._outgoing:
+                while not self._outgoing and not self._cancels:
                     self._cv.wait()
                 reqs, self._outgoing = self._outgoing, []
+                cancels, self._cancels = self._cancels, []
             try:
-                self._conn.send(reqs)
+                if reqs:
+                    self._conn.send(("submit", reqs))
+                if cancels:  # after the submits: the child applies it to those too
+                    self._conn.send(("cancel", cancels))
             except OSError:
                 return  # the receiver notices the dead child and exits the worker
 

@@ -75,12 +75,16 @@ def _start_many(s, args: list[tuple[str, str]]) -> list:
     return out
 
 
-def _finish_many(s, args: list[tuple[str, str, JobResult]]) -> list:
-    """args: (job_id, model_version, prediction)."""
-    for version in dict.fromkeys(v for _, v, _ in args):
-        store.finish_jobs(session=s, model_version=version,
-                          results={j: r for j, v, r in args if v == version})
-    return [None] * len(args)
+def _finish_many(s, args: list[tuple[str, int, str, JobResult]]) -> list[bool]:
+    """args: (job_id, attempt, model_version, prediction) -> per request, whether it
+    was recorded (False: the attempt no longer holds the job; its outcome is dropped)."""
+    recorded: set[str] = set()
+    for version in dict.fromkeys(v for _, _, v, _ in args):
+        mine = [(j, a, r) for j, a, v, r in args if v == version]
+        recorded |= store.finish_jobs(session=s, model_version=version,
+                                      results={j: r for j, _, r in mine},
+                                      attempts={j: a for j, a, _ in mine})
+    return [j in recorded for j, _, _, _ in args]
 
 
 def _call_each(s, fns: list[Callable]) -> list:
@@ -105,9 +109,11 @@ class GroupWriter:
         must not run."""
         return self._submit("start", (job_id, worker))
 
-    def finish(self, job_id: str, model_version: str, result: JobResult) -> Future:
-        """Store the prediction and mark the job succeeded."""
-        return self._submit("finish", (job_id, model_version, result))
+    def finish(self, job_id: str, attempt: int, model_version: str,
+               result: JobResult) -> Future:
+        """Store the prediction and mark the job succeeded, if ``attempt`` still holds
+        it -> True, or False when the outcome was late and dropped."""
+        return self._submit("finish", (job_id, attempt, model_version, result))
 
     def call(self, fn: Callable) -> Future:
         """Any other write: ``fn(session)``, in the next group's transaction."""

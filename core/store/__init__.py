@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from core.store.tables import (  # noqa: F401  (the store's public names, in one
     Prediction,
     VersionStatus,
     WorkerLease,
+    db_now,
     make_engine,
     session_factory,
     utcnow,
@@ -62,16 +63,28 @@ def get_blob(*, session: Session, sha256: str) -> bytes:
     return blob.data
 
 
+def db_time(*, session: Session) -> datetime:
+    """The database server's clock now (timezone-aware): one round trip, for a caller
+    that stamps many rows or asks "how long ago" (see ``db_now``)."""
+    return _aware(session.scalar(select(db_now())))
+
+
 def create_job(*, session: Session, modality: str, task: str, params: dict | None = None,
                text: str | None = None, payload: bytes | None = None,
-               deadline: datetime | None = None, job_id: str | None = None,
-               owner: str | None = None, model_version: str | None = None) -> Job:
+               deadline: datetime | None = None, timeout_s: float | None = None,
+               job_id: str | None = None, owner: str | None = None,
+               model_version: str | None = None, now: datetime | None = None) -> Job:
     """A queued job. ``model_version`` is the version the caller named (checked by the
-    producer); None = whichever is promoted when a worker starts it."""
+    producer); None = whichever is promoted when a worker starts it. ``timeout_s`` sets
+    the deadline from the database's clock (it wins over ``deadline``, an instant the
+    caller chose); ``now`` is ``db_time`` read once for a batch of jobs."""
+    now = now or db_time(session=session)
+    if timeout_s is not None:
+        deadline = now + timedelta(seconds=timeout_s)
     sha = put_blob(session=session, data=payload) if payload is not None else None
     job = Job(id=job_id or str(uuid.uuid4()), modality=modality, task=task, params=params or {},
               status=JobStatus.QUEUED.value, text=text, payload_sha256=sha, deadline=deadline,
-              attempts=0, created_at=utcnow(), owner=owner, model_version=model_version)
+              attempts=0, created_at=now, owner=owner, model_version=model_version)
     session.add(job)
     return job
 
@@ -89,25 +102,29 @@ def get_prediction(*, session: Session, job_id: str) -> Prediction | None:
 
 
 def mark_sent(*, session: Session, job_ids: list[str]) -> None:
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=db_now()))
 
 
 def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
     """queued/running -> running, atomically; None if the job must not run (it is
     terminal: done, failed or cancelled). A running job may be taken again: that is
-    a redelivery after its worker died. One statement (UPDATE ... RETURNING)."""
+    a redelivery after its worker died. One statement (UPDATE ... RETURNING). The
+    job's new ``attempts`` is this start's fencing token (see ``finish_jobs``)."""
     return session.scalars(
         update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
         .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
-                started_at=utcnow(), worker=worker, model_version=_resolved_version())
+                started_at=db_now(), worker=worker, model_version=_resolved_version())
         .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
 
 
 # What a worker needs to run a job. The bulk functions below use the tables, not the
 # ORM classes: the ORM's bulk-statement machinery cost more than the SQL itself.
+# ``attempts`` is the fencing token; ``now`` the database's clock as the job started,
+# to turn its deadline into a duration on the worker's monotonic clock.
 _JOBS = Job.__table__
-RUN_COLUMNS = tuple(_JOBS.c[n] for n in ("id", "modality", "task", "params", "deadline",
-                                         "text", "payload_sha256", "model_version"))
+RUN_COLUMNS = (*(_JOBS.c[n] for n in ("id", "modality", "task", "params", "deadline", "text",
+                                      "payload_sha256", "model_version", "attempts")),
+               db_now().label("now"))
 
 
 def _resolved_version():
@@ -128,7 +145,7 @@ def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
     rows = session.execute(
         update(_JOBS).where(_JOBS.c.id.in_(job_ids), _JOBS.c.status.in_(ACTIVE))
         .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
-                started_at=utcnow(), worker=worker, model_version=_resolved_version())
+                started_at=db_now(), worker=worker, model_version=_resolved_version())
         .returning(*RUN_COLUMNS)).all()
     return {r.id: r for r in rows}
 
@@ -136,7 +153,7 @@ def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
 def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
     emb = None if r.embedding is None else np.asarray(r.embedding, "<f4")
     return {
-        "job_id": job_id, "model_version": model_version, "created_at": utcnow(),
+        "job_id": job_id, "model_version": model_version,
         "labels": None if r.labels is None else [list(x) for x in r.labels],
         "tokens": r.tokens, "truncated": r.truncated, "text": r.text,
         "embedding": None if emb is None else emb.tobytes(),
@@ -144,41 +161,79 @@ def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
     }
 
 
-def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobResult]) -> None:
-    """``finish_job`` for many jobs: one upsert (executemany) and one UPDATE."""
+def _holds(fences: dict[str, int]):
+    """The fence: the job is ``running`` under exactly that start (its attempt number).
+    Only the attempt that holds a job may record its outcome: an earlier attempt that
+    outlived its lease (stalled, cut off, its job handed to another worker, or the
+    job cancelled meanwhile) finds no row to change, so ``cancelled`` and ``failed``
+    never turn into ``succeeded`` and a stale failure never overwrites a result."""
+    return (tuple_(_JOBS.c.id, _JOBS.c.attempts).in_(list(fences.items()))
+            & (_JOBS.c.status == JobStatus.RUNNING.value))
+
+
+def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobResult],
+                attempts: dict[str, int]) -> set[str]:
+    """Mark the jobs ``succeeded`` and upsert their predictions, fenced: only jobs still
+    running under the attempt in ``attempts`` (job id -> the token its start returned).
+    One UPDATE ... RETURNING (it takes the rows' locks first, so a concurrent cancel
+    either precedes it and wins, or waits and finds the job finished), then one upsert
+    for the jobs it changed. -> the ids recorded; the rest were late and are dropped."""
     if not results:
-        return
-    rows = [_prediction_values(j, model_version, r) for j, r in results.items()]
-    session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id"), rows)
-    session.execute(
-        update(_JOBS).where(_JOBS.c.id.in_(list(results)))
-        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), error=None,
-                model_version=model_version))
+        return set()
+    done = set(session.scalars(
+        update(_JOBS).where(_holds({j: attempts[j] for j in results}))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=db_now(), error=None,
+                model_version=model_version).returning(_JOBS.c.id)))
+    rows = [_prediction_values(j, model_version, r) for j, r in results.items() if j in done]
+    if rows:
+        session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id",
+                                     fixed={"created_at": db_now()}), rows)
+    return done
 
 
-def finish_job(*, session: Session, job_id: str, model_version: str,
-               result: JobResult) -> None:
-    """Upsert the prediction and mark the job succeeded, in the caller's transaction."""
-    finish_jobs(session=session, model_version=model_version, results={job_id: result})
+def finish_job(*, session: Session, job_id: str, attempt: int, model_version: str,
+               result: JobResult) -> bool:
+    """``finish_jobs`` for one job; False if the attempt no longer holds it."""
+    return bool(finish_jobs(session=session, model_version=model_version,
+                            results={job_id: result}, attempts={job_id: attempt}))
 
 
-def fail_job(*, session: Session, job_id: str, error: str,
-             status: JobStatus = JobStatus.FAILED) -> None:
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.status != JobStatus.SUCCEEDED.value)
-        .values(status=status.value, error=error[:4000], finished_at=utcnow()))
+def fail_job(*, session: Session, job_id: str, error: str, attempt: int | None,
+             status: JobStatus = JobStatus.FAILED) -> bool:
+    """running -> ``status`` (failed, or cancelled past its deadline), fenced like
+    ``finish_jobs`` by the attempt that holds the job. ``attempt=None``: a job that no
+    attempt started (it failed before it could start) and is still ``queued``.
+    -> False if the outcome was late and dropped."""
+    if attempt is None:
+        held = (Job.id == job_id) & (Job.status == JobStatus.QUEUED.value)
+    else:
+        held = _holds({job_id: attempt})
+    res = session.execute(update(Job).where(held).values(
+        status=status.value, error=error[:4000], finished_at=db_now()))
+    return res.rowcount == 1
 
 
 def cancel_job(*, session: Session, job_id: str, owner: str | None = None) -> bool:
-    """queued -> cancelled. A running job is not interrupted; False if not cancelled.
-    With ``owner``, only a job that key id made."""
-    q = update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+    """queued or running -> cancelled, at once. A running attempt is not interrupted:
+    its outcome finds the job no longer held and is dropped (``finish_jobs``), and its
+    worker drops it from a batch that has not started. False if the job is already
+    terminal (or unknown). With ``owner``, only a job that key id made."""
+    q = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
     if owner is not None:
         q = q.where(Job.owner == owner)
     res = session.execute(
-        q.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
-                 error="cancelled before it ran"))
+        q.values(status=JobStatus.CANCELLED.value, finished_at=db_now(),
+                 error=case((Job.status == JobStatus.RUNNING.value, "cancelled while running"),
+                            else_="cancelled before it ran")))
     return res.rowcount == 1
+
+
+def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
+    """Which of these (a worker's jobs in flight) were cancelled meanwhile."""
+    if not job_ids:
+        return []
+    return list(session.scalars(select(Job.id).where(
+        Job.id.in_(job_ids), Job.status == JobStatus.CANCELLED.value)))
 
 
 def list_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
@@ -218,7 +273,7 @@ def get_idempotency(*, session: Session, key: str) -> IdempotencyKey | None:
 def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000) -> list[Job]:
     """Queued jobs whose task was sent (or attempted) longer ago than ``older_than``:
     their message may have been lost with a broker restart."""
-    cutoff = utcnow() - older_than
+    cutoff = db_now(-older_than.total_seconds())
     q = (select(Job).where(Job.status == JobStatus.QUEUED.value)
          .where((Job.sent_at.is_(None) & (Job.created_at < cutoff)) | (Job.sent_at < cutoff))
          .order_by(Job.created_at).limit(limit))
@@ -226,8 +281,9 @@ def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000
 
 
 def renew_lease(*, session: Session, worker: str, modality: str) -> None:
-    """Insert or renew this worker's lease (one row per worker process)."""
-    now = utcnow()
+    """Insert or renew this worker's lease (one row per worker process), stamped by
+    the database's clock: a worker's own clock, fast or slow, cannot age it."""
+    now = db_now()
     stmt = _insert_for(session)(WorkerLease).values(
         worker=worker, modality=modality, started_at=now, heartbeat_at=now)
     session.execute(stmt.on_conflict_do_update(index_elements=["worker"],
@@ -239,17 +295,20 @@ def drop_lease(*, session: Session, worker: str) -> None:
     session.execute(delete(WorkerLease).where(WorkerLease.worker == worker))
 
 
-def live_workers(*, session: Session, lease: timedelta) -> list[str]:
-    cutoff = utcnow() - lease
-    return list(session.scalars(select(WorkerLease.worker)
-                                .where(WorkerLease.heartbeat_at >= cutoff)))
+def live_workers(*, session: Session, lease: timedelta,
+                 modality: str | None = None) -> list[str]:
+    q = select(WorkerLease.worker).where(
+        WorkerLease.heartbeat_at >= db_now(-lease.total_seconds()))
+    if modality is not None:
+        q = q.where(WorkerLease.modality == modality)
+    return list(session.scalars(q))
 
 
 def orphaned_running(*, session: Session, lease: timedelta, limit: int = 10_000) -> list[Job]:
     """Running jobs whose worker holds no live lease: it died (SIGKILL, OOM, lost host)
     or shut down. Jobs started less than one lease ago are left alone, so a worker
     that has just taken a job is never mistaken for a dead one."""
-    cutoff = utcnow() - lease
+    cutoff = db_now(-lease.total_seconds())
     alive = select(WorkerLease.worker).where(WorkerLease.heartbeat_at >= cutoff)
     q = (select(Job).where(Job.status == JobStatus.RUNNING.value, Job.started_at < cutoff)
          .where(Job.worker.is_(None) | Job.worker.not_in(alive))
@@ -265,7 +324,7 @@ def requeue_orphans(*, session: Session, jobs: list[tuple[str, str | None]]) -> 
         res = session.execute(
             update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
                               _same(Job.worker, worker))
-            .values(status=JobStatus.QUEUED.value, worker=None, sent_at=utcnow()))
+            .values(status=JobStatus.QUEUED.value, worker=None, sent_at=db_now()))
         if res.rowcount:
             moved.append(job_id)
     return moved
@@ -281,9 +340,13 @@ def release_jobs(*, session: Session, job_ids: list[str], worker: str) -> None:
 
 
 def forget_dead_leases(*, session: Session, older_than: timedelta) -> int:
-    res = session.execute(delete(WorkerLease)
-                          .where(WorkerLease.heartbeat_at < utcnow() - older_than))
+    res = session.execute(delete(WorkerLease).where(
+        WorkerLease.heartbeat_at < db_now(-older_than.total_seconds())))
     return res.rowcount
+
+
+def _aware(d: datetime) -> datetime:
+    return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite returns naive UTC
 
 
 def _same(col, value):
@@ -307,8 +370,10 @@ def _insert_for(session: Session):
     return insert
 
 
-def _upsert_many(session: Session, model, example: dict, key: str):
-    """An upsert to execute with a list of rows shaped like ``example``."""
-    stmt = _insert_for(session)(model)
+def _upsert_many(session: Session, model, example: dict, key: str, fixed: dict):
+    """An upsert to execute with a list of rows shaped like ``example``; ``fixed``:
+    columns set by an SQL expression, the same for every row."""
+    stmt = _insert_for(session)(model).values(**fixed)
     return stmt.on_conflict_do_update(
-        index_elements=[key], set_={k: stmt.excluded[k] for k in example if k != key})
+        index_elements=[key],
+        set_={k: stmt.excluded[k] for k in [*example, *fixed] if k != key})

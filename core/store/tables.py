@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -25,7 +26,9 @@ from sqlalchemy import (
     text as sql_text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql.expression import FunctionElement, literal
 
 from core.jobs import JobStatus
 
@@ -33,7 +36,41 @@ ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 def utcnow() -> datetime:
+    """This process's wall clock: for display and for the duration a caller asks
+    about ("jobs of the last hour"), never for a time that decides anything."""
     return datetime.now(UTC)
+
+
+class db_now(FunctionElement):  # noqa: N801  (an SQL function, named like one)
+    """The database server's clock, ``offset_s`` seconds from now, inside the statement.
+
+    Every time that decides anything (lease expiry, deadlines, sweep ages, the
+    started/finished stamps search catches up on) is this one clock: hosts are never
+    trusted to agree (a worker 10 min fast cancelled a third of the jobs with
+    deadlines, one 10 min slow had its running jobs taken as orphans). PostgreSQL:
+    ``clock_timestamp()``, the time at evaluation, not at transaction start (a
+    group-commit or sweep transaction may run for a while). SQLite is embedded, one
+    host by definition: its own ``strftime('now')``, in the format SQLAlchemy stores
+    (microseconds, so that string comparison orders it with stored values)."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+    name = "db_now"
+
+    def __init__(self, offset_s: float = 0.0):
+        super().__init__(literal(float(offset_s), Float))
+
+
+@compiles(db_now, "postgresql")
+def _pg_now(element, compiler, **kw) -> str:
+    offset = compiler.process(element.clauses, **kw)
+    return f"(clock_timestamp() + make_interval(secs => {offset}))"
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element, compiler, **kw) -> str:
+    offset = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%.6f seconds', {offset}))"
 
 
 class Base(DeclarativeBase):
@@ -195,6 +232,20 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     job_ids: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UiSignin(Base):
+    """A live sign-in to the results page (producer/ui_session.py): its cookie is
+    good only while this row exists and has not expired. Sign-out deletes it, so a
+    replayed cookie is refused by every API process on every host. ``expires_at`` is
+    the database server's clock (core/store/ui_signins.py), never an API host's."""
+
+    __tablename__ = "ui_signins"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_ui_signins_expires", "expires_at"),)
 
 
 # -- engine ---------------------------------------------------------------------------

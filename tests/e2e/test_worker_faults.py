@@ -73,12 +73,12 @@ def sqlite_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mmq.db'}"
 
 
-def test_two_workers_finishing_one_job_leave_one_row_with_the_last_outcome(
+def test_two_workers_finishing_one_job_keep_the_holders_outcome(
         broker_url, database_url, client, start_worker):
-    """Production's double write: a job outlives the visibility timeout, Redis hands
-    its message to a second worker, and both runs finish. The second finish must
-    overwrite the first one's prediction (one row, the last outcome), not fail on the
-    primary key nor keep the first."""
+    """Production's double run: a job outlives the visibility timeout, Redis hands its
+    message to a second worker, and both runs finish. The second start holds the job
+    (attempt 2) and records its outcome; the first run's result, when it comes, is
+    late: the store's fence drops it and the worker counts it."""
     # The restore timer runs every 10 s; 2 s of visibility makes the message
     # visible again at the first tick after the first worker took it.
     env = service_env(broker_url, database_url, MMQ_VISIBILITY_TIMEOUT=2,
@@ -98,15 +98,17 @@ def test_two_workers_finishing_one_job_leave_one_row_with_the_last_outcome(
         second_write = prediction_row(client, job_id).created_at
     finally:
         os.kill(first_model, signal.SIGCONT)
-    # The first run resumes, finishes and writes its outcome over the second's.
-    last = poll(lambda: (p := prediction_row(client, job_id)).created_at > second_write and p,
-                120, "the first run's write to replace the second's")
+    # The first run resumes and finishes: its result is late, and dropped.
+    poll(lambda: "dropped the late result of attempt 1" in first.log.read_text(), 120,
+         "the first run's late result to be dropped")
     with client.sessions() as s:
         rows = s.scalar(select(func.count()).select_from(store.Prediction)
                         .where(store.Prediction.job_id == job_id))
-    assert rows == 1
+    last = prediction_row(client, job_id)
+    assert rows == 1 and last.created_at == second_write
     assert last.dim == 384 and last.vector() is not None
-    assert job_row(client, job_id).status == "succeeded"
+    j = job_row(client, job_id)
+    assert j.status == "succeeded" and j.worker.startswith(f"text-{second.proc.pid}.")
 
 
 def test_a_deadline_that_passes_while_waiting_cancels_the_job(broker_url, sqlite_url,
@@ -135,7 +137,10 @@ def test_the_worker_exits_when_its_model_process_dies(broker_url, sqlite_url, st
     assert "model process died" in worker.log.read_text()
 
 
-def test_cancelling_a_running_job_is_refused_with_409(broker_url, sqlite_url, start_worker):
+def test_cancelling_a_running_job_holds(broker_url, sqlite_url, start_worker):
+    """DELETE of a running job: 200 and ``cancelled`` at once; the worker's run is not
+    interrupted, its outcome is discarded, and the job stays cancelled with no
+    prediction. A second DELETE answers the same."""
     from producer.api import create_app
 
     worker = start_worker("text", service_env(broker_url, sqlite_url))
@@ -151,11 +156,56 @@ def test_cancelling_a_running_job_is_refused_with_409(broker_url, sqlite_url, st
             poll(lambda: http.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"]
                  == "running", 120, "the job to start")
             r = http.delete(f"/v1/jobs/{job_id}", headers=auth)
-            assert r.status_code == 409, r.text
-            assert r.json()["error"]["code"] == "not_cancellable"
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "cancelled"
+            assert r.json()["error"] == "cancelled while running"
+            r = http.delete(f"/v1/jobs/{job_id}", headers=auth)  # idempotent
+            assert r.status_code == 200 and r.json()["status"] == "cancelled"
             os.kill(model, signal.SIGCONT)
-            r = http.get(f"/v1/jobs/{job_id}/wait", params={"timeout": 60}, headers=auth)
-            assert r.json()["status"] == "succeeded", r.text  # the run was not disturbed
+            # Dropped from its batch (the lease renewal told the model process), or run
+            # and its result refused by the fence: either way it stays cancelled.
+            poll(lambda: "dropped from their batches" in worker.log.read_text()
+                 or "dropped the late result" in worker.log.read_text(), 60,
+                 "the worker to let go of the cancelled job")
+            r = http.get(f"/v1/jobs/{job_id}", headers=auth)
+            assert r.json()["status"] == "cancelled" and r.json()["prediction"] is None
     finally:
         os.kill(model, signal.SIGCONT)
         app.state.client.close()
+
+
+def test_a_job_cancelled_after_its_stalled_worker_lost_it_stays_cancelled(
+        broker_url, sqlite_url, start_worker):
+    """The issue's reproduction: a running job's worker stalls past its lease (SIGSTOP
+    of the worker's main process); the sweep hands the job back to ``queued``; its
+    owner cancels it; the worker resumes and finishes. Before the fence, the job came
+    back ``succeeded`` with a prediction. One database: the fence's SQL is held on both
+    by tests/core/store/test_fence.py."""
+    from core.broker.sweep import sweep
+
+    database_url = sqlite_url
+    client = Client(broker_url=broker_url, database_url=database_url)
+    env = service_env(broker_url, database_url, MMQ_LEASE_S=3, MMQ_LEASE_RENEW_S=1,
+                      MMQ_REQUEUE_EVERY_S=0)
+    worker = start_worker("text", env, concurrency=1)
+    model = model_child(worker)
+    os.kill(model, signal.SIGSTOP)  # hold the job inside the model
+    try:
+        (job_id,) = client.submit_many([{"modality": "text", "input": "stall me"}])
+        poll(lambda: job_row(client, job_id).status == "running", 120, "the job to start")
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # the whole worker stalls: no renewals
+        os.kill(model, signal.SIGCONT)  # the result waits in the pipe for the worker
+        settings = Settings(broker_url=broker_url, database_url=database_url, lease_s=3)
+        poll(lambda: job_id in sweep(settings, modalities=("text",)).restored
+             or job_row(client, job_id).status == "queued", 60,
+             "the sweep to take the stalled worker's job back")
+        assert client.cancel(job_id)
+    finally:
+        os.kill(model, signal.SIGCONT)
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    poll(lambda: "dropped the late result of attempt 1" in worker.log.read_text(), 120,
+         "the resumed worker's late result to be dropped")
+    j = job_row(client, job_id)
+    assert (j.status, j.error) == ("cancelled", "cancelled before it ran")
+    assert prediction_row(client, job_id) is None
+    client.close()

@@ -58,7 +58,9 @@ def store_jobs(sessions, vecs, *, modality="text", task="embed", owner=None, lab
         if created_at is not None:
             s.execute(update(store.Job).where(store.Job.id.in_(ids))
                       .values(created_at=created_at))
-        store.finish_jobs(session=s, model_version=version, results={
+        store.start_jobs(session=s, job_ids=ids, worker="w")
+        store.finish_jobs(session=s, model_version=version, attempts=dict.fromkeys(ids, 1),
+                          results={
             j: JobResult(embedding=v, labels=None if labels is None else labels[i])
             for i, (j, v) in enumerate(zip(ids, vecs, strict=True))})
     return ids
@@ -150,8 +152,10 @@ def test_cache_catches_up_with_new_and_redelivered_predictions(sessions):
     assert stats.searched == 51 and hits[0].id == new[0]
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)
     # A redelivered job's prediction is upserted again: updated in place, not doubled.
-    with sessions.begin() as s:
-        store.finish_jobs(session=s, model_version=V1,
+    with sessions.begin() as s:  # the sweep put it back (its ack was lost), it ran again
+        s.execute(update(store.Job).where(store.Job.id == new[0]).values(status="queued"))
+        store.start_jobs(session=s, job_ids=[new[0]], worker="w2")
+        store.finish_jobs(session=s, model_version=V1, attempts={new[0]: 2},
                           results={new[0]: JobResult(embedding=-q)})
     hits, stats = eng.search(q, V1, SearchFilters(), k=51)
     assert stats.searched == 51 and hits[-1].id == new[0]

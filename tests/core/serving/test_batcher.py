@@ -158,3 +158,32 @@ def test_audio_batches_have_their_own_budget_and_a_long_clip_goes_alone():
     shorts = [x for x in rec.batches if 15_600 not in x]
     assert sum(map(len, shorts)) == 8 and max(map(len, shorts)) > 1  # over the text budget
     assert all(sum(x) <= 6400 for x in shorts), rec.batches
+
+
+def test_a_cancelled_job_is_dropped_from_a_batch_that_has_not_started(model):
+    """A DELETE of a running job reaches its worker's batcher: queued items are dropped
+    (their futures raise Cancelled); the forward already running is not interrupted."""
+    import threading
+
+    from core.serving.contracts import Cancelled
+
+    gate, entered = threading.Event(), threading.Event()
+
+    class Held(Spy):
+        def predict(self, modality, prepared, asks):
+            entered.set()
+            gate.wait(60)  # the first forward runs until the test lets it go
+            return super().predict(modality, prepared, asks)
+
+    b = DynamicBatcher(Held(model), BatcherConfig(max_batch_size=1, max_wait_ms=0))
+    running = b.submit("text", model.prepare("text", "in the forward"), key="a")
+    assert entered.wait(60)
+    queued = [b.submit("text", model.prepare("text", f"waiting {i}"), key=k)
+              for i, k in enumerate(("b", "c"))]
+    assert b.cancel({"a", "b"}) == 1  # "a" is in its forward: only "b" is dropped
+    gate.set()
+    assert running.result(timeout=60).embedding.shape == (384,)
+    with pytest.raises(Cancelled):
+        queued[0].result(timeout=60)
+    assert queued[1].result(timeout=60).embedding.shape == (384,)
+    b.stop()

@@ -90,7 +90,7 @@ def test_one_bad_write_in_a_group_fails_alone(host):
         raise RuntimeError("a write that fails")
 
     bad = host.writer.call(boom)
-    good = host.writer.finish(job_id, "v-test", JobResult(tokens=3))
+    good = host.writer.finish(job_id, 1, "v-test", JobResult(tokens=3))
     with pytest.raises(RuntimeError):
         bad.result(timeout=60)
     good.result(timeout=60)
@@ -116,8 +116,8 @@ def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
     try:
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
-        bad = proc.submit(JobRequest("image", b"GIF89a not really", None, 5, None))
-        good = proc.submit(JobRequest("image", buf.getvalue(), ["red", "blue"], 1, None))
+        bad = proc.submit(JobRequest("j-bad", "image", b"GIF89a not really", None, 5, None))
+        good = proc.submit(JobRequest("j-good", "image", buf.getvalue(), ["red", "blue"], 1, None))
         with pytest.raises(InvalidInput) as err:
             bad.result(timeout=120)
         assert err.value.kind == InvalidInput.UNSUPPORTED

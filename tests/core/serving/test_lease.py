@@ -42,6 +42,9 @@ class Host:
         self.during_hang: list[bool] = []  # may_sweep, asked while a renewal hangs
         self.keeper: LeaseKeeper | None = None
 
+    def check_cancelled(self) -> list[str]:
+        return []
+
     @contextmanager
     def tx(self):
         if self.down:

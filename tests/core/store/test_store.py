@@ -1,33 +1,12 @@
 """The results store on SQLite and PostgreSQL: migrations, job lifecycle, idempotency."""
 
-import uuid
 from datetime import timedelta
 
 import numpy as np
-import pytest
 from sqlalchemy import func, inspect, select
 
 from core import store
 from core.jobs import JobResult, JobStatus
-from core.store.migrations import upgrade
-from tests.e2e.conftest import _pg_database, _pg_drop
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-        name = None
-    else:
-        name = f"mmq_store_{uuid.uuid4().hex[:10]}"
-        url = _pg_database(name)
-    upgrade(url)
-    upgrade(url)  # idempotent: already at head
-    engine = store.make_engine(url)
-    yield store.session_factory(engine)
-    engine.dispose()
-    if name:
-        _pg_drop(name)
 
 
 def test_migration_creates_the_schema(sessions):
@@ -45,20 +24,24 @@ def test_job_lifecycle_and_one_prediction_per_job(sessions):
         assert j.status == "queued" and j.attempts == 0 and len(j.payload_sha256) == 64
         assert store.get_blob(session=s, sha256=j.payload_sha256) == b"\x89PNG.."
     emb = np.arange(4, dtype=np.float32)
-    for attempt in (1, 2):  # a redelivered job runs twice: still one prediction
+    # A redelivered job runs twice (its first worker stalled past its lease): the
+    # attempt that holds the job records its outcome; the first one's is dropped.
+    for attempt in (1, 2):
         with sessions.begin() as s:
-            assert store.start_job(session=s, job_id=job.id, worker=f"w{attempt}") is not None
-            store.finish_job(session=s, job_id=job.id, model_version="v1", result=JobResult(
-                embedding=emb, labels=[("a", 0.9)], tokens=17, truncated=False))
+            started = store.start_job(session=s, job_id=job.id, worker=f"w{attempt}")
+            assert started is not None and started.attempts == attempt
+    for attempt in (2, 1):
         with sessions.begin() as s:
-            s.execute(store.update(store.Job).where(store.Job.id == job.id)
-                      .values(status="running"))  # as if the ack was lost mid-way
+            assert store.finish_job(
+                session=s, job_id=job.id, attempt=attempt, model_version="v1",
+                result=JobResult(embedding=emb * attempt, labels=[("a", 0.9)], tokens=17,
+                                 truncated=False)) == (attempt == 2)
     with sessions() as s:
         n = s.scalar(select(func.count()).select_from(store.Prediction))
         p = store.get_prediction(session=s, job_id=job.id)
         j = store.get_job(session=s, job_id=job.id)
     assert n == 1 and j.attempts == 2 and j.worker == "w2"
-    assert np.array_equal(p.vector(), emb) and p.dim == 4 and p.labels == [["a", 0.9]]
+    assert np.array_equal(p.vector(), emb * 2) and p.dim == 4 and p.labels == [["a", 0.9]]
 
 
 def test_terminal_jobs_do_not_start_again(sessions):
@@ -68,11 +51,11 @@ def test_terminal_jobs_do_not_start_again(sessions):
     with sessions.begin() as s:
         assert store.cancel_job(session=s, job_id=a)
         store.start_job(session=s, job_id=b, worker="w")
-        store.fail_job(session=s, job_id=b, error="boom")
+        assert store.fail_job(session=s, job_id=b, error="boom", attempt=1)
     with sessions.begin() as s:
         assert store.start_job(session=s, job_id=a, worker="w") is None
         assert store.start_job(session=s, job_id=b, worker="w") is None
-        assert not store.cancel_job(session=s, job_id=b)  # only queued jobs cancel
+        assert not store.cancel_job(session=s, job_id=b)  # terminal jobs stay as they are
     with sessions() as s:
         assert store.get_job(session=s, job_id=a).status == JobStatus.CANCELLED
         assert store.get_job(session=s, job_id=b).error == "boom"
@@ -117,18 +100,23 @@ def _text_jobs(sessions, n):
 
 
 def test_finish_jobs_twice_keeps_one_prediction_with_the_last_outcome(sessions):
-    """Two runs of one job (a redelivery while the first run was still going) both
-    finish: the second upsert must replace the first row, not fail nor be ignored."""
+    """Two runs of one job (its worker was taken for dead, the job put back and run
+    again): the run that holds the job stores its outcome over the first one's row,
+    in one statement with other jobs' outcomes."""
     a, b, c = _text_jobs(sessions, 3)
     with sessions.begin() as s:
         assert set(store.start_jobs(session=s, job_ids=[a, b], worker="w1")) == {a, b}
-        store.finish_jobs(session=s, model_version="v1", results={
+        assert store.finish_jobs(session=s, model_version="v1", attempts={a: 1, b: 1},
+                                 results={
             a: JobResult(embedding=np.ones(4, np.float32), labels=[("x", 0.1)], tokens=3,
                          truncated=False),
-            b: JobResult(embedding=np.zeros(4, np.float32), tokens=2)})
+            b: JobResult(embedding=np.zeros(4, np.float32), tokens=2)}) == {a, b}
+    with sessions.begin() as s:  # as if the sweep had put a back (its ack was lost)
+        s.execute(store.update(store.Job).where(store.Job.id == a).values(status="queued"))
     with sessions.begin() as s:  # the second run: a new job (c) shares the statement
-        store.start_jobs(session=s, job_ids=[c], worker="w2")
-        store.finish_jobs(session=s, model_version="v2", results={
+        started = store.start_jobs(session=s, job_ids=[a, c], worker="w2")
+        assert (started[a].attempts, started[c].attempts) == (2, 1)
+        store.finish_jobs(session=s, model_version="v2", attempts={a: 2, c: 1}, results={
             a: JobResult(embedding=np.arange(8, dtype=np.float32), labels=[("y", 0.9)],
                          tokens=9, truncated=True),
             c: JobResult(labels=[("z", 0.5)], tokens=1)})
@@ -153,11 +141,12 @@ def test_finish_jobs_replaces_an_embedding_with_none(sessions):
     (a,) = _text_jobs(sessions, 1)
     for result in (JobResult(embedding=np.ones(3, np.float32)), JobResult(labels=[("k", 1.0)])):
         with sessions.begin() as s:
-            store.start_jobs(session=s, job_ids=[a], worker="w")
-            store.finish_jobs(session=s, model_version="v", results={a: result})
+            attempt = store.start_jobs(session=s, job_ids=[a], worker="w")[a].attempts
+            store.finish_jobs(session=s, model_version="v", results={a: result},
+                              attempts={a: attempt})
         with sessions.begin() as s:  # as if the first run's ack was lost mid-way
             s.execute(store.update(store.Job).where(store.Job.id == a)
-                      .values(status="running"))
+                      .values(status="queued"))
     with sessions() as s:
         p = store.get_prediction(session=s, job_id=a)
     assert p.embedding is None and p.dim is None and p.labels == [["k", 1.0]]
@@ -167,8 +156,9 @@ def test_start_jobs_starts_queued_and_running_jobs_only(sessions):
     queued, running, done, failed, cancelled = _text_jobs(sessions, 5)
     with sessions.begin() as s:
         store.start_jobs(session=s, job_ids=[running, done, failed], worker="w0")
-        store.finish_jobs(session=s, model_version="v", results={done: JobResult(tokens=1)})
-        store.fail_job(session=s, job_id=failed, error="boom")
+        store.finish_jobs(session=s, model_version="v", results={done: JobResult(tokens=1)},
+                          attempts={done: 1})
+        store.fail_job(session=s, job_id=failed, error="boom", attempt=1)
         assert store.cancel_job(session=s, job_id=cancelled)
     with sessions.begin() as s:
         started = store.start_jobs(
@@ -188,7 +178,7 @@ def test_start_jobs_starts_queued_and_running_jobs_only(sessions):
     assert (j[cancelled].status, j[cancelled].attempts) == ("cancelled", 0)
     with sessions.begin() as s:
         assert store.start_jobs(session=s, job_ids=[done, cancelled], worker="w2") == {}
-        store.finish_jobs(session=s, model_version="v", results={})  # a no-op
+        store.finish_jobs(session=s, model_version="v", results={}, attempts={})  # a no-op
 
 
 def test_a_late_failure_does_not_undo_a_success(sessions):
@@ -197,7 +187,8 @@ def test_a_late_failure_does_not_undo_a_success(sessions):
     (a,) = _text_jobs(sessions, 1)
     with sessions.begin() as s:
         store.start_jobs(session=s, job_ids=[a], worker="w")
-        store.finish_jobs(session=s, model_version="v", results={a: JobResult(tokens=4)})
-        store.fail_job(session=s, job_id=a, error="internal error: late")
+        store.finish_jobs(session=s, model_version="v", results={a: JobResult(tokens=4)},
+                          attempts={a: 1})
+        assert not store.fail_job(session=s, job_id=a, error="internal error: late", attempt=1)
     j = _job_row(sessions, a)
     assert j.status == "succeeded" and j.error is None

@@ -6,7 +6,6 @@ import pytest
 from core import store
 from core.errors import InvalidInput
 from core.store import versions
-from tests.core.store.test_store import sessions  # noqa: F401  (the two-database fixture)
 
 
 def _add(s, name: str, modality: str = "image"):

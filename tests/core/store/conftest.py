@@ -1,0 +1,27 @@
+"""The store on both databases: each test gets a migrated SQLite file or a fresh
+PostgreSQL database."""
+
+import uuid
+
+import pytest
+
+from core import store
+from core.store.migrations import upgrade
+from tests.e2e.conftest import _pg_database, _pg_drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+        name = None
+    else:
+        name = f"mmq_store_{uuid.uuid4().hex[:10]}"
+        url = _pg_database(name)
+    upgrade(url)
+    upgrade(url)  # idempotent: already at head
+    engine = store.make_engine(url)
+    yield store.session_factory(engine)
+    engine.dispose()
+    if name:
+        _pg_drop(name)
