@@ -15,7 +15,7 @@ cache warm-up grows early and then stops. The table shows each stretch's growth
 so the two can be told apart.
 
     python bench/soak.py [--n 20000] [--every 1000] [--window 400] [--labels 300]
-                         [--distinct N] [--db sqlite|postgresql+psycopg://...]
+                         [--distinct N] [--db sqlite|postgresql]
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1000, help="sample every N finished jobs")
     ap.add_argument("--window", type=int, default=400, help="open jobs at most")
     ap.add_argument("--labels", type=int, default=300, help="size of the label pool")
-    ap.add_argument("--db", default="sqlite")
+    ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="postgresql: a database of its own in the local cluster, dropped after")
     ap.add_argument("--distinct", type=int, default=0,
                     help="only this many distinct jobs, submitted over and over: after the "
                          "first round every input (and its shape) has been seen, so what "
@@ -84,8 +85,15 @@ def main() -> None:
     work = items(args.distinct or args.n, label_pool(args.labels))
     work = [work[i % len(work)] for i in range(args.n)]
     stack = Stack(Path(tempfile.mkdtemp(prefix="mmq-soak-")))
+    pg = None
     try:
-        db = stack.fresh_db() if args.db == "sqlite" else args.db
+        if args.db == "sqlite":
+            db = stack.fresh_db()
+        else:
+            from bench.chaos_services import PG_HOST, PG_PORT, create_pg
+
+            pg = create_pg()
+            db = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{pg}"
         t0 = time.monotonic()
         stack.start_worker("text", db, MMQ_METRICS_LOG_EVERY_S=60)
         pid = stack.workers[-1][0].pid
@@ -116,13 +124,17 @@ def main() -> None:
         c.close()
     finally:
         stack.close()
+        if pg is not None:
+            from bench.chaos_services import drop_pg
+
+            drop_pg(pg)
     report(samples, args, wall, failed)
 
 
 def report(samples, args, wall: float, failed: int) -> None:
     distinct = f", {args.distinct} distinct" if args.distinct else ""
     print(f"\n{args.n} text jobs{distinct} (1 in 4 classify, {args.labels}-label pool), one text "
-          f"worker, {args.db.split(':')[0]}; {args.n / wall:.1f} jobs/s, {failed} failed\n")
+          f"worker, {args.db}; {args.n / wall:.1f} jobs/s, {failed} failed\n")
     print(f"{'jobs done':>9} | {'main MiB':>8} | {'+ main':>7} | {'model MiB':>9} | "
           f"{'+ model':>7} | {'total':>7}")
     print("-" * 60)
