@@ -15,7 +15,7 @@ cache warm-up grows early and then stops. The table shows each stretch's growth
 so the two can be told apart.
 
     python bench/soak.py [--n 20000] [--every 1000] [--window 400] [--labels 300]
-                         [--distinct N] [--db sqlite|postgresql]
+                         [--distinct N] [--db sqlite|postgresql] [--env K=V]
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def main() -> None:
                     help="only this many distinct jobs, submitted over and over: after the "
                          "first round every input (and its shape) has been seen, so what "
                          "still grows is not warm-up")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V",
+                    help="extra environment for the worker (repeatable), e.g. "
+                         "MALLOC_MMAP_THRESHOLD_=131072 to see what the allocator accounts for")
     args = ap.parse_args()
     work = items(args.distinct or args.n, label_pool(args.labels))
     work = [work[i % len(work)] for i in range(args.n)]
@@ -95,7 +98,8 @@ def main() -> None:
             pg = create_pg()
             db = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/{pg}"
         t0 = time.monotonic()
-        stack.start_worker("text", db, MMQ_METRICS_LOG_EVERY_S=60)
+        stack.start_worker("text", db, MMQ_METRICS_LOG_EVERY_S=60,
+                           **dict(e.split("=", 1) for e in args.env))
         pid = stack.workers[-1][0].pid
         kids = [k for k in children(pid)  # the model process, not the resource tracker
                 if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
@@ -132,7 +136,8 @@ def main() -> None:
 
 
 def report(samples, args, wall: float, failed: int) -> None:
-    distinct = f", {args.distinct} distinct" if args.distinct else ""
+    distinct = (f", {args.distinct} distinct" if args.distinct else "") + "".join(
+        f", {e}" for e in args.env)
     print(f"\n{args.n} text jobs{distinct} (1 in 4 classify, {args.labels}-label pool), one text "
           f"worker, {args.db}; {args.n / wall:.1f} jobs/s, {failed} failed\n")
     print(f"{'jobs done':>9} | {'main MiB':>8} | {'+ main':>7} | {'model MiB':>9} | "
