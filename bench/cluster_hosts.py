@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.netns import Host, Net  # noqa: E402
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"  # trust auth, as in CI
 API_KEY = "cluster-key"
 MASTER = "mymaster"  # the Sentinel name of the Redis primary
 REDIS_PORTS = (6379, 6380)  # primary, replica (at start; Sentinel may swap them)
@@ -74,6 +75,7 @@ class Cluster:
     broker: str = "sentinel"  # or "redis": MMQ_BROKER_URL names the primary itself
     env_extra: dict = field(default_factory=dict)
     concurrency: int = 32
+    pg_admin: str = PG_ADMIN  # a local server; the hosts reach it through the proxy
 
     def __post_init__(self):
         self.net = Net(["svc", "prod", *[w.host for w in self.workers_spec]])
@@ -91,16 +93,18 @@ class Cluster:
     def start(self) -> None:
         import psycopg
 
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        with psycopg.connect(self.pg_admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.db}"')
         self._db_made = True
-        self.direct_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}"
-        self.service_db_url = f"postgresql+psycopg://postgres@{self.svc.ip}:5432/{self.db}"
+        pg = urlsplit(self.pg_admin)
+        user = pg.username or "postgres"
+        self.direct_url = f"postgresql+psycopg://{user}@{pg.hostname}:{pg.port or 5432}/{self.db}"
+        self.service_db_url = f"postgresql+psycopg://{user}@{self.svc.ip}:5432/{self.db}"
         # The proxy lives in the root namespace (it must reach 127.0.0.1:5432) and
         # listens inside the services host.
         self._proxy = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "netns.py"), "proxy", self.svc.ns,
-             f"{self.svc.ip}:5432", "127.0.0.1:5432"],
+             f"{self.svc.ip}:5432", f"{pg.hostname}:{pg.port or 5432}"],
             stdout=open(self.tmp / "pg-proxy.log", "ab"), stderr=subprocess.STDOUT)
         self._start_redis()
         self._start_api()
@@ -245,9 +249,11 @@ class Cluster:
 
     def start_producer(self, ctl: Path, out: Path) -> None:
         ctl.write_text(json.dumps({"allow": 0}))
+        mods = {m for w in self.workers_spec for m in w.modalities}
         self.producer = self.net["prod"].spawn(
             [sys.executable, str(ROOT / "bench" / "cluster_producer.py"), self.api_url,
-             API_KEY, str(ctl), str(out)], self.env(), self.tmp / "producer.log", cwd=ROOT)
+             API_KEY, str(ctl), str(out), *(["--text-only"] if mods == {"text"} else [])],
+            self.env(), self.tmp / "producer.log", cwd=ROOT)
         self._until(lambda: "producer ready" in (self.tmp / "producer.log").read_text(), 120,
                     "the producer", self.tmp / "producer.log", lambda: self.producer.poll() is None)
 
@@ -276,7 +282,7 @@ class Cluster:
             import psycopg
 
             try:
-                with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                with psycopg.connect(self.pg_admin, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
             except Exception as e:  # noqa: BLE001
                 print(f"could not drop database {self.db}: {e}", file=sys.stderr)

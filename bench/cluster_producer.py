@@ -7,7 +7,7 @@ API lists as running, ``stop``); reports to an append-only JSON-lines file:
 ``{"ids": [...], "mods": [...]}`` per accepted batch, ``{"cancel": id, "code": int,
 "status": str}`` per DELETE, ``{"error": str}`` per refused or failed request.
 
-    python bench/cluster_producer.py API_URL KEY CTL_FILE OUT_FILE [--seed N]
+    python bench/cluster_producer.py API_URL KEY CTL_FILE OUT_FILE [--seed N] [--text-only]
 """
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ def _clips() -> list[str]:
 class Stream:
     """About 80% text (half embed, half classify), 12% image classify, 8% audio."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, text_only: bool = False):
         self.rng = random.Random(seed)
+        self.text_only = text_only
         self.texts = sentences(2000, seed=seed)
-        self.images, self.clips = _images(self.rng), _clips()
+        self.images, self.clips = ([], []) if text_only else (_images(self.rng), _clips())
 
     def item(self) -> dict:
-        r = self.rng.random()
+        r = 0.2 + 0.8 * self.rng.random() if self.text_only else self.rng.random()
         base = {"timeout_s": TIMEOUT_S}
         if r < 0.08:
             return {**base, "modality": "audio", "data_base64": self.rng.choice(self.clips)}
@@ -87,8 +88,9 @@ def main() -> None:
     ap.add_argument("ctl", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--text-only", action="store_true", help="for a fleet of text workers")
     args = ap.parse_args()
-    stream = Stream(args.seed)
+    stream = Stream(args.seed, args.text_only)
     http = httpx.Client(base_url=args.api, timeout=30,
                         headers={"Authorization": f"Bearer {args.key}"})
     out = open(args.out, "a", buffering=1)
@@ -144,7 +146,7 @@ def _storm(http: httpx.Client, note) -> None:
         try:
             r = http.delete(f"/v1/jobs/{job['id']}")
             body = r.json()
-            status = body.get("status") or body.get("error", {}).get("code")
+            status = body.get("status") or body.get("error", {}).get("message", "")[:80]
         except (httpx.HTTPError, ValueError) as e:
             note(cancel=job["id"], code=0, status=type(e).__name__)
             continue
