@@ -4,14 +4,17 @@ ends (core/model/image.py, audio.py, text.py) start from.
 
 Images are decoded defensively: the pixel count is checked from the header before
 any pixel is decoded (a decompression bomb never reaches memory), truncated files
-and unknown formats become ``InvalidInput``, EXIF orientation is applied, and every
+(every pixel decoded, and for PNG and GIF the file's end checked too) and unknown
+formats become ``InvalidInput``, EXIF orientation is applied, and every
 mode Pillow reads (L, LA, RGB, RGBA, P, CMYK, I;16, ...) ends as RGB. Audio is
-read with soundfile, its length and sample rate checked from the header first.
+read with soundfile (``AUDIO_FORMATS`` only), its length and sample rate checked
+from the header first.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +59,7 @@ def validate_text(item: object, max_chars: int, index: int | None = None) -> str
 UNSUPPORTED = InvalidInput.UNSUPPORTED  # undecodable bytes: HTTP 415
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG's last chunk: empty, constant CRC
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _check_complete(data: bytes, fmt: str, index: int | None) -> None:
+    """Pillow decodes a PNG that lacks its last bytes (IEND, the compressed stream's
+    end and checksum) and a GIF that lacks its trailer without a word, so a file cut
+    short in transit was classified. PNG: every chunk's CRC, up to IEND (no pixel is
+    decompressed); GIF: the trailer byte, which also catches a cut in a later frame,
+    which decoding the first frame never reads."""
+    try:
+        if fmt == "PNG":
+            with Image.open(io.BytesIO(data)) as probe:
+                probe.verify()  # stops at IEND's name, before its CRC: check it whole
+            if PNG_END not in data:
+                raise OSError("the PNG's IEND chunk is cut short")
+        elif fmt == "GIF" and not data.endswith(b"\x3b"):
+            raise OSError("the GIF ends without its trailer")
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        raise InvalidInput(f"image could not be decoded: it is truncated or corrupt ({e})",
+                           index=index, kind=UNSUPPORTED) from None
+
+
 def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Image.Image:
     """bytes / bytearray / PIL.Image -> RGB PIL image, or ``InvalidInput`` saying why."""
     if isinstance(data, Image.Image):
@@ -125,6 +148,8 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
                            f"{cfg.max_pixels}", index=index, kind=InvalidInput.TOO_LARGE)
     if w == 0 or h == 0:
         raise InvalidInput("image has no pixels", index=index)
+    if isinstance(data, bytes):
+        _check_complete(data, img.format, index)
     try:
         img.seek(0)  # animated GIF/WebP/TIFF: the first frame
         img = ImageOps.exif_transpose(img)
@@ -136,6 +161,14 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
 
 
 # -- audio --------------------------------------------------------------------------------
+
+# Audio containers accepted (libsndfile's names: soundfile.info().format), and how the
+# README and errors name them. libsndfile reads two dozen more (AU, CAF, VOC, PAF,
+# ...): refused, so that what is accepted is what is documented, and rarely used
+# parsers never see untrusted bytes. WAVEX is WAV with the extensible header.
+AUDIO_FORMATS = ("WAV", "WAVEX", "FLAC", "OGG", "MP3", "AIFF")
+AUDIO_FORMATS_TEXT = "WAV, FLAC, OGG Vorbis or Opus, MP3, AIFF"
+
 
 @dataclass(frozen=True)
 class AudioConfig:
@@ -188,6 +221,9 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     check_payload_size(data, cfg.max_bytes, "audio", index)
     try:
         info = sf.info(io.BytesIO(data))
+        if info.format not in AUDIO_FORMATS:
+            raise InvalidInput(f"{info.format} audio is not accepted; accepted: "
+                               f"{AUDIO_FORMATS_TEXT}", index=index, kind=UNSUPPORTED)
         _check_rate(info.samplerate, cfg, index)
         # Refuse long clips from the header, before decoding them into memory.
         if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
@@ -198,7 +234,7 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     except InvalidInput:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise InvalidInput(f"not a readable audio file (WAV, FLAC or OGG): {e}",
+        raise InvalidInput(f"not a readable audio file ({AUDIO_FORMATS_TEXT}): {e}",
                            index=index, kind=InvalidInput.UNSUPPORTED) from None
     return wave.mean(axis=1), int(rate)  # downmix (samples, ch) -> mono
 

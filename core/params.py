@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+import unicodedata
 from datetime import UTC, datetime
 from numbers import Real
 
@@ -14,10 +15,18 @@ from core.config import Settings
 from core.errors import InvalidInput
 
 
+def label_text(label: str) -> str:
+    """A label as it is compared and stored: stripped, in Unicode NFC, so that "café"
+    typed as one code point and as "e" + a combining accent (NFD, as macOS names
+    files) is one label, not two."""
+    return unicodedata.normalize("NFC", label.strip())
+
+
 def check_labels(labels: object, *, max_labels: int | None = None,
                  max_chars: int | None = None) -> list[str]:
-    """Distinct non-empty label strings, stripped. The bounds are the producers'
-    (``None``: unbounded, as a worker reading an already accepted job uses it)."""
+    """Distinct non-empty label strings, stripped and in NFC (``label_text``). The
+    bounds are the producers' (``None``: unbounded, as a worker reading an already
+    accepted job uses it)."""
     if isinstance(labels, str) or not isinstance(labels, list | tuple) or not labels:
         raise InvalidInput("labels must be a non-empty list of strings")
     if max_labels is not None and len(labels) > max_labels:
@@ -35,10 +44,11 @@ def check_labels(labels: object, *, max_labels: int | None = None,
             lb.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidInput(f"label {lb!r} is not valid Unicode (a lone surrogate)") from None
-        if max_chars is not None and len(lb.strip()) > max_chars:
-            raise InvalidInput(f"label {lb[:20]!r}... has {len(lb.strip())} characters, "
+        lb = label_text(lb)
+        if max_chars is not None and len(lb) > max_chars:
+            raise InvalidInput(f"label {lb[:20]!r}... has {len(lb)} characters, "
                                f"over the limit of {max_chars}")
-        clean.append(lb.strip())
+        clean.append(lb)
     if len(set(clean)) != len(clean):
         raise InvalidInput("labels must be distinct")
     return clean

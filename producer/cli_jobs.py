@@ -12,7 +12,7 @@ from pathlib import Path
 from core.jobs import MODALITIES, TASKS
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga"}
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff"}
 
 
 def parse_duration(text: str) -> timedelta:

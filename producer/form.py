@@ -9,7 +9,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import Settings
-from core.inputs import media_kind
+from core.inputs import AUDIO_FORMATS_TEXT, media_kind
 from core.jobs import TASKS
 from producer.api_models import ApiError
 
@@ -103,8 +103,8 @@ def sniff_modality(data: bytes, index: int) -> str:
     kind = media_kind(data)
     if kind is None:
         raise ApiError(415, "unsupported_media_type", f"item {index}: not an image or audio "
-                       "file this service decodes (images: PNG, JPEG, ...; audio: WAV, FLAC, "
-                       "OGG)", details=[{"item": index}])
+                       f"file this service decodes (images: PNG, JPEG, ...; audio: "
+                       f"{AUDIO_FORMATS_TEXT})", details=[{"item": index}])
     return kind
 
 

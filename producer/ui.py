@@ -24,11 +24,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import InvalidInput
+from core.inputs import AUDIO_FORMATS_TEXT
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer import ui_data
 from producer.api import INPUT_STATUS, _submit  # the form refuses what /v1/jobs refuses
@@ -64,7 +66,8 @@ class UiError(Exception):
 
 def mount_ui(app: FastAPI) -> None:
     """Add /ui to the API app (after ``create_app`` has set its state)."""
-    app.state.ui_sessions = Sessions(app.state.settings, app.state.keyring)
+    app.state.ui_sessions = Sessions(app.state.settings, app.state.keyring,
+                                     app.state.client.sessions)
     app.state.ui_templates = Environment(
         loader=FileSystemLoader(HERE / "templates"), autoescape=True,
         trim_blocks=True, lstrip_blocks=True)
@@ -73,13 +76,19 @@ def mount_ui(app: FastAPI) -> None:
 
     @app.exception_handler(UiError)
     async def _ui_error(request: Request, e: UiError) -> HTMLResponse:
-        return render(request, "error.html", _session(request), status=e.status,
+        try:
+            session = await run_in_threadpool(_session, request)
+        except DBAPIError:  # the store is down: the error page still renders
+            session = None
+        return render(request, "error.html", session, status=e.status,
                       error=e.message)
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 def _session(request: Request) -> UiSession | None:
+    """The request's sign-in, or None. Reads the store: from async code, call it in the
+    thread pool."""
     return request.app.state.ui_sessions.read(request.cookies.get(COOKIE))
 
 
@@ -137,10 +146,10 @@ async def _form(request: Request, limit: int) -> FormData:
                       f"unreadable form: {e.detail}") from None
 
 
-def _posted_by_page(request: Request, form: FormData) -> UiSession:
+async def _posted_by_page(request: Request, form: FormData) -> UiSession:
     """The session of a POST that came from this page: signed in, same origin, and the
     form's CSRF token belongs to this sign-in."""
-    session = _session(request)
+    session = await run_in_threadpool(_session, request)
     if session is None:
         raise UiError(401, "Your session has ended; sign in again.")
     if not same_origin(request) or not request.app.state.ui_sessions.csrf_ok(
@@ -192,14 +201,16 @@ async def signin(request: Request) -> Response:
                       error="That key is not accepted here. Use an API key from "
                             "MMQ_API_KEYS or MMQ_ADMIN_KEYS.")
     response = RedirectResponse(target, status_code=303)
-    sessions.set_cookie(response, sessions.issue(caller))
+    sessions.set_cookie(response, await run_in_threadpool(sessions.issue, caller))
     return response
 
 
 @router.post("/signout")
 async def signout(request: Request) -> Response:
     form = await _form(request, SIGNIN_BODY_BYTES)
-    _posted_by_page(request, form)
+    session = await _posted_by_page(request, form)
+    # Ended in the store, not only in this browser: a copy of the cookie is refused too.
+    await run_in_threadpool(request.app.state.ui_sessions.revoke, session)
     response = RedirectResponse(f"{PATH}/signin", status_code=303)
     request.app.state.ui_sessions.clear_cookie(response)
     return response
@@ -312,7 +323,7 @@ def submit_page(request: Request) -> Response:
 async def submit(request: Request) -> Response:
     s = request.app.state.settings
     form = await _form(request, s.max_request_bytes)
-    session = _posted_by_page(request, form)
+    session = await _posted_by_page(request, form)
     kept = {k: str(form.get(k) or "") for k in ("text", "task", "labels", "top_k")}
     try:
         items = await _submit_items(form, s)
@@ -351,7 +362,7 @@ async def _submit_items(form: FormData, s) -> list[dict]:
             modality = sniff_modality(data, len(items))
         except ApiError:
             raise UiError(415, f"{f.filename or 'a file'}: not an image or audio file this "
-                          "service reads (images: PNG, JPEG, ...; audio: WAV, FLAC, OGG)"
+                          f"service reads (images: PNG, JPEG, ...; audio: {AUDIO_FORMATS_TEXT})"
                           ) from None
         items.append({**common, "modality": modality, "input": data})
     text = str(form.get("text") or "")
@@ -372,7 +383,7 @@ SEARCH_FILTERS = ("modality", "task", "label", "model_version", "created_since",
 
 @router.get("/search")
 async def search_page(request: Request) -> Response:
-    session = _session(request)
+    session = await run_in_threadpool(_session, request)
     if session is None:
         return _to_signin(request)
     params = dict(request.query_params)
@@ -388,7 +399,7 @@ async def search_by_file(request: Request) -> Response:
     """Search with an image or a clip as the query (a multipart form)."""
     s = request.app.state.settings
     form = await _form(request, s.max_request_bytes)
-    session = _posted_by_page(request, form)
+    session = await _posted_by_page(request, form)
     params = {k: str(v) for k, v in form.multi_items() if isinstance(v, str) and k != "csrf"}
     upload = form.get("file")
     data = await upload.read() if isinstance(upload, UploadFile) else b""

@@ -2,17 +2,21 @@
 
 The page is behind the API's own keys (``producer/api_auth.py``): signing in with a
 key makes the browser a caller with exactly that key's view. The cookie does not
-carry the key itself but the key's digest (``Caller.key_digest``), a per-sign-in
-nonce and an expiry, signed with HMAC-SHA256 under ``MMQ_UI_SECRET``:
+carry the key itself but the key's digest (``Caller.key_digest``) and a per-sign-in
+nonce, signed with HMAC-SHA256 under ``MMQ_UI_SECRET``:
 
-    mmq_ui = base64url(json [key_digest, nonce, expires]) "." base64url(hmac)
+    mmq_ui = base64url(json [key_digest, nonce]) "." base64url(hmac)
 
 Each request looks the digest up in the keyring again, so a key removed from
 ``MMQ_API_KEYS`` ends its sessions at the next request, and a stolen cookie never
-reveals a key. The cookie is ``HttpOnly`` (no script reads it), ``Secure`` and
-``SameSite=Lax`` (no cross-site POST carries it). CSRF tokens are an HMAC of the
-session's nonce, so a token is good for one sign-in only; every POST also has to
-come from the page's own origin when the browser says where it came from.
+reveals a key. Each request also checks the nonce's row in the store
+(``core/store/ui_signins.py``): sign-out deletes it, so a replayed cookie is refused
+by every API process on every host, and the row's expiry is the database server's
+clock, so no two hosts' clocks are compared. The cookie is ``HttpOnly`` (no script
+reads it), ``Secure`` and ``SameSite=Lax`` (no cross-site POST carries it). CSRF
+tokens are an HMAC of the session's nonce, so a token is good for one sign-in only;
+every POST also has to come from the page's own origin when the browser says where
+it came from.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import hashlib
 import hmac
 import json
 import secrets
-import time
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import Response
+from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
+from core.store import ui_signins
 from producer.api_auth import ApiKey, Caller
 
 COOKIE = "mmq_ui"
@@ -40,8 +46,7 @@ PATH = "/ui"
 @dataclass(frozen=True)
 class UiSession:
     caller: Caller
-    nonce: str  # per sign-in; the CSRF token is derived from it
-    expires: float  # unix time
+    nonce: str  # per sign-in: its row in the store; the CSRF token is derived from it
 
 
 def _b64(raw: bytes) -> str:
@@ -53,13 +58,16 @@ def _unb64(text: str) -> bytes:
 
 
 class Sessions:
-    """Issues and checks the page's cookies for one API process."""
+    """Issues and checks the page's cookies for one API process; the sign-ins
+    themselves live in the store, shared by every process."""
 
-    def __init__(self, settings: Settings, keyring: list[ApiKey]):
+    def __init__(self, settings: Settings, keyring: list[ApiKey],
+                 db: sessionmaker[Session]):
         # A per-process secret when none is set: safe (nothing outlives the process),
         # but each API process then signs differently (see Settings.ui_secret).
         self._secret = settings.ui_secret.encode() or secrets.token_bytes(32)
         self._keyring = keyring
+        self._db = db
         self.max_age = settings.ui_session_s
         self.secure = settings.ui_secure_cookie
 
@@ -77,13 +85,23 @@ class Sessions:
         return found
 
     def issue(self, caller: Caller) -> str:
-        payload = json.dumps([caller.key_digest, secrets.token_urlsafe(16),
-                              time.time() + self.max_age]).encode()
+        """A new sign-in: its row in the store, and the cookie that names it."""
+        nonce = secrets.token_urlsafe(16)
+        with self._db.begin() as s:
+            ui_signins.open_signin(session=s, nonce=nonce,
+                                   lifetime=timedelta(seconds=self.max_age))
+        payload = json.dumps([caller.key_digest, nonce]).encode()
         return f"{_b64(payload)}.{_b64(self._mac('session', payload))}"
 
+    def revoke(self, session: UiSession) -> None:
+        """Sign-out: this sign-in's cookie is refused from now on, on every host."""
+        with self._db.begin() as s:
+            ui_signins.close_signin(session=s, nonce=session.nonce)
+
     def read(self, cookie: str | None) -> UiSession | None:
-        """The session the cookie proves, or None (absent, forged, expired, or its key
-        is no longer configured)."""
+        """The session the cookie proves, or None (absent, forged, signed out, expired,
+        or its key is no longer configured). Reads the store: call it off the event
+        loop."""
         if not cookie or cookie.count(".") != 1:
             return None
         body, mac = cookie.split(".")
@@ -94,15 +112,17 @@ class Sessions:
         if not hmac.compare_digest(given, self._mac("session", payload)):
             return None
         try:
-            digest, nonce, expires = json.loads(payload)
-            expires = float(expires)
+            digest, nonce = json.loads(payload)
         except (ValueError, TypeError):
-            return None
-        if expires < time.time():
             return None
         callers = [k.caller for k in self._keyring
                    if hmac.compare_digest(k.caller.key_digest.encode(), str(digest).encode())]
-        return UiSession(callers[0], str(nonce), expires) if callers else None
+        if not callers:
+            return None
+        with self._db() as s:
+            if not ui_signins.signin_live(session=s, nonce=str(nonce)):
+                return None
+        return UiSession(callers[0], str(nonce))
 
     def csrf_token(self, session: UiSession) -> str:
         return _b64(self._mac("csrf", session.nonce.encode()))

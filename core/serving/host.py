@@ -187,7 +187,7 @@ class ModelHost:
                 labels = (check_labels(params.get("labels") or []) if job.task == "classify"
                           else None)
             except InvalidInput as e:  # a row written before today's rules
-                ran_badly(job.modality, e)
+                ran_badly(job.modality, attempt, e)
                 return
             fut = self.model.submit(JobRequest(job_id, job.modality, payload, labels,
                                                int(params.get("top_k", 5)), deadline, adapter))

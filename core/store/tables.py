@@ -234,6 +234,20 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class UiSignin(Base):
+    """A live sign-in to the results page (producer/ui_session.py): its cookie is
+    good only while this row exists and has not expired. Sign-out deletes it, so a
+    replayed cookie is refused by every API process on every host. ``expires_at`` is
+    the database server's clock (core/store/ui_signins.py), never an API host's."""
+
+    __tablename__ = "ui_signins"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_ui_signins_expires", "expires_at"),)
+
+
 # -- engine ---------------------------------------------------------------------------
 
 def make_engine(url: str) -> Engine:

@@ -5,7 +5,9 @@ Two layouts: one sub-folder per label (``DIR/cat/*.jpg``, ``DIR/dog/*.jpg``), or
 (``{"path": ..., "label": ...}`` per line) with paths relative to DIR. Everything
 that can be wrong with the data is found here and by ``prepare_all``, before a
 single training step: no class, one class, an empty class, a class too small to
-hold one item out, a missing or unreadable file (named by path).
+hold one item out, a missing or unreadable file (named by path), and a path that
+leads outside DIR (``../``, an absolute path, or a symlink): training reads only
+what is inside the folder it was given.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import InvalidInput
+from core.params import label_text
 
 INDEX_FILES = ("labels.csv", "labels.jsonl")
 
@@ -42,10 +45,22 @@ class LabelledSet:
         return h.hexdigest()
 
 
+def _inside(root: Path, p: Path) -> None:
+    """``DataError`` unless ``p``, every symlink followed, is inside ``root``: an index
+    row like ``../../etc/passwd`` or ``/etc/hostname``, or a symlink in a class folder,
+    must not make training read (and digest, and learn from) a file the user did not
+    put in the folder."""
+    real = p.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise DataError(f"{p}: outside the data folder {root} (it resolves to {real}); "
+                        "only files inside it are read")
+
+
 def _rows_from_index(root: Path) -> list[tuple[Path, str]] | None:
     csv_path, jsonl_path = root / "labels.csv", root / "labels.jsonl"
     rows: list[tuple[str, str]] = []
     if csv_path.exists():
+        _inside(root, csv_path)
         with open(csv_path, newline="", encoding="utf-8") as f:
             for n, row in enumerate(csv.reader(f), 1):
                 if not row or not "".join(row).strip():
@@ -56,6 +71,7 @@ def _rows_from_index(root: Path) -> list[tuple[Path, str]] | None:
                     raise DataError(f"{csv_path}:{n}: expected 'path,label', got {row!r}")
                 rows.append((row[0].strip(), row[1].strip()))
     elif jsonl_path.exists():
+        _inside(root, jsonl_path)
         for n, line in enumerate(jsonl_path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -70,17 +86,18 @@ def _rows_from_index(root: Path) -> list[tuple[Path, str]] | None:
     for p, label in rows:
         if not p or not label:
             raise DataError(f"{root}: a row with an empty path or label ({p!r}, {label!r})")
-    return [(root / p, label) for p, label in rows]
+    return [(root / p, label_text(label)) for p, label in rows]
 
 
 def _rows_from_folders(root: Path) -> list[tuple[Path, str]]:
     rows: list[tuple[Path, str]] = []
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     for d in classes:
+        _inside(root, d)
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise DataError(f"class {d.name!r} ({d}) has no files")
-        rows += [(p, d.name) for p in files]
+        rows += [(p, label_text(d.name)) for p in files]
     return rows
 
 
@@ -92,6 +109,8 @@ def read_labelled(root: str | Path, *, min_per_class: int = 2) -> LabelledSet:
     rows = _rows_from_index(root)
     if rows is None:
         rows = _rows_from_folders(root)
+    for p, _ in rows:
+        _inside(root, p)
     if not rows:
         raise DataError(f"{root}: no labelled files (expected one sub-folder per label, or "
                         f"{' or '.join(INDEX_FILES)})")

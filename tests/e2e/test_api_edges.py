@@ -20,7 +20,7 @@ from PIL import Image
 from core.broker.sender import queue_depths
 from core.config import Settings
 from tests.e2e.conftest import _free_port
-from tests.producer.test_sdk_input import wav_claiming
+from tests.producer.test_sdk_input import big_png, cut_images, wav_claiming
 
 KEY = "edge-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -133,6 +133,17 @@ def test_upload_edges(served):
     err = _error(http.post("/v1/jobs", files={"file": ("f.wav", wav_claiming(2_000_000_000))}),
                  422, "invalid_input")
     assert "sample rate" in err["message"]
+
+
+def test_images_cut_short_or_over_the_pixel_limit_are_4xx(served):
+    http, _ = served
+    for data in ({}, {"modality": "image"}):
+        for image in cut_images().values():
+            _error(http.post("/v1/jobs", files={"file": ("i.img", image)}, data=data),
+                   415, "unsupported_media_type")
+        err = _error(http.post("/v1/jobs", files={"file": ("big.png", big_png())}, data=data),
+                     413, "payload_too_large")
+        assert "64000000 pixels" in err["message"]
 
 
 def test_admission_is_atomic_under_concurrent_submits(served):

@@ -175,13 +175,16 @@ def test_cancelling_a_running_job_holds(broker_url, sqlite_url, start_worker):
 
 
 def test_a_job_cancelled_after_its_stalled_worker_lost_it_stays_cancelled(
-        broker_url, database_url, client, start_worker):
+        broker_url, sqlite_url, start_worker):
     """The issue's reproduction: a running job's worker stalls past its lease (SIGSTOP
     of the worker's main process); the sweep hands the job back to ``queued``; its
     owner cancels it; the worker resumes and finishes. Before the fence, the job came
-    back ``succeeded`` with a prediction."""
+    back ``succeeded`` with a prediction. One database: the fence's SQL is held on both
+    by tests/core/store/test_fence.py."""
     from core.broker.sweep import sweep
 
+    database_url = sqlite_url
+    client = Client(broker_url=broker_url, database_url=database_url)
     env = service_env(broker_url, database_url, MMQ_LEASE_S=3, MMQ_LEASE_RENEW_S=1,
                       MMQ_REQUEUE_EVERY_S=0)
     worker = start_worker("text", env, concurrency=1)
@@ -205,3 +208,4 @@ def test_a_job_cancelled_after_its_stalled_worker_lost_it_stays_cancelled(
     j = job_row(client, job_id)
     assert (j.status, j.error) == ("cancelled", "cancelled before it ran")
     assert prediction_row(client, job_id) is None
+    client.close()

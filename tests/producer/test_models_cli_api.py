@@ -102,3 +102,22 @@ def test_train_refuses_bad_data_before_loading_a_model(client, capsys, tmp_path,
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["train", "text", "--data", str(tmp_path / "data"), "--name", "base"]) == 2
     assert "reserved" in capsys.readouterr().err
+
+
+def test_train_refuses_files_outside_its_folder_before_loading_a_model(client, capsys,
+                                                                       tmp_path, monkeypatch):
+    """labels.csv rows like /etc/hostname were trained on."""
+    from core.model.multimodal import MultimodalModel
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded for data that cannot train")
+
+    monkeypatch.setattr(MultimodalModel, "load", no_model)
+    data = tmp_path / "data"
+    (data / "f").mkdir(parents=True)
+    for i in range(3):
+        (data / "f" / f"{i}.txt").write_text(f"text {i}")
+    (data / "labels.csv").write_text("f/0.txt,a\nf/1.txt,a\nf/2.txt,b\n/etc/hostname,b\n")
+    assert cli.main(["train", "text", "--data", str(data), "--name", "v"]) == 2
+    err = capsys.readouterr().err
+    assert "/etc/hostname: outside the data folder" in err

@@ -5,6 +5,7 @@ SQLite and PostgreSQL both, because PostgreSQL refuses some strings SQLite keeps
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 import soundfile as sf
+from PIL import Image
 from sqlalchemy import func, select
 
 from core import store
@@ -73,6 +75,8 @@ BAD = {
     "label too long": ({**CLASSIFY, "labels": ["a", "x" * 21]}, "label"),
     "label with NUL": ({**CLASSIFY, "labels": ["a", "b\x00"]}, "label"),
     "label a lone surrogate": ({**CLASSIFY, "labels": ["a", "\udc00"]}, "label"),
+    "labels equal after NFC": ({**CLASSIFY, "labels": ["caf\u00e9", "cafe\u0301"]},
+                               "distinct"),
     "text a lone surrogate": ({"modality": "text", "input": "\ud800"}, "Unicode"),
     "transcribe a text": ({"modality": "text", "input": "x", "task": "transcribe"},
                           "transcribe is for audio"),
@@ -94,6 +98,40 @@ def test_bad_item_is_invalid_input_and_nothing_is_written(client, case):
     with pytest.raises(InvalidInput, match=word) as e:
         client.submit_many([ok, item])
     assert e.value.index == 1 and e.value.kind == InvalidInput.INVALID
+    assert _jobs(client) == before
+
+
+@functools.cache
+def big_png() -> bytes:
+    """8000 x 8000 = 64 M pixels, over mmq's 40 M limit and under Pillow's own guard
+    (~179 M); uniform, so ~60 kB of bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cut_images() -> dict[str, bytes]:
+    """Images cut short in transit: a PNG without its IEND chunk (Pillow decoded it) and
+    a JPEG cut in half."""
+    arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    out = {}
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        out[fmt] = buf.getvalue()
+    return {"png without IEND": out["PNG"][:-12], "jpeg cut in half":
+            out["JPEG"][:len(out["JPEG"]) // 2]}
+
+
+def test_images_cut_short_or_over_the_pixel_limit_are_refused(client):
+    before = _jobs(client)
+    cases = [(data, InvalidInput.UNSUPPORTED) for data in cut_images().values()]
+    cases.append((big_png(), InvalidInput.TOO_LARGE))
+    for data, kind in cases:
+        with pytest.raises(InvalidInput) as e:
+            client.submit_many([{"modality": "text", "input": "fine"},
+                                {"modality": "image", "input": data}])
+        assert e.value.index == 1 and e.value.kind == kind, e.value
     assert _jobs(client) == before
 
 

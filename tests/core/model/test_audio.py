@@ -35,6 +35,42 @@ def test_containers_and_sample_formats(fmt, subtype):
     assert 0.2 < wave.abs().max() < 0.7
 
 
+# Every container the README lists (core.inputs.AUDIO_FORMATS_TEXT), each written here.
+LISTED = [("WAV", "PCM_16", 22050), ("WAVEX", "PCM_24", 22050), ("FLAC", "PCM_16", 22050),
+          ("OGG", "VORBIS", 22050), ("OGG", "OPUS", 48000), ("MP3", "MPEG_LAYER_III", 22050),
+          ("AIFF", "PCM_16", 22050)]
+
+
+def test_the_readme_lists_the_audio_formats_that_are_accepted():
+    """MP3 was accepted but not listed; AU, CAF, VOC, ... (anything libsndfile reads)
+    were accepted too. The README's list and the accepted set are one list now."""
+    from pathlib import Path
+
+    from core.inputs import AUDIO_FORMATS, AUDIO_FORMATS_TEXT
+
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    assert f"- Audio: bytes ({AUDIO_FORMATS_TEXT};" in readme
+    assert {f for f, _, _ in LISTED} == set(AUDIO_FORMATS)
+    for name in ("WAV", "FLAC", "OGG", "Vorbis", "Opus", "MP3", "AIFF"):
+        assert name in AUDIO_FORMATS_TEXT
+
+
+@pytest.mark.parametrize("fmt, subtype, rate", LISTED)
+def test_every_listed_audio_format_is_accepted(fmt, subtype, rate):
+    wave = decode_audio(encode(tone(rate=rate), rate, fmt, subtype), CFG)
+    assert abs(wave.numel() - 8000) <= 1200  # 0.5 s at 16 kHz (MP3 pads a frame)
+    assert 0.2 < wave.abs().max() < 0.8
+
+
+@pytest.mark.parametrize("fmt, subtype", [("AU", "PCM_16"), ("CAF", "PCM_16"),
+                                          ("VOC", "PCM_16"), ("W64", "PCM_16"),
+                                          ("NIST", "PCM_16"), ("PAF", "PCM_16")])
+def test_audio_formats_not_listed_are_refused(fmt, subtype):
+    with pytest.raises(InvalidInput, match=f"{fmt} audio is not accepted") as e:
+        decode_audio(encode(tone(), 22050, fmt, subtype), CFG)
+    assert e.value.kind == InvalidInput.UNSUPPORTED
+
+
 def test_stereo_is_downmixed_and_arrays_are_accepted():
     stereo = decode_audio(encode(tone(channels=2), 22050, "WAV", "PCM_16"), CFG)
     mono = decode_audio((tone().astype(np.float32), 22050), CFG)

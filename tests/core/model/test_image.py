@@ -84,12 +84,54 @@ def test_truncated_file():
         decode_image(data[: len(data) // 2], CFG)
 
 
+def _photo(fmt: str, size=(200, 150)) -> bytes:
+    x = np.linspace(0, 255, size[0])[None, :, None] + np.random.default_rng(1).normal(
+        0, 20, (size[1], size[0], 3))
+    return encode(Image.fromarray(x.clip(0, 255).astype(np.uint8)), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF"])
+@pytest.mark.parametrize("cut", [1, 2, 12, 16, 20, 22, 100, "half"])
+def test_an_image_cut_short_is_refused(fmt, cut):
+    """A PNG without its last chunks (IEND, even the end of its compressed pixels) and
+    a GIF without its trailer decoded without a word, and were classified."""
+    data = _photo(fmt)
+    n = len(data) // 2 if cut == "half" else len(data) - cut
+    with pytest.raises(InvalidInput) as e:
+        decode_image(data[:n], CFG)
+    assert e.value.kind == InvalidInput.UNSUPPORTED
+    assert decode_image(data, CFG).size == (200, 150)  # whole, it is fine
+
+
+def test_pillow_never_loads_truncated_images_in_a_worker():
+    """LOAD_TRUNCATED_IMAGES (a process-wide switch some libraries turn on) makes Pillow
+    fill a cut-off image with grey; nothing a worker imports may turn it on."""
+    from PIL import ImageFile
+
+    import core.model.multimodal  # noqa: F401
+    import workers.app  # noqa: F401
+    import workers.tasks  # noqa: F401
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
 def test_decompression_bomb_refused_before_decoding():
     # A 1-bit PNG of 20000 x 20000 is tiny on disk and 400 M pixels in memory.
     bomb = encode(Image.new("1", (20000, 20000)), "PNG")
     assert len(bomb) < 200_000
     with pytest.raises(InvalidInput, match="over the limit"):
         decode_image(bomb, CFG)
+
+
+def test_the_pixel_limit_is_checked_below_pillows_own_guard():
+    """40 M pixels is mmq's limit; Pillow itself refuses only above ~179 M (2x its
+    89 M warning). 8000 x 8000 = 64 M pixels decodes if mmq's check is removed."""
+    big = encode(Image.new("L", (8000, 8000)), "PNG")  # uniform: ~60 kB of bytes
+    assert len(big) < 200_000 and 8000 * 8000 < Image.MAX_IMAGE_PIXELS
+    with pytest.raises(InvalidInput, match="8000x8000 = 64000000 pixels, over the limit "
+                                           "of 40000000") as e:
+        decode_image(big, CFG)
+    assert e.value.kind == InvalidInput.TOO_LARGE
 
 
 def test_oversized_payload():

@@ -54,6 +54,7 @@ def test_every_modality_embeds_into_one_space(model):
 @pytest.mark.parametrize("modality, bad, reason", [
     ("image", b"not an image at all", "not an image"),
     ("image", noise_png()[:1500], "could not be decoded"),  # truncated file
+    ("image", noise_png()[:-12], "could not be decoded"),  # no IEND: was classified
     ("audio", b"", "empty"),
     ("audio", wav(0.0), "zero length"),
     ("audio", wav(301.0), "over the limit"),  # the speech tower takes 5 minutes

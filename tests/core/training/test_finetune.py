@@ -2,6 +2,8 @@
 its weights checked by sha256, versions of one batch kept apart in the batcher."""
 
 import json
+import re
+import unicodedata
 
 import pytest
 import torch
@@ -83,6 +85,54 @@ def test_index_files(tmp_path):
                                            '{"path": "files/0.txt", "label": "y"}\n' * 2)
     with pytest.raises(DataError, match="files/9.txt: cannot read"):
         read_contents(read_labelled(tmp_path), "text")
+
+
+@pytest.mark.parametrize("index", ["labels.csv", "labels.jsonl"])
+@pytest.mark.parametrize("escape", ["../../../../etc/passwd", "/etc/hostname",
+                                    "files/../../outside.txt", "link.txt"])
+def test_index_rows_outside_the_folder_are_refused(tmp_path, index, escape):
+    """Rows naming a file outside --data were read and trained on."""
+    data = tmp_path / "data"
+    _write(data, {"files": ["one", "two", "three"]})
+    (tmp_path / "outside.txt").write_text("not yours")
+    (data / "link.txt").symlink_to(tmp_path / "outside.txt")
+    rows = [("files/0.txt", "x"), ("files/1.txt", "x"), ("files/2.txt", "y"), (escape, "y")]
+    if index == "labels.csv":
+        (data / index).write_text("".join(f"{p},{lb}\n" for p, lb in rows))
+    else:
+        (data / index).write_text("".join(json.dumps({"path": p, "label": lb}) + "\n"
+                                          for p, lb in rows))
+    with pytest.raises(DataError, match=f"{re.escape(escape)}: outside the data folder"):
+        read_labelled(data)
+
+
+def test_label_names_are_compared_after_nfc_normalisation(tmp_path):
+    """"café" in NFC and in NFD (as macOS names folders) were two classes."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    _write(tmp_path, {"files": ["one", "two", "three", "four"]})
+    (tmp_path / "labels.csv").write_text(f"files/0.txt,{nfc}\nfiles/1.txt,{nfd}\n"
+                                         "files/2.txt,tea\nfiles/3.txt,tea\n")
+    data = read_labelled(tmp_path)
+    assert data.names == [nfc, "tea"] and data.labels == [0, 0, 1, 1]
+    folders = tmp_path / "folders"
+    _write(folders, {nfd: ["one", "two"], "tea": ["three", "four"]})
+    assert read_labelled(folders).names == [nfc, "tea"]
+
+
+def test_a_symlink_out_of_a_class_folder_is_refused(tmp_path):
+    data = tmp_path / "data"
+    _write(data, {"a": ["one", "two"], "b": ["three", "four"]})
+    (tmp_path / "secret.txt").write_text("not yours")
+    (data / "b" / "sneaky.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(DataError, match=r"b/sneaky.txt: outside the data folder"):
+        read_labelled(data)
+    (data / "b" / "sneaky.txt").unlink()
+    (data / "c").symlink_to(tmp_path, target_is_directory=True)  # a whole class folder
+    with pytest.raises(DataError, match=r"outside the data folder"):
+        read_labelled(data)
+    (data / "c").unlink()
+    (data / "b" / "inside.txt").symlink_to(data / "a" / "0.txt")  # inside: fine
+    assert len(read_labelled(data).paths) == 5
 
 
 # -- training --------------------------------------------------------------------------
