@@ -14,9 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench import netns  # the bench's own plumbing (see the docstring)
 from tests.e2e.conftest import PG_ADMIN_URL
-
-netns = pytest.importorskip("bench.netns")
 
 JOBS = 100
 
