@@ -67,8 +67,10 @@ FLEET = [WorkerSpec("w1", "+10m", ("text",)), WorkerSpec("w2", "-10m", ("text",)
 class Fault:
     what: str
     t: float  # monotonic
-    watch: set[str]  # jobs open at the fault
+    watch: set[str]  # the jobs whose end is its recovery
+    everything: set[str] = field(default_factory=set)  # every job open at the fault
     recovered_s: float | None = None
+    all_done_s: float | None = None  # informative: when every job open then had ended
 
 
 @dataclass
@@ -148,6 +150,8 @@ class Run:
                     for f in self.faults:
                         if f.recovered_s is None and not (f.watch & opened):
                             f.recovered_s = time.monotonic() - f.t
+                        if f.all_done_s is None and not (f.everything & opened):
+                            f.all_done_s = time.monotonic() - f.t
                 if time.monotonic() - last_scrape > 2:
                     last_scrape = time.monotonic()
                     self.scrape()
@@ -168,13 +172,14 @@ class Run:
         """A fault from now on. Watched: the jobs running on ``host`` (and
         ``modality``) at this moment, or with no host every job open now."""
         with self._lock:
+            everything = self.open_ids()
             if host is None:
-                watch = self.open_ids()
+                watch = everything
             else:
                 like = f"{modality or '%'}-%@{host}"
                 watch = {r[0] for r in self.q("SELECT id FROM jobs WHERE status = 'running' "
                                               "AND worker LIKE :w", w=like)}
-            f = Fault(what, time.monotonic(), watch)
+            f = Fault(what, time.monotonic(), watch, everything)
             self.faults.append(f)
         return f
 
@@ -345,7 +350,9 @@ def _fill(run: Run, row: Row, ids: list[str], late0, done: bool, n: int) -> None
     row.notes.append(f"re-runs (attempts > 1): {reruns}")
     for f in run.faults:
         got = "never" if f.recovered_s is None else f"{f.recovered_s:.1f} s"
-        row.notes.append(f"{f.what}: {len(f.watch)} job(s) terminal after {got}")
+        every = "never" if f.all_done_s is None else f"{f.all_done_s:.1f} s"
+        row.notes.append(f"{f.what}: {len(f.watch)} watched job(s) terminal after {got}; "
+                         f"all {len(f.everything)} open then, after {every}")
 
 
 COLUMNS = [("scenario", 16), ("submitted", 9), ("succeeded", 9), ("cancelled", 9),
