@@ -167,13 +167,13 @@ class Cluster:
     def broker_url(self) -> str:
         if self.broker == "redis":
             return f"redis://{self.svc.ip}:{REDIS_PORTS[0]}/0"
-        hosts = ";".join(f"sentinel://{self.svc.ip}:{p}" for p in SENTINEL_PORTS)
-        return f"{hosts}/0?master_name={MASTER}"
+        first, *rest = (f"sentinel://{self.svc.ip}:{p}" for p in SENTINEL_PORTS)
+        return ";".join([f"{first}/0", *rest])  # the form README's MMQ_BROKER_URL gives
 
     def env(self, **extra) -> dict:
         env = dict(os.environ)
         env.update({"MMQ_BROKER_URL": self.broker_url, "MMQ_DATABASE_URL": self.service_db_url,
-                    "MMQ_BROKER_SENTINEL_MASTER": MASTER,
+                    "MMQ_SENTINEL_MASTER": MASTER,
                     "MMQ_DEVICE": "cpu", "MMQ_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
                     "MMQ_API_KEYS": f"cluster:{API_KEY}", **self.env_extra,
