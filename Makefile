@@ -17,6 +17,16 @@ $(STAMP): pyproject.toml setup.py core/model/kernels/varlen_attn.c
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } \
 	  || echo "note: chromium/chromium-driver are not installed; the browser tests will fail"
+	@# redis-sentinel: the broker-failover test (tests/e2e/test_sentinel.py).
+	@command -v redis-sentinel >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-sentinel >/dev/null; } \
+	  || echo "note: redis-sentinel is not installed; the broker-failover test will be skipped"
+	@# faketime: workers with skewed wall clocks (tests/e2e/test_clocks.py, bench/cluster.py).
+	@command -v faketime >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime >/dev/null; } \
+	  || echo "note: faketime is not installed; the skewed-clock tests will be skipped"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

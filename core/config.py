@@ -14,7 +14,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMQ_", extra="ignore")
 
     # -- the queue and the store --------------------------------------------------------
+    # A Redis URL, or Redis Sentinels for failover, kombu's way: one sentinel:// URL per
+    # Sentinel joined by ";" ("sentinel://h1:26379/0;sentinel://h2:26379"), the first
+    # one's password and database being the primary's (core/broker/redis_client.py).
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # The name the Sentinels monitor the primary under (a sentinel:// broker_url only).
+    sentinel_master: str = "mymaster"
+    # Longest wait for the broker on one socket operation (connect, a command's reply),
+    # and the health-check interval of Celery's long-lived connections. A primary whose
+    # host is lost or cut off never resets its connections: without a limit a worker
+    # waits on it for ever and never follows a failover (core/broker/redis_client.py).
+    broker_socket_timeout: float = 5.0
     # None = the embedded default, a SQLite file (WAL mode) in data_dir. Use
     # PostgreSQL (postgresql+psycopg://...) for anything shared by several machines.
     database_url: str | None = None

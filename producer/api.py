@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import store
 from core.broker.admission import Admission, release_room, reserve_room
+from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.jobs import MODALITIES, TERMINAL, JobStatus, Modality
@@ -77,8 +78,7 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
                   description="Submit text, image and audio jobs; read their predictions.")
     app.state.settings = s
     app.state.client = client or Client(settings=s)
-    app.state.redis = redis.Redis.from_url(s.broker_url, socket_timeout=2,
-                                           socket_connect_timeout=2)
+    app.state.redis = redis_for(s, socket_timeout=2, socket_connect_timeout=2)
     app.state.registry = metrics_registry(s, app.state.client, app.state.redis)
     app.state.keyring = keyring(s)  # a malformed key entry stops start-up here
     if not app.state.keyring:

@@ -14,14 +14,13 @@ from datetime import datetime
 import redis
 
 from core.broker import deadletter
+from core.broker.redis_client import redis_for
 
 PREVIEW_CHARS = 60
 
 
 def _client() -> redis.Redis:
-    from core.config import get_settings
-
-    return redis.Redis.from_url(get_settings().broker_url, socket_timeout=10)
+    return redis_for(socket_timeout=10)
 
 
 def _preview(entry: deadletter.DeadLetter) -> str:

@@ -196,7 +196,16 @@ class Client:
             raise
         ids = [i for i, _ in pairs]
         try:
-            sent = send_jobs(self.app, pairs)
+            try:
+                sent = send_jobs(self.app, pairs)
+            except Exception as e:  # noqa: BLE001
+                # Once more, on a new connection: after a Sentinel failover the first
+                # send can fail on a pooled connection to the lost primary (a timeout,
+                # then redis-py drops it), and the second finds the new one at once
+                # instead of waiting for the sweep. A send that half happened is sent
+                # twice: the job may run twice, and its upsert keeps one prediction.
+                log.info("send failed (%s); trying once more", e)
+                sent = send_jobs(self.app, pairs)
         except Exception as e:  # broker down: the rows stay queued for requeue
             log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
                         len(pairs), e)

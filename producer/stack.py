@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from core.broker.redis_client import broker_transport_options, is_sentinel, redis_for
 from core.config import LOCAL_API_KEY, Settings, get_settings
 from core.jobs import QUEUES
 from producer.flower import add_flower_command, flower_command, flower_credentials, flower_env
@@ -49,7 +50,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _redis_up(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis_for(url, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
 
@@ -58,6 +59,9 @@ def _ensure_redis(url: str, sup: Supervisor) -> None:
     if _redis_up(url):
         print(f"redis: using {url}")
         return
+    if is_sentinel(url):
+        raise SystemExit(f"mmq up: no Redis primary answers through the Sentinels at {url} "
+                         f"(master name {get_settings().sentinel_master!r})")
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1") or not shutil.which("redis-server"):
         raise SystemExit(f"mmq up: no Redis answers at {url}, and none can be started here "
@@ -81,7 +85,9 @@ def _wait_for_workers(timeout: float = 180) -> None:
     """Until one worker per queue answers a ping (its model is loaded by then)."""
     from celery import Celery
 
-    app = Celery(broker=get_settings().broker_url)
+    s = get_settings()
+    app = Celery(broker=s.broker_url)
+    app.conf.broker_transport_options = broker_transport_options(s)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         replies = app.control.ping(timeout=1.0) or []

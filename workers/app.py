@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from urllib.parse import urlparse
 
@@ -30,11 +31,26 @@ class EventBatchingConsumer(Consumer):
     """
 
     EVENT_FLUSH_S = 0.05
+    # Reconnecting to the broker: kombu's ensure_connection waits 2, 4, 6 ... 30 s
+    # between rounds (Celery passes no interval), so a worker whose primary died came
+    # back at the first round after the Sentinels' promotion: 6 s after a SIGKILL that
+    # was promoted in 2.3 s (tests/e2e/test_sentinel.py), up to ~12 s late after a
+    # promotion at the Sentinels' default 30 s. Rounds every RECONNECT_STEP_S, growing to
+    # RECONNECT_MAX_S, find the new primary within a second of its promotion; a round is
+    # a Sentinel query and a refused connect, cheap even for a fleet.
+    RECONNECT_STEP_S, RECONNECT_MAX_S = 0.5, 5.0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._flush_pending = threading.Lock()  # held from schedule to flush
         poison.worker_name = self.hostname
+
+    def ensure_connected(self, conn):
+        ensure = conn.ensure_connection
+        conn.ensure_connection = functools.partial(
+            ensure, interval_start=self.RECONNECT_STEP_S, interval_step=self.RECONNECT_STEP_S,
+            interval_max=self.RECONNECT_MAX_S)
+        return super().ensure_connected(conn)
 
     def create_task_handler(self, promise=promise):
         return poison.guard_task_handler(super().create_task_handler(promise), self.app.tasks,
@@ -50,6 +66,10 @@ class EventBatchingConsumer(Consumer):
         self._flush_events()
 
 
+GUARDED_TRANSPORTS = {"redis": "workers.poison:GuardedRedisTransport",
+                      "sentinel": "workers.poison:GuardedSentinelTransport"}
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"])
@@ -58,10 +78,15 @@ def make_app(settings: Settings | None = None) -> Celery:
         # The worker's kombu Redis transport has a channel that dead-letters what is
         # not a message envelope (undecodable bytes, a JSON list): upstream raises out
         # of the event loop. Not Flower's (it reads the broker's kind from the
-        # transport name), nor other schemes (sentinel, rediss).
-        **({"broker_transport": "workers.poison:GuardedRedisTransport"}
-           if urlparse(s.broker_url).scheme == "redis" else {}),
+        # transport name), nor other schemes (rediss).
+        **({"broker_transport": GUARDED_TRANSPORTS[scheme]}
+           if (scheme := urlparse(s.broker_url.split(";", 1)[0]).scheme) in GUARDED_TRANSPORTS
+           else {}),
         worker_consumer="workers.app:EventBatchingConsumer",
+        # Reconnect rounds never run out (Celery's default, 100 rounds, is eight minutes
+        # at EventBatchingConsumer's reconnect intervals): a worker waits out a broker
+        # outage of any length, then carries on, instead of exiting.
+        broker_connection_max_retries=None,
     )
     return app
 

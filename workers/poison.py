@@ -7,8 +7,9 @@ worker exits, and kombu restores the message for the next worker to die on. Byte
 that are not JSON, or JSON that is not a kombu envelope, fail even earlier, in
 kombu's Redis transport. Two guards, one per layer:
 
-- ``GuardedRedisTransport``: kombu's Redis transport, whose channel checks each
-  popped item is a JSON envelope kombu can read before delivering it;
+- ``GuardedRedisTransport`` (``GuardedSentinelTransport`` for Sentinels): kombu's
+  Redis transport, whose channel checks each popped item is a JSON envelope kombu can
+  read before delivering it;
 - ``guard_task_handler``: wraps Celery's task-message handler (see
   ``EventBatchingConsumer`` in workers/app.py): checks the task name, content
   type and body shape before Celery sees the message, and dead-letters anything
@@ -31,6 +32,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from core.broker import deadletter
+from core.broker.redis_client import redis_for
 from core.config import get_settings
 from core.jobs import RUN_JOB_TASK
 
@@ -47,7 +49,7 @@ def _redis() -> redis.Redis:
     global _client
     with _client_lock:
         if _client is None:
-            _client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=10)
+            _client = redis_for(get_settings(), socket_timeout=10)
         return _client
 
 
@@ -156,6 +158,16 @@ class GuardedChannel(kombu_redis.Channel):
 
 class GuardedRedisTransport(kombu_redis.Transport):
     Channel = GuardedChannel
+
+
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """The same guard on kombu's Sentinel channel (a ``sentinel://`` broker URL): the
+    guard overrides how a popped item is read and how the channel closes, the Sentinel
+    channel only how its connection pool finds the primary."""
+
+
+class GuardedSentinelTransport(kombu_redis.SentinelTransport):
+    Channel = GuardedSentinelChannel
 
 
 # -- layer 2: Celery's task handler -------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 from celery import Celery
 
 from core.broker.queues import worker_queues
+from core.broker.redis_client import broker_transport_options
 from core.config import Settings, get_settings
 from core.jobs import QUEUES
 
@@ -32,7 +33,8 @@ def celery_conf(s: Settings) -> dict:
         # message to be redelivered, and the store's upsert keeps one prediction.
         task_acks_late=True, task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": s.visibility_timeout},
+        # visibility_timeout; master_name for a sentinel:// URL (core/broker/redis_client.py).
+        broker_transport_options=broker_transport_options(s),
         broker_connection_retry_on_startup=True,
         task_queues=worker_queues(),  # core/broker/queues.py: why each has its exchange
         task_default_queue=QUEUES[0],

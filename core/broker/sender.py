@@ -15,6 +15,7 @@ from core.broker.queues import (
     producer_queues,
     queue_keys,
 )
+from core.broker.redis_client import broker_transport_options, redis_for
 from core.config import Settings
 from core.jobs import QUEUES, RUN_JOB_TASK
 
@@ -23,7 +24,7 @@ def producer_app(settings: Settings) -> Celery:
     app = Celery("mmq-producer", broker=settings.broker_url)
     app.conf.update(
         task_serializer="json", accept_content=["json"],
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry=False, broker_connection_max_retries=0,
         # No "task-sent" events: each would be a second publish per job, halving the
         # submit rate; Flower follows jobs from the workers' received/started events.
@@ -49,7 +50,7 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
 def queue_depths(settings: Settings, modalities: Iterable[str] = QUEUES,
                  client: redis.Redis | None = None) -> dict[str, int]:
     """Messages waiting in each modality's queue (not counting fetched, unacked ones)."""
-    r = client or redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+    r = client or redis_for(settings, socket_timeout=2)
     with r.pipeline(transaction=False) as pipe:
         mods = list(modalities)
         for q in mods:

@@ -42,6 +42,7 @@ from core.broker.queues import (
     task_id,
     unacked_task_id,
 )
+from core.broker.redis_client import redis_for
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
 from core.jobs import QUEUES, JobStatus
@@ -80,7 +81,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
     100k is a second of CPU; the workers do that part every few turns only."""
     stale = timedelta(seconds=settings.requeue_stale_s if stale_s is None else stale_s)
     lease = timedelta(seconds=settings.lease_s)
-    r = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    r = redis_for(settings, socket_timeout=10)
     if single_flight and not _take_turn(r, settings, modalities):
         r.close()
         return SweepResult()
@@ -122,7 +123,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
 def live_job_ids(settings: Settings, modalities=QUEUES) -> set[str]:
     """Job ids with a message in Redis: waiting in a queue, or fetched and not yet
     acknowledged (kombu's ``unacked`` hash)."""
-    r = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    r = redis_for(settings, socket_timeout=10)
     try:
         msgs = _messages(r, modalities)
     finally:

@@ -7,7 +7,6 @@ from sqlalchemy import func, select
 
 from core.store import ui_signins
 from core.store.tables import UiSignin
-from tests.core.store.test_store import sessions  # noqa: F401  (sqlite/postgresql fixture)
 
 HOUR = timedelta(hours=1)
 
