@@ -30,9 +30,15 @@ class StoreCollector:
     def __init__(self, settings: Settings, client, redis_client: redis.Redis):
         self.settings, self.client, self.redis = settings, client, redis_client
         self._lock = threading.Lock()  # scrapes may overlap; the watermark must not
-        # Where the latency histogram starts: the database's clock at the first scrape
-        # (finished_at is stamped by it; this API host's clock may be off).
+        # Where the latency histogram starts: the database's clock now (finished_at is
+        # stamped by it; this API host's clock may be off), or at the first scrape if
+        # the store does not answer yet.
         self._seen_until = None
+        try:
+            with client.sessions() as s:
+                self._seen_until = store.db_time(session=s)
+        except Exception as e:  # noqa: BLE001  (the API starts without its store)
+            log.warning("latency histogram starts at the first scrape: %s", e)
         # (modality, status) -> [per-bucket counts ..., +Inf], sum
         self._hist: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 

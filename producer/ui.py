@@ -283,7 +283,7 @@ async def cancel_job(request: Request, job_id: str) -> Response:
     """The page's cancel button: the API's DELETE, for the signed-in key's own job (a
     queued or running one; a finished job is left as it is)."""
     form = await _form(request, SIGNIN_BODY_BYTES)
-    session = _posted_by_page(request, form)
+    session = await _posted_by_page(request, form)
     client = request.app.state.client
     await run_in_threadpool(client.cancel, _valid_id(job_id), owner=session.caller.scope)
     return RedirectResponse(f"{PATH}/jobs/{job_id}", status_code=303)

@@ -7,6 +7,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.config import Settings
+from core.serving.host import JobFuture
 from workers import tasks
 
 
@@ -16,20 +17,22 @@ def outage(monkeypatch):
     the task's sleeps advance the simulated clock instead of waiting."""
     state = SimpleNamespace(clock=0.0, slept=[], failures=[], outage_s=float("inf"))
 
-    def run(job_id: str, worker: str) -> dict:
+    def process(job_id: str, worker: str) -> JobFuture:
         if state.clock < state.outage_s:
             raise RedisConnectionError("Error 111 connecting to redis: Connection refused")
-        return {"id": job_id, "status": "succeeded"}
+        fut = JobFuture()
+        fut.set_result({"id": job_id, "status": "succeeded"})
+        return fut
 
     def sleep(s: float) -> None:
         state.slept.append(s)
         state.clock += s
 
-    monkeypatch.setattr(tasks, "host", lambda: SimpleNamespace(settings=Settings()))
-    monkeypatch.setattr(tasks, "_run", run)
+    monkeypatch.setattr(tasks, "host", lambda: SimpleNamespace(settings=Settings(),
+                                                               process=process))
     monkeypatch.setattr(tasks, "time", SimpleNamespace(sleep=sleep))
-    monkeypatch.setattr(tasks, "_record_failure", lambda job_id, error: state.failures.append(
-        error))
+    monkeypatch.setattr(tasks, "_record_failure",
+                        lambda job_id, error, attempt: state.failures.append(error))
     return state
 
 
