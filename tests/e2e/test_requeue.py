@@ -60,3 +60,28 @@ def test_requeue_resends_only_jobs_without_a_live_message(settings):
                              single_flight=False) == 0
         assert sorted(_ids_waiting(r, "text")) == sorted([waiting, lost])
     app.close()
+
+
+def test_a_new_primary_gets_lost_messages_back_in_one_sweep(settings):
+    """Redis restarted empty, or a replica promoted that never received the last
+    messages: queued jobs whose message is gone are re-sent by the next sweep, not
+    after ``requeue_stale_s`` (a failover took 68.6 s to recover with the minute-long
+    wait); on the same primary, the minute-long wait still holds."""
+    import time
+
+    from core.broker.queues import BROKER_CHANGED
+    from core.broker.sweep import NEW_PRIMARY_STALE_S, sweep
+
+    r = redis.Redis.from_url(settings.broker_url)
+    sweep(settings)  # the first sweep meets this primary
+    r.delete(*r.keys(BROKER_CHANGED + "*"))  # ... as long ago
+    ids = _queued_text_jobs(settings, 3)
+    send_jobs(producer_app(settings), [(i, "text") for i in ids])
+    with store.session_factory(store.make_engine(settings.db_url)).begin() as s:
+        store.mark_sent(session=s, job_ids=ids)
+    time.sleep(NEW_PRIMARY_STALE_S + 0.5)  # older than a send in flight, not a minute
+    r.delete("text")  # the messages are gone, on the same primary: the minute holds
+    assert not set(ids) & set(sweep(settings).resent)
+    r.flushdb()  # the primary lost its data, as after an empty restart or a failover
+    assert set(ids) <= set(sweep(settings).resent)  # (with other tests' queued jobs)
+    assert set(ids) <= set(_ids_waiting(r, "text"))
