@@ -60,3 +60,29 @@ def test_requeue_resends_only_jobs_without_a_live_message(settings):
                              single_flight=False) == 0
         assert sorted(_ids_waiting(r, "text")) == sorted([waiting, lost])
     app.close()
+
+
+@pytest.mark.xfail(strict=True, reason="the sweep ages a fetched message by the fetching "
+                   "worker's time.time() (kombu's unacked_index score) against its own "
+                   "clock: the one clock comparison left in mmq's code (core/broker/"
+                   "sweep.py _restore_fetched_unstarted); fixing it needs a fetch time "
+                   "from one clock, e.g. first sighting stamped with Redis TIME")
+def test_a_message_just_fetched_by_a_slow_clocked_worker_is_not_taken_from_it(settings):
+    """A worker whose clock is 10 minutes slow fetches a job's message (kombu stamps the
+    fetch with that worker's ``time.time()``) and has not started it yet. A sweep on a
+    correct clock must not take it for a dead worker's message: it was fetched an
+    instant ago. It did (put back at once: the job ran twice). The mirror image: a fast
+    worker's stamps lie in the future, and its fetched messages, if it dies, wait out
+    the skew (10 minutes) before any sweep puts them back."""
+    (job,) = _queued_text_jobs(settings, 1)
+    app = producer_app(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    send_jobs(app, [(job, "text")])
+    with Connection(settings.broker_url) as conn:
+        message = conn.default_channel.basic_get("text", no_ack=False)
+        assert message is not None and message.headers["id"] == job
+        (tag,) = r.zrange("unacked_index", 0, -1)
+        r.zadd("unacked_index", {tag: r.zscore("unacked_index", tag) - 600})  # slow clock
+        requeue_stale(settings, modalities=("text",), single_flight=False)
+        assert r.hlen("unacked") == 1 and _ids_waiting(r, "text") == []
+    app.close()
