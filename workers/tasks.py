@@ -40,6 +40,10 @@ def transient(e: BaseException) -> bool:
 def run_job(self, job_id: str, modality: str | None = None) -> dict:
     worker = self.request.hostname or "worker"
     settings = host().settings
+    # The latest start's fencing token, kept across tries: a try that fails before its
+    # start (the store still down) leaves the job running under an earlier try's start,
+    # and a failure fenced by no token (``queued`` only) would leave it running for good.
+    token = None
     for attempt in range(settings.task_max_retries + 1):
         fut = None
         try:
@@ -47,7 +51,8 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
             return _summarise(job_id, fut)
         except Exception as e:
             # The start that holds the job, if it started: the failure is fenced by it.
-            token = None if fut is None else fut.attempt
+            if fut is not None and fut.attempt is not None:
+                token = fut.attempt
             if not transient(e):
                 _record_failure(job_id, f"internal error: {type(e).__name__}: {e}", token)
                 raise  # recorded: Celery marks the task failed and acknowledges it

@@ -85,3 +85,25 @@ def test_a_new_primary_gets_lost_messages_back_in_one_sweep(settings):
     r.flushdb()  # the primary lost its data, as after an empty restart or a failover
     assert set(ids) <= set(sweep(settings).resent)  # (with other tests' queued jobs)
     assert set(ids) <= set(_ids_waiting(r, "text"))
+
+
+def test_a_message_just_fetched_by_a_slow_clocked_worker_is_not_taken_from_it(settings):
+    """A worker whose clock is 10 minutes slow fetches a job's message (kombu stamps the
+    fetch with that worker's ``time.time()``) and has not started it yet. A sweep on a
+    correct clock must not take it for a dead worker's message: it was fetched an
+    instant ago. It did (put back at once: the job ran twice) while the sweep aged
+    messages by kombu's per-host scores; it now ages them on Redis's clock. The mirror image: a fast
+    worker's stamps lie in the future, and its fetched messages, if it dies, wait out
+    the skew (10 minutes) before any sweep puts them back."""
+    (job,) = _queued_text_jobs(settings, 1)
+    app = producer_app(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    send_jobs(app, [(job, "text")])
+    with Connection(settings.broker_url) as conn:
+        message = conn.default_channel.basic_get("text", no_ack=False)
+        assert message is not None and message.headers["id"] == job
+        (tag,) = r.zrange("unacked_index", 0, -1)
+        r.zadd("unacked_index", {tag: r.zscore("unacked_index", tag) - 600})  # slow clock
+        requeue_stale(settings, modalities=("text",), single_flight=False)
+        assert r.hlen("unacked") == 1 and _ids_waiting(r, "text") == []
+    app.close()

@@ -5,24 +5,40 @@ from types import SimpleNamespace
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import OperationalError
 
 from core.config import Settings
 from core.serving.host import JobFuture
 from workers import tasks
 
 
+def _future(*, result=None, error: BaseException | None = None,
+            attempt: int | None = None) -> JobFuture:
+    """What ``ModelHost.process`` returns: resolved, with the start's fencing token."""
+    fut = JobFuture()
+    fut.attempt = attempt
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+    return fut
+
+
 @pytest.fixture
 def outage(monkeypatch):
     """-> state of a broker outage that lasts ``state.outage_s`` simulated seconds;
-    the task's sleeps advance the simulated clock instead of waiting."""
-    state = SimpleNamespace(clock=0.0, slept=[], failures=[], outage_s=float("inf"))
+    the task's sleeps advance the simulated clock instead of waiting. ``state.runs``
+    may script each run instead: a list of futures, one per try."""
+    state = SimpleNamespace(clock=0.0, slept=[], failures=[], outage_s=float("inf"),
+                            runs=None)
 
     def process(job_id: str, worker: str) -> JobFuture:
+        if state.runs is not None:
+            return state.runs.pop(0)
         if state.clock < state.outage_s:
-            raise RedisConnectionError("Error 111 connecting to redis: Connection refused")
-        fut = JobFuture()
-        fut.set_result({"id": job_id, "status": "succeeded"})
-        return fut
+            return _future(error=RedisConnectionError(
+                "Error 111 connecting to redis: Connection refused"))
+        return _future(result={"id": job_id, "status": "succeeded"}, attempt=1)
 
     def sleep(s: float) -> None:
         state.slept.append(s)
@@ -31,8 +47,8 @@ def outage(monkeypatch):
     monkeypatch.setattr(tasks, "host", lambda: SimpleNamespace(settings=Settings(),
                                                                process=process))
     monkeypatch.setattr(tasks, "time", SimpleNamespace(sleep=sleep))
-    monkeypatch.setattr(tasks, "_record_failure",
-                        lambda job_id, error, attempt: state.failures.append(error))
+    monkeypatch.setattr(tasks, "_record_failure", lambda job_id, error, attempt:
+                        state.failures.append((error, attempt)))
     return state
 
 
@@ -43,10 +59,26 @@ def test_retries_are_ten_with_backoff_capped_at_30_s(outage):
         tasks.run_job("job-1")
     assert outage.slept == [1, 2, 4, 8, 16, 30, 30, 30, 30, 30]
     assert sum(outage.slept) == 181
-    assert len(outage.failures) == 1 and outage.failures[0].startswith("gave up after 10 ")
+    assert len(outage.failures) == 1 and outage.failures[0][0].startswith("gave up after 10 ")
 
 
 def test_a_minute_long_outage_is_ridden_out(outage):
     outage.outage_s = 60.0
     assert tasks.run_job("job-1") == {"id": "job-1", "status": "succeeded"}
     assert outage.failures == [] and sum(outage.slept) >= 60
+
+
+def test_the_failure_after_retries_is_fenced_by_the_start_that_holds_the_job(outage):
+    """The first try started the job (attempt 3) and could not record its result; every
+    later try failed before its start. The job is still ``running`` under attempt 3, so
+    the failure must carry 3: with no token (``fail_job`` then wants a ``queued`` job)
+    it was dropped, the message acknowledged, and the job left ``running`` under a live
+    worker, where no sweep looks: stuck for the worker's life."""
+    down = OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+    outage.runs = [_future(error=down, attempt=3)] + [_future(error=down)
+                                                      for _ in range(10)]
+    with pytest.raises(OperationalError):
+        tasks.run_job("job-1")
+    assert len(outage.failures) == 1
+    error, attempt = outage.failures[0]
+    assert error.startswith("gave up after 10 ") and attempt == 3
