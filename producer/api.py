@@ -400,7 +400,8 @@ def _add_read_routes(app: FastAPI) -> None:
     def cancel_job(request: Request, job_id: str, caller: CallerDep) -> JobOut:
         """Cancel a queued or running job: it is ``cancelled`` at once, a worker drops it
         from a batch that has not started, and a running attempt's outcome is discarded.
-        409 once it has finished (succeeded, failed, or cancelled before)."""
+        409 once it has succeeded or failed; a cancelled job answers 200 again (a DELETE
+        is idempotent)."""
         client: Client = request.app.state.client
         cancelled = client.cancel(_valid_id(job_id), owner=caller.scope)
         job = _job_or_404(client, job_id, with_embedding=False, owner=caller.scope)
