@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import redis
 from kombu.exceptions import ContentDisallowed
@@ -99,6 +100,32 @@ class OwnedQoS(kombu_redis.QoS):
     def _remove_from_indices(self, delivery_tag, pipe=None):
         # Every ack, reject and restore (kombu's and at shutdown) goes through here.
         return super()._remove_from_indices(delivery_tag, pipe).hdel(FETCHED_BY, delivery_tag)
+
+    def ack(self, delivery_tag) -> None:
+        with _after_teardown(self.channel, "acknowledgement"):
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False) -> None:
+        with _after_teardown(self.channel, "rejection"):
+            super().reject(delivery_tag, requeue=requeue)
+
+
+@contextmanager
+def _after_teardown(channel, what: str):
+    """An ack (or reject) of a task that finished after its connection was torn down
+    (the broker failed over or restarted while the task ran): kombu builds a client
+    from ``connection.client``, which the teardown set to None, and the AttributeError
+    escaped into Celery's event loop and stopped every worker of a Sentinel failover
+    (bench/cluster.py). Nothing is lost by letting it go: kombu restored the channel's
+    unacknowledged messages when it closed it (or the sweep will), and the job's
+    outcome is in the store, so its redelivery finds it finished."""
+    try:
+        yield
+    except AttributeError:
+        if getattr(channel.connection, "client", None) is not None:
+            raise
+        log.warning("%s after the broker connection was torn down: left to the "
+                    "redelivery, which finds the job finished", what)
 
 
 class GuardedChannel(kombu_redis.Channel):

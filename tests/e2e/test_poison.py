@@ -214,3 +214,29 @@ def test_closing_a_channel_whose_connection_is_gone_does_not_raise(broker_url):
         assert channel.basic_get("text", no_ack=False) is not None  # one unacked message
         channel.connection.client = None  # what the teardown leaves behind
         channel.close()  # raised AttributeError: 'NoneType' object has no attribute ...
+
+
+def test_an_ack_after_the_connection_was_torn_down_does_not_stop_the_worker(broker_url):
+    """A task that finishes after a broker failover tore its connection down acks on a
+    channel whose transport has no client any more: kombu's AttributeError escaped into
+    Celery's event loop and stopped every worker in bench/cluster.py's Sentinel
+    failover. The guarded transport lets the ack go (kombu restores the channel's
+    unacknowledged messages; the job's outcome is in the store)."""
+    from kombu import Connection, Producer
+
+    from workers.poison import GuardedRedisTransport
+
+    conn = Connection(broker_url, transport=GuardedRedisTransport)
+    ch = conn.default_channel
+    Producer(ch).publish({"late": 1}, routing_key="text", headers={"id": "late-ack"})
+    message = ch.basic_get("text", no_ack=False)
+    assert message is not None
+    client = ch.connection.client
+    ch._disconnect_pools()  # what a reconnect leaves behind
+    ch.connection.client = None
+    try:
+        message.ack()  # raised AttributeError: 'NoneType' object has no attribute 'hostname'
+        message.channel.qos.reject(message.delivery_tag, requeue=True)
+    finally:
+        ch.connection.client = client
+        conn.release()
