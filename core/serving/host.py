@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -299,7 +299,8 @@ def init_host(settings: Settings, device: str | None = None, *, modality: str = 
     engine = make_engine(settings.db_url)
     lock = threading.Lock() if engine.dialect.name == "sqlite" else None
     sessions = session_factory(engine)
-    _HOST = ModelHost(settings, model, metrics, sessions, GroupWriter(sessions, lock), lock,
+    writer = GroupWriter(sessions, lock, lease=timedelta(seconds=settings.lease_s))
+    _HOST = ModelHost(settings, model, metrics, sessions, writer, lock,
                       exporter)
     return _HOST
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
 
 from sqlalchemy import select
 
@@ -48,7 +50,7 @@ class VersionFile:
     sha256: str
 
 
-def _start_many(s, args: list[tuple[str, str]]) -> list:
+def _start_many(s, args: list[tuple[str, str]], lease: timedelta) -> list:
     """args: (job_id, worker) -> per request (job, payload, VersionFile | None) or
     (None, current status, None). The job's model version was resolved by the same
     UPDATE that started it; None for ``base`` or for a version since removed (the
@@ -56,7 +58,7 @@ def _start_many(s, args: list[tuple[str, str]]) -> list:
     started: dict = {}
     for worker in dict.fromkeys(w for _, w in args):
         started |= store.start_jobs(session=s, job_ids=[j for j, w2 in args if w2 == worker],
-                                    worker=worker)
+                                    worker=worker, lease=lease)
     refs = {v.name: VersionFile(v.name, v.modality, v.adapter_file, v.adapter_sha256)
             for v in version_refs(session=s,
                                   names=[j.model_version for j in started.values()]).values()
@@ -95,8 +97,11 @@ _BULK = {"start": _start_many, "finish": _finish_many, "call": _call_each}
 
 
 class GroupWriter:
-    def __init__(self, sessions, write_lock: threading.Lock | None = None):
+    def __init__(self, sessions, write_lock: threading.Lock | None = None,
+                 lease: timedelta = store.DEFAULT_LEASE):
         self.sessions = sessions
+        # Which running jobs a start may take over: those whose worker's lease is dead.
+        self._bulk = {**_BULK, "start": partial(_start_many, lease=lease)}
         # Other writers in this process (the failure signal handler) take the same
         # lock on SQLite, which has one writer at a time.
         self.write_lock = write_lock
@@ -151,6 +156,6 @@ class GroupWriter:
         results: list[tuple[_Req, object]] = []
         with self.write_lock or nullcontext(), self.sessions.begin() as s:
             for kind, reqs in by_kind.items():
-                results += zip(reqs, _BULK[kind](s, [r.arg for r in reqs]), strict=True)
+                results += zip(reqs, self._bulk[kind](s, [r.arg for r in reqs]), strict=True)
         for req, value in results:  # only now: the transaction is committed
             req.future.set_result(value)

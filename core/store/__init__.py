@@ -105,13 +105,33 @@ def mark_sent(*, session: Session, job_ids: list[str]) -> None:
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=db_now()))
 
 
-def start_job(*, session: Session, job_id: str, worker: str) -> Job | None:
-    """queued/running -> running, atomically; None if the job must not run (it is
-    terminal: done, failed or cancelled). A running job may be taken again: that is
-    a redelivery after its worker died. One statement (UPDATE ... RETURNING). The
-    job's new ``attempts`` is this start's fencing token (see ``finish_jobs``)."""
+# Settings.lease_s's default; workers pass their own to the starts.
+DEFAULT_LEASE = timedelta(seconds=20)
+
+
+def _startable(worker: str, lease: timedelta):
+    """A job this worker may start: ``queued``, or ``running`` under this same worker
+    (its task retrying) or under a worker whose lease is dead (a redelivery after that
+    worker died). Not one running under another live worker: a late start there (a
+    host whose link came back after the sweep had handed its jobs on, a message
+    redelivered by kombu's visibility timeout while its job still runs) would take
+    the job from the attempt that holds it, and that attempt's result would be late."""
+    alive = select(WorkerLease.worker).where(
+        WorkerLease.heartbeat_at >= db_now(-lease.total_seconds()))
+    running = _JOBS.c.status == JobStatus.RUNNING.value
+    return ((_JOBS.c.status == JobStatus.QUEUED.value)
+            | (running & (_JOBS.c.worker.is_(None) | (_JOBS.c.worker == worker)
+                          | _JOBS.c.worker.not_in(alive))))
+
+
+def start_job(*, session: Session, job_id: str, worker: str,
+              lease: timedelta = DEFAULT_LEASE) -> Job | None:
+    """queued (or running, see ``_startable``) -> running, atomically; None if the job
+    must not run (it is terminal: done, failed or cancelled; or another live worker
+    holds it). One statement (UPDATE ... RETURNING). The job's new ``attempts`` is
+    this start's fencing token (see ``finish_jobs``)."""
     return session.scalars(
-        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+        update(Job).where(Job.id == job_id, _startable(worker, lease))
         .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
                 started_at=db_now(), worker=worker, model_version=_resolved_version())
         .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
@@ -139,11 +159,12 @@ def _resolved_version():
                          BASE_VERSION)
 
 
-def start_jobs(*, session: Session, job_ids: list[str], worker: str) -> dict:
+def start_jobs(*, session: Session, job_ids: list[str], worker: str,
+               lease: timedelta = DEFAULT_LEASE) -> dict:
     """``start_job`` for many jobs in one statement -> the started ones by id, as rows
     of RUN_COLUMNS (attribute access like a Job)."""
     rows = session.execute(
-        update(_JOBS).where(_JOBS.c.id.in_(job_ids), _JOBS.c.status.in_(ACTIVE))
+        update(_JOBS).where(_JOBS.c.id.in_(job_ids), _startable(worker, lease))
         .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
                 started_at=db_now(), worker=worker, model_version=_resolved_version())
         .returning(*RUN_COLUMNS)).all()

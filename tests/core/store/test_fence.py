@@ -163,3 +163,24 @@ def test_db_now_offsets(sessions, offset):
         shifted = s.scalar(select(store.db_now(offset)))
     shifted = shifted if shifted.tzinfo else shifted.replace(tzinfo=UTC)
     assert abs((shifted - now).total_seconds() - offset) < 5
+
+
+def test_a_late_start_does_not_take_a_job_from_a_live_worker(sessions):
+    """A host whose link comes back after the sweep handed its jobs on, or a message
+    redelivered while its job still runs, must not start the job again: that took it
+    from the attempt that held it (bench/cluster.py's link cut recovered only when the
+    cut host returned, 61 s). A job whose worker's lease is dead is taken at once."""
+    a, b = _jobs(sessions, 2)
+    with sessions.begin() as s:
+        store.renew_lease(session=s, worker="live", modality="text")
+    assert _start(sessions, a, "live") == 1
+    assert _start(sessions, b, "gone") == 1  # "gone" holds no lease
+    with sessions.begin() as s:
+        assert store.start_jobs(session=s, job_ids=[a], worker="late") == {}
+        assert store.start_job(session=s, job_id=a, worker="late") is None
+        assert store.start_jobs(session=s, job_ids=[b], worker="late")[b].attempts == 2
+        # The holder's own retry (its task trying again) starts it again.
+        assert store.start_jobs(session=s, job_ids=[a], worker="live")[a].attempts == 2
+    j = _row(sessions, a)
+    assert (j.status, j.worker, j.attempts) == ("running", "live", 2)
+    assert _row(sessions, b).worker == "late"
