@@ -266,7 +266,17 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A client that vanished mid-transaction (its host's link cut: no reset reaches the
+    # server) kept its row locks until TCP gave up, minutes later, and the sweep's
+    # UPDATE of its jobs waited for it: bench/cluster.py's link cut recovered only when
+    # the link came back (60.6 s). mmq never idles inside a transaction for more than
+    # moments, so the server ends such a session (and its locks) after this long.
+    options = f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_S * 1000}"
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         connect_args={"options": options})
+
+
+PG_IDLE_IN_TRANSACTION_S = 30
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -1,12 +1,14 @@
 """The results store on SQLite and PostgreSQL: migrations, job lifecycle, idempotency."""
 
+import uuid
 from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, update
 
 from core import store
 from core.jobs import JobResult, JobStatus
+from core.store.migrations import upgrade
 
 
 def test_migration_creates_the_schema(sessions):
@@ -192,3 +194,39 @@ def test_a_late_failure_does_not_undo_a_success(sessions):
         assert not store.fail_job(session=s, job_id=a, error="internal error: late", attempt=1)
     j = _job_row(sessions, a)
     assert j.status == "succeeded" and j.error is None
+
+
+def test_a_vanished_clients_transaction_does_not_hold_its_jobs(monkeypatch):
+    """PostgreSQL: a worker whose host's link is cut mid-transaction leaves a session
+    idle in its transaction, holding row locks, until TCP gives up (minutes). The sweep's
+    UPDATE of those jobs waited for it. The server now ends such sessions: another
+    writer gets the rows after ``PG_IDLE_IN_TRANSACTION_S`` (1 s here)."""
+    from sqlalchemy import text
+
+    from core.store import tables
+    from tests.e2e.conftest import _pg_database, _pg_drop
+
+    monkeypatch.setattr(tables, "PG_IDLE_IN_TRANSACTION_S", 1)
+    name = f"mmq_idle_{uuid.uuid4().hex[:10]}"
+    url = _pg_database(name)
+    try:
+        upgrade(url)
+        vanished, sweeper = store.make_engine(url), store.make_engine(url)
+        with store.session_factory(sweeper).begin() as s:
+            job = store.create_job(session=s, modality="text", task="embed", text="x").id
+        held = vanished.connect()
+        held.begin()
+        held.execute(update(store.Job).where(store.Job.id == job).values(status="running"))
+        # ... and nothing more from that client: no commit, no disconnect.
+        with sweeper.connect() as c, c.begin():
+            c.execute(text("SET LOCAL statement_timeout = '20s'"))  # a bound, not a timing
+            moved = c.execute(update(store.Job).where(store.Job.id == job)
+                              .values(status="cancelled")).rowcount
+        assert moved == 1
+        with store.session_factory(sweeper)() as s:
+            assert store.get_job(session=s, job_id=job).status == "cancelled"
+        held.invalidate()
+        vanished.dispose()
+        sweeper.dispose()
+    finally:
+        _pg_drop(name)
