@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import select
@@ -99,16 +99,20 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
     if single_flight and not _take_turn(r, settings, modalities):
         r.close()
         return SweepResult()
-    if _new_primary(r, settings, modalities):
-        # Messages sent shortly before may be missing: look now, not a minute later.
-        queued, stale = True, min(stale, timedelta(seconds=NEW_PRIMARY_STALE_S))
     engine = store.make_engine(settings.db_url)
     try:
         sessions = store.session_factory(engine)
         with sessions() as s:
+            # Messages sent before a new primary took over may be missing: look for
+            # those jobs now, not a minute later (later ones take the usual path).
+            if changed_at := _new_primary(r, settings, modalities, s):
+                recent = store.stale_queued(
+                    session=s, older_than=timedelta(seconds=NEW_PRIMARY_STALE_S),
+                    sent_before=changed_at)
             stale_jobs = [(j.id, j.modality) for j in
                           (store.stale_queued(session=s, older_than=stale) if queued else [])
-                          if j.modality in modalities]
+                          + (recent if changed_at else []) if j.modality in modalities]
+            stale_jobs = list(dict.fromkeys(stale_jobs))
             orphans = [(j.id, j.modality, j.worker) for j in
                        store.orphaned_running(session=s, lease=lease)
                        if j.modality in modalities]
@@ -146,7 +150,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
 NEW_PRIMARY_STALE_S = 3.0
 
 
-def _new_primary(r: redis.Redis, settings: Settings, modalities) -> bool:
+def _new_primary(r: redis.Redis, settings: Settings, modalities, session) -> datetime | None:
     """Whether the Redis primary is new since the last sweep, or was within the stale
     limit: it restarted (perhaps empty) or a replica was promoted by Sentinel, and
     replication is asynchronous, so messages pushed to the old one just before may be
@@ -154,17 +158,21 @@ def _new_primary(r: redis.Redis, settings: Settings, modalities) -> bool:
     either moved with the data, or is gone). For ``requeue_stale_s`` after that, the
     sweep re-sends queued jobs with no message as soon as they are a few seconds old,
     instead of after ``requeue_stale_s``: a failover or an empty restart is then
-    recovered in one sweep turn, not a minute."""
+    recovered in one sweep turn, not a minute. Only jobs sent before the change was
+    seen (the database's time then, returned) whose send had succeeded: a job sent
+    since went to the new primary, and one whose send failed or is still being tried
+    (no ``sent_at``; its producer may be retrying) keeps the usual minute."""
     mods = ",".join(sorted(modalities))
     run_id = str(r.info("server").get("run_id", ""))
     last = r.set(BROKER_RUN_ID + mods, run_id, get=True)
     if last is None or last.decode() != run_id:
-        r.set(BROKER_CHANGED + mods, run_id, ex=max(1, int(settings.requeue_stale_s)))
+        seen = store.db_time(session=session)
+        r.set(BROKER_CHANGED + mods, seen.isoformat(), ex=max(1, int(settings.requeue_stale_s)))
         log.warning("sweep: the Redis primary is new (restarted or failed over); re-sending "
-                    "queued jobs whose message it lacks for the next %g s",
-                    settings.requeue_stale_s)
-        return True
-    return bool(r.exists(BROKER_CHANGED + mods))
+                    "queued jobs sent before it whose message it lacks")
+        return seen
+    flag = r.get(BROKER_CHANGED + mods)
+    return None if flag is None else datetime.fromisoformat(flag.decode())
 
 
 def live_job_ids(settings: Settings, modalities=QUEUES) -> set[str]:

@@ -291,13 +291,18 @@ def get_idempotency(*, session: Session, key: str) -> IdempotencyKey | None:
     return session.get(IdempotencyKey, key)
 
 
-def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000) -> list[Job]:
+def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000,
+                 sent_before: datetime | None = None) -> list[Job]:
     """Queued jobs whose task was sent (or attempted) longer ago than ``older_than``:
-    their message may have been lost with a broker restart."""
-    cutoff = db_now(-older_than.total_seconds())
-    q = (select(Job).where(Job.status == JobStatus.QUEUED.value)
-         .where((Job.sent_at.is_(None) & (Job.created_at < cutoff)) | (Job.sent_at < cutoff))
+    their message may have been lost with a broker restart. With ``sent_before``, only
+    jobs whose send succeeded before that instant of the database's clock (a job whose
+    send failed, or is still being tried, has no ``sent_at``)."""
+    sent = func.coalesce(Job.sent_at, Job.created_at)
+    q = (select(Job).where(Job.status == JobStatus.QUEUED.value,
+                           sent < db_now(-older_than.total_seconds()))
          .order_by(Job.created_at).limit(limit))
+    if sent_before is not None:
+        q = q.where(Job.sent_at.is_not(None), Job.sent_at < sent_before)
     return list(session.scalars(q))
 
 
