@@ -61,26 +61,23 @@ def prediction_row(client: Client, job_id: str) -> store.Prediction | None:
 
 
 @pytest.fixture
-def client(broker_url, database_url):
-    c = Client(broker_url=broker_url, database_url=database_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def sqlite_url(tmp_path) -> str:
     """One database is enough where SQL is not what the test is about."""
     return f"sqlite:///{tmp_path / 'mmq.db'}"
 
 
 def test_a_redelivered_message_does_not_take_a_job_from_its_live_worker(
-        broker_url, database_url, client, start_worker):
+        broker_url, sqlite_url, start_worker):
     """Production's double delivery: a job outlives the visibility timeout and Redis
     hands its message to a second worker while the first still runs it. The second
     must not start it (that took the job from the attempt holding it, whose result then
     came late and was dropped, and ran the job twice): it acknowledges its copy and the
-    first run's outcome is the job's."""
+    first run's outcome is the job's. One database: the start's rule is held on both
+    by tests/core/store/test_fence.py."""
     from core.broker.sweep import live_job_ids
+
+    database_url = sqlite_url
+    client = Client(broker_url=broker_url, database_url=database_url)
 
     # The restore timer runs every 10 s; 2 s of visibility makes the message
     # visible again at the first tick after the first worker took it.
@@ -112,6 +109,7 @@ def test_a_redelivered_message_does_not_take_a_job_from_its_live_worker(
                         .where(store.Prediction.job_id == job_id))
     assert rows == 1 and prediction_row(client, job_id).dim == 384
     assert "dropped the late" not in first.log.read_text()
+    client.close()
 
 
 def test_a_deadline_that_passes_while_waiting_cancels_the_job(broker_url, sqlite_url,
