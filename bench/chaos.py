@@ -78,6 +78,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import table  # noqa: E402
 from bench.chaos_services import (  # noqa: E402,F401  (Worker: used by the scenarios)
     _CLEANUPS,
     _DBS,
@@ -384,19 +385,10 @@ COLUMNS = [("scenario", 22), ("submitted", 9), ("succeeded", 9), ("failed", 6), 
 
 
 def print_table(results: list[Result]) -> None:
-    head = " | ".join(f"{c:<{w}}" for c, w in COLUMNS)
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in results:
-        v = [r.name, *(r.row.get(k, "-") for k in ("submitted", "succeeded", "failed", "lost",
-                                                   "dup", "reruns", "recover")), r.target,
-             {True: "PASS", False: "MISS", None: "n/a"}[r.passed]]
-        print(" | ".join(f"{str(x):<{w}}" for x, (_, w) in zip(v, COLUMNS, strict=True)))
-    print()
-    for r in results:
-        if r.notes:
-            print(f"{r.name}:")
-            for n in r.notes:
-                print(f"  - {n}")
+    keys = ("submitted", "succeeded", "failed", "lost", "dup", "reruns", "recover")
+    table.print_table(COLUMNS, [[r.name, *(r.row.get(k, "-") for k in keys), r.target,
+                                 table.VERDICT[r.passed]] for r in results],
+                      [(r.name, r.notes) for r in results])
 
 
 def main() -> None:

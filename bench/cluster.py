@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from bench import netns  # noqa: E402
+from bench import netns, table  # noqa: E402
 from bench.cluster_hosts import Cluster, Worker, WorkerSpec  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -361,20 +361,10 @@ COLUMNS = [("scenario", 16), ("submitted", 9), ("succeeded", 9), ("cancelled", 9
 
 
 def print_table(rows: list[Row]) -> None:
-    head = " | ".join(f"{c:<{w}}" for c, w in COLUMNS)
-    print("\n" + head + "\n" + "-" * len(head))
-    for r in rows:
-        v = [r.name, *(r.cells.get(k, "-") for k in ("submitted", "succeeded", "cancelled",
-                                                     "failed", "lost", "dup", "late",
-                                                     "recover")),
-             {True: "PASS", False: "MISS", None: "n/a"}[r.passed]]
-        print(" | ".join(f"{str(x):<{w}}" for x, (_, w) in zip(v, COLUMNS, strict=True)))
-    print()
-    for r in rows:
-        if r.notes:
-            print(f"{r.name}:")
-            for n in r.notes:
-                print(f"  - {n}")
+    keys = ("submitted", "succeeded", "cancelled", "failed", "lost", "dup", "late", "recover")
+    table.print_table(COLUMNS, [[r.name, *(r.cells.get(k, "-") for k in keys),
+                                 table.VERDICT[r.passed]] for r in rows],
+                      [(r.name, r.notes) for r in rows])
 
 
 def main() -> None:
