@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import redis
 from celery import Celery
+from kombu.exceptions import LimitExceeded, OperationalError
 
 from core.broker.queues import (
     producer_queues,
@@ -18,6 +19,10 @@ from core.broker.queues import (
 from core.broker.redis_client import broker_transport_options, redis_for
 from core.config import Settings
 from core.jobs import QUEUES, RUN_JOB_TASK
+
+# Seconds a send waits for one of the app's pooled broker connections (broker_pool_limit:
+# 10). A burst of 40 API threads publishing a few jobs each waits milliseconds.
+POOL_ACQUIRE_TIMEOUT_S = 10.0
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -37,7 +42,18 @@ def producer_app(settings: Settings) -> Celery:
 def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
     """Publish (job_id, modality) pairs over one connection; returns the ids sent."""
     sent = []
-    with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
+    # Not Celery's producer pool: it takes its connection from the connection pool
+    # with no time limit (kombu's ProducerPool, whatever broker_pool_acquire_timeout
+    # says), so once the pooled connections are all out a submit hung for ever (one
+    # request of a 200-client burst did in CI). Here the wait is bounded: the send
+    # fails, and the SDK leaves the job queued for the sweep.
+    try:
+        conn = app.pool.acquire(block=True, timeout=POOL_ACQUIRE_TIMEOUT_S)
+    except LimitExceeded:
+        raise OperationalError(f"no broker connection came free in {POOL_ACQUIRE_TIMEOUT_S} s "
+                               f"(all {app.conf.broker_pool_limit} in use)") from None
+    with conn, app.amqp.Producer(conn, auto_declare=False) as producer, \
+            producer.batch(max_size=1000):
         # kombu buffers the LPUSHes of a batch in one Redis pipeline: one round
         # trip per thousand jobs instead of one (and a new client object) per job.
         for job_id, modality in jobs:

@@ -4,6 +4,7 @@ reads the queue, so its length is exactly what admission let in."""
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import threading
 import time
@@ -163,10 +164,15 @@ def test_admission_is_atomic_under_concurrent_submits(served):
 
     t = threading.Thread(target=watcher)
     t.start()
+    # The API runs in this process: should a request ever hang (one did once in CI,
+    # a ReadTimeout after 120 s), every thread's stack shows where, before the client
+    # gives up.
+    faulthandler.dump_traceback_later(90)
     try:
         with ThreadPoolExecutor(200) as pool:
             responses = list(pool.map(submit, range(200)))
     finally:
+        faulthandler.cancel_dump_traceback_later()
         done.set()
         t.join()
     codes = [r.status_code for r in responses]

@@ -1,0 +1,37 @@
+"""Sending jobs: a send never waits without bound for a pooled broker connection."""
+
+from __future__ import annotations
+
+import threading
+
+from kombu.exceptions import OperationalError
+
+from core.broker import sender
+from core.config import Settings
+
+
+def test_a_send_with_every_connection_taken_fails_instead_of_hanging(monkeypatch):
+    """Celery's producer pool waits for ever for one of its ``broker_pool_limit``
+    connections; a submit must fail (the SDK then leaves the job to the sweep) instead."""
+    monkeypatch.setattr(sender, "POOL_ACQUIRE_TIMEOUT_S", 0.5, raising=False)
+    # No broker is contacted: the pool hands out lazy connections, and all are taken.
+    app = sender.producer_app(Settings(broker_url="redis://127.0.0.1:1/0"))
+    taken = [app.pool.acquire(block=False) for _ in range(app.conf.broker_pool_limit)]
+    outcome: list[BaseException | None] = []
+
+    def send() -> None:
+        try:
+            sender.send_jobs(app, [("job-1", "text")])
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "send_jobs waited for a broker connection without bound"
+    assert isinstance(outcome[0], OperationalError), outcome
+    assert "no broker connection came free" in str(outcome[0])
+    for p in taken:
+        p.release()
+
