@@ -163,8 +163,8 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
 # -- audio --------------------------------------------------------------------------------
 
 # Audio containers accepted (libsndfile's names: soundfile.info().format), and how the
-# README and errors name them. libsndfile reads two dozen more (AU, CAF, VOC, PAF,
-# ...): refused, so that what is accepted is what is documented, and rarely used
+# docs (docs/model.md) and errors name them. libsndfile reads two dozen more (AU, CAF,
+# VOC, PAF, ...): refused, so that what is accepted is what is documented, and rarely used
 # parsers never see untrusted bytes. WAVEX is WAV with the extensible header.
 AUDIO_FORMATS = ("WAV", "WAVEX", "FLAC", "OGG", "MP3", "AIFF")
 AUDIO_FORMATS_TEXT = "WAV, FLAC, OGG Vorbis or Opus, MP3, AIFF"
