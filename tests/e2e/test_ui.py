@@ -19,7 +19,7 @@ from core import store
 from core.config import Settings
 from core.jobs import JobResult
 from producer.api import create_app
-from producer.ui_session import COOKIE
+from producer.ui.session import COOKIE
 
 KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567", "root": "root-key-89ab"}
 ORIGIN = "https://testserver"

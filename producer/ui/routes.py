@@ -4,7 +4,7 @@ Jinja2 (autoescaped); a little plain JavaScript (``static/ui.js``) polls the job
 reloads a pending job's page and takes dropped files, and every page works without it.
 
 Who sees what: the sign-in takes an API key and keeps a signed session cookie
-(``producer/ui_session.py``); from then on the page reads exactly what that key reads
+(``producer/ui/session.py``); from then on the page reads exactly what that key reads
 through ``/v1`` (its own jobs; an admin key everyone's). Every POST carries a CSRF
 token tied to the session. Reads and submits go through the same store functions and
 the same ``Client`` as the API, in the thread pool; bad input is a 4xx page that says
@@ -32,11 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import InvalidInput
 from core.inputs import AUDIO_FORMATS_TEXT
 from core.jobs import MODALITIES, TASKS, JobStatus
-from producer import ui_data
-from producer.api import INPUT_STATUS, _submit  # the form refuses what /v1/jobs refuses
-from producer.api_models import ApiError
-from producer.form import read_body, sniff_modality
-from producer.ui_session import COOKIE, PATH, Sessions, UiSession, same_origin
+from producer.api.app import INPUT_STATUS, _submit  # the form refuses what /v1/jobs refuses
+from producer.api.schemas import ApiError
+from producer.ui import data as ui_data
+from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
+from producer.web.form import read_body, sniff_modality
 
 HERE = Path(__file__).parent
 STATUSES = tuple(s.value for s in JobStatus)

@@ -2,7 +2,7 @@
 
 ``mmq api`` serves ``create_app()`` with uvicorn. Every ``/v1`` route needs
 ``Authorization: Bearer <key>`` (keys from ``MMQ_API_KEYS``; see
-``producer/api_auth.py``), and a key sees only the jobs it made. The API is a
+``producer/web/auth.py``), and a key sees only the jobs it made. The API is a
 producer like the SDK: it validates, writes job rows and sends task messages
 through ``producer.sdk.Client``, and reads results from SQL. Blocking database
 and Redis calls run in the thread pool; only the long-poll sleeps on the loop.
@@ -36,9 +36,8 @@ from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from core.jobs import MODALITIES, TERMINAL, JobStatus, Modality
-from producer.api_auth import Caller, CallerDep, keyring
-from producer.api_metrics import metrics_registry, render_metrics
-from producer.api_models import (
+from producer.api.metrics import metrics_registry, render_metrics
+from producer.api.schemas import (
     ERROR_CODES,
     Accepted,
     ApiError,
@@ -51,11 +50,12 @@ from producer.api_models import (
     job_out,
     multipart_schema,
 )
-from producer.api_search import SearchIn
-from producer.api_search import router as search_router
-from producer.api_versions import add_model_routes
-from producer.form import read_body, upload_items
+from producer.api.search import SearchIn
+from producer.api.search import router as search_router
+from producer.api.versions import add_model_routes
 from producer.sdk import Client, IdempotencyConflict
+from producer.web.auth import Caller, CallerDep, keyring
+from producer.web.form import read_body, upload_items
 
 log = logging.getLogger("mmq.api")
 
@@ -87,9 +87,9 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     _add_job_routes(app)
     _add_service_routes(app)
     add_model_routes(app)
-    app.include_router(search_router)  # POST /v1/search (producer/api_search.py)
+    app.include_router(search_router)  # POST /v1/search (producer/api/search.py)
     _publish_schemas(app, JobIn, BatchIn, SearchIn)
-    from producer.ui import mount_ui  # here: producer.ui builds on this module's routes
+    from producer.ui.routes import mount_ui  # here: producer.ui builds on this module's routes
 
     mount_ui(app)  # the results page, /ui
     return app

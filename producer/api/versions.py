@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field
 
 from core.jobs import MODALITIES, Modality
 from core.store import versions
-from producer.api_auth import CallerDep
-from producer.api_models import ApiError, error_responses
+from producer.api.schemas import ApiError, error_responses
+from producer.web.auth import CallerDep
 
 
 class ModelVersionOut(BaseModel):

@@ -1,0 +1,1 @@
+"""The results page, ``/ui``: server-rendered pages served by the API process."""

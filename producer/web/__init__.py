@@ -1,0 +1,1 @@
+"""What the HTTP API and the results page share: API keys, size-capped request bodies."""
