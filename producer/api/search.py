@@ -27,15 +27,13 @@ from starlette.datastructures import UploadFile
 from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import Modality, Task
-from producer.api.schemas import ERROR_CODES, ApiError, error_responses
+from producer.api.schemas import error_responses
 from producer.sdk.search import SearchResult, SearchUnavailable, run_search
 from producer.web.auth import CallerDep
+from producer.web.errors import ERROR_CODES, INPUT_STATUS, RETRY_AFTER_S, ApiError
 from producer.web.form import read_body
 
 router = APIRouter(tags=["search"])
-INPUT_STATUS = {InvalidInput.INVALID: 422, InvalidInput.TOO_LARGE: 413,
-                InvalidInput.UNSUPPORTED: 415}
-RETRY_AFTER_S = 5
 FILTER_FIELDS = ("modality", "task", "label", "model_version", "created_since",
                  "created_until")
 FORM_FIELDS = {"file", "text", "query_modality", "k", *FILTER_FIELDS}

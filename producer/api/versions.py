@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from core.jobs import MODALITIES, Modality
 from core.store import versions
-from producer.api.schemas import ApiError, error_responses
+from producer.api.schemas import error_responses
 from producer.web.auth import CallerDep
+from producer.web.errors import ApiError
 
 
 class ModelVersionOut(BaseModel):
@@ -36,28 +37,31 @@ class ModelsOut(BaseModel):
     versions: list[ModelVersionOut]
 
 
-def add_model_routes(app: FastAPI) -> None:
-    @app.get("/v1/models", response_model=ModelsOut, tags=["models"],
-             responses=error_responses(401, 404))
-    def list_models(request: Request, caller: CallerDep,
-                    modality: Modality | None = None) -> ModelsOut:
-        """Every model version (newest first per modality) with its held-out metrics,
-        and the version each modality serves by default."""
-        client = request.app.state.client
-        with client.sessions() as s:
-            rows = [v.as_dict() for v in versions.list_versions(
-                session=s, modality=modality and modality.value)]
-            serving = {m: versions.promoted_version(session=s, modality=m)
-                       for m in ([modality.value] if modality else MODALITIES)}
-        return ModelsOut(serving=serving, versions=[ModelVersionOut(**{
-            k: v for k, v in r.items() if k in ModelVersionOut.model_fields}) for r in rows])
+router = APIRouter()  # each route names its tag
 
-    @app.get("/v1/models/{name}", response_model=ModelVersionOut, tags=["models"],
-             responses=error_responses(401, 404))
-    def get_model(request: Request, name: str, caller: CallerDep) -> ModelVersionOut:
-        with request.app.state.client.sessions() as s:
-            v = versions.get_version(session=s, name=name)
-            if v is None:
-                raise ApiError(404, "not_found", f"no model version {name!r}")
-            d = v.as_dict()
-        return ModelVersionOut(**{k: x for k, x in d.items() if k in ModelVersionOut.model_fields})
+
+@router.get("/v1/models", response_model=ModelsOut, tags=["models"],
+            responses=error_responses(401, 404))
+def list_models(request: Request, caller: CallerDep,
+                modality: Modality | None = None) -> ModelsOut:
+    """Every model version (newest first per modality) with its held-out metrics,
+    and the version each modality serves by default."""
+    client = request.app.state.client
+    with client.sessions() as s:
+        rows = [v.as_dict() for v in versions.list_versions(
+            session=s, modality=modality and modality.value)]
+        serving = {m: versions.promoted_version(session=s, modality=m)
+                   for m in ([modality.value] if modality else MODALITIES)}
+    return ModelsOut(serving=serving, versions=[ModelVersionOut(**{
+        k: v for k, v in r.items() if k in ModelVersionOut.model_fields}) for r in rows])
+
+
+@router.get("/v1/models/{name}", response_model=ModelVersionOut, tags=["models"],
+            responses=error_responses(401, 404))
+def get_model(request: Request, name: str, caller: CallerDep) -> ModelVersionOut:
+    with request.app.state.client.sessions() as s:
+        v = versions.get_version(session=s, name=name)
+        if v is None:
+            raise ApiError(404, "not_found", f"no model version {name!r}")
+        d = v.as_dict()
+    return ModelVersionOut(**{k: x for k, x in d.items() if k in ModelVersionOut.model_fields})
