@@ -59,7 +59,8 @@ TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=
                         trim_blocks=True, lstrip_blocks=True)
 
 router = APIRouter(prefix=PATH, include_in_schema=False)
-router.mount("/static", StaticFiles(directory=HERE / "static"), name="ui-static")
+# A mount is not given the router's prefix (only its routes are): the whole path.
+router.mount(f"{PATH}/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
 
 class UiError(Exception):
