@@ -266,7 +266,7 @@ def towers(stack: Stack) -> None:
     import soundfile as sf
 
     from core.training import photo_eval as pe
-    from producer.stack import EXAMPLES
+    from producer.ops.stack import EXAMPLES
 
     # Real photographs for the ImageNet tower (the store keeps each distinct one once).
     jpegs = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT]

@@ -112,7 +112,7 @@ def check_image(dev: torch.device) -> bool:
 
 def check_speech(dev: torch.device) -> bool:
     from core.model.whisper.tower import SpeechTower
-    from producer.stack import EXAMPLES
+    from producer.ops.stack import EXAMPLES
 
     clips = [p.read_bytes() for p in sorted(EXAMPLES.glob("spoken-*.wav"))]
     cpu = SpeechTower.from_bundled("cpu")

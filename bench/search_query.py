@@ -27,7 +27,7 @@ from bench.e2e import Stack  # noqa: E402
 from core.search import SearchFilters  # noqa: E402
 from core.training.samples import sentences  # noqa: E402
 from producer.sdk import Client  # noqa: E402
-from producer.search import run_search  # noqa: E402
+from producer.sdk.search import run_search  # noqa: E402
 
 
 def rss_mib() -> float:

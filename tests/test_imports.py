@@ -12,6 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("core", "workers", "producer")
+# Checked for import loops too (bench/ scripts import each other as ``bench.x``).
+LOOP_PACKAGES = (*PACKAGES, "bench")
+# Where a function-local import may not close a loop either: a local import that
+# dodges a circle (``def create_app(): from producer.ui import ...``) still couples the
+# two modules both ways, so these packages are checked with every import.
+ALL_IMPORTS = ("producer",)
 # package -> the project packages it may import
 ALLOWED = {"core": {"core"}, "workers": {"core", "workers"}, "producer": {"core", "producer"}}
 
@@ -21,7 +27,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, *, top_level_only: bool) -> set[str]:
+def _imports(path: Path, *, top_level_only: bool, packages=PACKAGES) -> set[str]:
     tree = ast.parse(path.read_text(), str(path))
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     out: set[str] = set()
@@ -31,11 +37,16 @@ def _imports(path: Path, *, top_level_only: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
             out |= {f"{node.module}.{a.name}" for a in node.names}
-    return {m for m in out if m.split(".")[0] in PACKAGES}
+    return {m for m in out if m.split(".")[0] in packages}
 
 
-def _sources() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+def _sources(packages=PACKAGES) -> dict[str, Path]:
+    return {_module_name(p): p for pkg in packages for p in (ROOT / pkg).rglob("*.py")}
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def test_imports_point_one_way():
@@ -49,16 +60,23 @@ def test_imports_point_one_way():
 
 
 def test_no_import_loops():
-    """Among module-level imports (what runs when a module is first imported)."""
-    sources = _sources()
+    """Among module-level imports (what runs when a module is first imported), and in
+    ALL_IMPORTS' packages among every import, function-local ones included. Importing
+    ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__`` first, so those count as
+    imported too (except the importer's own packages, already importing)."""
+    sources = _sources(LOOP_PACKAGES)
     graph = {}
     for name, path in sources.items():
         deps = set()
-        for imported in _imports(path, top_level_only=True):
+        everything = name.split(".")[0] in ALL_IMPORTS
+        for imported in _imports(path, top_level_only=not everything,
+                                 packages=LOOP_PACKAGES):
             # "from core.store import Job" names a module or a name in one
             mod = imported if imported in sources else imported.rsplit(".", 1)[0]
             if mod in sources and mod != name:
                 deps.add(mod)
+            own = {name, *_ancestors(name)}
+            deps |= {p for p in _ancestors(mod) if p in sources and p not in own}
         graph[name] = deps
     loops = []
 

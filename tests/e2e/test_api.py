@@ -22,7 +22,7 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from core.config import Settings
-from producer.stack import EXAMPLES
+from producer.ops.stack import EXAMPLES
 from tests.e2e.conftest import Worker, _free_port, _pg_database, _pg_drop, service_env
 
 KEY, OTHER_KEY = "test-key-1", "test-key-2"

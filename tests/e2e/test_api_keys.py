@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from core.config import LOCAL_API_KEY, Settings
-from producer.api_auth import key_id_of, keyring, parse_keys
 from producer.sdk import Client
+from producer.web.auth import key_id_of, keyring, parse_keys
 
 ALICE, BOB, ANON, ROOT = "alice-secret-1f9e", "bob-secret-77c2", "nameless-secret-d41", \
     "root-secret-0b5a"

@@ -19,9 +19,9 @@ from core import store
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
 from core.store.migrations import upgrade
-from producer.flower import FlowerAuthMissing, flower_command, flower_credentials, flower_env
+from producer.ops.flower import FlowerAuthMissing, flower_command, flower_credentials, flower_env
+from producer.ops.top import collect, render
 from producer.sdk import Client
-from producer.top import collect, render
 from tests.e2e.browser import chrome, screenshot
 from tests.e2e.conftest import _free_port, service_env
 
@@ -171,7 +171,7 @@ def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
 
 def _task_list_shows_modality_and_summary(f: FlowerProcess, job: str) -> None:
     """Flower's task list as an operator sees it, in headless Chromium: a Modality and a
-    Summary column (producer/flower.py's TASKS_COLUMNS), filled for the job."""
+    Summary column (producer/ops/flower.py's TASKS_COLUMNS), filled for the job."""
     import base64
 
     from selenium.common.exceptions import StaleElementReferenceException

@@ -18,8 +18,8 @@ from core import store
 from core.broker.sender import send_jobs
 from core.errors import InvalidInput
 from core.training.samples import sentences
+from producer.ops.stack import EXAMPLES
 from producer.sdk import Client
-from producer.stack import EXAMPLES
 from tests.e2e.conftest import Worker, service_env
 
 
@@ -104,7 +104,7 @@ def test_the_demo_shows_a_photo_spoken_keywords_and_a_transcribed_sentence(stack
     """`mmq demo` (and `mmq up --demo`): every job succeeds; the photograph is a cat, each
     spoken keyword is its word (scored zero-shot by the speech tower), and the spoken
     sentence is transcribed and classified as weather."""
-    from producer.stack import run_demo
+    from producer.ops.stack import run_demo
 
     client, _, _ = stack
     run_demo(timeout=300, client=client)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from producer.stack import EXAMPLES
+from producer.ops.stack import EXAMPLES
 from tests.e2e.conftest import Worker, _free_port, service_env
 from tests.e2e.test_api import _wait_http
 

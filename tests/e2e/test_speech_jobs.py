@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from core.config import Settings
 from producer.api import create_app
+from producer.ops.stack import EXAMPLES
 from producer.sdk import Client
-from producer.stack import EXAMPLES
 from tests.e2e.conftest import Worker, service_env
 
 KEY = "speech-key"

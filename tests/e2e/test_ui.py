@@ -19,7 +19,7 @@ from core import store
 from core.config import Settings
 from core.jobs import JobResult
 from producer.api import create_app
-from producer.ui_session import COOKIE
+from producer.ui.session import COOKIE
 
 KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567", "root": "root-key-89ab"}
 ORIGIN = "https://testserver"
@@ -101,6 +101,14 @@ def test_pages_need_a_session_and_a_wrong_key_is_refused(app):
     r = c.post("/ui/signin", data={"key": KEYS["alice"], "next": "https://evil.example/"},
                follow_redirects=False)
     assert r.headers["location"] == "/ui/jobs"  # never an open redirect
+
+
+def test_the_pages_script_and_style_are_served(app):
+    """From producer/ui/static, without a session (the sign-in page uses them too)."""
+    c = browser(app)
+    for name, ctype in (("ui.css", "text/css"), ("ui.js", "javascript")):
+        r = c.get(f"/ui/static/{name}")
+        assert r.status_code == 200 and ctype in r.headers["content-type"], name
 
 
 def test_the_session_cookie_is_secure_httponly_lax_and_holds_no_key(app):

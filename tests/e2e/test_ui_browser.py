@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from producer.stack import EXAMPLES
+from producer.ops.stack import EXAMPLES
 from tests.e2e.browser import chrome, screenshot
 from tests.e2e.conftest import Worker, _free_port, service_env
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from producer import cli
+from producer.cli import mmq as cli
 
 
 @pytest.fixture(autouse=True)

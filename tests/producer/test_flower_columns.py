@@ -1,4 +1,4 @@
-"""Flower's task list formatting (producer/flower.py): the modality alone in the
+"""Flower's task list formatting (producer/ops/flower.py): the modality alone in the
 kwargs column, the summary as one short line. The rendered list is checked in
 headless Chromium in tests/e2e/test_monitoring.py."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from producer.flower import TASKS_COLUMNS, compact_summary, format_task
+from producer.ops.flower import TASKS_COLUMNS, compact_summary, format_task
 
 
 def test_summaries_become_one_short_line():

@@ -1,4 +1,4 @@
-"""`mmq up`'s supervision (producer/supervise.py), over trivial `python -c` children:
+"""`mmq up`'s supervision (producer/ops/supervise.py), over trivial `python -c` children:
 a child that exits is restarted with backoff, the others keep running, and SIGTERM
 still stops them all."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.supervise import Supervisor
+from producer.ops.supervise import Supervisor
 
 ROOT = Path(__file__).parents[2]
 
@@ -117,7 +117,7 @@ def test_sigterm_stops_the_supervised_children(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import subprocess, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from producer.supervise import run_supervised
+        from producer.ops.supervise import run_supervised
 
         def setup(sup):
             for name in ("worker text", "flower"):

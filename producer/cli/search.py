@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from core.jobs import MODALITIES, TASKS
-from producer.cli_jobs import parse_duration
+from producer.cli.jobs import parse_duration
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from producer.sdk import Client
-    from producer.search import SearchUnavailable
+    from producer.sdk.search import SearchUnavailable
 
     # An argument naming an existing file is that file (image or audio); else it is text.
     query: str | Path = Path(args.query) if Path(args.query).is_file() and not args.text \

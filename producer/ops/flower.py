@@ -1,6 +1,6 @@
 """``mmq flower``: Flower for the mmq Celery app, always behind basic auth.
 
-Flower runs as its own process, ``python -m producer.flower [flower options]``, which
+Flower runs as its own process, ``python -m producer.ops.flower [flower options]``, which
 loads the monitoring app of the broker contract (``-A core.broker.apps:monitor``): the
 queues and events, no task module and no torch. Two things are adjusted in that
 process before Flower starts:
@@ -65,7 +65,7 @@ def flower_credentials(settings: Settings, *, local: bool | None = None) -> tupl
 
 
 def flower_command(port: int, address: str) -> list[str]:
-    return [sys.executable, "-m", "producer.flower", f"--port={port}", f"--address={address}"]
+    return [sys.executable, "-m", "producer.ops.flower", f"--port={port}", f"--address={address}"]
 
 
 def flower_env(auth: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -148,7 +148,8 @@ def _harden_flower() -> None:
 def run_flower(argv: list[str]) -> None:
     """Run Flower in this process: ``celery -A core.broker.apps:monitor flower <argv>``."""
     if not os.environ.get("FLOWER_BASIC_AUTH"):
-        raise FlowerAuthMissing("producer.flower: FLOWER_BASIC_AUTH is not set; use `mmq flower`")
+        raise FlowerAuthMissing("producer.ops.flower: FLOWER_BASIC_AUTH is not set; "
+                                "use `mmq flower`")
     _harden_flower()
     from celery.bin.celery import main as celery_main
 

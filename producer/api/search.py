@@ -5,7 +5,7 @@ The query is text (``{"query": {"text": ...}}``), an image or audio file as base
 found from the bytes), or a multipart upload (``file``, or ``text``; the filters as
 form fields of the same names; ``query_modality`` for the file's kind). It follows
 the input rules of a job (422/413/415), and it is embedded by a short job on its
-modality's queue (producer/search.py). A key sees only its own jobs; admin keys
+modality's queue (producer/sdk/search.py). A key sees only its own jobs; admin keys
 everyone's. Results are within the query's embedding space (its base model and the
 adapters trained into it); ``model_version`` narrows them to one version.
 """
@@ -27,15 +27,13 @@ from starlette.datastructures import UploadFile
 from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import Modality, Task
-from producer.api_auth import CallerDep
-from producer.api_models import ERROR_CODES, ApiError, error_responses
-from producer.form import read_body
-from producer.search import SearchResult, SearchUnavailable, run_search
+from producer.api.schemas import error_responses
+from producer.sdk.search import SearchResult, SearchUnavailable, run_search
+from producer.web.auth import CallerDep
+from producer.web.errors import ERROR_CODES, INPUT_STATUS, RETRY_AFTER_S, ApiError
+from producer.web.form import read_body
 
 router = APIRouter(tags=["search"])
-INPUT_STATUS = {InvalidInput.INVALID: 422, InvalidInput.TOO_LARGE: 413,
-                InvalidInput.UNSUPPORTED: 415}
-RETRY_AFTER_S = 5
 FILTER_FIELDS = ("modality", "task", "label", "model_version", "created_since",
                  "created_until")
 FORM_FIELDS = {"file", "text", "query_modality", "k", *FILTER_FIELDS}

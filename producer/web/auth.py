@@ -21,7 +21,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from core.config import LOCAL_API_KEY, Settings
-from producer.api_models import ApiError
+from producer.web.errors import ApiError
 
 bearer = HTTPBearer(auto_error=False,
                     description="an API key from MMQ_API_KEYS (or MMQ_ADMIN_KEYS)")

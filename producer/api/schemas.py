@@ -1,7 +1,5 @@
-"""Request and response schemas of the HTTP API, and its one error shape.
-
-Every error, whatever raised it, is ``{"error": {"status", "code", "message",
-"details"}}``: clients branch on ``code``, people read ``message``.
+"""Request and response schemas of the HTTP API, and its error body for OpenAPI (the
+error itself, ``ApiError``, is in producer/web/errors.py: the page raises it too).
 """
 
 from __future__ import annotations
@@ -12,18 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.jobs import JobStatus, Modality, Task
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, details: Any = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.details, self.headers = details, headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"status": self.status, "code": self.code, "message": self.message,
-                          "details": self.details}}
+from producer.web.errors import ERROR_CODES
 
 
 class ErrorDetail(BaseModel):
@@ -35,12 +22,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
-
-
-ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-               415: "unsupported_media_type", 422: "invalid_input", 429: "queue_full",
-               500: "internal", 503: "unavailable"}
 
 
 def error_responses(*codes: int) -> dict[int | str, dict]:

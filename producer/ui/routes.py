@@ -1,13 +1,15 @@
 """The results page, ``/ui``: the jobs a key made, live, with their inputs and results;
-search; a submit form. Served by the API process (``mount_ui``), server-rendered with
+search; a submit form. Served by the API process (``router``, which the API's app factory
+includes, and ``ui_error_page``, its error handler for ``UiError``), server-rendered with
 Jinja2 (autoescaped); a little plain JavaScript (``static/ui.js``) polls the job list,
 reloads a pending job's page and takes dropped files, and every page works without it.
 
 Who sees what: the sign-in takes an API key and keeps a signed session cookie
-(``producer/ui_session.py``); from then on the page reads exactly what that key reads
+(``producer/ui/session.py``); from then on the page reads exactly what that key reads
 through ``/v1`` (its own jobs; an admin key everyone's). Every POST carries a CSRF
 token tied to the session. Reads and submits go through the same store functions and
-the same ``Client`` as the API, in the thread pool; bad input is a 4xx page that says
+the same ``Client`` and submit service (producer/web/submit.py) as the API, in the
+thread pool; bad input is a 4xx page that says
 what was wrong, never a 500.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
@@ -32,11 +34,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import InvalidInput
 from core.inputs import AUDIO_FORMATS_TEXT
 from core.jobs import MODALITIES, TASKS, JobStatus
-from producer import ui_data
-from producer.api import INPUT_STATUS, _submit  # the form refuses what /v1/jobs refuses
-from producer.api_models import ApiError
-from producer.form import read_body, sniff_modality
-from producer.ui_session import COOKIE, PATH, Sessions, UiSession, same_origin
+from producer.ui import data as ui_data
+from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
+from producer.web.errors import INPUT_STATUS, ApiError
+from producer.web.form import read_body, sniff_modality
+from producer.web.submit import submit as submit_jobs  # the form refuses what /v1/jobs refuses
 
 HERE = Path(__file__).parent
 STATUSES = tuple(s.value for s in JobStatus)
@@ -53,7 +55,12 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",  # a key's results: not for shared caches or back buttons
 }
 
+TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
+                        trim_blocks=True, lstrip_blocks=True)
+
 router = APIRouter(prefix=PATH, include_in_schema=False)
+# A mount is not given the router's prefix (only its routes are): the whole path.
+router.mount(f"{PATH}/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
 
 class UiError(Exception):
@@ -64,24 +71,14 @@ class UiError(Exception):
         self.status, self.message = status, message
 
 
-def mount_ui(app: FastAPI) -> None:
-    """Add /ui to the API app (after ``create_app`` has set its state)."""
-    app.state.ui_sessions = Sessions(app.state.settings, app.state.keyring,
-                                     app.state.client.sessions)
-    app.state.ui_templates = Environment(
-        loader=FileSystemLoader(HERE / "templates"), autoescape=True,
-        trim_blocks=True, lstrip_blocks=True)
-    app.mount(f"{PATH}/static", StaticFiles(directory=HERE / "static"), name="ui-static")
-    app.include_router(router)
-
-    @app.exception_handler(UiError)
-    async def _ui_error(request: Request, e: UiError) -> HTMLResponse:
-        try:
-            session = await run_in_threadpool(_session, request)
-        except DBAPIError:  # the store is down: the error page still renders
-            session = None
-        return render(request, "error.html", session, status=e.status,
-                      error=e.message)
+async def ui_error_page(request: Request, e: UiError) -> HTMLResponse:
+    """The app's handler for ``UiError`` (``create_app`` registers it)."""
+    try:
+        session = await run_in_threadpool(_session, request)
+    except DBAPIError:  # the store is down: the error page still renders
+        session = None
+    return render(request, "error.html", session, status=e.status,
+                  error=e.message)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -99,7 +96,7 @@ def render(request: Request, template: str, session: UiSession | None, *, status
     context.setdefault("notice", None)
     context.setdefault("reload_ms", 0)  # ui.js reloads the page after this (0: never)
     context.setdefault("refresh_s", 0)  # without JavaScript: a meta refresh (0: none)
-    html = request.app.state.ui_templates.get_template(template).render(
+    html = TEMPLATES.get_template(template).render(
         prefix=PATH, session=session, caller=session.caller if session else None,
         csrf=sessions.csrf_token(session) if session else "", **context)
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
@@ -327,7 +324,7 @@ async def submit(request: Request) -> Response:
     kept = {k: str(form.get(k) or "") for k in ("text", "task", "labels", "top_k")}
     try:
         items = await _submit_items(form, s)
-        ids, _ = await run_in_threadpool(_submit, request, items, session.caller, None)
+        ids, _ = await run_in_threadpool(submit_jobs, request, items, session.caller, None)
     except (ApiError, InvalidInput, UiError) as e:
         err = e if isinstance(e, UiError) else _api_error(e)
         return render(request, "submit.html", session, status=err.status, error=err.message,

@@ -1,6 +1,6 @@
 """Sign-in for the results page: a signed session cookie and CSRF tokens.
 
-The page is behind the API's own keys (``producer/api_auth.py``): signing in with a
+The page is behind the API's own keys (``producer/web/auth.py``): signing in with a
 key makes the browser a caller with exactly that key's view. The cookie does not
 carry the key itself but the key's digest (``Caller.key_digest``) and a per-sign-in
 nonce, signed with HMAC-SHA256 under ``MMQ_UI_SECRET``:
@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 from core.store import ui_signins
-from producer.api_auth import ApiKey, Caller
+from producer.web.auth import ApiKey, Caller
 
 COOKIE = "mmq_ui"
 PATH = "/ui"

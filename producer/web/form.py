@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.config import Settings
 from core.inputs import AUDIO_FORMATS_TEXT, media_kind
 from core.jobs import TASKS
-from producer.api_models import ApiError
+from producer.web.errors import ApiError
 
 FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "model_version", "file",
                "files"}

@@ -27,12 +27,12 @@ from pathlib import Path
 
 from core.errors import InvalidInput
 from core.jobs import MODALITIES
-from producer.cli_dead import add_dead_commands
-from producer.cli_jobs import add_job_commands
-from producer.cli_models import add_model_commands
-from producer.cli_search import add_search_command
-from producer.stack import add_stack_commands
-from producer.top import add_top_command
+from producer.cli.dead import add_dead_commands
+from producer.cli.jobs import add_job_commands
+from producer.cli.models import add_model_commands
+from producer.cli.search import add_search_command
+from producer.ops.stack import add_stack_commands
+from producer.ops.top import add_top_command
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -87,7 +87,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_demo_local(args: argparse.Namespace) -> int:
     """Classify the bundled example texts with the default model, in this process."""
-    from producer.stack import DEMO_TEXTS, TEXT_LABELS
+    from producer.ops.stack import DEMO_TEXTS, TEXT_LABELS
 
     model = _load(args)
     scores = model.classify("text", DEMO_TEXTS, TEXT_LABELS, top_k=1)
@@ -105,7 +105,7 @@ def cmd_api(args) -> int:
     import uvicorn
 
     from core.config import get_settings
-    from producer.api_auth import keyring
+    from producer.web.auth import keyring
 
     s = get_settings()
     try:

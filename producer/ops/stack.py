@@ -21,10 +21,10 @@ import redis
 from core.broker.redis_client import broker_transport_options, is_sentinel, redis_for
 from core.config import LOCAL_API_KEY, Settings, get_settings
 from core.jobs import QUEUES
-from producer.flower import add_flower_command, flower_command, flower_credentials, flower_env
-from producer.supervise import Supervisor, run_supervised
+from producer.ops.flower import add_flower_command, flower_command, flower_credentials, flower_env
+from producer.ops.supervise import Supervisor, run_supervised
 
-EXAMPLES = Path(__file__).parent / "examples"
+EXAMPLES = Path(__file__).parents[1] / "examples"  # producer/examples
 DEMO_TEXTS = [
     "The striker scored twice in the second half and the home side won the cup.",
     "Shares slid after the bank warned that profits would fall this quarter.",

@@ -80,7 +80,7 @@ class Client:
     def close(self) -> None:
         self.engine.dispose()
 
-    # -- searching (producer/search.py) -----------------------------------------------------
+    # -- searching (producer/sdk/search.py) -------------------------------------------------
 
     def search(self, query: str | bytes | Path, *, k: int = 10, owner: str | None = None,
                **filters) -> list[dict]:
@@ -92,8 +92,8 @@ class Client:
         and the adapters trained into it), created_since, created_until (datetimes);
         ``owner``: only that key id's jobs (None: everyone's); ``query_modality``
         ("image" | "audio") skips sniffing the bytes. ``InvalidInput`` for a bad query,
-        ``producer.search.SearchUnavailable`` when no worker embeds it in time."""
-        from producer.search import run_search
+        ``producer.sdk.search.SearchUnavailable`` when no worker embeds it in time."""
+        from producer.sdk.search import run_search
 
         res = run_search(self, query, k=k, owner=owner, **filters)
         return [h.as_dict() for h in res.hits]

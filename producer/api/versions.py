@@ -1,0 +1,67 @@
+"""``GET /v1/models``: the model versions, and which one each modality serves.
+
+Read-only for every key: promote, rollback and rm stay with the operators
+(`mmq models`), who reach SQL directly. No torch here; the API never loads a model.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from core.jobs import MODALITIES, Modality
+from core.store import versions
+from producer.api.schemas import error_responses
+from producer.web.auth import CallerDep
+from producer.web.errors import ApiError
+
+
+class ModelVersionOut(BaseModel):
+    name: str
+    modality: Modality
+    status: str = Field(description="candidate, promoted or retired")
+    base_model: str = Field(description="the pretrained tower it was trained on")
+    data_digest: str
+    adapter_sha256: str
+    accuracy: float | None = Field(None, description="held-out accuracy at training")
+    metrics: dict | None = None
+    created_at: datetime
+    promoted_at: datetime | None = None
+
+
+class ModelsOut(BaseModel):
+    # What a job that names no version runs, per modality: a version, or "base".
+    serving: dict[str, str]
+    versions: list[ModelVersionOut]
+
+
+router = APIRouter()  # each route names its tag
+
+
+@router.get("/v1/models", response_model=ModelsOut, tags=["models"],
+            responses=error_responses(401, 404))
+def list_models(request: Request, caller: CallerDep,
+                modality: Modality | None = None) -> ModelsOut:
+    """Every model version (newest first per modality) with its held-out metrics,
+    and the version each modality serves by default."""
+    client = request.app.state.client
+    with client.sessions() as s:
+        rows = [v.as_dict() for v in versions.list_versions(
+            session=s, modality=modality and modality.value)]
+        serving = {m: versions.promoted_version(session=s, modality=m)
+                   for m in ([modality.value] if modality else MODALITIES)}
+    return ModelsOut(serving=serving, versions=[ModelVersionOut(**{
+        k: v for k, v in r.items() if k in ModelVersionOut.model_fields}) for r in rows])
+
+
+@router.get("/v1/models/{name}", response_model=ModelVersionOut, tags=["models"],
+            responses=error_responses(401, 404))
+def get_model(request: Request, name: str, caller: CallerDep) -> ModelVersionOut:
+    with request.app.state.client.sessions() as s:
+        v = versions.get_version(session=s, name=name)
+        if v is None:
+            raise ApiError(404, "not_found", f"no model version {name!r}")
+        d = v.as_dict()
+    return ModelVersionOut(**{k: x for k, x in d.items() if k in ModelVersionOut.model_fields})
