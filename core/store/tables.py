@@ -1,6 +1,6 @@
 """The store's tables (SQLAlchemy 2.x models) and engine set-up; the functions that
-read and write them are in core/store/__init__.py, and Alembic's migrations of
-them in core/store/migrations."""
+read and write them are in the other modules of core/store/ (re-exported by its
+__init__.py), and Alembic's migrations of them in core/store/migrations."""
 
 
 from __future__ import annotations

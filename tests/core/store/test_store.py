@@ -114,7 +114,7 @@ def test_finish_jobs_twice_keeps_one_prediction_with_the_last_outcome(sessions):
                          truncated=False),
             b: JobResult(embedding=np.zeros(4, np.float32), tokens=2)}) == {a, b}
     with sessions.begin() as s:  # as if the sweep had put a back (its ack was lost)
-        s.execute(store.update(store.Job).where(store.Job.id == a).values(status="queued"))
+        s.execute(update(store.Job).where(store.Job.id == a).values(status="queued"))
     with sessions.begin() as s:  # the second run: a new job (c) shares the statement
         started = store.start_jobs(session=s, job_ids=[a, c], worker="w2")
         assert (started[a].attempts, started[c].attempts) == (2, 1)
@@ -147,7 +147,7 @@ def test_finish_jobs_replaces_an_embedding_with_none(sessions):
             store.finish_jobs(session=s, model_version="v", results={a: result},
                               attempts={a: attempt})
         with sessions.begin() as s:  # as if the first run's ack was lost mid-way
-            s.execute(store.update(store.Job).where(store.Job.id == a)
+            s.execute(update(store.Job).where(store.Job.id == a)
                       .values(status="queued"))
     with sessions() as s:
         p = store.get_prediction(session=s, job_id=a)
