@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 
 from core import store
 from core.errors import InvalidInput
@@ -157,13 +156,5 @@ def embed_query(client, q: Query, *, owner: str | None) -> tuple[str, np.ndarray
 def _wait(client, job_id: str, timeout: float) -> str:
     """Poll the job's status: quickly at first (a query takes tens of milliseconds),
     then every 50 ms."""
-    end, poll = time.monotonic() + timeout, 0.005
-    q = select(store.Job.status).where(store.Job.id == job_id)
-    while True:
-        with client.sessions() as sess:
-            status = sess.scalar(q)
-        if status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
-                      JobStatus.CANCELLED.value) or time.monotonic() > end:
-            return status
-        time.sleep(poll)
-        poll = min(poll * 1.5, 0.05)
+    return store.wait_statuses(client.sessions, [job_id], timeout=timeout, poll=0.005,
+                               max_poll=0.05)[job_id]

@@ -17,17 +17,24 @@ and orphaned jobs), ``idempotency``, ``stats``, ``versions`` (model versions) an
 from __future__ import annotations
 
 from core.store.blobs import get_blob, put_blob
-from core.store.db import db_time, unreachable
-from core.store.idempotency import get_idempotency
+from core.store.db import db_time, ping, unreachable
+from core.store.idempotency import get_idempotency, put_idempotency
 from core.store.jobs import (
     cancel_job,
     cancelled_among,
     create_job,
+    decode_cursor,
+    encode_cursor,
     get_job,
     get_prediction,
+    job_statuses,
+    jobs_by_id,
     list_jobs,
     mark_sent,
+    prediction_summaries,
+    queued_among,
     stale_queued,
+    wait_statuses,
 )
 from core.store.leases import (
     drop_lease,
@@ -47,7 +54,14 @@ from core.store.runs import (
     start_job,
     start_jobs,
 )
-from core.store.stats import count_by_status, finished_since
+from core.store.stats import (
+    count_by_owner,
+    count_by_status,
+    finished_since,
+    latest_failures,
+    latest_transcripts,
+    succeeded_within,
+)
 from core.store.tables import (
     ACTIVE,
     BASE_VERSION,
@@ -66,12 +80,15 @@ from core.store.tables import (
 )
 
 __all__ = [
-    "ACTIVE", "BASE_VERSION", "DEFAULT_LEASE", "RUN_COLUMNS", "Base", "Blob",
-    "IdempotencyKey", "Job", "ModelVersion", "Prediction", "VersionStatus", "WorkerLease",
-    "cancel_job", "cancelled_among", "count_by_status", "create_job", "db_now", "db_time",
-    "drop_lease", "fail_job", "finish_job", "finish_jobs", "finished_since",
-    "forget_dead_leases", "get_blob", "get_idempotency", "get_job", "get_prediction",
-    "list_jobs", "live_workers", "make_engine", "mark_sent", "orphaned_running",
-    "put_blob", "release_jobs", "renew_lease", "requeue_orphans", "session_factory",
-    "stale_queued", "start_job", "start_jobs", "unreachable", "utcnow",
+    "ACTIVE", "BASE_VERSION", "Base", "Blob", "DEFAULT_LEASE", "IdempotencyKey", "Job",
+    "ModelVersion", "Prediction", "RUN_COLUMNS", "VersionStatus", "WorkerLease",
+    "cancel_job", "cancelled_among", "count_by_owner", "count_by_status", "create_job",
+    "db_now", "db_time", "decode_cursor", "drop_lease", "encode_cursor", "fail_job",
+    "finish_job", "finish_jobs", "finished_since", "forget_dead_leases", "get_blob",
+    "get_idempotency", "get_job", "get_prediction", "job_statuses", "jobs_by_id",
+    "latest_failures", "latest_transcripts", "list_jobs", "live_workers", "make_engine",
+    "mark_sent", "orphaned_running", "ping", "prediction_summaries", "put_blob",
+    "put_idempotency", "queued_among", "release_jobs", "renew_lease", "requeue_orphans",
+    "session_factory", "stale_queued", "start_job", "start_jobs", "succeeded_within",
+    "unreachable", "utcnow", "wait_statuses",
 ]

@@ -7,9 +7,7 @@ import hashlib
 
 from sqlalchemy.orm import Session
 
-from core.store.tables import (
-    Blob,
-)
+from core.store.tables import Blob
 
 
 def put_blob(*, session: Session, data: bytes) -> str:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from core.store.tables import (
-    db_now,
-)
+from core.store.tables import db_now
 
 
 def unreachable(e: BaseException) -> bool:
@@ -21,6 +19,13 @@ def unreachable(e: BaseException) -> bool:
     if isinstance(e, OperationalError | InterfaceError):
         return True
     return isinstance(e, DBAPIError) and bool(e.connection_invalidated)
+
+
+def ping(engine: Engine) -> None:
+    """One round trip on a new connection; raises (a driver error) if the database does
+    not answer."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 def db_time(*, session: Session) -> datetime:

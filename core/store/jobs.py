@@ -3,13 +3,17 @@ and the queued jobs whose message may have been lost (the sweep)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from core.jobs import JobStatus
+from core.jobs import TERMINAL, JobStatus
 from core.store.blobs import put_blob
 from core.store.db import db_time
 from core.store.tables import (
@@ -82,9 +86,10 @@ def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
 def list_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
               since: datetime | None = None, limit: int = 100,
               before: tuple[datetime, str] | None = None,
-              owner: str | None = None) -> list[Job]:
+              owner: str | None = None, task: str | None = None) -> list[Job]:
     """Newest first, keyset-paginated: ``before`` is the (created_at, id) of the last
-    job of the previous page, so a page never skips or repeats a job as rows arrive.
+    job of the previous page, so a page never skips or repeats a job as rows arrive
+    (``encode_cursor`` makes it opaque for the API and the results page).
     With ``owner``, only the jobs that key id made (None: everyone's)."""
     q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if owner is not None:
@@ -93,12 +98,85 @@ def list_jobs(*, session: Session, status: str | None = None, modality: str | No
         q = q.where(Job.status == status)
     if modality:
         q = q.where(Job.modality == modality)
+    if task:
+        q = q.where(Job.task == task)
     if since:
         q = q.where(Job.created_at >= since)
     if before:
         at, job_id = before
         q = q.where((Job.created_at < at) | ((Job.created_at == at) & (Job.id < job_id)))
     return list(session.scalars(q))
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    """A page cursor: the next page starts after this job (``list_jobs``' ``before``),
+    at full precision (many jobs share a second). Opaque to clients."""
+    raw = json.dumps([created_at.isoformat(), job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """-> (created_at in UTC, id); ValueError for anything ``encode_cursor`` did not make."""
+    try:
+        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        at = datetime.fromisoformat(str(at))
+        return (at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)), str(job_id)
+    except (ValueError, TypeError, OverflowError, binascii.Error):
+        raise ValueError("not a page cursor this site issued") from None
+
+
+def queued_among(*, session: Session, job_ids: list[str]) -> list[str]:
+    """Which of these jobs are still ``queued``."""
+    return list(session.scalars(select(Job.id).where(
+        Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value)))
+
+
+def jobs_by_id(*, session: Session, job_ids: list[str], owner: str | None = None) -> list[Job]:
+    """The jobs among ``job_ids`` (with ``owner``, only that key id's; others are absent)."""
+    if not job_ids:
+        return []
+    q = select(Job).where(Job.id.in_(job_ids))
+    if owner is not None:
+        q = q.where(Job.owner == owner)
+    return list(session.scalars(q))
+
+
+def prediction_summaries(*, session: Session, job_ids: list[str]) -> dict[str, tuple]:
+    """(labels, text, dim) by job id: what a person reads, never the embedding's bytes."""
+    if not job_ids:
+        return {}
+    q = select(Prediction.job_id, Prediction.labels, Prediction.text, Prediction.dim).where(
+        Prediction.job_id.in_(job_ids))
+    return {r[0]: tuple(r[1:]) for r in session.execute(q)}
+
+
+def job_statuses(*, session: Session, job_ids: list[str],
+                 owner: str | None = None) -> dict[str, str]:
+    """The status of each of these jobs that exists (with ``owner``: that key id's)."""
+    q = select(Job.id, Job.status).where(Job.id.in_(job_ids))
+    if owner is not None:
+        q = q.where(Job.owner == owner)
+    return dict(session.execute(q).tuples())
+
+
+def wait_statuses(sessions, job_ids: list[str], *, timeout: float, poll: float,
+                  max_poll: float, owner: str | None = None) -> dict[str, str | None]:
+    """Poll until every job is terminal or ``timeout`` seconds have passed, sleeping
+    ``poll`` s after the first read and 1.5 times longer each turn up to ``max_poll``
+    (quick for fast jobs, cheap for slow ones). Only the jobs not yet terminal are
+    read again. -> each job's last status (None: no such job, or not ``owner``'s: it
+    never finishes, as if unknown)."""
+    end = time.monotonic() + timeout
+    last: dict[str, str | None] = dict.fromkeys(job_ids)
+    pending = set(last)
+    while True:
+        with sessions() as s:
+            last.update(job_statuses(session=s, job_ids=list(pending), owner=owner))
+        pending = {j for j in pending if last[j] not in TERMINAL}
+        if not pending or time.monotonic() > end:
+            return last
+        time.sleep(poll)
+        poll = min(poll * 1.5, max_poll)
 
 
 def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000,

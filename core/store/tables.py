@@ -30,9 +30,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import FunctionElement, literal
 
-from core.jobs import JobStatus
-
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+from core.jobs import ACTIVE, JobStatus  # noqa: F401  (ACTIVE: the store's name for it too)
 
 
 def utcnow() -> datetime:
