@@ -20,7 +20,7 @@ import numpy as np
 
 from core import store
 from core.errors import InvalidInput
-from core.inputs import media_kind
+from core.inputs import sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from core.params import check_top_k
 from core.search import SEARCH_QUERY_PARAM, SearchFilters, SearchHit, SearchStats
@@ -50,15 +50,6 @@ class SearchResult:
     search_s: float  # the engine's part
 
 
-def sniff_modality(data: bytes) -> str:
-    """image or audio, by which decoder reads the header (never a file name)."""
-    kind = media_kind(data)
-    if kind is None:
-        raise InvalidInput("query bytes are not an image or audio file this service decodes",
-                           kind=InvalidInput.UNSUPPORTED)
-    return kind
-
-
 def make_query(query: object, modality: str | None = None) -> Query:
     """A str is text; bytes, or a ``pathlib.Path``, are an image or audio file whose
     kind is found from its bytes unless ``modality`` says it."""
@@ -78,7 +69,7 @@ def make_query(query: object, modality: str | None = None) -> Query:
         raise InvalidInput("query file is empty (0 bytes)")
     if modality not in (None, "image", "audio"):
         raise InvalidInput(f"query modality must be image or audio for bytes, got {modality!r}")
-    return Query(modality or sniff_modality(query), query)
+    return Query(modality or sniff_modality(query, what="query: "), query)
 
 
 def make_filters(owner: str | None = None, **given) -> SearchFilters:
