@@ -156,7 +156,7 @@ def job_statuses(*, session: Session, job_ids: list[str],
     q = select(Job.id, Job.status).where(Job.id.in_(job_ids))
     if owner is not None:
         q = q.where(Job.owner == owner)
-    return dict(session.execute(q).tuples())
+    return {job_id: status for job_id, status in session.execute(q)}
 
 
 def wait_statuses(sessions, job_ids: list[str], *, timeout: float, poll: float,

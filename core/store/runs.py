@@ -38,19 +38,6 @@ def _startable(worker: str, lease: timedelta):
                           | _JOBS.c.worker.not_in(alive))))
 
 
-def start_job(*, session: Session, job_id: str, worker: str,
-              lease: timedelta = DEFAULT_LEASE) -> Job | None:
-    """queued (or running, see ``_startable``) -> running, atomically; None if the job
-    must not run (it is terminal: done, failed or cancelled; or another live worker
-    holds it). One statement (UPDATE ... RETURNING). The job's new ``attempts`` is
-    this start's fencing token (see ``finish_jobs``)."""
-    return session.scalars(
-        update(Job).where(Job.id == job_id, _startable(worker, lease))
-        .values(status=JobStatus.RUNNING.value, attempts=Job.attempts + 1,
-                started_at=db_now(), worker=worker, model_version=_resolved_version())
-        .returning(Job), execution_options={"synchronize_session": False}).one_or_none()
-
-
 # What a worker needs to run a job. The bulk functions below use the tables, not the
 # ORM classes: the ORM's bulk-statement machinery cost more than the SQL itself.
 # ``attempts`` is the fencing token; ``now`` the database's clock as the job started,
@@ -75,8 +62,11 @@ def _resolved_version():
 
 def start_jobs(*, session: Session, job_ids: list[str], worker: str,
                lease: timedelta = DEFAULT_LEASE) -> dict:
-    """``start_job`` for many jobs in one statement -> the started ones by id, as rows
-    of RUN_COLUMNS (attribute access like a Job)."""
+    """queued (or running, see ``_startable``) -> running, atomically, for many jobs in
+    one statement (UPDATE ... RETURNING) -> the started ones by id, as rows of
+    RUN_COLUMNS (attribute access like a Job). A job absent from the answer must not
+    run (it is terminal: done, failed or cancelled; or another live worker holds it).
+    Each job's new ``attempts`` is this start's fencing token (see ``finish_jobs``)."""
     rows = session.execute(
         update(_JOBS).where(_JOBS.c.id.in_(job_ids), _startable(worker, lease))
         .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
@@ -124,13 +114,6 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobR
         session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id",
                                      fixed={"created_at": db_now()}), rows)
     return done
-
-
-def finish_job(*, session: Session, job_id: str, attempt: int, model_version: str,
-               result: JobResult) -> bool:
-    """``finish_jobs`` for one job; False if the attempt no longer holds it."""
-    return bool(finish_jobs(session=session, model_version=model_version,
-                            results={job_id: result}, attempts={job_id: attempt}))
 
 
 def fail_job(*, session: Session, job_id: str, error: str, attempt: int | None,

@@ -29,10 +29,11 @@ def succeeded_within(*, session: Session, seconds: float) -> dict[str, int]:
     """Jobs that succeeded in the last ``seconds``, by modality; the window is on the
     stamps' own clock (the database's), not the caller's."""
     since = db_now(-seconds)
-    return dict(session.execute(
+    rows = session.execute(
         select(Job.modality, func.count())
         .where(Job.status == JobStatus.SUCCEEDED.value, Job.finished_at >= since)
-        .group_by(Job.modality)).tuples())
+        .group_by(Job.modality))
+    return {m: n for m, n in rows}
 
 
 def latest_failures(*, session: Session, limit: int) -> list[Job]:
