@@ -169,14 +169,15 @@ def wait_statuses(sessions, job_ids: list[str], *, timeout: float, poll: float,
     end = time.monotonic() + timeout
     last: dict[str, str | None] = dict.fromkeys(job_ids)
     pending = set(last)
-    while True:
+    while pending:
         with sessions() as s:
             last.update(job_statuses(session=s, job_ids=list(pending), owner=owner))
         pending = {j for j in pending if last[j] not in TERMINAL}
         if not pending or time.monotonic() > end:
-            return last
+            break
         time.sleep(poll)
         poll = min(poll * 1.5, max_poll)
+    return last
 
 
 def stale_queued(*, session: Session, older_than: timedelta, limit: int = 10_000,

@@ -66,6 +66,7 @@ def test_statuses_owners_and_the_poller(sessions):
     _succeed(sessions, mine)
     assert store.wait_statuses(sessions, [mine], timeout=60, poll=0.01, max_poll=0.02) == {
         mine: "succeeded"}
+    assert store.wait_statuses(sessions, [], timeout=1, poll=0.01, max_poll=0.02) == {}
 
 
 def test_what_the_dashboards_and_the_page_read(sessions):
