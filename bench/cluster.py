@@ -55,8 +55,8 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from bench import netns, table  # noqa: E402
 from bench.cluster_hosts import Cluster, Worker, WorkerSpec  # noqa: E402
+from core.jobs import TERMINAL  # noqa: E402
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 TERMINAL_SQL = ", ".join(f"'{s}'" for s in TERMINAL)
 RECOVERY_TARGET_S = 60.0
 FLEET = [WorkerSpec("w1", "+10m", ("text",)), WorkerSpec("w2", "-10m", ("text",)),

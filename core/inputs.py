@@ -262,3 +262,15 @@ def media_kind(data: bytes) -> str | None:
         return "audio"
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         return None
+
+
+def sniff_modality(data: bytes, index: int | None = None, *, what: str = "") -> str:
+    """"image" or "audio" by which decoder reads the header (``media_kind``); when
+    neither does, ``InvalidInput`` of kind UNSUPPORTED (an HTTP 415) that names the
+    formats. ``what`` prefixes the reason (e.g. "query: ")."""
+    kind = media_kind(data)
+    if kind is None:
+        raise InvalidInput(f"{what}not an image or audio file this service decodes (images: "
+                           f"PNG, JPEG, ...; audio: {AUDIO_FORMATS_TEXT})", index=index,
+                           kind=InvalidInput.UNSUPPORTED)
+    return kind

@@ -38,7 +38,9 @@ class Task(str, Enum):
     """Audio only: the text of what was said (``JobResult.text``), and its embedding."""
 
 
+# The statuses by whether a job can still change: defined here once, used everywhere.
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
+ACTIVE = tuple(s.value for s in JobStatus if not s.terminal)  # queued, running
 # The modalities, in order; one Celery queue each, named after it.
 MODALITIES = QUEUES = tuple(m.value for m in Modality)
 TASKS = tuple(t.value for t in Task)

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis
-from sqlalchemy import select
 
 from core import store
 from core.broker.queues import (
@@ -57,7 +56,7 @@ from core.broker.queues import (
 from core.broker.redis_client import redis_for
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
-from core.jobs import QUEUES, JobStatus
+from core.jobs import QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +246,7 @@ def _restore_fetched_unstarted(r: redis.Redis, msgs: _Messages, live: set[str],
     if not candidates:
         return []
     with sessions() as s:
-        still_queued = set(s.scalars(
-            select(store.Job.id).where(store.Job.id.in_(list(candidates)),
-                                       store.Job.status == JobStatus.QUEUED.value)))
+        still_queued = set(store.queued_among(session=s, job_ids=list(candidates)))
     return [j for j in still_queued if restore_unacked(r, candidates[j])]
 
 

@@ -25,15 +25,14 @@ from dataclasses import dataclass
 from datetime import UTC, timedelta
 
 import numpy as np
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.jobs import JobStatus
 from core.search.ann import AnnConfig, AnnIndex
 from core.search.shard import Codes, Shard
 from core.search.types import SearchFilters, SearchHit, SearchStats, epoch, is_search_query
-from core.store import Job, ModelVersion, Prediction
+from core.store import vectors
+from core.store.versions import get_version
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +95,7 @@ class SearchEngine:
         total, after = 0, None
         with self.sessions() as s:
             while True:
-                q = self._rows().order_by(Job.finished_at, Job.id).limit(PAGE)
-                if after is not None:
-                    at, jid = after
-                    q = q.where((Job.finished_at > at) |
-                                ((Job.finished_at == at) & (Job.id > jid)))
-                rows = s.execute(q).all()
+                rows = vectors.vector_rows_after(session=s, after=after, limit=PAGE)
                 if not rows:
                     break
                 total += self._put_rows(s, rows)
@@ -114,25 +108,15 @@ class SearchEngine:
         """The ids finished inside the window, then the full rows of the unseen ones."""
         since = self.watermark - timedelta(seconds=self.cfg.catchup_s)
         with self.sessions() as s:
-            ids = s.execute(select(Job.id, Job.finished_at)
-                            .where(Job.status == JobStatus.SUCCEEDED.value,
-                                   Job.finished_at >= since)).all()
+            ids = vectors.succeeded_since(session=s, since=since)
             new = [r.id for r in ids if self.recent.get(r.id) != r.finished_at]
             total = 0
             for lo in range(0, len(new), PAGE):
-                total += self._put_rows(s, s.execute(
-                    self._rows().where(Job.id.in_(new[lo:lo + PAGE]))).all())
+                total += self._put_rows(s, vectors.vector_rows(
+                    session=s, job_ids=new[lo:lo + PAGE]))
         # Forget what fell out of the window: it will not be read again.
         self.recent = {j: at for j, at in self.recent.items() if at >= since}
         return total
-
-    @staticmethod
-    def _rows():
-        return (select(Job.id, Job.modality, Job.task, Job.owner, Job.created_at,
-                       Job.finished_at, Job.params, Prediction.embedding, Prediction.dim,
-                       Prediction.model_version, Prediction.labels)
-                .join(Prediction, Prediction.job_id == Job.id)
-                .where(Job.status == JobStatus.SUCCEEDED.value))
 
     def space_of(self, version: str, session: Session | None = None) -> str:
         """The embedding space of a model version: an adapter's version
@@ -144,7 +128,7 @@ class SearchEngine:
         space = version
         if digest and len(digest) == 12:
             with (nullcontext(session) if session else self.sessions()) as s:
-                row = s.get(ModelVersion, name)
+                row = get_version(session=s, name=name)
             if row is not None and row.adapter_sha256[:12] == digest:
                 space = row.base_model
         self.spaces[version] = space
@@ -258,13 +242,8 @@ class SearchEngine:
         ids = [shard.job_ids[int(r)] for r in rows]
         if not ids:
             return []
-        q = (select(Job.id, Job.modality, Job.task, Job.owner, Job.created_at,
-                    func.substr(Job.text, 1, TEXT_START).label("text"), Prediction.labels,
-                    func.substr(Prediction.text, 1, TEXT_START).label("transcript"),
-                    Prediction.model_version)
-             .join(Prediction, Prediction.job_id == Job.id).where(Job.id.in_(ids)))
         with self.sessions() as s:
-            found = {r.id: r for r in s.execute(q)}
+            found = vectors.hit_summaries(session=s, job_ids=ids, chars=TEXT_START)
         return [hit_of(found[i], float(sc)) for i, sc in zip(ids, scores, strict=True)
                 if i in found]
 

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
-from sqlalchemy import select
-
 from core import store
 from core.serving.contracts import JobResult
 from core.store.versions import version_refs
@@ -67,7 +65,7 @@ def _start_many(s, args: list[tuple[str, str]], lease: timedelta) -> list:
     for job_id, _ in args:
         job = started.get(job_id)
         if job is None:  # cancelled, already done, or unknown: nothing to run
-            current = s.scalar(select(store.Job.status).where(store.Job.id == job_id))
+            current = store.job_statuses(session=s, job_ids=[job_id]).get(job_id)
             out.append((None, current or "unknown", None))
         elif job.modality == "text":
             out.append((job, job.text, refs.get(job.model_version)))

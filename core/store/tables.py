@@ -1,6 +1,6 @@
 """The store's tables (SQLAlchemy 2.x models) and engine set-up; the functions that
-read and write them are in core/store/__init__.py, and Alembic's migrations of
-them in core/store/migrations."""
+read and write them are in the other modules of core/store/ (re-exported by its
+__init__.py), and Alembic's migrations of them in core/store/migrations."""
 
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql.expression import FunctionElement, literal
 
-from core.jobs import JobStatus
-
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+from core.jobs import ACTIVE, JobStatus  # noqa: F401  (ACTIVE: the store's name for it too)
 
 
 def utcnow() -> datetime:

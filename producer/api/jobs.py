@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from core import store
@@ -163,26 +162,22 @@ def _job_or_404(client: Client, job_id: str, with_embedding: bool = True, *,
 
 def _status_or_404(client: Client, job_id: str, owner: str | None) -> str:
     """The job's status alone: what each turn of a long-poll needs to read."""
-    q = select(store.Job.status).where(store.Job.id == _valid_id(job_id))
-    if owner is not None:
-        q = q.where(store.Job.owner == owner)
     with client.sessions() as sess:
-        status = sess.scalar(q)
+        status = store.job_statuses(session=sess, job_ids=[_valid_id(job_id)],
+                                    owner=owner).get(job_id)
     if status is None:
         raise _not_found(job_id)
     return status
 
 
 def _cursor(job: JobOut) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return store.encode_cursor(job.created_at, job.id)
 
 
 def _after(cursor: str) -> tuple[datetime, str]:
     try:
-        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return _as_stored(datetime.fromisoformat(at)), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
+        return store.decode_cursor(cursor)
+    except ValueError:
         raise ApiError(422, "invalid_input", "cursor: not a cursor this API issued") from None
 
 

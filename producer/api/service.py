@@ -7,8 +7,8 @@ from __future__ import annotations
 import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import text
 
+from core import store
 from producer.api.metrics import render_metrics
 from producer.api.schemas import error_responses
 from producer.web.errors import ApiError
@@ -31,8 +31,7 @@ def readyz(request: Request) -> JSONResponse:
     except redis.RedisError as e:
         checks["redis"] = f"error: {e}"
     try:
-        with request.app.state.client.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        store.ping(request.app.state.client.engine)
         checks["database"] = "ok"
     except Exception as e:  # any driver error means not ready
         checks["database"] = f"error: {type(e).__name__}"

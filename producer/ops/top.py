@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
@@ -63,16 +62,10 @@ def _workers(app, timeout: float) -> list[WorkerInfo]:
 
 
 def _sql(session: Session, window_s: float, n_failures: int) -> tuple[dict, dict, list]:
-    since = store.db_now(-window_s)  # the stamps' own clock, not this terminal's
-    done = session.execute(
-        select(store.Job.modality, func.count())
-        .where(store.Job.status == JobStatus.SUCCEEDED.value, store.Job.finished_at >= since)
-        .group_by(store.Job.modality))
-    rates = {m: n / window_s for m, n in done}
+    done = store.succeeded_within(session=session, seconds=window_s)  # the database's clock
+    rates = {m: n / window_s for m, n in done.items()}
     counts = store.count_by_status(session=session)
-    failed = session.scalars(
-        select(store.Job).where(store.Job.status == JobStatus.FAILED.value)
-        .order_by(store.Job.finished_at.desc()).limit(n_failures))
+    failed = store.latest_failures(session=session, limit=n_failures)
     failures = [{"id": j.id, "modality": j.modality, "error": j.error or "",
                  "at": j.finished_at} for j in failed]
     return rates, counts, failures
@@ -80,20 +73,14 @@ def _sql(session: Session, window_s: float, n_failures: int) -> tuple[dict, dict
 
 def _transcripts(session: Session, n: int) -> list[dict]:
     """The latest transcribed audio jobs: what the speech workers are hearing."""
-    rows = session.execute(
-        select(store.Job.id, store.Job.finished_at, store.Prediction.text)
-        .join(store.Prediction, store.Prediction.job_id == store.Job.id)
-        .where(store.Job.modality == "audio", store.Job.status == JobStatus.SUCCEEDED.value,
-               store.Prediction.text.is_not(None))
-        .order_by(store.Job.finished_at.desc()).limit(n))
+    rows = store.latest_transcripts(session=session, limit=n)
     return [{"id": i, "at": at, "text": t} for i, at, t in rows]
 
 
 def _owners(session: Session) -> dict[str | None, dict[str, int]]:
     """Jobs per key id: what each API client has waiting, running and done."""
     out: dict[str | None, dict[str, int]] = {}
-    rows = session.execute(select(store.Job.owner, store.Job.status, func.count())
-                           .group_by(store.Job.owner, store.Job.status))
+    rows = store.count_by_owner(session=session)
     for owner, status, n in rows:
         col = "finished" if status in TERMINAL else status
         c = out.setdefault(owner, {"queued": 0, "running": 0, "finished": 0})

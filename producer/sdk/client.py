@@ -17,12 +17,10 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from core import store
@@ -184,9 +182,8 @@ class Client:
                         for row in rows]
                 pairs = [(j.id, j.modality) for j in jobs]
                 if idempotency_key:  # same transaction: the key exists iff the jobs do
-                    s.add(store.IdempotencyKey(key=idempotency_key, request_hash=digest,
-                                               job_ids=[i for i, _ in pairs],
-                                               created_at=now))
+                    store.put_idempotency(session=s, key=idempotency_key, request_hash=digest,
+                                          job_ids=[i for i, _ in pairs], created_at=now)
         except IntegrityError:
             if not idempotency_key:
                 raise
@@ -290,23 +287,13 @@ class Client:
     def wait(self, job_ids: list[str], timeout: float = 60.0, poll: float = 0.05,
              *, with_embedding: bool = True, owner: str | None = None) -> list[dict]:
         """Block until every job is terminal (or raise TimeoutError); results in order."""
-        end = time.monotonic() + timeout
-        pending = set(job_ids)
-        while pending:
-            q = (select(store.Job.id).where(store.Job.id.in_(list(pending)))
-                 .where(store.Job.status.in_(TERMINAL)))
-            if owner is not None:  # another key's job never finishes, as if unknown
-                q = q.where(store.Job.owner == owner)
-            with self.sessions() as s:
-                done = set(s.scalars(q))
-            pending -= done
-            if not pending:
-                break
-            if time.monotonic() > end:
-                raise TimeoutError(f"{len(pending)} of {len(job_ids)} job(s) not done after "
-                                   f"{timeout:g} s")
-            time.sleep(poll)
-            poll = min(poll * 1.5, 0.5)
+        # Another key's job never finishes, as if unknown.
+        last = store.wait_statuses(self.sessions, job_ids, timeout=timeout, poll=poll,
+                                   max_poll=0.5, owner=owner)
+        pending = [j for j, status in last.items() if status not in TERMINAL]
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(job_ids)} job(s) not done after "
+                               f"{timeout:g} s")
         return [self.get(i, with_embedding=with_embedding, owner=owner) for i in job_ids]
 
     def cancel(self, job_id: str, *, owner: str | None = None) -> bool:

@@ -17,11 +17,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 
 from core import store
 from core.errors import InvalidInput
-from core.inputs import media_kind
+from core.inputs import sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from core.params import check_top_k
 from core.search import SEARCH_QUERY_PARAM, SearchFilters, SearchHit, SearchStats
@@ -51,15 +50,6 @@ class SearchResult:
     search_s: float  # the engine's part
 
 
-def sniff_modality(data: bytes) -> str:
-    """image or audio, by which decoder reads the header (never a file name)."""
-    kind = media_kind(data)
-    if kind is None:
-        raise InvalidInput("query bytes are not an image or audio file this service decodes",
-                           kind=InvalidInput.UNSUPPORTED)
-    return kind
-
-
 def make_query(query: object, modality: str | None = None) -> Query:
     """A str is text; bytes, or a ``pathlib.Path``, are an image or audio file whose
     kind is found from its bytes unless ``modality`` says it."""
@@ -79,7 +69,7 @@ def make_query(query: object, modality: str | None = None) -> Query:
         raise InvalidInput("query file is empty (0 bytes)")
     if modality not in (None, "image", "audio"):
         raise InvalidInput(f"query modality must be image or audio for bytes, got {modality!r}")
-    return Query(modality or sniff_modality(query), query)
+    return Query(modality or sniff_modality(query, what="query: "), query)
 
 
 def make_filters(owner: str | None = None, **given) -> SearchFilters:
@@ -157,13 +147,5 @@ def embed_query(client, q: Query, *, owner: str | None) -> tuple[str, np.ndarray
 def _wait(client, job_id: str, timeout: float) -> str:
     """Poll the job's status: quickly at first (a query takes tens of milliseconds),
     then every 50 ms."""
-    end, poll = time.monotonic() + timeout, 0.005
-    q = select(store.Job.status).where(store.Job.id == job_id)
-    while True:
-        with client.sessions() as sess:
-            status = sess.scalar(q)
-        if status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
-                      JobStatus.CANCELLED.value) or time.monotonic() > end:
-            return status
-        time.sleep(poll)
-        poll = min(poll * 1.5, 0.05)
+    return store.wait_statuses(client.sessions, [job_id], timeout=timeout, poll=0.005,
+                               max_poll=0.05)[job_id]

@@ -5,19 +5,16 @@ these in the thread pool."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import soundfile as sf
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import select
 
 from core import store
-from core.store import Job, Prediction
+from core.jobs import ACTIVE
+from core.store import Job
 
 # soundfile's container names -> what an <audio> element is told.
 AUDIO_TYPES = {"WAV": "audio/wav", "FLAC": "audio/flac", "OGG": "audio/ogg",
@@ -51,7 +48,7 @@ class JobView:
 
     @property
     def pending(self) -> bool:
-        return self.status in ("queued", "running")
+        return self.status in ACTIVE
 
     @property
     def preview(self) -> str | None:
@@ -80,30 +77,14 @@ def _view(job: Job, pred: tuple | None) -> JobView:
     return v
 
 
-def _predictions(sess, ids: list[str]) -> dict[str, tuple]:
-    """labels, transcript and dim by job id: never the embedding's bytes."""
-    if not ids:
-        return {}
-    q = select(Prediction.job_id, Prediction.labels, Prediction.text, Prediction.dim).where(
-        Prediction.job_id.in_(ids))
-    return {r[0]: tuple(r[1:]) for r in sess.execute(q)}
-
-
 def list_views(sessions, *, owner: str | None, modality: str | None, status: str | None,
                task: str | None, before: tuple[datetime, str] | None,
                limit: int) -> list[JobView]:
-    """Newest first, keyset-paginated like ``store.list_jobs`` (which has no task filter)."""
-    q = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-    for col, value in ((Job.owner, owner), (Job.modality, modality), (Job.status, status),
-                       (Job.task, task)):
-        if value is not None:
-            q = q.where(col == value)
-    if before:
-        at, job_id = before
-        q = q.where((Job.created_at < at) | ((Job.created_at == at) & (Job.id < job_id)))
+    """Newest first, keyset-paginated: ``store.list_jobs``."""
     with sessions() as sess:
-        jobs = list(sess.scalars(q))
-        preds = _predictions(sess, [j.id for j in jobs])
+        jobs = store.list_jobs(session=sess, owner=owner, modality=modality, status=status,
+                               task=task, before=before, limit=limit)
+        preds = store.prediction_summaries(session=sess, job_ids=[j.id for j in jobs])
         return [_view(j, preds.get(j.id)) for j in jobs]
 
 
@@ -111,12 +92,9 @@ def views_by_id(sessions, ids: list[str], *, owner: str | None) -> dict[str, Job
     """The jobs among ``ids`` this owner may see (others are simply absent)."""
     if not ids:
         return {}
-    q = select(Job).where(Job.id.in_(ids))
-    if owner is not None:
-        q = q.where(Job.owner == owner)
     with sessions() as sess:
-        jobs = list(sess.scalars(q))
-        preds = _predictions(sess, [j.id for j in jobs])
+        jobs = store.jobs_by_id(session=sess, job_ids=ids, owner=owner)
+        preds = store.prediction_summaries(session=sess, job_ids=[j.id for j in jobs])
         return {j.id: _view(j, preds.get(j.id)) for j in jobs}
 
 
@@ -153,16 +131,9 @@ def media_type(data: bytes, modality: str) -> str:
 
 def cursor_of(view: JobView) -> str:
     """The next page starts after this job (full precision: many jobs share a second)."""
-    at = view.created_exact.isoformat() if view.created_exact else view.created_at
-    raw = json.dumps([at, view.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return store.encode_cursor(view.created_exact, view.id)
 
 
 def parse_cursor(cursor: str) -> tuple[datetime, str]:
     """-> (created_at, id); ValueError for anything this page did not issue."""
-    try:
-        at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        at = datetime.fromisoformat(str(at))
-        return (at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)), str(job_id)
-    except (ValueError, TypeError, OverflowError, binascii.Error):
-        raise ValueError("not a page cursor this site issued") from None
+    return store.decode_cursor(cursor)

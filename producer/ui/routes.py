@@ -32,12 +32,12 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import InvalidInput
-from core.inputs import AUDIO_FORMATS_TEXT
+from core.inputs import AUDIO_FORMATS_TEXT, sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer.ui import data as ui_data
 from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
 from producer.web.errors import INPUT_STATUS, ApiError
-from producer.web.form import read_body, sniff_modality
+from producer.web.form import read_body
 from producer.web.submit import submit as submit_jobs  # the form refuses what /v1/jobs refuses
 
 HERE = Path(__file__).parent
@@ -357,7 +357,7 @@ async def _submit_items(form: FormData, s) -> list[dict]:
                           f"of {s.max_payload_bytes}")
         try:
             modality = sniff_modality(data, len(items))
-        except ApiError:
+        except InvalidInput:
             raise UiError(415, f"{f.filename or 'a file'}: not an image or audio file this "
                           f"service reads (images: PNG, JPEG, ...; audio: {AUDIO_FORMATS_TEXT})"
                           ) from None
@@ -404,8 +404,8 @@ async def search_by_file(request: Request) -> Response:
         raise UiError(422, "Choose an image or audio file to search with.")
     try:
         kind = sniff_modality(data, 0)
-    except ApiError as e:
-        raise UiError(415, e.message) from None
+    except InvalidInput as e:
+        raise UiError(415, str(e)) from None
     return await _search(request, session, data, params, kind)
 
 

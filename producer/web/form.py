@@ -9,7 +9,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import Settings
-from core.inputs import AUDIO_FORMATS_TEXT, media_kind
+from core.errors import InvalidInput
+from core.inputs import sniff_modality
 from core.jobs import TASKS
 from producer.web.errors import ApiError
 
@@ -72,7 +73,11 @@ async def upload_items(request: Request, body: bytes, *, batch: bool,
             raise ApiError(413, "payload_too_large", f"item {index}: file is {len(data)} "
                            f"bytes, over the limit of {settings.max_payload_bytes}",
                            details=[{"item": index}])
-        modality = common["modality"] or sniff_modality(data, index)
+        try:
+            modality = common["modality"] or sniff_modality(data, index)
+        except InvalidInput as e:  # a 415, named as the JSON route names it
+            raise ApiError(415, "unsupported_media_type", str(e),
+                           details=[{"item": index}]) from None
         items.append({**common, "modality": modality, "input": data})
     return items
 
@@ -96,16 +101,6 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
             except ValueError:
                 raise _invalid(f"{name}: not {what}: {fields[name]!r}") from None
     return out
-
-
-def sniff_modality(data: bytes, index: int) -> str:
-    """image or audio, by what decodes the header; 415 if neither does."""
-    kind = media_kind(data)
-    if kind is None:
-        raise ApiError(415, "unsupported_media_type", f"item {index}: not an image or audio "
-                       f"file this service decodes (images: PNG, JPEG, ...; audio: "
-                       f"{AUDIO_FORMATS_TEXT})", details=[{"item": index}])
-    return kind
 
 
 def _form_refused(detail: str, max_files: int) -> ApiError:

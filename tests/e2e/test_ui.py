@@ -79,10 +79,10 @@ def add_job(app, owner: str | None, *, modality="text", text=None, payload=None,
         job_id = job.id
     with client.sessions.begin() as s:
         if result is not None or status == "failed":
-            store.start_job(session=s, job_id=job_id, worker="w")
+            store.start_jobs(session=s, job_ids=[job_id], worker="w")
         if result is not None:
-            store.finish_job(session=s, job_id=job_id, attempt=1, model_version="test",
-                             result=result)
+            store.finish_jobs(session=s, model_version="test", results={job_id: result},
+                              attempts={job_id: 1})
         elif status == "failed":
             store.fail_job(session=s, job_id=job_id, error=error or "failed", attempt=1)
     return job_id
@@ -379,7 +379,7 @@ def test_the_owner_cancels_a_pending_job_from_its_page(app):
     queued = add_job(app, "alice", text="cancel me from the page")
     running = add_job(app, "alice", text="cancel me while running")
     with app.state.client.sessions.begin() as s:
-        store.start_job(session=s, job_id=running, worker="w")
+        store.start_jobs(session=s, job_ids=[running], worker="w")
     bob, alice = sign_in(app, "bob"), sign_in(app, "alice")
     # Another key's job looks like no job: its cancel changes nothing.
     bob.post(f"/ui/jobs/{queued}/cancel", data={"csrf": csrf(bob)})

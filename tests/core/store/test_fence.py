@@ -42,8 +42,9 @@ def _start(sessions, job_id, worker="w") -> int:
 
 def _finish(sessions, job_id, attempt) -> bool:
     with sessions.begin() as s:
-        return store.finish_job(session=s, job_id=job_id, attempt=attempt, model_version="v",
-                                result=JobResult(embedding=np.ones(4, np.float32)))
+        return job_id in store.finish_jobs(
+            session=s, model_version="v", attempts={job_id: attempt},
+            results={job_id: JobResult(embedding=np.ones(4, np.float32))})
 
 
 def test_a_cancelled_job_never_turns_succeeded(sessions):
@@ -177,7 +178,6 @@ def test_a_late_start_does_not_take_a_job_from_a_live_worker(sessions):
     assert _start(sessions, b, "gone") == 1  # "gone" holds no lease
     with sessions.begin() as s:
         assert store.start_jobs(session=s, job_ids=[a], worker="late") == {}
-        assert store.start_job(session=s, job_id=a, worker="late") is None
         assert store.start_jobs(session=s, job_ids=[b], worker="late")[b].attempts == 2
         # The holder's own retry (its task trying again) starts it again.
         assert store.start_jobs(session=s, job_ids=[a], worker="live")[a].attempts == 2

@@ -30,14 +30,15 @@ def test_job_lifecycle_and_one_prediction_per_job(sessions):
     # attempt that holds the job records its outcome; the first one's is dropped.
     for attempt in (1, 2):
         with sessions.begin() as s:
-            started = store.start_job(session=s, job_id=job.id, worker=f"w{attempt}")
+            started = store.start_jobs(session=s, job_ids=[job.id],
+                                       worker=f"w{attempt}").get(job.id)
             assert started is not None and started.attempts == attempt
     for attempt in (2, 1):
         with sessions.begin() as s:
-            assert store.finish_job(
-                session=s, job_id=job.id, attempt=attempt, model_version="v1",
-                result=JobResult(embedding=emb * attempt, labels=[("a", 0.9)], tokens=17,
-                                 truncated=False)) == (attempt == 2)
+            assert (job.id in store.finish_jobs(
+                session=s, model_version="v1", attempts={job.id: attempt},
+                results={job.id: JobResult(embedding=emb * attempt, labels=[("a", 0.9)],
+                                           tokens=17, truncated=False)})) == (attempt == 2)
     with sessions() as s:
         n = s.scalar(select(func.count()).select_from(store.Prediction))
         p = store.get_prediction(session=s, job_id=job.id)
@@ -52,11 +53,11 @@ def test_terminal_jobs_do_not_start_again(sessions):
         b = store.create_job(session=s, modality="text", task="embed", text="b").id
     with sessions.begin() as s:
         assert store.cancel_job(session=s, job_id=a)
-        store.start_job(session=s, job_id=b, worker="w")
+        store.start_jobs(session=s, job_ids=[b], worker="w")
         assert store.fail_job(session=s, job_id=b, error="boom", attempt=1)
     with sessions.begin() as s:
-        assert store.start_job(session=s, job_id=a, worker="w") is None
-        assert store.start_job(session=s, job_id=b, worker="w") is None
+        assert store.start_jobs(session=s, job_ids=[a], worker="w") == {}
+        assert store.start_jobs(session=s, job_ids=[b], worker="w") == {}
         assert not store.cancel_job(session=s, job_id=b)  # terminal jobs stay as they are
     with sessions() as s:
         assert store.get_job(session=s, job_id=a).status == JobStatus.CANCELLED
@@ -88,7 +89,7 @@ def test_blobs_are_content_addressed(sessions):
 
 
 # -- the bulk functions the workers' group-commit writer runs (core/serving/writer.py) ----------
-# Production never calls start_job/finish_job: every worker write goes through these.
+# Every worker write goes through these.
 
 def _job_row(sessions, job_id):
     with sessions() as s:
@@ -114,7 +115,7 @@ def test_finish_jobs_twice_keeps_one_prediction_with_the_last_outcome(sessions):
                          truncated=False),
             b: JobResult(embedding=np.zeros(4, np.float32), tokens=2)}) == {a, b}
     with sessions.begin() as s:  # as if the sweep had put a back (its ack was lost)
-        s.execute(store.update(store.Job).where(store.Job.id == a).values(status="queued"))
+        s.execute(update(store.Job).where(store.Job.id == a).values(status="queued"))
     with sessions.begin() as s:  # the second run: a new job (c) shares the statement
         started = store.start_jobs(session=s, job_ids=[a, c], worker="w2")
         assert (started[a].attempts, started[c].attempts) == (2, 1)
@@ -147,7 +148,7 @@ def test_finish_jobs_replaces_an_embedding_with_none(sessions):
             store.finish_jobs(session=s, model_version="v", results={a: result},
                               attempts={a: attempt})
         with sessions.begin() as s:  # as if the first run's ack was lost mid-way
-            s.execute(store.update(store.Job).where(store.Job.id == a)
+            s.execute(update(store.Job).where(store.Job.id == a)
                       .values(status="queued"))
     with sessions() as s:
         p = store.get_prediction(session=s, job_id=a)

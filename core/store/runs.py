@@ -1,0 +1,149 @@
+"""A job's run, as workers write it: start (``running`` under a worker), then
+succeed or fail, fenced by the attempt that holds the job; or give it back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from core.jobs import JobResult, JobStatus
+from core.store.db import _insert_for
+from core.store.tables import (
+    BASE_VERSION,
+    Job,
+    Prediction,
+    WorkerLease,
+    db_now,
+)
+
+# Settings.lease_s's default; workers pass their own to the starts.
+DEFAULT_LEASE = timedelta(seconds=20)
+
+
+def _startable(worker: str, lease: timedelta):
+    """A job this worker may start: ``queued``, or ``running`` under this same worker
+    (its task retrying) or under a worker whose lease is dead (a redelivery after that
+    worker died). Not one running under another live worker: a late start there (a
+    host whose link came back after the sweep had handed its jobs on, a message
+    redelivered by kombu's visibility timeout while its job still runs) would take
+    the job from the attempt that holds it, and that attempt's result would be late."""
+    alive = select(WorkerLease.worker).where(
+        WorkerLease.heartbeat_at >= db_now(-lease.total_seconds()))
+    running = _JOBS.c.status == JobStatus.RUNNING.value
+    return ((_JOBS.c.status == JobStatus.QUEUED.value)
+            | (running & (_JOBS.c.worker.is_(None) | (_JOBS.c.worker == worker)
+                          | _JOBS.c.worker.not_in(alive))))
+
+
+# What a worker needs to run a job. The bulk functions below use the tables, not the
+# ORM classes: the ORM's bulk-statement machinery cost more than the SQL itself.
+# ``attempts`` is the fencing token; ``now`` the database's clock as the job started,
+# to turn its deadline into a duration on the worker's monotonic clock.
+_JOBS = Job.__table__
+RUN_COLUMNS = (*(_JOBS.c[n] for n in ("id", "modality", "task", "params", "deadline", "text",
+                                      "payload_sha256", "model_version", "attempts")),
+               db_now().label("now"))
+
+
+def _resolved_version():
+    """The version a starting job runs: the one it names, else the promoted one of its
+    modality at this instant, else ``base``. Written by the UPDATE that starts the job,
+    so the resolution and the start are one atomic step, a redelivered job keeps the
+    version it was first resolved to, and a promote reaches every worker at its next
+    job (core/store/versions.py)."""
+    from core.store.versions import promoted_subquery
+
+    return func.coalesce(_JOBS.c.model_version, promoted_subquery(_JOBS.c.modality),
+                         BASE_VERSION)
+
+
+def start_jobs(*, session: Session, job_ids: list[str], worker: str,
+               lease: timedelta = DEFAULT_LEASE) -> dict:
+    """queued (or running, see ``_startable``) -> running, atomically, for many jobs in
+    one statement (UPDATE ... RETURNING) -> the started ones by id, as rows of
+    RUN_COLUMNS (attribute access like a Job). A job absent from the answer must not
+    run (it is terminal: done, failed or cancelled; or another live worker holds it).
+    Each job's new ``attempts`` is this start's fencing token (see ``finish_jobs``)."""
+    rows = session.execute(
+        update(_JOBS).where(_JOBS.c.id.in_(job_ids), _startable(worker, lease))
+        .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
+                started_at=db_now(), worker=worker, model_version=_resolved_version())
+        .returning(*RUN_COLUMNS)).all()
+    return {r.id: r for r in rows}
+
+
+def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
+    emb = None if r.embedding is None else np.asarray(r.embedding, "<f4")
+    return {
+        "job_id": job_id, "model_version": model_version,
+        "labels": None if r.labels is None else [list(x) for x in r.labels],
+        "tokens": r.tokens, "truncated": r.truncated, "text": r.text,
+        "embedding": None if emb is None else emb.tobytes(),
+        "dim": None if emb is None else int(emb.shape[-1]),
+    }
+
+
+def _holds(fences: dict[str, int]):
+    """The fence: the job is ``running`` under exactly that start (its attempt number).
+    Only the attempt that holds a job may record its outcome: an earlier attempt that
+    outlived its lease (stalled, cut off, its job handed to another worker, or the
+    job cancelled meanwhile) finds no row to change, so ``cancelled`` and ``failed``
+    never turn into ``succeeded`` and a stale failure never overwrites a result."""
+    return (tuple_(_JOBS.c.id, _JOBS.c.attempts).in_(list(fences.items()))
+            & (_JOBS.c.status == JobStatus.RUNNING.value))
+
+
+def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobResult],
+                attempts: dict[str, int]) -> set[str]:
+    """Mark the jobs ``succeeded`` and upsert their predictions, fenced: only jobs still
+    running under the attempt in ``attempts`` (job id -> the token its start returned).
+    One UPDATE ... RETURNING (it takes the rows' locks first, so a concurrent cancel
+    either precedes it and wins, or waits and finds the job finished), then one upsert
+    for the jobs it changed. -> the ids recorded; the rest were late and are dropped."""
+    if not results:
+        return set()
+    done = set(session.scalars(
+        update(_JOBS).where(_holds({j: attempts[j] for j in results}))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=db_now(), error=None,
+                model_version=model_version).returning(_JOBS.c.id)))
+    rows = [_prediction_values(j, model_version, r) for j, r in results.items() if j in done]
+    if rows:
+        session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id",
+                                     fixed={"created_at": db_now()}), rows)
+    return done
+
+
+def fail_job(*, session: Session, job_id: str, error: str, attempt: int | None,
+             status: JobStatus = JobStatus.FAILED) -> bool:
+    """running -> ``status`` (failed, or cancelled past its deadline), fenced like
+    ``finish_jobs`` by the attempt that holds the job. ``attempt=None``: a job that no
+    attempt started (it failed before it could start) and is still ``queued``.
+    -> False if the outcome was late and dropped."""
+    if attempt is None:
+        held = (Job.id == job_id) & (Job.status == JobStatus.QUEUED.value)
+    else:
+        held = _holds({job_id: attempt})
+    res = session.execute(update(Job).where(held).values(
+        status=status.value, error=error[:4000], finished_at=db_now()))
+    return res.rowcount == 1
+
+
+def release_jobs(*, session: Session, job_ids: list[str], worker: str) -> None:
+    """running -> queued, under no worker and with no send time: the worker gives
+    them up; the sweep re-sends or restores their message."""
+    session.execute(
+        update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value,
+                          Job.worker == worker)
+        .values(status=JobStatus.QUEUED.value, worker=None, sent_at=None))
+
+
+def _upsert_many(session: Session, model, example: dict, key: str, fixed: dict):
+    """An upsert to execute with a list of rows shaped like ``example``; ``fixed``:
+    columns set by an SQL expression, the same for every row."""
+    stmt = _insert_for(session)(model).values(**fixed)
+    return stmt.on_conflict_do_update(
+        index_elements=[key],
+        set_={k: stmt.excluded[k] for k in [*example, *fixed] if k != key})
