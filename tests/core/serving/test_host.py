@@ -116,8 +116,9 @@ def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
     try:
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
-        bad = proc.submit(JobRequest("j-bad", "image", b"GIF89a not really", None, 5, None))
-        good = proc.submit(JobRequest("j-good", "image", buf.getvalue(), ["red", "blue"], 1, None))
+        bad = proc.submit(JobRequest("j-bad", 1, "image", b"GIF89a not really", None, 5, None))
+        good = proc.submit(JobRequest("j-good", 1, "image", buf.getvalue(), ["red", "blue"], 1,
+                                      None))
         with pytest.raises(InvalidInput) as err:
             bad.result(timeout=120)
         assert err.value.kind == InvalidInput.UNSUPPORTED
