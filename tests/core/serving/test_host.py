@@ -4,17 +4,15 @@ the real model; no broker, no worker process."""
 
 from __future__ import annotations
 
-import io
 from datetime import timedelta
 
 import pytest
-from PIL import Image
 
 from core import store
 from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import JobResult
-from core.serving.contracts import DeadlineExceeded, Failure, JobRequest
+from core.serving.contracts import DeadlineExceeded, Failure
 from core.serving.host import InProcessModel, ModelHost
 from core.serving.metrics import BatchMetrics
 from core.serving.writer import GroupWriter
@@ -105,28 +103,6 @@ def test_errors_keep_their_type_kind_and_index_across_the_pipe():
     assert (back.reason, back.index, back.kind) == ("too big", 3, InvalidInput.TOO_LARGE)
     assert isinstance(Failure.of(DeadlineExceeded("late")).exception(), DeadlineExceeded)
     assert "KeyError" in str(Failure.of(KeyError("x")).exception())
-
-
-def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
-    """A real spawned model process: an undecodable image comes back as InvalidInput
-    of kind "unsupported_media" (HTTP 415), a good one as a JobResult."""
-    from core.serving.modelproc import ModelProcess
-
-    proc = ModelProcess(settings, "cpu", BatchMetrics())
-    try:
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
-        bad = proc.submit(JobRequest("j-bad", 1, "image", b"GIF89a not really", None, 5, None))
-        good = proc.submit(JobRequest("j-good", 1, "image", buf.getvalue(), ["red", "blue"], 1,
-                                      None))
-        with pytest.raises(InvalidInput) as err:
-            bad.result(timeout=120)
-        assert err.value.kind == InvalidInput.UNSUPPORTED
-        result = good.result(timeout=120)
-        assert isinstance(result, JobResult) and result.embedding.shape == (384,)
-        assert len(result.labels) == 1
-    finally:
-        proc.close()
 
 
 def test_a_lease_hands_back_abandoned_jobs_and_sweeps_only_when_healthy(host):
