@@ -254,8 +254,8 @@ class JobRun:
 
     def record(self, exact: str, result: JobResult) -> None:
         _then(self.host.writer.finish(self.job_id, self.attempt, exact, result), self.done,
-              partial(self.recorded, _summary(self.job_id, self.modality, result, exact),
-                      "result"))
+              partial(self.recorded, partial(_summary, self.job_id, self.modality, result,
+                                             exact), "result"))
 
     def ran_badly(self, e: BaseException) -> None:
         if isinstance(e, Cancelled):  # the row says so already: nothing to write
@@ -269,13 +269,14 @@ class JobRun:
             self.done.set_exception(e)
 
     def record_failure(self, error: str, status: JobStatus) -> None:
-        summary = {"job": self.job_id, "modality": self.modality, "status": status.value,
-                   "error": error}
+        summary = partial(dict, job=self.job_id, modality=self.modality, status=status.value,
+                          error=error)
         _then(self.host.writer.fail(self.job_id, self.attempt, error, status), self.done,
               partial(self.recorded, summary, status.value))
 
-    def recorded(self, summary: dict, what: str, ok: bool) -> None:
-        self.done.set_result(summary if ok else
+    def recorded(self, summary: Callable[[], dict], what: str, ok: bool) -> None:
+        """The record stage's answer: the task's summary, or the late outcome dropped."""
+        self.done.set_result(summary() if ok else
                              self.host.late(self.job_id, self.modality, self.attempt, what))
 
 
