@@ -23,7 +23,7 @@ from core.serving.procs import batch_scheduling, limit_malloc_arenas
 log = logging.getLogger("mmq.worker")
 
 
-def _sweep_forever(modality: str, every: float, lease,
+def _sweep_forever(modality: str, every: float, lease: LeaseKeeper,
                    stop: threading.Event | None = None) -> None:
     """Re-send this modality's jobs whose message was lost, and put back the
     unacknowledged messages of dead workers (core/broker/sweep.py)."""
@@ -45,7 +45,7 @@ def _sweep_forever(modality: str, every: float, lease,
             log.warning("sweep failed (%s: %s); will try again", type(e).__name__, e)
 
 
-def _first_renewal(lease, every: float) -> None:
+def _first_renewal(lease: LeaseKeeper, every: float) -> None:
     """A worker holds a live lease before it fetches anything: the sweep takes a
     fetched message whose worker (workers/poison.py records it) holds no live lease
     for a dead worker's, and puts it back (core/broker/sweep.py)."""
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
 
-    from core.serving.host import init_host
+    from core.serving.runtime import start_runtime
     from core.store.migrations import upgrade
 
     upgrade(settings.db_url)
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     # on the same hostname, and would renew the dead one's lease (its running jobs
     # would then wait out the visibility timeout instead of being recovered).
     name = f"{args.modality}-{os.getpid()}.{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-    h = init_host(settings, args.device, modality=args.modality, worker=name)
+    runtime = start_runtime(settings, args.device, modality=args.modality, worker=name)
+    h = runtime.host
     if h.exporter is not None:  # dead letters are counted beside the batching metrics
         from workers import poison
 
@@ -93,15 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     # ("cannot import name 'Celery'") and no sweep for the life of the worker.
     import core.broker.sweep  # noqa: F401
 
-    h.lease = LeaseKeeper(h, name, args.modality)
-    _first_renewal(h.lease, settings.lease_renew_s)
+    _first_renewal(runtime.lease, settings.lease_renew_s)
     stop_lease = threading.Event()
-    lease = threading.Thread(target=h.lease.run, args=(stop_lease,), daemon=True,
+    lease = threading.Thread(target=runtime.lease.run, args=(stop_lease,), daemon=True,
                              name="mmq-lease")
     lease.start()
     if settings.requeue_every_s > 0:
         threading.Thread(target=_sweep_forever, daemon=True, name="requeue-sweep",
-                         args=(args.modality, settings.requeue_every_s, h.lease)).start()
+                         args=(args.modality, settings.requeue_every_s, runtime.lease)).start()
 
     # Celery logs two INFO lines per task; at hundreds of jobs per second that is
     # real CPU taken from the model. Job outcomes are in the store and in Flower.
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     import workers.signals  # noqa: F401  (connects the handlers)
     from workers.app import app
 
+    app.attach_runtime(runtime)  # what the tasks run on (workers/tasks.py)
     concurrency = args.concurrency or 2 * h.model.cfg.max_batch_size
     try:
         app.worker_main([
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         # lease lets the sweep take any job left running at once.
         stop_lease.set()
         lease.join(timeout=10)
-        h.close()
+        runtime.close()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from celery import Celery
@@ -13,6 +14,29 @@ from vine import promise
 from core.broker.apps import celery_conf
 from core.config import Settings, get_settings
 from workers import poison
+
+if TYPE_CHECKING:
+    from core.serving.runtime import WorkerRuntime
+
+
+class MmqCelery(Celery):
+    """Celery's app, holding the serving runtime (model host and lease) that a worker
+    process's tasks run on. The worker's entry point builds it and attaches it before
+    consuming (workers/__main__.py); a process that only sends tasks has none."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._runtime: WorkerRuntime | None = None
+
+    def attach_runtime(self, runtime: WorkerRuntime) -> None:
+        self._runtime = runtime
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        if self._runtime is None:
+            raise RuntimeError("the model host is not initialised; start workers with "
+                               "`mmq worker <modality>`")
+        return self._runtime
 
 
 class EventBatchingConsumer(Consumer):
@@ -70,9 +94,9 @@ GUARDED_TRANSPORTS = {"redis": "workers.poison:GuardedRedisTransport",
                       "sentinel": "workers.poison:GuardedSentinelTransport"}
 
 
-def make_app(settings: Settings | None = None) -> Celery:
+def make_app(settings: Settings | None = None) -> MmqCelery:
     s = settings or get_settings()
-    app = Celery("mmq", broker=s.broker_url, include=["workers.tasks"])
+    app = MmqCelery("mmq", broker=s.broker_url, include=["workers.tasks"])
     app.conf.update(
         celery_conf(s),
         # The worker's kombu Redis transport has a channel that dead-letters what is

@@ -1,6 +1,7 @@
 """The one task: run a job by id. Thin: the host starts it in the store, runs the
 model and stores the outcome (core/serving/host.py); the task waits, retries through
-outages, and summarises.
+outages, and summarises. The host and the lease are the worker's runtime, held by
+the Celery app (workers/app.py).
 
 Retries happen inside the task, not through Celery's ``self.retry``: a retry
 there publishes a new message, which fails while the broker is down, and the
@@ -22,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import store
 from core.jobs import RUN_JOB_TASK
-from core.serving.host import host
+from core.serving.host import JobFuture
 from workers import poison
 from workers.app import app
 
@@ -39,7 +40,8 @@ def transient(e: BaseException) -> bool:
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
 def run_job(self, job_id: str, modality: str | None = None) -> dict:
     worker = self.request.hostname or "worker"
-    settings = host().settings
+    host = app.runtime.host
+    settings = host.settings
     # The latest start's fencing token, kept across tries: a try that fails before its
     # start (the store still down) leaves the job running under an earlier try's start,
     # and a failure fenced by no token (``queued`` only) would leave it running for good.
@@ -47,7 +49,7 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
     for attempt in range(settings.task_max_retries + 1):
         fut = None
         try:
-            fut = host().process(job_id, worker)
+            fut = host.process(job_id, worker)
             return _summarise(job_id, fut)
         except Exception as e:
             # The start that holds the job, if it started: the failure is fenced by it.
@@ -68,10 +70,10 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
     raise AssertionError("unreachable")
 
 
-def _summarise(job_id: str, fut) -> dict:
+def _summarise(job_id: str, fut: JobFuture) -> dict:
     # Bounded, so that a hung store or a wedged device cannot hold a task thread (and
     # its message) forever: the task retries, then fails.
-    store_wait = max(60.0, host().settings.visibility_timeout / 2)
+    store_wait = max(60.0, app.runtime.host.settings.visibility_timeout / 2)
     summary = fut.result(timeout=3 * store_wait)
     if summary.get("status") == "unknown":  # no row: a poison message, not a job
         poison.dead_letter_unknown_job(job_id)
@@ -86,11 +88,9 @@ def _record_failure(job_id: str, error: str, attempt: int | None) -> None:
     message back. Fenced by ``attempt`` (None: the job never started here): a failure
     of an attempt that no longer holds the job is dropped."""
     try:
-        with host().tx() as s:
-            store.fail_job(session=s, job_id=job_id, error=error, attempt=attempt)
+        app.runtime.host.record_failure(job_id, error, attempt)
     except Exception as e:
         log.error("job %s: could not record its failure (%s); leaving its message "
                   "unacknowledged", job_id, type(e).__name__)
-        if host().lease is not None:  # handed back once the store answers again
-            host().lease.abandon(job_id)
+        app.runtime.lease.abandon(job_id)  # handed back once the store answers again
         raise Reject(f"outcome not recorded: {type(e).__name__}", requeue=True) from e

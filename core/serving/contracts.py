@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from core.errors import InvalidInput
 from core.jobs import JobResult
+
+if TYPE_CHECKING:
+    from core.serving.batcher import BatcherConfig
 
 __all__ = ["AdapterRef", "Cancelled", "DeadlineExceeded", "Failure", "JobRequest", "JobResult",
            "ModelBackend"]
@@ -38,9 +41,12 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class JobRequest:
-    """One job for the model: the host builds it from the job row."""
+    """One job for the model: the host builds it from the started job row."""
 
     job_id: str  # carried to the batcher: a cancelled job is dropped from its queue by id
+    # The fencing token of the start that runs it (store.start_jobs' ``attempts``): with
+    # the job id, it names this run of the job across the pipe and back.
+    attempt: int
     modality: str
     payload: object  # text (str) or the image/audio bytes
     labels: list[str] | None  # classify: the label set; embed: None
@@ -93,7 +99,7 @@ class ModelBackend(Protocol):
 
     version: str
     device: str
-    cfg: object  # core.serving.batcher.BatcherConfig
+    cfg: BatcherConfig
 
     def submit(self, request: JobRequest) -> Future:
         """-> a future of a ``JobResult``; ``InvalidInput`` or ``DeadlineExceeded``

@@ -1,11 +1,18 @@
 """The per-process model host: set up once before the worker consumes anything.
 
-The threads pool runs tasks concurrently. A job goes store -> model -> store: the
-group-commit writer (core/serving/writer.py) marks it running and reads its input, the
-model runs it with its dynamic batcher in a spawned child process
-(core/serving/modelproc.py: the forward then does not share a GIL with Celery), and
-the writer stores the prediction. ``ModelHost.process`` chains the three steps
-on each other's completion, so the task thread waits once per job.
+The threads pool runs tasks concurrently. A job goes through named stages, each a
+method of ``JobRun``, with a typed message between each and the next:
+
+  start    the group-commit writer (core/serving/writer.py) marks it running under
+           a new attempt (the fencing token) and reads its input  -> ``StartResult``
+  prepare  the started row becomes a request for the model        -> ``JobRequest``
+  forward  the model backend tokenises or decodes it, batches it and runs it (in a
+           spawned child process, core/serving/modelproc.py: the forward then does
+           not share a GIL with Celery)                            -> ``JobResult``
+  record   the writer stores the outcome, fenced by the attempt    -> recorded or late
+
+Each stage is started by the previous one's completion, so the task thread waits
+once per job (``JobRun`` says why).
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,8 +47,11 @@ from core.serving.contracts import (
     ModelBackend,
 )
 from core.serving.metrics import BatchMetrics
-from core.serving.writer import GroupWriter
+from core.serving.writer import GroupWriter, NotStarted, Started, StartResult
 from core.store import BASE_VERSION, make_engine, session_factory
+
+if TYPE_CHECKING:
+    from core.serving.exporter import PrometheusSink
 
 log = logging.getLogger("mmq.worker")
 
@@ -90,6 +102,14 @@ class JobFuture(Future):
     attempt: int | None = None
 
 
+class _Refused(Exception):
+    """The prepare stage's answer for a job that must not reach the model."""
+
+    def __init__(self, error: str, status: JobStatus):
+        super().__init__(error)
+        self.error, self.status = error, status
+
+
 @dataclass
 class ModelHost:
     settings: Settings
@@ -100,17 +120,29 @@ class ModelHost:
     # SQLite takes one writer at a time; writers in this process queue on this lock
     # rather than in SQLite's busy handler (sleeps of up to 100 ms). None on PostgreSQL.
     write_lock: threading.Lock | None = None
-    exporter: object | None = None  # the Prometheus sink, when the exporter runs
-    lease: object | None = None  # core.serving.lease.LeaseKeeper, set by the worker
+    exporter: PrometheusSink | None = None  # when the exporter runs
     # job id -> the attempt this process runs: what a cancel check asks the store about.
     inflight: dict[str, int] = field(default_factory=dict)
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @contextmanager
-    def tx(self):
+    def tx(self) -> Iterator[Session]:
         """A transaction (committed on exit), serialised per process on SQLite."""
         with self.write_lock or nullcontext(), self.sessions.begin() as s:
             yield s
+
+    def process(self, job_id: str, worker: str) -> JobFuture:
+        """Run one job: start it in the store, run the model, store the outcome.
+        -> a future of the task's summary dict, resolved once the outcome is committed
+        (so a late ack follows the stored prediction); store errors are raised."""
+        return JobRun(self, job_id, worker).start()
+
+    def record_failure(self, job_id: str, error: str, attempt: int | None) -> bool:
+        """The task's own failure (an internal error, or retries spent), written at once
+        rather than through the writer, fenced by ``attempt`` (None: the job never
+        started). -> False if the outcome was late and dropped."""
+        with self.tx() as s:
+            return store.fail_job(session=s, job_id=job_id, error=error, attempt=attempt)
 
     def check_cancelled(self) -> list[str]:
         """Ask the store which of the jobs in flight here were cancelled (a user's DELETE
@@ -126,7 +158,8 @@ class ModelHost:
             self.model.cancel(cancelled)
         return cancelled
 
-    def _track(self, done: JobFuture, job_id: str, attempt: int) -> None:
+    def track(self, done: JobFuture, job_id: str, attempt: int) -> None:
+        """In flight here until ``done`` resolves (what ``check_cancelled`` asks about)."""
         with self._inflight_lock:
             self.inflight[job_id] = attempt
 
@@ -137,7 +170,37 @@ class ModelHost:
 
         done.add_done_callback(untrack)
 
-    def _late(self, job_id: str, modality: str, attempt: int, what: str) -> dict:
+    def request(self, started: Started) -> JobRequest:
+        """The prepare stage: a started row -> the model's request. Raises ``_Refused``
+        for a job that must not run (its version removed, its deadline passed, its
+        labels no longer valid)."""
+        job = started.job
+        if job.model_version != BASE_VERSION and started.version is None:
+            raise _Refused(f"model version {job.model_version!r} no longer exists (removed "
+                           "after the job was submitted)", JobStatus.FAILED)
+        v = started.version
+        adapter = None if v is None else AdapterRef(
+            v.name, v.modality, str(Path(self.settings.adapters_path) / v.adapter_file),
+            v.sha256)
+        deadline = None
+        if job.deadline:
+            # The database's clock on both sides (the deadline was set from it at
+            # submit, ``now`` read by the start): this worker's wall clock never
+            # decides. The rest is a duration on this host's monotonic clock.
+            left = (_aware(job.deadline) - _aware(job.now)).total_seconds()
+            if left <= 0:
+                raise _Refused("deadline passed before it ran", JobStatus.CANCELLED)
+            deadline = time.monotonic() + left
+        params = dict(job.params or {})
+        try:
+            labels = (check_labels(params.get("labels") or []) if job.task == "classify"
+                      else None)
+        except InvalidInput as e:  # a row written before today's rules
+            raise _Refused(str(e.reason), JobStatus.FAILED) from e
+        return JobRequest(job.id, started.attempt, job.modality, started.payload, labels,
+                          int(params.get("top_k", 5)), deadline, adapter)
+
+    def late(self, job_id: str, modality: str, attempt: int, what: str) -> dict:
         """An outcome the fence refused: the attempt outlived its hold on the job."""
         log.warning("job %s: dropped the late %s of attempt %d (the job was cancelled, or "
                     "handed to another attempt, meanwhile)", job_id, what, attempt)
@@ -145,94 +208,79 @@ class ModelHost:
         return {"job": job_id, "modality": modality, "status": "dropped",
                 "reason": f"late {what} of attempt {attempt}"}
 
-    def process(self, job_id: str, worker: str) -> JobFuture:
-        """Run one job: start it in the store, run the model, store the outcome.
-        -> a future of the task's summary dict, resolved once the outcome is committed
-        (so a late ack follows the stored prediction); store errors are raised.
-
-        Each step is started by the previous one's completion (in the writer's or the
-        model receiver's thread), not by the task thread: that thread then wakes once
-        per job instead of three times. Each wake-up is a few context switches and GIL
-        hand-offs, a tenth of the worker's CPU per job at load (bench/e2e.py)."""
-        done = JobFuture()
-
-        def started(value) -> None:
-            job, payload, version = value
-            if job is None:  # cancelled, already done, or unknown (no row): nothing to run
-                done.set_result({"job": job_id, "status": payload})
-                return
-            attempt = done.attempt = job.attempts  # the fencing token of this start
-            self._track(done, job_id, attempt)
-            if job.model_version != BASE_VERSION and version is None:
-                self._fail(done, job_id, attempt, job.modality, f"model version "
-                           f"{job.model_version!r} no longer exists (removed after the job "
-                           "was submitted)", JobStatus.FAILED)
-                return
-            adapter = None if version is None else AdapterRef(
-                version.name, version.modality,
-                str(Path(self.settings.adapters_path) / version.adapter_file), version.sha256)
-            deadline = None
-            if job.deadline:
-                # The database's clock on both sides (the deadline was set from it at
-                # submit, ``now`` read by the start): this worker's wall clock never
-                # decides. The rest is a duration on this host's monotonic clock.
-                left = (_aware(job.deadline) - _aware(job.now)).total_seconds()
-                if left <= 0:
-                    self._fail(done, job_id, attempt, job.modality,
-                               "deadline passed before it ran", JobStatus.CANCELLED)
-                    return
-                deadline = time.monotonic() + left
-            params = dict(job.params or {})
-            try:
-                labels = (check_labels(params.get("labels") or []) if job.task == "classify"
-                          else None)
-            except InvalidInput as e:  # a row written before today's rules
-                ran_badly(job.modality, attempt, e)
-                return
-            fut = self.model.submit(JobRequest(job_id, job.modality, payload, labels,
-                                               int(params.get("top_k", 5)), deadline, adapter))
-            # The exact version the prediction came from: the adapter's name and weights,
-            # or the pretrained towers' own version string.
-            exact = self.model.version if adapter is None else adapter.exact
-            _then(fut, done, lambda result: ran(job.modality, attempt, result, exact),
-                  on_error=lambda e: ran_badly(job.modality, attempt, e))
-
-        def ran(modality: str, attempt: int, result: JobResult, exact: str) -> None:
-            def recorded(ok: bool) -> None:
-                done.set_result(_summary(job_id, modality, result, exact) if ok else
-                                self._late(job_id, modality, attempt, "result"))
-
-            _then(self.writer.finish(job_id, attempt, exact, result), done, recorded)
-
-        def ran_badly(modality: str, attempt: int, e: BaseException) -> None:
-            if isinstance(e, Cancelled):  # the row says so already: nothing to write
-                done.set_result({"job": job_id, "modality": modality, "status": "cancelled"})
-            elif isinstance(e, DeadlineExceeded):
-                self._fail(done, job_id, attempt, modality, str(e), JobStatus.CANCELLED)
-            elif isinstance(e, InvalidInput):
-                self._fail(done, job_id, attempt, modality, str(e.reason), JobStatus.FAILED)
-            else:
-                done.set_exception(e)
-
-        _then(self.writer.start(job_id, worker), done, started)
-        return done
-
-    def _fail(self, done: Future, job_id: str, attempt: int, modality: str, error: str,
-              status: JobStatus) -> None:
-        summary = {"job": job_id, "modality": modality, "status": status.value, "error": error}
-
-        def recorded(ok: bool) -> None:
-            done.set_result(summary if ok else self._late(job_id, modality, attempt, status.value))
-
-        _then(self.writer.call(lambda s: store.fail_job(session=s, job_id=job_id, error=error,
-                                                        attempt=attempt, status=status)),
-              done, recorded)
-
     def close(self) -> None:
         self.model.close()
 
 
-def _then(fut: Future, done: Future, fn: Callable[[object], None],
+class JobRun:
+    """One job through the stages: start -> prepare -> forward -> record.
+
+    Each stage is started by the previous one's completion (in the writer's or the
+    model receiver's thread), not by the task thread: that thread then wakes once
+    per job instead of three times. Each wake-up is a few context switches and GIL
+    hand-offs, a tenth of the worker's CPU per job at load (bench/e2e.py). Whatever
+    a stage raises fails ``done``: no task is left waiting."""
+
+    def __init__(self, host: ModelHost, job_id: str, worker: str):
+        self.host, self.job_id, self.worker = host, job_id, worker
+        self.done = JobFuture()
+        self.modality = ""  # known once started
+        self.attempt = 0  # the fencing token, once started
+
+    def start(self) -> JobFuture:
+        _then(self.host.writer.start(self.job_id, self.worker), self.done, self.prepare)
+        return self.done
+
+    def prepare(self, start: StartResult) -> None:
+        if isinstance(start, NotStarted):  # cancelled, already done, or unknown (no row)
+            self.done.set_result({"job": self.job_id, "status": start.status})
+            return
+        self.attempt = self.done.attempt = start.attempt
+        self.modality = start.job.modality
+        self.host.track(self.done, self.job_id, self.attempt)
+        try:
+            request = self.host.request(start)
+        except _Refused as r:
+            self.record_failure(r.error, r.status)
+            return
+        self.forward(request)
+
+    def forward(self, request: JobRequest) -> None:
+        # The exact version the prediction came from: the adapter's name and weights,
+        # or the pretrained towers' own version string.
+        exact = self.host.model.version if request.adapter is None else request.adapter.exact
+        _then(self.host.model.submit(request), self.done, partial(self.record, exact),
+              on_error=self.ran_badly)
+
+    def record(self, exact: str, result: JobResult) -> None:
+        _then(self.host.writer.finish(self.job_id, self.attempt, exact, result), self.done,
+              partial(self.recorded, partial(_summary, self.job_id, self.modality, result,
+                                             exact), "result"))
+
+    def ran_badly(self, e: BaseException) -> None:
+        if isinstance(e, Cancelled):  # the row says so already: nothing to write
+            self.done.set_result({"job": self.job_id, "modality": self.modality,
+                                  "status": "cancelled"})
+        elif isinstance(e, DeadlineExceeded):
+            self.record_failure(str(e), JobStatus.CANCELLED)
+        elif isinstance(e, InvalidInput):
+            self.record_failure(str(e.reason), JobStatus.FAILED)
+        else:
+            self.done.set_exception(e)
+
+    def record_failure(self, error: str, status: JobStatus) -> None:
+        summary = partial(dict, job=self.job_id, modality=self.modality, status=status.value,
+                          error=error)
+        _then(self.host.writer.fail(self.job_id, self.attempt, error, status), self.done,
+              partial(self.recorded, summary, status.value))
+
+    def recorded(self, summary: Callable[[], dict], what: str, ok: bool) -> None:
+        """The record stage's answer: the task's summary, or the late outcome dropped."""
+        self.done.set_result(summary() if ok else
+                             self.host.late(self.job_id, self.modality, self.attempt, what))
+
+
+def _then(fut: Future, done: Future, fn: Callable[[Any], None],
           on_error: Callable[[BaseException], None] | None = None) -> None:
     """When ``fut`` completes: ``fn(result)``, or ``on_error(exc)`` (default: fail
     ``done``). Whatever ``fn`` raises fails ``done``: no job is left waiting."""
@@ -275,17 +323,16 @@ def _log_metrics(metrics: BatchMetrics, every: float) -> None:
         log.info("batching %s", json.dumps(metrics.summary()))
 
 
-_HOST: ModelHost | None = None
-
-
-def init_host(settings: Settings, device: str | None = None, *, modality: str = "text",
-              worker: str = "worker") -> ModelHost:
-    global _HOST
+def start_host(settings: Settings, device: str | None = None, *, modality: str = "text",
+               worker: str = "worker") -> ModelHost:
+    """Build a worker process's host: the metrics (and their exporter), the model
+    backend, the store and its group-commit writer."""
     metrics = BatchMetrics()
     from core.serving.exporter import start_exporter
 
     exporter = start_exporter(settings.worker_metrics_port, worker, modality, metrics,
                               host=settings.worker_metrics_host)
+    model: ModelBackend
     if settings.model_process:
         from core.serving.modelproc import ModelProcess
 
@@ -300,13 +347,4 @@ def init_host(settings: Settings, device: str | None = None, *, modality: str = 
     lock = threading.Lock() if engine.dialect.name == "sqlite" else None
     sessions = session_factory(engine)
     writer = GroupWriter(sessions, lock, lease=timedelta(seconds=settings.lease_s))
-    _HOST = ModelHost(settings, model, metrics, sessions, writer, lock,
-                      exporter)
-    return _HOST
-
-
-def host() -> ModelHost:
-    if _HOST is None:
-        raise RuntimeError("the model host is not initialised; start workers with "
-                           "`mmq worker <modality>`")
-    return _HOST
+    return ModelHost(settings, model, metrics, sessions, writer, lock, exporter)

@@ -15,14 +15,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from sqlalchemy.orm import Session
 
 from core import store
+from core.config import Settings
 
 log = logging.getLogger("mmq.worker")
 
 
+class LeaseHost(Protocol):
+    """What the keeper uses of a ``ModelHost``."""
+
+    settings: Settings
+
+    def tx(self) -> AbstractContextManager[Session]: ...
+
+    def check_cancelled(self) -> list[str]: ...
+
+
 class LeaseKeeper:
-    def __init__(self, host, worker: str, modality: str):
+    def __init__(self, host: LeaseHost, worker: str, modality: str):
         self.host, self.worker, self.modality = host, worker, modality
         self.healthy_since: float | None = None  # monotonic; None while renewals fail
         self.renewed_at: float | None = None  # monotonic: start of the last good renewal

@@ -20,32 +20,91 @@ redelivered (``acks_late``), and nothing is marked failed that did not fail.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing as mp
 import os
 import signal
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from core.config import Settings
 from core.errors import InvalidInput
 from core.serving.batcher import BatcherConfig, DynamicBatcher
 from core.serving.contracts import Failure, JobRequest, JobResult
+from core.serving.drain import Drain
 from core.serving.metrics import BatchMetrics
 from core.serving.procs import limit_malloc_arenas
 
 log = logging.getLogger("mmq.worker")
 
-# On the wire (pickled by the pipe): parent -> child lists of (request id,
-# JobRequest); child -> parent (results, batch observations, drops), each result
-# (request id, JobResult | Failure). A Failure rebuilds the same exception type,
-# with an InvalidInput's kind and index, on the parent's side.
+
+# -- on the wire (pickled by the pipe) ----------------------------------------------------
+# Each request and each outcome names its job and the attempt (fencing token) that runs
+# it: (job id, attempt) is unique among a worker's jobs in flight, since every start of
+# a job counts one more attempt. A Failure rebuilds the same exception type, with an
+# InvalidInput's kind and index, on the parent's side.
 
 
-def _outcome(fut: Future) -> JobResult | Failure:
+@dataclass(frozen=True)
+class Ready:
+    """child -> parent, once: the model is loaded."""
+
+    version: str
+    device: str
+    cfg: BatcherConfig
+    modalities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """child -> parent, instead of ``Ready``: the model could not be loaded."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Submit:
+    """parent -> child: jobs to run."""
+
+    requests: list[JobRequest]
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """parent -> child: drop these jobs from batches that have not started."""
+
+    job_ids: list[str]
+
+
+class Outcome(NamedTuple):  # one per job: a tuple on the wire, the cheapest to pickle
+    job_id: str
+    attempt: int
+    result: JobResult | Failure
+
+
+class BatchObserved(NamedTuple):
+    obs: dict  # BatchMetrics.observe_batch's keyword arguments
+
+
+class Dropped(NamedTuple):
+    modality: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """child -> parent: a batch's outcomes, with its metric observations."""
+
+    outcomes: list[Outcome]
+    batches: list[dict]
+    drops: list[Dropped]
+
+
+def _outcome(req: JobRequest, fut: Future) -> Outcome:
     e = fut.exception()
-    return fut.result() if e is None else Failure.of(e)
+    return Outcome(req.job_id, req.attempt, fut.result() if e is None else Failure.of(e))
 
 
 class _Outbox:
@@ -54,38 +113,37 @@ class _Outbox:
 
     def __init__(self, conn):
         self.conn = conn
-        self.results: list[tuple[int, JobResult | Failure]] = []
-        self.batches: list[dict] = []
-        self.drops: list[tuple[str, int]] = []
-        self._cv = threading.Condition()
+        self._queue: Drain[Outcome | BatchObserved | Dropped] = Drain()
         threading.Thread(target=self._send_forever, name="mmq-child-send", daemon=True).start()
 
-    def add(self, rid: int, fut: Future) -> None:
-        outcome = _outcome(fut)
-        with self._cv:
-            self.results.append((rid, outcome))
+    def add(self, req: JobRequest, fut: Future) -> None:
+        self._queue.put(_outcome(req, fut), wake=False)
 
     # BatchMetrics sink: observations travel with the results of the same batch.
     def observe_batch(self, **obs) -> None:
-        with self._cv:
-            self.batches.append(obs)
+        self._queue.put(BatchObserved(obs), wake=False)
 
     def observe_dropped(self, modality: str, n: int) -> None:
-        with self._cv:
-            self.drops.append((modality, n))
+        self._queue.put(Dropped(modality, n), wake=False)
 
     def flush(self) -> None:
-        with self._cv:
-            self._cv.notify()
+        self._queue.wake()
 
     def _send_forever(self) -> None:
         while True:
-            with self._cv:
-                while not (self.results or self.batches or self.drops):
-                    self._cv.wait()
-                msg = (self.results, self.batches, self.drops)
-                self.results, self.batches, self.drops = [], [], []
-            self.conn.send(msg)
+            self.conn.send(_report(self._queue.take()))
+
+
+def _report(items: list[Outcome | BatchObserved | Dropped]) -> Report:
+    report = Report([], [], [])
+    for it in items:
+        if isinstance(it, Outcome):
+            report.outcomes.append(it)
+        elif isinstance(it, BatchObserved):
+            report.batches.append(it.obs)
+        else:
+            report.drops.append(it)
+    return report
 
 
 def _child_main(settings: Settings, device: str | None, conn) -> None:
@@ -101,13 +159,12 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
         model = MultimodalModel.load(device=device, settings=settings)
         cfg = BatcherConfig.for_device(model.device, settings)
     except BaseException as e:  # noqa: BLE001  (the parent logs it and exits)
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(StartFailed(f"{type(e).__name__}: {e}"))
         return
     outbox = _Outbox(conn)
     batcher = DynamicBatcher(model, cfg, BatchMetrics(sinks=[outbox]), after_batch=outbox.flush,
                              adapters=AdapterCache(settings.adapter_cache_size))
-    conn.send(("ready", {"version": model.version, "device": str(model.device), "cfg": cfg,
-                         "modalities": model.modalities}))
+    conn.send(Ready(model.version, str(model.device), cfg, model.modalities))
     try:
         while True:
             reqs, cancels = _receive(conn)
@@ -118,48 +175,46 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
         os._exit(0)
 
 
-def _receive(conn) -> tuple[list[tuple[int, JobRequest]], set[str]]:
+def _receive(conn) -> tuple[list[JobRequest], set[str]]:
     """One message, and whatever else is waiting (it joins this tokenizer call):
-    -> (requests, job ids to cancel). A message is ("submit", [(rid, JobRequest)])
-    or ("cancel", [job id])."""
-    reqs: list[tuple[int, JobRequest]] = []
+    -> (requests, job ids to cancel). A message is a ``Submit`` or a ``Cancel``."""
+    reqs: list[JobRequest] = []
     cancels: set[str] = set()
     while True:
-        kind, body = conn.recv()
-        if kind == "cancel":
-            cancels.update(body)
+        msg: Submit | Cancel = conn.recv()
+        if isinstance(msg, Cancel):
+            cancels.update(msg.job_ids)
         else:
-            reqs += body
+            reqs += msg.requests
         if not conn.poll():
             return reqs, cancels
 
 
-def _accept(model, batcher: DynamicBatcher, outbox: _Outbox,
-            reqs: list[tuple[int, JobRequest]]) -> None:
+def _accept(model, batcher: DynamicBatcher, outbox: _Outbox, reqs: list[JobRequest]) -> None:
     """Prepare each modality's requests in one call and hand the valid ones to the
     batcher; a bad item is answered at once and fails alone."""
-    by_modality: dict[str, list[tuple[int, JobRequest]]] = {}
-    for rid, req in reqs:
-        by_modality.setdefault(req.modality, []).append((rid, req))
+    by_modality: dict[str, list[JobRequest]] = {}
+    for req in reqs:
+        by_modality.setdefault(req.modality, []).append(req)
     bad = False
     for modality, rs in by_modality.items():
         try:
-            prepared = model.prepare_many(modality, [req.payload for _, req in rs])
+            prepared = model.prepare_many(modality, [req.payload for req in rs])
         except ValueError as e:  # an unknown modality: these requests are bad input
             prepared = [InvalidInput(str(e))] * len(rs)
         except Exception as e:  # noqa: BLE001  (a fault, not the input: an internal error)
             log.exception("preparing %d %s item(s) failed", len(rs), modality)
             prepared = [e] * len(rs)
-        for (rid, req), p in zip(rs, prepared, strict=True):
+        for req, p in zip(rs, prepared, strict=True):
             if isinstance(p, Exception):
                 f: Future = Future()
                 f.set_exception(p)
-                outbox.add(rid, f)
+                outbox.add(req, f)
                 bad = True
                 continue
             fut = batcher.submit(modality, p, labels=req.labels, top_k=req.top_k,
                                  deadline=req.deadline, adapter=req.adapter, key=req.job_id)
-            fut.add_done_callback(lambda f, rid=rid: outbox.add(rid, f))
+            fut.add_done_callback(lambda f, req=req: outbox.add(req, f))
     if bad:
         outbox.flush()
 
@@ -175,20 +230,19 @@ class ModelProcess:
                                  name="mmq-model", daemon=True)
         self._proc.start()
         child_conn.close()
-        kind, info = self._conn.recv()
-        if kind != "ready":
+        ready: Ready | StartFailed = self._conn.recv()
+        if not isinstance(ready, Ready):
             self._proc.join(10)
-            raise RuntimeError(f"the model process failed to start: {info}")
-        self.version: str = info["version"]
-        self.device: str = info["device"]
-        self.cfg: BatcherConfig = info["cfg"]
-        self.modalities: tuple[str, ...] = info["modalities"]
+            raise RuntimeError(f"the model process failed to start: {ready.error}")
+        self.version: str = ready.version
+        self.device: str = ready.device
+        self.cfg: BatcherConfig = ready.cfg
+        self.modalities: tuple[str, ...] = ready.modalities
         self.metrics = metrics
-        self._ids = itertools.count()
-        self._futures: dict[int, Future] = {}
-        self._outgoing: list[tuple[int, JobRequest]] = []
-        self._cancels: list[str] = []
-        self._cv = threading.Condition()
+        # (job id, attempt) -> its future: set by task threads, popped by the receiver
+        # (each a single dict operation, atomic under the GIL).
+        self._futures: dict[tuple[str, int], Future] = {}
+        self._outgoing: Drain[JobRequest | Cancel] = Drain()
         self._closing = False
         threading.Thread(target=self._send_forever, name="mmq-model-send", daemon=True).start()
         threading.Thread(target=self._receive_forever, name="mmq-model-recv",
@@ -196,17 +250,15 @@ class ModelProcess:
 
     def submit(self, request: JobRequest) -> Future:
         fut: Future = Future()
-        with self._cv:
-            rid = next(self._ids)
-            self._futures[rid] = fut
-            self._outgoing.append((rid, request))
-            self._cv.notify()
+        # Registered before it is sent: its outcome may come back at once.
+        if self._futures.setdefault((request.job_id, request.attempt), fut) is not fut:
+            raise RuntimeError(f"job {request.job_id} attempt {request.attempt} is already "
+                               "in the model process")
+        self._outgoing.put(request)
         return fut
 
     def cancel(self, job_ids: list[str]) -> None:
-        with self._cv:
-            self._cancels += job_ids
-            self._cv.notify()
+        self._outgoing.put(Cancel(list(job_ids)))
 
     def close(self) -> None:
         self._closing = True
@@ -215,27 +267,25 @@ class ModelProcess:
 
     def _send_forever(self) -> None:
         while True:
-            with self._cv:
-                while not self._outgoing and not self._cancels:
-                    self._cv.wait()
-                reqs, self._outgoing = self._outgoing, []
-                cancels, self._cancels = self._cancels, []
+            items = self._outgoing.take()
+            reqs = [it for it in items if isinstance(it, JobRequest)]
+            cancels = [j for it in items if isinstance(it, Cancel) for j in it.job_ids]
             try:
                 if reqs:
-                    self._conn.send(("submit", reqs))
+                    self._conn.send(Submit(reqs))
                 if cancels:  # after the submits: the child applies it to those too
-                    self._conn.send(("cancel", cancels))
+                    self._conn.send(Cancel(cancels))
             except OSError:
                 return  # the receiver notices the dead child and exits the worker
 
     def _receive_forever(self) -> None:
         try:
             while True:
-                results, batches, drops = self._conn.recv()
-                self._resolve(results)
-                for obs in batches:
+                report: Report = self._conn.recv()
+                self._resolve(report.outcomes)
+                for obs in report.batches:
                     self.metrics.observe_batch(**obs)
-                for modality, n in drops:
+                for modality, n in report.drops:
                     self.metrics.observe_dropped(modality, n)
         except (EOFError, OSError):
             if self._closing:
@@ -251,11 +301,10 @@ class ModelProcess:
             logging.shutdown()
             os._exit(70)
 
-    def _resolve(self, results: list[tuple[int, JobResult | Failure]]) -> None:
-        with self._cv:
-            futs = [self._futures.pop(rid) for rid, _ in results]
-        for fut, (_, outcome) in zip(futs, results, strict=True):
-            if isinstance(outcome, Failure):
-                fut.set_exception(outcome.exception())
+    def _resolve(self, outcomes: list[Outcome]) -> None:
+        futs = [self._futures.pop((o.job_id, o.attempt)) for o in outcomes]
+        for fut, o in zip(futs, outcomes, strict=True):
+            if isinstance(o.result, Failure):
+                fut.set_exception(o.result.exception())
             else:
-                fut.set_result(outcome)
+                fut.set_result(o.result)

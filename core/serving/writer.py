@@ -22,20 +22,63 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
+from core.jobs import JobStatus
 from core.serving.contracts import JobResult
+from core.serving.drain import Drain
 from core.store.versions import version_refs
 
 log = logging.getLogger("mmq.worker")
 
 
-@dataclass
-class _Req:
-    kind: str  # "start", "finish" or "call"
-    arg: object
-    future: Future = field(default_factory=Future)
+# -- the writes it takes -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartOp:
+    """Mark the job running under ``worker`` and read its input -> a ``StartResult``."""
+
+    job_id: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class FinishOp:
+    """Store the prediction and mark the job succeeded, fenced by ``attempt`` -> True,
+    or False when the outcome was late and dropped."""
+
+    job_id: str
+    attempt: int  # the fencing token of the start that ran it
+    model_version: str  # the exact version the prediction came from
+    result: JobResult
+
+
+@dataclass(frozen=True)
+class FailOp:
+    """Mark the job failed (or cancelled past its deadline), fenced like ``FinishOp``
+    -> True, or False when the outcome was late and dropped."""
+
+    job_id: str
+    attempt: int
+    error: str
+    status: JobStatus = JobStatus.FAILED
+
+
+@dataclass(frozen=True)
+class CallOp:
+    """Any other write: ``fn(session)`` -> what it returns."""
+
+    fn: Callable[[Session], Any]
+
+
+WriteOp = StartOp | FinishOp | FailOp | CallOp
+
+
+# -- what a start answers ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -48,112 +91,141 @@ class VersionFile:
     sha256: str
 
 
-def _start_many(s, args: list[tuple[str, str]], lease: timedelta) -> list:
-    """args: (job_id, worker) -> per request (job, payload, VersionFile | None) or
-    (None, current status, None). The job's model version was resolved by the same
-    UPDATE that started it; None for ``base`` or for a version since removed (the
-    host fails that job)."""
+@dataclass(frozen=True)
+class Started:
+    """The job is running under this start: ``attempt`` is its fencing token."""
+
+    job: Any  # the started row (store.RUN_COLUMNS, attribute access like a Job)
+    payload: str | bytes  # the text, or the image/audio bytes
+    # The job's model version, resolved by the UPDATE that started it; None for
+    # ``base``, or for a version since removed (the host fails that job).
+    version: VersionFile | None
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempts
+
+
+@dataclass(frozen=True)
+class NotStarted:
+    """The job must not run: cancelled, already done, or unknown (no row)."""
+
+    status: str  # its current status, or "unknown"
+
+
+StartResult = Started | NotStarted
+
+
+@dataclass
+class _Pending:
+    op: WriteOp
+    future: Future = field(default_factory=Future)
+
+
+# -- the bulk writes, one per kind of op, each in the group's transaction ----------------
+
+
+def _start_many(s: Session, ops: list[StartOp], lease: timedelta) -> list[StartResult]:
     started: dict = {}
-    for worker in dict.fromkeys(w for _, w in args):
-        started |= store.start_jobs(session=s, job_ids=[j for j, w2 in args if w2 == worker],
+    for worker in dict.fromkeys(op.worker for op in ops):
+        started |= store.start_jobs(session=s, job_ids=[op.job_id for op in ops
+                                                        if op.worker == worker],
                                     worker=worker, lease=lease)
     refs = {v.name: VersionFile(v.name, v.modality, v.adapter_file, v.adapter_sha256)
             for v in version_refs(session=s,
                                   names=[j.model_version for j in started.values()]).values()
             }
-    out = []
-    for job_id, _ in args:
-        job = started.get(job_id)
+    out: list[StartResult] = []
+    for op in ops:
+        job = started.get(op.job_id)
         if job is None:  # cancelled, already done, or unknown: nothing to run
-            current = store.job_statuses(session=s, job_ids=[job_id]).get(job_id)
-            out.append((None, current or "unknown", None))
+            current = store.job_statuses(session=s, job_ids=[op.job_id]).get(op.job_id)
+            out.append(NotStarted(current or "unknown"))
         elif job.modality == "text":
-            out.append((job, job.text, refs.get(job.model_version)))
+            out.append(Started(job, job.text, refs.get(job.model_version)))
         else:
-            out.append((job, store.get_blob(session=s, sha256=job.payload_sha256),
-                        refs.get(job.model_version)))
+            out.append(Started(job, store.get_blob(session=s, sha256=job.payload_sha256),
+                               refs.get(job.model_version)))
     return out
 
 
-def _finish_many(s, args: list[tuple[str, int, str, JobResult]]) -> list[bool]:
-    """args: (job_id, attempt, model_version, prediction) -> per request, whether it
-    was recorded (False: the attempt no longer holds the job; its outcome is dropped)."""
+def _finish_many(s: Session, ops: list[FinishOp]) -> list[bool]:
     recorded: set[str] = set()
-    for version in dict.fromkeys(v for _, _, v, _ in args):
-        mine = [(j, a, r) for j, a, v, r in args if v == version]
+    for version in dict.fromkeys(op.model_version for op in ops):
+        mine = [op for op in ops if op.model_version == version]
         recorded |= store.finish_jobs(session=s, model_version=version,
-                                      results={j: r for j, _, r in mine},
-                                      attempts={j: a for j, a, _ in mine})
-    return [j in recorded for j, _, _, _ in args]
+                                      results={op.job_id: op.result for op in mine},
+                                      attempts={op.job_id: op.attempt for op in mine})
+    return [op.job_id in recorded for op in ops]
 
 
-def _call_each(s, fns: list[Callable]) -> list:
-    return [fn(s) for fn in fns]
+def _fail_each(s: Session, ops: list[FailOp]) -> list[bool]:
+    return [store.fail_job(session=s, job_id=op.job_id, error=op.error, attempt=op.attempt,
+                           status=op.status) for op in ops]
 
 
-_BULK = {"start": _start_many, "finish": _finish_many, "call": _call_each}
+def _call_each(s: Session, ops: list[CallOp]) -> list:
+    return [op.fn(s) for op in ops]
 
 
 class GroupWriter:
-    def __init__(self, sessions, write_lock: threading.Lock | None = None,
+    def __init__(self, sessions: sessionmaker[Session],
+                 write_lock: threading.Lock | None = None,
                  lease: timedelta = store.DEFAULT_LEASE):
         self.sessions = sessions
-        # Which running jobs a start may take over: those whose worker's lease is dead.
-        self._bulk = {**_BULK, "start": partial(_start_many, lease=lease)}
+        self._bulk: dict[type, Callable[[Session, list], list]] = {
+            # Which running jobs a start may take over: those whose worker's lease is dead.
+            StartOp: lambda s, ops: _start_many(s, ops, lease),
+            FinishOp: _finish_many, FailOp: _fail_each, CallOp: _call_each}
         # Other writers in this process (the failure signal handler) take the same
         # lock on SQLite, which has one writer at a time.
         self.write_lock = write_lock
-        self._pending: list[_Req] = []
-        self._cv = threading.Condition()
+        self._queue: Drain[_Pending] = Drain()
         threading.Thread(target=self._loop, name="mmq-writer", daemon=True).start()
 
-    def start(self, job_id: str, worker: str) -> Future:
-        """-> (job, payload, VersionFile | None), or (None, status, None) when the job
-        must not run."""
-        return self._submit("start", (job_id, worker))
+    def start(self, job_id: str, worker: str) -> Future[StartResult]:
+        return self.submit(StartOp(job_id, worker))
 
     def finish(self, job_id: str, attempt: int, model_version: str,
-               result: JobResult) -> Future:
-        """Store the prediction and mark the job succeeded, if ``attempt`` still holds
-        it -> True, or False when the outcome was late and dropped."""
-        return self._submit("finish", (job_id, attempt, model_version, result))
+               result: JobResult) -> Future[bool]:
+        return self.submit(FinishOp(job_id, attempt, model_version, result))
 
-    def call(self, fn: Callable) -> Future:
-        """Any other write: ``fn(session)``, in the next group's transaction."""
-        return self._submit("call", fn)
+    def fail(self, job_id: str, attempt: int, error: str,
+             status: JobStatus = JobStatus.FAILED) -> Future[bool]:
+        return self.submit(FailOp(job_id, attempt, error, status))
 
-    def _submit(self, kind: str, arg: object) -> Future:
-        req = _Req(kind, arg)
-        with self._cv:
-            self._pending.append(req)
-            self._cv.notify()
-        return req.future
+    def call(self, fn: Callable[[Session], Any]) -> Future:
+        return self.submit(CallOp(fn))
+
+    def submit(self, op: WriteOp) -> Future:
+        """Queue ``op`` for the next group's transaction -> a future of its answer,
+        resolved once that transaction has committed."""
+        pending = _Pending(op)
+        self._queue.put(pending)
+        return pending.future
 
     def _loop(self) -> None:
         while True:
-            with self._cv:
-                while not self._pending:
-                    self._cv.wait()
-                group, self._pending = self._pending, []
+            group = self._queue.take()
             try:
                 self._write(group)
             except Exception:  # noqa: BLE001  (retry alone: one bad request fails alone)
                 if len(group) > 1:
                     log.warning("group commit of %d writes failed; writing each alone",
                                 len(group), exc_info=True)
-                for req in group:
+                for pending in group:
                     try:
-                        self._write([req])
+                        self._write([pending])
                     except Exception as e:  # noqa: BLE001  (the task decides: retry or fail)
-                        req.future.set_exception(e)
+                        pending.future.set_exception(e)
 
-    def _write(self, group: list[_Req]) -> None:
-        by_kind: dict[str, list[_Req]] = {}
-        for req in group:
-            by_kind.setdefault(req.kind, []).append(req)
-        results: list[tuple[_Req, object]] = []
+    def _write(self, group: list[_Pending]) -> None:
+        by_kind: dict[type, list[_Pending]] = {}
+        for pending in group:
+            by_kind.setdefault(type(pending.op), []).append(pending)
+        answers: list[tuple[_Pending, object]] = []
         with self.write_lock or nullcontext(), self.sessions.begin() as s:
-            for kind, reqs in by_kind.items():
-                results += zip(reqs, self._bulk[kind](s, [r.arg for r in reqs]), strict=True)
-        for req, value in results:  # only now: the transaction is committed
-            req.future.set_result(value)
+            for kind, ps in by_kind.items():
+                answers += zip(ps, self._bulk[kind](s, [p.op for p in ps]), strict=True)
+        for pending, value in answers:  # only now: the transaction is committed
+            pending.future.set_result(value)

@@ -44,8 +44,8 @@ def outage(monkeypatch):
         state.slept.append(s)
         state.clock += s
 
-    monkeypatch.setattr(tasks, "host", lambda: SimpleNamespace(settings=Settings(),
-                                                               process=process))
+    monkeypatch.setattr(tasks.app, "_runtime", SimpleNamespace(
+        host=SimpleNamespace(settings=Settings(), process=process)))
     monkeypatch.setattr(tasks, "time", SimpleNamespace(sleep=sleep))
     monkeypatch.setattr(tasks, "_record_failure", lambda job_id, error, attempt:
                         state.failures.append((error, attempt)))

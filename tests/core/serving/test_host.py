@@ -4,17 +4,16 @@ the real model; no broker, no worker process."""
 
 from __future__ import annotations
 
-import io
 from datetime import timedelta
 
+import numpy as np
 import pytest
-from PIL import Image
 
 from core import store
 from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import JobResult
-from core.serving.contracts import DeadlineExceeded, Failure, JobRequest
+from core.serving.contracts import DeadlineExceeded, Failure
 from core.serving.host import InProcessModel, ModelHost
 from core.serving.metrics import BatchMetrics
 from core.serving.writer import GroupWriter
@@ -107,27 +106,6 @@ def test_errors_keep_their_type_kind_and_index_across_the_pipe():
     assert "KeyError" in str(Failure.of(KeyError("x")).exception())
 
 
-def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
-    """A real spawned model process: an undecodable image comes back as InvalidInput
-    of kind "unsupported_media" (HTTP 415), a good one as a JobResult."""
-    from core.serving.modelproc import ModelProcess
-
-    proc = ModelProcess(settings, "cpu", BatchMetrics())
-    try:
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
-        bad = proc.submit(JobRequest("j-bad", "image", b"GIF89a not really", None, 5, None))
-        good = proc.submit(JobRequest("j-good", "image", buf.getvalue(), ["red", "blue"], 1, None))
-        with pytest.raises(InvalidInput) as err:
-            bad.result(timeout=120)
-        assert err.value.kind == InvalidInput.UNSUPPORTED
-        result = good.result(timeout=120)
-        assert isinstance(result, JobResult) and result.embedding.shape == (384,)
-        assert len(result.labels) == 1
-    finally:
-        proc.close()
-
-
 def test_a_lease_hands_back_abandoned_jobs_and_sweeps_only_when_healthy(host):
     import time
 
@@ -161,3 +139,117 @@ def test_task_summary_shows_the_start_of_a_transcript():
     short = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="Yes."), "v")
     assert short["text"] == "Yes." and "embedding_dim" not in short
     assert "text" not in _summary("j", "text", JobResult(embedding=np.zeros(384, "f4")), "v")
+
+
+# -- the stages with a stand-in model: the fence, late outcomes, cancels ------------------
+
+
+class HeldModel:
+    """A model backend whose answers the test gives: each request waits in ``requests``
+    with its future until the test resolves it."""
+
+    version, device, cfg = "held-1", "cpu", None
+
+    def __init__(self):
+        self.requests: dict[str, tuple] = {}
+        self.cancelled: list[str] = []
+
+    def submit(self, request):
+        from concurrent.futures import Future
+
+        fut = Future()
+        self.requests[request.job_id] = (request, fut)
+        return fut
+
+    def cancel(self, job_ids):
+        self.cancelled += job_ids
+
+    def close(self) -> None:
+        pass
+
+    def wait_for(self, job_id: str):
+        import time
+
+        deadline = time.monotonic() + 30
+        while job_id not in self.requests:
+            assert time.monotonic() < deadline, f"{job_id} never reached the model"
+            time.sleep(0.005)
+        return self.requests[job_id]
+
+
+@pytest.fixture
+def held(settings):
+    sessions = store.session_factory(store.make_engine(settings.db_url))
+    return ModelHost(settings, HeldModel(), BatchMetrics(), sessions, GroupWriter(sessions))
+
+
+def test_the_fencing_token_travels_from_the_start_to_the_record(held):
+    job_id = _job(held, modality="text", task="classify", text="x",
+                  params={"labels": ["a", "b"], "top_k": 2})
+    done = held.process(job_id, "w1")
+    request, fut = held.model.wait_for(job_id)
+    assert done.attempt == request.attempt == _row(held, job_id)[0].attempts == 1
+    assert (request.labels, request.top_k, request.payload) == (["a", "b"], 2, "x")
+    assert held.inflight == {job_id: 1}  # what a cancel check asks about
+    fut.set_result(JobResult(embedding=np.zeros(384, "f4"), tokens=1))
+    summary = done.result(timeout=30)
+    assert summary["status"] == "succeeded" and summary["model_version"] == "held-1"
+    assert held.inflight == {}
+
+
+def test_a_late_result_is_dropped_and_counted(held):
+    """While the model ran, the job was handed to another attempt: the result of this
+    one is refused by the store's fence, counted, and the newer attempt's hold stands."""
+    job_id = _job(held, modality="text", task="embed", text="slow")
+    done = held.process(job_id, "w1")
+    _, fut = held.model.wait_for(job_id)
+    held.writer.start(job_id, "w1").result(timeout=30)  # attempt 2 takes the job over
+    fut.set_result(JobResult(embedding=np.zeros(384, "f4"), tokens=1))
+    summary = done.result(timeout=30)
+    assert summary == {"job": job_id, "modality": "text", "status": "dropped",
+                       "reason": "late result of attempt 1"}
+    assert held.metrics.late == 1
+    job, pred = _row(held, job_id)
+    assert (job.status, job.attempts, pred) == ("running", 2, None)
+
+
+def test_a_cancel_reaches_the_model_and_its_job_ends_cancelled(held):
+    from core.serving.contracts import Cancelled
+
+    job_id = _job(held, modality="text", task="embed", text="unwanted")
+    done = held.process(job_id, "w1")
+    _, fut = held.model.wait_for(job_id)
+    assert held.check_cancelled() == []
+    with held.tx() as s:
+        assert store.cancel_job(session=s, job_id=job_id)
+    assert held.check_cancelled() == [job_id] and held.model.cancelled == [job_id]
+    fut.set_exception(Cancelled("cancelled before its batch ran"))
+    assert done.result(timeout=30)["status"] == "cancelled"
+    assert _row(held, job_id)[0].status == "cancelled"
+
+
+def test_a_lease_renewal_drops_the_cancelled_jobs_in_flight(held):
+    from core.serving.lease import LeaseKeeper
+
+    job_id = _job(held, modality="text", task="embed", text="renewed")
+    held.process(job_id, "w-renew")
+    held.model.wait_for(job_id)
+    with held.tx() as s:
+        store.cancel_job(session=s, job_id=job_id)
+    LeaseKeeper(held, "w-renew", "text").renew()
+    assert held.model.cancelled == [job_id]
+
+
+def test_a_model_error_fails_the_task_and_the_task_fences_its_record(held):
+    """An internal error reaches the task (which records it, fenced by the start's
+    token); a failure of an attempt that no longer holds the job is dropped."""
+    job_id = _job(held, modality="text", task="embed", text="boom")
+    done = held.process(job_id, "w1")
+    _, fut = held.model.wait_for(job_id)
+    fut.set_exception(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        done.result(timeout=30)
+    assert done.attempt == 1
+    assert held.record_failure(job_id, "internal error", attempt=2) is False
+    assert held.record_failure(job_id, "internal error", attempt=done.attempt) is True
+    assert _row(held, job_id)[0].status == "failed"
