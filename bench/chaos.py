@@ -5,7 +5,7 @@ machine's 6379; AOF where the scenario needs it), its own database
 (``mmq_chaos_<random>`` in the local PostgreSQL cluster, or a SQLite file), real
 ``python -m workers text`` processes (MMQ_DEVICE=cpu, MMQ_TORCH_THREADS=1) and,
 where needed, ``mmq api``. Workers and the API reach PostgreSQL through a
-``TcpProxy`` (tests/e2e/faults.py); this script's own SDK and its SQL checks use
+``TcpProxy`` (bench/faults.py); this script's own SDK and its SQL checks use
 the database directly. Everything it started is stopped, and every database it
 created dropped, on exit (try/finally and atexit).
 
@@ -94,10 +94,10 @@ from bench.chaos_services import (  # noqa: E402,F401  (Worker: used by the scen
     spawn,
     stop,
 )
+from bench.faults import TcpProxy  # noqa: E402
 from core.jobs import TERMINAL  # noqa: E402
 from core.training.samples import sentences  # noqa: E402
 from producer.sdk import Client  # noqa: E402
-from tests.e2e.faults import TcpProxy  # noqa: E402
 
 API_KEY = "chaos-key"
 TERMINAL_SQL = ", ".join(f"'{s}'" for s in TERMINAL)

@@ -318,8 +318,8 @@ def test_submit_is_refused_with_503_while_redis_is_down(broker_url, pg_url):
     /readyz says why; once it is back the same submit is accepted."""
     from urllib.parse import urlsplit
 
+    from bench.faults import TcpProxy
     from producer.api import create_app
-    from tests.e2e.faults import TcpProxy
 
     url = urlsplit(broker_url)
     proxy = TcpProxy(url.hostname, url.port)

@@ -190,8 +190,8 @@ def test_requests_get_503_while_the_database_is_down(new_broker, request):
     database is the problem, and all works again once it is back."""
     from urllib.parse import urlsplit
 
+    from bench.faults import TcpProxy
     from tests.e2e.conftest import _pg_database, _pg_drop
-    from tests.e2e.faults import TcpProxy
 
     database_url = _pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
     request.addfinalizer(lambda: _pg_drop(name))

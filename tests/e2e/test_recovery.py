@@ -15,11 +15,11 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
+from bench.faults import TcpProxy
 from core import store
 from core.training.samples import sentences
 from producer.sdk import Client
 from tests.e2e.conftest import service_env
-from tests.e2e.faults import TcpProxy
 
 # Short leases and a fast sweep keep the tests quick; the logic is the same.
 FAST = {"MMQ_LEASE_S": 3, "MMQ_LEASE_RENEW_S": 0.5, "MMQ_REQUEUE_EVERY_S": 1,

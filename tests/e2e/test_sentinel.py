@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from bench.faults import SentinelCluster
 from core import store
 from core.broker.admission import release_room, reserve_room
 from core.broker.queues import SWEEP_LOCK
@@ -28,7 +29,6 @@ from core.training.samples import sentences
 from producer.api import create_app
 from producer.sdk import Client
 from tests.e2e.conftest import service_env
-from tests.e2e.faults import SentinelCluster
 
 log = logging.getLogger(__name__)
 
