@@ -19,7 +19,7 @@ import redis
 from bench.faults import free_port
 
 if TYPE_CHECKING:
-    from bench.chaos import Stack
+    from bench.chaos_stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_HOST, PG_PORT = "127.0.0.1", 5432
