@@ -1,6 +1,9 @@
 import os
+import uuid
 
 import pytest
+
+from tests.helpers import pg_database, pg_drop
 
 # No hub at run time: every weight comes from an installed package or a local dir.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +15,17 @@ def model():
     from core.model.multimodal import MultimodalModel
 
     return MultimodalModel.load(device="cpu")
+
+
+# A SQLite file and a PostgreSQL database: every module that asks runs on both.
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'mmq.db'}"
+        return
+    name = f"mmq_e2e_{uuid.uuid4().hex[:10]}"
+    yield pg_database(name)
+    pg_drop(name)
 
 
 # -- CI fails, not skips, when a service is missing -----------------------------------------

@@ -28,7 +28,7 @@ from core.config import Settings
 from core.training.samples import sentences
 from producer.api import create_app
 from producer.sdk import Client
-from tests.e2e.conftest import service_env
+from tests.helpers import service_env
 
 log = logging.getLogger(__name__)
 
