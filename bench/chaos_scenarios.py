@@ -15,8 +15,9 @@ from collections import Counter
 
 import httpx
 
-from bench.chaos import API_KEY, Fault, Load, Result, Stack, Worker, finish_result
 from bench.chaos_inputs import MAX_PAYLOAD, MAX_REQUEST, api_cases, sdk_cases
+from bench.chaos_services import Worker
+from bench.chaos_stack import API_KEY, Fault, Load, Result, Stack, finish_result
 from core.errors import InvalidInput
 from core.training.samples import sentences
 

@@ -7,7 +7,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,14 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from bench.faults import free_port
+
 if TYPE_CHECKING:
-    from bench.chaos import Stack
+    from bench.chaos_stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- cleanup: everything this script started, stopped however it exits ----------------------

@@ -1,6 +1,12 @@
 import os
+import subprocess
+import time
+import uuid
 
 import pytest
+import redis
+
+from tests.helpers import free_port, pg_database, pg_drop
 
 # No hub at run time: every weight comes from an installed package or a local dir.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +18,67 @@ def model():
     from core.model.multimodal import MultimodalModel
 
     return MultimodalModel.load(device="cpu")
+
+
+# A SQLite file and a PostgreSQL database: every module that asks runs on both.
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'mmq.db'}"
+        return
+    name = f"mmq_e2e_{uuid.uuid4().hex[:10]}"
+    yield pg_database(name)
+    pg_drop(name)
+
+
+# -- Redis: a redis-server of the tests' own, a database per module or test -----------------
+# Redis databases: enough for one per test module and per test that asks for its own.
+# Numbers below FIRST_FREE_DB are left to modules that still hard-code theirs.
+REDIS_DATABASES, FIRST_FREE_DB = 256, 16
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """Our own redis-server on a free port: no test touches the machine's Redis."""
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(d),
+                             "--databases", str(REDIS_DATABASES)],
+                            stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        pytest.fail("redis-server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def new_broker(redis_server):
+    """-> a function returning the URL of a Redis database no other test has used,
+    flushed: no module or test sees another's messages, bindings or locks, whatever
+    order they run in. For module-scoped stacks; tests use ``broker_url``."""
+    numbers = iter(range(FIRST_FREE_DB, REDIS_DATABASES))
+
+    def new() -> str:
+        url = f"{redis_server}/{next(numbers)}"
+        redis.Redis.from_url(url).flushdb()
+        return url
+
+    return new
+
+
+@pytest.fixture
+def broker_url(new_broker) -> str:
+    """A Redis database of this test's own."""
+    return new_broker()
 
 
 # -- CI fails, not skips, when a service is missing -----------------------------------------

@@ -112,3 +112,75 @@ def test_the_api_and_sdk_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+# -- bench/ and tests/ too: no loops anywhere, bench/ never imports tests/ -----------------------
+
+def _project_imports(path: Path, roots: set[str], *, top_level_only: bool) -> set[str]:
+    """The project modules ``path`` imports (``from a.b import c`` gives a.b and a.b.c);
+    all but top-level ones: those in functions too, not those under ``if TYPE_CHECKING:``
+    (annotations only, never run)."""
+    tree = ast.parse(path.read_text(), str(path))
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            if top_level_only:
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from walk(node.orelse)
+                continue
+            yield from walk(ast.iter_child_nodes(node))
+
+    out: set[str] = set()
+    for node in walk(tree.body):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in roots}
+
+
+def test_no_import_loops_in_bench_or_tests_and_bench_never_imports_tests():
+    """bench/ scripts and the tests import the packages, and tests may import bench/
+    (its fault injectors, bench/faults.py); bench/ never imports tests/, and no module
+    anywhere imports itself round a loop (bench/chaos.py and chaos_scenarios.py once
+    did, through an import inside main()). Loops count every import that runs in bench/
+    and tests/, and the module-level ones in the packages (as test_no_import_loops).
+    Tests import plain helpers from tests/helpers.py, never a test module or a conftest
+    (pytest imports those itself)."""
+    roots = {*PACKAGES, "bench", "tests"}
+    sources = {_module_name(p): p for r in roots for p in (ROOT / r).rglob("*.py")}
+    bad, graph = [], {}
+    for name, path in sources.items():
+        for imported in _project_imports(path, roots, top_level_only=False):
+            top, last = imported.split(".")[0], imported.split(".")[-1]
+            if name.startswith("bench.") and top == "tests":
+                bad.append(f"{name} imports {imported} (bench/ never imports tests/)")
+            if top == "tests" and (last.startswith("test_") or last == "conftest"):
+                bad.append(f"{name} imports {imported} (a test module or a conftest)")
+        deps = set()
+        in_packages = name.split(".")[0] in PACKAGES
+        for imported in _project_imports(path, roots, top_level_only=in_packages):
+            mod = imported if imported in sources else imported.rsplit(".", 1)[0]
+            if mod in sources and mod != name:
+                deps.add(mod)
+        graph[name] = deps
+    assert not bad, "\n".join(sorted(bad))
+
+    loops, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                loops.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    loops = [lp for lp in loops if not _package_reexport(lp)]
+    assert not loops, "\n".join(loops)

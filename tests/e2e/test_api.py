@@ -12,7 +12,6 @@ import base64
 import io
 import subprocess
 import sys
-import time
 import uuid
 
 import httpx
@@ -23,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from core.config import Settings
 from producer.ops.stack import EXAMPLES
-from tests.e2e.conftest import Worker, _free_port, _pg_database, _pg_drop, service_env
+from tests.helpers import Worker, free_port, pg_database, pg_drop, service_env, wait_http
 
 KEY, OTHER_KEY = "test-key-1", "test-key-2"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -35,9 +34,9 @@ WAV = sorted(EXAMPLES.glob("*.wav"))
 @pytest.fixture(scope="module")
 def pg_url():
     name = f"mmq_api_{uuid.uuid4().hex[:10]}"
-    url = _pg_database(name)
+    url = pg_database(name)
     yield url
-    _pg_drop(name)
+    pg_drop(name)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def api(new_broker, pg_url, tmp_path_factory):
     logs = tmp_path_factory.mktemp("api-logs")
     subprocess.run([sys.executable, "-m", "producer.cli", "db", "upgrade"], env=env, check=True)
     workers = [Worker(m, env, logs / f"{m}.log") for m in ("text", "image", "audio")]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
                               env=env, stdout=open(logs / "api.log", "wb"),
                               stderr=subprocess.STDOUT)
@@ -58,7 +57,7 @@ def api(new_broker, pg_url, tmp_path_factory):
     try:
         for w in workers:
             w.wait_ready()
-        _wait_http(f"{base}/healthz", server, logs / "api.log")
+        wait_http(f"{base}/healthz", server, logs / "api.log")
         with httpx.Client(base_url=base, timeout=60) as http:
             yield http
     finally:
@@ -79,20 +78,6 @@ def idle(new_broker, pg_url):
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
     app.state.client.close()
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mmq api exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"mmq api did not answer:\n{log.read_text()[-3000:]}")
 
 
 def _wait_done(http: httpx.Client, job_id: str) -> dict:
@@ -318,8 +303,8 @@ def test_submit_is_refused_with_503_while_redis_is_down(broker_url, pg_url):
     /readyz says why; once it is back the same submit is accepted."""
     from urllib.parse import urlsplit
 
+    from bench.faults import TcpProxy
     from producer.api import create_app
-    from tests.e2e.faults import TcpProxy
 
     url = urlsplit(broker_url)
     proxy = TcpProxy(url.hostname, url.port)

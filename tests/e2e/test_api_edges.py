@@ -20,8 +20,7 @@ from PIL import Image
 
 from core.broker.sender import queue_depths
 from core.config import Settings
-from tests.e2e.conftest import _free_port
-from tests.producer.test_sdk_input import big_png, cut_images, wav_claiming
+from tests.helpers import big_png, cut_images, free_port, wav_claiming
 
 KEY = "edge-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -33,7 +32,7 @@ def uvicorn_api(s: Settings):
     """The real app under uvicorn in a thread -> an httpx client (keep-alive) for it."""
     from producer.api import create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -196,11 +195,11 @@ def test_requests_get_503_while_the_database_is_down(new_broker, request):
     database is the problem, and all works again once it is back."""
     from urllib.parse import urlsplit
 
-    from tests.e2e.conftest import _pg_database, _pg_drop
-    from tests.e2e.faults import TcpProxy
+    from bench.faults import TcpProxy
+    from tests.helpers import pg_database, pg_drop
 
-    database_url = _pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
-    request.addfinalizer(lambda: _pg_drop(name))
+    database_url = pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
+    request.addfinalizer(lambda: pg_drop(name))
 
     where = urlsplit(database_url).netloc.split("@")[-1]
     host, port = where.split(":")

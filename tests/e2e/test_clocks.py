@@ -20,7 +20,7 @@ import pytest
 from core import store
 from core.search import SearchConfig, SearchEngine
 from producer.sdk import Client
-from tests.e2e.conftest import _pg_database, _pg_drop, service_env
+from tests.helpers import pg_database, pg_drop, service_env
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 pytestmark = pytest.mark.skipif(
@@ -36,8 +36,8 @@ def database_url():
     import uuid
 
     name = f"mmq_clocks_{uuid.uuid4().hex[:10]}"
-    yield _pg_database(name)
-    _pg_drop(name)
+    yield pg_database(name)
+    pg_drop(name)
 
 
 def skewed(env: dict, offset: str) -> dict:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import netns  # the bench's own plumbing (see the docstring)
-from tests.e2e.conftest import PG_ADMIN_URL
+from tests.helpers import PG_ADMIN_URL
 
 JOBS = 100
 

@@ -10,13 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.training.samples import sentences
 from producer.sdk import Client
-from tests.e2e.conftest import service_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, service_env
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:

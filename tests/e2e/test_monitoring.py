@@ -23,7 +23,7 @@ from producer.ops.flower import FlowerAuthMissing, flower_command, flower_creden
 from producer.ops.top import collect, render
 from producer.sdk import Client
 from tests.e2e.browser import chrome, screenshot
-from tests.e2e.conftest import _free_port, service_env
+from tests.helpers import free_port, service_env
 
 ROOT = Path(__file__).parents[2]
 AUTH = ("alice", "s3cret-for-tests")
@@ -32,7 +32,7 @@ AUTH = ("alice", "s3cret-for-tests")
 
 class FlowerProcess:
     def __init__(self, env: dict, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(flower_command(self.port, "127.0.0.1"), env=env, cwd=ROOT,
@@ -94,7 +94,7 @@ def test_mmq_flower_refuses_to_start_without_auth(broker_url):
     env = service_env(broker_url, "sqlite://", MMQ_FLOWER_BASIC_AUTH="",
                       MMQ_PROFILE="production")
     r = subprocess.run([sys.executable, "-m", "producer.cli", "flower", "--port",
-                        str(_free_port())], env=env, cwd=ROOT, capture_output=True,
+                        str(free_port())], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "MMQ_FLOWER_BASIC_AUTH" in r.stderr
 
@@ -293,7 +293,7 @@ def test_top_once_prints_one_frame(top_store):
 
 def test_top_reports_a_broker_that_does_not_answer(top_store):
     settings, sessions = top_store
-    dead = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_free_port()}/0"})
+    dead = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
     frame = collect(dead, sessions, producer_app(dead), window_s=60)
     assert frame.depths is None and frame.workers is None
     assert any(p.startswith("redis:") for p in frame.problems)

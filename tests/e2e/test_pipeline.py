@@ -20,7 +20,7 @@ from core.errors import InvalidInput
 from core.training.samples import sentences
 from producer.ops.stack import EXAMPLES
 from producer.sdk import Client
-from tests.e2e.conftest import Worker, service_env
+from tests.helpers import Worker, service_env
 
 
 @pytest.fixture(scope="module")

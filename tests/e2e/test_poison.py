@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,9 @@ from core.broker import deadletter
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings
 from producer.sdk import Client
-from tests.e2e.conftest import service_env
+from tests.helpers import free_port, service_env
 
 ROOT = Path(__file__).parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def envelope_template(broker_url: str) -> dict:

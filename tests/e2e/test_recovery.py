@@ -15,11 +15,11 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
+from bench.faults import TcpProxy
 from core import store
 from core.training.samples import sentences
 from producer.sdk import Client
-from tests.e2e.conftest import service_env
-from tests.e2e.faults import TcpProxy
+from tests.helpers import service_env
 
 # Short leases and a fast sweep keep the tests quick; the logic is the same.
 FAST = {"MMQ_LEASE_S": 3, "MMQ_LEASE_RENEW_S": 0.5, "MMQ_REQUEUE_EVERY_S": 1,
@@ -121,10 +121,10 @@ def test_a_worker_killed_in_its_first_seconds_has_its_fetched_jobs_put_back_by_i
     off (requeue_stale_s of a day), so nothing else can recover them. Before, only
     that path could: after requeue_stale_s, judged on kombu's fetch time (the fetching
     host's wall clock), which made a worker killed early cost over a minute."""
-    from tests.e2e.conftest import _pg_database, _pg_drop
+    from tests.helpers import pg_database, pg_drop
 
-    url = _pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
-    request.addfinalizer(lambda: _pg_drop(name))
+    url = pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
+    request.addfinalizer(lambda: pg_drop(name))
     proxy = TcpProxy("127.0.0.1", 5432)
     request.addfinalizer(proxy.close)
     settings = {**FAST, "MMQ_REQUEUE_STALE_S": 86_400}
@@ -152,10 +152,10 @@ def test_a_worker_killed_in_its_first_seconds_has_its_fetched_jobs_put_back_by_i
 def test_postgres_outage_fails_nothing(broker_url, start_worker, request):
     """Workers reach PostgreSQL through a proxy taken down for 12 s mid-run: every
     job still succeeds, none is left running. (Before: retries gave up after 7 s.)"""
-    from tests.e2e.conftest import _pg_database, _pg_drop
+    from tests.helpers import pg_database, pg_drop
 
-    url = _pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
-    request.addfinalizer(lambda: _pg_drop(name))
+    url = pg_database(name := f"mmq_e2e_{uuid.uuid4().hex[:10]}")
+    request.addfinalizer(lambda: pg_drop(name))
     proxy = TcpProxy("127.0.0.1", 5432)
     request.addfinalizer(proxy.close)
     proxied = url.replace("127.0.0.1:5432", proxy.address)

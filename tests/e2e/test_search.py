@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from producer.ops.stack import EXAMPLES
-from tests.e2e.conftest import Worker, _free_port, service_env
-from tests.e2e.test_api import _wait_http
+from tests.helpers import Worker, free_port, service_env, wait_http
 
 ALICE, BOB, ADMIN = "alice-secret", "bob-secret", "ops-secret"
 CAT_PHOTO = EXAMPLES / "photo-cat.jpg"
@@ -44,7 +43,7 @@ def stack(new_broker, tmp_path_factory):
                       MMQ_SEARCH_REFRESH_S=0)
     subprocess.run([sys.executable, "-m", "producer.cli", "db", "upgrade"], env=env, check=True)
     workers = [Worker(m, env, d / f"{m}.log") for m in ("text", "image")]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
                               env=env, stdout=open(d / "api.log", "wb"),
                               stderr=subprocess.STDOUT)
@@ -52,7 +51,7 @@ def stack(new_broker, tmp_path_factory):
     try:
         for w in workers:
             w.wait_ready()
-        _wait_http(f"{base}/healthz", server, d / "api.log")
+        wait_http(f"{base}/healthz", server, d / "api.log")
         with httpx.Client(base_url=base, timeout=60) as http:
             jobs = _submit_all(http)
             yield http, env, jobs

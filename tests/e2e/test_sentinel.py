@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from bench.faults import SentinelCluster
 from core import store
 from core.broker.admission import release_room, reserve_room
 from core.broker.queues import SWEEP_LOCK
@@ -27,8 +28,7 @@ from core.config import Settings
 from core.training.samples import sentences
 from producer.api import create_app
 from producer.sdk import Client
-from tests.e2e.conftest import service_env
-from tests.e2e.faults import SentinelCluster
+from tests.helpers import service_env
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from core.config import Settings
 from producer.api import create_app
 from producer.ops.stack import EXAMPLES
 from producer.sdk import Client
-from tests.e2e.conftest import Worker, service_env
+from tests.helpers import Worker, service_env
 
 KEY = "speech-key"
 SENTENCE = EXAMPLES / "spoken-weather.wav"  # "The weather will be rainy tomorrow." (espeak-ng)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from producer.ops.stack import EXAMPLES
 from tests.e2e.browser import chrome, screenshot
-from tests.e2e.conftest import Worker, _free_port, service_env
+from tests.helpers import Worker, free_port, service_env
 
 KEYS = {"alice": "alice-browser-key-1", "bob": "bob-browser-key-2"}
 LABELS = "a cat, a dog, a car, a cup of coffee"
@@ -66,7 +66,7 @@ def stack(new_broker, tmp_path_factory):
                       MMQ_UI_REFRESH_S=1)
     subprocess.run([sys.executable, "-m", "producer.cli", "db", "upgrade"], env=env, check=True)
     workers = [Worker(m, env, tmp / f"{m}.log", concurrency=2) for m in ("text", "image")]
-    port = _free_port()
+    port = free_port()
     log = tmp / "api.log"
     api = subprocess.Popen([sys.executable, "-m", "producer.cli", "api", "--port", str(port)],
                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)

@@ -13,8 +13,7 @@ from core import store
 from core.config import Settings
 from core.training.finetune import FinetuneConfig
 from producer.sdk import Client
-from tests.core.training.test_finetune import FINANCE, SPORT, _write
-from tests.e2e.conftest import service_env
+from tests.helpers import FINANCE, SPORT, service_env, write_labelled
 
 LABELS = ["alpha", "omega"]
 
@@ -26,7 +25,7 @@ def test_promote_and_rollback_during_a_stream(broker_url, database_url, tmp_path
     settings = Settings(broker_url=broker_url, database_url=db_url,
                         adapters_dir=str(adapters))
     client = Client(settings=settings)
-    _write(tmp_path / "data", {"alpha": SPORT, "omega": FINANCE})
+    write_labelled(tmp_path / "data", {"alpha": SPORT, "omega": FINANCE})
     cfg = FinetuneConfig(held_out=0.34, val=0.0, max_epochs=30, patience=30)
     va = client.train("text", tmp_path / "data", "t-a", config=cfg, progress=False)
     vb = client.train("text", tmp_path / "data", "t-b", progress=False,

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from core import store
 from core.config import Settings
 from producer.sdk import Client
-from tests.e2e.conftest import Worker, service_env
+from tests.helpers import Worker, service_env
 
 KEY = "faults-key"
 

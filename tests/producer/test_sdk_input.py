@@ -5,22 +5,16 @@ SQLite and PostgreSQL both, because PostgreSQL refuses some strings SQLite keeps
 
 from __future__ import annotations
 
-import functools
-import io
-import struct
 from datetime import UTC, datetime, timedelta
 
-import numpy as np
 import pytest
-import soundfile as sf
-from PIL import Image
 from sqlalchemy import func, select
 
 from core import store
 from core.config import Settings
 from core.errors import InvalidInput
 from producer.sdk import Client
-from tests.e2e.conftest import database_url  # noqa: F401  (the sqlite/postgresql fixture)
+from tests.helpers import big_png, cut_images, wav_claiming
 
 DOWN_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 
@@ -37,16 +31,6 @@ def client(database_url):  # noqa: F811
 def _jobs(c: Client) -> int:
     with c.sessions() as s:
         return s.scalar(select(func.count()).select_from(store.Job))
-
-
-def wav_claiming(rate: int) -> bytes:
-    """A valid 0.1 s float32 WAV whose header says ``rate`` samples per second."""
-    buf = io.BytesIO()
-    sf.write(buf, np.zeros(1600, dtype="float32"), 16000, format="WAV", subtype="FLOAT")
-    data = bytearray(buf.getvalue())
-    data[24:28] = struct.pack("<I", rate)
-    data[28:32] = struct.pack("<I", (rate * 4) % 2**32)  # byte rate; soundfile ignores it
-    return bytes(data)
 
 
 CLASSIFY = {"modality": "text", "input": "x", "task": "classify", "labels": ["a", "b"]}
@@ -99,28 +83,6 @@ def test_bad_item_is_invalid_input_and_nothing_is_written(client, case):
         client.submit_many([ok, item])
     assert e.value.index == 1 and e.value.kind == InvalidInput.INVALID
     assert _jobs(client) == before
-
-
-@functools.cache
-def big_png() -> bytes:
-    """8000 x 8000 = 64 M pixels, over mmq's 40 M limit and under Pillow's own guard
-    (~179 M); uniform, so ~60 kB of bytes."""
-    buf = io.BytesIO()
-    Image.new("L", (8000, 8000)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def cut_images() -> dict[str, bytes]:
-    """Images cut short in transit: a PNG without its IEND chunk (Pillow decoded it) and
-    a JPEG cut in half."""
-    arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    out = {}
-    for fmt in ("PNG", "JPEG"):
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format=fmt)
-        out[fmt] = buf.getvalue()
-    return {"png without IEND": out["PNG"][:-12], "jpeg cut in half":
-            out["JPEG"][:len(out["JPEG"]) // 2]}
 
 
 def test_images_cut_short_or_over_the_pixel_limit_are_refused(client):

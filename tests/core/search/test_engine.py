@@ -16,7 +16,7 @@ from core.jobs import JobResult
 from core.search import SearchConfig, SearchEngine, SearchFilters
 from core.search.ann import AnnConfig
 from core.store.migrations import upgrade
-from tests.e2e.conftest import _pg_database, _pg_drop
+from tests.helpers import pg_database, pg_drop
 
 D = 384
 V1, V2 = "model@v1", "model@v2"
@@ -28,13 +28,13 @@ def sessions(request, tmp_path):
         url, name = f"sqlite:///{tmp_path / 'search.db'}", None
     else:
         name = f"mmq_search_{uuid.uuid4().hex[:10]}"
-        url = _pg_database(name)
+        url = pg_database(name)
     upgrade(url)
     engine = store.make_engine(url)
     yield store.session_factory(engine)
     engine.dispose()
     if name:
-        _pg_drop(name)
+        pg_drop(name)
 
 
 def unit(rng, n: int) -> np.ndarray:

@@ -7,7 +7,8 @@ import pytest
 
 from core import store
 from core.store.migrations import upgrade
-from tests.e2e.conftest import _pg_database, _pg_drop
+from tests.helpers import pg_database as _pg_database
+from tests.helpers import pg_drop as _pg_drop
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

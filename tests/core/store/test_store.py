@@ -205,7 +205,8 @@ def test_a_vanished_clients_transaction_does_not_hold_its_jobs(monkeypatch):
     from sqlalchemy import text
 
     from core.store import tables
-    from tests.e2e.conftest import _pg_database, _pg_drop
+    from tests.helpers import pg_database as _pg_database
+    from tests.helpers import pg_drop as _pg_drop
 
     monkeypatch.setattr(tables, "PG_IDLE_IN_TRANSACTION_S", 1)
     name = f"mmq_idle_{uuid.uuid4().hex[:10]}"

@@ -20,21 +20,7 @@ from core.serving.batcher import BatcherConfig, DynamicBatcher
 from core.serving.contracts import AdapterRef
 from core.training.finetune import FinetuneConfig, fit_dir
 from core.training.labelled import DataError, read_contents, read_labelled
-
-SPORT = ["the striker scored twice in the final", "a late goal won the derby",
-         "the team lost the cup match", "she won the marathon in record time",
-         "the coach praised his defenders", "the tennis final went to five sets"]
-FINANCE = ["the central bank raised interest rates", "shares fell after the earnings call",
-           "bond yields climbed again", "the company issued new stock",
-           "inflation pushed mortgage costs up", "the fund sold its bank shares"]
-
-
-def _write(root, rows: dict[str, list[str]]) -> None:
-    for label, texts in rows.items():
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i, t in enumerate(texts):
-            (root / label / f"{i}.txt").write_text(t)
-
+from tests.helpers import FINANCE, SPORT, write_labelled
 
 # -- the data, checked before training ----------------------------------------------------
 
@@ -55,13 +41,13 @@ def test_bad_data_is_refused_with_a_clear_error(tmp_path):
 
 
 def test_unreadable_files_are_named(tmp_path, model):
-    _write(tmp_path, {"a": ["one", "two"], "b": ["three", "four"]})
+    write_labelled(tmp_path, {"a": ["one", "two"], "b": ["three", "four"]})
     (tmp_path / "b" / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
     data = read_labelled(tmp_path)
     with pytest.raises(DataError, match=r"b/bad.txt: not UTF-8"):
         read_contents(data, "text")
     img = tmp_path / "img"
-    _write(img, {"a": ["x", "y"], "b": ["z", "w"]})  # text files are no images
+    write_labelled(img, {"a": ["x", "y"], "b": ["z", "w"]})  # text files are no images
     data = read_labelled(img)
     from core.training.labelled import prepare_all
     with pytest.raises(DataError, match=r"img/a/0.txt"):
@@ -69,7 +55,7 @@ def test_unreadable_files_are_named(tmp_path, model):
 
 
 def test_index_files(tmp_path):
-    _write(tmp_path, {"files": ["one", "two", "three"]})
+    write_labelled(tmp_path, {"files": ["one", "two", "three"]})
     (tmp_path / "labels.csv").write_text("path,label\nfiles/0.txt,x\nfiles/1.txt,y\n"
                                          "files/2.txt,y\n")
     with pytest.raises(DataError, match="class 'x' has 1 file"):
@@ -93,7 +79,7 @@ def test_index_files(tmp_path):
 def test_index_rows_outside_the_folder_are_refused(tmp_path, index, escape):
     """Rows naming a file outside --data were read and trained on."""
     data = tmp_path / "data"
-    _write(data, {"files": ["one", "two", "three"]})
+    write_labelled(data, {"files": ["one", "two", "three"]})
     (tmp_path / "outside.txt").write_text("not yours")
     (data / "link.txt").symlink_to(tmp_path / "outside.txt")
     rows = [("files/0.txt", "x"), ("files/1.txt", "x"), ("files/2.txt", "y"), (escape, "y")]
@@ -109,19 +95,19 @@ def test_index_rows_outside_the_folder_are_refused(tmp_path, index, escape):
 def test_label_names_are_compared_after_nfc_normalisation(tmp_path):
     """"café" in NFC and in NFD (as macOS names folders) were two classes."""
     nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
-    _write(tmp_path, {"files": ["one", "two", "three", "four"]})
+    write_labelled(tmp_path, {"files": ["one", "two", "three", "four"]})
     (tmp_path / "labels.csv").write_text(f"files/0.txt,{nfc}\nfiles/1.txt,{nfd}\n"
                                          "files/2.txt,tea\nfiles/3.txt,tea\n")
     data = read_labelled(tmp_path)
     assert data.names == [nfc, "tea"] and data.labels == [0, 0, 1, 1]
     folders = tmp_path / "folders"
-    _write(folders, {nfd: ["one", "two"], "tea": ["three", "four"]})
+    write_labelled(folders, {nfd: ["one", "two"], "tea": ["three", "four"]})
     assert read_labelled(folders).names == [nfc, "tea"]
 
 
 def test_a_symlink_out_of_a_class_folder_is_refused(tmp_path):
     data = tmp_path / "data"
-    _write(data, {"a": ["one", "two"], "b": ["three", "four"]})
+    write_labelled(data, {"a": ["one", "two"], "b": ["three", "four"]})
     (tmp_path / "secret.txt").write_text("not yours")
     (data / "b" / "sneaky.txt").symlink_to(tmp_path / "secret.txt")
     with pytest.raises(DataError, match=r"b/sneaky.txt: outside the data folder"):
@@ -139,7 +125,7 @@ def test_a_symlink_out_of_a_class_folder_is_refused(tmp_path):
 
 def test_an_adapter_learns_new_label_names(tmp_path, model):
     # Label names that mean nothing to the text tower: only training can teach them.
-    _write(tmp_path, {"alpha": SPORT, "omega": FINANCE})
+    write_labelled(tmp_path, {"alpha": SPORT, "omega": FINANCE})
     cfg = FinetuneConfig(held_out=0.34, val=0.0, max_epochs=60, patience=60, seed=3)
     data, digest, fitted = fit_dir(model, "text", tmp_path, cfg, progress=False)
     m = fitted.metrics
@@ -254,7 +240,7 @@ def test_a_failed_recording_leaves_no_version_and_no_file(tmp_path, model, monke
     url = f"sqlite:///{tmp_path / 'mmq.db'}"
     upgrade(url)
     sessions = store.session_factory(store.make_engine(url))
-    _write(tmp_path / "data", {"alpha": SPORT, "omega": FINANCE})
+    write_labelled(tmp_path / "data", {"alpha": SPORT, "omega": FINANCE})
     cfg = FinetuneConfig(held_out=0.34, val=0.0, max_epochs=3, patience=3)
 
     def interrupted(**kw):

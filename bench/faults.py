@@ -1,7 +1,10 @@
-"""Fault injection for end-to-end tests and bench/chaos.py: a TCP proxy that can
+"""Fault injection for bench/chaos.py and the end-to-end tests: a TCP proxy that can
 make a real service unreachable (refuse new connections and cut open ones) and
 bring it back, without stopping the service other tests share; a Redis primary with a
-replica and three Sentinels whose primary can be killed for real."""
+replica and three Sentinels whose primary can be killed for real; and ``free_port``,
+the one free-port helper of bench/ and tests/.
+
+It lives in bench/ because bench/ imports nothing from tests/; tests import it from here."""
 
 from __future__ import annotations
 

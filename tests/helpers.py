@@ -1,0 +1,153 @@
+"""Plain helpers the tests share (the fixtures are in the conftest.py files): PostgreSQL
+databases made and dropped, real worker processes, their environment, a wait for an
+HTTP server, and inputs more than one test module builds. Test modules import from
+here, never from another test module or a conftest; the fault injectors (TcpProxy,
+SentinelCluster) and ``free_port`` are bench/faults.py's, shared with bench/chaos.py."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from bench.faults import free_port  # noqa: F401  (the one free_port, re-exported here)
+
+ROOT = Path(__file__).parents[1]
+PG_ADMIN_URL = os.environ.get("MMQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+# -- PostgreSQL databases --------------------------------------------------------------------
+
+def pg_database(name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    return f"{base}/{name}"
+
+
+def pg_drop(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- real processes ----------------------------------------------------------------------------
+
+class Worker:
+    """A real `python -m workers <modality>` process and its log."""
+
+    def __init__(self, modality: str, env: dict, log: Path, concurrency: int = 4):
+        self.modality, self.log = modality, log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", modality, "--concurrency", str(concurrency)],
+            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.log.read_text(errors="replace")
+            if " ready." in text:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.modality} exited:\n{text[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker {self.modality} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def service_env(broker_url: str, database_url: str, **extra) -> dict:
+    env = dict(os.environ)
+    env.update({"MMQ_BROKER_URL": broker_url, "MMQ_DATABASE_URL": database_url,
+                "MMQ_DEVICE": "cpu", "MMQ_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                # No exporter unless a test asks: three workers would contend for 9100.
+                "MMQ_WORKER_METRICS_PORT": "0",
+                **{k: str(v) for k, v in extra.items()}})
+    return env
+
+
+def wait_http(url: str, proc: subprocess.Popen, log, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mmq api exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"mmq api did not answer:\n{log.read_text()[-3000:]}")
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def wav_claiming(rate: int) -> bytes:
+    """A valid 0.1 s float32 WAV whose header says ``rate`` samples per second."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(1600, dtype="float32"), 16000, format="WAV", subtype="FLOAT")
+    data = bytearray(buf.getvalue())
+    data[24:28] = struct.pack("<I", rate)
+    data[28:32] = struct.pack("<I", (rate * 4) % 2**32)  # byte rate; soundfile ignores it
+    return bytes(data)
+
+
+@functools.cache
+def big_png() -> bytes:
+    """8000 x 8000 = 64 M pixels, over mmq's 40 M limit and under Pillow's own guard
+    (~179 M); uniform, so ~60 kB of bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cut_images() -> dict[str, bytes]:
+    """Images cut short in transit: a PNG without its IEND chunk (Pillow decoded it) and
+    a JPEG cut in half."""
+    arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    out = {}
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        out[fmt] = buf.getvalue()
+    return {"png without IEND": out["PNG"][:-12], "jpeg cut in half":
+            out["JPEG"][:len(out["JPEG"]) // 2]}
+
+
+# Two small classes of sentences: fine-tuning (tests/core/training) and the versions
+# served during a stream of jobs (tests/e2e/test_versions.py) train on them.
+SPORT = ["the striker scored twice in the final", "a late goal won the derby",
+         "the team lost the cup match", "she won the marathon in record time",
+         "the coach praised his defenders", "the tennis final went to five sets"]
+FINANCE = ["the central bank raised interest rates", "shares fell after the earnings call",
+           "bond yields climbed again", "the company issued new stock",
+           "inflation pushed mortgage costs up", "the fund sold its bank shares"]
+
+
+def write_labelled(root, rows: dict[str, list[str]]) -> None:
+    """``root/<label>/<i>.txt``, one text each: the labelled-folder layout."""
+    for label, texts in rows.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i, t in enumerate(texts):
+            (root / label / f"{i}.txt").write_text(t)
