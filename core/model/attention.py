@@ -12,8 +12,9 @@ Paths, all computing ``softmax(Q K^T / sqrt(d)) V`` per sequence:
   attention cost stays within ``slack`` of the real cost; one SDPA call per
   group. Groups of equal length need no mask, so SDPA takes its flash kernel.
   The CPU fallback (see bench/attention.py for the numbers).
-- ``kernel``: core/model/kernels/varlen_attn.c, reading q, k and v straight from the
-  packed projection: no padding, no gather, no SDPA set-up per (sequence, head).
+- ``kernel``: core/model/kernels/varlen_attn.c (loaded by cpu_kernels.py), reading
+  q, k and v straight from the packed projection: no padding, no gather, no SDPA
+  set-up per (sequence, head).
   The CPU default in fp32 inference when the kernel builds; sequences longer
   than ``KERNEL_MAX_LEN`` still go through grouped SDPA, which is faster there.
 - ``nested``: jagged nested tensors through SDPA, one call for the batch.

@@ -4,7 +4,8 @@ Text: all-MiniLM-L6-v2 (or a local checkpoint). Images: EfficientNet-Lite0 mappe
 zero-shot into the text space (core/model/zeroshot.py). Audio: the Whisper speech
 tower, whose transcript's text embedding is the clip's (core/model/speech.py). The
 image and speech towers load on their modality's first item, so a text worker never
-holds them.
+holds them. Each is a ``Tower`` (core/model/tower.py) in ``MultimodalModel.towers``;
+the methods here are the same for every modality.
 
 Callers hand in raw items; each item is validated on its own (``prepare_many``
 returns an ``InvalidInput`` in that item's slot), valid items are packed into
