@@ -29,7 +29,7 @@ from core.model.files import sha256_file
 from core.model.speech import SpeechJobs, SpeechPrepared
 from core.model.text import TextItem, TextJobs, TextPreprocessor, TextTower, default_text_path
 from core.model.tower import Tower, TowerOutput, cosine_logits
-from core.model.whisper.tower import SpeechConfig
+from core.model.whisper.tower import SpeechConfig, SpeechTower
 from core.model.zeroshot import ImageJobs, PixelItem, ZeroShotConfig, ZeroShotImageTower
 from core.params import check_labels
 
@@ -147,9 +147,7 @@ class MultimodalModel:
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
 
-        def load_speech():
-            from core.model.whisper.tower import SpeechTower
-
+        def load_speech() -> SpeechTower:
             return SpeechTower.from_bundled(dev, cfg=cfg.speech, cache=Path(s.whisper_cache)
                                             if s.whisper_cache else None)
 
