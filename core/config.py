@@ -8,6 +8,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Accepted by the API only in the local/dev profile and only when no keys are set.
 LOCAL_API_KEY = "mmq-local-dev-key"
+# The per-device default of max_batch_tokens (see the field): the one place the number
+# lives; the model's chunking (ModelConfig) and the batcher both take it from here,
+# through ``Settings.batching``.
+CPU_BATCH_TOKENS = 2048
+CUDA_BATCH_TOKENS = 16384
 
 
 class Settings(BaseSettings):
@@ -205,7 +210,7 @@ class Settings(BaseSettings):
         the settings where given, else the per-device defaults. The one place they
         are computed (the batcher and the model both ask here)."""
         cuda = device_type == "cuda"
-        return (self.max_batch_tokens or (16384 if cuda else 2048),
+        return (self.max_batch_tokens or (CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS),
                 self.max_batch_size or (256 if cuda else 64),
                 self.max_wait_ms if self.max_wait_ms is not None else (2.0 if cuda else 5.0))
 

@@ -12,8 +12,9 @@ Paths, all computing ``softmax(Q K^T / sqrt(d)) V`` per sequence:
   attention cost stays within ``slack`` of the real cost; one SDPA call per
   group. Groups of equal length need no mask, so SDPA takes its flash kernel.
   The CPU fallback (see bench/attention.py for the numbers).
-- ``kernel``: core/model/kernels/varlen_attn.c, reading q, k and v straight from the
-  packed projection: no padding, no gather, no SDPA set-up per (sequence, head).
+- ``kernel``: core/model/kernels/varlen_attn.c (loaded by cpu_kernels.py), reading
+  q, k and v straight from the packed projection: no padding, no gather, no SDPA
+  set-up per (sequence, head).
   The CPU default in fp32 inference when the kernel builds; sequences longer
   than ``KERNEL_MAX_LEN`` still go through grouped SDPA, which is faster there.
 - ``nested``: jagged nested tensors through SDPA, one call for the batch.
@@ -22,6 +23,13 @@ Paths, all computing ``softmax(Q K^T / sqrt(d)) V`` per sequence:
 
 The layout of a batch (groups, gather indices) depends only on ``cu_seqlens``,
 so it is computed once per batch as an ``AttentionPlan`` and reused by every layer.
+
+Dense batches, where every sequence has the same length or a mask says which keys count,
+skip the packing: ``window_attention`` (Whisper's equal-length 30 s windows, with an
+explicit bf16 path for CPUs) and ``dense_attention`` (SDPA over (B, nh, T, hs), Whisper's
+decoder: causal self-attention over its KV cache, cross-attention to the clips). The
+text/image encoder (core/model/encoder.py) and Whisper (core/model/whisper/model.py)
+attend only through this module.
 """
 
 from __future__ import annotations
@@ -300,3 +308,31 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
                      impl: str = "auto") -> torch.Tensor:
     """Attention over packed sequences; q, k, v and the result are (N, nh, hs)."""
     return packed_attention_qkv(torch.stack((q, k, v), dim=1), plan, impl)
+
+
+# -- dense batches ------------------------------------------------------------------------
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over a dense batch: q (B, nh, T, hs), k and v (B, nh, S, hs), ``mask``
+    broadcastable to (B, nh, T, S), True = attend; returns (B, nh, T, hs)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def window_attention(qkv: torch.Tensor, explicit: bool) -> torch.Tensor:
+    """Equal-length sequences: (B, S, 3, nh, hs) -> (B, S, nh, hs).
+
+    SDPA over (B, nh, S, hs) as views, no plan. ``explicit``: q is already scaled by
+    1/sqrt(hs), and attention runs as two matmuls and a softmax, one window at a time
+    ((nh, S, S) scores: 27 MB in bf16 for a 30 s window): on the CPU in bf16 that is ~3x
+    bf16 SDPA, which is no faster than fp32 there."""
+    B, S, _, nh, hs = qkv.shape
+    if not explicit:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (B, nh, S, hs)
+    out = q.new_empty(B, nh, S, hs)
+    for i in range(B):
+        a = torch.matmul(q[i], k[i].transpose(-1, -2))  # (nh, S, S), q pre-scaled
+        torch.matmul(torch.softmax(a, -1), v[i], out=out[i])
+    return out.transpose(1, 2)

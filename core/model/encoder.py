@@ -10,29 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.model.attention import AttentionPlan, packed_attention_qkv
-
-
-def _onednn_linear_pointwise():
-    try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-    except (AttributeError, RuntimeError):
-        return None
-
-
-# oneDNN linear with the bias, GELU or residual add done in the matmul's epilogue
-# (the kernels torch.compile's CPU backend emits): each saves one pass over the
-# activations. About 5% per layer on 2 cores (bench/attention.py); inference on
-# CPU in fp32 only, and plain ops everywhere else (training, CUDA).
-_LINEAR_POINTWISE = _onednn_linear_pointwise()
-
-
-def _fused(x: torch.Tensor) -> bool:
-    return (_LINEAR_POINTWISE is not None and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not torch.is_grad_enabled())
+from core.model.fused import fusable, linear_add, linear_gelu
 
 
 def bucket_rows(n: int) -> int:
@@ -51,20 +32,6 @@ def bucket_rows(n: int) -> int:
     took 5-10% longer (bench/e2e.py's unbatched worker), to 24 rows 1-4%."""
     step = max(8, (1 << max(0, n - 1).bit_length()) // 32)
     return -(-n // step) * step
-
-
-def linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + lin(x)"""
-    if _fused(x):
-        return _LINEAR_POINTWISE.binary(x, residual, lin.weight, lin.bias, "add")
-    return residual + lin(x)
-
-
-def linear_gelu(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-    """gelu(lin(x)), exact erf GELU as BERT uses"""
-    if _fused(x):
-        return _LINEAR_POINTWISE(x, lin.weight, lin.bias, "gelu", [], "none")
-    return F.gelu(lin(x))
 
 
 @dataclass(frozen=True)
@@ -128,7 +95,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, impl: str = "auto") -> torch.Tensor:
         N, C = x.shape
-        fill = bucket_rows(N) - N if _fused(x) else 0
+        fill = bucket_rows(N) - N if fusable(x) else 0  # fp32 CPU inference only
         if fill:  # a sequence of its own: no real token attends to the filler rows
             x = torch.cat([x, x.new_zeros(fill, C)])  # (N + fill, C)
             plan = plan.with_filler(fill)

@@ -4,7 +4,8 @@ Text: all-MiniLM-L6-v2 (or a local checkpoint). Images: EfficientNet-Lite0 mappe
 zero-shot into the text space (core/model/zeroshot.py). Audio: the Whisper speech
 tower, whose transcript's text embedding is the clip's (core/model/speech.py). The
 image and speech towers load on their modality's first item, so a text worker never
-holds them.
+holds them. Each is a ``Tower`` (core/model/tower.py) in ``MultimodalModel.towers``;
+the methods here are the same for every modality.
 
 Callers hand in raw items; each item is validated on its own (``prepare_many``
 returns an ``InvalidInput`` in that item's slot), valid items are packed into
@@ -14,29 +15,22 @@ ragged batches under a token budget and run through the tower in one forward.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from core.config import Settings, get_settings
+from core.config import CPU_BATCH_TOKENS, Settings, get_settings
 from core.errors import InvalidInput
 from core.jobs import MODALITIES, JobResult
-from core.model.attention import AttentionPlan, resolve_impl
+from core.model.attention import resolve_impl
 from core.model.files import sha256_file
-from core.model.image import decode_image, image_to_pixels
-from core.model.speech import FEATURE_KIND, SPEECH_VERSION, SpeechJobs, SpeechPrepared
-from core.model.text import TextItem, TextPreprocessor, TextTower, default_text_path
-from core.model.zeroshot import (
-    FRONT_END,
-    GRID,
-    PixelItem,
-    ZeroShotImageTower,
-    load_zero_shot_tower,
-    zero_shot_version,
-)
+from core.model.speech import SpeechJobs, SpeechPrepared
+from core.model.text import TextItem, TextJobs, TextPreprocessor, TextTower, default_text_path
+from core.model.tower import Tower, TowerOutput, cosine_logits
+from core.model.whisper.tower import SpeechConfig, SpeechTower
+from core.model.zeroshot import ImageJobs, PixelItem, ZeroShotConfig, ZeroShotImageTower
 from core.params import check_labels
 
 log = logging.getLogger(__name__)
@@ -49,12 +43,18 @@ class ModelConfig:
     # temperature (1/0.05) spreads them into usable probabilities. Adapters (model
     # versions) are trained at this same scale.
     logit_scale: float = 20.0
-    max_batch_tokens: int = 2048  # real tokens per forward when a caller passes a long list
+    # Real tokens per forward when a caller passes a long list (``MultimodalModel.load``
+    # takes Settings.batching's, the batcher's budget too).
+    max_batch_tokens: int = CPU_BATCH_TOKENS
     attention_impl: str = "auto"
     # Label embeddings kept for reuse (least recently used dropped first): label sets
     # repeat across jobs, but a dict that never evicts grows with every new label any
     # client ever sends. 16384 x 384 float32 = 24 MiB at most.
     label_cache_size: int = 16_384
+    # The towers' own configs, one small dataclass each (open_clip's CLIPVisionCfg way).
+    # The text tower's comes with its checkpoint (TextTowerConfig.from_dir).
+    image: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)  # beam_size: Settings'
 
 
 class LruCache(OrderedDict):
@@ -94,34 +94,36 @@ def pick_device(device: str | None) -> torch.device:
 
 
 class MultimodalModel:
-    def __init__(self, text: TextTower, text_pre: TextPreprocessor, device: torch.device,
-                 cfg: ModelConfig, text_version: str, speech: SpeechJobs,
-                 image_weights: str | None = None):
-        self.text = text.to(device)
-        self.text_pre = text_pre
+    """The towers behind one API. ``towers`` is the registry (modality -> ``Tower``,
+    core/model/tower.py) every method goes through; the text tower is always there (it
+    anchors the space: labels, transcripts, the image tower's class bank)."""
+
+    def __init__(self, text: TextJobs, device: torch.device, cfg: ModelConfig):
         self.device = device
         self.cfg = cfg
-        self.dim = text.cfg.encoder.dim
+        self.towers: dict[str, Tower] = {"text": text}
+        self.text = text.tower  # the text nn.Module (benches cast and time it)
+        self.text_pre = text.pre
+        self.dim = text.dim
         self._label_cache: LruCache = LruCache(cfg.label_cache_size)
-        self.speech = speech  # loads its tower on the first audio item
-        self._text_version = text_version  # the ImageNet class text bank's key
-        self._image_weights = image_weights
-        self._photo: ZeroShotImageTower | None = None
-        self._photo_lock = threading.Lock()
-        self.version = (f"{text_version}+image@{zero_shot_version(text_version, image_weights)}"
-                        f"+speech@{SPEECH_VERSION.split('@')[1]}")
+
+    def add_tower(self, tower: Tower) -> None:
+        """Register ``tower`` for its modality (replacing any tower there)."""
+        self.towers[tower.modality] = tower
+
+    @property
+    def version(self) -> str:
+        """The towers' versions joined: every prediction records the exact weights."""
+        return "+".join(t.version for t in self.towers.values())
+
+    @property
+    def speech(self) -> SpeechJobs:
+        return self.towers["audio"]  # type: ignore[return-value]
 
     @property
     def photo(self) -> ZeroShotImageTower:
-        """The image tower, loaded on first use (text and audio workers never pay for it;
-        a text model without a bundled class bank computes one then, and caches it)."""
-        if self._photo is None:
-            with self._photo_lock:
-                if self._photo is None:
-                    tower, _ = load_zero_shot_tower(lambda xs: self.embed("text", xs),
-                                                    self._text_version, self._image_weights)
-                    self._photo = tower.to(self.device)
-        return self._photo
+        """The image tower's nn.Module, loaded on first use."""
+        return self.towers["image"].photo  # type: ignore[attr-defined]
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -140,27 +142,34 @@ class MultimodalModel:
         text = TextTower.from_pretrained(root)
         pre = TextPreprocessor(root, text.cfg.max_seq_len, s.max_text_chars)
         budget, _, _ = s.batching(dev.type)
-        cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl)
+        cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl,
+                          speech=SpeechConfig(beam_size=s.speech_beam_size))
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
 
-        def load_speech():
-            from core.model.whisper.tower import SpeechTower
-
-            return SpeechTower.from_bundled(dev, cache=Path(s.whisper_cache)
+        def load_speech() -> SpeechTower:
+            return SpeechTower.from_bundled(dev, cfg=cfg.speech, cache=Path(s.whisper_cache)
                                             if s.whisper_cache else None)
 
-        model = cls(text, pre, dev, cfg, text_version,
-                    SpeechJobs(load_speech, s.speech_beam_size), s.image_weights)
+        model = cls(TextJobs(text, pre, dev, text_version, cfg.attention_impl, cfg.logit_scale),
+                    dev, cfg)
+        model.add_tower(ImageJobs(lambda xs: model.embed("text", xs), text_version,
+                                  s.image_weights, dev, cfg.image))
+        model.add_tower(SpeechJobs(load_speech, cfg.speech.beam_size, model._embed_transcripts,
+                                   cfg.logit_scale))
         log.info("model %s on %s (attention %s)", model.version, dev,
                  resolve_impl(cfg.attention_impl, dev, torch.float32))
         return model
 
     # -- per item ---------------------------------------------------------------------
 
-    def _check_modality(self, modality: str) -> None:
+    def _tower(self, modality: str) -> Tower:
         if modality not in self.modalities:
             raise ValueError(f"unknown modality {modality!r}; this model has {self.modalities}")
+        return self.towers[modality]
+
+    def _check_modality(self, modality: str) -> None:
+        self._tower(modality)
 
     def prepare(self, modality: str, item: object, index: int | None = None) -> Prepared:
         """Validate and preprocess one item; raises ``InvalidInput`` saying why not."""
@@ -168,22 +177,7 @@ class MultimodalModel:
 
     def prepare_many(self, modality: str, items: list[object]) -> list[Prepared | InvalidInput]:
         """Validate and preprocess each item; a bad item yields its ``InvalidInput``."""
-        self._check_modality(modality)
-        if modality == "text":
-            return self.text_pre.prepare_many(list(items))
-        out: list[Prepared | InvalidInput] = []
-        for i, item in enumerate(items):
-            try:
-                out.append(self._prepare_one(modality, item, i))
-            except InvalidInput as e:
-                out.append(e)
-        return out
-
-    def _prepare_one(self, modality: str, item: object,
-                     index: int) -> PixelItem | SpeechPrepared:
-        if modality == "image":
-            return PixelItem(image_to_pixels(decode_image(item, FRONT_END, index), FRONT_END))
-        return self.speech.prepare(item, index)
+        return self._tower(modality).prepare(list(items))
 
     # -- batched forward --------------------------------------------------------------
 
@@ -192,23 +186,7 @@ class MultimodalModel:
         """One packed forward over already-prepared items -> (B, D) on the CPU. With
         ``unit=False`` image vectors keep the length that scores labels exactly
         (``scores(..., modality="image")``); other modalities are unit either way."""
-        self._check_modality(modality)
-        if modality == "image":
-            pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
-            return self.photo(pixels, unit=unit).float().cpu()
-        if modality == "audio":
-            # The transcript's text embedding: what a spoken sentence means.
-            return self._embed_transcripts(self.speech.run(prepared, [None] * len(prepared)).texts)
-        # Pack longest first: equal-length neighbours then form attention groups that
-        # are views of the packed tokens, with no gather and no padding.
-        order = sorted(range(len(prepared)), key=lambda i: -prepared[i].tokens)
-        items = [prepared[i] for i in order]
-        plan = AttentionPlan.from_lengths([p.tokens for p in items], device=self.device)
-        ids = torch.tensor([t for p in items for t in p.ids], device=self.device)  # (N,)
-        emb = self.text(ids, plan, self.cfg.attention_impl).float().cpu()  # (B, D) sorted
-        out = torch.empty_like(emb)
-        out[torch.tensor(order)] = emb
-        return out
+        return self._tower(modality).forward(prepared, unit)
 
     # -- features for adapters (core/model/adapters.py) --------------------------------
 
@@ -217,27 +195,14 @@ class MultimodalModel:
         ImageNet backbone's last block's map on a 2x2 grid (measured best of its
         features: bench/finetune.py), for audio the speech tower's mean-pooled encoder
         states, for text the sentence embedding."""
-        self._check_modality(modality)
-        if modality == "image":
-            return f"grid{GRID}x{GRID}", self.photo.net._conv_head.in_channels * GRID * GRID
-        if modality == "audio":
-            return FEATURE_KIND, self.speech.dim
-        return "embedding", self.dim
+        return self._tower(modality).feature_kind()
 
     @torch.inference_mode()
     def forward_features(self, modality: str, prepared: list[Prepared],
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward -> (vectors (B, D) as ``forward(..., unit=False)``, features
         (B, F) for adapters), both on the CPU."""
-        if modality == "image":
-            pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
-            m, feats = self.photo.forward_features(pixels)
-            return m.float().cpu(), feats.float().cpu()
-        if modality == "audio":
-            run = self.speech.run(prepared, [None] * len(prepared), features=True)
-            return self._embed_transcripts(run.texts), run.features
-        vecs = self.forward(modality, prepared, unit=False)  # (B, D)
-        return vecs, vecs
+        return self._tower(modality).features(prepared)
 
     def features(self, modality: str, prepared: list[Prepared]) -> torch.Tensor:
         """(B, F) adapter inputs of already-prepared items."""
@@ -288,52 +253,41 @@ class MultimodalModel:
         version (a core.model.adapters.Adapter) or None for the pretrained tower. The
         dynamic batcher's one call."""
         adapters = adapters or [None] * len(prepared)
-        if modality == "audio":
-            return self._predict_speech(prepared, asks, adapters)
-        # The tower runs once for the whole batch, whatever versions its jobs name; each
-        # version's adapter then maps only its own rows. Not unit length for images:
-        # their length scores labels on the base tower (core/model/zeroshot.py).
-        if any(a is not None for a in adapters):
-            vecs, feats = self.forward_features(modality, prepared)  # (B, D), (B, F)
-        else:
-            vecs, feats = self.forward(modality, prepared, unit=False), None  # (B, D)
-        emb = torch.nn.functional.normalize(vecs, dim=-1)  # (B, D)
-        _adapt(emb, adapters, feats, vecs)
-        return self._results(prepared, asks, adapters, emb, lambda i, labels, top_k: self.scores(
-            vecs[i:i + 1], labels, top_k, modality)[0])
+        return self._predict(self._tower(modality), prepared, asks, adapters)
 
-    def _predict_speech(self, prepared: list[SpeechPrepared],
-                        asks: list[tuple[list[str] | None, int]],
-                        adapters: list) -> list[JobResult]:
-        """Audio on the speech tower: one pass transcribes every clip, scores the label
-        sets of base-version jobs under the decoder and, for jobs on a fine-tuned
-        version, gives the encoder features their adapter maps (cosine scores then, as
-        adapters are trained)."""
+    def _predict(self, tower: Tower, prepared: list[Prepared],
+                 asks: list[tuple[list[str] | None, int]], adapters: list) -> list[JobResult]:
+        """The tower runs once for the whole batch, whatever versions its jobs name; each
+        version's adapter then maps only its own rows. Only base-version jobs' label sets
+        go to a tower that scores labels in its pass (speech: under the decoder); jobs on a
+        fine-tuned version are scored by cosine to their adapted vector, as adapters are
+        trained. Vectors are not unit length for images: their length scores labels on
+        the base tower (core/model/zeroshot.py)."""
         label_sets = [labels if a is None else None
                       for (labels, _), a in zip(asks, adapters, strict=True)]
-        adapted = any(a is not None for a in adapters)
-        run = self.speech.run(prepared, label_sets, features=adapted)
-        emb = self._embed_transcripts(run.texts)  # (B, D) the transcripts in the text space
-        _adapt(emb, adapters, run.features, emb)  # groups are disjoint rows
-        return self._results(prepared, asks, adapters, emb, lambda i, labels, top_k: _top(
-            torch.softmax(run.scores[i], dim=-1), labels, top_k), run.texts)
+        out = tower.batch(prepared, label_sets, any(a is not None for a in adapters))
+        emb = out.embeddings  # (B, D)
+        _adapt(emb, adapters, out.features, out.vectors)  # groups are disjoint rows
+        return self._results(prepared, asks, adapters, emb, tower, out)
 
     def _results(self, prepared: list[Prepared], asks: list[tuple[list[str] | None, int]],
-                 adapters: list, emb: torch.Tensor, base_top, texts: list[str] | None = None,
+                 adapters: list, emb: torch.Tensor, tower: Tower, run: TowerOutput,
                  ) -> list[JobResult]:
         """The batch's JobResults: a fine-tuned version's labels by cosine to its adapted
-        vector (adapters train on softmax(scale * cos)); the pretrained tower's by
-        ``base_top(i, labels, top_k)``, the tower's own rule."""
+        vector (adapters train on softmax(scale * cos)); the pretrained tower's by its own
+        rule: the label logits of its pass, or ``classify`` of the job's own vector."""
         out = []
         for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
             top = None
             if labels and adapters[i] is not None:
                 top = self.scores(emb[i:i + 1], labels, top_k)[0]
+            elif labels and run.label_logits is not None:
+                top = _top(torch.softmax(run.label_logits[i], dim=-1), labels, top_k)
             elif labels:
-                top = base_top(i, labels, top_k)
+                top = self._scores(tower, run.vectors[i:i + 1], labels, top_k)[0]
             out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
                                  truncated=p.truncated,
-                                 text=None if texts is None else texts[i]))
+                                 text=None if run.texts is None else run.texts[i]))
         return out
 
     def _embed_transcripts(self, texts: list[str]) -> torch.Tensor:
@@ -366,26 +320,33 @@ class MultimodalModel:
         when given ``forward(..., unit=False)`` vectors (core/model/zeroshot.py).
         ``labels`` are checked already: by ``classify``, or by the worker's host (the
         batcher calls this per item, and would otherwise check each set again)."""
+        return self._scores(None if modality is None else self._tower(modality),
+                            embeddings, labels, top_k)
+
+    def _scores(self, tower: Tower | None, embeddings: torch.Tensor, labels: list[str],
+                top_k: int) -> list[list[tuple[str, float]]]:
+        """``scores`` by ``tower``'s own rule (``Tower.classify``), or by the text space's
+        cosine when ``tower`` is None (adapted vectors)."""
         lab = self.label_embeddings(labels)  # (L, D)
-        if modality == "image":
-            logits = self.photo.label_logits(embeddings, lab)  # (B, L)
+        if tower is None:
+            logits = cosine_logits(embeddings, lab, self.cfg.logit_scale)  # (B, L)
         else:
-            logits = self.cfg.logit_scale * embeddings @ lab.T  # (B, L)
+            logits = tower.classify(embeddings, lab)  # (B, L)
         probs = torch.softmax(logits, dim=-1)
         return [_top(row, labels, top_k) for row in probs]
 
     def classify(self, modality: str, inputs: list[object], labels: list[str],
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
         labels = check_labels(labels)
+        tower = self._tower(modality)
         if not len(inputs):
-            self._check_modality(modality)
             return []
-        if modality == "audio":
-            prepared = [_raise_if_invalid(p) for p in self.prepare_many(modality, inputs)]
-            return [r.labels for r in self._predict_speech(
-                prepared, [(labels, top_k)] * len(prepared), [None] * len(prepared))]
+        if tower.labels_in_pass:  # one pass scores them (speech: under the decoder)
+            prepared = [_raise_if_invalid(p) for p in tower.prepare(list(inputs))]
+            return [r.labels for r in self._predict(
+                tower, prepared, [(labels, top_k)] * len(prepared), [None] * len(prepared))]
         vecs = [r.embedding for r in self.embed_items(modality, inputs, unit=False)]
-        return self.scores(torch.stack(vecs), labels, top_k, modality)
+        return self._scores(tower, torch.stack(vecs), labels, top_k)
 
 
 def _adapt(emb: torch.Tensor, adapters: list, feats: torch.Tensor | None,

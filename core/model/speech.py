@@ -19,7 +19,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from core.errors import InvalidInput
 from core.model.attention import AttentionPlan
+from core.model.tower import TowerOutput, cosine_logits, prepare_each
 from core.model.whisper.decode import beam_search
 from core.model.whisper.tower import SpeechItem, SpeechTower
 from core.model.whisper.weights import MODEL_BIN_SHA256
@@ -56,14 +58,26 @@ class SpeechRun:
 
 
 class SpeechJobs:
-    """The speech tower, loaded on first use (text and image workers never pay for it),
-    and the batch logic of audio jobs."""
+    """The speech tower behind the ``Tower`` protocol (core/model/tower.py), loaded on
+    first use (text and image workers never pay for it), and the batch logic of audio
+    jobs. Its vectors are the text tower's embeddings of the transcripts
+    (``embed_texts``), and it scores labels in its own pass, under the decoder."""
 
-    def __init__(self, load: Callable[[], SpeechTower], beam_size: int = 5):
+    modality = "audio"
+    labels_in_pass = True
+    # The version tag, known without loading the tower (SPEECH_VERSION's digest).
+    version = f"speech@{SPEECH_VERSION.split('@')[1]}"
+
+    def __init__(self, load: Callable[[], SpeechTower], beam_size: int = 5,
+                 embed_texts: Callable[[list[str]], torch.Tensor] | None = None,
+                 logit_scale: float = 20.0):
         self._load = load
         self._tower: SpeechTower | None = None
         self._lock = threading.Lock()
         self.beam_size = beam_size
+        # (B, D) text embeddings of transcripts (empty ones included), from the model
+        self.embed_texts = embed_texts
+        self.logit_scale = logit_scale
 
     @property
     def tower(self) -> SpeechTower:
@@ -77,7 +91,10 @@ class SpeechJobs:
     def dim(self) -> int:
         return self.tower.model.cfg.dim
 
-    def prepare(self, data: object, index: int | None = None) -> SpeechPrepared:
+    def prepare(self, items: list[object]) -> list[SpeechPrepared | InvalidInput]:
+        return prepare_each(self.prepare_one, items)
+
+    def prepare_one(self, data: object, index: int | None = None) -> SpeechPrepared:
         item = self.tower.prepare(data, index)
         windows = len(item.windows)
         steps = self.beam_size * (windows * 4 + int(TOKENS_PER_SECOND * item.seconds))
@@ -121,6 +138,30 @@ class SpeechJobs:
             total = torch.zeros(len(items)).index_add_(0, torch.tensor(owner), weight[:, 0])
             out_feats /= total.clamp_min(1)[:, None]  # (B, C) mean over real frames
         return SpeechRun(["".join(x).strip() for x in texts], scores, out_feats)
+
+
+    def forward(self, prepared: list[SpeechPrepared], unit: bool = True) -> torch.Tensor:
+        """The transcript's text embedding: what a spoken sentence means (unit)."""
+        return self.embed_texts(self.run(prepared, [None] * len(prepared)).texts)
+
+    def feature_kind(self) -> tuple[str, int]:
+        return FEATURE_KIND, self.dim  # the encoder states' mean over the real frames
+
+    def features(self, prepared: list[SpeechPrepared]) -> tuple[torch.Tensor, torch.Tensor]:
+        run = self.run(prepared, [None] * len(prepared), features=True)
+        return self.embed_texts(run.texts), run.features
+
+    def classify(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Transcript embeddings live in the text space: labels by cosine there."""
+        return cosine_logits(vectors, labels, self.logit_scale)  # (B, L)
+
+    def batch(self, prepared: list[SpeechPrepared], label_sets: list[list[str] | None],
+              features: bool) -> TowerOutput:
+        """One pass transcribes every clip, scores the given label sets under the decoder
+        and, when asked, gives the encoder features adapters map."""
+        run = self.run(prepared, label_sets, features=features)
+        emb = self.embed_texts(run.texts)  # (B, D) the transcripts in the text space
+        return TowerOutput(emb, emb, run.features, run.scores, run.texts)
 
 
 def _real_mean(enc: torch.Tensor, plan: AttentionPlan, real_frames: list[int]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from core.errors import InvalidInput
 from core.inputs import validate_text
 from core.model.attention import AttentionPlan
 from core.model.encoder import Encoder, EncoderConfig, mean_pool
+from core.model.tower import TowerOutput, cosine_logits, vector_batch
 
 # The Rust tokenizer's thread pool keeps spinning after each batch and steals the
 # cores torch is about to use; tokenising one batch serially costs far less
@@ -182,3 +183,54 @@ class TextPreprocessor:
         for i, enc in zip(where, self._tok.encode_batch(texts) if texts else [], strict=True):
             out[i] = TextItem(ids=enc.ids, truncated=bool(enc.overflowing))
         return out
+
+
+class TextJobs:
+    """The text tower behind the ``Tower`` protocol (core/model/tower.py): the anchor of
+    the embedding space, so its vectors are unit and its labels scored by cosine."""
+
+    modality = "text"
+    labels_in_pass = False
+
+    def __init__(self, tower: TextTower, pre: TextPreprocessor, device: torch.device,
+                 version: str, attention_impl: str = "auto", logit_scale: float = 20.0):
+        self.tower = tower.to(device)
+        self.pre = pre
+        self.device = device
+        self.version = version  # "<name>@<model.safetensors sha256[:12]>"
+        self.attention_impl = attention_impl
+        self.logit_scale = logit_scale
+
+    @property
+    def dim(self) -> int:
+        return self.tower.cfg.encoder.dim
+
+    def prepare(self, items: list[object]) -> list[TextItem | InvalidInput]:
+        return self.pre.prepare_many(list(items))
+
+    def forward(self, prepared: list[TextItem], unit: bool = True) -> torch.Tensor:
+        """(B, D) unit sentence embeddings on the CPU, in the items' order."""
+        # Pack longest first: equal-length neighbours then form attention groups that
+        # are views of the packed tokens, with no gather and no padding.
+        order = sorted(range(len(prepared)), key=lambda i: -prepared[i].tokens)
+        items = [prepared[i] for i in order]
+        plan = AttentionPlan.from_lengths([p.tokens for p in items], device=self.device)
+        ids = torch.tensor([t for p in items for t in p.ids], device=self.device)  # (N,)
+        emb = self.tower(ids, plan, self.attention_impl).float().cpu()  # (B, D) sorted
+        out = torch.empty_like(emb)
+        out[torch.tensor(order)] = emb
+        return out
+
+    def feature_kind(self) -> tuple[str, int]:
+        return "embedding", self.dim  # adapters on text start from the sentence embedding
+
+    def features(self, prepared: list[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        vecs = self.forward(prepared, unit=False)  # (B, D)
+        return vecs, vecs
+
+    def classify(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(vectors, labels, self.logit_scale)  # (B, L)
+
+    def batch(self, prepared: list[TextItem], label_sets: list[list[str] | None],
+              features: bool) -> TowerOutput:
+        return vector_batch(self, prepared, features)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.errors import InvalidInput
 from core.model.efficientnet import (
     CHECKPOINT_SHA256,
     EfficientNetLite,
     load_efficientnet_lite0,
 )
 from core.model.files import sha256_file
-from core.model.image import ImageConfig
+from core.model.image import ImageConfig, decode_image, image_to_pixels
+from core.model.tower import TowerOutput, prepare_each, vector_batch
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +230,62 @@ def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_v
     net = load_efficientnet_lite0(weights, expect_sha256=None if weights else CHECKPOINT_SHA256)
     bank = load_bank(embed_text, text_version, cfg, class_names())
     return ZeroShotImageTower(net, bank, cfg), zero_shot_version(text_version, weights, cfg)
+
+
+class ImageJobs:
+    """The image tower behind the ``Tower`` protocol (core/model/tower.py). The backbone
+    and the class text bank load on the first image (text and audio workers never pay
+    for them; a text model without a bundled bank computes one then, and caches it)."""
+
+    modality = "image"
+    labels_in_pass = False
+
+    def __init__(self, embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
+                 weights: str | None = None, device: torch.device | str = "cpu",
+                 cfg: ZeroShotConfig | None = None):
+        self._embed_text = embed_text  # the text tower's embed: the class bank's texts
+        self._text_version = text_version  # the class text bank's key
+        self._weights = weights
+        self.device = device
+        self.cfg = cfg or ZeroShotConfig()
+        self.version = f"image@{zero_shot_version(text_version, weights, self.cfg)}"
+        self._photo: ZeroShotImageTower | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def photo(self) -> ZeroShotImageTower:
+        """The tower (nn.Module), loaded on first use."""
+        if self._photo is None:
+            with self._lock:
+                if self._photo is None:
+                    tower, _ = load_zero_shot_tower(self._embed_text, self._text_version,
+                                                    self._weights, self.cfg)
+                    self._photo = tower.to(self.device)
+        return self._photo
+
+    def prepare(self, items: list[object]) -> list[PixelItem | InvalidInput]:
+        return prepare_each(lambda item, i: PixelItem(image_to_pixels(
+            decode_image(item, FRONT_END, i), FRONT_END)), items)
+
+    def forward(self, prepared: list[PixelItem], unit: bool = True) -> torch.Tensor:
+        pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
+        return self.photo(pixels, unit=unit).float().cpu()
+
+    def feature_kind(self) -> tuple[str, int]:
+        """The ImageNet backbone's last block's map on a GRID x GRID grid (measured best
+        of its features: bench/finetune.py)."""
+        return f"grid{GRID}x{GRID}", self.photo.net._conv_head.in_channels * GRID * GRID
+
+    def features(self, prepared: list[PixelItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([p.pixels for p in prepared])  # (B, 3, 224, 224)
+        m, feats = self.photo.forward_features(pixels)
+        return m.float().cpu(), feats.float().cpu()
+
+    def classify(self, vectors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The distribution comparison (``ZeroShotImageTower.label_logits``), exact for
+        ``forward(..., unit=False)`` vectors."""
+        return self.photo.label_logits(vectors, labels)  # (B, L)
+
+    def batch(self, prepared: list[PixelItem], label_sets: list[list[str] | None],
+              features: bool) -> TowerOutput:
+        return vector_batch(self, prepared, features)

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.model.attention import AttentionPlan
-from core.model.encoder import Encoder, EncoderConfig, _onednn_linear_pointwise
-
-_PW = _onednn_linear_pointwise()
+from core.model.attention import AttentionPlan, dense_attention, window_attention
+from core.model.encoder import Encoder, EncoderConfig
+from core.model.fused import cast, linear, linear_add
 
 
 @dataclass(frozen=True)
@@ -83,13 +82,16 @@ class AudioEncoder(nn.Module):
         nh, hs = self.cfg.n_heads, self.cfg.head_dim
         md = self.mm_dtype
         explicit = md == torch.bfloat16 and x.device.type == "cpu"
+        # The explicit path folds 1/sqrt(hs) into the query rows of the q, k, v projection
+        # (1/8 for tiny.en's 64-wide heads: a power of two, exact).
+        q_scale = hs ** -0.5 if explicit else None
         for layer in self.encoder.layers:
             h = layer.ln_attn(x)
-            qkv = _linear(h, layer.qkv, md, q_scale=explicit).view(B, S, 3, nh, hs)
-            y = _attend(qkv, explicit)  # (B, S, nh, hs)
-            x = x + _linear(y.reshape(B, S, C), layer.proj, md)
+            qkv = linear(h, layer.qkv, md, q_scale=q_scale).view(B, S, 3, nh, hs)
+            y = window_attention(qkv, explicit)  # (B, S, nh, hs)
+            x = x + linear(y.reshape(B, S, C), layer.proj, md)
             h = layer.ln_mlp(x)
-            x = x + _linear(_linear(h, layer.fc1, md, "gelu"), layer.fc2, md)
+            x = x + linear(linear(h, layer.fc1, md, "gelu"), layer.fc2, md)
         return self.ln_post(x)
 
     def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, AttentionPlan]:
@@ -99,8 +101,8 @@ class AudioEncoder(nn.Module):
         c1, c2 = self.conv1, self.conv2
         if md is not None:
             x = x.to(md)
-        h = F.gelu(F.conv1d(x, _cast(c1.weight, md), _cast(c1.bias, md), padding=1))
-        h = F.gelu(F.conv1d(h, _cast(c2.weight, md), _cast(c2.bias, md), stride=2,
+        h = F.gelu(F.conv1d(x, cast(c1.weight, md), cast(c1.bias, md), padding=1))
+        h = F.gelu(F.conv1d(h, cast(c2.weight, md), cast(c2.bias, md), stride=2,
                             padding=1))  # (B, C, S)
         S = h.shape[2]
         x = h.transpose(1, 2).to(self.pos.dtype) + self.pos[:S]  # (B, S, C)
@@ -141,55 +143,6 @@ class AudioEncoder(nn.Module):
         out = self.ln_post(self.encoder(packed, plan, impl))  # (N, C)
         assert out.shape == (sum(n_pos), C)
         return out, plan
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None else t.to(dtype)
-
-
-def _fusable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (_PW is not None and x.device.type == "cpu" and x.dtype == w.dtype
-            and not torch.is_grad_enabled())
-
-
-def _linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """residual + lin(x) for 2-D x: one oneDNN call on the CPU (bias and add fused)."""
-    if _fusable(x, lin.weight) and residual.dtype == x.dtype:
-        return _PW.binary(x.contiguous(), residual.contiguous(), lin.weight, lin.bias, "add")
-    return residual + lin(x)
-
-
-def _linear(x: torch.Tensor, lin: nn.Linear, dtype: torch.dtype | None = None,
-            act: str = "none", q_scale: bool = False) -> torch.Tensor:
-    """act(lin(x)) with the matmul in ``dtype`` (None: x's dtype); output in that dtype."""
-    w, b = lin.weight, lin.bias
-    if q_scale:  # the query rows times 1/sqrt(hs) (1/8: a power of two, exact)
-        C = w.shape[1]
-        s = (C // 6) ** -0.5
-        w = torch.cat([w[:C] * s, w[C:]])
-        b = torch.cat([b[:C] * s, b[C:]])
-    x, w, b = _cast(x, dtype), _cast(w, dtype), _cast(b, dtype)
-    if _fusable(x, w):
-        shape = x.shape[:-1]
-        y = _PW(x.reshape(-1, x.shape[-1]).contiguous(), w, b, act, [], "none")
-        return y.view(*shape, y.shape[-1])
-    y = F.linear(x, w, b)
-    return F.gelu(y) if act == "gelu" else y
-
-
-def _attend(qkv: torch.Tensor, explicit: bool) -> torch.Tensor:
-    """(B, S, 3, nh, hs) -> (B, S, nh, hs); ``explicit``: q already scaled by 1/sqrt(hs),
-    one window at a time ((nh, S, S) scores: 27 MB in bf16 for a 30 s window)."""
-    B, S, _, nh, hs = qkv.shape
-    if not explicit:
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (B, nh, S, hs)
-    out = q.new_empty(B, nh, S, hs)
-    for i in range(B):
-        a = torch.matmul(q[i], k[i].transpose(-1, -2))  # (nh, S, S), q pre-scaled
-        torch.matmul(torch.softmax(a, -1), v[i], out=out[i])
-    return out.transpose(1, 2)
 
 
 @dataclass
@@ -253,7 +206,7 @@ class DecoderLayer(nn.Module):
         BR, T, C = x.shape
         nh, hs = self.nh, self.hs
         x = x.reshape(BR * T, C)  # projections on (rows, C): oneDNN's fused epilogues
-        qkv = _linear(self.ln_self(x), self.qkv).view(BR, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
+        qkv = linear(self.ln_self(x), self.qkv).view(BR, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (BR, nh, T, hs)
         if cache is not None:
             t0 = cache.length
@@ -261,16 +214,16 @@ class DecoderLayer(nn.Module):
             cache.v[layer][:, :, t0:t0 + T] = v
             k = cache.k[layer][:, :, :t0 + T]  # (BR, nh, t0+T, hs)
             v = cache.v[layer][:, :, :t0 + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask)  # (BR, nh, T, hs)
-        x = _linear_add(y.transpose(1, 2).reshape(BR * T, C), self.proj, x)
+        y = dense_attention(q, k, v, causal_mask)  # (BR, nh, T, hs)
+        x = linear_add(y.transpose(1, 2).reshape(BR * T, C), self.proj, x)
         # Cross-attention: the R rows of a clip become R*T query positions of that clip.
         B = cross.k[layer].shape[0]
         R = BR // B
-        q = _linear(self.ln_cross(x), self.cross_q).view(B, R * T, nh, hs).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, cross.k[layer], cross.v[layer],
-                                           attn_mask=cross.key_mask)  # (B, nh, R*T, hs)
-        x = _linear_add(y.transpose(1, 2).reshape(BR * T, C), self.cross_proj, x)
-        x = _linear_add(_linear(self.ln_mlp(x), self.fc1, act="gelu"), self.fc2, x)
+        q = linear(self.ln_cross(x), self.cross_q).view(B, R * T, nh, hs).transpose(1, 2)
+        y = dense_attention(q, cross.k[layer], cross.v[layer],
+                            cross.key_mask)  # (B, nh, R*T, hs)
+        x = linear_add(y.transpose(1, 2).reshape(BR * T, C), self.cross_proj, x)
+        x = linear_add(linear(self.ln_mlp(x), self.fc1, act="gelu"), self.fc2, x)
         return x.view(BR, T, C)
 
 

