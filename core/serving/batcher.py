@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.config import Settings
+from core.config import CPU_BATCH_TOKENS, Settings
 from core.model.adapters import AdapterCache
 from core.serving.contracts import AdapterRef, Cancelled, DeadlineExceeded, JobResult
 from core.serving.metrics import BatchMetrics
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch_tokens: int = 2048  # real tokens per forward (patches and frames count)
+    max_batch_tokens: int = CPU_BATCH_TOKENS  # real tokens per forward (patches count)
     max_batch_size: int = 64  # items per forward
     # How long the first item of a batch may wait for company while the model idles:
     # the latency a lone job pays so that jobs arriving together share a forward.
