@@ -15,7 +15,7 @@ import pytest
 
 from producer.ops.supervise import Supervisor
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 def spawn(code: str):
