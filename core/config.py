@@ -120,12 +120,12 @@ class Settings(BaseSettings):
     # jobs/s on CPU). False keeps it in the worker process (debugging, comparison).
     model_process: bool = True
 
-    # -- the HTTP API (producer/api.py) ---------------------------------------------------
+    # -- the HTTP API (producer/api/) ---------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     # Comma-separated Bearer keys accepted on every /v1 route, each "name:key" or a
     # bare key; the name (else key-<sha256[:12]>) is the key id stored on its jobs
-    # (producer/api_auth.py). Empty (and no admin_keys) = no key works, except in the
+    # (producer/web/auth.py). Empty (and no admin_keys) = no key works, except in the
     # "local"/"dev" profile, where LOCAL_API_KEY does (for `mmq up`).
     api_keys: str = ""
     # Keys that see and manage every key's jobs (same "name:secret" form); they are
@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     # Largest k a search may ask for.
     search_max_k: int = 1000
 
-    # -- the results page (/ui, producer/ui.py) ------------------------------------------
+    # -- the results page (/ui, producer/ui/) ------------------------------------------
     # Signs the page's session cookies and CSRF tokens (HMAC-SHA256). Empty = a random
     # secret per process: sessions end when the API restarts, and several API
     # processes or replicas (uvicorn --workers, compose --scale) need one shared value.

@@ -233,7 +233,7 @@ class IdempotencyKey(Base):
 
 
 class UiSignin(Base):
-    """A live sign-in to the results page (producer/ui_session.py): its cookie is
+    """A live sign-in to the results page (producer/ui/session.py): its cookie is
     good only while this row exists and has not expired. Sign-out deletes it, so a
     replayed cookie is refused by every API process on every host. ``expires_at`` is
     the database server's clock (core/store/ui_signins.py), never an API host's."""

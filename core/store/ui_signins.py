@@ -1,4 +1,4 @@
-"""Store functions for sign-ins to the results page (producer/ui_session.py).
+"""Store functions for sign-ins to the results page (producer/ui/session.py).
 
 A signed cookie proves who signed in; this table says whether that sign-in is still
 on. Sign-out deletes the row, so the cookie is refused by every API process at once,

@@ -14,7 +14,7 @@ down_revision = "0005"
 def upgrade() -> None:
     op.create_table(
         "ui_signins",
-        # The per-sign-in nonce the signed cookie carries (producer/ui_session.py).
+        # The per-sign-in nonce the signed cookie carries (producer/ui/session.py).
         sa.Column("nonce", sa.String(64), primary_key=True),
         # The database server's clock: sign-in time + MMQ_UI_SESSION_S.
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
