@@ -12,14 +12,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import redis
 
 from bench.faults import free_port
-
-if TYPE_CHECKING:
-    from bench.chaos_stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -143,10 +140,20 @@ def drop_pg(name: str) -> None:
         print(f"could not drop database {name}: {e}", file=sys.stderr)
 
 
+class WorkerHome(Protocol):
+    """What a worker needs of the stack it joins (bench/chaos_stack.py's ``Stack``), named
+    here so that this module does not import the one that imports it."""
+
+    tmp: Path
+    workers: list
+
+    def service_env(self) -> dict[str, str]: ...
+
+
 class Worker:
     """A real ``python -m workers text`` process."""
 
-    def __init__(self, stack: Stack, concurrency: int):
+    def __init__(self, stack: WorkerHome, concurrency: int):
         self.log = stack.tmp / f"worker-{len(stack.workers)}.log"
         self.proc = spawn([sys.executable, "-m", "workers", "text", "--concurrency",
                            str(concurrency)], stack.service_env(), self.log)

@@ -13,14 +13,38 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from core.config import CPU_BATCH_TOKENS, Settings
 from core.errors import InvalidInput
 from core.jobs import JobResult
 
 if TYPE_CHECKING:
-    from core.serving.batcher import BatcherConfig
+    import torch
 
-__all__ = ["AdapterRef", "Cancelled", "DeadlineExceeded", "Failure", "JobRequest", "JobResult",
-           "ModelBackend"]
+__all__ = ["AdapterRef", "BatcherConfig", "Cancelled", "DeadlineExceeded", "Failure",
+           "JobRequest", "JobResult", "ModelBackend"]
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """How the dynamic batcher groups jobs into forwards (core/serving/batcher.py); the
+    host hands it to its model backend."""
+
+    max_batch_tokens: int = CPU_BATCH_TOKENS  # real tokens per forward (patches count)
+    max_batch_size: int = 64  # items per forward
+    # How long the first item of a batch may wait for company while the model idles:
+    # the latency a lone job pays so that jobs arriving together share a forward.
+    max_wait_ms: float = 5.0
+    # Audio: encoder positions + expected decode steps (core/model/speech.py).
+    max_batch_frames: int = 25_600
+
+    @classmethod
+    def for_device(cls, device: torch.device, settings: Settings) -> BatcherConfig:
+        tokens, size, wait_ms = settings.batching(device.type)
+        return cls(max_batch_tokens=tokens, max_batch_size=size, max_wait_ms=wait_ms,
+                   max_batch_frames=settings.audio_budget(device.type))
+
+    def budget(self, modality: str) -> int:
+        return self.max_batch_frames if modality == "audio" else self.max_batch_tokens
 
 
 @dataclass(frozen=True)
