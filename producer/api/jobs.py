@@ -34,7 +34,7 @@ from producer.api.schemas import (
 from producer.sdk import Client
 from producer.web.auth import CallerDep
 from producer.web.errors import ApiError
-from producer.web.form import read_body, upload_items
+from producer.web.form import content_kind, read_body, upload_items
 from producer.web.submit import submit
 
 router = APIRouter()  # each route names its tag
@@ -54,10 +54,8 @@ def _request_body(batch: bool) -> dict:
 async def parse_items(request: Request, batch: bool) -> list[dict]:
     """The request's jobs as SDK items, from JSON or a multipart upload."""
     s: Settings = request.app.state.settings
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("application/json", "multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "send application/json (text, or "
-                       "base64 data) or multipart/form-data (image and audio files)")
+    ctype = content_kind(request, "send application/json (text, or base64 data) or "
+                         "multipart/form-data (image and audio files)")
     body = await read_body(request, s.max_request_bytes)
     if ctype == "multipart/form-data":
         items = await upload_items(request, body, batch=batch, settings=s)

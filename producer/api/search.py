@@ -31,7 +31,7 @@ from producer.api.schemas import error_responses
 from producer.sdk.search import SearchResult, SearchUnavailable, run_search
 from producer.web.auth import CallerDep
 from producer.web.errors import ERROR_CODES, INPUT_STATUS, RETRY_AFTER_S, ApiError
-from producer.web.form import read_body
+from producer.web.form import content_kind, read_body
 
 router = APIRouter(tags=["search"])
 FILTER_FIELDS = ("modality", "task", "label", "model_version", "created_since",
@@ -147,10 +147,7 @@ async def search(request: Request, caller: CallerDep) -> SearchOut:
 
 async def _parse(request: Request, s: Settings) -> tuple[object, str | None, int, dict]:
     """-> (query: str or bytes, its modality if given, k, filters) from JSON or a form."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("application/json", "multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "send application/json or "
-                       "multipart/form-data")
+    ctype = content_kind(request, "send application/json or multipart/form-data")
     body = await read_body(request, s.max_request_bytes)
     if ctype == "multipart/form-data":
         return await _parse_form(request, body)

@@ -18,6 +18,17 @@ FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "model_versio
                "files"}
 
 
+FORM_TYPES = ("application/json", "multipart/form-data")
+
+
+def content_kind(request: Request, refusal: str) -> str:
+    """The request's media type, one of ``FORM_TYPES``, or a 415 that says ``refusal``."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in FORM_TYPES:
+        raise ApiError(415, "unsupported_media_type", refusal)
+    return ctype
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing it (413) as soon as it passes ``limit`` bytes: a declared
     Content-Length is checked before reading, a chunked body while it streams."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from producer.ops.stack import EXAMPLES
 from tests.e2e.browser import chrome, screenshot
-from tests.helpers import Worker, free_port, service_env
+from tests.helpers import Worker, free_port, service_env, wait_http
 
 KEYS = {"alice": "alice-browser-key-1", "bob": "bob-browser-key-2"}
 LABELS = "a cat, a dog, a car, a cup of coffee"
@@ -40,20 +40,6 @@ def _photo(name: str, path: Path) -> Path:
 
     Image.fromarray(getattr(data, name)()).save(path, "JPEG", quality=90)
     return path
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mmq api exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +60,7 @@ def stack(new_broker, tmp_path_factory):
     try:
         for w in workers:
             w.wait_ready()
-        _wait_http(f"{base}/healthz", api, log)
+        wait_http(f"{base}/healthz", api, log, timeout=120)
         yield base, tmp
     finally:
         api.terminate()
