@@ -30,14 +30,19 @@ class AnnConfig:
 
 
 class AnnIndex:
-    """Keys are row numbers of the cache shard the index belongs to."""
+    """Keys are row numbers of the cache shard the index belongs to, or, for an index
+    mapped from disk (core/search/saved.py), positions that ``rows`` maps to them."""
 
-    def __init__(self, dim: int, cfg: AnnConfig):
+    def __init__(self, dim: int, cfg: AnnConfig, index: Index | None = None,
+                 rows: np.ndarray | None = None):
         self.cfg = cfg
-        self.index = Index(ndim=dim, metric="ip", dtype=cfg.dtype,
-                           connectivity=cfg.connectivity,
-                           expansion_add=cfg.expansion_add,
-                           expansion_search=cfg.expansion_search)
+        self.index = index if index is not None else Index(
+            ndim=dim, metric="ip", dtype=cfg.dtype, connectivity=cfg.connectivity,
+            expansion_add=cfg.expansion_add, expansion_search=cfg.expansion_search)
+        # A viewed index (a read-only memory map) cannot take adds: new rows go to a
+        # small in-memory index beside it (the shard's ``delta``).
+        self.mutable = index is None
+        self.rows = rows  # (len,) int64: key -> the shard's row (-1: not loaded); None: same
         # usearch allows concurrent adds and searches, but not a search during the
         # index's own growth (reserve); one lock keeps it simple and adds are batched.
         self.lock = threading.Lock()
@@ -57,7 +62,11 @@ class AnnIndex:
         with self.lock:
             self.index.expansion_search = max(self.cfg.expansion_search, fetch)
             m = self.index.search(q, fetch, threads=1)
-        return np.asarray(m.keys, dtype=np.int64)
+        keys = np.asarray(m.keys, dtype=np.int64)
+        if self.rows is None:
+            return keys
+        rows = self.rows[keys]
+        return rows[rows >= 0]
 
     @property
     def memory_bytes(self) -> int:

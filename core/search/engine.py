@@ -12,6 +12,17 @@ before its transaction commits: a row committed late still lands inside the wind
 every later result.) No migration is needed: ``jobs.finished_at``
 is indexed already. Jobs made only to embed a query (``params.search_query``) are
 never loaded, so they are never results.
+
+The HNSW index is saved (core/search/saved.py) and memory-mapped read-only, so a
+restart maps it instead of rebuilding it and the API processes of a host share it.
+A mapped index cannot take adds: rows it lacks go to a small in-memory ``delta`` index
+searched beside it; both only propose candidates, re-scored exactly in float32, so
+merging is a union. Past ``index_resave_rows`` delta rows, one process (under the
+save lock) copies the saved index into memory, adds its delta, saves a new generation
+and maps it; the others adopt the newer generation when their own delta is full.
+Why not re-save on every add: at 1 M vectors a save writes ~0.5 GB; why not keep
+everything in private memory: that is the ~0.5 GB per process the issue measured
+(bench/search_restart.py prints both).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 from core.search.ann import AnnConfig, AnnIndex
+from core.search.saved import IndexStore, SavedIndex, rows_of
 from core.search.shard import Codes, Shard
 from core.search.types import SearchFilters, SearchHit, SearchStats, epoch, is_search_query
 from core.store import vectors
@@ -49,10 +61,13 @@ class SearchConfig:
     refresh_s: float = 0.2  # at most this often, a query looks for new predictions
     catchup_s: float = 30.0  # re-read window behind the watermark (late commits, skew)
     background_build: bool = True  # False: build the index inside refresh (tests)
+    index_dir: str | None = None  # where the index is saved and mapped; None: not saved
+    index_resave_rows: int = 50_000  # delta rows beside a mapped index before a re-save
 
     @classmethod
     def from_settings(cls, s: Settings) -> SearchConfig:
-        return cls(ann_min=s.search_ann_min,
+        return cls(ann_min=s.search_ann_min, index_dir=s.search_index_path,
+                   index_resave_rows=s.search_index_resave_rows,
                    ann=AnnConfig(connectivity=s.search_ann_connectivity,
                                  expansion_add=s.search_ann_expansion_add,
                                  expansion_search=s.search_ann_expansion_search),
@@ -73,6 +88,7 @@ class SearchEngine:
         self.loaded_at = -math.inf  # time.monotonic() of the last refresh
         self.lock = threading.Lock()  # one refresh at a time
         self.builds: list[threading.Thread] = []
+        self.store = IndexStore(self.cfg.index_dir) if self.cfg.index_dir else None
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -166,37 +182,146 @@ class SearchEngine:
         with shard.lock:
             if shard.ann is not None and shard.ann_rows < shard.n:
                 rows = np.arange(shard.ann_rows, shard.n)
-                shard.ann.add(rows, shard.vecs[rows])
+                self._add(shard, rows)
                 shard.ann_rows = shard.n
+                grown = shard.delta is not None and len(shard.delta) >= \
+                    self.cfg.index_resave_rows
+                if grown and self.store is not None and not shard.building:
+                    shard.building = True
+                    self._start(self._resave, shard, "ann-resave")
                 return
         if shard.ann is None and not shard.building and shard.n >= self.cfg.ann_min:
+            if self.store is not None and not shard.tried_saved:
+                shard.tried_saved = True  # in this refresh: seconds, even at 1 M vectors
+                saved = self._load_saved(shard)
+                if saved is not None:
+                    self._adopt(shard, saved)
+                    return
             shard.building = True
             if not self.cfg.background_build:
                 self._build(shard)
                 return
-            t = threading.Thread(target=self._build, args=(shard,), daemon=True,
-                                 name=f"ann-build-{shard.version[:20]}")
-            self.builds.append(t)
-            t.start()
+            self._start(self._build, shard, "ann-build")
+
+    def _start(self, target, shard: Shard, name: str) -> None:
+        t = threading.Thread(target=target, args=(shard,), daemon=True,
+                             name=f"{name}-{shard.version[:20]}")
+        self.builds.append(t)
+        t.start()
+
+    def _add(self, shard: Shard, rows: np.ndarray) -> None:
+        """New rows into the index (under shard.lock): the built one, or beside a
+        mapped one, the delta."""
+        if shard.ann.mutable:
+            shard.ann.add(rows, shard.vecs[rows])
+            return
+        if shard.delta is None:
+            shard.delta = AnnIndex(shard.dim, self.cfg.ann)
+        shard.delta.add(rows, shard.vecs[rows])
 
     def _build(self, shard: Shard) -> None:
         """Index rows [:n0] outside any lock (minutes at 1 M), then the rows added
-        meanwhile under the shard's lock, and hand the index over."""
+        meanwhile under the shard's lock, and hand the index over. With a store: under
+        its lock (one process builds; the others wait, then map what it saved), saved,
+        then mapped in place of the private copy."""
         try:
-            t0 = time.monotonic()
-            n0, vecs = shard.n, shard.vecs
-            idx = AnnIndex(shard.dim, self.cfg.ann)
-            idx.add(np.arange(n0), vecs[:n0])
-            with shard.lock:
-                rows = np.arange(n0, shard.n)
-                idx.add(rows, shard.vecs[rows])
-                shard.ann, shard.ann_rows = idx, shard.n
-            log.info("search: HNSW index of %d vectors (version %s) built in %.1f s",
-                     shard.ann_rows, shard.version, time.monotonic() - t0)
+            if self.store is None:
+                idx, n0 = self._build_rows(shard)
+                with shard.lock:
+                    rows = np.arange(n0, shard.n)
+                    idx.add(rows, shard.vecs[rows])
+                    shard.ann, shard.ann_rows = idx, shard.n
+                return
+            with self.store.locked(shard.version):
+                saved = self._load_saved(shard)  # saved by another process meanwhile?
+                if saved is None:
+                    idx, n0 = self._build_rows(shard)
+                    t0 = time.monotonic()
+                    self.store.save(shard.version, idx.index, shard.job_ids[:n0],
+                                    self.cfg.ann)
+                    log.info("search: HNSW index of %d vectors saved to %s in %.1f s",
+                             n0, self.store.dir, time.monotonic() - t0)
+                    del idx
+                    saved = self._load_saved(shard)
+            if saved is None:
+                raise RuntimeError("the index just saved could not be mapped")
+            self._adopt(shard, saved)
         except Exception:  # exact search goes on; the next refresh tries again
             log.exception("search: building the HNSW index failed")
         finally:
             shard.building = False
+
+    def _build_rows(self, shard: Shard) -> tuple[AnnIndex, int]:
+        t0 = time.monotonic()
+        n0, vecs = shard.n, shard.vecs
+        idx = AnnIndex(shard.dim, self.cfg.ann)
+        idx.add(np.arange(n0), vecs[:n0])
+        log.info("search: HNSW index of %d vectors (version %s) built in %.1f s",
+                 n0, shard.version, time.monotonic() - t0)
+        return idx, n0
+
+    def _load_saved(self, shard: Shard) -> SavedIndex | None:
+        return self.store.load(shard.version, shard.dim, self.cfg.ann)
+
+    def _adopt(self, shard: Shard, saved: SavedIndex) -> None:
+        """Search through a mapped index: each saved key mapped to this process's row,
+        and the rows it lacks (loaded later, or by a late commit) indexed in the delta."""
+        t0 = time.monotonic()
+        n = shard.n
+        rows = rows_of(saved, shard.row_of)  # (count,) this process's rows
+        rows[rows >= n] = -1  # appended meanwhile: they go to the delta below instead
+        covered = np.zeros(n, bool)
+        covered[rows[rows >= 0]] = True
+        delta = AnnIndex(shard.dim, self.cfg.ann)
+        missing = np.flatnonzero(~covered)
+        delta.add(missing, shard.vecs[missing])
+        same = len(rows) == n and bool(np.array_equal(rows, np.arange(n)))
+        base = AnnIndex(shard.dim, self.cfg.ann, index=saved.index,
+                        rows=None if same else rows)
+        with shard.lock:
+            extra = np.arange(n, shard.n)  # loaded while this ran
+            delta.add(extra, shard.vecs[extra])
+            # A search that read the old ``ann`` and the new ``delta`` (no lock on the
+            # read side) only misses or repeats candidates; rows are de-duplicated.
+            shard.delta, shard.ann = delta, base
+            shard.ann_rows, shard.saved = shard.n, saved.meta
+        log.info("search: mapped the saved HNSW index of %s (generation %d, %d vectors; "
+                 "%d more in memory) in %.2f s", shard.version, saved.meta.generation,
+                 saved.meta.count, len(delta), time.monotonic() - t0)
+
+    def _resave(self, shard: Shard) -> None:
+        """Fold the delta into a new saved generation (or adopt a newer one that another
+        process saved), then map it: the delta's private memory stays bounded."""
+        try:
+            with self.store.locked(shard.version):
+                if self.store.generation(shard.version) != shard.saved.generation:
+                    saved = self._load_saved(shard)
+                else:
+                    self._save_merged(shard)
+                    saved = self._load_saved(shard)
+            if saved is not None:
+                self._adopt(shard, saved)
+        except Exception:
+            log.exception("search: re-saving the HNSW index failed")
+        finally:
+            shard.building = False
+
+    def _save_merged(self, shard: Shard) -> None:
+        t0 = time.monotonic()
+        meta = shard.saved
+        ids = self.store.ids(meta)
+        known = set(ids)
+        with shard.lock:
+            drows = np.sort(np.asarray(shard.delta.index.keys, np.int64))
+        drows = np.array([r for r in drows if shard.job_ids[r] not in known], np.int64)
+        idx = self.store.copy(meta)  # a private, writable copy of the saved index
+        idx.expansion_add = self.cfg.ann.expansion_add  # not kept in the file
+        idx.add(np.arange(meta.count, meta.count + len(drows), dtype=np.uint64),
+                shard.vecs[drows], threads=self.cfg.ann.threads)
+        ids += [shard.job_ids[r] for r in drows]
+        self.store.save(shard.version, idx, ids, self.cfg.ann)
+        log.info("search: %d delta rows folded into the saved index of %s in %.1f s",
+                 len(drows), shard.version, time.monotonic() - t0)
 
     # -- searching -------------------------------------------------------------------------------
 
@@ -228,6 +353,9 @@ class SearchEngine:
         fetch = min(self.cfg.max_fetch, max(k, ann.cfg.expansion_search,
                                             math.ceil(k * self.cfg.overfetch * n / passing)))
         cand = ann.search(q, fetch)
+        delta = shard.delta
+        if delta is not None and len(delta):
+            cand = np.unique(np.concatenate([cand, delta.search(q, min(fetch, len(delta)))]))
         cand = cand[cand < n]
         rows, scores = shard.rescore(cand, q, k, mask)
         if len(rows) >= min(k, passing):
@@ -250,6 +378,8 @@ class SearchEngine:
     def stats(self) -> dict:
         """What the cache holds, per embedding space (for logs and bench/)."""
         return {v: {"vectors": s.n, "ann": None if s.ann is None else len(s.ann),
+                    "delta": 0 if s.delta is None else len(s.delta),
+                    "mapped": s.ann is not None and not s.ann.mutable,
                     "cache_bytes": s.memory_bytes,
                     "ann_bytes": None if s.ann is None else s.ann.memory_bytes}
                 for v, s in self.shards.items()}

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 
 from core.search.ann import AnnIndex
+from core.search.saved import SavedMeta
 from core.search.types import SearchFilters, epoch
 
 # Rows per matmul: 65,536 x 384 float32 is 96 MiB, a chunk's scores 256 KiB; bigger
@@ -62,8 +63,11 @@ class Shard:
         self.job_ids: list[str] = []
         self.row_of: dict[str, int] = {}
         self.ann: AnnIndex | None = None  # set once a background build has finished
-        self.ann_rows = 0  # rows [:ann_rows] are in the index
-        self.building = False
+        self.delta: AnnIndex | None = None  # rows a mapped (read-only) ``ann`` lacks
+        self.ann_rows = 0  # rows [:ann_rows] are in the index (ann, or delta)
+        self.saved: SavedMeta | None = None  # the saved generation ``ann`` maps
+        self.tried_saved = False  # the first refresh past ann_min looked for a saved index
+        self.building = False  # a build or re-save thread runs
         self.lock = threading.Lock()  # appends, and the hand-over of a built index
 
     # -- writing (the loader, under the cache's lock) ----------------------------------------
