@@ -18,7 +18,7 @@ from core.search import SearchConfig, SearchEngine, SearchFilters
 from core.search.ann import AnnConfig, AnnIndex
 from core.search.saved import IndexStore, space_key
 from core.store.migrations import upgrade
-from tests.core.search.test_engine import V1, D, brute, store_jobs, unit
+from tests.core.search.stored import V1, D, brute, store_jobs, unit
 
 ANN = AnnConfig(threads=1)
 
