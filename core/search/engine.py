@@ -186,7 +186,8 @@ class SearchEngine:
                 shard.ann_rows = shard.n
                 grown = shard.delta is not None and len(shard.delta) >= \
                     self.cfg.index_resave_rows
-                if grown and self.store is not None and not shard.building:
+                if grown and self.store is not None and not shard.building \
+                        and shard.resave_ok:
                     shard.building = True
                     self._start(self._resave, shard, "ann-resave")
                 return
@@ -225,26 +226,37 @@ class SearchEngine:
         its lock (one process builds; the others wait, then map what it saved), saved,
         then mapped in place of the private copy."""
         try:
-            if self.store is None:
+            if self.store is None or not self.store.writable():
                 idx, n0 = self._build_rows(shard)
                 with shard.lock:
                     rows = np.arange(n0, shard.n)
                     idx.add(rows, shard.vecs[rows])
                     shard.ann, shard.ann_rows = idx, shard.n
                 return
+            idx = None
             with self.store.locked(shard.version):
                 saved = self._load_saved(shard)  # saved by another process meanwhile?
                 if saved is None:
                     idx, n0 = self._build_rows(shard)
                     t0 = time.monotonic()
-                    self.store.save(shard.version, idx.index, shard.job_ids[:n0],
-                                    self.cfg.ann)
-                    log.info("search: HNSW index of %d vectors saved to %s in %.1f s",
-                             n0, self.store.dir, time.monotonic() - t0)
-                    del idx
-                    saved = self._load_saved(shard)
+                    try:
+                        self.store.save(shard.version, idx.index, shard.job_ids[:n0],
+                                        self.cfg.ann)
+                        log.info("search: HNSW index of %d vectors saved to %s in %.1f s",
+                                 n0, self.store.dir, time.monotonic() - t0)
+                        saved = self._load_saved(shard)
+                    except OSError as e:  # a full or read-only disk: keep it in memory
+                        log.warning("search: could not save the HNSW index in %s (%s); "
+                                    "this process keeps its own copy", self.store.dir, e)
+            if saved is None and idx is not None:
+                with shard.lock:
+                    rows = np.arange(n0, shard.n)
+                    idx.add(rows, shard.vecs[rows])
+                    shard.ann, shard.ann_rows = idx, shard.n
+                return
             if saved is None:
-                raise RuntimeError("the index just saved could not be mapped")
+                raise RuntimeError("the saved index could not be mapped")
+            del idx
             self._adopt(shard, saved)
         except Exception:  # exact search goes on; the next refresh tries again
             log.exception("search: building the HNSW index failed")
@@ -301,8 +313,10 @@ class SearchEngine:
                     saved = self._load_saved(shard)
             if saved is not None:
                 self._adopt(shard, saved)
-        except Exception:
-            log.exception("search: re-saving the HNSW index failed")
+        except Exception:  # the delta keeps growing in memory; no retry every refresh
+            shard.resave_ok = False
+            log.exception("search: re-saving the HNSW index failed; this process keeps "
+                          "new rows in memory from now on")
         finally:
             shard.building = False
 

@@ -109,6 +109,19 @@ class IndexStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def writable(self) -> bool:
+        """The directory can be made and written (else the caller keeps its index in
+        memory, with a warning)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / ".probe", "a"):
+                pass
+            return True
+        except OSError as e:
+            log.warning("search: cannot save the HNSW index in %s (%s); each process "
+                        "keeps its own copy", self.dir, e)
+            return False
+
     def generation(self, space: str) -> int | None:
         """The saved generation (a cheap read of the JSON), None if none or unreadable."""
         try:

@@ -68,6 +68,7 @@ class Shard:
         self.saved: SavedMeta | None = None  # the saved generation ``ann`` maps
         self.tried_saved = False  # the first refresh past ann_min looked for a saved index
         self.building = False  # a build or re-save thread runs
+        self.resave_ok = True  # False after a re-save failed (the disk): not retried
         self.lock = threading.Lock()  # appends, and the hand-over of a built index
 
     # -- writing (the loader, under the cache's lock) ----------------------------------------

@@ -212,3 +212,17 @@ def test_concurrent_savers_never_leave_a_broken_index(tmp_path):
     got = s.load(V1, D, ANN)
     assert got is not None and got.meta.generation == 16
     assert len({i.split("-")[0] for i in got.ids}) == 1  # one writer's ids, whole
+
+
+def test_an_unwritable_index_dir_keeps_the_index_in_memory(sessions, tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    vecs = clustered(rng, 600)
+    ids = store_jobs(sessions, vecs)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    eng = engine_at(sessions, blocker / "index")
+    got = top_ids(eng, vecs[:10])
+    assert "cannot save the HNSW index" in caplog.text
+    assert not eng.stats()[V1]["mapped"] and eng.stats()[V1]["ann"] == 600
+    assert np.mean([len(set(g) & set(brute(vecs, ids, q, 10))) / 10
+                    for g, q in zip(got, vecs[:10], strict=True)]) >= 0.95
