@@ -6,6 +6,10 @@ best to theirs, and useful GFLOP/s (real tokens only) against a plain matmul
 measured in the same run.
 
     .venv/bin/python bench/text_embed.py [--n 2000] [--batch-sizes 1,16,32,64,256] [--rounds 2]
+        [--precisions fp32,bf16]
+
+``--precisions``: one mmq column per text precision (MMQ_TEXT_PRECISION, resolved on
+this machine: ``auto`` shows what it picked), each ratio against sentence-transformers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from core.config import Settings
 from core.model.multimodal import MultimodalModel
 from core.model.text import default_text_path
 from core.training.samples import sentences
@@ -39,6 +44,12 @@ def matmul_gflops(m: int = 4096, k: int = 384, n: int = 1536, reps: int = 20) ->
     return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
 
 
+def mode_of(model: MultimodalModel) -> str:
+    """The text precision a loaded model runs (its version's tag; none = fp32)."""
+    text = model.version.split("+")[0]
+    return text.rpartition("/")[2] if "/" in text else "fp32"
+
+
 def best_rate(fn, rounds: int) -> float:
     """Best of several timed passes: the machine is shared, and the minimum time is
     the least disturbed estimate of what the code itself costs."""
@@ -51,6 +62,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16,32,64,256")
     ap.add_argument("--rounds", type=int, default=2, help="passes per config; best is kept")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated text precisions: fp32, bf16, int8, auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -58,7 +71,9 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     sents = sentences(args.n, seed=1)
-    model = MultimodalModel.load(device="cpu")
+    models = {p: MultimodalModel.load(device="cpu", settings=Settings(text_precision=p))
+              for p in args.precisions.split(",")}
+    model = next(iter(models.values()))
     st = SentenceTransformer(str(default_text_path()), device="cpu")
     lengths = [r.tokens for r in model.embed_items("text", sents)]
     cfg = model.text.cfg.encoder
@@ -68,7 +83,7 @@ def main() -> None:
           f"max {max(lengths)}), torch threads {torch.get_num_threads()}, "
           f"matmul {peak:.0f} GFLOP/s, best of {args.rounds} passes")
 
-    def ours(bs: int) -> float:
+    def ours(bs: int, model: MultimodalModel) -> float:
         # Batches in arrival order, as a worker gets them: no global sort.
         model.embed("text", sents[:bs])
         t = time.perf_counter()
@@ -92,22 +107,25 @@ def main() -> None:
 
     rows = []
     for bs in sizes:
-        a = best_rate(lambda bs=bs: ours(bs), args.rounds)
+        # Alternated per batch size, so that a noisy neighbour hurts every column alike.
+        a = [best_rate(lambda bs=bs, m=m: ours(bs, m), args.rounds) for m in models.values()]
         b = best_rate(lambda bs=bs: theirs(bs, "true"), args.rounds)
         c = best_rate(lambda bs=bs: theirs(bs, "false"), args.rounds)
         rows.append((bs, a, b, c))
-    print(f"\n{'batch':>6} {'mmq sent/s':>11} {'s-t sent/s':>11} {'s-t serial tok':>15} "
-          f"{'ratio':>6} {'mmq GFLOP/s':>12} {'% matmul':>9}")
+    names = [f"auto={mode_of(m)}" if p == "auto" else p for p, m in models.items()]
+    print(f"\n{'batch':>6} " + " ".join(f"{'mmq ' + n:>14}" for n in names) +
+          f" {'s-t sent/s':>11} {'s-t serial tok':>15} " +
+          " ".join(f"{'ratio ' + n:>12}" for n in names) + f" {'GFLOP/s ' + names[0]:>14}")
     for bs, a, b, c in rows:
-        g = flops / (len(sents) / a) / 1e9
-        print(f"{bs:>6} {a:>11.1f} {b:>11.1f} {c:>15.1f} {a / max(b, c):>6.2f} {g:>12.1f} "
-              f"{100 * g / peak:>8.0f}%")
-    best_a = max(rows, key=lambda r: r[1])
-    best_b = max(rows, key=lambda r: max(r[2], r[3]))
-    theirs_best = max(best_b[2], best_b[3])
-    print(f"\nbest mmq {best_a[1]:.1f}/s (batch {best_a[0]}) vs best sentence-transformers "
-          f"{theirs_best:.1f}/s (batch {best_b[0]}): {best_a[1] / theirs_best:.2f}x")
-
+        g = flops / (len(sents) / a[0]) / 1e9
+        print(f"{bs:>6} " + " ".join(f"{x:>14.1f}" for x in a) + f" {b:>11.1f} {c:>15.1f} " +
+              " ".join(f"{x / max(b, c):>12.2f}" for x in a) + f" {g:>14.1f}")
+    theirs_best = max(max(r[2], r[3]) for r in rows)
+    print(f"\nmatmul peak fp32 {peak:.0f} GFLOP/s; best sentence-transformers {theirs_best:.1f}/s")
+    for i, n in enumerate(names):
+        best = max(rows, key=lambda r, i=i: r[1][i])
+        print(f"best mmq {n}: {best[1][i]:.1f}/s (batch {best[0]}): "
+              f"{best[1][i] / theirs_best:.2f}x sentence-transformers")
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -94,6 +95,14 @@ class Settings(BaseSettings):
     # Attention implementation: "auto" (CUDA varlen on GPU, grouped SDPA on CPU),
     # or force one of "reference", "grouped", "nested", "varlen".
     attention_impl: str = "auto"
+    # The text encoder's matmuls and attention (core/model/precision.py): "fp32"; "bf16"
+    # (residual stream, LayerNorm and pooling stay fp32); "int8" (dynamic quantization,
+    # CPU only); "auto" = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or
+    # amx_bf16 in /proc/cpuinfo), else fp32. A mode other than fp32 is recorded in the
+    # model version ("all-MiniLM-L6-v2@<sha>/bf16"); search keeps one space for all modes.
+    # fp32 by default: on CPUs without native bf16 the bf16 path is emulated and several
+    # times slower, and int8 misses the cosine >= 0.999 bound (docs/model.md).
+    text_precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
     # Text inputs above this many characters are refused before tokenisation;
     # the tokenizer would truncate them anyway, but a 50 MB string would still
     # cost memory and time on the worker.

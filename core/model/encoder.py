@@ -65,19 +65,27 @@ class EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
         self.ln_mlp = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        # The dtype the four matmuls (and attention) run in when it is not the residual
+        # stream's: bf16 with an fp32 stream (core/model/precision.py). None = x's own.
+        self.matmul_dtype: torch.dtype | None = None
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.matmul_dtype is None else x.to(self.matmul_dtype)
 
     def attention(self, x: torch.Tensor, plan: AttentionPlan, impl: str,
                   residual: torch.Tensor) -> torch.Tensor:
         """residual + attention(x)"""
         N, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.head_dim
-        qkv = self.qkv(x).view(N, 3, nh, hs)  # (N, 3, nh, hs)
+        qkv = self.qkv(self._down(x)).view(N, 3, nh, hs)  # (N, 3, nh, hs)
         y = packed_attention_qkv(qkv, plan, impl)  # (N, nh, hs)
+        # bf16: the projection's bf16 output is added to the fp32 residual (promoted)
         return linear_add(y.reshape(N, C), self.proj, residual)
 
     def mlp(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + fc2(gelu(fc1(x)))"""
-        return linear_add(linear_gelu(x, self.fc1), self.fc2, residual)  # (N, mlp_dim) inside
+        h = linear_gelu(self._down(x), self.fc1)  # (N, mlp_dim)
+        return linear_add(h, self.fc2, residual)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, impl: str = "auto") -> torch.Tensor:
         if self.cfg.norm_first:

@@ -29,11 +29,18 @@ def _onednn_linear_pointwise():
 LINEAR_POINTWISE = _onednn_linear_pointwise()
 
 
-def fusable(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+def fusable(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> bool:
     """Whether ``x`` takes the fused path: oneDNN present, CPU, no autograd, and ``x`` in
     ``dtype`` (the weights' dtype: Whisper's windows path runs bf16 matmuls too)."""
     return (LINEAR_POINTWISE is not None and x.device.type == "cpu" and x.dtype == dtype
             and not torch.is_grad_enabled())
+
+
+def weight_dtype(lin: nn.Module) -> torch.dtype | None:
+    """A linear layer's weight dtype; None for one whose weight is not a plain tensor
+    (a dynamically quantized int8 Linear: it takes the unfused path)."""
+    w = getattr(lin, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) else None
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -43,7 +50,7 @@ def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
     """residual + lin(x) for 2-D x: one oneDNN call on the CPU (bias and add fused) when
     x, the weights and the residual share a dtype."""
-    if fusable(x, lin.weight.dtype) and residual.dtype == x.dtype:
+    if fusable(x, weight_dtype(lin)) and residual.dtype == x.dtype:
         return LINEAR_POINTWISE.binary(x.contiguous(), residual.contiguous(), lin.weight,
                                        lin.bias, "add")
     return residual + lin(x)
@@ -51,7 +58,7 @@ def linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch
 
 def linear_gelu(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     """gelu(lin(x)) for 2-D x, exact erf GELU as BERT uses"""
-    if fusable(x, lin.weight.dtype):
+    if fusable(x, weight_dtype(lin)):
         return LINEAR_POINTWISE(x.contiguous(), lin.weight, lin.bias, "gelu", [], "none")
     return F.gelu(lin(x))
 

@@ -26,12 +26,14 @@ from core.errors import InvalidInput
 from core.jobs import MODALITIES, JobResult
 from core.model.attention import resolve_impl
 from core.model.files import sha256_file
+from core.model.precision import apply_precision, resolve_precision
 from core.model.speech import SpeechJobs, SpeechPrepared
 from core.model.text import TextItem, TextJobs, TextPreprocessor, TextTower, default_text_path
 from core.model.tower import Tower, TowerOutput, cosine_logits
 from core.model.whisper.tower import SpeechConfig, SpeechTower
 from core.model.zeroshot import ImageJobs, PixelItem, ZeroShotConfig, ZeroShotImageTower
 from core.params import check_labels
+from core.precision import tagged
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +148,24 @@ class MultimodalModel:
                           speech=SpeechConfig(beam_size=s.speech_beam_size))
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
+        precision = resolve_precision(s.text_precision, dev)
+        apply_precision(text.encoder, precision)
 
         def load_speech() -> SpeechTower:
             return SpeechTower.from_bundled(dev, cfg=cfg.speech, cache=Path(s.whisper_cache)
                                             if s.whisper_cache else None)
 
-        model = cls(TextJobs(text, pre, dev, text_version, cfg.attention_impl, cfg.logit_scale),
-                    dev, cfg)
+        model = cls(TextJobs(text, pre, dev, tagged(text_version, precision),
+                             cfg.attention_impl, cfg.logit_scale), dev, cfg)
+        # The image tower's class bank is keyed by the untagged text version: the bank
+        # shipped (computed in fp32) serves every precision of the same weights.
         model.add_tower(ImageJobs(lambda xs: model.embed("text", xs), text_version,
                                   s.image_weights, dev, cfg.image))
         model.add_tower(SpeechJobs(load_speech, cfg.speech.beam_size, model._embed_transcripts,
                                    cfg.logit_scale))
-        log.info("model %s on %s (attention %s)", model.version, dev,
-                 resolve_impl(cfg.attention_impl, dev, torch.float32))
+        log.info("model %s on %s (text %s, attention %s)", model.version, dev, precision,
+                 resolve_impl(cfg.attention_impl, dev,
+                              torch.bfloat16 if precision == "bf16" else torch.float32))
         return model
 
     # -- per item ---------------------------------------------------------------------

@@ -197,7 +197,7 @@ class TextJobs:
         self.tower = tower.to(device)
         self.pre = pre
         self.device = device
-        self.version = version  # "<name>@<model.safetensors sha256[:12]>"
+        self.version = version  # "<name>@<model.safetensors sha256[:12]>[/<precision>]"
         self.attention_impl = attention_impl
         self.logit_scale = logit_scale
 

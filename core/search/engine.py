@@ -39,6 +39,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
+from core.precision import untagged
 from core.search.ann import AnnConfig, AnnIndex
 from core.search.saved import IndexStore, SavedIndex, rows_of
 from core.search.shard import Codes, Shard
@@ -137,16 +138,18 @@ class SearchEngine:
     def space_of(self, version: str, session: Session | None = None) -> str:
         """The embedding space of a model version: an adapter's version
         (``name@sha256[:12]``, a model_versions row) is in its base model's space (it
-        was trained into it); any other version is a space of its own."""
+        was trained into it); any other version is a space of its own. Precision tags
+        ("/bf16", core/precision.py) are dropped: the same weights in any precision
+        share one space."""
         if version in self.spaces:
             return self.spaces[version]
         name, _, digest = version.partition("@")
-        space = version
+        space = untagged(version)
         if digest and len(digest) == 12:
             with (nullcontext(session) if session else self.sessions()) as s:
                 row = get_version(session=s, name=name)
             if row is not None and row.adapter_sha256[:12] == digest:
-                space = row.base_model
+                space = untagged(row.base_model)
         self.spaces[version] = space
         return space
 

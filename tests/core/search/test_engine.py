@@ -202,3 +202,29 @@ def test_adapter_versions_share_their_base_models_space(sessions):
     assert found("dogs@" + "cd" * 6) == set(stranger)  # unknown version: a space of its own
     hits, stats = eng.search(q, V1, SearchFilters(modality="image"), k=1)
     assert hits[0].model_version == f"cats@{sha[:12]}" and stats.model_version == V1
+
+
+def test_precisions_of_one_model_share_its_space(sessions):
+    """Results of the same weights run in bf16 (version tagged "/bf16", core/precision.py)
+    are searched with the fp32 ones, whichever precision the query ran in; an adapter
+    trained on a bf16 tower is in that same space too."""
+    from core.store.versions import create_version
+
+    rng = np.random.default_rng(7)
+    full, bf16 = f"{V1}+image@x", f"{V1}/bf16+image@x"
+    sha = "ef" * 32
+    with sessions.begin() as s:
+        create_version(session=s, name="dogs", modality="text", base_model=bf16,
+                       data_digest="0" * 64, metrics={}, config={},
+                       adapter_file="dogs.safetensors", adapter_sha256=sha)
+    fp = store_jobs(sessions, unit(rng, 4), version=full)
+    bf = store_jobs(sessions, unit(rng, 4), version=bf16)
+    ad = store_jobs(sessions, unit(rng, 4), version=f"dogs@{sha[:12]}")
+    other = store_jobs(sessions, unit(rng, 4), version=f"{V2}/bf16+image@x")
+    eng = engine_for(sessions)
+    q = unit(rng, 1)[0]
+    found = lambda version, **f: {h.id for h in eng.search(  # noqa: E731
+        q, version, SearchFilters(**f), k=100)[0]}
+    assert found(full) == found(bf16) == set(fp + bf + ad)
+    assert found(full, model_version=bf16) == set(bf)  # narrowing stays exact
+    assert found(f"{V2}+image@x") == set(other)
