@@ -36,6 +36,25 @@ from tests.helpers import pg_database, pg_drop  # noqa: E402
 MIX = (("failed", 0.02), ("cancelled", 0.01), ("queued", 0.005), ("running", 0.0005))
 
 
+PG_FILL = """
+INSERT INTO jobs (id, modality, task, params, status, attempts, created_at, started_at,
+                  finished_at, text)
+SELECT md5(random()::text || g), (ARRAY['text','image','audio'])[1 + g % 3], 'embed', '{}',
+       CAST(:st AS varchar), 1, now() - make_interval(secs => g),
+       CASE WHEN CAST(:st AS varchar) <> 'queued' THEN now() - make_interval(secs => g) END,
+       CASE WHEN CAST(:st AS varchar) NOT IN ('queued', 'running')
+            THEN now() - make_interval(secs => g) END, 'x'
+FROM generate_series(1, :k) g"""
+SQLITE_FILL = """
+INSERT INTO jobs (id, modality, task, params, status, attempts, created_at, started_at,
+                  finished_at, text)
+VALUES (:id, :m, 'embed', '{}', :st, 1,
+        strftime('%Y-%m-%d %H:%M:%f000', 'now', '-' || :i || ' seconds'),
+        CASE WHEN :st <> 'queued' THEN strftime('%Y-%m-%d %H:%M:%f000', 'now') END,
+        CASE WHEN :st NOT IN ('queued', 'running')
+             THEN strftime('%Y-%m-%d %H:%M:%f000', 'now') END, 'x')"""
+
+
 def fill(url: str, n: int) -> None:
     engine = store.make_engine(url)
     pg = url.startswith("postgresql")
@@ -43,24 +62,11 @@ def fill(url: str, n: int) -> None:
         for status, share in (*MIX, ("succeeded", 1 - sum(s for _, s in MIX))):
             k = int(n * share)
             if pg:
-                c.execute(text(
-                    "INSERT INTO jobs (id, modality, task, params, status, attempts, created_at,"
-                    " started_at, finished_at, text) SELECT md5(random()::text || g), "
-                    " (ARRAY['text','image','audio'])[1 + g % 3], 'embed', '{}', CAST(:st AS varchar), 1,"
-                    " now() - (g || ' seconds')::interval,"
-                    " CASE WHEN CAST(:st AS varchar) <> 'queued' THEN now() - (g || ' seconds')::interval END,"
-                    " CASE WHEN CAST(:st AS varchar) NOT IN ('queued','running') THEN now() - (g || ' seconds')"
-                    "::interval END, 'x' FROM generate_series(1, :k) g"), {"st": status, "k": k})
+                c.execute(text(PG_FILL), {"st": status, "k": k})
             else:
                 rows = [{"id": uuid.uuid4().hex, "m": ("text", "image", "audio")[i % 3],
                          "st": status, "i": i} for i in range(k)]
-                c.execute(text(
-                    "INSERT INTO jobs (id, modality, task, params, status, attempts, created_at,"
-                    " started_at, finished_at, text) VALUES (:id, :m, 'embed', '{}', CAST(:st AS varchar), 1,"
-                    " strftime('%Y-%m-%d %H:%M:%f000', 'now', '-' || :i || ' seconds'),"
-                    " CASE WHEN :st <> 'queued' THEN strftime('%Y-%m-%d %H:%M:%f000', 'now') END,"
-                    " CASE WHEN :st NOT IN ('queued','running') THEN "
-                    " strftime('%Y-%m-%d %H:%M:%f000', 'now') END, 'x')"), rows)
+                c.execute(text(SQLITE_FILL), rows)
     if pg:  # what autovacuum does to a table this size soon after: the visibility map
         # lets the status counts read only the (modality, status) index.
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
