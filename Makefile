@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml setup.py core/model/kernels/varlen_attn.c
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q faketime >/dev/null; } \
 	  || echo "note: faketime is not installed; the skewed-clock tests will be skipped"
+	@# prometheus: promtool tests the alert rules; the binary runs in tests/e2e/test_prometheus.py.
+	@command -v promtool >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null; } \
+	  || echo "note: prometheus is not installed; the alert-rule tests will be skipped"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

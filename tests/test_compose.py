@@ -28,8 +28,9 @@ COMPOSE, GPU = ROOT / "docker-compose.yml", ROOT / "docker-compose.gpu.yml"
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 SCHEMA_SHA256 = "46b7d35f19dd93a05f8fea530291bf84d881c1791ec167ecf0e6fb94e639d496"
 WORKERS = ("worker-text", "worker-image", "worker-audio")
-SERVICES = {"redis", "postgres", "migrate", "api", "flower", *WORKERS}
-SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MMQ_API_KEYS", "MMQ_FLOWER_BASIC_AUTH")
+SERVICES = {"redis", "postgres", "migrate", "api", "flower", "prometheus", "grafana", *WORKERS}
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MMQ_API_KEYS", "MMQ_FLOWER_BASIC_AUTH",
+           "GRAFANA_ADMIN_PASSWORD")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}; $$ is a "$".
 VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -182,6 +183,26 @@ def test_workers_scale_and_export_metrics_inside_the_network():
     assert all("container_name" not in s for s in svc.values())
 
 
+def test_prometheus_scrapes_every_service_with_the_rules_and_grafana_shows_them():
+    """Compose's Prometheus loads the repo's prometheus.yml and alerts.yml (mounted), and
+    scrapes the API and each worker service by name (every --scale replica)."""
+    svc = load(COMPOSE)["services"]
+    mon = "./producer/ops/monitoring"
+    prom = svc["prometheus"]
+    assert f"{mon}:/etc/prometheus/mmq:ro" in prom["volumes"]
+    assert "--config.file=/etc/prometheus/mmq/prometheus.yml" in prom["command"]
+    cfg = yaml.safe_load((ROOT / mon / "prometheus.yml").read_text())
+    assert cfg["rule_files"] == ["/etc/prometheus/mmq/alerts.yml"]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert jobs["mmq-api"]["static_configs"][0]["targets"] == ["api:8000"]
+    (dns,) = jobs["mmq-workers"]["dns_sd_configs"]
+    assert sorted(dns["names"]) == sorted(WORKERS) and dns["port"] == 9100
+    graf = svc["grafana"]
+    assert f"{mon}/grafana/provisioning:/etc/grafana/provisioning:ro" in graf["volumes"]
+    assert f"{mon}/grafana/dashboards:/var/lib/grafana/dashboards/mmq:ro" in graf["volumes"]
+    assert graf["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+
+
 def test_gpu_only_in_the_override():
     base = load(COMPOSE)["services"]
     assert all("deploy" not in s for s in base.values())  # CPU by default
@@ -264,4 +285,8 @@ def test_no_worker_publishes_a_port():
     for doc in (svc, load(GPU)["services"]):
         for name in WORKERS:
             assert "ports" not in doc.get(name, {}), name
-    assert {n for n, s in svc.items() if "ports" in s} == {"api", "flower"}
+    assert {n for n, s in svc.items() if "ports" in s} == {"api", "flower", "prometheus",
+                                                          "grafana"}
+    # Prometheus has no login: it and Grafana are published on the host's loopback only.
+    assert svc["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert svc["grafana"]["ports"] == ["127.0.0.1:3000:3000"]

@@ -53,11 +53,15 @@ from core.store.runs import (
     start_jobs,
 )
 from core.store.stats import (
+    cancelled_while_running,
     count_by_owner,
     count_by_status,
     finished_since,
+    finished_within,
     latest_failures,
     latest_transcripts,
+    live_workers_by_modality,
+    oldest_active,
     succeeded_within,
 )
 from core.store.tables import (
@@ -80,12 +84,16 @@ from core.store.tables import (
 __all__ = [
     "ACTIVE", "BASE_VERSION", "Base", "Blob", "DEFAULT_LEASE", "IdempotencyKey", "Job",
     "ModelVersion", "Prediction", "RUN_COLUMNS", "VersionStatus", "WorkerLease",
-    "cancel_job", "cancelled_among", "count_by_owner", "count_by_status", "create_job",
+    "cancel_job", "cancelled_among", "cancelled_while_running", "count_by_owner",
+    "count_by_status", "create_job",
     "db_now", "db_time", "decode_cursor", "drop_lease", "encode_cursor", "fail_job",
-    "finish_jobs", "finished_since", "forget_dead_leases", "get_blob", "get_idempotency",
+    "finish_jobs", "finished_since", "finished_within", "forget_dead_leases", "get_blob",
+    "get_idempotency",
     "get_job", "get_prediction", "job_statuses", "jobs_by_id", "latest_failures",
-    "latest_transcripts", "list_jobs", "live_workers", "make_engine", "mark_sent",
-    "orphaned_running", "ping", "prediction_summaries", "put_blob", "put_idempotency",
+    "latest_transcripts", "list_jobs", "live_workers",
+    "live_workers_by_modality", "make_engine", "mark_sent",
+    "oldest_active", "orphaned_running", "ping", "prediction_summaries", "put_blob",
+    "put_idempotency",
     "queued_among", "release_jobs", "renew_lease", "requeue_orphans", "session_factory",
     "stale_queued", "start_jobs", "succeeded_within", "unreachable", "utcnow",
     "wait_statuses",

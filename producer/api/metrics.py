@@ -14,15 +14,21 @@ import threading
 
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from core import store
+from core.broker import deadletter
 from core.broker.sender import queue_depths
 from core.config import Settings
-from core.jobs import QUEUES
+from core.jobs import QUEUES, TERMINAL, JobStatus
 
 log = logging.getLogger("mmq.api")
+TERMINAL_STATUSES = sorted(TERMINAL)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
 
@@ -43,17 +49,64 @@ class StoreCollector:
         self._hist: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
     def collect(self):
-        with self.client.sessions() as s:
-            counts = store.count_by_status(session=s)
-            with self._lock:
-                self._observe_finished(s)
-                hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
+        yield from self._store_metrics()
+        yield from self._queue_metrics()
+
+    def _store_metrics(self):
+        """Everything read from SQL: one query per family, on the database's clock.
+        A store that does not answer gives ``mmq_store_up 0`` and no other store
+        family (an absent series, not a zero that would look like an empty queue)."""
+        up = GaugeMetricFamily("mmq_store_up", "1 if the SQL store answered this scrape")
+        try:
+            with self.client.sessions() as s:
+                counts = store.count_by_status(session=s)
+                live = store.live_workers_by_modality(session=s, lease_s=self.settings.lease_s)
+                now = store.db_time(session=s)
+                oldest = store.oldest_active(session=s)
+                cancelled_running = store.cancelled_while_running(session=s)
+                with self._lock:
+                    self._observe_finished(s)
+                    hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
+        except Exception as e:  # noqa: BLE001  (any store error is "the store is down")
+            log.warning("metrics: store unreachable: %s", str(e).splitlines()[0])
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         jobs = GaugeMetricFamily("mmq_jobs", "Jobs in the store, by modality and status",
                                  labels=["modality", "status"])
         for (m, st), n in sorted(counts.items()):
             jobs.add_metric([m, st], n)
         yield jobs
-        yield from self._queue_metrics()
+        # The store's terminal rows only ever grow (no job is deleted), so they are a
+        # counter: rate() gives the fleet's finishing rate from any API replica.
+        finished = CounterMetricFamily(
+            "mmq_jobs_finished", "Jobs that reached a final status, by modality and status",
+            labels=["modality", "status"])
+        for m in QUEUES:
+            for st in TERMINAL_STATUSES:
+                finished.add_metric([m, st], counts.get((m, st), 0))
+        yield finished
+        cancelled = CounterMetricFamily(
+            "mmq_jobs_cancelled_while_running", "Jobs cancelled after a worker had started "
+            "them (that attempt's outcome is dropped)", labels=["modality"])
+        workers = GaugeMetricFamily(
+            "mmq_live_workers", "Worker processes whose lease is live (database clock)",
+            labels=["modality"])
+        age = GaugeMetricFamily(
+            "mmq_oldest_job_age_seconds", "Age of the oldest queued job (since submit) and of "
+            "the oldest running job (since its start); 0 when there is none",
+            labels=["modality", "status"])
+        for m in QUEUES:
+            cancelled.add_metric([m], cancelled_running.get(m, 0))
+            workers.add_metric([m], live.get(m, 0))
+            for st in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+                at = oldest.get((m, st))
+                age.add_metric([m, st], 0.0 if at is None else max(0.0, (now - at).total_seconds()))
+        yield cancelled
+        yield workers
+        yield age
         lat = HistogramMetricFamily(
             "mmq_job_latency_seconds", "Submit to result (finished jobs), by modality and "
             "final status; counted since this API process started", labels=["modality", "status"])
@@ -83,15 +136,21 @@ class StoreCollector:
         depth = GaugeMetricFamily("mmq_queue_depth", "Messages waiting in each modality's "
                                   "queue (fetched, unacknowledged ones not counted)",
                                   labels=["modality"])
+        dead = GaugeMetricFamily("mmq_dead_letters_waiting", "Messages in the dead-letter "
+                                 "list, waiting for an operator (mmq dead)")
         try:
             for m, n in queue_depths(self.settings, QUEUES, client=self.redis).items():
                 depth.add_metric([m], n)
+            dead.add_metric([], deadletter.count(self.redis))
             up.add_metric([], 1)
         except redis.RedisError as e:
             log.warning("metrics: Redis unreachable: %s", e)
             up.add_metric([], 0)
+            yield up
+            return
         yield up
         yield depth
+        yield dead
 
 
 def metrics_registry(settings: Settings, client, redis_client: redis.Redis

@@ -21,6 +21,7 @@ from core import store
 from core.broker.sender import producer_app, queue_depths
 from core.config import Settings, get_settings
 from core.jobs import QUEUES, TERMINAL, JobStatus
+from producer.ops.rules import Thresholds, load_thresholds
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home + erase screen: plain ANSI, no curses needed
 STATUSES = [s.value for s in JobStatus]
@@ -49,6 +50,27 @@ class Frame:
     failures: list[dict] = field(default_factory=list)
     transcripts: list[dict] = field(default_factory=list)  # latest audio jobs' text
     problems: list[str] = field(default_factory=list)
+    # What the alert rules watch (producer/ops/monitoring/alerts.yml), from the store:
+    slo: dict[str, SLO] | None = None  # modality -> figures; None: no database
+    alerts: list[str] = field(default_factory=list)  # what the rules would fire on
+
+
+# The failure ratio is taken over the same window as the rule's (10 minutes).
+SLO_WINDOW_S = 600.0
+
+
+@dataclass
+class SLO:
+    live_workers: int  # leases the database calls live
+    queued: int
+    oldest_queued_s: float | None
+    oldest_running_s: float | None
+    finished: int  # in the last SLO_WINDOW_S
+    failed: int
+
+    @property
+    def failure_ratio(self) -> float | None:
+        return self.failed / self.finished if self.finished else None
 
 
 def _workers(app, timeout: float) -> list[WorkerInfo]:
@@ -77,6 +99,44 @@ def _transcripts(session: Session, n: int) -> list[dict]:
     return [{"id": i, "at": at, "text": t} for i, at, t in rows]
 
 
+def _slo(session: Session, settings: Settings, counts: dict) -> dict[str, SLO]:
+    live = store.live_workers_by_modality(session=session, lease_s=settings.lease_s)
+    now = store.db_time(session=session)
+    oldest = store.oldest_active(session=session)
+    done = store.finished_within(session=session, seconds=SLO_WINDOW_S)
+
+    def age(m: str, st: str) -> float | None:
+        at = oldest.get((m, st))
+        return None if at is None else max(0.0, (now - at).total_seconds())
+
+    return {m: SLO(live_workers=live.get(m, 0), queued=counts.get((m, "queued"), 0),
+                   oldest_queued_s=age(m, "queued"), oldest_running_s=age(m, "running"),
+                   finished=sum(n for (mm, _), n in done.items() if mm == m),
+                   failed=done.get((m, JobStatus.FAILED.value), 0)) for m in QUEUES}
+
+
+def alerts_of(frame: Frame, t: Thresholds) -> list[str]:
+    """The alerts of alerts.yml whose condition holds in this frame (before their
+    ``for``: what would page if it lasted)."""
+    out = []
+    if frame.depths is None:
+        out.append("MmqBrokerDown: Redis does not answer")
+    if frame.slo is None:
+        out.append("MmqStoreUnreachable: the database does not answer")
+        return out
+    for m, s in frame.slo.items():
+        if s.queued and not s.live_workers:
+            out.append(f"MmqNoLiveWorker: {s.queued} {m} jobs queued, no live {m} worker")
+        if s.oldest_queued_s is not None and s.oldest_queued_s > t.oldest_queued_s:
+            out.append(f"MmqOldestQueuedJobTooOld: oldest queued {m} job waited "
+                       f"{_fmt_age(s.oldest_queued_s)} (> {_fmt_age(t.oldest_queued_s)})")
+        ratio = s.failure_ratio
+        if ratio is not None and ratio > t.failure_ratio and s.finished >= t.failure_min_jobs:
+            out.append(f"MmqFailureRatioHigh: {ratio:.0%} of {s.finished} finished {m} jobs "
+                       f"failed (> {t.failure_ratio:.0%})")
+    return out
+
+
 def _owners(session: Session) -> dict[str | None, dict[str, int]]:
     """Jobs per key id: what each API client has waiting, running and done."""
     out: dict[str | None, dict[str, int]] = {}
@@ -89,7 +149,8 @@ def _owners(session: Session) -> dict[str | None, dict[str, int]]:
 
 
 def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_s: float,
-            n_failures: int = 5, timeout: float = 1.0) -> Frame:
+            n_failures: int = 5, timeout: float = 1.0,
+            thresholds: Thresholds | None = None) -> Frame:
     """One frame; a source that fails leaves its part empty and says why."""
     frame = Frame(at=store.utcnow(), window_s=window_s)
     try:
@@ -106,8 +167,10 @@ def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_
             frame.rates, frame.counts, frame.failures = _sql(s, window_s, n_failures)
             frame.owners = _owners(s)
             frame.transcripts = _transcripts(s, n_failures)
+            frame.slo = _slo(s, settings, frame.counts)
     except Exception as e:
         frame.problems.append(f"database: {type(e).__name__}: {str(e).splitlines()[0]}")
+    frame.alerts = alerts_of(frame, thresholds or load_thresholds())
     return frame
 
 
@@ -134,6 +197,7 @@ def render(frame: Frame, settings: Settings) -> str:
         counts = frame.counts
         lines.append(row + "".join(
             f"{'?' if counts is None else counts.get((q, s), 0):>11}" for s in STATUSES))
+    lines += _render_slo(frame)
     lines += ["", f"workers ({'?' if frame.workers is None else len(workers)})"]
     lines += [f"  {w.name:<40} {w.modality:<6} up {_fmt_age(w.uptime_s):>7}  "
               f"processed {w.processed}" for w in workers] or [
@@ -156,6 +220,21 @@ def render(frame: Frame, settings: Settings) -> str:
         lines += ["", "problems"] + [f"  {p}" for p in frame.problems]
     lines.append(f"\njobs/s = succeeded in the last {frame.window_s:g}s")
     return "\n".join(lines)
+
+
+def _render_slo(frame: Frame) -> list[str]:
+    """The figures the alert rules watch, then what they would alert on now."""
+    # Indented, so no row starts with a modality's name (the first table's rows do).
+    lines = ["", f"{'slo':<11}{'live':>7}{'oldest queued':>15}{'oldest running':>16}"
+                 f"{'failed (10m)':>15}"]
+    for m, s in (frame.slo or {}).items():
+        ratio = "-" if s.failure_ratio is None else f"{s.failure_ratio:.0%} of {s.finished}"
+        lines.append(f"  {m:<9}{s.live_workers:>7}{_fmt_age(s.oldest_queued_s):>15}"
+                     f"{_fmt_age(s.oldest_running_s):>16}{ratio:>15}")
+    if frame.slo is None:
+        lines.append("  unknown: no database")
+    lines += ["", "alerts (conditions of producer/ops/monitoring/alerts.yml that hold now)"]
+    return lines + ([f"  ! {a}" for a in frame.alerts] or ["  none"])
 
 
 def _render_owners(owners: dict[str | None, dict[str, int]] | None) -> list[str]:

@@ -8,6 +8,7 @@ import ast
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -267,6 +268,32 @@ def test_top_collects_queues_rates_counts_and_failures(top_store):
     assert [(x["id"], x["error"]) for x in frame.failures] == [
         ("failed-image", "cannot decode image payload"),
         ("failed-audio", "cannot decode audio payload")]
+    # What the alert rules watch: no lease is live, and one audio job waits for nobody.
+    assert {m: (s.live_workers, s.queued) for m, s in frame.slo.items()} == {
+        "text": (0, 0), "image": (0, 0), "audio": (0, 1)}
+    assert frame.slo["audio"].oldest_queued_s < 600 and frame.slo["text"].oldest_queued_s is None
+    assert frame.alerts == ["MmqNoLiveWorker: 1 audio jobs queued, no live audio worker"]
+
+
+def test_top_marks_what_the_rules_would_alert_on(top_store):
+    """Thresholds come from the rule file; a lower one there is a new mark here."""
+    from producer.ops.rules import load_thresholds
+
+    settings, sessions = top_store
+    with sessions.begin() as s:
+        store.renew_lease(session=s, worker="audio-1@h", modality="audio")
+        for i in range(3):  # text: 3 failures of 9 finished in the last 10 minutes
+            j = store.create_job(session=s, modality="text", task="embed", text=f"f{i}")
+            j.status, j.finished_at = "failed", store.utcnow()
+    t = load_thresholds()
+    frame = collect(settings, sessions, producer_app(settings), window_s=60, thresholds=t)
+    assert frame.slo["audio"].live_workers == 1 and frame.alerts == []  # 9 < min jobs
+    strict = replace(t, failure_min_jobs=5, oldest_queued_s=0)
+    frame = collect(settings, sessions, producer_app(settings), window_s=60, thresholds=strict)
+    assert frame.alerts[0] == "MmqFailureRatioHigh: 33% of 9 finished text jobs failed (> 20%)"
+    assert frame.alerts[1].startswith("MmqOldestQueuedJobTooOld: oldest queued audio job")
+    assert len(frame.alerts) == 2
+    assert "  ! MmqFailureRatioHigh" in render(frame, settings)
 
 
 def test_top_once_prints_one_frame(top_store):
@@ -276,7 +303,7 @@ def test_top_once_prints_one_frame(top_store):
                         "3600"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
-            if line.split()[:1] in (["text"], ["image"], ["audio"])}
+            if line.startswith(("text ", "image ", "audio "))}  # the first table's rows
     # waiting, workers, jobs/s, then queued running succeeded failed cancelled
     assert rows["text"] == ["4", "0", "0.00", "0", "0", "6", "0", "0"]
     assert rows["image"] == ["0", "0", "0.00", "0", "0", "1", "1", "0"]
@@ -289,6 +316,10 @@ def test_top_once_prints_one_frame(top_store):
     assert [line.split() for line in lines[at + 1:at + 4]] == [
         ["alice", "1", "0", "2"], ["(no", "key)", "0", "0", "6"], ["bob", "0", "0", "1"]]
     assert "\x1b[" not in r.stdout  # --once prints plain text
+    slo = {line.split()[0]: line.split()[1:3] for line in lines
+           if line.startswith(("  text ", "  image ", "  audio "))}
+    assert slo["audio"][0] == "0" and slo["text"] == ["0", "-"]  # live leases, oldest queued
+    assert "  ! MmqNoLiveWorker: 1 audio jobs queued, no live audio worker" in lines
 
 
 def test_top_reports_a_broker_that_does_not_answer(top_store):
@@ -297,6 +328,7 @@ def test_top_reports_a_broker_that_does_not_answer(top_store):
     frame = collect(dead, sessions, producer_app(dead), window_s=60)
     assert frame.depths is None and frame.workers is None
     assert any(p.startswith("redis:") for p in frame.problems)
+    assert frame.alerts[0] == "MmqBrokerDown: Redis does not answer"
     assert frame.counts is not None  # the store still answered
     text = render(frame, dead)
     text_row = next(line for line in text.splitlines() if line.startswith("text "))
