@@ -214,8 +214,10 @@ def _base_logits(model, modality: str, vecs: torch.Tensor, names: list[str]) -> 
 
 def train_version(*, model, modality: str, data_dir: str | Path, name: str, sessions,
                   adapters_dir: str | Path, cfg: FinetuneConfig | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, source: dict | None = None) -> dict:
     """Train and record version ``name`` (status ``candidate``) -> its row as a dict.
+    ``source``: where the data came from when ``data_dir`` is only a temporary export
+    (core/training/corrections.py), recorded instead of the folder's path.
     The weights go to a temp file renamed into place, then the row is written in one
     transaction; if anything fails (or is interrupted) after the file exists, the file
     is removed, so no half-written version is ever visible."""
@@ -237,7 +239,8 @@ def train_version(*, model, modality: str, data_dir: str | Path, name: str, sess
                                metrics=fitted.metrics | {"labels": data.names},
                                config={"finetune": asdict(cfg),
                                        "adapter": asdict(fitted.adapter.cfg),
-                                       "data_dir": str(Path(data_dir).resolve())},
+                                       **({"source": source} if source else
+                                          {"data_dir": str(Path(data_dir).resolve())})},
                                adapter_file=path.name, adapter_sha256=sha)
             return v.as_dict()
     except BaseException:
