@@ -184,11 +184,21 @@ def test_sdk_corrections_and_the_checks_before_training(app, sdk, tmp_path, caps
     assert (found.count, found.labels) == (1, {"poetry": 1})
     (row,) = [json.loads(x) for x in (out / "labels.jsonl").read_text().splitlines()]
     assert row["label"] == "poetry" and (out / row["path"]).read_text() == "carol's text"
+    # Image and audio inputs come from blobs, byte for byte.
+    png = b"\x89PNG\r\n\x1a\n not decoded here"
+    with sdk.sessions.begin() as s:
+        img = store.create_job(session=s, modality="image", task="classify", payload=png,
+                               params={"labels": ["a", "b"]}, owner="carol")
+        img.status = "succeeded"
+    sdk.correct(img.id, "b")
+    (out / "img").mkdir()
+    assert export_corrections(sdk.sessions, "image", out / "img").count == 1
+    assert (out / "img" / f"{img.id}.bin").read_bytes() == png
     # One class, then nothing at all: refused before a model is loaded.
     with pytest.raises(DataError, match="only one class"):
         sdk.train_from_corrections("text", "from-carol", owner="carol", progress=False)
-    with pytest.raises(DataError, match="no corrected image classify jobs"):
-        sdk.train_from_corrections("image", "nothing", progress=False)
+    with pytest.raises(DataError, match="no corrected audio classify jobs"):
+        sdk.train_from_corrections("audio", "nothing", progress=False)
     assert cli.main(["train", "text", "--from-corrections", "--owner", "carol",
                      "--name", "c1", "-q"]) == 2
     assert "only one class" in capsys.readouterr().err
