@@ -216,7 +216,7 @@ class ModelVersion(Base):
                "promoted_at": ts(self.promoted_at),
                "accuracy": (self.metrics or {}).get("accuracy"),
                # How many corrections it was trained from (None: from a folder).
-               "corrections": ((self.config or {}).get("source") or {}).get("corrections")}
+               "corrections": ((self.config or {}).get("corrections") or {}).get("count")}
         if with_metrics:
             out |= {"metrics": self.metrics, "config": self.config,
                     "adapter_file": self.adapter_file}

@@ -28,9 +28,8 @@ class CorrectionsExport:
     labels: dict[str, int]  # items per label
 
     def source(self, owner: str | None) -> dict:
-        """What the version records about its data (``config["source"]``)."""
-        return {"kind": "corrections", "corrections": self.count, "owner": owner,
-                "labels": self.labels}
+        """What the version records about its data (merged into its ``config``)."""
+        return {"corrections": {"count": self.count, "owner": owner, "labels": self.labels}}
 
 
 def export_corrections(sessions, modality: str, dest: str | Path, *,

@@ -216,8 +216,8 @@ def train_version(*, model, modality: str, data_dir: str | Path, name: str, sess
                   adapters_dir: str | Path, cfg: FinetuneConfig | None = None,
                   progress: bool = True, source: dict | None = None) -> dict:
     """Train and record version ``name`` (status ``candidate``) -> its row as a dict.
-    ``source``: where the data came from when ``data_dir`` is only a temporary export
-    (core/training/corrections.py), recorded instead of the folder's path.
+    ``source``: where the data came from, merged into the version's config instead of
+    ``data_dir`` when that is only a temporary export (core/training/corrections.py).
     The weights go to a temp file renamed into place, then the row is written in one
     transaction; if anything fails (or is interrupted) after the file exists, the file
     is removed, so no half-written version is ever visible."""
@@ -238,9 +238,8 @@ def train_version(*, model, modality: str, data_dir: str | Path, name: str, sess
                                base_model=model.version, data_digest=digest,
                                metrics=fitted.metrics | {"labels": data.names},
                                config={"finetune": asdict(cfg),
-                                       "adapter": asdict(fitted.adapter.cfg),
-                                       **({"source": source} if source else
-                                          {"data_dir": str(Path(data_dir).resolve())})},
+                                       "adapter": asdict(fitted.adapter.cfg)}
+                               | (source or {"data_dir": str(Path(data_dir).resolve())}),
                                adapter_file=path.name, adapter_sha256=sha)
             return v.as_dict()
     except BaseException:

@@ -381,7 +381,8 @@ def test_corrections_on_the_page_train_a_version_that_labels_new_jobs(page, stac
                "--name", "alice-corrected", "-q")
     assert "trained from 8 corrected job(s)" in out, out
     shown = json.loads(_mmq(env, "models", "show", "alice-corrected"))
-    assert shown["corrections"] == 8 and shown["config"]["source"]["owner"] == "alice"
+    assert shown["corrections"] == 8 and shown["config"]["corrections"] == {
+        "count": 8, "owner": "alice", "labels": {sport: 4, finance: 4}}
     assert shown["metrics"]["labels"] == sorted(labels)
     _mmq(env, "models", "promote", "alice-corrected")
     try:
