@@ -71,7 +71,7 @@ def extract(model, modality: str, prepared: list, batch: int,
 
 def _split(labels: list[int], cfg: FinetuneConfig) -> tuple[list[int], list[int], list[int]]:
     y = torch.tensor(labels)
-    rest, test = split_indices(y, cfg.held_out, cfg.seed)
+    rest, test = split_indices(y, cfg.held_out, cfg.seed, at_least_one=True)
     fit_local, val_local = split_indices(y[rest], cfg.val, cfg.seed + 1)
     fit = [rest[i] for i in fit_local]
     val = [rest[i] for i in val_local] or fit  # tiny sets: stop on the training loss
