@@ -10,8 +10,9 @@ Every SQL statement lives in this package, one module per concern: ``tables``
 (the schema, engines, the database clock), ``db`` (reachability, the server's time,
 the dialect's INSERT), ``blobs`` (payloads), ``jobs`` (create, read, list, cancel),
 ``runs`` (a worker's start, finish and failure, fenced), ``leases`` (worker leases
-and orphaned jobs), ``idempotency``, ``stats``, ``versions`` (model versions) and
-``ui_signins``. Callers use ``from core import store; store.create_job(...)``.
+and orphaned jobs), ``idempotency``, ``stats``, ``versions`` (model versions),
+``ui_signins`` and ``corrections`` (the right labels owners marked on jobs).
+Callers use ``from core import store; store.create_job(...)``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from core.store.tables import (
     BASE_VERSION,
     Base,
     Blob,
+    Correction,
     IdempotencyKey,
     Job,
     ModelVersion,
@@ -82,8 +84,9 @@ from core.store.tables import (
 )
 
 __all__ = [
-    "ACTIVE", "BASE_VERSION", "Base", "Blob", "DEFAULT_LEASE", "IdempotencyKey", "Job",
-    "ModelVersion", "Prediction", "RUN_COLUMNS", "VersionStatus", "WorkerLease",
+    "ACTIVE", "BASE_VERSION", "Base", "Blob", "Correction", "DEFAULT_LEASE",
+    "IdempotencyKey", "Job", "ModelVersion", "Prediction", "RUN_COLUMNS", "VersionStatus",
+    "WorkerLease",
     "cancel_job", "cancelled_among", "cancelled_while_running", "count_by_owner",
     "count_by_status", "create_job",
     "db_now", "db_time", "decode_cursor", "drop_lease", "encode_cursor", "fail_job",

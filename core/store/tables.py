@@ -214,7 +214,9 @@ class ModelVersion(Base):
                "base_model": self.base_model, "data_digest": self.data_digest,
                "adapter_sha256": self.adapter_sha256, "created_at": ts(self.created_at),
                "promoted_at": ts(self.promoted_at),
-               "accuracy": (self.metrics or {}).get("accuracy")}
+               "accuracy": (self.metrics or {}).get("accuracy"),
+               # How many corrections it was trained from (None: from a folder).
+               "corrections": ((self.config or {}).get("corrections") or {}).get("count")}
         if with_metrics:
             out |= {"metrics": self.metrics, "config": self.config,
                     "adapter_file": self.adapter_file}
@@ -244,6 +246,33 @@ class UiSignin(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_ui_signins_expires", "expires_at"),)
+
+
+class Correction(Base):
+    """The right label of a finished classify job, as its owner marked it on the results
+    page, the API or the SDK: training data for ``mmq train --from-corrections``
+    (core/store/corrections.py). One row per job: a new correction replaces the old
+    (the latest word wins; who and when are of that latest one)."""
+
+    __tablename__ = "corrections"
+
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    label: Mapped[str] = mapped_column(String(255))  # label_text form (stripped, NFC)
+    predicted: Mapped[str | None] = mapped_column(String(255), default=None)  # top label then
+    corrected_by: Mapped[str] = mapped_column(String(64))  # a key id, or the SDK's "by"
+    via: Mapped[str] = mapped_column(String(8))  # "ui", "api" or "sdk"
+    # The database server's clock (db_now), never a producer host's.
+    corrected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_corrections_corrected", "corrected_at"),)
+
+    def as_dict(self) -> dict:
+        at = self.corrected_at
+        at = at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
+        return {"job_id": self.job_id, "label": self.label, "predicted": self.predicted,
+                "corrected_by": self.corrected_by, "via": self.via,
+                "corrected_at": at.isoformat() if at else None}
 
 
 # -- engine ---------------------------------------------------------------------------

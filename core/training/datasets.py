@@ -46,14 +46,19 @@ def digits(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return (1.0 - x).expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target)
 
 
-def split_indices(labels: torch.Tensor, held_out: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified split: the same fraction of every class is held out."""
+def split_indices(labels: torch.Tensor, held_out: float, seed: int, *,
+                  at_least_one: bool = False) -> tuple[list[int], list[int]]:
+    """Stratified split: the same fraction of every class is held out (``at_least_one``:
+    one item of every class of two or more, however small the fraction: a class of two
+    at 20% rounds to none, which left `mmq train` with no held-out item to report)."""
     rng = random.Random(seed)
     train, test = [], []
     for c in sorted(set(labels.tolist())):
         idx = [i for i, y in enumerate(labels.tolist()) if y == c]
         rng.shuffle(idx)
         k = round(len(idx) * held_out)
+        if at_least_one and held_out > 0 and len(idx) >= 2:
+            k = min(len(idx) - 1, max(1, k))
         test += idx[:k]
         train += idx[k:]
     return sorted(train), sorted(test)

@@ -71,7 +71,7 @@ def extract(model, modality: str, prepared: list, batch: int,
 
 def _split(labels: list[int], cfg: FinetuneConfig) -> tuple[list[int], list[int], list[int]]:
     y = torch.tensor(labels)
-    rest, test = split_indices(y, cfg.held_out, cfg.seed)
+    rest, test = split_indices(y, cfg.held_out, cfg.seed, at_least_one=True)
     fit_local, val_local = split_indices(y[rest], cfg.val, cfg.seed + 1)
     fit = [rest[i] for i in fit_local]
     val = [rest[i] for i in val_local] or fit  # tiny sets: stop on the training loss
@@ -214,8 +214,10 @@ def _base_logits(model, modality: str, vecs: torch.Tensor, names: list[str]) -> 
 
 def train_version(*, model, modality: str, data_dir: str | Path, name: str, sessions,
                   adapters_dir: str | Path, cfg: FinetuneConfig | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, source: dict | None = None) -> dict:
     """Train and record version ``name`` (status ``candidate``) -> its row as a dict.
+    ``source``: where the data came from, merged into the version's config instead of
+    ``data_dir`` when that is only a temporary export (core/training/corrections.py).
     The weights go to a temp file renamed into place, then the row is written in one
     transaction; if anything fails (or is interrupted) after the file exists, the file
     is removed, so no half-written version is ever visible."""
@@ -236,8 +238,8 @@ def train_version(*, model, modality: str, data_dir: str | Path, name: str, sess
                                base_model=model.version, data_digest=digest,
                                metrics=fitted.metrics | {"labels": data.names},
                                config={"finetune": asdict(cfg),
-                                       "adapter": asdict(fitted.adapter.cfg),
-                                       "data_dir": str(Path(data_dir).resolve())},
+                                       "adapter": asdict(fitted.adapter.cfg)}
+                               | (source or {"data_dir": str(Path(data_dir).resolve())}),
                                adapter_file=path.name, adapter_sha256=sha)
             return v.as_dict()
     except BaseException:

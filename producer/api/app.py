@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core import store
 from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
-from producer.api import jobs, search, service, versions
+from producer.api import corrections, jobs, search, service, versions
 from producer.api.metrics import metrics_registry
 from producer.api.schemas import BatchIn, JobIn
 from producer.api.search import SearchIn
@@ -39,6 +39,7 @@ log = logging.getLogger("mmq.api")
 # Every route, in the order they are matched: one APIRouter per resource.
 ROUTERS = (
     jobs.router,      # /v1/jobs, /v1/jobs:batch, /v1/jobs/{id}[/wait] (producer/api/jobs.py)
+    corrections.router,  # /v1/jobs/{id}/correction (producer/api/corrections.py)
     service.router,   # /healthz, /readyz, /metrics (producer/api/service.py)
     versions.router,  # /v1/models (producer/api/versions.py)
     search.router,    # POST /v1/search (producer/api/search.py)

@@ -26,6 +26,8 @@ class ModelVersionOut(BaseModel):
     data_digest: str
     adapter_sha256: str
     accuracy: float | None = Field(None, description="held-out accuracy at training")
+    corrections: int | None = Field(None, description="trained from this many corrected "
+                                    "jobs (mmq train --from-corrections); null: from files")
     metrics: dict | None = None
     created_at: datetime
     promoted_at: datetime | None = None

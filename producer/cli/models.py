@@ -1,6 +1,7 @@
 """``mmq train`` and ``mmq models``: fine-tune an adapter, and manage model versions.
 
     mmq train image --data DIR --name digits-v1 [--seed 0] [--promote]
+    mmq train text --from-corrections --name support-v2 [--owner KEY_ID]
     mmq models list [--modality image] | show NAME | promote NAME | rollback MODALITY
     mmq models rm NAME [--force]
 
@@ -24,22 +25,37 @@ def _client():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from core.errors import InvalidInput
     from core.store.versions import VersionError
     from core.training.finetune import FinetuneConfig, format_report
     from core.training.labelled import DataError
 
     cfg = FinetuneConfig(seed=args.seed, held_out=args.held_out, max_epochs=args.max_epochs,
                          patience=args.patience)
+    if (args.data is None) == (not args.from_corrections):
+        print("mmq train: give either --data DIR or --from-corrections", file=sys.stderr)
+        return 2
+    if args.owner and not args.from_corrections:
+        print("mmq train: --owner goes with --from-corrections", file=sys.stderr)
+        return 2
     try:
-        v = _client().train(args.modality, args.data, args.name, promote=args.promote,
-                            config=cfg, progress=not args.quiet)
-    except (DataError, VersionError) as e:
+        c = _client()
+        if args.from_corrections:
+            v = c.train_from_corrections(args.modality, args.name, owner=args.owner,
+                                         promote=args.promote, config=cfg,
+                                         progress=not args.quiet)
+        else:
+            v = c.train(args.modality, args.data, args.name, promote=args.promote,
+                        config=cfg, progress=not args.quiet)
+    except (DataError, VersionError, InvalidInput) as e:
         print(f"mmq train: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # nothing was recorded (see train_version)
         print("mmq train: interrupted; no version was recorded", file=sys.stderr)
         return 130
     print(format_report(v["name"], v["metrics"]))
+    if v.get("corrections") is not None:
+        print(f"trained from {v['corrections']} corrected job(s)")
     print(f"recorded {v['modality']} version {v['name']} ({v['status']}); adapter "
           f"{v['adapter_file']} sha256 {v['adapter_sha256'][:16]}...")
     if v["status"] != "promoted":
@@ -97,8 +113,13 @@ def add_model_commands(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an adapter on labelled data and record it "
                        "as a model version")
     p.add_argument("modality", choices=MODALITIES)
-    p.add_argument("--data", required=True, help="one sub-folder per label, or a "
+    p.add_argument("--data", help="one sub-folder per label, or a "
                    "labels.csv / labels.jsonl of path,label")
+    p.add_argument("--from-corrections", action="store_true", help="instead of --data: "
+                   "the stored inputs of the finished classify jobs whose right label was "
+                   "marked (results page, PUT /v1/jobs/{id}/correction)")
+    p.add_argument("--owner", help="with --from-corrections: only this API key id's jobs "
+                   "(default: every key's)")
     p.add_argument("--name", required=True, help="the new version's name (unique)")
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and order")
     p.add_argument("--held-out", type=float, default=0.2, help="fraction of every class "

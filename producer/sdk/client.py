@@ -315,7 +315,8 @@ class Client:
     # -- model versions (core/store/versions.py) ----------------------------------------
 
     def train(self, modality: str, data_dir: str | Path, name: str, *, seed: int = 0,
-              promote: bool = False, progress: bool = True, config=None) -> dict:
+              promote: bool = False, progress: bool = True, config=None,
+              source: dict | None = None) -> dict:
         """Fine-tune an adapter on ``data_dir`` (one sub-folder per label, or
         labels.csv/.jsonl) and record it as version ``name`` (a candidate, or promoted
         with ``promote``). Runs in this process: it loads the model and needs torch,
@@ -333,10 +334,51 @@ class Client:
         model = MultimodalModel.load(settings=self.settings)
         out = train_version(model=model, modality=modality, data_dir=data_dir, name=name,
                             sessions=self.sessions, adapters_dir=self.settings.adapters_path,
-                            cfg=cfg, progress=progress)
+                            cfg=cfg, progress=progress, source=source)
         if promote:
             out = self.promote(name)
         return out
+
+    def train_from_corrections(self, modality: str, name: str, *, owner: str | None = None,
+                               **kw) -> dict:
+        """``train`` on the corrected classify jobs of ``modality`` (with ``owner``: only
+        that key id's): their stored inputs, labelled with their corrections. The count
+        goes with the version (``corrections`` in ``model(name)``). ``DataError`` when
+        there are none, or too few, before any training."""
+        import tempfile
+
+        from core.training.corrections import export_corrections
+
+        if modality not in {m.value for m in Modality}:
+            raise InvalidInput(f"modality must be one of text, image, audio, got {modality!r}")
+        versions.check_version_name(name)
+        with tempfile.TemporaryDirectory(prefix="mmq-corrections-") as tmp:
+            found = export_corrections(self.sessions, modality, tmp, owner=owner)
+            return self.train(modality, tmp, name, source=found.source(owner), **kw)
+
+    # -- corrections (core/store/corrections.py) ----------------------------------------
+
+    def correct(self, job_id: str, label: str, *, by: str = "sdk") -> dict:
+        """Mark ``label`` as the right label of a classify job that succeeded (one of its
+        labels or a new one), replacing any earlier correction; ``by`` names who.
+        ``InvalidInput`` for a bad label; ``CorrectionRefused`` for an unknown job, one
+        that is not classify, or one that has not succeeded."""
+        from core.params import check_labels
+        from core.store import corrections
+
+        (label,) = check_labels([label], max_labels=1,
+                                max_chars=self.settings.max_label_chars)
+        with self.sessions.begin() as s:
+            return corrections.set_correction(session=s, job_id=job_id, label=label,
+                                              by=by, via="sdk").as_dict()
+
+    def correction(self, job_id: str) -> dict | None:
+        """The job's correction, or None."""
+        from core.store import corrections
+
+        with self.sessions() as s:
+            c = corrections.get_correction(session=s, job_id=job_id)
+            return None if c is None else c.as_dict()
 
     def models(self, modality: str | None = None) -> list[dict]:
         """Every version (newest first per modality), with which one each modality serves."""

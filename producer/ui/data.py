@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core import store
 from core.jobs import ACTIVE
-from core.store import Job
+from core.store import Job, corrections
 
 # soundfile's container names -> what an <audio> element is told.
 AUDIO_TYPES = {"WAV": "audio/wav", "FLAC": "audio/flac", "OGG": "audio/ogg",
@@ -45,6 +45,24 @@ class JobView:
     score: float | None = None  # search results: similarity to the query
     summary: str | None = None  # search results: the search's own summary
     created_exact: datetime | None = None  # as stored: what a page cursor holds
+    owner: str | None = None  # the key id that made it (only it may correct the label)
+    correction: dict | None = None  # Correction.as_dict(): the right label, who, when
+
+    @property
+    def correctable(self) -> bool:
+        """A finished classify job: its right label may be marked (by its owner)."""
+        return self.task == "classify" and self.status == "succeeded"
+
+    @property
+    def label_choices(self) -> list[str]:
+        """The labels the job asked about, then any the prediction names besides."""
+        asked = [str(lb) for lb in self.params.get("labels") or []]
+        return asked + [lb for lb, _ in self.labels if lb not in asked]
+
+    @property
+    def corrected_at(self) -> str | None:
+        at = (self.correction or {}).get("corrected_at")
+        return at[:19].replace("T", " ") if at else None
 
     @property
     def pending(self) -> bool:
@@ -69,7 +87,8 @@ def _view(job: Job, pred: tuple | None) -> JobView:
                 created_at=_when(job.created_at) or "", finished_at=_when(job.finished_at),
                 error=job.error, text=job.text, has_input=job.payload_sha256 is not None,
                 model_version=job.model_version, params=dict(job.params or {}),
-                worker=job.worker, attempts=job.attempts or 0, created_exact=job.created_at)
+                worker=job.worker, attempts=job.attempts or 0, created_exact=job.created_at,
+                owner=job.owner)
     if pred is not None:
         labels, transcript, dim = pred
         v.labels = [(str(lb), float(sc)) for lb, sc in (labels or [])]
@@ -85,7 +104,7 @@ def list_views(sessions, *, owner: str | None, modality: str | None, status: str
         jobs = store.list_jobs(session=sess, owner=owner, modality=modality, status=status,
                                task=task, before=before, limit=limit)
         preds = store.prediction_summaries(session=sess, job_ids=[j.id for j in jobs])
-        return [_view(j, preds.get(j.id)) for j in jobs]
+        return _with_corrections(sess, [_view(j, preds.get(j.id)) for j in jobs])
 
 
 def views_by_id(sessions, ids: list[str], *, owner: str | None) -> dict[str, JobView]:
@@ -95,7 +114,17 @@ def views_by_id(sessions, ids: list[str], *, owner: str | None) -> dict[str, Job
     with sessions() as sess:
         jobs = store.jobs_by_id(session=sess, job_ids=ids, owner=owner)
         preds = store.prediction_summaries(session=sess, job_ids=[j.id for j in jobs])
-        return {j.id: _view(j, preds.get(j.id)) for j in jobs}
+        views = _with_corrections(sess, [_view(j, preds.get(j.id)) for j in jobs])
+        return {v.id: v for v in views}
+
+
+def _with_corrections(sess, views: list[JobView]) -> list[JobView]:
+    found = corrections.corrections_by_job(
+        session=sess, job_ids=[v.id for v in views if v.task == "classify"])
+    for v in views:
+        if v.id in found:
+            v.correction = found[v.id].as_dict()
+    return views
 
 
 def job_view(sessions, job_id: str, *, owner: str | None) -> JobView | None:

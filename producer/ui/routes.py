@@ -36,6 +36,7 @@ from core.inputs import AUDIO_FORMATS_TEXT, sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer.ui import data as ui_data
 from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
+from producer.web import corrections as web_corrections
 from producer.web.errors import INPUT_STATUS, ApiError
 from producer.web.form import read_body
 from producer.web.submit import submit as submit_jobs  # the form refuses what /v1/jobs refuses
@@ -271,8 +272,12 @@ def job_page(request: Request, job_id: str) -> Response:
     if job is None:  # another key's job looks like no job, as in the API
         raise UiError(404, f"No job {job_id!r}.")
     every = request.app.state.settings.ui_refresh_s if job.pending else 0
+    may_correct = job.correctable and web_corrections.may_correct(session.caller, job.owner)
+    notice = (f"Corrected: the right label is {job.correction['label']!r}."
+              if job.correction and request.query_params.get("corrected") else None)
     return render(request, "job.html", session, job=job, reload_ms=int(every * 1000),
-                  refresh_s=max(1, round(every * 2)) if every else 0)
+                  refresh_s=max(1, round(every * 2)) if every else 0,
+                  may_correct=may_correct, notice=notice)
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -284,6 +289,23 @@ async def cancel_job(request: Request, job_id: str) -> Response:
     client = request.app.state.client
     await run_in_threadpool(client.cancel, _valid_id(job_id), owner=session.caller.scope)
     return RedirectResponse(f"{PATH}/jobs/{job_id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/correct")
+async def correct_job(request: Request, job_id: str) -> Response:
+    """The job page's "right label" form: one of the job's labels (``choice``) or a new
+    one (``new_label``, which wins when filled in), recorded as the job's correction
+    under the API's rule (producer/web/corrections.py: only the key that made it)."""
+    form = await _form(request, SIGNIN_BODY_BYTES)
+    session = await _posted_by_page(request, form)
+    label = str(form.get("new_label") or "").strip() or str(form.get("choice") or "")
+    try:
+        await run_in_threadpool(web_corrections.correct, request.app.state.client.sessions,
+                                request.app.state.settings, session.caller,
+                                _valid_id(job_id), label, "ui")
+    except (ApiError, InvalidInput) as e:
+        raise _api_error(e) from None
+    return RedirectResponse(f"{PATH}/jobs/{job_id}?corrected=1", status_code=303)
 
 
 @router.get("/jobs/{job_id}/input")

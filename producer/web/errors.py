@@ -24,7 +24,7 @@ class ApiError(Exception):
                           "details": self.details}}
 
 
-ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "invalid_input", 429: "queue_full",
                500: "internal", 503: "unavailable"}
