@@ -26,11 +26,11 @@ import redis  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from bench.chaos_services import PG_ADMIN, create_pg, drop_pg  # noqa: E402
 from core import store  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.store.migrations import upgrade  # noqa: E402
 from producer.api.metrics import metrics_registry  # noqa: E402
-from tests.helpers import pg_database, pg_drop  # noqa: E402
 
 # status, share of the store (the rest of 1.0 is succeeded)
 MIX = (("failed", 0.02), ("cancelled", 0.01), ("queued", 0.005), ("running", 0.0005))
@@ -131,8 +131,9 @@ def main() -> None:
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/15")
     a = ap.parse_args()
     dbs = []
-    name = f"mmq_scrape_{uuid.uuid4().hex[:8]}"
-    dbs.append(("postgresql", pg_database(name)))
+    name = create_pg()
+    pg_base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    dbs.append(("postgresql", f"{pg_base}/{name}"))
     if a.sqlite:
         dbs.append(("sqlite", f"sqlite:////tmp/{name}.db"))
     try:
@@ -147,7 +148,7 @@ def main() -> None:
             for what, sec in rows:
                 print(f"{what:<58}{1e3 * sec:>9.1f}{sec / base:>10.2f}")
     finally:
-        pg_drop(name)
+        drop_pg(name)
         Path(f"/tmp/{name}.db").unlink(missing_ok=True)
 
 
