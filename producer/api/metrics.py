@@ -45,6 +45,7 @@ class StoreCollector:
     def collect(self):
         with self.client.sessions() as s:
             counts = store.count_by_status(session=s)
+            hooks = store.webhook_counts(session=s)
             with self._lock:
                 self._observe_finished(s)
                 hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
@@ -53,6 +54,13 @@ class StoreCollector:
         for (m, st), n in sorted(counts.items()):
             jobs.add_metric([m, st], n)
         yield jobs
+        deliveries = GaugeMetricFamily(
+            "mmq_webhook_deliveries", "Webhook events not delivered: pending (due or "
+            "waiting to retry), failing (pending after a failed attempt), failed (gave up)",
+            labels=["state"])
+        for state, n in hooks.items():
+            deliveries.add_metric([state], n)
+        yield deliveries
         yield from self._queue_metrics()
         lat = HistogramMetricFamily(
             "mmq_job_latency_seconds", "Submit to result (finished jobs), by modality and "
