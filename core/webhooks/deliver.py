@@ -138,7 +138,9 @@ class Deliverer:
     def run_once(self) -> int:
         """Claim the due deliveries (up to ``webhook_concurrency``), attempt each once,
         concurrently. -> how many were attempted."""
-        lease = 2 * self.settings.webhook_timeout_s + 30
+        # Longer than one POST can take (http.client's timeout is per socket operation:
+        # connect, send, answer), so a live claim never runs out under its owner.
+        lease = 3 * self.settings.webhook_timeout_s + 5
         with self._tx() as s:
             claimed = store.claim_due(session=s, limit=self.settings.webhook_concurrency,
                                       lease_s=lease)

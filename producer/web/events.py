@@ -4,7 +4,8 @@ rendering aside.
 
 The stream reads the jobs' (status, attempts, started) from SQL every 50 ms growing to
 500 ms while nothing changes (one query for all the stream's unfinished jobs), and ends
-when every job is terminal, or after ``MMQ_EVENTS_MAX_S``. A change that happened
+when every job is terminal (an ``end`` event), or after ``MMQ_EVENTS_MAX_S`` (a
+``timeout`` event: reconnect). A change that happened
 between two reads is still told: a job read ``queued`` and then ``succeeded`` was
 ``running`` in between (its row says it started), so that event is sent too, in order;
 a stream opened late starts with the states the job has passed through. Each job's
@@ -66,7 +67,9 @@ async def job_events(read: Callable[[list[str]], dict[str, State]], ids: list[st
     pending = list(ids)
     end = time.monotonic() + max_s
     quiet_since, delay = time.monotonic(), 0.05
-    yield "retry: 2000\n\n"  # EventSource reconnects after 2 s if the stream breaks
+    # EventSource reconnects after 2 s if the stream breaks; sent with the first event
+    # (alone, some clients take it for an event with no data).
+    retry = "retry: 2000\n"
     while pending:
         states = await run_in_threadpool(read, pending)
         moved = False
@@ -78,11 +81,15 @@ async def job_events(read: Callable[[list[str]], dict[str, State]], ids: list[st
                 continue
             for status in changes(told[job_id], cur):
                 moved = True
-                yield await render(job_id, status, cur)
+                yield retry + await render(job_id, status, cur)
+                retry = ""
             told[job_id] = cur
         pending = [j for j in pending if told[j] is not None and told[j][0] not in TERMINAL
                    and told[j][0] != "gone"]
         if not pending:
+            # Said, so that an EventSource closes instead of reconnecting to a stream
+            # that would tell the same history again.
+            yield retry + sse("end", "{}")
             break
         now = time.monotonic()
         if now >= end:
