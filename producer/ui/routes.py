@@ -286,8 +286,9 @@ def job_page(request: Request, job_id: str) -> Response:
     if job is None:  # another key's job looks like no job, as in the API
         raise UiError(404, f"No job {job_id!r}.")
     every = request.app.state.settings.ui_refresh_s if job.pending else 0
+    hooks = ui_data.webhooks(request.app.state.client.sessions, job.id)
     return render(request, "job.html", session, job=job, reload_ms=int(every * 1000),
-                  refresh_s=max(1, round(every * 2)) if every else 0)
+                  refresh_s=max(1, round(every * 2)) if every else 0, webhooks=hooks)
 
 
 @router.post("/jobs/{job_id}/cancel")

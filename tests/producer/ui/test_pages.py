@@ -418,3 +418,18 @@ def test_pending_rows_come_as_server_sent_events_owner_scoped(app):
     assert 'data-status="queued"' in rows[0] and 'data-status="cancelled"' in rows[1]
     assert f'id="job-{pending}"' in rows[1] and "bob&#39;s" not in body
     assert browser(app).get(f"/ui/jobs/events?ids={pending}").status_code == 401
+
+
+
+def test_the_job_page_shows_its_webhook_attempts(app):
+    c = sign_in(app, "alice")
+    with app.state.client.sessions.begin() as s:
+        job = store.create_job(session=s, modality="text", task="embed", text="hooked",
+                               owner="alice", webhook_url="https://example.com/h").id
+        store.cancel_job(session=s, job_id=job)
+        (claimed,) = store.claim_due(session=s, limit=1, lease_s=60)
+        store.record_attempt(session=s, claimed=claimed, status_code=503, error="HTTP 503",
+                             duration_ms=12.5, retry_in_s=60, retry_for_s=3600)
+    page = c.get(f"/ui/jobs/{job}").text
+    assert 'id="webhook"' in page and "job.cancelled" in page and f"msg_{job}" in page
+    assert "<td>503</td>" in page and "next attempt" in page
