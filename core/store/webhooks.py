@@ -62,10 +62,13 @@ def claim_due(*, session: Session, limit: int, lease_s: float) -> list[Claimed]:
     whose row choice skips rows locked by another process's claim (PostgreSQL). A
     process that dies mid-delivery leaves a lease that runs out, and another takes it."""
     token = str(uuid.uuid4())
-    due = (select(_D.c.id)
-           .where(_D.c.status == PENDING, _D.c.next_at <= db_now(),
-                  (_D.c.lease_until.is_(None)) | (_D.c.lease_until < db_now()))
-           .order_by(_D.c.next_at).limit(limit)
+    is_due = (_D.c.status == PENDING, _D.c.next_at <= db_now(),
+              (_D.c.lease_until.is_(None)) | (_D.c.lease_until < db_now()))
+    # A read first: most turns find nothing, and on SQLite an UPDATE, even of no row,
+    # takes the database's one write lock from the worker's writer.
+    if session.execute(select(_D.c.id).where(*is_due).limit(1)).first() is None:
+        return []
+    due = (select(_D.c.id).where(*is_due).order_by(_D.c.next_at).limit(limit)
            .with_for_update(skip_locked=True))
     rows = session.execute(
         update(_D).where(_D.c.id.in_(due.scalar_subquery()))

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from core import store
-from producer.ui import data as ui_data
+from producer.ui.data import job_view
 from producer.web.events import HEADERS, MAX_IDS, State, job_events, sse
 
 
@@ -37,7 +37,7 @@ def row_stream(request: Request, ids: str, owner: str | None, render_row) -> Str
             return store.job_states(session=s, job_ids=pending, owner=owner)
 
     async def render(job_id: str, status: str, state: State) -> str:
-        view = await run_in_threadpool(ui_data.job_view, sessions, job_id, owner=owner)
+        view = await run_in_threadpool(job_view, sessions, job_id, owner=owner)
         if view is not None and view.status != status:  # an earlier state, told late:
             view.status = status  # the row as it was then (its result comes with the last)
             view.labels, view.transcript, view.dim, view.error = [], None, None, None

@@ -150,9 +150,10 @@ def test_sign_in_submit_a_photo_see_its_result_and_sign_out(page, stack):
 
     notice = _until(page, lambda d: d.find_element(By.ID, "notice"), 60, "submitted")
     assert notice.text == "Submitted 2 jobs."
-    rows = page.find_elements(By.CSS_SELECTOR, "tr.job")  # newest first: these two
-    kinds = {r.get_attribute("data-modality"): r.get_attribute("id").removeprefix("job-")
-             for r in rows[:2]}
+    kinds = _until(page, lambda d: {  # newest first: these two (read again if ui.js
+        # swaps a row in meanwhile: their statuses stream in at once)
+        r.get_attribute("data-modality"): r.get_attribute("id").removeprefix("job-")
+        for r in d.find_elements(By.CSS_SELECTOR, "tr.job")[:2]}, 30, "the new rows")
     assert set(kinds) == {"image", "text"}
     job = kinds["image"]
     # No reload from here on: ui.js follows the rows' events until the results are in.
