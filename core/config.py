@@ -211,6 +211,32 @@ class Settings(BaseSettings):
     ui_page_size: int = 50  # jobs per page
     ui_refresh_s: float = 2.0  # how often the jobs page refreshes while jobs are pending
 
+    # -- webhooks and job events (core/webhooks/, docs/api.md) ---------------------------
+    # Signs every webhook per Standard Webhooks: "whsec_" + base64 of the key (24-64
+    # random bytes). Empty = webhooks are off: a submit with webhook_url is refused, and
+    # this process delivers nothing (set the same value on every API and worker process).
+    webhook_secret: str = ""
+    # Accept webhook URLs whose host resolves to a private, loopback or link-local
+    # address (and deliver to them). For tests and local development only: otherwise a
+    # caller could make mmq POST to services inside its own network (SSRF).
+    webhook_allow_private: bool = False
+    # Delivery is retried with exponential backoff (base, doubling, capped at max, with
+    # jitter) until it succeeds (any 2xx) or the event is retry_for_s old (the
+    # database's clock), then it is marked failed.
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_retry_for_s: float = 86400.0
+    webhook_timeout_s: float = 10.0  # one POST: connect + answer
+    # Every API and worker process runs a delivery thread (False: not this one): it
+    # claims due deliveries every webhook_poll_s and posts up to webhook_concurrency
+    # at a time.
+    webhook_deliver: bool = True
+    webhook_poll_s: float = 1.0
+    webhook_concurrency: int = 4
+    # GET /v1/jobs/{id}/events: a stream ends after this long even if its jobs have not
+    # finished (the client reconnects; its first events are the jobs' current state).
+    events_max_s: float = 600.0
+
     # -- monitoring -----------------------------------------------------------------------
     # Flower's basic auth, "user:password" (several: comma-separated). Required for
     # `mmq flower` outside the local/dev profile.

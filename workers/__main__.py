@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     lease = threading.Thread(target=runtime.lease.run, args=(stop_lease,), daemon=True,
                              name="mmq-lease")
     lease.start()
+    from core.webhooks.deliver import start_delivery
+
+    # Webhook events of ended jobs: every worker delivers too (core/webhooks/deliver.py).
+    deliverer = start_delivery(h.sessions, settings, write_lock=h.write_lock)
     if settings.requeue_every_s > 0:
         threading.Thread(target=_sweep_forever, daemon=True, name="requeue-sweep",
                          args=(args.modality, settings.requeue_every_s, runtime.lease)).start()
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         # Celery has restored or acknowledged every message by now; dropping the
         # lease lets the sweep take any job left running at once.
         stop_lease.set()
+        if deliverer is not None:
+            deliverer.stop()
         lease.join(timeout=10)
         runtime.close()
 

@@ -11,7 +11,8 @@ Every SQL statement lives in this package, one module per concern: ``tables``
 the dialect's INSERT), ``blobs`` (payloads), ``jobs`` (create, read, list, cancel),
 ``runs`` (a worker's start, finish and failure, fenced), ``leases`` (worker leases
 and orphaned jobs), ``idempotency``, ``stats``, ``versions`` (model versions),
-``ui_signins`` and ``corrections`` (the right labels owners marked on jobs).
+``ui_signins``, ``corrections`` (the right labels owners marked on jobs) and
+``webhooks`` (the outbox of job events, its claims and attempts).
 Callers use ``from core import store; store.create_job(...)``.
 """
 
@@ -28,6 +29,7 @@ from core.store.jobs import (
     encode_cursor,
     get_job,
     get_prediction,
+    job_states,
     job_statuses,
     jobs_by_id,
     list_jobs,
@@ -76,11 +78,21 @@ from core.store.tables import (
     ModelVersion,
     Prediction,
     VersionStatus,
+    WebhookAttempt,
+    WebhookDelivery,
     WorkerLease,
     db_now,
     make_engine,
     session_factory,
     utcnow,
+)
+from core.store.webhooks import (
+    claim_due,
+    enqueue_webhooks,
+    job_webhooks,
+    record_attempt,
+    webhook_counts,
+    webhook_id,
 )
 
 __all__ = [
@@ -92,12 +104,13 @@ __all__ = [
     "db_now", "db_time", "decode_cursor", "drop_lease", "encode_cursor", "fail_job",
     "finish_jobs", "finished_since", "finished_within", "forget_dead_leases", "get_blob",
     "get_idempotency",
-    "get_job", "get_prediction", "job_statuses", "jobs_by_id", "latest_failures",
-    "latest_transcripts", "list_jobs", "live_workers",
+    "get_job", "get_prediction", "job_states", "job_statuses", "jobs_by_id",
+    "latest_failures", "latest_transcripts", "list_jobs", "live_workers",
     "live_workers_by_modality", "make_engine", "mark_sent",
     "oldest_active", "orphaned_running", "ping", "prediction_summaries", "put_blob",
     "put_idempotency",
     "queued_among", "release_jobs", "renew_lease", "requeue_orphans", "session_factory",
     "stale_queued", "start_jobs", "succeeded_within", "unreachable", "utcnow",
-    "wait_statuses",
+    "wait_statuses", "WebhookAttempt", "WebhookDelivery", "claim_due", "enqueue_webhooks",
+    "job_webhooks", "record_attempt", "webhook_counts", "webhook_id",
 ]

@@ -22,13 +22,15 @@ from core.store.tables import (
     Prediction,
     db_now,
 )
+from core.store.webhooks import enqueue_webhooks
 
 
 def create_job(*, session: Session, modality: str, task: str, params: dict | None = None,
                text: str | None = None, payload: bytes | None = None,
                deadline: datetime | None = None, timeout_s: float | None = None,
                job_id: str | None = None, owner: str | None = None,
-               model_version: str | None = None, now: datetime | None = None) -> Job:
+               model_version: str | None = None, now: datetime | None = None,
+               webhook_url: str | None = None, webhook_embedding: bool = False) -> Job:
     """A queued job. ``model_version`` is the version the caller named (checked by the
     producer); None = whichever is promoted when a worker starts it. ``timeout_s`` sets
     the deadline from the database's clock (it wins over ``deadline``, an instant the
@@ -39,7 +41,8 @@ def create_job(*, session: Session, modality: str, task: str, params: dict | Non
     sha = put_blob(session=session, data=payload) if payload is not None else None
     job = Job(id=job_id or str(uuid.uuid4()), modality=modality, task=task, params=params or {},
               status=JobStatus.QUEUED.value, text=text, payload_sha256=sha, deadline=deadline,
-              attempts=0, created_at=now, owner=owner, model_version=model_version)
+              attempts=0, created_at=now, owner=owner, model_version=model_version,
+              webhook_url=webhook_url, webhook_embedding=webhook_embedding)
     session.add(job)
     return job
 
@@ -65,14 +68,21 @@ def cancel_job(*, session: Session, job_id: str, owner: str | None = None) -> bo
     its outcome finds the job no longer held and is dropped (``finish_jobs``), and its
     worker drops it from a batch that has not started. False if the job is already
     terminal (or unknown). With ``owner``, only a job that key id made."""
-    q = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+    jobs = Job.__table__
+    q = update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
     if owner is not None:
-        q = q.where(Job.owner == owner)
-    res = session.execute(
+        q = q.where(jobs.c.owner == owner)
+    row = session.execute(
         q.values(status=JobStatus.CANCELLED.value, finished_at=db_now(),
-                 error=case((Job.status == JobStatus.RUNNING.value, "cancelled while running"),
-                            else_="cancelled before it ran")))
-    return res.rowcount == 1
+                 error=case((jobs.c.status == JobStatus.RUNNING.value,
+                             "cancelled while running"), else_="cancelled before it ran"))
+        .returning(jobs.c.id, jobs.c.webhook_url)).first()
+    if row is None:
+        return False
+    # The webhook outbox, in this same transaction: an event exactly when the job ends.
+    enqueue_webhooks(session=session, ended=[(row.id, JobStatus.CANCELLED.value,
+                                              row.webhook_url)])
+    return True
 
 
 def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
@@ -157,6 +167,17 @@ def job_statuses(*, session: Session, job_ids: list[str],
     if owner is not None:
         q = q.where(Job.owner == owner)
     return {job_id: status for job_id, status in session.execute(q)}
+
+
+def job_states(*, session: Session, job_ids: list[str],
+               owner: str | None = None) -> dict[str, tuple[str, int, bool]]:
+    """(status, attempts, ever started) of each of these jobs that exists (with
+    ``owner``: that key id's): what a job event stream compares turn to turn."""
+    q = select(Job.id, Job.status, Job.attempts, Job.started_at.is_not(None)).where(
+        Job.id.in_(job_ids))
+    if owner is not None:
+        q = q.where(Job.owner == owner)
+    return {r[0]: (r[1], int(r[2] or 0), bool(r[3])) for r in session.execute(q)}
 
 
 def wait_statuses(sessions, job_ids: list[str], *, timeout: float, poll: float,

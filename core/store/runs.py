@@ -18,6 +18,7 @@ from core.store.tables import (
     WorkerLease,
     db_now,
 )
+from core.store.webhooks import enqueue_webhooks
 
 # Settings.lease_s's default; workers pass their own to the starts.
 DEFAULT_LEASE = timedelta(seconds=20)
@@ -105,10 +106,15 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobR
     for the jobs it changed. -> the ids recorded; the rest were late and are dropped."""
     if not results:
         return set()
-    done = set(session.scalars(
+    ended = session.execute(
         update(_JOBS).where(_holds({j: attempts[j] for j in results}))
         .values(status=JobStatus.SUCCEEDED.value, finished_at=db_now(), error=None,
-                model_version=model_version).returning(_JOBS.c.id)))
+                model_version=model_version)
+        .returning(_JOBS.c.id, _JOBS.c.webhook_url)).all()
+    done = {r.id for r in ended}
+    # The webhook outbox, in this same transaction: an event exactly when the job ends.
+    enqueue_webhooks(session=session, ended=[(r.id, JobStatus.SUCCEEDED.value,
+                                              r.webhook_url) for r in ended])
     rows = [_prediction_values(j, model_version, r) for j, r in results.items() if j in done]
     if rows:
         session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id",
@@ -123,12 +129,17 @@ def fail_job(*, session: Session, job_id: str, error: str, attempt: int | None,
     attempt started (it failed before it could start) and is still ``queued``.
     -> False if the outcome was late and dropped."""
     if attempt is None:
-        held = (Job.id == job_id) & (Job.status == JobStatus.QUEUED.value)
+        held = (_JOBS.c.id == job_id) & (_JOBS.c.status == JobStatus.QUEUED.value)
     else:
         held = _holds({job_id: attempt})
-    res = session.execute(update(Job).where(held).values(
-        status=status.value, error=error[:4000], finished_at=db_now()))
-    return res.rowcount == 1
+    row = session.execute(update(_JOBS).where(held).values(
+        status=status.value, error=error[:4000], finished_at=db_now())
+        .returning(_JOBS.c.id, _JOBS.c.webhook_url)).first()
+    if row is None:
+        return False
+    # The webhook outbox, in this same transaction: an event exactly when the job ends.
+    enqueue_webhooks(session=session, ended=[(row.id, status.value, row.webhook_url)])
+    return True
 
 
 def release_jobs(*, session: Session, job_ids: list[str], worker: str) -> None:

@@ -11,6 +11,7 @@ from enum import Enum
 import numpy as np
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -98,6 +99,10 @@ class Job(Base):
         String(64), ForeignKey("blobs.sha256"), default=None)  # image/audio bytes
     # The API key id that made the job (never the key); None = SDK/CLI without a key.
     owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Where to POST the job's event when it ends (core/webhooks/), and whether that
+    # event carries the embedding; checked at submit (core/webhooks/urls.py).
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_embedding: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         Index("ix_jobs_status_created", "status", "created_at"),
@@ -117,7 +122,7 @@ class Job(Base):
             "started_at": ts(self.started_at), "finished_at": ts(self.finished_at),
             "deadline": ts(self.deadline), "worker": self.worker,
             "model_version": self.model_version, "payload_sha256": self.payload_sha256,
-            "owner": self.owner,
+            "owner": self.owner, "webhook_url": self.webhook_url,
         }
 
 
@@ -232,6 +237,52 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     job_ids: Mapped[list] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per ended job that has a webhook_url, written in the
+    transaction that ends the job (core/store/runs.py, jobs.py's cancel), so an event
+    is never lost nor made for an outcome that was rolled back. ``id`` is the event's
+    ``webhook-id``, the same on every retry. A delivery thread claims due rows
+    (``next_at``, ``lease_until``: the database's clock) and records each attempt."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "msg_" + job id
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id"))
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | ...
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                         default=None)
+    claim: Mapped[str | None] = mapped_column(String(36), default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                          default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_at"),
+        Index("ix_webhook_deliveries_job", "job_id"),
+    )
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery: when, the HTTP status (None: no answer) and the error."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(64), ForeignKey("webhook_deliveries.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "number"),)
 
 
 class UiSignin(Base):

@@ -13,6 +13,7 @@ and Redis calls run in the thread pool; only the long-poll sleeps on the loop.
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core import store
 from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
-from producer.api import corrections, jobs, search, service, versions
+from core.webhooks.deliver import start_delivery
+from producer.api import corrections, events, jobs, search, service, versions
 from producer.api.metrics import metrics_registry
 from producer.api.schemas import BatchIn, JobIn
 from producer.api.search import SearchIn
@@ -40,6 +42,7 @@ log = logging.getLogger("mmq.api")
 ROUTERS = (
     jobs.router,      # /v1/jobs, /v1/jobs:batch, /v1/jobs/{id}[/wait] (producer/api/jobs.py)
     corrections.router,  # /v1/jobs/{id}/correction (producer/api/corrections.py)
+    events.router,    # /v1/jobs/{id}/events, /v1/jobs:events, /v1/jobs/{id}/webhooks
     service.router,   # /healthz, /readyz, /metrics (producer/api/service.py)
     versions.router,  # /v1/models (producer/api/versions.py)
     search.router,    # POST /v1/search (producer/api/search.py)
@@ -47,10 +50,23 @@ ROUTERS = (
 )
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """The webhook delivery thread runs while the app serves (core/webhooks/deliver.py:
+    every API and worker process delivers, so either kind alone keeps events moving)."""
+    deliverer = start_delivery(app.state.client.sessions, app.state.settings)
+    try:
+        yield
+    finally:
+        if deliverer is not None:
+            deliverer.stop()
+
+
 def create_app(settings: Settings | None = None, client: Client | None = None) -> FastAPI:
     s = settings or get_settings()
     app = FastAPI(title="mmq", version="1", summary="Asynchronous multimodal inference jobs",
-                  description="Submit text, image and audio jobs; read their predictions.")
+                  description="Submit text, image and audio jobs; read their predictions.",
+                  lifespan=_lifespan)
     app.state.settings = s
     app.state.client = client or Client(settings=s)
     app.state.redis = redis_for(s, socket_timeout=2, socket_connect_timeout=2)

@@ -66,6 +66,11 @@ async def parse_items(request: Request, batch: bool) -> list[dict]:
         except (ValueError, RecursionError) as e:  # ValidationError is a ValueError too
             raise _invalid_json(e) from None
         items = [_json_item(i, j) for i, j in enumerate(jobs)]
+        if batch and doc.get("webhook_url") is not None:  # the batch's, for items naming none
+            for it in items:
+                if it.get("webhook_url") is None:
+                    it["webhook_url"] = doc["webhook_url"]
+                    it["webhook_embedding"] = bool(doc.get("webhook_embedding") or False)
     if len(items) > s.max_batch_items:
         raise ApiError(413, "payload_too_large", f"{len(items)} items in one request, over "
                        f"the limit of {s.max_batch_items}")
@@ -87,6 +92,8 @@ def _json_item(index: int, job: JobIn) -> dict:
     item = {"modality": job.modality.value, "task": job.task.value, "top_k": job.top_k,
             "labels": job.labels, "timeout_s": job.timeout_s,
             "model_version": job.model_version}
+    if job.webhook_url is not None:
+        item |= {"webhook_url": job.webhook_url, "webhook_embedding": job.webhook_embedding}
     if job.modality is Modality.TEXT:
         if job.data_base64 is not None:
             raise ApiError(422, "invalid_input", f"item {index}: text jobs take 'text', "

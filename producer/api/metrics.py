@@ -64,6 +64,7 @@ class StoreCollector:
                 now = store.db_time(session=s)
                 oldest = store.oldest_active(session=s)
                 cancelled_running = store.cancelled_while_running(session=s)
+                hooks = store.webhook_counts(session=s)
                 with self._lock:
                     self._observe_finished(s)
                     hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
@@ -107,6 +108,13 @@ class StoreCollector:
         yield cancelled
         yield workers
         yield age
+        deliveries = GaugeMetricFamily(
+            "mmq_webhook_deliveries", "Webhook events not delivered: pending (due or "
+            "waiting to retry), failing (pending after a failed attempt), failed (gave up)",
+            labels=["state"])
+        for state, n in hooks.items():
+            deliveries.add_metric([state], n)
+        yield deliveries
         lat = HistogramMetricFamily(
             "mmq_job_latency_seconds", "Submit to result (finished jobs), by modality and "
             "final status; counted since this API process started", labels=["modality", "status"])

@@ -49,12 +49,18 @@ class JobIn(BaseModel):
     model_version: str | None = Field(None, description="a version of this modality "
                                       "(GET /v1/models) or 'base'; default: the promoted "
                                       "one when a worker starts the job")
+    webhook_url: str | None = Field(None, description="POSTed a signed event (Standard "
+                                    "Webhooks) when the job ends: http(s), a public host")
+    webhook_embedding: bool = Field(False, description="the webhook's event carries the "
+                                    "embedding")
 
 
 class BatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[JobIn] = Field(min_length=1)
+    webhook_url: str | None = Field(None, description="every item's that names none")
+    webhook_embedding: bool | None = None
 
 
 # The multipart form of POST /v1/jobs and /v1/jobs:batch, for OpenAPI (the routes
@@ -75,6 +81,9 @@ def multipart_schema(batch: bool) -> dict:
                       "description": "at most MMQ_MAX_TOP_K (default 1000)"},
             "timeout_s": {"type": "number", "exclusiveMinimum": 0},
             "model_version": {"type": "string", "description": "GET /v1/models; 'base'"},
+            "webhook_url": {"type": "string", "description": "POSTed a signed event when "
+                            "the job ends"},
+            "webhook_embedding": {"type": "boolean"},
         },
     }
 
@@ -125,8 +134,34 @@ class JobOut(BaseModel):
     # The id of the API key that submitted the job (a name or key-<hash>, never the
     # key); null for jobs made by the SDK or CLI.
     owner: str | None = None
+    webhook_url: str | None = None  # where its event goes (GET /v1/jobs/{id}/webhooks)
     timings: Timings
     prediction: PredictionOut | None = None
+
+
+class WebhookAttemptOut(BaseModel):
+    number: int
+    at: datetime
+    status_code: int | None = Field(None, description="null: no answer (see error)")
+    error: str | None = None
+    duration_ms: float
+
+
+class WebhookOut(BaseModel):
+    id: str = Field(description="the webhook-id header, the same on every retry")
+    event: str = Field(examples=["job.succeeded"])
+    url: str
+    status: str = Field(description="pending | delivered | failed (gave up)")
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    last_error: str | None = None
+    history: list[WebhookAttemptOut]
+
+
+class WebhooksOut(BaseModel):
+    webhooks: list[WebhookOut]
 
 
 class JobPage(BaseModel):

@@ -43,6 +43,9 @@ def _job_items(args: argparse.Namespace) -> list[dict]:
         extra["timeout_s"] = args.timeout_s
     if args.model_version:
         extra["model_version"] = args.model_version
+    if args.webhook_url:
+        extra["webhook_url"] = args.webhook_url
+        extra["webhook_embedding"] = bool(args.webhook_embedding)
     if args.from_dir:
         items = []
         for p in sorted(Path(args.from_dir).rglob("*")):
@@ -157,6 +160,10 @@ def add_job_commands(sub) -> None:
     p.add_argument("--timeout-s", type=float, help="drop the job if not started in time")
     p.add_argument("--model-version", help="a version of the modality (`mmq models list`) or "
                    "'base'; default: the promoted one when a worker starts the job")
+    p.add_argument("--webhook-url", metavar="URL", help="POST a signed event there when "
+                   "each job ends (http(s), a public host; docs/api.md)")
+    p.add_argument("--webhook-embedding", action="store_true",
+                   help="the webhook's event carries the embedding")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait and print results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_submit)

@@ -32,6 +32,7 @@ from core.jobs import TASKS, TERMINAL, Modality, Task
 from core.params import job_params
 from core.store import versions
 from core.store.migrations import upgrade
+from core.webhooks.urls import check_url
 
 log = logging.getLogger(__name__)
 _ENGINE_LOCK = threading.Lock()  # one search engine per Client, made on first use
@@ -56,6 +57,8 @@ def request_digest(rows: list[dict]) -> str:
                   hashlib.sha256(payload).hexdigest() if payload else None]
         if row.get("model_version"):  # only when named: older keys keep their digests
             fields.append(row["model_version"])
+        if row.get("webhook_url"):  # likewise
+            fields.append([row["webhook_url"], row.get("webhook_embedding", False)])
         h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -118,14 +121,22 @@ class Client:
         return self.submit_many([{"modality": "audio", "input": audio, **kw}])[0]
 
     def submit_many(self, items: list[dict], *, idempotency_key: str | None = None,
-                    owner: str | None = None) -> list[str]:
+                    owner: str | None = None, webhook_url: str | None = None,
+                    webhook_embedding: bool | None = None) -> list[str]:
         """Each item: modality, input, and optionally task ("embed" | "classify"),
         labels, top_k, deadline (datetime) or timeout_s, model_version (a version of
-        that modality, or "base"; default: the promoted one when a worker starts it).
+        that modality, or "base"; default: the promoted one when a worker starts it),
+        webhook_url (POSTed a signed event when the job ends; ``webhook_embedding``:
+        with the embedding). ``webhook_url=`` here is every item's that names none.
         All are validated first; one bad item raises ``InvalidInput`` (naming it) and
-        nothing is enqueued. Rows are written in one transaction, then the tasks are sent over one
-        connection. With an ``idempotency_key``, submitting the same items again
-        returns the first call's job ids (see ``submit``)."""
+        nothing is enqueued. Rows are written in one transaction, then the tasks are
+        sent over one connection. With an ``idempotency_key``, submitting the same
+        items again returns the first call's job ids (see ``submit``)."""
+        if webhook_url is not None or webhook_embedding is not None:
+            common = {k: v for k, v in (("webhook_url", webhook_url),
+                                        ("webhook_embedding", webhook_embedding))
+                      if v is not None}
+            items = [{**common, **it} if isinstance(it, dict) else it for it in items]
         return self.submit(items, idempotency_key=idempotency_key, owner=owner).ids
 
     def submit(self, items: list[dict], *, idempotency_key: str | None = None,
@@ -247,6 +258,8 @@ class Client:
                "timeout_s": timeout_s}
         if item.get("model_version") is not None:  # checked against the store in validate()
             row["model_version"] = item["model_version"]
+        if item.get("webhook_url") is not None:
+            row |= self._webhook(item, index)
         data = item.get("input")
         if modality == "text":
             row["text"] = validate_text(data, self.settings.max_text_chars, index)
@@ -266,6 +279,20 @@ class Client:
             read_audio(data, self._audio_cfg, index)
         row["payload"] = data
         return row
+
+    def _webhook(self, item: dict, index: int) -> dict:
+        """webhook_url (http(s), a public host: core/webhooks/urls.py) and
+        webhook_embedding, as the job row's columns."""
+        if not self.settings.webhook_secret:
+            raise InvalidInput("webhook_url: webhooks are off here (no MMQ_WEBHOOK_SECRET "
+                               "to sign them with)", index=index)
+        url = check_url(item["webhook_url"], allow_private=self.settings.webhook_allow_private,
+                        index=index)
+        embedding = item.get("webhook_embedding", False)
+        if not isinstance(embedding, bool):
+            raise InvalidInput(f"webhook_embedding must be true or false, got {embedding!r}",
+                               index=index)
+        return {"webhook_url": url, "webhook_embedding": embedding}
 
     # -- reading ------------------------------------------------------------------------
 

@@ -131,6 +131,12 @@ def job_view(sessions, job_id: str, *, owner: str | None) -> JobView | None:
     return views_by_id(sessions, [job_id], owner=owner).get(job_id)
 
 
+def webhooks(sessions, job_id: str) -> list[dict]:
+    """The job's webhook deliveries and their attempts (the caller checked the owner)."""
+    with sessions() as sess:
+        return store.job_webhooks(session=sess, job_id=job_id)
+
+
 def job_input(sessions, job_id: str, *, owner: str | None) -> tuple[bytes, str] | None:
     """(bytes, media type) of an image or audio job's input; None when the job is not
     this owner's or has no bytes."""

@@ -1,8 +1,9 @@
 """The results page, ``/ui``: the jobs a key made, live, with their inputs and results;
 search; a submit form. Served by the API process (``router``, which the API's app factory
 includes, and ``ui_error_page``, its error handler for ``UiError``), server-rendered with
-Jinja2 (autoescaped); a little plain JavaScript (``static/ui.js``) polls the job list,
-reloads a pending job's page and takes dropped files, and every page works without it.
+Jinja2 (autoescaped); a little plain JavaScript (``static/ui.js``) follows the pending
+jobs' statuses as Server-Sent Events (live.py), reloads a pending job's page when it
+changes and takes dropped files, and every page works without it.
 
 Who sees what: the sign-in takes an API key and keeps a signed session cookie
 (``producer/ui/session.py``); from then on the page reads exactly what that key reads
@@ -35,6 +36,7 @@ from core.errors import InvalidInput
 from core.inputs import AUDIO_FORMATS_TEXT, sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer.ui import data as ui_data
+from producer.ui.live import row_stream
 from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
 from producer.web import corrections as web_corrections
 from producer.web.errors import INPUT_STATUS, ApiError
@@ -244,22 +246,35 @@ def jobs_page(request: Request) -> Response:
     submitted = request.query_params.get("submitted", "")
     notice = (f"Submitted {submitted} job{'s' if submitted != '1' else ''}."
               if WHOLE.fullmatch(submitted) else None)
-    pending = any(j.pending for j in page["jobs"])
+    pending = [j.id for j in page["jobs"] if j.pending]
     every = request.app.state.settings.ui_refresh_s
-    return render(request, "jobs.html", session, notice=notice, pending=pending,
-                  refresh_ms=int(every * 1000),
+    return render(request, "jobs.html", session, notice=notice, pending=bool(pending),
+                  events=f"{PATH}/jobs/events?{urlencode({'ids': ','.join(pending)})}"
+                  if pending and not page["paged"] else None,
                   refresh_s=max(1, round(every * 2)) if pending and not page["paged"] else 0,
                   modalities=MODALITIES, statuses=STATUSES, tasks=TASKS, **page)
 
 
 @router.get("/jobs/rows")
 def jobs_rows(request: Request) -> Response:
-    """The job list's rows alone: what ui.js polls to keep statuses live."""
+    """The job list's rows alone (the list without its page around it)."""
     session = _session(request)
     if session is None:
         return PlainTextResponse("signed out", status_code=401)
     page = _page_of_jobs(request, session)
     return render(request, "_rows.html", session, jobs=page["jobs"])
+
+
+@router.get("/jobs/events")
+def jobs_events(request: Request, ids: str = "") -> Response:
+    """The page's pending jobs as Server-Sent Events of their rows (producer/ui/live.py):
+    what ui.js listens to instead of polling."""
+    session = _session(request)
+    if session is None:
+        return PlainTextResponse("signed out", status_code=401)
+    template = TEMPLATES.get_template("_rows.html")
+    return row_stream(request, ids, session.caller.scope,
+                      lambda view: template.render(prefix=PATH, jobs=[view]))
 
 
 @router.get("/jobs/{job_id}")
@@ -275,9 +290,10 @@ def job_page(request: Request, job_id: str) -> Response:
     may_correct = job.correctable and web_corrections.may_correct(session.caller, job.owner)
     notice = (f"Corrected: the right label is {job.correction['label']!r}."
               if job.correction and request.query_params.get("corrected") else None)
+    hooks = ui_data.webhooks(request.app.state.client.sessions, job.id)
     return render(request, "job.html", session, job=job, reload_ms=int(every * 1000),
                   refresh_s=max(1, round(every * 2)) if every else 0,
-                  may_correct=may_correct, notice=notice)
+                  may_correct=may_correct, notice=notice, webhooks=hooks)
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -15,7 +15,7 @@ from core.jobs import TASKS
 from producer.web.errors import ApiError
 
 FORM_FIELDS = {"modality", "task", "labels", "top_k", "timeout_s", "model_version", "file",
-               "files"}
+               "files", "webhook_url", "webhook_embedding"}
 
 
 FORM_TYPES = ("application/json", "multipart/form-data")
@@ -104,6 +104,12 @@ def _common_fields(fields: dict[str, str], labels: list) -> dict:
     names = [p.strip() for v in labels if isinstance(v, str) for p in v.split(",")]
     out = {"modality": modality, "task": task, "labels": [n for n in names if n] or None,
            "model_version": fields.get("model_version") or None}
+    if fields.get("webhook_url"):
+        flag = fields.get("webhook_embedding", "false").strip().lower()
+        if flag not in ("", "true", "false", "1", "0"):
+            raise _invalid(f"webhook_embedding: true or false, got {flag!r}")
+        out |= {"webhook_url": fields["webhook_url"],
+                "webhook_embedding": flag in ("true", "1")}
     # Parsed here, bounded by the SDK (core/params.py): one bound for JSON and forms.
     for name, kind, what in (("top_k", int, "an integer"), ("timeout_s", float, "a number")):
         if fields.get(name) not in (None, ""):

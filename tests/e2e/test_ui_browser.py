@@ -157,12 +157,13 @@ def test_sign_in_submit_a_photo_see_its_result_and_sign_out(page, stack):
 
     notice = _until(page, lambda d: d.find_element(By.ID, "notice"), 60, "submitted")
     assert notice.text == "Submitted 2 jobs."
-    rows = page.find_elements(By.CSS_SELECTOR, "tr.job")  # newest first: these two
-    kinds = {r.get_attribute("data-modality"): r.get_attribute("id").removeprefix("job-")
-             for r in rows[:2]}
+    kinds = _until(page, lambda d: {  # newest first: these two (read again if ui.js
+        # swaps a row in meanwhile: their statuses stream in at once)
+        r.get_attribute("data-modality"): r.get_attribute("id").removeprefix("job-")
+        for r in d.find_elements(By.CSS_SELECTOR, "tr.job")[:2]}, 30, "the new rows")
     assert set(kinds) == {"image", "text"}
     job = kinds["image"]
-    # No reload from here on: ui.js polls the rows until the workers' results are in.
+    # No reload from here on: ui.js follows the rows' events until the results are in.
     url = page.current_url
     for j in kinds.values():  # (ui.js replaces a row when its status changes)
         _until(page, lambda d, j=j: d.find_element(By.ID, f"job-{j}").get_attribute(
@@ -170,10 +171,12 @@ def test_sign_in_submit_a_photo_see_its_result_and_sign_out(page, stack):
     assert page.current_url == url
     text_row = page.find_element(By.ID, f"job-{kinds['text']}")
     assert TEXT in text_row.text and text_row.find_elements(By.CSS_SELECTOR, "ol.labels li")
-    # Later polls leave a finished row alone (an <audio> being played in it keeps playing).
-    polls = lambda d: int(d.find_element(By.ID, "jobs-rows").get_attribute("data-polls"))  # noqa: E731
-    seen = polls(page)
-    _until(page, lambda d: polls(d) >= seen + 2, 60, "two more polls")
+    # The statuses came as Server-Sent Events (no polling), and the stream ended once
+    # both jobs had finished; a finished row is left alone (an <audio> being played in it
+    # keeps playing).
+    tbody = page.find_element(By.ID, "jobs-rows")
+    _until(page, lambda d: tbody.get_attribute("data-live") == "done", 60, "stream ended")
+    assert int(tbody.get_attribute("data-events-seen")) >= 2
     assert text_row.get_attribute("data-status") == "succeeded"  # the same element: not stale
     row = page.find_element(By.ID, f"job-{job}")
     assert row.find_element(By.CSS_SELECTOR, ".status").text == "succeeded"

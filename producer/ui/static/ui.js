@@ -3,50 +3,39 @@
 (function () {
   "use strict";
 
-  // The job list: re-read its rows every few seconds while the tab is visible, so
-  // statuses and results appear without reloading the page.
-  function pollRows(tbody) {
-    var every = parseInt(tbody.dataset.every, 10) || 2000;
-    var busy = false;
-    setInterval(function () {
-      if (busy || document.hidden) return;
-      busy = true;
-      fetch(tbody.dataset.poll, {credentials: "same-origin", headers: {"Accept": "text/html"}})
-        .then(function (r) {
-          if (r.status === 401) { window.location.reload(); return null; }  // signed out
-          return r.ok ? r.text() : null;
-        })
-        .then(function (html) {
-          if (html === null) return;
-          merge(tbody, html);
-          tbody.dataset.polls = (parseInt(tbody.dataset.polls, 10) || 0) + 1;  // tests watch it
-        })
-        .catch(function () { /* the API restarting: try again next time */ })
-        .then(function () { busy = false; });
-    }, every);
+  // The job list: its pending jobs' statuses arrive as Server-Sent Events, one
+  // "row" event (the job's rendered table row) per change; the server ends the stream
+  // ("end") once every one of them has finished. Without scripts, a meta refresh.
+  function liveRows(tbody) {
+    var source = new EventSource(tbody.dataset.events);
+    source.addEventListener("row", function (e) {
+      var tpl = document.createElement("template");
+      tpl.innerHTML = "<table><tbody>" + e.data + "</tbody></table>";
+      var row = tpl.content.querySelector("tr");
+      var old = row && row.id ? document.getElementById(row.id) : null;
+      // A finished row (and an <audio> someone plays in it) is only replaced by news.
+      if (old && old.parentNode === tbody && old.dataset.status !== row.dataset.status) {
+        tbody.replaceChild(row, old);
+      }
+      tbody.dataset.eventsSeen = (parseInt(tbody.dataset.eventsSeen, 10) || 0) + 1;  // tests watch it
+    });
+    source.addEventListener("end", function () { source.close(); tbody.dataset.live = "done"; });
+    source.addEventListener("timeout", function () { source.close(); liveRows(tbody); });
+    source.onerror = function () {
+      // Closed for good (a 401 once signed out): the reload goes to the sign-in page.
+      // Otherwise EventSource reconnects by itself (the API restarting).
+      if (source.readyState === EventSource.CLOSED) window.location.reload();
+    };
   }
 
-  // Put the fresh rows in place, touching only rows that are new or whose status
-  // changed: a finished job's row (and an <audio> someone is playing in it) stays as
-  // it is. A job's place in the list never changes (newest first), so new rows go
-  // in at their index and rows pushed off the page are dropped.
-  function merge(tbody, html) {
-    var tpl = document.createElement("template");
-    tpl.innerHTML = "<table><tbody>" + html + "</tbody></table>";
-    var fresh = Array.prototype.slice.call(tpl.content.querySelector("tbody").children);
-    var ids = {};
-    fresh.forEach(function (row) { if (row.id) ids[row.id] = true; });
-    Array.prototype.slice.call(tbody.children).forEach(function (row) {
-      if (!row.id || !ids[row.id]) tbody.removeChild(row);
+  // A pending job's own page: reload as soon as its status changes.
+  function liveJob(card) {
+    var source = new EventSource(card.dataset.events);
+    source.addEventListener("row", function (e) {
+      var m = /data-status="([a-z]+)"/.exec(e.data);
+      if (m && m[1] !== card.dataset.status) { source.close(); window.location.reload(); }
     });
-    fresh.forEach(function (row, i) {
-      var old = row.id ? document.getElementById(row.id) : null;
-      if (old && old.parentNode === tbody) {
-        if (old.dataset.status !== row.dataset.status) tbody.replaceChild(row, old);
-      } else {
-        tbody.insertBefore(row, tbody.children[i] || null);
-      }
-    });
+    source.addEventListener("end", function () { source.close(); });
   }
 
   // A pending job's own page reloads until the job has finished.
@@ -83,10 +72,13 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    var rows = document.querySelector("[data-poll]");
-    if (rows) pollRows(rows);
+    var live = window.EventSource !== undefined;
+    var rows = document.getElementById("jobs-rows");
+    if (rows && rows.dataset.events && live) liveRows(rows);
+    var card = document.getElementById("job");
+    if (card && card.dataset.events && live) liveJob(card);
     var ms = parseInt(document.body.dataset.reloadAfter, 10);
-    if (ms > 0) reloadLater(ms);
+    if (ms > 0 && !(card && card.dataset.events && live)) reloadLater(ms);
     var zone = document.getElementById("dropzone");
     if (zone) dropZone(zone);
   });

@@ -398,3 +398,38 @@ def test_the_owner_cancels_a_pending_job_from_its_page(app):
         assert r.status_code == 303 and r.headers["location"] == f"/ui/jobs/{job_id}"
         assert app.state.client.get(job_id)["status"] == "cancelled"
         assert "Cancel this job" not in alice.get(f"/ui/jobs/{job_id}").text
+
+
+def test_pending_rows_come_as_server_sent_events_owner_scoped(app):
+    """The list names its pending jobs' event stream (ui.js listens to it instead of
+    polling); the stream sends each job's rendered row per status, then ``end``."""
+    c = sign_in(app, "alice")
+    pending = add_job(app, "alice", text="still waiting")
+    page = c.get("/ui/jobs").text
+    assert f'data-events="/ui/jobs/events?ids={pending}' in page
+    assert f'data-events="/ui/jobs/events?ids={pending}"' in c.get(f"/ui/jobs/{pending}").text
+    theirs = add_job(app, "bob", text="bob's")
+    with app.state.client.sessions.begin() as s:
+        store.cancel_job(session=s, job_id=pending)
+        store.cancel_job(session=s, job_id=theirs)
+    body = c.get(f"/ui/jobs/events?ids={pending},{theirs},not-an-id").text
+    rows = [m for m in body.split("\n\n") if m.startswith(("event:", "retry:"))]
+    assert [r.split("event: ")[1].split("\n")[0] for r in rows] == ["row", "row", "gone", "end"]
+    assert 'data-status="queued"' in rows[0] and 'data-status="cancelled"' in rows[1]
+    assert f'id="job-{pending}"' in rows[1] and "bob&#39;s" not in body
+    assert browser(app).get(f"/ui/jobs/events?ids={pending}").status_code == 401
+
+
+
+def test_the_job_page_shows_its_webhook_attempts(app):
+    c = sign_in(app, "alice")
+    with app.state.client.sessions.begin() as s:
+        job = store.create_job(session=s, modality="text", task="embed", text="hooked",
+                               owner="alice", webhook_url="https://example.com/h").id
+        store.cancel_job(session=s, job_id=job)
+        (claimed,) = store.claim_due(session=s, limit=1, lease_s=60)
+        store.record_attempt(session=s, claimed=claimed, status_code=503, error="HTTP 503",
+                             duration_ms=12.5, retry_in_s=60, retry_for_s=3600)
+    page = c.get(f"/ui/jobs/{job}").text
+    assert 'id="webhook"' in page and "job.cancelled" in page and f"msg_{job}" in page
+    assert "<td>503</td>" in page and "next attempt" in page
