@@ -232,3 +232,23 @@ def test_a_vanished_clients_transaction_does_not_hold_its_jobs(monkeypatch):
         sweeper.dispose()
     finally:
         _pg_drop(name)
+
+
+def test_a_transcripts_segments_are_stored_and_read_with_its_prediction(sessions):
+    """Segments (start s, end s, text) round-trip as JSON on both databases, beside
+    the transcript; predictions without any read None."""
+    a, b = _text_jobs(sessions, 2)
+    segs = [(0.0, 2.0, " The weather will be rainy."), (4.24, 8.2, " Tomorrow, é.")]
+    with sessions.begin() as s:
+        att = store.start_jobs(session=s, job_ids=[a, b], worker="w")
+        store.finish_jobs(session=s, model_version="v", attempts={j: r.attempts
+                                                                    for j, r in att.items()},
+                          results={a: JobResult(text="".join(t for *_, t in segs).strip(),
+                                                segments=segs),
+                                   b: JobResult(tokens=3)})
+    with sessions() as s:
+        got = store.predictions_by_id(session=s, job_ids=[a, b, str(uuid.uuid4())])
+    assert set(got) == {a, b}
+    assert got[a].segments == [[0.0, 2.0, " The weather will be rainy."],
+                               [4.24, 8.2, " Tomorrow, é."]]
+    assert got[a].as_dict()["segments"] == got[a].segments and got[b].segments is None
