@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core import store
 from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
-from producer.api import jobs, search, service, versions
+from producer.api import jobs, openai, search, service, versions
 from producer.api.metrics import metrics_registry
 from producer.api.schemas import BatchIn, JobIn
 from producer.api.search import SearchIn
@@ -42,6 +42,7 @@ ROUTERS = (
     service.router,   # /healthz, /readyz, /metrics (producer/api/service.py)
     versions.router,  # /v1/models (producer/api/versions.py)
     search.router,    # POST /v1/search (producer/api/search.py)
+    openai.router,    # /v1/embeddings, /v1/audio/transcriptions (producer/api/openai.py)
     ui_router,        # the results page, /ui (producer/ui/routes.py)
 )
 

@@ -11,11 +11,12 @@ from faster_whisper import WhisperModel
 from core.model.speech import SpeechJobs
 from core.model.whisper.tower import SpeechTower
 from core.model.whisper.weights import bundled_dir
-from tests.core.model.test_speech import VOICE, speak
+from tests.helpers import speak
 
 SENTENCES = ["the weather will be rainy tomorrow", "please turn off the lights in the kitchen",
              "the train to london leaves at seven"]
 GAP_S = 1.5
+VOICE = "en-gb-x-rp+m2"  # in neither of bench/speech.py's voice lists
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def clip():
     parts, spans, at = [], [], 0
     gap = torch.zeros(int(GAP_S * 16_000))
     for s in SENTENCES:
-        w = speak(s, VOICE)
+        w = torch.from_numpy(speak(s, VOICE))
         parts += [w, gap]
         spans.append((at / 16_000, (at + len(w)) / 16_000))
         at += len(w) + len(gap)
