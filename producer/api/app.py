@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     _install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    _publish_schemas(app, JobIn, BatchIn, SearchIn)
+    _publish_schemas(app, JobIn, BatchIn, SearchIn, openai.EmbeddingsIn)
     return app
 
 

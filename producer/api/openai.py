@@ -262,7 +262,8 @@ def _media_item(i: int, x: dict) -> dict:
     return {"modality": kind, "input": payload}
 
 
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsIn"}}}}})
 async def create_embeddings(request: Request, caller: CallerDep) -> Response:
     """OpenAI's embeddings: one ``embed`` job per input, waited for; the vectors are
     unit length (384 floats), as little-endian float32 when ``encoding_format`` is base64."""
@@ -287,7 +288,8 @@ async def create_embeddings(request: Request, caller: CallerDep) -> Response:
         data.append({"object": "embedding", "index": i, "embedding": emb, "job_id": j})
         tokens += pred["tokens"] or 0
     return JSONResponse({"object": "list", "data": data,
-                         "model": jobs[ids[0]]["model_version"] or "base",
+                         # The name asked for (each job records the exact version)
+                         "model": body.model or "default",
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
