@@ -154,8 +154,8 @@ def test_transcriptions_are_the_jobs_transcript_in_every_format(stack, two_sente
             assert body.startswith("WEBVTT\n\n" if fmt == "vtt" else "1\n")
             cues = _cues(body)
             assert [c[2] for c in cues] == [s[2].strip() for s in segs]
-            assert [(a, b) for a, b, _ in cues] == pytest.approx([(a, b) for a, b, _ in segs])
             times = [t for a, b, _ in cues for t in (a, b)]
+            assert times == pytest.approx([t for a, b, _ in segs for t in (a, b)], abs=1e-3)
             # Plausible: increasing, the first within a second of the start, the second
             # sentence after the 1.5 s pause, all within the 5-6 s clip.
             assert times == sorted(times) and times[0] < 1.0, body
