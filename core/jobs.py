@@ -58,3 +58,6 @@ class JobResult:
     tokens: int = 0  # tokens (patches, frames) the item cost in the packed core
     truncated: bool = False  # the input was longer than the tower's limit and was cut
     text: str | None = None  # audio: the transcript (every audio job has one)
+    # audio: the transcript's segments, [start s, end s, text] from Whisper's timestamp
+    # tokens; their texts joined (and stripped) are ``text``
+    segments: list[tuple[float, float, str]] | None = None

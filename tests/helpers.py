@@ -103,6 +103,17 @@ def wait_http(url: str, proc: subprocess.Popen, log, timeout: float = 60) -> Non
 
 # -- inputs ------------------------------------------------------------------------------------
 
+def speak(text: str, voice: str = "en-gb-x-rp+m2") -> np.ndarray:
+    """espeak-ng speech (the Debian package .ci/run installs), 16 kHz mono float32."""
+    import torch
+    import torchaudio
+
+    wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True,
+                         capture_output=True).stdout
+    x, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return torchaudio.functional.resample(torch.from_numpy(x), rate, 16_000).numpy()
+
+
 def wav_claiming(rate: int) -> bytes:
     """A valid 0.1 s float32 WAV whose header says ``rate`` samples per second."""
     buf = io.BytesIO()

@@ -294,7 +294,8 @@ class MultimodalModel:
                 top = self._scores(tower, run.vectors[i:i + 1], labels, top_k)[0]
             out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
                                  truncated=p.truncated,
-                                 text=None if run.texts is None else run.texts[i]))
+                                 text=None if run.texts is None else run.texts[i],
+                                 segments=None if run.segments is None else run.segments[i]))
         return out
 
     def _embed_transcripts(self, texts: list[str]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from core.errors import InvalidInput
 from core.model.attention import AttentionPlan
 from core.model.tower import TowerOutput, cosine_logits, prepare_each
 from core.model.whisper.decode import beam_search
+from core.model.whisper.timestamps import align_timestamps
 from core.model.whisper.tower import SpeechItem, SpeechTower
 from core.model.whisper.weights import MODEL_BIN_SHA256
 
@@ -55,6 +56,9 @@ class SpeechRun:
     texts: list[str]  # per clip
     scores: list[torch.Tensor | None]  # per clip: (L,) label scores, None without labels
     features: torch.Tensor | None  # (B, C) mean encoder states over real frames
+    # per clip: (start s, end s, text) of each spoken segment, from Whisper's timestamp
+    # tokens (core/model/whisper/timestamps.py); their texts joined are the transcript
+    segments: list[list[tuple[float, float, str]]] | None = None
 
 
 class SpeechJobs:
@@ -111,21 +115,32 @@ class SpeechJobs:
         real = [n for it in items for _, n in it.windows]  # real mel frames per window
         dcfg = replace(t.cfg.decode, beam_size=self.beam_size)
         sets = {tuple(s) for s in label_sets if s}
-        hyps, feats = [], []
+        hyps, feats, timed = [], [], []
         ll: dict[tuple[str, ...], list[torch.Tensor]] = {s: [] for s in sets}
         for a in range(0, len(mels), t.cfg.decode_batch):
             chunk = mels[a:a + t.cfg.decode_batch]
             enc, plan = t.encode(chunk)  # (N, C) packed, plan over the chunk
             cross = t.model.decoder.cross_kv(enc, plan)
-            hyps += beam_search(t.model.decoder, cross, t.tokens, dcfg)
+            found = beam_search(t.model.decoder, cross, t.tokens, dcfg)
+            hyps += found
+            timed += align_timestamps(t.model.decoder, cross, t.tokens,
+                                      [[] if h.silent(dcfg) else h.tokens for h in found])
             for s in sets:
                 ll[s].append(t.label_ll(cross, list(s)))  # (w, L)
             if features:
                 feats.append(_real_mean(enc, plan, real[a:a + len(chunk)]))  # (w, C)
         texts = [[] for _ in items]
-        for h, i in zip(hyps, owner, strict=True):
+        segments: list[list[tuple[float, float, str]]] = [[] for _ in items]
+        win = [0] * len(items)
+        for h, i, segs in zip(hyps, owner, timed, strict=True):
+            s, n = items[i].windows[win[i]]  # first mel frame, real frames (100 a second)
+            win[i] += 1
             if not h.silent(dcfg):
                 texts[i].append(t.tokens.decode(h.tokens))
+            for g in segs:  # window seconds -> clip seconds, ends within the real audio
+                end = min(s + n, s + round(g.end * 100)) / 100
+                segments[i].append((min(s / 100 + g.start, end), end,
+                                    t.tokens.decode(list(g.tokens))))
         best = {s: t.clip_scores(torch.cat(ll[s]), list(s), owner, len(items))
                 for s in sets}  # (B, L) each
         scores = [best[tuple(s)][i] if s else None for i, s in enumerate(label_sets)]
@@ -137,7 +152,7 @@ class SpeechJobs:
             out_feats.index_add_(0, torch.tensor(owner), fw * weight)
             total = torch.zeros(len(items)).index_add_(0, torch.tensor(owner), weight[:, 0])
             out_feats /= total.clamp_min(1)[:, None]  # (B, C) mean over real frames
-        return SpeechRun(["".join(x).strip() for x in texts], scores, out_feats)
+        return SpeechRun(["".join(x).strip() for x in texts], scores, out_feats, segments)
 
 
     def forward(self, prepared: list[SpeechPrepared], unit: bool = True) -> torch.Tensor:
@@ -161,7 +176,7 @@ class SpeechJobs:
         and, when asked, gives the encoder features adapters map."""
         run = self.run(prepared, label_sets, features=features)
         emb = self.embed_texts(run.texts)  # (B, D) the transcripts in the text space
-        return TowerOutput(emb, emb, run.features, run.scores, run.texts)
+        return TowerOutput(emb, emb, run.features, run.scores, run.texts, run.segments)
 
 
 def _real_mean(enc: torch.Tensor, plan: AttentionPlan, real_frames: list[int]) -> torch.Tensor:

@@ -38,6 +38,8 @@ class TowerOutput:
     # None for items without labels; None for towers that score labels by ``classify``.
     label_logits: list[torch.Tensor | None] | None = None
     texts: list[str] | None = None  # per item, towers that produce text (transcripts)
+    # per item, with ``texts``: (start s, end s, text) of each timed segment of speech
+    segments: list[list[tuple[float, float, str]]] | None = None
 
 
 @runtime_checkable

@@ -160,6 +160,14 @@ def prediction_summaries(*, session: Session, job_ids: list[str]) -> dict[str, t
     return {r[0]: tuple(r[1:]) for r in session.execute(q)}
 
 
+def predictions_by_id(*, session: Session, job_ids: list[str]) -> dict[str, Prediction]:
+    """The stored predictions of these jobs, by job id (jobs without one are absent)."""
+    if not job_ids:
+        return {}
+    q = select(Prediction).where(Prediction.job_id.in_(job_ids))
+    return {p.job_id: p for p in session.scalars(q)}
+
+
 def job_statuses(*, session: Session, job_ids: list[str],
                  owner: str | None = None) -> dict[str, str]:
     """The status of each of these jobs that exists (with ``owner``: that key id's)."""

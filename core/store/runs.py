@@ -82,6 +82,8 @@ def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
         "job_id": job_id, "model_version": model_version,
         "labels": None if r.labels is None else [list(x) for x in r.labels],
         "tokens": r.tokens, "truncated": r.truncated, "text": r.text,
+        "segments": None if r.segments is None else [
+            [round(float(a), 2), round(float(b), 2), str(t)] for a, b, t in r.segments],
         "embedding": None if emb is None else emb.tobytes(),
         "dim": None if emb is None else int(emb.shape[-1]),
     }

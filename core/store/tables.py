@@ -146,6 +146,8 @@ class Prediction(Base):
     truncated: Mapped[bool | None] = mapped_column(default=None)
     model_version: Mapped[str | None] = mapped_column(String(255), default=None)
     text: Mapped[str | None] = mapped_column(Text, default=None)  # audio: the transcript
+    # audio: [[start s, end s, text], ...] from Whisper's timestamp tokens (migration 0010)
+    segments: Mapped[list | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     def vector(self) -> np.ndarray | None:
@@ -156,7 +158,7 @@ class Prediction(Base):
     def as_dict(self, with_embedding: bool = True) -> dict:
         out = {"labels": self.labels, "dim": self.dim, "tokens": self.tokens,
                "truncated": self.truncated, "model_version": self.model_version,
-               "text": self.text}
+               "text": self.text, "segments": self.segments}
         if with_embedding and self.embedding is not None:
             out["embedding"] = self.vector().tolist()
         return out

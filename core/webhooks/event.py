@@ -22,7 +22,7 @@ JOB_FIELDS = ("id", "modality", "task", "params", "status", "attempts", "error",
               "created_at", "started_at", "finished_at", "deadline", "worker",
               "model_version", "payload_sha256", "owner", "webhook_url")
 PREDICTION_FIELDS = ("labels", "dim", "embedding", "tokens", "truncated", "model_version",
-                     "text")
+                     "text", "segments")
 
 
 def _utc(d: datetime | None) -> datetime | None:

@@ -25,7 +25,7 @@ from core import store
 from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
 from core.webhooks.deliver import start_delivery
-from producer.api import corrections, events, jobs, search, service, versions
+from producer.api import corrections, events, jobs, openai, search, service, versions
 from producer.api.metrics import metrics_registry
 from producer.api.schemas import BatchIn, JobIn
 from producer.api.search import SearchIn
@@ -46,6 +46,7 @@ ROUTERS = (
     service.router,   # /healthz, /readyz, /metrics (producer/api/service.py)
     versions.router,  # /v1/models (producer/api/versions.py)
     search.router,    # POST /v1/search (producer/api/search.py)
+    openai.router,    # /v1/embeddings, /v1/audio/transcriptions (producer/api/openai.py)
     ui_router,        # the results page, /ui (producer/ui/routes.py)
 )
 
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, client: Client | None = None) -
     _install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    _publish_schemas(app, JobIn, BatchIn, SearchIn)
+    _publish_schemas(app, JobIn, BatchIn, SearchIn, openai.EmbeddingsIn)
     return app
 
 

@@ -108,6 +108,9 @@ class PredictionOut(BaseModel):
     truncated: bool | None = None  # the input was cut at the model's length limit
     model_version: str | None = None
     text: str | None = Field(None, description="audio: the transcript (what was said)")
+    segments: list[tuple[float, float, str]] | None = Field(
+        None, description="audio: [start s, end s, text] of each spoken segment, timed by "
+        "Whisper's timestamp tokens; the texts joined are the transcript")
 
 
 class Timings(BaseModel):

@@ -2,11 +2,15 @@
 
 Read-only for every key: promote, rollback and rm stay with the operators
 (`mmq models`), who reach SQL directly. No torch here; the API never loads a model.
+The answer is also OpenAI's model list (``object: "list"``, ``data``: what ``model``
+may name on /v1/embeddings and /v1/audio/transcriptions), so the OpenAI client's
+``models.list()`` reads it; ``serving`` and ``versions`` are mmq's own.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -33,7 +37,21 @@ class ModelVersionOut(BaseModel):
     promoted_at: datetime | None = None
 
 
+class ModelCard(BaseModel):
+    """One entry of OpenAI's model list: a name ``model`` may take."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds (0: built in)")
+    owned_by: str = "mmq"
+    modality: Modality | None = Field(None, description="a version's modality; none: any")
+
+
 class ModelsOut(BaseModel):
+    object: Literal["list"] = "list"
+    # OpenAI's list: "default" (what each modality serves), "base" (the pretrained
+    # towers), then the versions; the same names as ``versions``, for OpenAI's client.
+    data: list[ModelCard]
     # What a job that names no version runs, per modality: a version, or "base".
     serving: dict[str, str]
     versions: list[ModelVersionOut]
@@ -54,8 +72,16 @@ def list_models(request: Request, caller: CallerDep,
             session=s, modality=modality and modality.value)]
         serving = {m: versions.promoted_version(session=s, modality=m)
                    for m in ([modality.value] if modality else MODALITIES)}
-    return ModelsOut(serving=serving, versions=[ModelVersionOut(**{
-        k: v for k, v in r.items() if k in ModelVersionOut.model_fields}) for r in rows])
+    out = [ModelVersionOut(**{k: v for k, v in r.items() if k in ModelVersionOut.model_fields})
+           for r in rows]
+    cards = [ModelCard(id="default", created=0), ModelCard(id="base", created=0)]
+    cards += [ModelCard(id=v.name, created=int(_utc(v.created_at).timestamp()),
+                        modality=v.modality) for v in out]
+    return ModelsOut(data=cards, serving=serving, versions=out)
+
+
+def _utc(d: datetime) -> datetime:
+    return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite hands back naive UTC
 
 
 @router.get("/v1/models/{name}", response_model=ModelVersionOut, tags=["models"],

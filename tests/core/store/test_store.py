@@ -1,5 +1,7 @@
 """The results store on SQLite and PostgreSQL: migrations, job lifecycle, idempotency."""
 
+import hashlib
+import threading
 import uuid
 from datetime import timedelta
 
@@ -233,3 +235,54 @@ def test_a_vanished_clients_transaction_does_not_hold_its_jobs(monkeypatch):
         sweeper.dispose()
     finally:
         _pg_drop(name)
+
+
+def test_a_transcripts_segments_are_stored_and_read_with_its_prediction(sessions):
+    """Segments (start s, end s, text) round-trip as JSON on both databases, beside
+    the transcript; predictions without any read None."""
+    a, b = _text_jobs(sessions, 2)
+    segs = [(0.0, 2.0, " The weather will be rainy."), (4.24, 8.2, " Tomorrow, é.")]
+    with sessions.begin() as s:
+        att = store.start_jobs(session=s, job_ids=[a, b], worker="w")
+        store.finish_jobs(session=s, model_version="v", attempts={j: r.attempts
+                                                                    for j, r in att.items()},
+                          results={a: JobResult(text="".join(t for *_, t in segs).strip(),
+                                                segments=segs),
+                                   b: JobResult(tokens=3)})
+    with sessions() as s:
+        got = store.predictions_by_id(session=s, job_ids=[a, b, str(uuid.uuid4())])
+    assert set(got) == {a, b}
+    assert got[a].segments == [[0.0, 2.0, " The weather will be rainy."],
+                               [4.24, 8.2, " Tomorrow, é."]]
+    assert got[a].as_dict()["segments"] == got[a].segments and got[b].segments is None
+
+
+def test_the_same_bytes_put_by_two_transactions_at_once_are_stored_once(sessions):
+    """Both see no blob; the one that commits second must not fail (the same file
+    posted twice at once was a 500 IntegrityError)."""
+    data = b"RIFF same audio twice"
+    first_put, release = threading.Event(), threading.Event()
+    errors = []
+
+    def first():
+        try:
+            with sessions.begin() as s:
+                store.put_blob(session=s, data=data)
+                first_put.set()
+                release.wait(10)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+            first_put.set()
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert first_put.wait(10)
+    with sessions.begin() as s:
+        assert s.get(store.Blob, hashlib.sha256(data).hexdigest()) is None
+        threading.Timer(0.3, release.set).start()  # the first commits while we insert
+        digest = store.put_blob(session=s, data=data)
+    t.join(10)
+    assert not errors
+    with sessions() as s:
+        assert store.get_blob(session=s, sha256=digest) == data
+        assert s.scalar(select(func.count()).select_from(store.Blob)) == 1
