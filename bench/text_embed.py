@@ -6,7 +6,7 @@ best to theirs, and useful GFLOP/s (real tokens only) against a plain matmul
 measured in the same run.
 
     .venv/bin/python bench/text_embed.py [--n 2000] [--batch-sizes 1,16,32,64,256] [--rounds 2]
-        [--precisions fp32,bf16]
+        [--precisions fp32,bf16,int8,auto]
 
 ``--precisions``: one mmq column per text precision (MMQ_TEXT_PRECISION, resolved on
 this machine: ``auto`` shows what it picked), each ratio against sentence-transformers.
@@ -105,6 +105,14 @@ def main() -> None:
         finally:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+    # Quality of each mode against fp32 on the same sentences: the bound is
+    # cosine >= 0.999 for every embedding (tests/core/model/test_precision.py checks it).
+    ref = (models.get("fp32") or MultimodalModel.load(device="cpu")).embed("text", sents)
+    quality = {}
+    for p, m in models.items():
+        cos = F.cosine_similarity(m.embed("text", sents), ref, dim=-1)  # (N,)
+        quality[p] = (cos.min().item(), cos.mean().item(), int((cos < 0.999).sum()))
+
     rows = []
     for bs in sizes:
         # Alternated per batch size, so that a noisy neighbour hurts every column alike.
@@ -122,10 +130,16 @@ def main() -> None:
               " ".join(f"{x / max(b, c):>12.2f}" for x in a) + f" {g:>14.1f}")
     theirs_best = max(max(r[2], r[3]) for r in rows)
     print(f"\nmatmul peak fp32 {peak:.0f} GFLOP/s; best sentence-transformers {theirs_best:.1f}/s")
-    for i, n in enumerate(names):
+    print(f"\n{'mode':<12} {'best sent/s':>11} {'batch':>6} {'vs s-t':>7} {'vs fp32':>8} "
+          f"{'cos min':>8} {'cos mean':>9} {'n<0.999':>8}")
+    fp32_best = max(r[1][0] for r in rows)
+    for i, (n, p) in enumerate(zip(names, models, strict=True)):
         best = max(rows, key=lambda r, i=i: r[1][i])
-        print(f"best mmq {n}: {best[1][i]:.1f}/s (batch {best[0]}): "
-              f"{best[1][i] / theirs_best:.2f}x sentence-transformers")
+        cmin, cmean, bad = quality[p]
+        print(f"{n:<12} {best[1][i]:>11.1f} {best[0]:>6} {best[1][i] / theirs_best:>6.2f}x "
+              f"{best[1][i] / fp32_best:>7.2f}x {cmin:>8.5f} {cmean:>9.6f} {bad:>8}")
+    if names[0] != "fp32":
+        print(f"(vs fp32 is against the first column, {names[0]})")
 
 if __name__ == "__main__":
     main()

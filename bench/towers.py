@@ -4,7 +4,7 @@
    top-1 (16 photographs x 16 plain labels) and text->image recall@1, on the
    held-out set and on the calibration set the zero-shot choices were tuned on,
    next to plain ConSE (top-5 classes, one template, cosine) as the baseline.
-2. The backbone alone, batch 32: images/s of our EfficientNet-Lite0 (BatchNorm
+2. The backbone alone, batch 32: images/s of our EfficientNet-Lite0 in fp32 and bf16 (BatchNorm
    folded, channels_last, inference_mode) vs timm's ``tf_efficientnet_lite0`` with
    the same weights, same run, interleaved rounds; and the ratio.
 3. ``model.embed("image")`` at batch sizes 1, 8, 32: images/s (JPEG photographs),
@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from core.config import Settings
 from core.model.efficientnet import default_checkpoint, load_efficientnet_lite0
 from core.model.multimodal import MultimodalModel
 from core.model.zeroshot import CLASSES_FILE
@@ -68,18 +69,22 @@ def photo_accuracy(model: MultimodalModel, photos: tuple[pe.Photo, ...]) -> tupl
     return top1, recall, int((sims.argmax(1) == n).sum()), int((sims.argmax(0) == n).sum())
 
 
-def backbone_speed(rounds: int, batch: int = 32) -> tuple[float, float, float]:
-    """images/s: ours, timm, timm channels_last (least time of interleaved rounds)."""
+def backbone_speed(rounds: int, batch: int = 32) -> tuple[float, float, float, float]:
+    """images/s: ours fp32, ours bf16 (MMQ_IMAGE_PRECISION=bf16: bf16 weights and
+    activations), timm, timm channels_last (least time of interleaved rounds)."""
     import timm  # dev dependency: the reference
 
     ours = load_efficientnet_lite0().to(memory_format=torch.channels_last)
+    ours_bf16 = load_efficientnet_lite0().to(memory_format=torch.channels_last,
+                                             dtype=torch.bfloat16)
     ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     sd = torch.load(default_checkpoint(), map_location="cpu", weights_only=True)
     ref.load_state_dict(dict(zip(ref.state_dict(), sd.values(), strict=True)))
     ref.eval()
     x = torch.randn(batch, 3, 224, 224)  # (B, 3, H, W)
     xcl = x.contiguous(memory_format=torch.channels_last)
-    runs = {"ours": (ours, xcl), "timm": (ref, x), "timm_cl": (ref, xcl)}
+    runs = {"ours": (ours, xcl), "ours_bf16": (ours_bf16, xcl.to(torch.bfloat16)),
+            "timm": (ref, x), "timm_cl": (ref, xcl)}
     best_s = dict.fromkeys(runs, float("inf"))
     for r in range(rounds + 1):  # round 0 warms up (oneDNN picks its kernels); interleaved,
         for name, (net, inp) in runs.items():  # so the shared machine's drift hits all alike
@@ -89,19 +94,32 @@ def backbone_speed(rounds: int, batch: int = 32) -> tuple[float, float, float]:
             net(inp)
             if r:
                 best_s[name] = min(best_s[name], time.perf_counter() - t0)
-    return tuple(batch / best_s[k] for k in ("ours", "timm", "timm_cl"))
+    return tuple(batch / best_s[k] for k in ("ours", "ours_bf16", "timm", "timm_cl"))
 
 
-def image_section(model: MultimodalModel, rounds: int) -> None:
-    print("image tower: zero-shot on real photographs, 16 photographs x 16 labels")
-    print(f"{'set':<12} {'top-1':>6} {'recall@1':>9} {'ConSE top-1':>12} {'ConSE r@1':>10}")
-    for name, photos in (("held-out", pe.HELD_OUT), ("calibration", pe.CALIBRATION)):
-        top1, rec, c1, cr = photo_accuracy(model, photos)
-        print(f"{name:<12} {top1:>3}/16 {rec:>6}/16 {c1:>9}/16 {cr:>7}/16")
-    ours, ref, ref_cl = backbone_speed(max(rounds, 3))
+def image_section(models: dict[str, MultimodalModel], rounds: int) -> None:
+    print("image tower: zero-shot on real photographs, 16 photographs x 16 labels, "
+          "per image precision (MMQ_IMAGE_PRECISION)")
+    print(f"{'mode':<6} {'set':<12} {'top-1':>6} {'recall@1':>9} {'ConSE top-1':>12} "
+          f"{'ConSE r@1':>10} {'answers = fp32':>15} {'cos min':>8}")
+    fp32 = models["fp32"]
+    for mode, model in models.items():
+        for name, photos in (("held-out", pe.HELD_OUT), ("calibration", pe.CALIBRATION)):
+            top1, rec, c1, cr = photo_accuracy(model, photos)
+            images, labels = [pe.photo_bytes(p, "JPEG") for p in photos], pe.labels_of(photos)
+            same = sum(a[0][0] == b[0][0] for a, b in zip(
+                model.classify("image", images, labels, top_k=1),
+                fp32.classify("image", images, labels, top_k=1), strict=True))
+            cos = F.cosine_similarity(model.embed("image", images),
+                                      fp32.embed("image", images), dim=-1).min()
+            print(f"{mode:<6} {name:<12} {top1:>3}/16 {rec:>6}/16 {c1:>9}/16 {cr:>7}/16 "
+                  f"{same:>12}/16 {cos:>8.5f}")
+    ours, ours_bf16, ref, ref_cl = backbone_speed(max(rounds, 3))
     print("\nEfficientNet-Lite0 backbone, batch 32, same weights, images/s")
-    print(f"{'ours':>8} {'timm':>8} {'timm CL':>8} {'ours/timm':>10}")
-    print(f"{ours:>8.1f} {ref:>8.1f} {ref_cl:>8.1f} {ours / ref:>9.2f}x\n")
+    print(f"{'ours fp32':>9} {'ours bf16':>9} {'timm':>8} {'timm CL':>8} {'fp32/timm':>10} "
+          f"{'bf16/timm':>10}")
+    print(f"{ours:>9.1f} {ours_bf16:>9.1f} {ref:>8.1f} {ref_cl:>8.1f} {ours / ref:>9.2f}x "
+          f"{ours_bf16 / ref:>9.2f}x\n")
 
 
 @torch.inference_mode()
@@ -112,8 +130,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["image", "all"], default="all")
     args = ap.parse_args()
     model = MultimodalModel.load(device="cpu")
+    models = {"fp32": model, "bf16": MultimodalModel.load(
+        device="cpu", settings=Settings(image_precision="bf16"))}
     print(f"model {model.version}, torch threads {torch.get_num_threads()}\n")
-    image_section(model, args.rounds)
+    image_section(models, args.rounds)
     if args.only == "image":
         return
     jpgs = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT + pe.CALIBRATION]

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     # fp32 by default: on CPUs without native bf16 the bf16 path is emulated and several
     # times slower, and int8 misses the cosine >= 0.999 bound (docs/model.md).
     text_precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    # The image backbone's convolutions (core/model/precision.py): "fp32"; "bf16" (weights
+    # and activations in bf16, logits and the class bank product in fp32); "auto" = bf16
+    # on CUDA and on CPUs with native bf16, else fp32. Recorded in the model version like
+    # the text mode ("efficientnet-lite0@<sha>/bf16+zs@..."). No int8 yet: static
+    # quantization of the convs is not built (docs/model.md).
+    image_precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # Text inputs above this many characters are refused before tokenisation;
     # the tokenizer would truncate them anyway, but a 50 MB string would still
     # cost memory and time on the worker.

@@ -78,7 +78,12 @@ class EncoderLayer(nn.Module):
         N, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.head_dim
         qkv = self.qkv(self._down(x)).view(N, 3, nh, hs)  # (N, 3, nh, hs)
-        y = packed_attention_qkv(qkv, plan, impl)  # (N, nh, hs)
+        if self.matmul_dtype is not None and qkv.device.type == "cpu":
+            # bf16 matmuls, fp32 attention on the C kernel: CPU SDPA in bf16 gathers and
+            # pads every group and was half of a bf16 forward (profiled, 64-sentence
+            # batches); q, k, v are only (N, 3C), so the casts cost little.
+            qkv = qkv.float()  # (N, 3, nh, hs)
+        y = self._down(packed_attention_qkv(qkv, plan, impl))  # (N, nh, hs)
         # bf16: the projection's bf16 output is added to the fp32 residual (promoted)
         return linear_add(y.reshape(N, C), self.proj, residual)
 

@@ -160,12 +160,14 @@ class MultimodalModel:
         # The image tower's class bank is keyed by the untagged text version: the bank
         # shipped (computed in fp32) serves every precision of the same weights.
         model.add_tower(ImageJobs(lambda xs: model.embed("text", xs), text_version,
-                                  s.image_weights, dev, cfg.image))
+                                  s.image_weights, dev, cfg.image,
+                                  precision=resolve_precision(s.image_precision, dev)))
         model.add_tower(SpeechJobs(load_speech, cfg.speech.beam_size, model._embed_transcripts,
                                    cfg.logit_scale))
         log.info("model %s on %s (text %s, attention %s)", model.version, dev, precision,
-                 resolve_impl(cfg.attention_impl, dev,
-                              torch.bfloat16 if precision == "bf16" else torch.float32))
+                 # bf16 on the CPU attends in fp32 (core/model/encoder.py)
+                 resolve_impl(cfg.attention_impl, dev, torch.bfloat16
+                              if precision == "bf16" and dev.type == "cuda" else torch.float32))
         return model
 
     # -- per item ---------------------------------------------------------------------

