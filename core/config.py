@@ -97,11 +97,11 @@ class Settings(BaseSettings):
     attention_impl: str = "auto"
     # The text encoder's matmuls and attention (core/model/precision.py): "fp32"; "bf16"
     # (residual stream, LayerNorm and pooling stay fp32); "int8" (dynamic quantization,
-    # CPU only); "auto" = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or
-    # amx_bf16 in /proc/cpuinfo), else fp32. A mode other than fp32 is recorded in the
-    # model version ("all-MiniLM-L6-v2@<sha>/bf16"); search keeps one space for all modes.
-    # fp32 by default: on CPUs without native bf16 the bf16 path is emulated and several
-    # times slower, and int8 misses the cosine >= 0.999 bound (docs/model.md).
+    # CPU only); "auto" = bf16 on CUDA, fp32 on CPUs (even with native bf16, the text
+    # encoder's bf16 measured 0.70x fp32: casts and unfused adds). A mode other than fp32
+    # is recorded in the model version ("all-MiniLM-L6-v2@<sha>/bf16"); search keeps one
+    # space for all modes. fp32 by default: bf16 is slower on CPUs (emulated without
+    # avx512_bf16/amx_bf16), and int8 misses the cosine >= 0.999 bound (docs/model.md).
     text_precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
     # The image backbone's convolutions (core/model/precision.py): "fp32"; "bf16" (weights
     # and activations in bf16, logits and the class bank product in fp32); "auto" = bf16
