@@ -159,7 +159,11 @@ def test_admission_is_atomic_under_concurrent_submits(served):
             peak[0] = max(peak[0], queue_depths(s, ["text"], client=watch)["text"])
 
     def submit(i: int) -> httpx.Response:
-        return http.post("/v1/jobs", json={"text": f"admission {i}"})
+        # A client (and connection) per submitter, as 200 real clients have: one httpx
+        # pool shared by 200 threads over its 100 connections failed under load
+        # (ReadTimeout in CI, "Bad file descriptor" here), on the client's side.
+        with httpx.Client(base_url=http.base_url, headers=http.headers, timeout=120) as c:
+            return c.post("/v1/jobs", json={"text": f"admission {i}"})
 
     t = threading.Thread(target=watcher)
     t.start()
