@@ -54,3 +54,12 @@ def hit_summaries(*, session: Session, job_ids: list[str], chars: int) -> dict:
                 Prediction.model_version)
          .join(Prediction, Prediction.job_id == Job.id).where(Job.id.in_(job_ids)))
     return {r.id: r for r in session.execute(q)}
+
+
+def stored_rows(*, session: Session, job_ids: list[str]) -> list:
+    """(id, finished_at, embedding) of these jobs, those that succeeded (the search
+    cache's check of its saved files against the database)."""
+    return session.execute(select(Job.id, Job.finished_at, Prediction.embedding)
+                           .join(Prediction, Prediction.job_id == Job.id)
+                           .where(Job.status == JobStatus.SUCCEEDED.value,
+                                  Job.id.in_(job_ids))).all()
