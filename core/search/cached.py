@@ -60,8 +60,9 @@ MIN_CAPACITY = 1024
 class Backing:
     """The files of one space in one epoch, mapped shared (``arrays``)."""
 
-    def __init__(self, prefix: Path, dim: int, capacity: int, create: bool = False):
-        self.prefix, self.dim, self.capacity = prefix, dim, capacity
+    def __init__(self, prefix: Path, epoch: str, dim: int, capacity: int,
+                 create: bool = False):
+        self.prefix, self.epoch, self.dim, self.capacity = prefix, epoch, dim, capacity
         if create:
             for name, size in self._sizes(capacity).items():
                 with open(self._path(name), "wb") as f:
@@ -101,7 +102,7 @@ class Backing:
 
     def remap(self, capacity: int) -> Backing:
         """The same files at the capacity another process grew them to."""
-        return Backing(self.prefix, self.dim, capacity)
+        return Backing(self.prefix, self.epoch, self.dim, capacity)
 
     def flush(self) -> None:
         for a in self.arrays.values():
@@ -149,20 +150,23 @@ class CacheFiles:
     def backing(self, epoch: str, space: str, dim: int, capacity: int,
                 create: bool = False) -> Backing:
         prefix = self.dir / f"cache.{epoch}.{space_key(space)}"
-        return Backing(prefix, dim, max(MIN_CAPACITY, capacity), create=create)
+        return Backing(prefix, epoch, dim, max(MIN_CAPACITY, capacity), create=create)
 
     @staticmethod
     def new_epoch() -> str:
         return uuid.uuid4().hex[:12]
 
-    def commit(self, header: dict) -> None:
-        """Replace the header (the data files were flushed first)."""
+    def commit(self, header: dict, durable: bool) -> None:
+        """Replace the header. ``durable``: the data files were flushed to disk first,
+        and the header is too (else the page cache has it: every process of the host
+        sees it, and after a crash the rows past ``synced`` are read from SQL again)."""
         path = self.dir / HEADER
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             json.dump(header, f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def drop_other_epochs(self, epoch: str) -> None:
@@ -172,6 +176,14 @@ class CacheFiles:
             parts = p.name.split(".")
             if (len(parts) == 4 and parts[1] != epoch) or parts[-1] == "tmp":
                 p.unlink(missing_ok=True)
+
+
+def boot_id() -> str:
+    """This boot of the host: page-cache writes not flushed before it may be lost."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def sample_rows(shard, k: int = 4) -> list[list]:
@@ -188,7 +200,9 @@ def check_sample(header: dict, shards: dict, found: dict) -> None:
     for space, rows in header["sample"].items():
         shard = shards[space]
         for job_id, fin, row in rows:
-            if row >= shard.n or shard.job_id(row) != job_id:
+            if row >= shard.n:  # past the rows kept after a crash: not used
+                continue
+            if shard.job_id(row) != job_id:
                 raise ValueError(f"sampled row {row} is not job {job_id}")
             got = found.get(job_id)
             if got is None:

@@ -13,6 +13,10 @@ every later result.) No migration is needed: ``jobs.finished_at``
 is indexed already. Jobs made only to embed a query (``params.search_query``) are
 never loaded, so they are never results.
 
+With an index directory the cache itself is saved there and memory-mapped, shared
+by the host's processes (cached.py, sharing.py): a restart maps it and reads from SQL
+only what finished after its watermark; a refresh appends to it for every process.
+
 The HNSW index is saved (core/search/saved.py) and memory-mapped read-only, so a
 restart maps it instead of rebuilding it and the API processes of a host share it.
 A mapped index cannot take adds: rows it lacks go to a small in-memory ``delta`` index
@@ -227,7 +231,7 @@ class SearchEngine:
 
     def cache_of(self, shard: Shard) -> str | None:
         """The saved cache generation whose rows a saved index's keys can be."""
-        return self.epoch if shard.backing is not None else None
+        return shard.backing.epoch if shard.backing is not None else None
 
     # -- the approximate index -------------------------------------------------------------------
 

@@ -19,7 +19,11 @@ a new index), never a crash and never wrong rows.
 Keys are positions in the ids file, not the reader's row numbers: two processes load
 the same predictions in different orders (a late commit lands at the end of one
 process's cache and in finished_at order in a fresh one), so a reader maps each saved
-job id to its own row (``SavedIndex.rows``; -1: a job it has not loaded yet).
+job id to its own row (``SavedIndex.rows``; -1: a job it has not loaded yet). Except
+when the index was built over the host's saved vector cache (core/search/cached.py):
+then every process of the host numbers rows alike, the JSON names that cache's
+generation (``cache``), and a process mapping the same generation uses the keys as
+rows without reading the ids (a million strings each).
 """
 
 from __future__ import annotations

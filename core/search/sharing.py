@@ -12,18 +12,26 @@ import time
 
 import numpy as np
 
-from core.search.cached import FORMAT, check_sample, sample_ids, sample_rows
+from core.search.cached import FORMAT, boot_id, check_sample, sample_ids, sample_rows
 from core.search.shard import Shard
 from core.search.types import micros
 from core.store import vectors
 
 log = logging.getLogger(__name__)
 
+# The files are flushed to disk at most this often (seconds), not on every append: an
+# msync of nine files per refresh would cost more than the refresh. Until then the
+# page cache holds the new rows for every process of the host; after a crash (a new
+# boot id), rows past the last flush are dropped and read again from SQL.
+SYNC_S = 60.0
+
 
 class SharedCache:
     def __init__(self, engine):
         self.e = engine
         self.committed: tuple | None = None  # the state last committed (or read)
+        self.synced: dict[str, int] = {}  # space -> rows flushed to disk (the header's)
+        self.synced_at = -SYNC_S  # time.monotonic() of this process's last flush
 
     def refresh(self) -> int:
         """Under the host's lock: the engine's rows in step with the files, then with
@@ -52,14 +60,14 @@ class SharedCache:
                 e.epoch = files.new_epoch()
                 t0 = time.monotonic()
                 n = e.load()
-                self.commit()
+                self.commit(durable=True)
                 files.drop_other_epochs(e.epoch)
                 log.info("search: %d vectors loaded from SQL and saved to %s in %.1f s",
                          n, files.dir, time.monotonic() - t0)
                 return n
             n = e.load()
             if self._state() != self.committed:
-                self.commit()
+                self.commit(durable=time.monotonic() - self.synced_at >= SYNC_S)
             return n
 
     def _state(self) -> tuple:
@@ -72,14 +80,29 @@ class SharedCache:
         e, files = self.e, self.e.files
         t0 = time.monotonic()
         try:
-            epoch, shards = header["epoch"], {}
+            ids = sample_ids(header)
+        except (KeyError, TypeError, AttributeError) as err:
+            log.warning("search: ignoring the saved vector cache in %s (%s); it will be "
+                        "rebuilt from SQL", files.dir, err)
+            return False
+        with e.sessions() as s:  # a database error is raised, not taken for a bad file
+            found = {r.id: (micros(r.finished_at), r.embedding) for r in
+                     vectors.stored_rows(session=s, job_ids=ids)}
+        try:
+            epoch, shards, crashed = header["epoch"], {}, header["boot"] != boot_id()
             for space, sp in header["spaces"].items():
                 b = files.backing(epoch, space, sp["dim"], sp["capacity"])
-                shards[space] = Shard(space, sp["dim"], backing=b, n=sp["count"])
-            with e.sessions() as s:
-                found = {r.id: (micros(r.finished_at), r.embedding) for r in
-                         vectors.stored_rows(session=s, job_ids=sample_ids(header))}
+                n = sp["synced"] if crashed else sp["count"]
+                shards[space] = Shard(space, sp["dim"], backing=b, n=n)
             check_sample(header, shards, found)
+            watermark = header["watermark"]
+            if crashed:  # the newest row kept, not the newest committed
+                kept = [int(s.finished[:s.n].max()) for s in shards.values() if s.n]
+                watermark = max(kept) if kept else None
+                log.warning("search: the host restarted since the vector cache in %s was "
+                            "last flushed: %d rows are read from SQL again", files.dir,
+                            sum(sp["count"] - sp["synced"]
+                                for sp in header["spaces"].values()))
             e.reset()
             for table, codes in e.codes.items():
                 codes.adopt(header["codes"][table])
@@ -88,10 +111,12 @@ class SharedCache:
                         "rebuilt from SQL", files.dir, err)
             e.reset()
             return False
-        e.shards, e.epoch, e.watermark = shards, epoch, header["watermark"]
+        e.shards, e.epoch, e.watermark = shards, epoch, watermark
         for shard in shards.values():
             self._remember(shard, 0)
-        self.committed = self._state()
+        self.synced = {v: s.n for v, s in shards.items()} if crashed else \
+            {v: sp["synced"] for v, sp in header["spaces"].items()}
+        self.committed = None if crashed else self._state()
         log.info("search: mapped the saved vector cache in %s (%d vectors) in %.2f s",
                  files.dir, sum(s.n for s in shards.values()), time.monotonic() - t0)
         return True
@@ -116,6 +141,11 @@ class SharedCache:
             codes.adopt(header["codes"][table])
         for space, sp in header["spaces"].items():
             shard = e.shards.get(space)
+            if shard is not None and shard.n > sp["count"]:
+                # Rows this process appended without committing (its refresh failed):
+                # another process may have written over them since.
+                raise ValueError(f"{shard.n - sp['count']} rows were never committed")
+            self.synced[space] = sp["synced"]
             if shard is None:
                 shard = e.shards[space] = Shard(space, sp["dim"], backing=files.backing(
                     e.epoch, space, sp["dim"], sp["capacity"]))
@@ -126,15 +156,20 @@ class SharedCache:
                 self._remember(shard, lo)
         self.committed = self._state()
 
-    def commit(self) -> None:
-        """Flush the rows, then replace the header (the commit point)."""
+    def commit(self, durable: bool) -> None:
+        """Replace the header (the commit point); ``durable``: flush the rows to disk
+        first (msync), and record them as ``synced``."""
         e = self.e
-        for shard in e.shards.values():
-            shard.backing.flush()
+        if durable:
+            for v, shard in e.shards.items():
+                shard.backing.flush()
+                self.synced[v] = shard.n
+            self.synced_at = time.monotonic()
         e.files.commit({
-            "format": FORMAT, "epoch": e.epoch, "watermark": e.watermark,
+            "format": FORMAT, "epoch": e.epoch, "watermark": e.watermark, "boot": boot_id(),
             "codes": {t: list(c.ids) for t, c in e.codes.items()},
-            "spaces": {v: {"dim": s.dim, "count": s.n, "capacity": s.backing.capacity}
+            "spaces": {v: {"dim": s.dim, "count": s.n, "capacity": s.backing.capacity,
+                           "synced": self.synced.get(v, 0)}
                        for v, s in e.shards.items()},
-            "sample": {v: sample_rows(s) for v, s in e.shards.items()}})
+            "sample": {v: sample_rows(s) for v, s in e.shards.items()}}, durable)
         self.committed = self._state()

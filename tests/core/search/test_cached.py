@@ -226,3 +226,21 @@ def test_two_processes_share_the_cache_pages_and_each_others_appends(lite, tmp_p
     p.join(60)
     assert got["loaded"] == 5 and got["hits"][0] == new_ids[2]
     assert a.refresh(force=True) == 0 and top(a, new[2], 1) == [new_ids[2]]
+
+
+def test_after_a_host_crash_rows_past_the_last_flush_are_read_again(lite, tmp_path):
+    rng = np.random.default_rng(4)
+    store_jobs(lite, unit(rng, 200))
+    a = engine_at(lite, tmp_path)
+    a.refresh(force=True)  # the first commit flushes to disk
+    new = unit(rng, 30)
+    new_ids = store_jobs(lite, new)
+    assert a.refresh(force=True) == 30  # appended, in the page cache only
+    h = json.loads((tmp_path / HEADER).read_text())
+    assert (h["spaces"][V1]["count"], h["spaces"][V1]["synced"]) == (230, 200)
+    h["boot"] = "an earlier boot"  # as if the host had crashed and rebooted since
+    (tmp_path / HEADER).write_text(json.dumps(h))
+    b = engine_at(lite, tmp_path)
+    assert b.refresh(force=True) == 30  # the unflushed rows, from SQL again
+    assert b.stats()[V1]["vectors"] == 230
+    assert top(b, new[4], 1) == [new_ids[4]]
