@@ -3,8 +3,10 @@ maps it instead of reading every stored prediction from SQL (minutes at 1 M), an
 API processes of one host share its pages (~1.6 GiB per million 384-d vectors, once
 per host instead of once per process).
 
-In ``MMQ_SEARCH_INDEX_DIR`` (beside the saved HNSW index, core/search/saved.py), one
-generation (``epoch``) of files per host:
+In ``MMQ_SEARCH_INDEX_DIR`` (beside the saved HNSW index, core/search/saved.py), in a
+folder per database (``cache-<hash of the database URL, password hidden>``: processes
+of one host on two stores never take each other's files), one generation (``epoch``)
+of files:
 
     cache.json                    the header and commit point: format, epoch, the
                                   watermark (the newest jobs.finished_at loaded, the
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -110,10 +113,11 @@ class Backing:
 
 
 class CacheFiles:
-    """The saved vector cache of one directory (one per host)."""
+    """The saved vector cache of one store on one host."""
 
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
+    def __init__(self, index_dir: str | os.PathLike, store_url: str = ""):
+        key = hashlib.sha256(store_url.encode()).hexdigest()[:12]
+        self.dir = Path(index_dir) / f"cache-{key}"
 
     @contextlib.contextmanager
     def locked(self):
@@ -176,6 +180,12 @@ class CacheFiles:
             parts = p.name.split(".")
             if (len(parts) == 4 and parts[1] != epoch) or parts[-1] == "tmp":
                 p.unlink(missing_ok=True)
+
+
+def store_url(sessions) -> str:
+    """The database's URL, password hidden ("" without one): whose cache files."""
+    bind = sessions.kw.get("bind") if sessions is not None else None
+    return "" if bind is None else bind.url.render_as_string(hide_password=True)
 
 
 def boot_id() -> str:

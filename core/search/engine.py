@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.precision import untagged
 from core.search.ann import AnnConfig, AnnIndex
-from core.search.cached import MIN_CAPACITY, CacheFiles
+from core.search.cached import MIN_CAPACITY, CacheFiles, store_url
 from core.search.saved import IndexStore, SavedIndex, rows_of
 from core.search.shard import Codes, Shard
 from core.search.sharing import SharedCache
@@ -98,7 +98,8 @@ class SearchEngine:
         self.spaces: dict[str, str] = {}  # model version -> its space (base model version)
         self.reset()
         # The saved vector cache (cached.py), beside the saved index; None: private.
-        self.files = CacheFiles(self.cfg.index_dir) if self.cfg.index_dir else None
+        self.files = CacheFiles(self.cfg.index_dir, store_url(sessions)) \
+            if self.cfg.index_dir else None
         self.shared = SharedCache(self)
         self.loaded_at = -math.inf  # time.monotonic() of the last refresh
         self.lock = threading.Lock()  # one refresh at a time

@@ -57,6 +57,12 @@ def engine_at(sessions, index_dir, **kw) -> SearchEngine:
     return SearchEngine(sessions, SearchConfig(refresh_s=0, background_build=False, **cfg))
 
 
+def header_of(index_dir):
+    """The cache header of the one store that used index_dir."""
+    (folder,) = index_dir.glob("cache-*")
+    return folder / HEADER
+
+
 def top(eng: SearchEngine, q, k: int = 10) -> list[str]:
     return [h.id for h in eng.search(q, V1, SearchFilters(), k=k)[0]]
 
@@ -69,7 +75,7 @@ def test_a_restart_maps_the_saved_cache_and_reads_only_new_rows(sessions, tmp_pa
     a = engine_at(sessions, tmp_path)
     assert a.refresh(force=True) == 300
     assert a.stats()[V1]["cache_mapped"]
-    header = json.loads((tmp_path / HEADER).read_text())
+    header = json.loads(header_of(tmp_path).read_text())
     assert header["spaces"][V1]["count"] == 300 and header["watermark"] is not None
     caplog.set_level(logging.INFO, "core.search")
     b = engine_at(sessions, tmp_path)  # a restart
@@ -88,7 +94,7 @@ def test_a_restart_maps_the_saved_cache_and_reads_only_new_rows(sessions, tmp_pa
     c = engine_at(sessions, tmp_path)
     assert c.refresh(force=True) == 20
     assert top(c, new[3], 1) == [new_ids[3]]
-    assert json.loads((tmp_path / HEADER).read_text())["spaces"][V1]["count"] == 320
+    assert json.loads(header_of(tmp_path).read_text())["spaces"][V1]["count"] == 320
 
 
 def test_new_results_are_appended_to_the_file_and_index_without_a_rebuild(
@@ -117,29 +123,29 @@ def test_new_results_are_appended_to_the_file_and_index_without_a_rebuild(
     assert "built in" not in caplog.text and "loaded from SQL" not in caplog.text
 
 
-def damage_foreign(tmp_path, other):  # the directory of another database
+def damage_foreign(index_dir):  # the database is made again under the same URL
     pass
 
 
-def damage_vector(tmp_path, other):  # a sampled row's bytes changed
-    vec = next(tmp_path.glob("cache.*.vecs"))
+def damage_vector(index_dir):  # a sampled row's bytes changed
+    vec = next(header_of(index_dir).parent.glob("cache.*.vecs"))
     with open(vec, "r+b") as f:
         f.write(b"\x00" * 64)
 
 
-def damage_short(tmp_path, other):
-    vec = next(tmp_path.glob("cache.*.ids"))
-    vec.write_bytes(vec.read_bytes()[:100])
+def damage_short(index_dir):
+    ids = next(header_of(index_dir).parent.glob("cache.*.ids"))
+    ids.write_bytes(ids.read_bytes()[:100])
 
 
-def damage_header(tmp_path, other):
-    (tmp_path / HEADER).write_text("{not json")
+def damage_header(index_dir):
+    header_of(index_dir).write_text("{not json")
 
 
-def damage_format(tmp_path, other):
-    h = json.loads((tmp_path / HEADER).read_text())
+def damage_format(index_dir):
+    h = json.loads(header_of(index_dir).read_text())
     h["format"] = 99
-    (tmp_path / HEADER).write_text(json.dumps(h))
+    header_of(index_dir).write_text(json.dumps(h))
 
 
 @pytest.mark.parametrize("damage", [damage_foreign, damage_vector, damage_short,
@@ -147,18 +153,20 @@ def damage_format(tmp_path, other):
 def test_a_stale_or_foreign_cache_is_detected_and_rebuilt_from_sql(tmp_path, caplog,
                                                                    damage):
     rng = np.random.default_rng(2)
-    first, second = (_sessions(f"sqlite:///{tmp_path / f'{n}.db'}") for n in "ab")
-    store_jobs(first[1], unit(rng, 100))
+    db = tmp_path / "a.db"
+    engine, sessions = _sessions(f"sqlite:///{db}")
     vecs = unit(rng, 120)
-    ids = store_jobs(second[1], vecs)
-    d = tmp_path / "cache"
-    # Saved from database a; then b's engine (the "foreign" case), or a's after damage.
-    engine_at(first[1], d).refresh(force=True)
-    sessions = second[1]
-    if damage is not damage_foreign:
-        engine_at(second[1], d / "x").refresh(force=True)
-        d = d / "x"
-        damage(d, None)
+    ids = store_jobs(sessions, vecs)
+    d = tmp_path / "index"
+    engine_at(sessions, d).refresh(force=True)
+    damage(d)
+    if damage is damage_foreign:  # other results, under the same URL (same folder)
+        engine.dispose()
+        for p in tmp_path.glob("a.db*"):
+            p.unlink()
+        engine, sessions = _sessions(f"sqlite:///{db}")
+        vecs = unit(rng, 120)
+        ids = store_jobs(sessions, vecs)
     caplog.set_level(logging.INFO, "core.search")
     b = engine_at(sessions, d)
     assert b.refresh(force=True) == 120  # all read from SQL again
@@ -168,8 +176,7 @@ def test_a_stale_or_foreign_cache_is_detected_and_rebuilt_from_sql(tmp_path, cap
     c = engine_at(sessions, d)  # the rebuilt one is good
     assert c.refresh(force=True) == 0 and "ignoring" not in caplog.text
     assert top(c, vecs[4]) == brute(vecs, ids, vecs[4], 10)
-    for e, _ in (first, second):
-        e.dispose()
+    engine.dispose()
 
 
 def _child(url: str, index_dir: str, q: list[float], out) -> None:
@@ -236,10 +243,10 @@ def test_after_a_host_crash_rows_past_the_last_flush_are_read_again(lite, tmp_pa
     new = unit(rng, 30)
     new_ids = store_jobs(lite, new)
     assert a.refresh(force=True) == 30  # appended, in the page cache only
-    h = json.loads((tmp_path / HEADER).read_text())
+    h = json.loads(header_of(tmp_path).read_text())
     assert (h["spaces"][V1]["count"], h["spaces"][V1]["synced"]) == (230, 200)
     h["boot"] = "an earlier boot"  # as if the host had crashed and rebooted since
-    (tmp_path / HEADER).write_text(json.dumps(h))
+    header_of(tmp_path).write_text(json.dumps(h))
     b = engine_at(lite, tmp_path)
     assert b.refresh(force=True) == 30  # the unflushed rows, from SQL again
     assert b.stats()[V1]["vectors"] == 230
