@@ -202,7 +202,7 @@ class SearchEngine:
             self.recent[r.id] = (fin, None, None)
             if self.watermark is None or fin > self.watermark:
                 self.watermark = fin
-            if r.embedding is None or is_search_query(r.params):
+            if r.embedding is None or r.status != vectors.SUCCEEDED or is_search_query(r.params):
                 continue
             vec = np.frombuffer(r.embedding, dtype="<f4")  # (D,)
             version = r.model_version or ""
