@@ -183,10 +183,11 @@ class Settings(BaseSettings):
     # exact search over the rows that pass.
     search_ann_overfetch: float = 4.0
     search_ann_max_fetch: int = 4096
-    # The HNSW index is saved here once built and memory-mapped read-only by every
-    # searching process of the host (they share its pages), so a restart maps it in
-    # seconds instead of rebuilding it (671 s at 1 M vectors). None = <data_dir>/
-    # search-index; search_index_save=False keeps the index in each process's memory.
+    # The vector cache and the HNSW index are saved here and memory-mapped by every
+    # searching process of the host (they share their pages, and each other's appended
+    # rows), so a restart maps them in seconds instead of reading SQL and rebuilding
+    # (671 s at 1 M vectors). None = <data_dir>/search-index; search_index_save=False
+    # keeps the cache and the index in each process's memory.
     # Rows a mapped index lacks are indexed in memory beside it; past
     # search_index_resave_rows of them, one process saves a new generation.
     search_index_dir: str | None = None

@@ -13,6 +13,10 @@ every later result.) No migration is needed: ``jobs.finished_at``
 is indexed already. Jobs made only to embed a query (``params.search_query``) are
 never loaded, so they are never results.
 
+With an index directory the cache itself is saved there and memory-mapped, shared
+by the host's processes (cached.py, sharing.py): a restart maps it and reads from SQL
+only what finished after its watermark; a refresh appends to it for every process.
+
 The HNSW index is saved (core/search/saved.py) and memory-mapped read-only, so a
 restart maps it instead of rebuilding it and the API processes of a host share it.
 A mapped index cannot take adds: rows it lacks go to a small in-memory ``delta`` index
@@ -33,7 +37,6 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import UTC, timedelta
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,9 +44,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.precision import untagged
 from core.search.ann import AnnConfig, AnnIndex
+from core.search.cached import MIN_CAPACITY, CacheFiles, store_url
 from core.search.saved import IndexStore, SavedIndex, rows_of
 from core.search.shard import Codes, Shard
-from core.search.types import SearchFilters, SearchHit, SearchStats, epoch, is_search_query
+from core.search.sharing import SharedCache
+from core.search.types import (
+    SearchFilters,
+    SearchHit,
+    SearchStats,
+    at_micros,
+    epoch,
+    hit_of,
+    is_search_query,
+    micros,
+)
 from core.store import vectors
 from core.store.versions import get_version
 
@@ -81,15 +95,25 @@ class SearchEngine:
 
     def __init__(self, sessions: sessionmaker[Session], cfg: SearchConfig | None = None):
         self.sessions, self.cfg = sessions, cfg or SearchConfig()
-        self.shards: dict[str, Shard] = {}
-        self.codes = {t: Codes() for t in ("modality", "task", "owner", "label", "version")}
         self.spaces: dict[str, str] = {}  # model version -> its space (base model version)
-        self.watermark = None  # the newest jobs.finished_at loaded (the DB's own type)
-        self.recent: dict[str, object] = {}  # job id -> finished_at, inside the window
+        self.reset()
+        # The saved vector cache (cached.py), beside the saved index; None: private.
+        self.files = CacheFiles(self.cfg.index_dir, store_url(sessions)) \
+            if self.cfg.index_dir else None
+        self.shared = SharedCache(self)
         self.loaded_at = -math.inf  # time.monotonic() of the last refresh
         self.lock = threading.Lock()  # one refresh at a time
         self.builds: list[threading.Thread] = []
         self.store = IndexStore(self.cfg.index_dir) if self.cfg.index_dir else None
+
+    def reset(self) -> None:
+        """Forget every loaded row (first use, or the saved cache was replaced)."""
+        self.shards: dict[str, Shard] = {}
+        self.codes = {t: Codes() for t in ("modality", "task", "owner", "label", "version")}
+        self.watermark: int | None = None  # the newest jobs.finished_at loaded, epoch µs
+        # job id -> (finished_at µs, space, row; None: not a vector), inside the window
+        self.recent: dict[str, tuple] = {}
+        self.epoch: str | None = None  # the saved cache's generation this process maps
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -101,11 +125,27 @@ class SearchEngine:
             if not force and time.monotonic() - self.loaded_at < self.cfg.refresh_s:
                 return 0  # another thread refreshed while this one waited
             started = time.monotonic()
-            n = self._load_all() if self.watermark is None else self._catch_up()
+            if self.files is not None and self.epoch is None and not self.files.writable():
+                self.files = None
+            if self.files is not None:
+                try:
+                    n = self.shared.refresh()
+                except OSError as e:  # a full disk: this process keeps its own copy
+                    log.warning("search: the saved vector cache in %s failed (%s); this "
+                                "process keeps its own copy", self.files.dir, e)
+                    self.files = None
+                    self.reset()
+                    n = self.load()
+            else:
+                n = self.load()
             self.loaded_at = started
             for shard in self.shards.values():
                 self._index_new_rows(shard)
             return n
+
+    def load(self) -> int:
+        """Everything (the first time), else what finished since the watermark."""
+        return self._load_all() if self.watermark is None else self._catch_up()
 
     def _load_all(self) -> int:
         """First load: every stored prediction, in pages ordered by (finished_at, id)."""
@@ -123,16 +163,17 @@ class SearchEngine:
 
     def _catch_up(self) -> int:
         """The ids finished inside the window, then the full rows of the unseen ones."""
-        since = self.watermark - timedelta(seconds=self.cfg.catchup_s)
+        since = self.watermark - round(self.cfg.catchup_s * 1e6)
         with self.sessions() as s:
-            ids = vectors.succeeded_since(session=s, since=since)
-            new = [r.id for r in ids if self.recent.get(r.id) != r.finished_at]
+            ids = vectors.succeeded_since(session=s, since=at_micros(since))
+            new = [r.id for r in ids
+                   if self.recent.get(r.id, (None,))[0] != micros(r.finished_at)]
             total = 0
             for lo in range(0, len(new), PAGE):
                 total += self._put_rows(s, vectors.vector_rows(
                     session=s, job_ids=new[lo:lo + PAGE]))
         # Forget what fell out of the window: it will not be read again.
-        self.recent = {j: at for j, at in self.recent.items() if at >= since}
+        self.recent = {j: v for j, v in self.recent.items() if v[0] >= since}
         return total
 
     def space_of(self, version: str, session: Session | None = None) -> str:
@@ -156,28 +197,42 @@ class SearchEngine:
     def _put_rows(self, session: Session, rows) -> int:
         added = 0
         for r in rows:
-            self.recent[r.id] = r.finished_at
-            if self.watermark is None or r.finished_at > self.watermark:
-                self.watermark = r.finished_at
-            if r.embedding is None or is_search_query(r.params):
+            fin = micros(r.finished_at)
+            _, seen, row = self.recent.get(r.id, (None, None, None))
+            self.recent[r.id] = (fin, None, None)
+            if self.watermark is None or fin > self.watermark:
+                self.watermark = fin
+            if r.embedding is None or r.status != vectors.SUCCEEDED or is_search_query(r.params):
                 continue
             vec = np.frombuffer(r.embedding, dtype="<f4")  # (D,)
             version = r.model_version or ""
             space = self.space_of(version, session)
             shard = self.shards.get(space)
             if shard is None:
-                shard = self.shards[space] = Shard(space, len(vec))
+                shard = self.shards[space] = self._new_shard(space, len(vec))
             if len(vec) != shard.dim:  # one space, one dimension: a bad row
                 log.warning("search: job %s has a %d-d embedding, its space %s has %d",
                             r.id, len(vec), space, shard.dim)
                 continue
             top = r.labels[0][0].strip().casefold() if r.labels else None
             c = self.codes
+            old = row if seen == space else None  # loaded before: updated in place
             row = shard.put(r.id, vec, c["modality"].code(r.modality), c["task"].code(r.task),
                             c["owner"].code(r.owner), c["label"].code(top),
-                            epoch(r.created_at), c["version"].code(version))
-            added += row is not None
+                            epoch(r.created_at), c["version"].code(version), fin, old)
+            self.recent[r.id] = (fin, space, row)
+            added += old is None
         return added
+
+    def _new_shard(self, space: str, dim: int) -> Shard:
+        if self.epoch is None:
+            return Shard(space, dim)
+        return Shard(space, dim, backing=self.files.backing(self.epoch, space, dim,
+                                                            MIN_CAPACITY, create=True))
+
+    def cache_of(self, shard: Shard) -> str | None:
+        """The saved cache generation whose rows a saved index's keys can be."""
+        return shard.backing.epoch if shard.backing is not None else None
 
     # -- the approximate index -------------------------------------------------------------------
 
@@ -243,8 +298,8 @@ class SearchEngine:
                     idx, n0 = self._build_rows(shard)
                     t0 = time.monotonic()
                     try:
-                        self.store.save(shard.version, idx.index, shard.job_ids[:n0],
-                                        self.cfg.ann)
+                        self.store.save(shard.version, idx.index, shard.ids_of(0, n0),
+                                        self.cfg.ann, cache=self.cache_of(shard))
                         log.info("search: HNSW index of %d vectors saved to %s in %.1f s",
                                  n0, self.store.dir, time.monotonic() - t0)
                         saved = self._load_saved(shard)
@@ -276,14 +331,23 @@ class SearchEngine:
         return idx, n0
 
     def _load_saved(self, shard: Shard) -> SavedIndex | None:
-        return self.store.load(shard.version, shard.dim, self.cfg.ann)
+        return self.store.load(shard.version, shard.dim, self.cfg.ann,
+                               cache=self.cache_of(shard))
 
     def _adopt(self, shard: Shard, saved: SavedIndex) -> None:
         """Search through a mapped index: each saved key mapped to this process's row,
         and the rows it lacks (loaded later, or by a late commit) indexed in the delta."""
         t0 = time.monotonic()
+        if saved.ids is None:  # its keys are the rows of the saved cache this maps
+            self._adopt_rows(shard, saved)
+            log.info("search: mapped the saved HNSW index of %s (generation %d, %d vectors; "
+                     "%d more in memory) in %.2f s", shard.version, saved.meta.generation,
+                     saved.meta.count, len(shard.delta), time.monotonic() - t0)
+            return
         n = shard.n
-        rows = rows_of(saved, shard.row_of)  # (count,) this process's rows
+        row_of = {j: i for i, j in enumerate(shard.ids_of(0, n))}  # a temporary map
+        rows = rows_of(saved, row_of)  # (count,) this process's rows
+        del row_of
         rows[rows >= n] = -1  # appended meanwhile: they go to the delta below instead
         covered = np.zeros(n, bool)
         covered[rows[rows >= 0]] = True
@@ -303,6 +367,19 @@ class SearchEngine:
         log.info("search: mapped the saved HNSW index of %s (generation %d, %d vectors; "
                  "%d more in memory) in %.2f s", shard.version, saved.meta.generation,
                  saved.meta.count, len(delta), time.monotonic() - t0)
+
+    def _adopt_rows(self, shard: Shard, saved: SavedIndex) -> None:
+        """Keys are rows: the delta indexes the rows past the saved count."""
+        count = saved.meta.count
+        base = AnnIndex(shard.dim, self.cfg.ann, index=saved.index)
+        delta = AnnIndex(shard.dim, self.cfg.ann)
+        with shard.lock:
+            extra = np.arange(count, shard.n)
+            delta.add(extra, shard.vecs[extra])
+            shard.delta, shard.ann = delta, base
+            # Past n: rows another process appended and indexed, not loaded here yet
+            # (a search ignores keys >= its n); they are not indexed twice.
+            shard.ann_rows, shard.saved = max(shard.n, count), saved.meta
 
     def _resave(self, shard: Shard) -> None:
         """Fold the delta into a new saved generation (or adopt a newer one that another
@@ -326,16 +403,28 @@ class SearchEngine:
     def _save_merged(self, shard: Shard) -> None:
         t0 = time.monotonic()
         meta = shard.saved
+        if meta.cache and meta.cache == self.cache_of(shard):  # keys are rows
+            with shard.lock:
+                hi = shard.ann_rows
+            rows = np.arange(meta.count, hi)
+            idx = self.store.copy(meta)
+            idx.expansion_add = self.cfg.ann.expansion_add
+            idx.add(rows.astype(np.uint64), shard.vecs[rows], threads=self.cfg.ann.threads)
+            self.store.save(shard.version, idx, shard.ids_of(0, hi), self.cfg.ann,
+                            cache=meta.cache)
+            log.info("search: %d delta rows folded into the saved index of %s in %.1f s",
+                     len(rows), shard.version, time.monotonic() - t0)
+            return
         ids = self.store.ids(meta)
         known = set(ids)
         with shard.lock:
             drows = np.sort(np.asarray(shard.delta.index.keys, np.int64))
-        drows = np.array([r for r in drows if shard.job_ids[r] not in known], np.int64)
+        drows = np.array([r for r in drows if shard.job_id(r) not in known], np.int64)
         idx = self.store.copy(meta)  # a private, writable copy of the saved index
         idx.expansion_add = self.cfg.ann.expansion_add  # not kept in the file
         idx.add(np.arange(meta.count, meta.count + len(drows), dtype=np.uint64),
                 shard.vecs[drows], threads=self.cfg.ann.threads)
-        ids += [shard.job_ids[r] for r in drows]
+        ids += [shard.job_id(r) for r in drows]
         self.store.save(shard.version, idx, ids, self.cfg.ann)
         log.info("search: %d delta rows folded into the saved index of %s in %.1f s",
                  len(drows), shard.version, time.monotonic() - t0)
@@ -384,7 +473,7 @@ class SearchEngine:
 
     def _hits(self, shard: Shard, rows: np.ndarray, scores: np.ndarray) -> list[SearchHit]:
         """The hits' summaries, read from SQL in one query (texts are not cached)."""
-        ids = [shard.job_ids[int(r)] for r in rows]
+        ids = [shard.job_id(int(r)) for r in rows]
         if not ids:
             return []
         with self.sessions() as s:
@@ -397,27 +486,8 @@ class SearchEngine:
         return {v: {"vectors": s.n, "ann": None if s.ann is None else len(s.ann),
                     "delta": 0 if s.delta is None else len(s.delta),
                     "mapped": s.ann is not None and not s.ann.mutable,
+                    "cache_mapped": s.backing is not None,
                     "cache_bytes": s.memory_bytes,
                     "ann_bytes": None if s.ann is None else s.ann.memory_bytes}
                 for v, s in self.shards.items()}
 
-
-def hit_of(r, score: float) -> SearchHit:
-    label, label_score = (r.labels[0][0], float(r.labels[0][1])) if r.labels else (None, None)
-    text = r.transcript if r.modality == "audio" else r.text
-    parts = []
-    if label is not None:
-        parts.append(f"{label} ({label_score:.2f})")
-    if text:
-        cut = text[:80].strip()
-        parts.append(f"“{cut}{'…' if len(text) > 80 else ''}”")
-    summary = " · ".join(parts) or f"{r.modality} {r.task}"
-    created = r.created_at
-    return SearchHit(id=r.id, modality=r.modality, task=r.task, score=round(score, 6),
-                     summary=summary, model_version=r.model_version,
-                     created_at=None if created is None else _iso(created),
-                     label=label, label_score=label_score, text=text or None, owner=r.owner)
-
-
-def _iso(d) -> str:
-    return (d if d.tzinfo else d.replace(tzinfo=UTC)).isoformat()

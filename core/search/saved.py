@@ -19,7 +19,11 @@ a new index), never a crash and never wrong rows.
 Keys are positions in the ids file, not the reader's row numbers: two processes load
 the same predictions in different orders (a late commit lands at the end of one
 process's cache and in finished_at order in a fresh one), so a reader maps each saved
-job id to its own row (``SavedIndex.rows``; -1: a job it has not loaded yet).
+job id to its own row (``SavedIndex.rows``; -1: a job it has not loaded yet). Except
+when the index was built over the host's saved vector cache (core/search/cached.py):
+then every process of the host numbers rows alike, the JSON names that cache's
+generation (``cache``), and a process mapping the same generation uses the keys as
+rows without reading the ids (a million strings each).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class SavedMeta:
     index_crc: int
     ids_bytes: int
     ids_crc: int
+    # The saved vector cache generation (core/search/cached.py) whose rows the keys
+    # are ("": keys are only positions in the ids file).
+    cache: str = ""
 
 
 @dataclass
@@ -68,7 +75,7 @@ class SavedIndex:
 
     meta: SavedMeta
     index: Index  # a read-only view of the file
-    ids: list[str]  # the job id of each key
+    ids: list[str] | None  # the job id of each key; None: keys are the cache's rows
 
 
 def space_key(space: str) -> str:
@@ -129,9 +136,12 @@ class IndexStore:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def load(self, space: str, dim: int, cfg: AnnConfig) -> SavedIndex | None:
+    def load(self, space: str, dim: int, cfg: AnnConfig,
+             cache: str | None = None) -> SavedIndex | None:
         """Map the saved index of a space, if there is a complete one made with these
-        parameters; None (with a warning when a file is there but unusable) otherwise."""
+        parameters; None (with a warning when a file is there but unusable) otherwise.
+        Made over the rows of the saved cache ``cache``: its ids are not read (at 1 M,
+        ~100 MB of strings per process), the keys are rows."""
         path = self._meta_path(space)
         if not path.exists():
             return None
@@ -150,10 +160,10 @@ class IndexStore:
                                  (idpath, meta.ids_bytes, meta.ids_crc)):
                 if p.stat().st_size != size or crc_of(p) != crc:
                     raise ValueError(f"{p.name} does not match its checksum or size")
-            ids = self.ids(meta)
+            ids = None if cache and meta.cache == cache else self.ids(meta)
             index = Index.restore(str(ipath), view=True)
-            if index is None or len(ids) != meta.count or len(index) != meta.count \
-                    or index.ndim != dim:
+            if index is None or (ids is not None and len(ids) != meta.count) \
+                    or len(index) != meta.count or index.ndim != dim:
                 raise ValueError("the index and its ids disagree")
             return SavedIndex(meta, index, ids)
         except Exception as e:  # noqa: BLE001 - any unusable file means: rebuild
@@ -161,9 +171,10 @@ class IndexStore:
                         "rebuilt", space, self.dir, e)
             return None
 
-    def save(self, space: str, index: Index, ids: list[str], cfg: AnnConfig) -> SavedMeta:
+    def save(self, space: str, index: Index, ids: list[str], cfg: AnnConfig,
+             cache: str | None = None) -> SavedMeta:
         """Write a new generation (call under ``locked``): keys of ``index`` are
-        positions in ``ids``."""
+        positions in ``ids`` (and rows of the saved cache ``cache``, if given)."""
         assert len(index) == len(ids), "every key needs its job id"
         self.dir.mkdir(parents=True, exist_ok=True)
         gen = (self.generation(space) or 0) + 1
@@ -177,7 +188,7 @@ class IndexStore:
             os.replace(tmp, tmp.with_suffix(""))
         meta = SavedMeta(FORMAT, space, int(index.ndim), cfg.dtype, cfg.connectivity, gen,
                          len(ids), ipath.stat().st_size, crc_of(ipath),
-                         idpath.stat().st_size, crc_of(idpath))
+                         idpath.stat().st_size, crc_of(idpath), cache or "")
         mpath = self._meta_path(space)
         tmp_m = mpath.with_suffix(f".json.{os.getpid()}.tmp")
         tmp_m.write_text(json.dumps(asdict(meta)))

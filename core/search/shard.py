@@ -42,26 +42,45 @@ class Codes:
             return NONE
         return self.ids.setdefault(value, len(self.ids))
 
+    def adopt(self, table: list[str]) -> None:
+        """Take the codes of a saved cache (theirs extend ours, never disagree)."""
+        mine = list(self.ids)
+        if table[:len(mine)] != mine:
+            raise ValueError("the saved cache's codes disagree with this process's")
+        for value in table[len(mine):]:
+            self.code(value)
+
     def find(self, value: str | None) -> int | None:
         """The code of a value, None if no row has it (then nothing can match)."""
         return NONE if value is None else self.ids.get(value)
 
 
+# The per-row columns beside the vectors: name -> dtype. Contiguous arrays (a filter is
+# one vectorised comparison over a column); in a saved cache (core/search/cached.py)
+# each is a file of its own, grown in place.
+COLUMNS = {"modality": "<i2", "task": "<i2", "owner": "<i4",
+           "label": "<i4",  # the top label's code, NONE if none
+           "versions": "<i4",  # predictions.model_version's code
+           "created": "<f8",  # jobs.created_at, epoch seconds
+           "finished": "<i8",  # jobs.finished_at, epoch microseconds (the database's clock)
+           "ids": "S36"}  # the job id (a UUID)
+
+
 class Shard:
     """The vectors of one embedding space (a base model version, with the adapters
-    trained on it): growable arrays, capacity doubled on demand."""
+    trained on it): growable arrays, capacity grown on demand. Private numpy arrays,
+    or with a ``backing`` (core/search/cached.py) files mapped shared by the host's
+    processes."""
 
-    def __init__(self, version: str, dim: int, capacity: int = 1024):
-        self.version, self.dim, self.n = version, dim, 0  # version: the space's base model
-        self.vecs = np.zeros((capacity, dim), np.float32)  # (cap, D), rows [:n] valid
-        self.modality = np.zeros(capacity, np.int16)
-        self.task = np.zeros(capacity, np.int16)
-        self.owner = np.zeros(capacity, np.int32)
-        self.label = np.zeros(capacity, np.int32)  # the top label's code, NONE if none
-        self.created = np.zeros(capacity, np.float64)  # jobs.created_at, epoch seconds
-        self.versions = np.zeros(capacity, np.int32)  # predictions.model_version's code
-        self.job_ids: list[str] = []
-        self.row_of: dict[str, int] = {}
+    def __init__(self, version: str, dim: int, capacity: int = 1024, backing=None,
+                 n: int = 0):
+        self.version, self.dim, self.n = version, dim, n  # version: the space's base model
+        self.backing = backing
+        if backing is None:
+            self._set({"vecs": np.zeros((capacity, dim), np.float32)}  # (cap, D)
+                      | {c: np.zeros(capacity, t) for c, t in COLUMNS.items()})
+        else:
+            self._set(backing.arrays)
         self.ann: AnnIndex | None = None  # set once a background build has finished
         self.delta: AnnIndex | None = None  # rows a mapped (read-only) ``ann`` lacks
         self.ann_rows = 0  # rows [:ann_rows] are in the index (ann, or delta)
@@ -71,23 +90,40 @@ class Shard:
         self.resave_ok = True  # False after a re-save failed (the disk): not retried
         self.lock = threading.Lock()  # appends, and the hand-over of a built index
 
+    def _set(self, arrays: dict[str, np.ndarray]) -> None:
+        # A search holding the old arrays keeps a valid (shorter) copy or mapping.
+        self.vecs = arrays["vecs"]  # (cap, D), rows [:n] valid
+        for c in COLUMNS:
+            setattr(self, c, arrays[c])  # (cap,)
+
     # -- writing (the loader, under the cache's lock) ----------------------------------------
 
     def _grow(self, need: int) -> None:
         cap = len(self.vecs)
         if need <= cap:
             return
+        if self.backing is not None:  # files grow in place (sparse), then are re-mapped
+            self._set(self.backing.grow(max(need, cap + cap // 2)))
+            return
         new = max(need, cap * 2)
-        for name in ("vecs", "modality", "task", "owner", "label", "created", "versions"):
+        arrays = {}
+        for name in ("vecs", *COLUMNS):
             old = getattr(self, name)
             arr = np.zeros((new, *old.shape[1:]), old.dtype)
             arr[:cap] = old
-            setattr(self, name, arr)  # a search holding the old array keeps a valid copy
+            arrays[name] = arr
+        self._set(arrays)
+
+    def attach(self, backing) -> None:
+        """Map the backing's (grown) files again: another process grew them."""
+        self.backing = backing
+        self._set(backing.arrays)
 
     def put(self, job_id: str, vec: np.ndarray, modality: int, task: int, owner: int,
-            label: int, created: float, version: int = 0) -> int | None:
-        """Append a row (or update a job's row in place) -> the row if it is new."""
-        row = self.row_of.get(job_id)
+            label: int, created: float, version: int = 0, finished: int = 0,
+            row: int | None = None) -> int:
+        """Append a row, or with ``row`` update that row in place (a job loaded again)
+        -> its row."""
         new = row is None
         if new:
             row = self.n
@@ -95,26 +131,29 @@ class Shard:
         self.vecs[row] = vec
         self.modality[row], self.task[row], self.owner[row] = modality, task, owner
         self.label[row], self.created[row], self.versions[row] = label, created, version
+        self.finished[row], self.ids[row] = finished, job_id.encode()
         if new:
-            self.job_ids.append(job_id)
-            self.row_of[job_id] = row
             self.n = row + 1  # published last: a reader never sees a half-written row
-            return row
-        return None
+        return row
 
     def extend(self, job_ids: list[str], vecs: np.ndarray, modality: np.ndarray,
                task: np.ndarray, owner: np.ndarray, label: np.ndarray,
-               created: np.ndarray, version: int = 0) -> None:
+               created: np.ndarray, version: int = 0, finished: np.ndarray | int = 0) -> None:
         """Append many new rows at once: vecs (m, D), the columns (m,) (a bulk load)."""
         lo, m = self.n, len(job_ids)
         self._grow(lo + m)
         hi = lo + m
         self.vecs[lo:hi], self.modality[lo:hi], self.task[lo:hi] = vecs, modality, task
         self.owner[lo:hi], self.label[lo:hi], self.created[lo:hi] = owner, label, created
-        self.versions[lo:hi] = version
-        self.row_of.update(zip(job_ids, range(lo, hi), strict=True))
-        self.job_ids.extend(job_ids)
+        self.versions[lo:hi], self.finished[lo:hi] = version, finished
+        self.ids[lo:hi] = np.array(job_ids, "S36")
         self.n = hi
+
+    def job_id(self, row: int) -> str:
+        return self.ids[row].decode()
+
+    def ids_of(self, lo: int, hi: int) -> list[str]:
+        return [b.decode() for b in self.ids[lo:hi]]
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -190,6 +229,4 @@ class Shard:
 
     @property
     def memory_bytes(self) -> int:
-        return int(sum(getattr(self, a).nbytes for a in
-                       ("vecs", "modality", "task", "owner", "label", "created",
-                        "versions")))
+        return int(sum(getattr(self, a).nbytes for a in ("vecs", *COLUMNS)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 # The params flag that marks a job made only to embed a search query. Such jobs are
 # never search results (the vector cache skips them); list views may hide them too.
@@ -48,6 +48,21 @@ def epoch(d: datetime) -> float:
     return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros(d: datetime) -> int:
+    """Epoch microseconds, exactly (a naive datetime is UTC): how the search cache
+    keeps the database's finished_at, comparable across restarts and drivers."""
+    return ((d if d.tzinfo else d.replace(tzinfo=UTC)) - EPOCH) // timedelta(microseconds=1)
+
+
+def at_micros(us: int) -> datetime:
+    """The instant of epoch microseconds, as an aware UTC datetime (a bind parameter
+    both dialects compare correctly with jobs.finished_at)."""
+    return EPOCH + timedelta(microseconds=us)
+
+
 @dataclass
 class SearchHit:
     """One result, best first. ``summary`` is one line a person reads."""
@@ -76,3 +91,24 @@ class SearchStats:
     searched: int  # vectors of the embedding space in the cache
     candidates: int  # rows that passed the filters (exact) or that the index returned
     model_version: str | None  # the space searched: its base model version
+
+
+def hit_of(r, score: float) -> SearchHit:
+    label, label_score = (r.labels[0][0], float(r.labels[0][1])) if r.labels else (None, None)
+    text = r.transcript if r.modality == "audio" else r.text
+    parts = []
+    if label is not None:
+        parts.append(f"{label} ({label_score:.2f})")
+    if text:
+        cut = text[:80].strip()
+        parts.append(f"“{cut}{'…' if len(text) > 80 else ''}”")
+    summary = " · ".join(parts) or f"{r.modality} {r.task}"
+    created = r.created_at
+    return SearchHit(id=r.id, modality=r.modality, task=r.task, score=round(score, 6),
+                     summary=summary, model_version=r.model_version,
+                     created_at=None if created is None else _iso(created),
+                     label=label, label_score=label_score, text=text or None, owner=r.owner)
+
+
+def _iso(d) -> str:
+    return (d if d.tzinfo else d.replace(tzinfo=UTC)).isoformat()

@@ -113,7 +113,8 @@ def test_a_full_delta_is_folded_into_a_new_generation(sessions, tmp_path):
     c = engine_at(sessions, tmp_path, index_resave_rows=100)  # another process
     c.refresh(force=True)
     assert c.shards[V1].saved.generation == 1
-    new = store_jobs(sessions, clustered(rng, 150))
+    new_vecs = clustered(rng, 150)
+    new = store_jobs(sessions, new_vecs)
     a.refresh(force=True)  # 150 delta rows >= 100: a re-save starts
     settle(a)
     st = a.stats()[V1]
@@ -127,8 +128,7 @@ def test_a_full_delta_is_folded_into_a_new_generation(sessions, tmp_path):
     settle(c)
     assert IndexStore(tmp_path).generation(V1) == 2 and c.shards[V1].saved.generation == 2
     assert (c.stats()[V1]["ann"], c.stats()[V1]["delta"]) == (750, 0)
-    assert c.search(a.shards[V1].vecs[a.shards[V1].row_of[new[3]]], V1,
-                    SearchFilters(), k=1)[0][0].id == new[3]
+    assert c.search(new_vecs[3], V1, SearchFilters(), k=1)[0][0].id == new[3]
     # Only the new generation's files remain.
     names = sorted(p.name.split(".", 1)[1] for p in tmp_path.glob(f"{space_key(V1)}.*"))
     assert names == ["2.ids", "2.usearch", "json", "lock"]
