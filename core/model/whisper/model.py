@@ -7,7 +7,7 @@ runs per clip through an ``AttentionPlan``, so a 2 s clip costs 100 positions, n
 1,500 of a 30 s window. Equal-length clips (the tower's 30 s windows, always padded:
 see core/model/whisper/tower.py) skip the packing and run the same layers' weights on
 (B, S, C) directly (``AudioEncoder.windows_forward``), on a CPU with native bf16 as bf16
-matmuls (``SpeechConfig.encoder_precision``).
+matmuls (``SpeechConfig.precision``, core/model/whisper/precision.py).
 
 The decoder is the usual pre-LN stack (causal self-attention, cross-attention to the
 clip's encoder states, MLP) run over *rows* grouped by clip: every clip has the same

@@ -108,8 +108,8 @@ class SpeechTower:
             apply_speech_precision(self.model, self.precision, self.device)
         elif self.device.type == "cpu":
             raise ValueError(f"the speech tower runs fp32 weights on a CPU, not {dtype}")
-        else:  # CUDA: the tower's dtype is its precision
-            self.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+        else:  # CUDA: the tower's dtype is its precision (fp16: only when asked for)
+            self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         self.tokens = tokens
         self.front = LogMelFrontEnd()
         self.audio_cfg = AudioConfig(max_seconds=self.cfg.max_seconds)
