@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     # Beam width of transcription: 5 is faster-whisper's default; 1 (greedy) is about
     # twice as fast and a few points of word error rate worse (bench/speech.py).
     speech_beam_size: int = 5
+    # The speech tower's matmuls (core/model/whisper/precision.py): "fp32" (faster-
+    # whisper's fp32 transcripts); "bf16" (encoder matmuls, convolutions and attention,
+    # and the decoder's cross-attention keys/values in bf16; residuals, layer norms, the
+    # output projection and the search fp32); "int8" (every linear layer dynamically
+    # quantized, CPU only; misses the identical-transcript bound, docs/model.md);
+    # "auto" = bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16),
+    # else fp32. A mode other than fp32 is recorded in the speech version
+    # ("speech@<sha>/bf16").
+    speech_precision: Literal["fp32", "bf16", "int8", "auto"] = "auto"
     # Where the Whisper weights converted from the bundled model.bin are cached
     # (safetensors, checked by sha256). None = $XDG_CACHE_HOME/mmq/whisper or
     # ~/.cache/mmq/whisper; an unwritable place only costs a conversion per start.

@@ -67,7 +67,14 @@ def linear(x: torch.Tensor, lin: nn.Linear, dtype: torch.dtype | None = None,
            act: str = "none", q_scale: float | None = None) -> torch.Tensor:
     """act(lin(x)) for x of any rank, the matmul in ``dtype`` (None: x's dtype); output in
     that dtype. ``q_scale``: the first third of the output rows (a fused q, k, v
-    projection's queries) times this factor, folded into the weights."""
+    projection's queries) times this factor, folded into the weights. A dynamically
+    quantized int8 ``lin`` takes fp32 (``x`` is cast) and hands back fp32, ``dtype``
+    ignored; ``q_scale`` multiplies its output there."""
+    if weight_dtype(lin) is None:  # int8 (dynamic quantized): fp32 in and out
+        y = lin(x.float())
+        if q_scale is not None:
+            y[..., :y.shape[-1] // 3] *= q_scale
+        return F.gelu(y) if act == "gelu" else y
     w, b = lin.weight, lin.bias
     if q_scale is not None:
         C = w.shape[1]

@@ -145,7 +145,8 @@ class MultimodalModel:
         pre = TextPreprocessor(root, text.cfg.max_seq_len, s.max_text_chars)
         budget, _, _ = s.batching(dev.type)
         cfg = ModelConfig(max_batch_tokens=budget, attention_impl=s.attention_impl,
-                          speech=SpeechConfig(beam_size=s.speech_beam_size))
+                          speech=SpeechConfig(beam_size=s.speech_beam_size,
+                                              precision=s.speech_precision))
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
         precision = resolve_precision(s.text_precision, dev, bf16_on_cpu=False)
@@ -162,9 +163,12 @@ class MultimodalModel:
         model.add_tower(ImageJobs(lambda xs: model.embed("text", xs), text_version,
                                   s.image_weights, dev, cfg.image,
                                   precision=resolve_precision(s.image_precision, dev)))
+        # Resolved here, before the tower loads, so the version is known without it.
+        speech_precision = resolve_precision(s.speech_precision, dev)
         model.add_tower(SpeechJobs(load_speech, cfg.speech.beam_size, model._embed_transcripts,
-                                   cfg.logit_scale))
-        log.info("model %s on %s (text %s, attention %s)", model.version, dev, precision,
+                                   cfg.logit_scale, speech_precision))
+        log.info("model %s on %s (text %s, speech %s, attention %s)", model.version, dev,
+                 precision, speech_precision,
                  # bf16 on the CPU attends in fp32 (core/model/encoder.py)
                  resolve_impl(cfg.attention_impl, dev, torch.bfloat16
                               if precision == "bf16" and dev.type == "cuda" else torch.float32))

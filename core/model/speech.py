@@ -22,10 +22,10 @@ import torch
 from core.errors import InvalidInput
 from core.model.attention import AttentionPlan
 from core.model.tower import TowerOutput, cosine_logits, prepare_each
-from core.model.whisper.decode import beam_search
 from core.model.whisper.timestamps import align_timestamps
 from core.model.whisper.tower import SpeechItem, SpeechTower
 from core.model.whisper.weights import MODEL_BIN_SHA256
+from core.precision import tagged
 
 # The version tag of the speech tower: the bundled model.bin's sha256 prefix, known
 # without loading the tower, so workers that never load it still report one version.
@@ -69,12 +69,14 @@ class SpeechJobs:
 
     modality = "audio"
     labels_in_pass = True
-    # The version tag, known without loading the tower (SPEECH_VERSION's digest).
-    version = f"speech@{SPEECH_VERSION.split('@')[1]}"
 
     def __init__(self, load: Callable[[], SpeechTower], beam_size: int = 5,
                  embed_texts: Callable[[list[str]], torch.Tensor] | None = None,
-                 logit_scale: float = 20.0):
+                 logit_scale: float = 20.0, precision: str = "fp32"):
+        # The version tag, known without loading the tower (SPEECH_VERSION's digest),
+        # with the precision mode the tower will run (resolved: fp32, bf16, int8).
+        self.version = tagged(f"speech@{SPEECH_VERSION.split('@')[1]}", precision)
+        self.precision = precision
         self._load = load
         self._tower: SpeechTower | None = None
         self._lock = threading.Lock()
@@ -88,7 +90,11 @@ class SpeechJobs:
         if self._tower is None:
             with self._lock:
                 if self._tower is None:
-                    self._tower = self._load()
+                    tower = self._load()
+                    if tower.precision != self.precision:  # the version would lie
+                        raise RuntimeError(f"speech tower runs {tower.precision}, its "
+                                           f"version says {self.precision}")
+                    self._tower = tower
         return self._tower
 
     @property
@@ -121,7 +127,7 @@ class SpeechJobs:
             chunk = mels[a:a + t.cfg.decode_batch]
             enc, plan = t.encode(chunk)  # (N, C) packed, plan over the chunk
             cross = t.model.decoder.cross_kv(enc, plan)
-            found = beam_search(t.model.decoder, cross, t.tokens, dcfg)
+            found = t.beam_search(cross, dcfg)
             hyps += found
             timed += align_timestamps(t.model.decoder, cross, t.tokens,
                                       [[] if h.silent(dcfg) else h.tokens for h in found])

@@ -79,6 +79,9 @@ def beam_search(dec: TextDecoder, cross: CrossKV, tok: WhisperTokens,
     prompt = tok.prompt
     suppress = torch.tensor(tok.suppress, device=dev)
     first = torch.tensor(tok.suppress_begin, device=dev)
+    # Later steps add this (V,) bias in the output projection's epilogue instead of
+    # writing -inf into every step's (rows, V) logits.
+    bias = torch.zeros(V, device=dev).index_fill_(0, suppress, float("-inf"))
     max_len = len(prompt) + cfg.max_new_tokens
     # The prompt once per window (one row each); rows become K beams after step 0.
     cache = dec.new_cache(B, max_len, cross.k[0])
@@ -138,8 +141,9 @@ def beam_search(dec: TextDecoder, cross: CrossKV, tok: WhisperTokens,
             cross = cross.select(kept)
         alive = [alive[i] for i in keep]
         rows_per = K
-        logits = dec(new_tok.view(-1, 1), cross, cache, all_logits=False)  # (B'*K, V)
-        logp = _masked_log_probs(logits, suppress, None) + new_scores.view(-1, 1)
+        logits = dec(new_tok.view(-1, 1), cross, cache, all_logits=False,
+                     bias=bias)  # (B'*K, V), suppressed tokens -inf
+        logp = torch.log_softmax(logits.float(), dim=-1).add_(new_scores.view(-1, 1))
         scores, flat = logp.view(len(alive), K * V).topk(2 * K, dim=-1)  # (B', 2K)
         beam_of, ids = flat // V, flat % V
 

