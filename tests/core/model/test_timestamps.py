@@ -35,7 +35,7 @@ def clip():
 @pytest.fixture(scope="module")
 def run(clip):
     tower = SpeechTower.from_bundled(device="cpu")
-    jobs = SpeechJobs(load=lambda: tower)
+    jobs = SpeechJobs(load=lambda: tower, precision=tower.precision)
     silence = torch.zeros(16_000)
     return jobs.run([jobs.prepare_one(clip[0]), jobs.prepare_one(silence)], [None, None])
 
