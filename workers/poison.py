@@ -99,9 +99,8 @@ class OwnedQoS(kombu_redis.QoS):
         self._written: set = set()
 
     def append(self, message, delivery_tag):
-        if delivery_tag in self._written:
+        if delivery_tag in self._written:  # written and tracked by append_many
             self._written.discard(delivery_tag)
-            virtual.QoS.append(self, message, delivery_tag)
             return
         # kombu's QoS.append (5.3-5.7) with the owner in the same MULTI/EXEC.
         delivery = message.delivery_info
@@ -113,18 +112,25 @@ class OwnedQoS(kombu_redis.QoS):
                 .execute()
             virtual.QoS.append(self, message, delivery_tag)
 
-    def append_many(self, messages: list) -> None:
+    def append_many(self, messages: list, raws: list[str]) -> None:
         """The unacked entries of messages about to be delivered, in one transaction;
         ``append`` then only tracks them. Written before any is delivered, so that no
-        ack can precede its message's entry."""
+        ack can precede its message's entry. ``raws``: each message's JSON as popped,
+        which the entry (``[envelope, exchange, routing key]``) embeds as it is rather
+        than encoding the decoded envelope again."""
         now = time.time()
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {m.delivery_tag: now for m in messages})
             pipe.hset(self.unacked_key, mapping={
-                m.delivery_tag: dumps([m._raw, m.delivery_info["exchange"],
-                                       m.delivery_info["routing_key"]]) for m in messages})
+                m.delivery_tag: f"[{raw}, {dumps(m.delivery_info['exchange'])}, "
+                                f"{dumps(m.delivery_info['routing_key'])}]"
+                for m, raw in zip(messages, raws, strict=True)})
             pipe.hset(FETCHED_BY, mapping={m.delivery_tag: worker_name for m in messages})
             pipe.execute()
+        # Tracked at once, delivered or not: if delivering one of them fails (the broker
+        # went away), closing the channel restores the rest with it.
+        for m in messages:
+            virtual.QoS.append(self, m, m.delivery_tag)
         self._written.update(m.delivery_tag for m in messages)
 
     def _remove_from_indices(self, delivery_tag, pipe=None):
@@ -222,12 +228,17 @@ class GuardedChannel(kombu_redis.Channel):
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
-        messages = [m for m in (self._checked(it, dest) for it in items) if m is not None]
+        checked = [(m, it) for m, it in ((self._checked(it, dest), it) for it in items)
+                   if m is not None]
+        messages = [m for m, _ in checked]
         if len(messages) > 1:
-            self.qos.append_many(messages)
+            self.qos.append_many(messages, [bytes_to_str(it) for _, it in checked])
         for m in messages:
             self._fetched[id(m._raw)] = m  # decoded once: basic_consume's callback takes it
-            self.connection._deliver(m._raw, dest)
+            try:
+                self.connection._deliver(m._raw, dest)
+            finally:
+                self._fetched.pop(id(m._raw), None)
         return True
 
     def _more(self, key: str) -> list[bytes]:
