@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e import Stack, mmq_offline, read_texts, run_jobs  # noqa: E402
+from bench.e2e import Stack, batching_summary, mmq_offline, read_texts, run_jobs  # noqa: E402
 from producer.sdk import Client  # noqa: E402
 
 DEFAULT_TEXTS = ROOT / "bench" / "data" / "short_sentences.txt"
@@ -154,12 +154,17 @@ def main() -> None:
     try:
         for i in range(args.rounds):
             offline.append(offline_run(model, texts))
-            for name, tree in trees.items():
+            # Alternate the order: the machine's load drifts, and a fixed order would
+            # give one tree the same share of the drift every round.
+            order = list(trees.items())
+            for name, tree in (order if i % 2 == 0 else order[::-1]):
                 r = one_run(stack, tree, texts)
                 runs[name].append(r)
+                b = batching_summary(r["log"])
                 print(f"round {i + 1} {name:<10} {r['jobs_per_s']:7.1f} jobs/s "
-                      f"(offline {offline[-1][0]:.1f}/s: {r['jobs_per_s'] / offline[-1][0]:.2f}x)",
-                      flush=True)
+                      f"(offline {offline[-1][0]:.1f}/s: {r['jobs_per_s'] / offline[-1][0]:.2f}x)"
+                      f"; mean batch {b.get('mean_batch_size', '?')}, model "
+                      f"{b.get('mean_model_ms', '?')} ms/batch", flush=True)
         offline.append(offline_run(model, texts))
         spied = {}
         if args.spy:
