@@ -66,13 +66,17 @@ class Stack:
         redis.Redis.from_url(self.broker).flushdb()
         return f"sqlite:///{self.tmp / f'bench{self.n_db}.db'}"
 
-    def start_worker(self, modality: str, db: str, **env_extra) -> Path:
+    def start_worker(self, modality: str, db: str, *, cwd: Path = ROOT,
+                     prefix: list[str] | tuple = (), **env_extra) -> Path:
+        """``cwd``: the checkout whose worker runs (with PYTHONPATH in ``env_extra``);
+        ``prefix``: a command the worker runs under (a profiler)."""
         log = self.tmp / f"worker-{len(self.workers)}.log"
         env = {**os.environ, "MMQ_BROKER_URL": self.broker, "MMQ_DATABASE_URL": db,
                "MMQ_DEVICE": "cpu", "MMQ_METRICS_LOG_EVERY_S": "1", "MMQ_REQUEUE_EVERY_S": "0",
                "MMQ_WORKER_METRICS_PORT": "0",
                **{k: str(v) for k, v in env_extra.items()}}
-        p = subprocess.Popen([sys.executable, "-m", "workers", modality], env=env, cwd=ROOT,
+        p = subprocess.Popen([*prefix, sys.executable, "-m", "workers", modality], env=env,
+                             cwd=cwd,
                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.workers.append((p, log))
         while " ready." not in log.read_text(errors="replace"):

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from functools import cached_property, partial
 
 import redis
 from kombu.exceptions import ContentDisallowed
@@ -40,6 +41,7 @@ from core.broker.queues import FETCHED_BY
 from core.broker.redis_client import redis_for
 from core.config import get_settings
 from core.jobs import RUN_JOB_TASK
+from workers.acks import AckBatcher
 
 log = logging.getLogger("mmq.worker")
 
@@ -84,9 +86,22 @@ class OwnedQoS(kombu_redis.QoS):
     (``FETCHED_BY``), written and removed in the same transaction as the ``unacked``
     entry. The sweep then restores the fetched-but-unstarted messages of a worker as
     soon as the store says its lease is dead (core/broker/sweep.py), instead of
-    guessing from kombu's fetch time, which is the fetching host's wall clock."""
+    guessing from kombu's fetch time, which is the fetching host's wall clock.
+
+    Messages fetched together (``GuardedChannel._brpop_read``) get their entries in one
+    transaction (``append_many``), and acknowledgements are written in groups by one
+    thread (workers/acks.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._acks = AckBatcher(self._write_acks, partial(virtual.QoS.ack, self))
+        # Tags whose unacked entry append_many wrote: append only tracks them.
+        self._written: set = set()
 
     def append(self, message, delivery_tag):
+        if delivery_tag in self._written:  # written and tracked by append_many
+            self._written.discard(delivery_tag)
+            return
         # kombu's QoS.append (5.3-5.7) with the owner in the same MULTI/EXEC.
         delivery = message.delivery_info
         ex, rk = delivery["exchange"], delivery["routing_key"]
@@ -97,13 +112,42 @@ class OwnedQoS(kombu_redis.QoS):
                 .execute()
             virtual.QoS.append(self, message, delivery_tag)
 
+    def append_many(self, messages: list, raws: list[str]) -> None:
+        """The unacked entries of messages about to be delivered, in one transaction;
+        ``append`` then only tracks them. Written before any is delivered, so that no
+        ack can precede its message's entry. ``raws``: each message's JSON as popped,
+        which the entry (``[envelope, exchange, routing key]``) embeds as it is rather
+        than encoding the decoded envelope again."""
+        now = time.time()
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {m.delivery_tag: now for m in messages})
+            pipe.hset(self.unacked_key, mapping={
+                m.delivery_tag: f"[{raw}, {dumps(m.delivery_info['exchange'])}, "
+                                f"{dumps(m.delivery_info['routing_key'])}]"
+                for m, raw in zip(messages, raws, strict=True)})
+            pipe.hset(FETCHED_BY, mapping={m.delivery_tag: worker_name for m in messages})
+            pipe.execute()
+        # Tracked at once, delivered or not: if delivering one of them fails (the broker
+        # went away), closing the channel restores the rest with it.
+        for m in messages:
+            virtual.QoS.append(self, m, m.delivery_tag)
+        self._written.update(m.delivery_tag for m in messages)
+
     def _remove_from_indices(self, delivery_tag, pipe=None):
         # Every ack, reject and restore (kombu's and at shutdown) goes through here.
         return super()._remove_from_indices(delivery_tag, pipe).hdel(FETCHED_BY, delivery_tag)
 
     def ack(self, delivery_tag) -> None:
-        with _after_teardown(self.channel, "acknowledgement"):
-            super().ack(delivery_tag)
+        self._acks.ack(delivery_tag)  # written with others' by the ack thread
+
+    def flush_acks(self) -> None:
+        self._acks.flush()
+
+    def _write_acks(self, tags: list) -> None:
+        with _after_teardown(self.channel, "acknowledgement"), self.pipe_or_acquire() as pipe:
+            for tag in tags:
+                self._remove_from_indices(tag, pipe)
+            pipe.execute()
 
     def reject(self, delivery_tag, requeue=False) -> None:
         with _after_teardown(self.channel, "rejection"):
@@ -138,7 +182,12 @@ class GuardedChannel(kombu_redis.Channel):
         has already set to None: the AttributeError escaped Celery's ignore_errors and
         the worker died ("Unrecoverable error", seen in bench/chaos.py's Redis-restart
         scenario). The messages are still in Redis's unacked hash (or gone with an
-        emptied Redis); the sweep and the visibility timeout take it from there."""
+        emptied Redis); the sweep and the visibility timeout take it from there.
+
+        Pending acknowledgements are written first: closing restores every message
+        not yet acknowledged."""
+        if isinstance(self._qos, OwnedQoS):
+            self._qos.flush_acks()
         try:
             super().close()
         except AttributeError:
@@ -147,10 +196,19 @@ class GuardedChannel(kombu_redis.Channel):
             log.warning("broker connection closed under the channel; its unacknowledged "
                         "messages are left to the sweep")
 
+    # Messages taken per fetch at most: the first by BRPOP, the rest by one RPOP.
+    FETCH_MAX = 64
+
     def _brpop_read(self, **options):
         # kombu's Channel._brpop_read (kombu 5.3-5.7), with the JSON decode and the
-        # envelope checked: upstream decodes inline, and what it raises there stops
-        # the worker's event loop.
+        # envelope checked (upstream decodes inline, and what it raises there stops the
+        # worker's event loop), and in bulk: once BRPOP has answered, the messages
+        # behind it, as many as the prefetch limit has room for, are taken with one
+        # RPOP and their unacked entries written in one transaction, instead of one
+        # BRPOP and one transaction per message through the event loop. A message is
+        # between the pop and its unacked entry for the same instant as in kombu's own
+        # fetch (a worker killed there leaves its job queued with no message: the
+        # sweep re-sends it, core/broker/sweep.py).
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP",
@@ -160,22 +218,62 @@ class GuardedChannel(kombu_redis.Channel):
                 raise
             if not dest__item:
                 raise kombu_redis.Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            key, item = dest__item
+            key = bytes_to_str(key)
+            dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            payload = self._checked(item, dest)
-            if payload is not None:
-                self.connection._deliver(payload, dest)
-            return True
+            items = [item, *self._more(key)]
         finally:
             self._in_poll = None
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
+        checked = [(m, it) for m, it in ((self._checked(it, dest), it) for it in items)
+                   if m is not None]
+        messages = [m for m, _ in checked]
+        if len(messages) > 1:
+            self.qos.append_many(messages, [bytes_to_str(it) for _, it in checked])
+        for m in messages:
+            self._fetched[id(m._raw)] = m  # decoded once: basic_consume's callback takes it
+            try:
+                self.connection._deliver(m._raw, dest)
+            finally:
+                self._fetched.pop(id(m._raw), None)
+        return True
 
-    def _checked(self, item: bytes, queue: str) -> dict | None:
-        """The decoded envelope, or None after dead-lettering it. The item is already
-        popped and not yet in the unacked hash: there is nothing to acknowledge."""
+    def _more(self, key: str) -> list[bytes]:
+        room = self.qos.can_consume_max_estimate()
+        n = min(self.FETCH_MAX, room if room is not None else self.FETCH_MAX) - 1
+        if n <= 0 or self.global_keyprefix:  # (a prefixed client would prefix the key again)
+            return []
+        try:
+            return self.client.rpop(key, n) or []
+        except self.connection_errors:
+            self.client.connection.disconnect()
+            return []
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        """kombu's, with the Message that ``_checked`` built handed on, not built again."""
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        upstream = self.connection._callbacks[queue]
+
+        def _callback(raw_message):
+            message = self._fetched.pop(id(raw_message), None)
+            if message is None or message._raw is not raw_message:
+                return upstream(raw_message)
+            if not no_ack:
+                self.qos.append(message, message.delivery_tag)
+            return callback(message)
+
+        self.connection._callbacks[queue] = _callback
+
+    @cached_property
+    def _fetched(self) -> dict:
+        return {}
+
+    def _checked(self, item: bytes, queue: str):
+        """The envelope as a kombu Message, or None after dead-lettering it. The item is
+        already popped and not yet in the unacked hash: there is nothing to acknowledge."""
         try:
             payload = loads(bytes_to_str(item))
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
@@ -183,16 +281,17 @@ class GuardedChannel(kombu_redis.Channel):
                         detail=f"not JSON: {e}")
             return None
         problem = self._envelope_problem(payload)
-        if problem:
+        if isinstance(problem, str):
             task_id = None
             if isinstance(payload, dict) and isinstance(payload.get("headers"), dict):
                 task_id = payload["headers"].get("id")
             dead_letter(reason=deadletter.NOT_AN_ENVELOPE, queue=queue, raw=item,
                         detail=problem, task_id=task_id if isinstance(task_id, str) else None)
             return None
-        return payload
+        return problem
 
-    def _envelope_problem(self, payload: object) -> str | None:
+    def _envelope_problem(self, payload: object):
+        """What is wrong with it (a str), or the kombu Message it makes."""
         if not isinstance(payload, dict):
             return f"a JSON {type(payload).__name__}, not a message envelope"
         try:
@@ -209,7 +308,7 @@ class GuardedChannel(kombu_redis.Channel):
                 return f"delivery_tag is a {type(tag).__name__}, not a string"
         except Exception as e:  # noqa: BLE001  (anything here is a malformed envelope)
             return f"kombu cannot read it: {type(e).__name__}: {e}"
-        return None
+        return message
 
 
 class GuardedRedisTransport(kombu_redis.Transport):

@@ -1,31 +1,20 @@
-"""Cross-cutting concerns as Celery signal handlers: timing and failure logging.
+"""Cross-cutting concerns as Celery signal handlers: failure logging.
 
 Failure persistence is not here: a task that cannot record its outcome must not
 acknowledge its message, and only the task itself can refuse (workers/tasks.py).
+
+No task_prerun/task_postrun handlers: Celery sends those signals only when a
+receiver is connected, and each send costs the tracer a few microseconds per job,
+for what was a debug-level timing line (a job's times are in the store).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from celery import signals
 
 log = logging.getLogger("mmq.worker")
-_started: dict[str, float] = {}
-
-
-@signals.task_prerun.connect
-def _prerun(task_id=None, **_kw) -> None:
-    _started[task_id] = time.perf_counter()
-
-
-@signals.task_postrun.connect
-def _postrun(task_id=None, retval=None, state=None, **_kw) -> None:
-    t0 = _started.pop(task_id, None)
-    if t0 is not None and isinstance(retval, dict):
-        log.debug("job %s %s in %.1f ms", retval.get("job"), retval.get("status", state),
-                 1e3 * (time.perf_counter() - t0))
 
 
 @signals.task_failure.connect

@@ -303,8 +303,11 @@ class ModelProcess:
 
     def _resolve(self, outcomes: list[Outcome]) -> None:
         futs = [self._futures.pop((o.job_id, o.attempt)) for o in outcomes]
-        for fut, o in zip(futs, outcomes, strict=True):
-            if isinstance(o.result, Failure):
-                fut.set_exception(o.result.exception())
-            else:
-                fut.set_result(o.result)
+        # Each future's callback queues the job's outcome for the writer: one wake-up
+        # of the writer for the batch (core/serving/drain.py).
+        with Drain.deferred():
+            for fut, o in zip(futs, outcomes, strict=True):
+                if isinstance(o.result, Failure):
+                    fut.set_exception(o.result.exception())
+                else:
+                    fut.set_result(o.result)

@@ -227,5 +227,8 @@ class GroupWriter:
         with self.write_lock or nullcontext(), self.sessions.begin() as s:
             for kind, ps in by_kind.items():
                 answers += zip(ps, self._bulk[kind](s, [p.op for p in ps]), strict=True)
-        for pending, value in answers:  # only now: the transaction is committed
-            pending.future.set_result(value)
+        # Only now: the transaction is committed. The futures' callbacks hand each job
+        # on (to the model pipe, the task thread): one wake-up per drain for the group.
+        with Drain.deferred():
+            for pending, value in answers:
+                pending.future.set_result(value)

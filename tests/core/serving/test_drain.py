@@ -47,3 +47,23 @@ def test_a_quiet_put_waits_for_a_wake():
     d.wake()
     t.join(30)
     assert taken == [["a", "b"]]
+
+
+def test_puts_inside_deferred_wake_the_consumer_on_leaving():
+    """The writer resolves a group's futures inside ``Drain.deferred()``: the model
+    pipe's sender wakes once for the group's jobs, not once per job."""
+    d: Drain[str] = Drain()
+    taken: list[list[str]] = []
+    t = threading.Thread(target=lambda: taken.append(d.take()), daemon=True)
+    t.start()
+    with Drain.deferred():
+        d.put("a")
+        with Drain.deferred():  # nested: only the outermost wakes
+            d.put("b")
+        t.join(0.3)
+        assert t.is_alive() and not taken
+        d.put("c")
+    t.join(30)
+    assert taken == [["a", "b", "c"]]
+    d.put("d")  # outside: at once, as before
+    assert d.take() == ["d"]

@@ -1,0 +1,41 @@
+"""Bulk fetch and grouped acknowledgements (workers/poison.py, workers/acks.py) with a real
+redis-server and a real worker, on SQLite and PostgreSQL (the ``database_url`` params).
+
+A backlog queued before the worker starts is fetched in bulk (a BRPOP, then one RPOP
+for as many as the prefetch limit has room for) and acknowledged in groups. Every job
+still runs once, and once the worker has stopped nothing is left behind in Redis: no
+message in the queue, no unacknowledged copy, no fetched-by entry (an ack written
+late, or an unacked entry written after its ack, would leave one)."""
+
+from __future__ import annotations
+
+import redis
+from sqlalchemy import func, select
+
+from core import store
+from core.broker.queues import FETCHED_BY
+from core.training.samples import sentences
+from producer.sdk import Client
+from tests.helpers import service_env
+
+
+def test_a_backlog_fetched_in_bulk_runs_once_and_leaves_nothing_unacked(
+        new_broker, database_url, start_worker):
+    broker = new_broker()
+    client = Client(broker_url=broker, database_url=database_url)
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(60, seed=23)])
+    r = redis.Redis.from_url(broker)
+    assert r.llen("text") == len(ids)  # all waiting before the worker's first fetch
+    worker = start_worker("text", service_env(broker, database_url), concurrency=8)
+    res = client.wait(ids, timeout=180, with_embedding=False)
+    assert [j["status"] for j in res] == ["succeeded"] * len(ids)
+    assert [j["attempts"] for j in res] == [1] * len(ids)
+    with client.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(store.Prediction)
+                        .where(store.Prediction.job_id.in_(ids))) == len(ids)
+    worker.stop()  # a warm stop: pending acks are written before the channel closes
+    assert worker.proc.returncode == 0
+    assert (r.llen("text"), r.hlen("unacked"), r.zcard("unacked_index"),
+            r.hlen(FETCHED_BY)) == (0, 0, 0, 0)
+    client.close()
