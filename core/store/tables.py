@@ -214,7 +214,10 @@ class ModelVersion(Base):
                "base_model": self.base_model, "data_digest": self.data_digest,
                "adapter_sha256": self.adapter_sha256, "created_at": ts(self.created_at),
                "promoted_at": ts(self.promoted_at),
-               "accuracy": (self.metrics or {}).get("accuracy")}
+               "accuracy": (self.metrics or {}).get("accuracy"),
+               # the pretrained tower on the same held-out items (None: trained before
+               # versions were compared with their base)
+               "base_accuracy": (self.metrics or {}).get("base_accuracy")}
         if with_metrics:
             out |= {"metrics": self.metrics, "config": self.config,
                     "adapter_file": self.adapter_file}

@@ -26,6 +26,8 @@ class ModelVersionOut(BaseModel):
     data_digest: str
     adapter_sha256: str
     accuracy: float | None = Field(None, description="held-out accuracy at training")
+    base_accuracy: float | None = Field(None, description="the pretrained tower ('base') on "
+                                        "the same held-out items")
     metrics: dict | None = None
     created_at: datetime
     promoted_at: datetime | None = None
