@@ -11,7 +11,18 @@ audio tower's vector (the speech tower will hand in its mean-pooled encoder
 states). The last layer starts at zero, so an untrained adapter is the base tower
 exactly; training moves ``z`` towards the text embedding of its label name
 (cross-entropy at the model's logit scale), so the vectors stay in the 384-d text
-space: ``classify`` by those labels improves and search across modalities still works.
+space and search across modalities still works.
+
+Labels (``scoring="residual"``, format ``mmq-adapter/2``) are scored from the base's own
+scores plus a learned correction (core/training/head.py):
+
+    logits = head_scale * base_logits + x @ head_w.T + head_bias      (B, L)
+
+with ``x`` the standardised features: the decoder's label scoring for audio, the
+zero-shot distribution comparison for images, cosine for text, corrected rather than
+replaced. A label the version was not trained on gets no correction. Versions of
+format ``mmq-adapter/1`` (``scoring="cosine"``) score labels by cosine to ``z``, as
+they were trained.
 
 Weights are a safetensors file (tensors only: nothing executes at load) whose
 sha256 is recorded in the ``model_versions`` row; ``load_adapter`` refuses a file
@@ -35,7 +46,8 @@ from torch import nn
 
 from core.model.files import sha256_file
 
-FORMAT = "mmq-adapter/1"
+FORMAT = "mmq-adapter/2"
+LEGACY_FORMAT = "mmq-adapter/1"  # cosine scoring, no head tensors
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,10 @@ class AdapterConfig:
     dim: int = 384  # D, the shared space
     hidden: int = 256
     logit_scale: float = 20.0  # ModelConfig.logit_scale: trained at the scale it scores at
-    labels: tuple[str, ...] = ()  # what it was trained to tell apart (informational)
+    labels: tuple[str, ...] = ()  # what it was trained to tell apart (the head's rows)
+    # "residual": labels by the base's scores plus the head's correction; "cosine": by
+    # cosine to the adapted vector (versions trained before the head existed).
+    scoring: str = "residual"
 
 
 class Adapter(nn.Module):
@@ -61,10 +76,41 @@ class Adapter(nn.Module):
         self.fc2 = nn.Linear(cfg.hidden, cfg.dim)
         nn.init.zeros_(self.fc2.weight)  # start as the base tower (z = base)
         nn.init.zeros_(self.fc2.bias)
+        # The label head (buffers: fitted by core/training/head.py, not by the MLP's
+        # optimiser); these values are the base's scores unchanged.
+        n = len(cfg.labels)
+        self.register_buffer("head_scale", torch.ones(()))
+        self.register_buffer("head_bias", torch.zeros(n))
+        self.register_buffer("head_w", torch.zeros(n, cfg.in_dim))
+        self._index = {lb: i for i, lb in enumerate(cfg.labels)}
+
+    @property
+    def residual(self) -> bool:
+        return self.cfg.scoring == "residual"
+
+    def set_head(self, scale: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor) -> None:
+        self.head_scale.copy_(scale)
+        self.head_bias.copy_(bias)
+        self.head_w.copy_(weight)
+
+    def standardise(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean) / self.std  # (B, F)
+
+    def label_logits(self, base_logits: torch.Tensor, feats: torch.Tensor,
+                     labels: list[str]) -> torch.Tensor:
+        """(B, L') the base's logits of a job's labels, (B, F) features -> (B, L')
+        corrected logits. Labels outside the trained set keep the base's score (scaled)."""
+        if not self._index:
+            return self.head_scale * base_logits
+        corr = self.standardise(feats) @ self.head_w.T + self.head_bias  # (B, L)
+        idx = [self._index.get(lb) for lb in labels]
+        known = torch.tensor([i is not None for i in idx])  # (L',)
+        take = torch.tensor([0 if i is None else i for i in idx])  # (L',)
+        return self.head_scale * base_logits + torch.where(known, corr[:, take], 0.0)
 
     def forward(self, feats: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """(B, F) features, (B, D) base vectors -> (B, D) unit vectors."""
-        x = (feats - self.mean) / self.std  # (B, F)
+        x = self.standardise(feats)  # (B, F)
         delta = self.fc2(F.gelu(self.fc1(x)))  # (B, D)
         return F.normalize(F.normalize(base, dim=-1) + delta, dim=-1)
 
@@ -101,12 +147,19 @@ def load_adapter(path: str | Path, expect_sha256: str) -> Adapter:
                               f"{expect_sha256}; the file is corrupt or was replaced")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise AdapterMismatch(f"{path}: not an mmq adapter (format {meta.get('format')!r})")
+    legacy = meta["format"] == LEGACY_FORMAT
     d = json.loads(meta["config"])
+    if legacy:
+        d["scoring"] = "cosine"
     cfg = AdapterConfig(**{**d, "labels": tuple(d.get("labels", ()))})
     adapter = Adapter(cfg)
-    adapter.load_state_dict(load_file(str(path)))
+    # A legacy file has no head tensors: its (unused) head stays the identity.
+    missing, unexpected = adapter.load_state_dict(load_file(str(path)), strict=not legacy)
+    if unexpected or [k for k in missing if not k.startswith("head_")]:
+        raise AdapterMismatch(f"{path}: tensors do not match its config "
+                              f"(missing {missing}, unexpected {unexpected})")
     return adapter.eval()
 
 

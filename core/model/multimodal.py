@@ -271,12 +271,13 @@ class MultimodalModel:
     def _predict(self, tower: Tower, prepared: list[Prepared],
                  asks: list[tuple[list[str] | None, int]], adapters: list) -> list[JobResult]:
         """The tower runs once for the whole batch, whatever versions its jobs name; each
-        version's adapter then maps only its own rows. Only base-version jobs' label sets
-        go to a tower that scores labels in its pass (speech: under the decoder); jobs on a
-        fine-tuned version are scored by cosine to their adapted vector, as adapters are
-        trained. Vectors are not unit length for images: their length scores labels on
-        the base tower (core/model/zeroshot.py)."""
-        label_sets = [labels if a is None else None
+        version's adapter then maps only its own rows. Label sets go to a tower that
+        scores labels in its pass (speech: under the decoder) for base jobs and for
+        versions that correct the base's scores (``Adapter.residual``); only legacy
+        versions (cosine to their adapted vector) skip it. Vectors are not unit length
+        for images: their length scores labels on the base tower
+        (core/model/zeroshot.py)."""
+        label_sets = [labels if a is None or a.residual else None
                       for (labels, _), a in zip(asks, adapters, strict=True)]
         out = tower.batch(prepared, label_sets, any(a is not None for a in adapters))
         emb = out.embeddings  # (B, D)
@@ -286,23 +287,46 @@ class MultimodalModel:
     def _results(self, prepared: list[Prepared], asks: list[tuple[list[str] | None, int]],
                  adapters: list, emb: torch.Tensor, tower: Tower, run: TowerOutput,
                  ) -> list[JobResult]:
-        """The batch's JobResults: a fine-tuned version's labels by cosine to its adapted
-        vector (adapters train on softmax(scale * cos)); the pretrained tower's by its own
-        rule: the label logits of its pass, or ``classify`` of the job's own vector."""
+        """The batch's JobResults. The pretrained tower's labels by its own rule: the
+        label logits of its pass, or ``classify`` of the job's own vector; a version's
+        by its head's correction of those same logits (``Adapter.label_logits``), or, for
+        a legacy version, by cosine to its adapted vector."""
         out = []
         for i, (p, (labels, top_k)) in enumerate(zip(prepared, asks, strict=True)):
             top = None
-            if labels and adapters[i] is not None:
+            a = adapters[i]
+            if labels and a is not None and not a.residual:
                 top = self.scores(emb[i:i + 1], labels, top_k)[0]
-            elif labels and run.label_logits is not None:
-                top = _top(torch.softmax(run.label_logits[i], dim=-1), labels, top_k)
             elif labels:
-                top = self._scores(tower, run.vectors[i:i + 1], labels, top_k)[0]
+                logits = self._base_logits(tower, run, i, labels)  # (1, L)
+                if a is not None:
+                    logits = a.label_logits(logits, run.features[i:i + 1], labels)
+                top = _top(torch.softmax(logits[0], dim=-1), labels, top_k)
             out.append(JobResult(embedding=emb[i].numpy(), labels=top, tokens=p.tokens,
                                  truncated=p.truncated,
                                  text=None if run.texts is None else run.texts[i],
                                  segments=None if run.segments is None else run.segments[i]))
         return out
+
+    def _base_logits(self, tower: Tower, run: TowerOutput, i: int,
+                     labels: list[str]) -> torch.Tensor:
+        """(1, L) the pretrained tower's logits of item ``i``'s labels: from its own pass
+        (speech) or by ``classify`` of its vector."""
+        if run.label_logits is not None:
+            return run.label_logits[i][None]
+        return tower.classify(run.vectors[i:i + 1], self.label_embeddings(labels))
+
+    @torch.inference_mode()
+    def scored_features(self, modality: str, prepared: list[Prepared], labels: list[str],
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over items that all share ``labels`` -> (vectors (B, D) as
+        ``forward(unit=False)``, adapter features (B, F), the base's label logits
+        (B, L)): what training caches, exactly as ``predict`` computes them."""
+        tower = self._tower(modality)
+        run = tower.batch(prepared, [labels] * len(prepared), True)
+        logits = torch.cat([self._base_logits(tower, run, i, labels)
+                            for i in range(len(prepared))])  # (B, L)
+        return run.vectors, run.features, logits
 
     def _embed_transcripts(self, texts: list[str]) -> torch.Tensor:
         """(B, D) text embeddings of transcripts, empty ones included (silence)."""

@@ -223,7 +223,10 @@ class ModelVersion(Base):
                "promoted_at": ts(self.promoted_at),
                "accuracy": (self.metrics or {}).get("accuracy"),
                # How many corrections it was trained from (None: from a folder).
-               "corrections": ((self.config or {}).get("corrections") or {}).get("count")}
+               "corrections": ((self.config or {}).get("corrections") or {}).get("count"),
+               # the pretrained tower on the same held-out items (None: trained before
+               # versions were compared with their base)
+               "base_accuracy": (self.metrics or {}).get("base_accuracy")}
         if with_metrics:
             out |= {"metrics": self.metrics, "config": self.config,
                     "adapter_file": self.adapter_file}

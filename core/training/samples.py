@@ -84,3 +84,89 @@ def varied_sentences(n: int = 240, seed: int = 0) -> list[str]:
     while len(out) < n:
         out.append(sentence(rng, _lognormal_words(rng, 18, 1, 200), unicode=rng.random() < 0.6))
     return out
+
+
+# -- topics: labelled sentences for fine-tuning a text classifier --------------------------
+
+# Each topic's own words; a sentence draws its subject, action and object from its topic,
+# each replaced by a neutral word with probability ``neutral``, and adds running-text
+# filler, so not every sentence names its topic plainly (as in real news text).
+TOPICS: dict[str, dict[str, list[str]]] = {
+    "sport": {
+        "who": ["the striker", "the goalkeeper", "the coach", "the captain", "the referee",
+                "the home side", "the champions", "the sprinter", "the midfielder",
+                "the visiting team", "the boxer", "the cyclist"],
+        "did": ["scored against", "defeated", "was sent off against", "beat", "drew with",
+                "was substituted against", "tackled", "overtook", "lost to", "equalised against"],
+        "what": ["the league leaders", "their rivals in the derby", "the defending champions",
+                 "a penalty in extra time", "the relegation side", "the world record holder",
+                 "the title contenders", "the first leg", "a late header", "the semi-final"],
+    },
+    "finance": {
+        "who": ["the central bank", "investors", "the hedge fund", "the treasury",
+                "shareholders", "the lender", "analysts", "the stock exchange", "the pension fund",
+                "bond traders", "the chief financial officer", "the brokerage"],
+        "did": ["raised", "cut", "sold off", "bought back", "downgraded", "priced",
+                "refinanced", "hedged against", "wrote down", "reported"],
+        "what": ["interest rates", "quarterly earnings", "its bond holdings", "the dividend",
+                 "mortgage costs", "the share price", "inflation expectations", "its debt",
+                 "the currency", "a loss for the quarter"],
+    },
+    "health": {
+        "who": ["the nurse", "the surgeon", "patients", "the clinic", "the vaccine trial",
+                "doctors", "the hospital ward", "the pharmacist", "researchers", "the paramedic",
+                "the health ministry", "the therapist"],
+        "did": ["treated", "diagnosed", "vaccinated", "prescribed", "operated on", "screened",
+                "discharged", "monitored", "admitted", "tested"],
+        "what": ["the infection", "a rare disease", "the fever", "blood pressure", "the tumour",
+                 "the antibiotics", "a broken hip", "the symptoms", "the flu outbreak",
+                 "chronic pain"],
+    },
+    "politics": {
+        "who": ["the prime minister", "parliament", "the senator", "the opposition leader",
+                "voters", "the governing party", "the cabinet", "the mayor", "the president",
+                "lawmakers", "the coalition", "the election commission"],
+        "did": ["vetoed", "passed", "campaigned against", "voted on", "debated", "proposed",
+                "repealed", "negotiated", "endorsed", "filibustered"],
+        "what": ["the new bill", "the budget amendment", "the referendum", "the treaty",
+                 "the reform package", "the election results", "a no-confidence motion",
+                 "the constitution", "the immigration law", "the coalition deal"],
+    },
+}
+# Words any topic may use: a sentence with these in its slots says less about its topic.
+_NEUTRAL = {"who": ["the committee", "the group", "the office", "officials", "the city",
+                    "the organisers", "the company", "the board", "the spokesperson"],
+            "did": ["reviewed", "discussed", "announced", "delayed", "welcomed", "criticised",
+                    "changed", "explained", "questioned", "praised"],
+            "what": ["the report", "the plan", "the results", "the schedule", "the decision",
+                     "the figures", "the new rules", "the programme", "the statement"]}
+_OPENERS = ["", "", "On Tuesday", "Late last night", "As expected", "In a surprise move",
+            "According to reports", "Once again", "After weeks of talks", "Earlier today"]
+_TAILS = ["", "", "in the city", "for the second time this year", "despite the rain",
+          "before the summer", "after a long delay", "near the old station", "again",
+          "with little warning", "on the east coast", "as the evening ended"]
+
+
+def topic_sentences(n_per_topic: int, seed: int = 0, neutral: float = 0.3,
+                    ) -> dict[str, list[str]]:
+    """{topic: n sentences}: a 4-topic labelled set (sport, finance, health, politics),
+    deterministic for a seed; different seeds give different sentences."""
+    rng = random.Random(seed)
+    out: dict[str, list[str]] = {}
+    for topic, slots in TOPICS.items():
+        seen: set[str] = set()
+        rows: list[str] = []
+        while len(rows) < n_per_topic:
+            parts = []
+            for slot in ("who", "did", "what"):
+                word = rng.choice(slots[slot])
+                if rng.random() < neutral:  # a neutral word instead of the topic's
+                    word = rng.choice(_NEUTRAL[slot])
+                parts.append(word)
+            text = " ".join(p for p in (rng.choice(_OPENERS), *parts, rng.choice(_TAILS)) if p)
+            text = text[:1].upper() + text[1:] + "."
+            if text not in seen:
+                seen.add(text)
+                rows.append(text)
+        out[topic] = rows
+    return out

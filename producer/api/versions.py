@@ -32,6 +32,8 @@ class ModelVersionOut(BaseModel):
     accuracy: float | None = Field(None, description="held-out accuracy at training")
     corrections: int | None = Field(None, description="trained from this many corrected "
                                     "jobs (mmq train --from-corrections); null: from files")
+    base_accuracy: float | None = Field(None, description="the pretrained tower ('base') on "
+                                        "the same held-out items")
     metrics: dict | None = None
     created_at: datetime
     promoted_at: datetime | None = None

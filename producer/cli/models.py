@@ -1,6 +1,6 @@
 """``mmq train`` and ``mmq models``: fine-tune an adapter, and manage model versions.
 
-    mmq train image --data DIR --name digits-v1 [--seed 0] [--promote]
+    mmq train image --data DIR --name digits-v1 [--seed 0] [--group-by RE] [--promote]
     mmq train text --from-corrections --name support-v2 [--owner KEY_ID]
     mmq models list [--modality image] | show NAME | promote NAME | rollback MODALITY
     mmq models rm NAME [--force]
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                          progress=not args.quiet)
         else:
             v = c.train(args.modality, args.data, args.name, promote=args.promote,
-                        config=cfg, progress=not args.quiet)
+                        config=cfg, progress=not args.quiet, group_by=args.group_by)
     except (DataError, VersionError, InvalidInput) as e:
         print(f"mmq train: {e}", file=sys.stderr)
         return 2
@@ -58,7 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained from {v['corrections']} corrected job(s)")
     print(f"recorded {v['modality']} version {v['name']} ({v['status']}); adapter "
           f"{v['adapter_file']} sha256 {v['adapter_sha256'][:16]}...")
-    if v["status"] != "promoted":
+    if args.promote and v["status"] != "promoted":
+        print(f"not promoted: {v['name']} does not beat its base on the held-out items "
+              f"({v['metrics']['accuracy']:.4f} vs {v['metrics']['base_accuracy']:.4f}); kept "
+              f"as a candidate (mmq models promote {v['name']} promotes it anyway)")
+    elif v["status"] != "promoted":
         print(f"use it: mmq submit {v['modality']} --model-version {v['name']} ...  "
               f"or make it the default: mmq models promote {v['name']}")
     return 0
@@ -74,11 +78,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(rows, indent=2))
                 return 0
-            print(f"{'name':<28} {'modality':<8} {'status':<9} {'accuracy':>8}  created")
+            print(f"{'name':<28} {'modality':<8} {'status':<9} {'accuracy':>8} {'base':>8}"
+                  "  created")
             for r in rows:
-                acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-                print(f"{r['name']:<28} {r['modality']:<8} {r['status']:<9} {acc:>8}  "
-                      f"{(r['created_at'] or '')[:19]}")
+                acc, base = ("-" if x is None else f"{x:.4f}"
+                             for x in (r["accuracy"], r.get("base_accuracy")))
+                print(f"{r['name']:<28} {r['modality']:<8} {r['status']:<9} {acc:>8} "
+                      f"{base:>8}  {(r['created_at'] or '')[:19]}")
             if not rows:
                 print("(no versions; every modality serves its pretrained tower, 'base')")
             return 0
@@ -127,7 +133,12 @@ def add_model_commands(sub) -> None:
     p.add_argument("--max-epochs", type=int, default=150)
     p.add_argument("--patience", type=int, default=15, help="early stopping: epochs "
                    "without a better validation loss")
-    p.add_argument("--promote", action="store_true", help="make it the default at once")
+    p.add_argument("--group-by", metavar="RE", help="a regular expression on each file's "
+                   "path under --data naming its group (speaker, session, source; the first "
+                   "capture group, or the whole match); held-out items are then whole "
+                   "groups training never saw. Overrides a labels file's group column")
+    p.add_argument("--promote", action="store_true", help="make it the default at once, if "
+                   "it beats its base on the held-out items (else it stays a candidate)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("models", help="model versions: list, show, promote, rollback, rm")

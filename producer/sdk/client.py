@@ -343,10 +343,15 @@ class Client:
 
     def train(self, modality: str, data_dir: str | Path, name: str, *, seed: int = 0,
               promote: bool = False, progress: bool = True, config=None,
-              source: dict | None = None) -> dict:
-        """Fine-tune an adapter on ``data_dir`` (one sub-folder per label, or
-        labels.csv/.jsonl) and record it as version ``name`` (a candidate, or promoted
-        with ``promote``). Runs in this process: it loads the model and needs torch,
+              group_by: str | None = None, source: dict | None = None) -> dict:
+        """Fine-tune a version on ``data_dir`` (one sub-folder per label, or
+        labels.csv/.jsonl, optionally with a group column) and record it as version
+        ``name``: a candidate, or promoted with ``promote`` if it beats its base on the
+        held-out items (else it stays a candidate: the row's ``metrics["beats_base"]``
+        says why). ``group_by``: a regular expression on each file's relative path
+        naming its group (speaker, session); the held-out items are then whole unseen
+        groups. ``source``: where the data came from, recorded in the version's config
+        (corrections). Runs in this process: it loads the model and needs torch,
         imported here so that importing the SDK stays light. -> the version's row;
         ``DataError`` for unusable data, before any training."""
         from core.model.multimodal import MultimodalModel
@@ -356,13 +361,14 @@ class Client:
         if modality not in {m.value for m in Modality}:
             raise InvalidInput(f"modality must be one of text, image, audio, got {modality!r}")
         versions.check_version_name(name)
-        read_labelled(data_dir)  # the layout's errors before the model loads (seconds)
+        read_labelled(data_dir, group_by=group_by)  # the layout's errors before the model
+        # loads (seconds)
         cfg = config or FinetuneConfig(seed=seed)
         model = MultimodalModel.load(settings=self.settings)
         out = train_version(model=model, modality=modality, data_dir=data_dir, name=name,
                             sessions=self.sessions, adapters_dir=self.settings.adapters_path,
-                            cfg=cfg, progress=progress, source=source)
-        if promote:
+                            cfg=cfg, progress=progress, group_by=group_by, source=source)
+        if promote and out["metrics"].get("beats_base"):
             out = self.promote(name)
         return out
 

@@ -121,3 +121,32 @@ def test_train_refuses_files_outside_its_folder_before_loading_a_model(client, c
     assert cli.main(["train", "text", "--data", str(data), "--name", "v"]) == 2
     err = capsys.readouterr().err
     assert "/etc/hostname: outside the data folder" in err
+
+
+def test_train_promotes_only_a_version_that_beats_its_base(client, capsys, tmp_path):
+    """The keyword version lost 19 points to its base and nothing said so."""
+    from tests.helpers import FINANCE, SPORT, write_labelled
+
+    # Plain topic names: the base already gets every held-out sentence right.
+    write_labelled(tmp_path / "plain", {"sport": SPORT, "finance": FINANCE})
+    args = ["--held-out", "0.34", "--max-epochs", "10", "--patience", "10", "-q", "--promote"]
+    assert cli.main(["train", "text", "--data", str(tmp_path / "plain"), "--name", "plain",
+                     *args]) == 0
+    out = capsys.readouterr().out
+    assert "not promoted: plain does not beat its base" in out and "does NOT beat" in out
+    assert client.model("plain")["status"] == "candidate"
+    # Names the base cannot know: the version learns them and is promoted.
+    write_labelled(tmp_path / "new", {"alpha": SPORT, "omega": FINANCE})
+    assert cli.main(["train", "text", "--data", str(tmp_path / "new"), "--name", "new",
+                     "--seed", "3", *args]) == 0
+    out = capsys.readouterr().out
+    assert "the version beats its base" in out and "not promoted" not in out
+    assert client.model("new")["status"] == "promoted"
+    assert cli.main(["models", "list", "--modality", "text"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[1:]]
+    shown = {r[0]: (r[3], r[4]) for r in rows}
+    assert shown["new"][0] > shown["new"][1] and shown["plain"][0] <= shown["plain"][1]
+    assert cli.main(["models", "show", "plain"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["base_accuracy"] == v["metrics"]["base_accuracy"] == 1.0
+    assert set(v["metrics"]["base_per_class"]) == {"sport", "finance"}
