@@ -12,7 +12,10 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -85,6 +88,29 @@ def service_env(broker_url: str, database_url: str, **extra) -> dict:
                 "MMQ_WORKER_METRICS_PORT": "0",
                 **{k: str(v) for k, v in extra.items()}})
     return env
+
+
+@contextmanager
+def served_app(settings) -> Iterator[str]:
+    """The real app (``create_app(settings)``) under uvicorn in a thread -> its base URL."""
+    import uvicorn
+
+    from bench.faults import free_port as _port
+    from producer.api import create_app
+
+    port = _port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def wait_http(url: str, proc: subprocess.Popen, log, timeout: float = 60) -> None:

@@ -15,22 +15,18 @@ import io
 import re
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import soundfile as sf
-import uvicorn
 
 from core.config import Settings
 from producer.ops.stack import EXAMPLES
 from producer.sdk import Client
-from tests.helpers import Worker, free_port, service_env, speak, wait_http
+from tests.helpers import Worker, free_port, served_app, service_env, speak, wait_http
 
 KEY = "oai-key"
 SENTENCES = ["the weather will be rainy tomorrow", "please turn off the lights in the kitchen"]
@@ -204,24 +200,6 @@ def test_models_list_reads_the_versions(stack):
     assert set(mmq["serving"]) == {"text", "image", "audio"} and "versions" in mmq
 
 
-@contextmanager
-def _served(s: Settings):
-    """The real app under uvicorn in a thread -> its base URL."""
-    from producer.api import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_a_full_queue_is_a_rate_limit_and_a_long_wait_a_timeout(new_broker, database_url,
@@ -231,7 +209,7 @@ def test_a_full_queue_is_a_rate_limit_and_a_long_wait_a_timeout(new_broker, data
     the second finds the queue full (429 with Retry-After)."""
     s = Settings(broker_url=new_broker(), database_url=database_url,
                  api_keys=f"{KEY}:{KEY}-secret", max_queue_depth=1, max_wait_s=0.5)
-    with _served(s) as base:
+    with served_app(s) as base:
         oai = openai.OpenAI(base_url=f"{base}/v1", api_key=f"{KEY}-secret", max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:
             oai.embeddings.create(model="default", input="waits for a worker")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import faulthandler
 import io
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -15,12 +14,11 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import redis
-import uvicorn
 from PIL import Image
 
 from core.broker.sender import queue_depths
 from core.config import Settings
-from tests.helpers import big_png, cut_images, free_port, wav_claiming
+from tests.helpers import big_png, cut_images, served_app, wav_claiming
 
 KEY = "edge-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,23 +28,8 @@ DEPTH = 100
 @contextmanager
 def uvicorn_api(s: Settings):
     """The real app under uvicorn in a thread -> an httpx client (keep-alive) for it."""
-    from producer.api import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
-                          timeout=120) as http:
-            yield http
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with served_app(s) as base, httpx.Client(base_url=base, headers=AUTH, timeout=120) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
