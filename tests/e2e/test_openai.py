@@ -200,8 +200,6 @@ def test_models_list_reads_the_versions(stack):
     assert set(mmq["serving"]) == {"text", "image", "audio"} and "versions" in mmq
 
 
-
-
 def test_a_full_queue_is_a_rate_limit_and_a_long_wait_a_timeout(new_broker, database_url,
                                                                   stack):
     """No worker reads this app's queue (limit: one job): the first request is queued
