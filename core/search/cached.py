@@ -39,8 +39,6 @@ here compares one host's clock with another's.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +50,7 @@ import numpy as np
 
 from core.search.saved import space_key
 from core.search.shard import COLUMNS
+from core.search.types import flocked, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +118,11 @@ class CacheFiles:
         key = hashlib.sha256(store_url.encode()).hexdigest()[:12]
         self.dir = Path(index_dir) / f"cache-{key}"
 
-    @contextlib.contextmanager
     def locked(self):
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / LOCK, "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return flocked(self.dir / LOCK)
 
     def writable(self) -> bool:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self.dir / ".probe", "a"):
-                pass
-            return True
-        except OSError as e:
-            log.warning("search: cannot save the vector cache in %s (%s); each process "
-                        "keeps its own copy", self.dir, e)
-            return False
+        return writable_dir(self.dir, "vector cache")
 
     def header(self) -> dict | None:
         """The committed header, None if there is none; ValueError if unusable."""

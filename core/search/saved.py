@@ -28,8 +28,6 @@ rows without reading the ids (a million strings each).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -42,6 +40,7 @@ import numpy as np
 from usearch.index import Index
 
 from core.search.ann import AnnConfig
+from core.search.types import flocked, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +104,14 @@ class IndexStore:
         stem = f"{space_key(space)}.{gen}"
         return self.dir / f"{stem}.usearch", self.dir / f"{stem}.ids"
 
-    @contextlib.contextmanager
     def locked(self, space: str):
         """The space's writer lock (blocking): one process saves at a time."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / f"{space_key(space)}.lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return flocked(self.dir / f"{space_key(space)}.lock")
 
     def writable(self) -> bool:
         """The directory can be made and written (else the caller keeps its index in
         memory, with a warning)."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self.dir / ".probe", "a"):
-                pass
-            return True
-        except OSError as e:
-            log.warning("search: cannot save the HNSW index in %s (%s); each process "
-                        "keeps its own copy", self.dir, e)
-            return False
+        return writable_dir(self.dir, "HNSW index")
 
     def generation(self, space: str) -> int | None:
         """The saved generation (a cheap read of the JSON), None if none or unreadable."""

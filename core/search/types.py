@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 # The params flag that marks a job made only to embed a search query. Such jobs are
 # never search results (the vector cache skips them); list views may hide them too.
@@ -112,3 +116,34 @@ def hit_of(r, score: float) -> SearchHit:
 
 def _iso(d) -> str:
     return (d if d.tzinfo else d.replace(tzinfo=UTC)).isoformat()
+
+
+# -- files a host's searching processes share (saved.py, cached.py) ---------------------
+
+
+@contextlib.contextmanager
+def flocked(path: Path):
+    """An exclusive ``flock`` on ``path`` (made with its folder if missing), blocking:
+    one process of the host writes at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def writable_dir(path: Path, what: str) -> bool:
+    """The folder can be made and written; else a warning, and each process keeps its
+    own copy of ``what``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / ".probe", "a"):
+            pass
+        return True
+    except OSError as e:
+        logging.getLogger(__name__).warning(
+            "search: cannot save the %s in %s (%s); each process keeps its own copy",
+            what, path, e)
+        return False
