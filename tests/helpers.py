@@ -188,3 +188,28 @@ def write_labelled(root, rows: dict[str, list[str]]) -> None:
         (root / label).mkdir(parents=True, exist_ok=True)
         for i, t in enumerate(texts):
             (root / label / f"{i}.txt").write_text(t)
+
+
+# -- jobs as a worker leaves them --------------------------------------------------------
+
+def add_job(app, owner: str | None, *, modality="text", text=None, payload=None,
+            status="queued", result=None, error=None) -> str:
+    """A classify job (labels a, b) in the app's store: queued, failed, or finished with
+    ``result``, as a worker would leave it."""
+    from core import store
+
+    client = app.state.client
+    with client.sessions.begin() as s:
+        job = store.create_job(session=s, modality=modality, task="classify",
+                               params={"labels": ["a", "b"], "top_k": 2}, text=text,
+                               payload=payload, owner=owner)
+        job_id = job.id
+    with client.sessions.begin() as s:
+        if result is not None or status == "failed":
+            store.start_jobs(session=s, job_ids=[job_id], worker="w")
+        if result is not None:
+            store.finish_jobs(session=s, model_version="test", results={job_id: result},
+                              attempts={job_id: 1})
+        elif status == "failed":
+            store.fail_job(session=s, job_id=job_id, error=error or "failed", attempt=1)
+    return job_id

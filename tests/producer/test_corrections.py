@@ -24,6 +24,7 @@ from core.training.labelled import DataError
 from producer import cli
 from producer.api import create_app
 from producer.sdk import Client
+from tests.helpers import add_job
 
 KEYS = {"alice": "alice-corr-key-1", "bob": "bob-corr-key-2", "root": "root-corr-key-3"}
 ORIGIN = "https://testserver"  # the session cookie is Secure: httpx keeps it over https
@@ -41,25 +42,6 @@ def app(new_broker, tmp_path_factory):
 
 def api(app, who: str) -> TestClient:
     return TestClient(app, headers={"Authorization": f"Bearer {KEYS[who]}"})
-
-
-def add_job(app, owner: str | None, *, text: str, status: str = "queued",
-            result: JobResult | None = None, error: str | None = None) -> str:
-    """A classify job (labels a, b) in the store, queued, failed or finished with
-    ``result``, as a worker would leave it."""
-    sessions = app.state.client.sessions
-    with sessions.begin() as s:
-        job_id = store.create_job(session=s, modality="text", task="classify", text=text,
-                                  params={"labels": ["a", "b"], "top_k": 2}, owner=owner).id
-    with sessions.begin() as s:
-        if result is not None or status == "failed":
-            store.start_jobs(session=s, job_ids=[job_id], worker="w")
-        if result is not None:
-            store.finish_jobs(session=s, model_version="test", results={job_id: result},
-                              attempts={job_id: 1})
-        elif status == "failed":
-            store.fail_job(session=s, job_id=job_id, error=error or "failed", attempt=1)
-    return job_id
 
 
 def csrf(c: TestClient, path: str) -> str:

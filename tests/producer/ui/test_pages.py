@@ -20,6 +20,7 @@ from core.config import Settings
 from core.jobs import JobResult
 from producer.api import create_app
 from producer.ui.session import COOKIE
+from tests.helpers import add_job
 
 KEYS = {"alice": "alice-key-0123", "bob": "bob-key-4567", "root": "root-key-89ab"}
 ORIGIN = "https://testserver"
@@ -67,25 +68,6 @@ def sign_in(app, who: str) -> TestClient:
 
 def csrf(c: TestClient, path: str = "/ui/submit") -> str:
     return re.search(r'name="csrf" value="([^"]+)"', c.get(path).text).group(1)
-
-
-def add_job(app, owner: str | None, *, modality="text", text=None, payload=None,
-            status="queued", result: JobResult | None = None, error=None) -> str:
-    client = app.state.client
-    with client.sessions.begin() as s:
-        job = store.create_job(session=s, modality=modality, task="classify",
-                               params={"labels": ["a", "b"], "top_k": 2}, text=text,
-                               payload=payload, owner=owner)
-        job_id = job.id
-    with client.sessions.begin() as s:
-        if result is not None or status == "failed":
-            store.start_jobs(session=s, job_ids=[job_id], worker="w")
-        if result is not None:
-            store.finish_jobs(session=s, model_version="test", results={job_id: result},
-                              attempts={job_id: 1})
-        elif status == "failed":
-            store.fail_job(session=s, job_id=job_id, error=error or "failed", attempt=1)
-    return job_id
 
 
 def test_pages_need_a_session_and_a_wrong_key_is_refused(app):
