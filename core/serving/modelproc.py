@@ -251,9 +251,12 @@ class ModelProcess:
     def submit(self, request: JobRequest) -> Future:
         fut: Future = Future()
         # Registered before it is sent: its outcome may come back at once.
-        if self._futures.setdefault((request.job_id, request.attempt), fut) is not fut:
-            raise RuntimeError(f"job {request.job_id} attempt {request.attempt} is already "
-                               "in the model process")
+        running = self._futures.setdefault((request.job_id, request.attempt), fut)
+        if running is not fut:
+            # A second delivery of an attempt this worker already runs (its link came
+            # back after the sweep re-sent the job: bench/cluster.py link-cut): it shares
+            # the one run's outcome instead of failing the job.
+            return running
         self._outgoing.put(request)
         return fut
 

@@ -145,8 +145,10 @@ def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
         good = proc.submit(JobRequest("j-good", 1, "image", buf.getvalue(), ["red", "blue"], 1,
                                       None))
         again = proc.submit(JobRequest("j-good", 2, "image", buf.getvalue(), None, 1, None))
-        with pytest.raises(RuntimeError, match="already in the model process"):
-            proc.submit(JobRequest("j-good", 2, "image", buf.getvalue(), None, 1, None))
+        # A second delivery of an attempt in flight shares its run (it failed the job
+        # with "already in the model process" in bench/cluster.py's link cut).
+        assert proc.submit(JobRequest("j-good", 2, "image", buf.getvalue(), None, 1,
+                                      None)) is again
         with pytest.raises(InvalidInput) as err:
             bad.result(timeout=120)
         assert err.value.kind == InvalidInput.UNSUPPORTED
