@@ -20,14 +20,20 @@ from pathlib import Path
 class TcpProxy:
     """127.0.0.1:<port> -> target. ``down()`` closes every open connection and
     refuses new ones (the listening socket is closed, so clients see ECONNREFUSED,
-    as when a server is stopped); ``up()`` listens again on the same port."""
+    as when a server is stopped); ``up()`` listens again on the same port.
+
+    While down, the port stays bound by a socket that does not listen (bound with
+    SO_REUSEPORT before the listener closes): a port left free in the ephemeral range
+    could be handed out as the local port of another connection (a worker's to Redis),
+    and listening again then failed with EADDRINUSE."""
 
     def __init__(self, target_host: str, target_port: int, port: int = 0):
         self.target = (target_host, target_port)
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
-        self.port = port
+        self._hold: socket.socket | None = _bound(port)  # the port's socket while down
+        self.port = self._hold.getsockname()[1]
         self.up()
 
     @property
@@ -38,11 +44,8 @@ class TcpProxy:
         with self._lock:
             if self._listener is not None:
                 return
-            ls = socket.socket()
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind(("127.0.0.1", self.port))
+            ls, self._hold = self._hold or _bound(self.port), None
             ls.listen(256)
-            self.port = ls.getsockname()[1]
             self._listener = ls
         threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
 
@@ -50,12 +53,20 @@ class TcpProxy:
         with self._lock:
             ls, self._listener = self._listener, None
             conns, self._conns = self._conns, set()
+            if ls is not None:
+                self._hold = _bound(self.port)  # before the listener goes: no gap
         if ls is not None:
-            ls.close()
+            _close(ls)  # shutdown first: a thread blocked in accept() keeps it listening
         for c in conns:
             _close(c)
 
-    close = down
+    def close(self) -> None:
+        """Down for good: the port is released too."""
+        self.down()
+        with self._lock:
+            hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.close()
 
     def _accept(self, ls: socket.socket) -> None:
         while True:
@@ -88,6 +99,16 @@ class TcpProxy:
                 _close(s)
                 with self._lock:
                     self._conns.discard(s)
+
+
+def _bound(port: int) -> socket.socket:
+    """A socket bound to 127.0.0.1:``port`` (0: any free port) that others of its kind
+    may share: a second is bound while the first still listens."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", port))
+    return s
 
 
 def _close(s: socket.socket) -> None:
