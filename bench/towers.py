@@ -129,11 +129,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", choices=["image", "all"], default="all")
     args = ap.parse_args()
-    model = MultimodalModel.load(device="cpu")
-    models = {"fp32": model, "bf16": MultimodalModel.load(
-        device="cpu", settings=Settings(image_precision="bf16"))}
+    model = MultimodalModel.load(device="cpu")  # the defaults: the image rows per mode below
+    models = {mode: MultimodalModel.load(device="cpu", settings=Settings(image_precision=mode))
+              for mode in ("fp32", "bf16")}
     print(f"model {model.version}, torch threads {torch.get_num_threads()}\n")
     image_section(models, args.rounds)
+    del models
     if args.only == "image":
         return
     jpgs = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT + pe.CALIBRATION]

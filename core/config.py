@@ -106,18 +106,18 @@ class Settings(BaseSettings):
     attention_impl: str = "auto"
     # The text encoder's matmuls and attention (core/model/precision.py): "fp32"; "bf16"
     # (residual stream, LayerNorm and pooling stay fp32); "int8" (dynamic quantization,
-    # CPU only); "auto" = bf16 on CUDA, fp32 on CPUs (even with native bf16, the text
-    # encoder's bf16 measured 0.70x fp32: casts and unfused adds). A mode other than fp32
-    # is recorded in the model version ("all-MiniLM-L6-v2@<sha>/bf16"); search keeps one
-    # space for all modes. fp32 by default: bf16 is slower on CPUs (emulated without
-    # avx512_bf16/amx_bf16), and int8 misses the cosine >= 0.999 bound (docs/model.md).
-    text_precision: Literal["fp32", "bf16", "int8", "auto"] = "fp32"
+    # CPU only); "auto" = bf16 on CUDA and on CPUs that multiply bf16 natively
+    # (avx512_bf16, amx_bf16: 1.70x fp32 there, cosine >= 0.9999 to fp32), fp32 elsewhere
+    # (oneDNN emulates bf16 there, slower than fp32). A mode other than fp32 is recorded
+    # in the model version ("all-MiniLM-L6-v2@<sha>/bf16"); search keeps one space for
+    # all modes. int8 misses the cosine >= 0.999 bound (docs/model.md): opt-in only.
+    text_precision: Literal["fp32", "bf16", "int8", "auto"] = "auto"
     # The image backbone's convolutions (core/model/precision.py): "fp32"; "bf16" (weights
     # and activations in bf16, logits and the class bank product in fp32); "auto" = bf16
     # on CUDA and on CPUs with native bf16, else fp32. Recorded in the model version like
     # the text mode ("efficientnet-lite0@<sha>/bf16+zs@..."). No int8 yet: static
     # quantization of the convs is not built (docs/model.md).
-    image_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    image_precision: Literal["fp32", "bf16", "auto"] = "auto"
     # Text inputs above this many characters are refused before tokenisation;
     # the tokenizer would truncate them anyway, but a 50 MB string would still
     # cost memory and time on the worker.

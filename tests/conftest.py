@@ -20,6 +20,18 @@ def model():
     return MultimodalModel.load(device="cpu")
 
 
+@pytest.fixture(scope="session")
+def fp32_model():
+    """The model in fp32 whatever the CPU: the reference that parity tests compare with
+    sentence-transformers and timm, and that the precision tests compare bf16 with
+    (``model`` has the defaults: bf16 text and image towers on CPUs with native bf16)."""
+    from core.config import Settings
+    from core.model.multimodal import MultimodalModel
+
+    return MultimodalModel.load(device="cpu", settings=Settings(
+        text_precision="fp32", image_precision="fp32"))
+
+
 # A SQLite file and a PostgreSQL database: every module that asks runs on both.
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database_url(request, tmp_path_factory):

@@ -149,7 +149,7 @@ class MultimodalModel:
                                               precision=s.speech_precision))
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
-        precision = resolve_precision(s.text_precision, dev, bf16_on_cpu=False)
+        precision = resolve_precision(s.text_precision, dev)
         apply_precision(text.encoder, precision)
 
         def load_speech() -> SpeechTower:

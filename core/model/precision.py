@@ -44,17 +44,12 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(mode: str, device: torch.device, *, bf16_on_cpu: bool = True) -> str:
-    """A setting (fp32, bf16, int8, auto) -> the mode to run on ``device``.
-
-    ``bf16_on_cpu``: whether ``auto`` picks bf16 on a CPU that multiplies bf16 natively
-    (the image backbone: 2.69x timm against fp32's 1.78x); the text encoder says no,
-    since its bf16 measured 0.70x fp32 on such a CPU (casts and unfused residual adds
-    cost more than the bf16 matmuls save: docs/model.md)."""
+def resolve_precision(mode: str, device: torch.device) -> str:
+    """A setting (fp32, bf16, int8, auto) -> the mode to run on ``device``: ``auto`` is
+    bf16 where it is native (text encoder 1.70x fp32, image backbone 1.51x on a quiet
+    2-core AMD EPYC with avx512_bf16: docs/model.md), fp32 elsewhere."""
     check_precision(mode)
     if mode == "auto":
-        if device.type == "cpu" and not bf16_on_cpu:
-            return "fp32"
         return "bf16" if native_bf16(device) else "fp32"
     if mode == "int8" and device.type != "cpu":
         raise ValueError(f"precision int8 runs on the CPU only, not on {device}")

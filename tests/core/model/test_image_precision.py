@@ -17,7 +17,8 @@ PHOTOS = pe.HELD_OUT + pe.CALIBRATION
 def bf16_model():
     from core.model.multimodal import MultimodalModel
 
-    return MultimodalModel.load(device="cpu", settings=Settings(image_precision="bf16"))
+    return MultimodalModel.load(device="cpu", settings=Settings(image_precision="bf16",
+                                                                text_precision="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -29,31 +30,33 @@ def answers(model, photos: list[bytes], photo_set: tuple) -> list[str]:
     return [r[0][0] for r in model.classify("image", photos, pe.labels_of(photo_set), top_k=1)]
 
 
-def test_bf16_zero_shot_answers_equal_fp32(model, bf16_model, photos):
+def test_bf16_zero_shot_answers_equal_fp32(fp32_model, bf16_model, photos):
     n = len(pe.HELD_OUT)
     for sl, photo_set in ((slice(0, n), pe.HELD_OUT), (slice(n, None), pe.CALIBRATION)):
-        assert answers(bf16_model, photos[sl], photo_set) == answers(model, photos[sl], photo_set)
-    ref, got = model.embed("image", photos), bf16_model.embed("image", photos)  # (32, D)
+        got, ref = answers(bf16_model, photos[sl], photo_set), answers(fp32_model, photos[sl],
+                                                                       photo_set)
+        assert got == ref
+    ref, got = fp32_model.embed("image", photos), bf16_model.embed("image", photos)  # (32, D)
     cos = F.cosine_similarity(got, ref, dim=-1)
     assert cos.min() >= 0.99, f"cosine {cos.min():.4f}"
-    text = model.embed("text", pe.labels_of(pe.HELD_OUT))  # text->image retrieval, held out
+    text = fp32_model.embed("text", pe.labels_of(pe.HELD_OUT))  # text->image retrieval, held out
     assert torch.equal((text @ got[:n].T).argmax(-1), (text @ ref[:n].T).argmax(-1))
     assert bf16_model.photo.net._conv_stem.weight.dtype == torch.bfloat16
 
 
-def test_bf16_backbone_logits_close_to_fp32(model, bf16_model):
-    x = torch.stack([model.prepare("image", pe.load_photo(p)).pixels for p in PHOTOS[:8]])
+def test_bf16_backbone_logits_close_to_fp32(fp32_model, bf16_model):
+    x = torch.stack([fp32_model.prepare("image", pe.load_photo(p)).pixels for p in PHOTOS[:8]])
     with torch.inference_mode():
-        ref, got = model.photo.class_logits(x), bf16_model.photo.class_logits(x)  # (8, 1000)
+        ref, got = fp32_model.photo.class_logits(x), bf16_model.photo.class_logits(x)  # (8, 1000)
     assert got.dtype == torch.float32
     assert torch.equal(got.argmax(-1), ref.argmax(-1))  # the ImageNet class, per photo
 
 
-def test_image_version_is_tagged(model, bf16_model):
+def test_image_version_is_tagged(fp32_model, bf16_model):
     text, image = bf16_model.version.split("+image@")
     assert "efficientnet-lite0@" in image and "/bf16+zs@" in image
-    assert text == model.version.split("+image@")[0]  # the text tower untouched
-    assert untagged(bf16_model.version) == untagged(model.version)  # speech: auto
+    assert text == fp32_model.version.split("+image@")[0]  # the text tower untouched
+    assert untagged(bf16_model.version) == untagged(fp32_model.version)  # speech: auto
 
 
 def test_bad_image_setting_is_refused():

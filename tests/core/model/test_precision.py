@@ -39,15 +39,16 @@ def labelled() -> tuple[list[str], list[int]]:
 def bf16_model():
     from core.model.multimodal import MultimodalModel
 
-    return MultimodalModel.load(device="cpu", settings=Settings(text_precision="bf16"))
+    return MultimodalModel.load(device="cpu", settings=Settings(text_precision="bf16",
+                                                                image_precision="fp32"))
 
 
 def top1(model, texts: list[str]) -> list[str]:
     return [r[0][0] for r in model.classify("text", texts, LABELS, top_k=1)]
 
 
-def test_bf16_embeddings_within_cosine_0999_of_fp32(model, bf16_model):
-    ref = model.embed("text", SENTENCES)  # (N, D) fp32
+def test_bf16_embeddings_within_cosine_0999_of_fp32(fp32_model, bf16_model):
+    ref = fp32_model.embed("text", SENTENCES)  # (N, D) fp32
     got = bf16_model.embed("text", SENTENCES)  # (N, D)
     cos = F.cosine_similarity(got, ref, dim=-1)
     worst = int(cos.argmin())
@@ -56,22 +57,22 @@ def test_bf16_embeddings_within_cosine_0999_of_fp32(model, bf16_model):
     assert bf16_model.text.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
 
 
-def test_bf16_classification_top1_unchanged(model, bf16_model):
+def test_bf16_classification_top1_unchanged(fp32_model, bf16_model):
     texts, truth = labelled()
     texts = texts + SENTENCES  # the topical sample and 240 varied sentences, near-ties too
-    ref, got = top1(model, texts), top1(bf16_model, texts)
+    ref, got = top1(fp32_model, texts), top1(bf16_model, texts)
     same = sum(a == b for a, b in zip(ref, got, strict=True)) / len(texts)
     assert same >= 0.99, f"top-1 unchanged on {same:.1%}"
     right = sum(LABELS[t] == g for t, g in zip(truth, got, strict=False)) / len(truth)
     assert right >= 0.9  # the topical sample is labelled, and mostly right
 
 
-def test_version_is_tagged_and_search_space_is_not(model, bf16_model):
+def test_version_is_tagged_and_search_space_is_not(fp32_model, bf16_model):
     text, rest = bf16_model.version.split("+", 1)
-    assert text == tagged(model.version.split("+", 1)[0], "bf16") and text.endswith("/bf16")
-    assert rest == model.version.split("+", 1)[1]  # image and speech towers untouched
+    assert text == tagged(fp32_model.version.split("+", 1)[0], "bf16") and text.endswith("/bf16")
+    assert rest == fp32_model.version.split("+", 1)[1]  # image and speech towers untouched
     # (the speech part carries its own mode's tag, the same in both: Settings' default)
-    assert untagged(bf16_model.version) == untagged(model.version)
+    assert untagged(bf16_model.version) == untagged(fp32_model.version)
 
 
 def test_int8_runs_tagged_but_is_below_the_bf16_bound():
@@ -89,9 +90,7 @@ def test_int8_runs_tagged_but_is_below_the_bf16_bound():
 def test_resolve_by_device_and_cpu_flags(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(P, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert P.resolve_precision("auto", cpu) == "bf16"  # the image backbone: faster there
-    # The text encoder keeps fp32 on every CPU (its bf16 measured 0.70x fp32 there).
-    assert P.resolve_precision("auto", cpu, bf16_on_cpu=False) == "fp32"
+    assert P.resolve_precision("auto", cpu) == "bf16"  # native: faster than fp32 there
     monkeypatch.setattr(P, "_cpu_flags", lambda: {"avx512f", "avx512_vnni"})
     assert P.resolve_precision("auto", cpu) == "fp32"  # emulated bf16 is slower than fp32
     assert P.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept

@@ -31,8 +31,8 @@ def test_corpus_is_varied():
     assert any("\u3040" <= c <= "\u9fff" for s in SENTENCES for c in s)  # CJK
 
 
-def test_embeddings_match_sentence_transformers(model, st_model):
-    ours = model.embed("text", SENTENCES)  # (N, D)
+def test_embeddings_match_sentence_transformers(fp32_model, st_model):
+    ours = fp32_model.embed("text", SENTENCES)  # (N, D)
     ref = st_model.encode(SENTENCES, batch_size=32, convert_to_tensor=True).cpu()
     assert ours.shape == ref.shape == (len(SENTENCES), 384)
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
@@ -61,15 +61,15 @@ def test_token_ids_and_truncation_match_hf_tokenizer(model, hf):
     assert any(p.truncated for p in prepared) and not all(p.truncated for p in prepared)
 
 
-def test_hidden_states_match_bert_model(model, hf):
+def test_hidden_states_match_bert_model(fp32_model, hf):
     from core.model.attention import AttentionPlan
 
     tok, bert = hf
-    prepared = model.prepare_many("text", SENTENCES)
+    prepared = fp32_model.prepare_many("text", SENTENCES)
     plan = AttentionPlan.from_lengths([p.tokens for p in prepared])
     ids = torch.tensor([t for p in prepared for t in p.ids])
     with torch.inference_mode():
-        ours = model.text.hidden_states(ids, plan)  # (N, C)
+        ours = fp32_model.text.hidden_states(ids, plan)  # (N, C)
         worst = 0.0
         for i in range(0, len(SENTENCES), 16):
             chunk = [s.strip() for s in SENTENCES[i:i + 16]]
