@@ -118,6 +118,9 @@ def broker_transport_options(s: Settings) -> dict:
     drop a BRPOP whose reply is overdue, which no socket timeout covers in its event
     loop; keepalive lets the kernel give up on dead peers too. Not
     ``retry_on_timeout``: it would replay publishes (and kombu then stops batching them).
+    These checks repair connections without failing the event loop, so nothing restarts
+    the consumer: a worker whose every prefetch slot held an ack that timed out on the
+    hung primary sent no BRPOP again, until workers/acks.py freed such slots.
     """
     opts: dict = {
         "visibility_timeout": s.visibility_timeout,
