@@ -93,6 +93,17 @@ def broker_url(new_broker) -> str:
     return new_broker()
 
 
+@pytest.fixture
+def redis_proxy(redis_server):
+    """bench/faults.py's TcpProxy in front of the tests' redis-server: a link to cut."""
+    from bench.faults import TcpProxy
+
+    url = redis.Redis.from_url(redis_server).connection_pool.connection_kwargs
+    p = TcpProxy(url["host"], url["port"])
+    yield p
+    p.close()
+
+
 # -- CI fails, not skips, when a service is missing -----------------------------------------
 # With MMQ_REQUIRE_SERVICES=1 (set by .ci/run) a skipped test is a failed one: a missing
 # redis-server, PostgreSQL, espeak-ng, C compiler or docker client would otherwise pass CI

@@ -15,21 +15,11 @@ import logging
 import threading
 import time
 
-import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from bench.faults import TcpProxy
 from core.broker.queues import FETCHED_BY
 from workers.poison import GuardedRedisTransport
-
-
-@pytest.fixture
-def proxy(redis_server):
-    url = redis.Redis.from_url(redis_server).connection_pool.connection_kwargs
-    p = TcpProxy(url["host"], url["port"])
-    yield p
-    p.close()
 
 
 def _until(condition, what: str, timeout: float = 60) -> None:
@@ -52,12 +42,12 @@ def _drain_until(conn: Connection, condition, what: str, timeout: float = 60) ->
 
 
 def test_a_failed_ack_frees_its_prefetch_slot_and_is_written_when_redis_is_back(
-        proxy, broker_url, caplog):
+        redis_proxy, broker_url, caplog):
     db = broker_url.rsplit("/", 1)[1]
     direct = redis.Redis.from_url(broker_url)
     queue = Queue("acks", Exchange("acks", "direct"), "acks")
     got: list = []
-    with Connection(f"redis://127.0.0.1:{proxy.port}/{db}", transport=GuardedRedisTransport,
+    with Connection(f"redis://127.0.0.1:{redis_proxy.port}/{db}", transport=GuardedRedisTransport,
                     transport_options={"socket_timeout": 5, "socket_connect_timeout": 5}) as conn:
         channel = conn.channel()
         producer = Producer(channel)
@@ -71,11 +61,11 @@ def test_a_failed_ack_frees_its_prefetch_slot_and_is_written_when_redis_is_back(
         _drain_until(conn, lambda: len(got) == 1, "the first message was not delivered")
         assert direct.hlen("unacked") == 1 and direct.llen("acks") == 1
 
-        proxy.down()  # every connection cut, new ones refused: the ack cannot be written
+        redis_proxy.down()  # every connection cut, new ones refused: the ack cannot be written
         with caplog.at_level(logging.WARNING, logger="mmq.worker"):
             got[0].ack()
             _until(lambda: "could not acknowledge" in caplog.text, "the ack did not fail")
-        proxy.up()
+        redis_proxy.up()
 
         # Before the fix the slot stayed taken for good: no BRPOP, no second message.
         _drain_until(conn, lambda: len(got) == 2, "the failed ack kept the only prefetch "
