@@ -224,8 +224,11 @@ def test_a_dropped_file_is_submitted(page, stack):
     page.find_element(By.ID, "submit").click()
     notice = _until(page, lambda d: d.find_element(By.ID, "notice"), 60, "submitted")
     assert notice.text == "Submitted 1 job."
-    row = page.find_element(By.CSS_SELECTOR, "tr.job")
-    assert row.get_attribute("data-modality") == "image"
+    # Read again if ui.js swaps the row in meanwhile (its status streams in at once: the
+    # element found first went stale once the image ran fast enough, in CI's run).
+    modality = _until(page, lambda d: d.find_element(By.CSS_SELECTOR, "tr.job").get_attribute(
+        "data-modality"), 30, "the new row")
+    assert modality == "image"
     _until(page, lambda d: d.find_element(By.CSS_SELECTOR, "tr.job").get_attribute(
         "data-status") == "succeeded", what="the dropped image ran")
 
