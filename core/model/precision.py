@@ -46,8 +46,8 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(mode: str, device: torch.device) -> str:
     """A setting (fp32, bf16, int8, auto) -> the mode to run on ``device``: ``auto`` is
-    bf16 where it is native (text encoder 1.70x fp32, image backbone 1.51x on a quiet
-    2-core AMD EPYC with avx512_bf16: docs/model.md), fp32 elsewhere."""
+    bf16 where it is native (text encoder 1.63-1.70x fp32, image backbone 2.0x, on a
+    quiet 2-core AMD EPYC with avx512_bf16: docs/model.md), fp32 elsewhere."""
     check_precision(mode)
     if mode == "auto":
         return "bf16" if native_bf16(device) else "fp32"
