@@ -122,11 +122,11 @@ class Stack:
     def fetched_unstarted(self) -> list[str]:
         """Jobs still ``queued`` whose message a worker has fetched and not acknowledged
         (kombu's ``unacked`` hash): a worker killed now never started them."""
-        from core.broker.queues import UNACKED, unacked_task_id
+        from core.broker.queues import UNACKED, unacked_job_ids
 
         r = self.redis.client()
         try:
-            fetched = {unacked_task_id(raw) for raw in r.hvals(UNACKED)} - {""}
+            fetched = {j for raw in r.hvals(UNACKED) for j in unacked_job_ids(raw)}
         finally:
             r.close()
         if not fetched:

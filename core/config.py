@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Accepted by the API only in the local/dev profile and only when no keys are set.
@@ -46,6 +47,13 @@ class Settings(BaseSettings):
     # The workers' sweep interval (stale queued jobs, running jobs of dead workers,
     # unacknowledged messages of dead workers); 0 = off. One worker sweeps at a time.
     requeue_every_s: float = 5.0
+    # Jobs per Celery message when a producer sends many of one modality at once
+    # (``submit_many``, the API's batch submit, the sweep's re-sends): Celery's and
+    # kombu's per-message work (decode, request, thread hand-off, events, ack) was half
+    # of a worker's CPU per short text job. 1 = one message per job. A lone job always
+    # has its own message, whose task id is its job id. Workers count their prefetch
+    # in jobs, not messages, so a worker holds no more jobs than before.
+    jobs_per_message: int = Field(default=8, ge=1, le=256)
     # Each worker process renews its lease (a row in worker_leases) every
     # lease_renew_s; one not renewed for lease_s is dead, and the sweep re-sends its
     # running jobs at once instead of waiting for the visibility timeout.

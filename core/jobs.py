@@ -44,8 +44,11 @@ ACTIVE = tuple(s.value for s in JobStatus if not s.terminal)  # queued, running
 # The modalities, in order; one Celery queue each, named after it.
 MODALITIES = QUEUES = tuple(m.value for m in Modality)
 TASKS = tuple(t.value for t in Task)
-# The one Celery task name; producers send it by name and never import workers.
+# The Celery task names; producers send them by name and never import workers. A
+# message runs one job (task id = job id) or a list of them (Settings.jobs_per_message).
 RUN_JOB_TASK = "mmq.run_job"
+RUN_JOBS_TASK = "mmq.run_jobs"
+JOB_TASKS = (RUN_JOB_TASK, RUN_JOBS_TASK)
 
 
 @dataclass

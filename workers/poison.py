@@ -40,10 +40,11 @@ from core.broker import deadletter
 from core.broker.queues import FETCHED_BY
 from core.broker.redis_client import redis_for
 from core.config import get_settings
-from core.jobs import RUN_JOB_TASK
+from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from workers.acks import AckBatcher
 
 log = logging.getLogger("mmq.worker")
+MAX_JOBS_PER_MESSAGE = 256  # Settings.jobs_per_message's bound
 
 # Called with each entry after it is stored (the Prometheus exporter counts them).
 listeners: list[Callable[[deadletter.DeadLetter], None]] = []
@@ -90,13 +91,50 @@ class OwnedQoS(kombu_redis.QoS):
 
     Messages fetched together (``GuardedChannel._brpop_read``) get their entries in one
     transaction (``append_many``), and acknowledgements are written in groups by one
-    thread (workers/acks.py)."""
+    thread (workers/acks.py).
+
+    The prefetch limit counts jobs, not messages: a ``run_jobs`` message weighs its
+    number of jobs (``weigh``), so a worker holds at most its prefetch count of jobs
+    (plus one message's worth) whether they came one or eight to a message, and other
+    workers get their share of a burst."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._acks = AckBatcher(self._write_acks, partial(virtual.QoS.ack, self))
         # Tags whose unacked entry append_many wrote: append only tracks them.
         self._written: set = set()
+        self._weights: dict = {}  # delivery tag -> jobs in it, for those over one
+
+    def weigh(self, delivery_tag, jobs: int) -> None:
+        if jobs > 1:
+            self._weights[delivery_tag] = jobs
+
+    def _jobs_held(self) -> int:
+        # Copies first (each one C call under the GIL): the ack thread marks tags dirty
+        # while the consumer thread counts.
+        delivered, dirty, weights = list(self._delivered), set(self._dirty), self._weights
+        return sum(weights.get(t, 1) for t in delivered if t not in dirty)
+
+    def can_consume(self) -> bool:
+        pcount = self.prefetch_count
+        return not pcount or self._jobs_held() < pcount
+
+    def can_consume_max_estimate(self):
+        pcount = self.prefetch_count
+        if pcount:
+            return max(pcount - self._jobs_held(), 0)
+        return None
+
+    def _flush(self) -> None:
+        """kombu's (drop the acknowledged and rejected tags), and their weights."""
+        dirty, delivered, weights = self._dirty, self._delivered, self._weights
+        while True:
+            try:
+                tag = dirty.pop()
+            except KeyError:
+                break
+            delivered.pop(tag, None)
+            weights.pop(tag, None)
 
     def append(self, message, delivery_tag):
         if delivery_tag in self._written:  # written and tracked by append_many
@@ -222,15 +260,19 @@ class GuardedChannel(kombu_redis.Channel):
             key = bytes_to_str(key)
             dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            items = [item, *self._more(key)]
+            first = self._checked(item, dest)
+            more = self._more(key, _jobs_in(first) if first is not None else 1)
         finally:
             self._in_poll = None
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
-        checked = [(m, it) for m, it in ((self._checked(it, dest), it) for it in items)
+        checked = [(m, it) for m, it in [(first, item),
+                                         *((self._checked(it, dest), it) for it in more)]
                    if m is not None]
         messages = [m for m, _ in checked]
+        for m in messages:
+            self.qos.weigh(m.delivery_tag, _jobs_in(m))
         if len(messages) > 1:
             self.qos.append_many(messages, [bytes_to_str(it) for _, it in checked])
         for m in messages:
@@ -241,9 +283,13 @@ class GuardedChannel(kombu_redis.Channel):
                 self._fetched.pop(id(m._raw), None)
         return True
 
-    def _more(self, key: str) -> list[bytes]:
+    def _more(self, key: str, weight: int) -> list[bytes]:
+        """The messages behind the first one (of ``weight`` jobs), as many as the room
+        left for jobs allows if they weigh as much (a lighter one leaves room that the
+        next fetch takes)."""
         room = self.qos.can_consume_max_estimate()
-        n = min(self.FETCH_MAX, room if room is not None else self.FETCH_MAX) - 1
+        room = self.FETCH_MAX if room is None else room
+        n = min(self.FETCH_MAX - 1, (room - weight) // weight)
         if n <= 0 or self.global_keyprefix:  # (a prefixed client would prefix the key again)
             return []
         try:
@@ -311,6 +357,19 @@ class GuardedChannel(kombu_redis.Channel):
         return message
 
 
+def _jobs_in(message) -> int:
+    """Jobs a message carries: a run_jobs message's list (its body decoded here once,
+    kombu caches it for Celery), else 1. A malformed body weighs 1: the task handler
+    dead-letters it."""
+    if message.headers.get("task") != RUN_JOBS_TASK:
+        return 1
+    try:
+        ids = message.decode()[0][0]
+    except Exception:  # noqa: BLE001  (dead-lettered later, by task_problem)
+        return 1
+    return len(ids) if isinstance(ids, list) and ids else 1
+
+
 class GuardedRedisTransport(kombu_redis.Transport):
     Channel = GuardedChannel
 
@@ -357,6 +416,12 @@ def task_problem(message, tasks: dict) -> tuple[str, str] | None:
         job_id = args[0] if args else kwargs.get("job_id")
         if not isinstance(job_id, str) or not job_id:
             return deadletter.BAD_BODY, f"job id {job_id!r} is not a string"
+    if name == RUN_JOBS_TASK:
+        ids = args[0] if args else kwargs.get("job_ids")
+        if not (isinstance(ids, list) and 0 < len(ids) <= MAX_JOBS_PER_MESSAGE
+                and all(isinstance(i, str) and i for i in ids)):
+            return deadletter.BAD_BODY, (f"job ids {str(ids)[:200]} are not a list of 1 to "
+                                         f"{MAX_JOBS_PER_MESSAGE} strings")
     return None
 
 
@@ -401,12 +466,19 @@ def _raw(message) -> str:
     return repr(message.body)[:100_000]
 
 
+def _job_list(args) -> list:
+    """A run_jobs request's job ids (its first argument), else []."""
+    first = args[0] if isinstance(args, list | tuple) and args else None
+    return first if isinstance(first, list) else []
+
+
 def dead_letter_unknown_job(job_id: str) -> None:
-    """A valid run_job message whose job id no SQL row has (another deployment's
+    """A valid run_job(s) message with a job id that no SQL row has (another deployment's
     queue, a hand-made message). The task then returns and its message is acked."""
     from celery.worker import state
 
-    request = next((r for r in list(state.active_requests) if r.id == job_id), None)
+    request = next((r for r in list(state.active_requests)
+                    if r.id == job_id or job_id in _job_list(r.args)), None)
     message = getattr(request, "message", None)
     info = getattr(request, "delivery_info", None) or {}
     raw = _raw(message) if message is not None else json.dumps({"task_id": job_id})

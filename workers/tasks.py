@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import store
-from core.jobs import RUN_JOB_TASK
+from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from core.serving.host import JobFuture
 from workers import poison
 from workers.app import app
@@ -39,7 +40,40 @@ def transient(e: BaseException) -> bool:
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
 def run_job(self, job_id: str, modality: str | None = None) -> dict:
+    return _run(job_id, self.request.hostname or "worker", None)
+
+
+@app.task(name=RUN_JOBS_TASK, bind=True, max_retries=None)
+def run_jobs(self, job_ids: list[str], modality: str | None = None) -> dict:
+    """Several jobs in one message (core/broker/sender.py): all are handed to the host at
+    once, so they batch together, and the message is acknowledged once every outcome is
+    recorded. A job whose outcome cannot be recorded rejects the whole message back onto
+    the queue; its redelivery finds the finished ones finished."""
     worker = self.request.hostname or "worker"
+    first = {j: _try_start(j, worker) for j in dict.fromkeys(job_ids)}
+    statuses = Counter()
+    for job_id, fut in first.items():
+        try:
+            statuses[_run(job_id, worker, fut).get("status", "?")] += 1
+        except Reject:
+            raise
+        except Exception:  # noqa: BLE001  (recorded as the job's failure by _run)
+            statuses["failed"] += 1
+    return {"jobs": len(first), **statuses}
+
+
+def _try_start(job_id: str, worker: str) -> JobFuture | None:
+    """The job's first try handed to the host, or None if even that raised (``_run``
+    then retries it)."""
+    try:
+        return app.runtime.host.process(job_id, worker)
+    except Exception:  # noqa: BLE001  (``_run`` tries again and decides)
+        return None
+
+
+def _run(job_id: str, worker: str, fut: JobFuture | None) -> dict:
+    """Wait for the job's outcome (``fut``: its first try, already handed to the host),
+    retrying transient errors with backoff; a failure is recorded before it is raised."""
     host = app.runtime.host
     settings = host.settings
     # The latest start's fencing token, kept across tries: a try that fails before its
@@ -47,14 +81,15 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
     # and a failure fenced by no token (``queued`` only) would leave it running for good.
     token = None
     for attempt in range(settings.task_max_retries + 1):
-        fut = None
         try:
-            fut = host.process(job_id, worker)
+            if fut is None:
+                fut = host.process(job_id, worker)
             return _summarise(job_id, fut)
         except Exception as e:
             # The start that holds the job, if it started: the failure is fenced by it.
             if fut is not None and fut.attempt is not None:
                 token = fut.attempt
+            fut = None
             if not transient(e):
                 _record_failure(job_id, f"internal error: {type(e).__name__}: {e}", token)
                 raise  # recorded: Celery marks the task failed and acknowledges it

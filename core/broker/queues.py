@@ -8,12 +8,13 @@ of its own under ``mmq:``.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 
 from kombu import Exchange, Queue
 
-from core.jobs import QUEUES
+from core.jobs import QUEUES, RUN_JOBS_TASK
 
 # -- kombu's keys (its Redis transport's ack emulation) ---------------------------------
 UNACKED = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing key]
@@ -62,18 +63,32 @@ def all_queue_keys(queues: Iterable[str] = QUEUES) -> list[str]:
     return [k for q in queues for k in queue_keys(q)]
 
 
-def task_id(raw: bytes | str) -> str:
-    """The task id (= job id) of a message as kombu stores it; "" if unreadable."""
-    try:
-        return json.loads(raw).get("headers", {}).get("id", "")
-    except (ValueError, AttributeError):
-        return ""
+def job_ids(message: dict) -> list[str]:
+    """The job ids a message (kombu's envelope, decoded) carries: a run_job's task id,
+    or the list in a run_jobs message's arguments (core/broker/sender.py); [] if
+    unreadable."""
+    headers = message.get("headers") or {}
+    if headers.get("task") != RUN_JOBS_TASK:
+        job_id = headers.get("id")
+        return [job_id] if isinstance(job_id, str) and job_id else []
+    body = message.get("body", "")
+    if (message.get("properties") or {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    ids = json.loads(body)[0][0]
+    return [i for i in ids if isinstance(i, str) and i] if isinstance(ids, list) else []
 
 
-def unacked_task_id(raw: bytes | str) -> str:
-    """The task id of an entry of the ``unacked`` hash; "" if unreadable."""
+def queued_job_ids(raw: bytes | str) -> list[str]:
+    """The job ids of a message as kombu stores it in a queue; [] if unreadable."""
     try:
-        message = json.loads(raw)[0]
-        return message.get("headers", {}).get("id", "")
+        return job_ids(json.loads(raw))
     except (ValueError, IndexError, TypeError, AttributeError, KeyError):
-        return ""
+        return []
+
+
+def unacked_job_ids(raw: bytes | str) -> list[str]:
+    """The job ids of an entry of the ``unacked`` hash; [] if unreadable."""
+    try:
+        return job_ids(json.loads(raw)[0])
+    except (ValueError, IndexError, TypeError, AttributeError, KeyError):
+        return []

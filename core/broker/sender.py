@@ -1,11 +1,16 @@
 """Sending jobs to the workers by task name, without importing the workers.
 
-A job's Celery task id is its job id, so a message in Redis can be matched to
-its job (``requeue`` relies on it) and Flower shows the job id directly.
+A lone job goes as one ``run_job`` message whose Celery task id is its job id. Many jobs
+of one modality sent together go ``per_message`` to a ``run_jobs`` message (job ids in
+its arguments, task id a new uuid): a short text job's model time is about a
+millisecond, and a message's own cost in Celery and kombu was half the worker's CPU per
+job. The sweep reads the job ids of either kind (core/broker/queues.py ``job_ids``);
+Flower shows a batch as one task whose arguments list its jobs.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 import redis
@@ -18,7 +23,7 @@ from core.broker.queues import (
 )
 from core.broker.redis_client import broker_transport_options, redis_for
 from core.config import Settings
-from core.jobs import QUEUES, RUN_JOB_TASK
+from core.jobs import QUEUES, RUN_JOB_TASK, RUN_JOBS_TASK
 
 # Seconds a send waits for one of the app's pooled broker connections (broker_pool_limit:
 # 10). A burst of 40 API threads publishing a few jobs each waits milliseconds.
@@ -39,8 +44,21 @@ def producer_app(settings: Settings) -> Celery:
     return app
 
 
-def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
-    """Publish (job_id, modality) pairs over one connection; returns the ids sent."""
+def messages(jobs: Iterable[tuple[str, str]], per_message: int = 1
+             ) -> list[tuple[str, list[str]]]:
+    """(job_id, modality) pairs -> (modality, job ids) per message: each modality's jobs
+    in submit order, ``per_message`` at a time."""
+    by_modality: dict[str, list[str]] = {}
+    for job_id, modality in jobs:
+        by_modality.setdefault(modality, []).append(job_id)
+    step = max(1, per_message)
+    return [(m, ids[i:i + step]) for m, ids in by_modality.items()
+            for i in range(0, len(ids), step)]
+
+
+def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]], per_message: int = 1) -> list[str]:
+    """Publish (job_id, modality) pairs over one connection, up to ``per_message`` jobs
+    of a modality per message; returns the ids sent."""
     sent = []
     # Not Celery's producer pool: it takes its connection from the connection pool
     # with no time limit (kombu's ProducerPool, whatever broker_pool_acquire_timeout
@@ -56,10 +74,15 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]]) -> list[str]:
             producer.batch(max_size=1000):
         # kombu buffers the LPUSHes of a batch in one Redis pipeline: one round
         # trip per thousand jobs instead of one (and a new client object) per job.
-        for job_id, modality in jobs:
-            app.send_task(RUN_JOB_TASK, args=[job_id], kwargs={"modality": modality},
-                          queue=modality, task_id=job_id, producer=producer, retry=False)
-            sent.append(job_id)
+        for modality, ids in messages(jobs, per_message):
+            if len(ids) == 1:
+                app.send_task(RUN_JOB_TASK, args=[ids[0]], kwargs={"modality": modality},
+                              queue=modality, task_id=ids[0], producer=producer, retry=False)
+            else:
+                app.send_task(RUN_JOBS_TASK, args=[ids], kwargs={"modality": modality},
+                              queue=modality, task_id=str(uuid.uuid4()), producer=producer,
+                              retry=False)
+            sent += ids
     return sent
 
 

@@ -50,8 +50,8 @@ from core.broker.queues import (
     UNACKED_INDEX,
     UNACKED_SEEN,
     all_queue_keys,
-    task_id,
-    unacked_task_id,
+    queued_job_ids,
+    unacked_job_ids,
 )
 from core.broker.redis_client import redis_for
 from core.broker.sender import producer_app, send_jobs
@@ -78,6 +78,15 @@ class _Messages:
     unacked: dict[str, tuple[bytes, str | None]]  # job id -> (delivery tag, fetched by)
     tags: set[bytes] = field(default_factory=set)  # every tag in the unacked hash
     stray_owners: list[bytes] = field(default_factory=list)  # FETCHED_BY without unacked
+    # Tags this sweep put back: a run_jobs message carries several jobs, and is put
+    # back once for all of them.
+    restored: set[bytes] = field(default_factory=set)
+
+    def restore(self, r: redis.Redis, tag: bytes) -> bool:
+        """Put the message back (once per sweep); -> whether it is back."""
+        if tag not in self.restored and restore_unacked(r, tag):
+            self.restored.add(tag)
+        return tag in self.restored
 
 
 def requeue_stale(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None,
@@ -129,7 +138,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
         moved_orphans = _recover_orphans(r, msgs, orphans, sessions, out)
         lost += moved_orphans
         if lost:
-            out.resent += send_jobs(producer_app(settings), lost)
+            out.resent += send_jobs(producer_app(settings), lost, settings.jobs_per_message)
             with sessions.begin() as s:
                 store.mark_sent(session=s, job_ids=out.resent)
         with sessions.begin() as s:  # one row per worker start: keep a day of them
@@ -201,15 +210,14 @@ def _messages(r: redis.Redis, modalities, read_queues: bool = True) -> _Messages
         for key in all_queue_keys(modalities) if read_queues else []:
             pipe.lrange(key, 0, -1)
         for raws in pipe.execute():
-            queued |= {task_id(raw) for raw in raws}
+            queued.update(*(queued_job_ids(raw) for raw in raws))
     with r.pipeline(transaction=True) as pipe:
         entries, owners = pipe.hgetall(UNACKED).hgetall(FETCHED_BY).execute()
     unacked: dict[str, tuple[bytes, str | None]] = {}
     for tag, raw in entries.items():
-        if job_id := unacked_task_id(raw):
-            owner = owners.get(tag)
+        owner = owners.get(tag)
+        for job_id in unacked_job_ids(raw):
             unacked[job_id] = (tag, owner.decode(errors="replace") if owner else None)
-    queued.discard("")
     return _Messages(queued, unacked, set(entries), [t for t in owners if t not in entries])
 
 
@@ -224,7 +232,7 @@ def _recover_orphans(r: redis.Redis, msgs: _Messages, orphans: list[tuple[str, s
     for job_id, modality, _ in orphans:
         if job_id not in moved or job_id in msgs.queued:
             continue
-        if job_id in msgs.unacked and restore_unacked(r, msgs.unacked[job_id][0]):
+        if job_id in msgs.unacked and msgs.restore(r, msgs.unacked[job_id][0]):
             out.restored.append(job_id)
         else:
             need_send.append((job_id, modality))
@@ -247,7 +255,7 @@ def _restore_fetched_unstarted(r: redis.Redis, msgs: _Messages, live: set[str],
         return []
     with sessions() as s:
         still_queued = set(store.queued_among(session=s, job_ids=list(candidates)))
-    return [j for j in still_queued if restore_unacked(r, candidates[j])]
+    return [j for j in still_queued if msgs.restore(r, candidates[j])]
 
 
 # Deletes the fetchers recorded for tags no longer in the unacked hash (kombu's own QoS,

@@ -205,7 +205,7 @@ class Client:
         ids = [i for i, _ in pairs]
         try:
             try:
-                sent = send_jobs(self.app, pairs)
+                sent = send_jobs(self.app, pairs, self.settings.jobs_per_message)
             except Exception as e:  # noqa: BLE001
                 # Once more, on a new connection: after a Sentinel failover the first
                 # send can fail on a pooled connection to the lost primary (a timeout,
@@ -213,7 +213,7 @@ class Client:
                 # instead of waiting for the sweep. A send that half happened is sent
                 # twice: the job may run twice, and its upsert keeps one prediction.
                 log.info("send failed (%s); trying once more", e)
-                sent = send_jobs(self.app, pairs)
+                sent = send_jobs(self.app, pairs, self.settings.jobs_per_message)
         except Exception as e:  # broker down: the rows stay queued for requeue
             log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
                         len(pairs), e)

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import func, select
 
 from core import store
-from core.broker.queues import FETCHED_BY
+from core.broker.queues import FETCHED_BY, queued_job_ids, unacked_job_ids
 from core.training.samples import sentences
 from producer.sdk import Client
 from tests.helpers import service_env
@@ -26,7 +26,9 @@ def test_a_backlog_fetched_in_bulk_runs_once_and_leaves_nothing_unacked(
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(60, seed=23)])
     r = redis.Redis.from_url(broker)
-    assert r.llen("text") == len(ids)  # all waiting before the worker's first fetch
+    # All waiting before the worker's first fetch, eight to a message.
+    waiting = [j for raw in r.lrange("text", 0, -1) for j in queued_job_ids(raw)]
+    assert sorted(waiting) == sorted(ids) and r.llen("text") == 8
     worker = start_worker("text", service_env(broker, database_url), concurrency=8)
     res = client.wait(ids, timeout=180, with_embedding=False)
     assert [j["status"] for j in res] == ["succeeded"] * len(ids)
@@ -38,4 +40,33 @@ def test_a_backlog_fetched_in_bulk_runs_once_and_leaves_nothing_unacked(
     assert worker.proc.returncode == 0
     assert (r.llen("text"), r.hlen("unacked"), r.zcard("unacked_index"),
             r.hlen(FETCHED_BY)) == (0, 0, 0, 0)
+    client.close()
+
+
+def test_a_worker_counts_its_prefetch_in_jobs_not_messages(new_broker, start_worker,
+                                                            tmp_path):
+    """Eight jobs to a message, a worker with 8 task threads (prefetch 8): it holds one
+    message at a time, at most 8 jobs plus one message's worth fetched while a slot was
+    free, never 8 messages (64 jobs) that a second worker would then wait behind."""
+    import time
+
+    broker = new_broker()
+    db = f"sqlite:///{tmp_path / 'mmq.db'}"
+    client = Client(broker_url=broker, database_url=db)
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(96, seed=24)])
+    r = redis.Redis.from_url(broker)
+    worker = start_worker("text", service_env(broker, db), concurrency=8)
+    held, end = [], time.monotonic() + 180
+    while time.monotonic() < end:
+        held.append(sum(len(unacked_job_ids(v)) for v in r.hvals("unacked")))
+        with client.sessions() as s:
+            if not s.scalar(select(func.count()).select_from(store.Job).where(
+                    store.Job.status.in_(["queued", "running"]))):
+                break
+    assert max(held) > 0, "never saw a fetched message"
+    assert max(held) <= 8 + 7, f"held {max(held)} jobs with a prefetch of 8"
+    res = client.wait(ids, timeout=180, with_embedding=False)
+    assert [j["status"] for j in res] == ["succeeded"] * len(ids)
+    worker.stop()
     client.close()

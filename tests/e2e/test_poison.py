@@ -233,3 +233,40 @@ def test_an_ack_after_the_connection_was_torn_down_does_not_stop_the_worker(brok
     finally:
         ch.connection.client = client
         conn.release()
+
+
+def test_a_batch_message_dead_letters_its_unknown_job_and_runs_the_others(
+        broker_url, database_url, start_worker):
+    """A run_jobs message (several jobs, core/broker/sender.py) naming a job that no row
+    has: that job is dead-lettered with the message as delivered, the message's real
+    jobs run, and the message is acknowledged. A run_jobs message whose job ids are not
+    strings is dead-lettered whole."""
+    from core import store
+    from core.jobs import RUN_JOBS_TASK
+
+    r = redis.Redis.from_url(broker_url)
+    client = Client(broker_url=broker_url, database_url=database_url)
+    with client.sessions.begin() as s:
+        real = [store.create_job(session=s, modality="text", task="embed",
+                                 text=f"a real job in a batch {i}").id for i in range(2)]
+    ghost = str(uuid.uuid4())
+    bad = renamed(envelope_template(broker_url), task=RUN_JOBS_TASK)
+    bad["body"] = base64.b64encode(json.dumps([[[1, 2]], {}, {}]).encode()).decode()
+    r.lpush("text", json.dumps(bad))
+    send_jobs(producer_app(Settings(broker_url=broker_url)),
+              [(real[0], "text"), (ghost, "text"), (real[1], "text")], per_message=8)
+    assert r.llen("text") == 2
+    worker = start_worker("text", service_env(broker_url, database_url))
+    results = wait_while_alive(client, real, worker)
+    client.close()
+    assert [x["status"] for x in results] == ["succeeded"] * 2, results
+    dead = poll(lambda: (d := deadletter.list_entries(r)) and len(d) >= 2 and d,
+                what="dead letters")
+    assert [d.reason for d in dead] == [deadletter.BAD_BODY, deadletter.UNKNOWN_JOB]
+    assert "not a list of 1 to 256 strings" in dead[0].detail
+    assert dead[1].task_id == ghost and ghost in dead[1].detail
+    delivered = json.loads(dead[1].raw)
+    assert delivered["headers"]["task"] == RUN_JOBS_TASK
+    poll(lambda: r.llen("text") == 0 and r.hlen("unacked") == 0,
+         what="empty queue and unacked hash")
+    assert worker.proc.poll() is None

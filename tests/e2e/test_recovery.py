@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 
 from bench.faults import TcpProxy
 from core import store
+from core.broker.queues import unacked_job_ids
 from core.training.samples import sentences
 from producer.sdk import Client
 from tests.helpers import service_env
@@ -135,10 +136,14 @@ def test_a_worker_killed_in_its_first_seconds_has_its_fetched_jobs_put_back_by_i
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(6, seed=6)])
     r = redis.Redis.from_url(broker_url)
+
+    def fetched() -> list[str]:  # six jobs: one run_jobs message (MMQ_JOBS_PER_MESSAGE)
+        return [j for raw in r.hvals("unacked") for j in unacked_job_ids(raw)]
+
     end = time.monotonic() + 60
-    while r.hlen("unacked") < len(ids) and time.monotonic() < end:
+    while len(fetched()) < len(ids) and time.monotonic() < end:
         time.sleep(0.05)
-    assert r.hlen("unacked") == len(ids), "the worker did not fetch every job"
+    assert sorted(fetched()) == sorted(ids), "the worker did not fetch every job"
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
     proxy.up()

@@ -82,3 +82,39 @@ def test_the_failure_after_retries_is_fenced_by_the_start_that_holds_the_job(out
     assert len(outage.failures) == 1
     error, attempt = outage.failures[0]
     assert error.startswith("gave up after 10 ") and attempt == 3
+
+
+def test_a_batch_message_hands_every_job_to_the_host_before_waiting(outage, monkeypatch):
+    """run_jobs (several jobs in one message) must start all its jobs before it waits
+    for any: the model batches what is in flight, and waiting job by job would run a
+    message's jobs one forward each."""
+    started: list[str] = []
+
+    class Checked(JobFuture):
+        def result(self, timeout=None):
+            assert started == ["a", "b", "c"], "waited before every job was handed over"
+            return super().result(timeout)
+
+    def process(job_id: str, worker: str) -> JobFuture:
+        started.append(job_id)
+        fut = Checked()
+        fut.attempt = 1
+        fut.set_result({"id": job_id, "status": "succeeded"})
+        return fut
+
+    monkeypatch.setattr(tasks.app._runtime.host, "process", process)
+    assert tasks.run_jobs(["a", "b", "c"]) == {"jobs": 3, "succeeded": 3}
+
+
+def test_a_batch_message_rides_out_an_outage_and_fails_only_its_bad_job(outage):
+    """A minute's broker outage: every job of the message retries and succeeds. An
+    internal error of one job is recorded as that job's failure; the others still run
+    and the message is acknowledged (the task returns)."""
+    outage.outage_s = 60.0
+    assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
+    assert outage.failures == []
+    outage.runs = [_future(result={"id": "a", "status": "succeeded"}, attempt=1),
+                   _future(error=ValueError("bad row"), attempt=1),
+                   _future(result={"id": "c", "status": "succeeded"}, attempt=1)]
+    assert tasks.run_jobs(["a", "b", "c"]) == {"jobs": 3, "succeeded": 2, "failed": 1}
+    assert outage.failures == [("internal error: ValueError: bad row", 1)]

@@ -35,3 +35,11 @@ def test_a_send_with_every_connection_taken_fails_instead_of_hanging(monkeypatch
     for p in taken:
         p.release()
 
+
+
+def test_jobs_go_to_messages_per_modality_in_submit_order():
+    pairs = [("t1", "text"), ("i1", "image"), ("t2", "text"), ("t3", "text")]
+    assert sender.messages(pairs, 2) == [("text", ["t1", "t2"]), ("text", ["t3"]),
+                                         ("image", ["i1"])]
+    assert sender.messages(pairs, 1) == [("text", ["t1"]), ("text", ["t2"]),
+                                         ("text", ["t3"]), ("image", ["i1"])]

@@ -3,13 +3,12 @@ it re-sends a queued job only when no message of that job is in Redis."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import redis
 from kombu import Connection
 
 from core import store
+from core.broker.queues import queued_job_ids
 from core.broker.sender import producer_app, send_jobs
 from core.broker.sweep import requeue_stale
 from core.config import Settings
@@ -33,7 +32,7 @@ def _queued_text_jobs(settings: Settings, n: int) -> list[str]:
 
 
 def _ids_waiting(r: redis.Redis, queue: str) -> list[str]:
-    return [json.loads(raw)["headers"]["id"] for raw in r.lrange(queue, 0, -1)]
+    return [j for raw in r.lrange(queue, 0, -1) for j in queued_job_ids(raw)]
 
 
 def test_requeue_resends_only_jobs_without_a_live_message(settings):
@@ -106,4 +105,34 @@ def test_a_message_just_fetched_by_a_slow_clocked_worker_is_not_taken_from_it(se
         r.zadd("unacked_index", {tag: r.zscore("unacked_index", tag) - 600})  # slow clock
         requeue_stale(settings, modalities=("text",), single_flight=False)
         assert r.hlen("unacked") == 1 and _ids_waiting(r, "text") == []
+    app.close()
+
+
+def test_a_batch_message_counts_for_each_of_its_jobs_and_goes_back_once(settings):
+    """A run_jobs message carries several jobs (Settings.jobs_per_message): the sweep
+    must see each of them as having a message (else it re-sends them all), and a dead
+    worker's fetched batch goes back onto the queue once, for all of its jobs."""
+    from core.broker.queues import FETCHED_BY
+    from core.broker.sweep import sweep
+    from core.jobs import RUN_JOBS_TASK
+
+    ids = _queued_text_jobs(settings, 3)
+    app = producer_app(settings)
+    r = redis.Redis.from_url(settings.broker_url)
+    send_jobs(app, [(i, "text") for i in ids], per_message=8)
+    assert r.llen("text") == 1 and sorted(_ids_waiting(r, "text")) == sorted(ids)
+    assert requeue_stale(settings, modalities=("text",), stale_s=0, single_flight=False) == 0
+    with Connection(settings.broker_url) as conn:
+        message = conn.default_channel.basic_get("text", no_ack=False)
+        assert message is not None and message.headers["task"] == RUN_JOBS_TASK
+        # Fetched by a worker whose lease is alive (no fetcher recorded, and younger than
+        # a lease): left alone.
+        assert requeue_stale(settings, modalities=("text",), stale_s=0,
+                             single_flight=False) == 0
+        (tag,) = r.hkeys("unacked")
+        r.hset(FETCHED_BY, tag, "gone@nowhere:1")  # a fetcher with no lease: dead
+        out = sweep(settings, modalities=("text",), stale_s=0)
+        assert sorted(out.restored) == sorted(ids) and out.resent == []
+        assert r.hlen("unacked") == 0 and r.llen("text") == 1
+        assert sorted(_ids_waiting(r, "text")) == sorted(ids)
     app.close()
