@@ -10,11 +10,13 @@ mmq's own model offline (``MultimodalModel.embed``) on the same texts, measured 
 the same run.
 
     .venv/bin/python bench/queue_profile.py [--n 3000] [--texts FILE] [--rounds 2]
-        [--spy] [--baseline-tree DIR]
+        [--spy] [--baseline-tree DIR] [--per-message 1,8]
 
 ``--baseline-tree DIR``: another checkout of mmq (a detached worktree of an earlier
 commit); its worker runs alternately with this tree's, round by round, on the same
 Redis, texts and producer, so that the two are compared under the same load.
+``--per-message 1,8``: this tree's worker, with producers sending 1 and 8 jobs per Celery
+message (MMQ_JOBS_PER_MESSAGE), alternating round by round.
 ``--spy``: also profile the worker process with py-spy (the dev extra), in a round
 of its own after the timed rounds (sampling costs some CPU).
 """
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.e2e import Stack, batching_summary, mmq_offline, read_texts, run_jobs  # noqa: E402
+from core.config import get_settings  # noqa: E402
 from producer.sdk import Client  # noqa: E402
 
 DEFAULT_TEXTS = ROOT / "bench" / "data" / "short_sentences.txt"
@@ -95,13 +98,18 @@ def spy_table(raw: Path) -> Counter:
     return got
 
 
-def one_run(stack: Stack, tree: Path, texts: list[str], spy: Path | None = None) -> dict:
+def one_run(stack: Stack, tree: Path, texts: list[str], spy: Path | None = None,
+            per_message: int | None = None) -> dict:
+    """``per_message``: the producer's jobs per Celery message (None: its settings')."""
     db = stack.fresh_db()
     env = {"PYTHONPATH": str(tree)}
     log = stack.start_worker("text", db, cwd=tree, **env)
     worker = stack.workers[-1][0].pid
     kids = child_pids(worker)
-    c = Client(broker_url=stack.broker, database_url=db)
+    settings = get_settings()
+    if per_message is not None:
+        settings = settings.model_copy(update={"jobs_per_message": per_message})
+    c = Client(broker_url=stack.broker, database_url=db, settings=settings)
     pids = {"worker": [worker], "model process": kids, "redis-server": [stack.redis.pid]}
     before = {k: sum(proc_cpu(x) for x in v) for k, v in pids.items()}
     me0 = sum(os.times()[:2])
@@ -139,11 +147,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--spy", action="store_true", help="also a py-spy profile of the worker")
     ap.add_argument("--baseline-tree", type=Path, help="an earlier checkout to compare with")
+    ap.add_argument("--per-message", help="compare producers' jobs per message on this "
+                    "tree, alternating, e.g. 1,8 (MMQ_JOBS_PER_MESSAGE)")
     args = ap.parse_args()
     texts = read_texts(args.texts, args.n)
-    trees = {"this tree": ROOT}
+    trees: dict[str, tuple[Path, int | None]] = {"this tree": (ROOT, None)}
+    if args.per_message:
+        trees = {f"{k}/message": (ROOT, int(k)) for k in args.per_message.split(",")}
     if args.baseline_tree:
-        trees = {"baseline": args.baseline_tree.resolve(), **trees}
+        trees = {"baseline": (args.baseline_tree.resolve(), None), **trees}
     from core.model.multimodal import MultimodalModel
 
     model = MultimodalModel.load(device="cpu")
@@ -157,8 +169,8 @@ def main() -> None:
             # Alternate the order: the machine's load drifts, and a fixed order would
             # give one tree the same share of the drift every round.
             order = list(trees.items())
-            for name, tree in (order if i % 2 == 0 else order[::-1]):
-                r = one_run(stack, tree, texts)
+            for name, (tree, k) in (order if i % 2 == 0 else order[::-1]):
+                r = one_run(stack, tree, texts, per_message=k)
                 runs[name].append(r)
                 b = batching_summary(r["log"])
                 print(f"round {i + 1} {name:<10} {r['jobs_per_s']:7.1f} jobs/s "
@@ -168,9 +180,9 @@ def main() -> None:
         offline.append(offline_run(model, texts))
         spied = {}
         if args.spy:
-            for name, tree in trees.items():
-                raw = tmp / f"spy-{name.replace(' ', '_')}.txt"
-                one_run(stack, tree, texts, spy=raw)
+            for name, (tree, k) in trees.items():
+                raw = tmp / f"spy-{name.replace(' ', '_').replace('/', '_')}.txt"
+                one_run(stack, tree, texts, spy=raw, per_message=k)
                 spied[name] = spy_table(raw)
     finally:
         stack.close()
