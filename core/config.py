@@ -165,7 +165,8 @@ class Settings(BaseSettings):
     admin_keys: str = ""
     profile: str = "production"  # "local" or "dev" relax the defaults above
     # Backpressure: a submit is refused with 429 + Retry-After while the modality's
-    # queue holds more messages than this (0 = unbounded).
+    # queue holds more jobs than this (0 = unbounded; jobs sharing a message each count,
+    # core/broker/transport.py).
     max_queue_depth: int = 10_000
     # Longest a GET /v1/jobs/{id}/wait may hold its connection.
     max_wait_s: float = 60.0

@@ -37,7 +37,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from core.broker import deadletter
-from core.broker.queues import FETCHED_BY
+from core.broker.queues import FETCHED_BY, FILLER
 from core.broker.redis_client import redis_for
 from core.config import get_settings
 from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
@@ -284,12 +284,13 @@ class GuardedChannel(kombu_redis.Channel):
         return True
 
     def _more(self, key: str, weight: int) -> list[bytes]:
-        """The messages behind the first one (of ``weight`` jobs), as many as the room
-        left for jobs allows if they weigh as much (a lighter one leaves room that the
-        next fetch takes)."""
+        """The entries behind the first one (a message of ``weight`` jobs), one per job
+        of room left: a run_jobs message is followed by a filler per extra job
+        (core/broker/transport.py), so entries count jobs. (One put back without its
+        fillers by kombu's own restore counts as one: at most FETCH_MAX such.)"""
         room = self.qos.can_consume_max_estimate()
         room = self.FETCH_MAX if room is None else room
-        n = min(self.FETCH_MAX - 1, (room - weight) // weight)
+        n = min(self.FETCH_MAX - 1, room - weight)
         if n <= 0 or self.global_keyprefix:  # (a prefixed client would prefix the key again)
             return []
         try:
@@ -318,8 +319,11 @@ class GuardedChannel(kombu_redis.Channel):
         return {}
 
     def _checked(self, item: bytes, queue: str):
-        """The envelope as a kombu Message, or None after dead-lettering it. The item is
-        already popped and not yet in the unacked hash: there is nothing to acknowledge."""
+        """The envelope as a kombu Message, or None after dead-lettering it (or for a
+        filler, dropped: core/broker/transport.py). The item is already popped and not
+        yet in the unacked hash: there is nothing to acknowledge."""
+        if item == FILLER:
+            return None
         try:
             payload = loads(bytes_to_str(item))
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError

@@ -22,6 +22,12 @@ UNACKED = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing ke
 # visibility timeout uses it; mmq decides nothing on it (hosts' clocks differ)
 UNACKED_INDEX = "unacked_index"
 
+# -- what mmq puts in a queue's list besides messages -----------------------------------
+# One entry per job beyond the first of a run_jobs message, pushed right behind it, so
+# that a list's length counts jobs (core/broker/transport.py); workers drop them.
+FILLER = b"mmq:+1"
+JOBS_HEADER = "mmq_jobs"  # a run_jobs message's header: how many jobs it carries
+
 # -- mmq's keys --------------------------------------------------------------------------
 SWEEP_LOCK = "mmq:requeue-lock:"  # + modalities: one sweeping worker at a time
 ADMIT = "mmq:admit:"  # + queue: room reserved by submits in flight (hash, + ":exp")

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from urllib.parse import urlparse
 
 import redis
 from celery import Celery
 from kombu.exceptions import LimitExceeded, OperationalError
 
 from core.broker.queues import (
+    JOBS_HEADER,
     producer_queues,
     queue_keys,
 )
 from core.broker.redis_client import broker_transport_options, redis_for
+from core.broker.transport import FILLING_TRANSPORTS
 from core.config import Settings
 from core.jobs import QUEUES, RUN_JOB_TASK, RUN_JOBS_TASK
 
@@ -41,6 +44,11 @@ def producer_app(settings: Settings) -> Celery:
         task_send_sent_event=False,
         task_queues=producer_queues(),
     )
+    # A run_jobs message is followed by fillers, so a queue's length counts its jobs
+    # (core/broker/transport.py). Other schemes (rediss) send without them.
+    scheme = urlparse(settings.broker_url.split(";", 1)[0]).scheme
+    if scheme in FILLING_TRANSPORTS:
+        app.conf.broker_transport = FILLING_TRANSPORTS[scheme]
     return app
 
 
@@ -81,14 +89,15 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]], per_message: int = 1
             else:
                 app.send_task(RUN_JOBS_TASK, args=[ids], kwargs={"modality": modality},
                               queue=modality, task_id=str(uuid.uuid4()), producer=producer,
-                              retry=False)
+                              retry=False, headers={JOBS_HEADER: len(ids)})
             sent += ids
     return sent
 
 
 def queue_depths(settings: Settings, modalities: Iterable[str] = QUEUES,
                  client: redis.Redis | None = None) -> dict[str, int]:
-    """Messages waiting in each modality's queue (not counting fetched, unacked ones)."""
+    """Jobs waiting in each modality's queue (not counting fetched, unacked ones): a
+    list's length, fillers included (core/broker/transport.py)."""
     r = client or redis_for(settings, socket_timeout=2)
     with r.pipeline(transaction=False) as pipe:
         mods = list(modalities)

@@ -45,6 +45,7 @@ from core.broker.queues import (
     BROKER_CHANGED,
     BROKER_RUN_ID,
     FETCHED_BY,
+    FILLER,
     SWEEP_LOCK,
     UNACKED,
     UNACKED_INDEX,
@@ -55,6 +56,7 @@ from core.broker.queues import (
 )
 from core.broker.redis_client import redis_for
 from core.broker.sender import producer_app, send_jobs
+from core.broker.transport import extra_jobs
 from core.config import Settings
 from core.jobs import QUEUES
 
@@ -307,6 +309,8 @@ def restore_unacked(r: redis.Redis, tag: bytes) -> bool:
         pipe.hdel(UNACKED, tag)
         pipe.hdel(FETCHED_BY, tag)
         pipe.hdel(UNACKED_SEEN, tag)
+        if extra := extra_jobs(payload):  # its fillers, behind it (core/broker/transport.py)
+            pipe.rpush(queue, *[FILLER] * extra)
         pipe.rpush(queue, json.dumps(payload))  # BRPOP takes from the right: next up
         return True
 

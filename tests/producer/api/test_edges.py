@@ -129,6 +129,20 @@ def test_images_cut_short_or_over_the_pixel_limit_are_4xx(served):
         assert "64000000 pixels" in err["message"]
 
 
+def test_the_queue_limit_counts_jobs_when_they_share_messages(served):
+    """Batch submits put 8 jobs in a message (MMQ_JOBS_PER_MESSAGE); the limit is on
+    jobs. Three batches of 30 fill the queue to 90 of 100: a fourth is refused. Counted
+    by messages (12 of them) it was admitted, and the queue held 8x its limit."""
+    http, s = served
+    items = [{"text": f"batched {i}"} for i in range(30)]
+    for _ in range(3):
+        assert http.post("/v1/jobs:batch", json={"items": items}).status_code == 202
+    assert queue_depths(s, ["text"])["text"] == 90
+    _error(http.post("/v1/jobs:batch", json={"items": items}), 429)
+    assert queue_depths(s, ["text"])["text"] == 90
+    assert http.post("/v1/jobs:batch", json={"items": items[:10]}).status_code == 202
+
+
 def test_admission_is_atomic_under_concurrent_submits(served):
     """200 clients at once against a limit of 100: the queue never holds more than
     100 messages, and every submit that did not get in got 429 + Retry-After."""

@@ -1,0 +1,58 @@
+"""The producers' kombu Redis transport: a queue's length counts jobs, not messages.
+
+A ``run_jobs`` message carries several jobs (core/broker/sender.py), but everything
+that sizes a queue reads its Redis list's length: admission's limit
+(``MMQ_MAX_QUEUE_DEPTH``, core/broker/admission.py), ``queue_depths`` (``mmq top``,
+the API's ``mmq_queue_depth``), Flower's broker page. So each such message is pushed
+with one ``FILLER`` entry per job beyond the first, in the same pipeline, right behind
+it: the list's length is its jobs. Workers drop fillers as they fetch them
+(workers/poison.py), so a message's fillers leave the list just after it (the length
+is off by at most a message's worth at the consuming end). A message put back after a
+worker died (the sweep, kombu's restore) goes back without its fillers: the queue then
+counts it as one job, an undercount that lasts until it is fetched again.
+"""
+
+from __future__ import annotations
+
+from kombu.transport import redis as kombu_redis
+
+from core.broker.queues import FILLER, JOBS_HEADER
+
+MAX_EXTRA = 255  # Settings.jobs_per_message is at most 256: a bigger header is not ours
+
+
+def extra_jobs(message: dict) -> int:
+    """Jobs in a message beyond the first (its ``JOBS_HEADER``), 0 without one."""
+    n = (message.get("headers") or {}).get(JOBS_HEADER)
+    ok = isinstance(n, int) and not isinstance(n, bool) and 1 < n <= MAX_EXTRA + 1
+    return n - 1 if ok else 0
+
+
+class FillingChannel(kombu_redis.Channel):
+    def _put(self, queue, message, **kwargs):
+        batch = kwargs.get("_publish_batch")
+        super()._put(queue, message, **kwargs)
+        if not (extra := extra_jobs(message)):
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        if batch is not None:  # kombu's publish batch: the same pipeline, right after
+            batch.add("lpush", key, *[FILLER] * extra)
+        else:
+            with self.conn_or_acquire() as client:
+                client.lpush(key, *[FILLER] * extra)
+
+
+class FillingRedisTransport(kombu_redis.Transport):
+    Channel = FillingChannel
+
+
+class FillingSentinelChannel(FillingChannel, kombu_redis.SentinelChannel):
+    """The same on kombu's Sentinel channel (a ``sentinel://`` broker URL)."""
+
+
+class FillingSentinelTransport(kombu_redis.SentinelTransport):
+    Channel = FillingSentinelChannel
+
+
+FILLING_TRANSPORTS = {"redis": "core.broker.transport:FillingRedisTransport",
+                      "sentinel": "core.broker.transport:FillingSentinelTransport"}
