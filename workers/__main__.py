@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     for logger in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(logger).setLevel(logging.WARNING)
     import workers.signals  # noqa: F401  (connects the handlers)
-    from workers.app import app
+    from core.broker.transport import install
+    from workers.app import GUARDED_TRANSPORTS, app
+
+    # The guarded transports by URL scheme for the whole process, so that a failover to
+    # another Sentinel URL (kombu's Connection.switch) keeps them (core/broker/transport.py).
+    install(GUARDED_TRANSPORTS, replace=True)
 
     app.attach_runtime(runtime)  # what the tasks run on (workers/tasks.py)
     concurrency = args.concurrency or 2 * h.model.cfg.max_batch_size

@@ -39,6 +39,7 @@ from kombu.utils.json import dumps, loads
 from core.broker import deadletter
 from core.broker.queues import FETCHED_BY, FILLER
 from core.broker.redis_client import redis_for
+from core.broker.transport import FillingChannel
 from core.config import get_settings
 from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from workers.acks import AckBatcher
@@ -210,7 +211,10 @@ def _after_teardown(channel, what: str):
                     "redelivery, which finds the job finished", what)
 
 
-class GuardedChannel(kombu_redis.Channel):
+class GuardedChannel(FillingChannel):
+    """kombu's Redis channel, guarded; as a producer (the sweep's re-sends) it pushes
+    fillers like any mmq producer (core/broker/transport.py)."""
+
     QoS = OwnedQoS
 
     def close(self) -> None:

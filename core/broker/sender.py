@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from urllib.parse import urlparse
 
 import redis
 from celery import Celery
@@ -24,7 +23,7 @@ from core.broker.queues import (
     queue_keys,
 )
 from core.broker.redis_client import broker_transport_options, redis_for
-from core.broker.transport import FILLING_TRANSPORTS
+from core.broker.transport import FILLING_TRANSPORTS, install
 from core.config import Settings
 from core.jobs import QUEUES, RUN_JOB_TASK, RUN_JOBS_TASK
 
@@ -45,10 +44,8 @@ def producer_app(settings: Settings) -> Celery:
         task_queues=producer_queues(),
     )
     # A run_jobs message is followed by fillers, so a queue's length counts its jobs
-    # (core/broker/transport.py). Other schemes (rediss) send without them.
-    scheme = urlparse(settings.broker_url.split(";", 1)[0]).scheme
-    if scheme in FILLING_TRANSPORTS:
-        app.conf.broker_transport = FILLING_TRANSPORTS[scheme]
+    # (core/broker/transport.py); redis:// and sentinel:// only (not rediss).
+    install(FILLING_TRANSPORTS)
     return app
 
 

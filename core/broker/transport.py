@@ -14,6 +14,8 @@ counts it as one job, an undercount that lasts until it is fetched again.
 
 from __future__ import annotations
 
+import kombu.transport as kombu_transport
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 from core.broker.queues import FILLER, JOBS_HEADER
@@ -56,3 +58,22 @@ class FillingSentinelTransport(kombu_redis.SentinelTransport):
 
 FILLING_TRANSPORTS = {"redis": "core.broker.transport:FillingRedisTransport",
                       "sentinel": "core.broker.transport:FillingSentinelTransport"}
+_KOMBU_OWN = dict(TRANSPORT_ALIASES)  # kombu's transports by URL scheme, as shipped
+
+
+def install(transports: dict[str, str], *, replace: bool = False) -> None:
+    """Make these URL schemes resolve to these transports in this process.
+
+    Celery's ``broker_transport`` setting holds only until kombu's ``Connection.switch``:
+    a failover to the next URL of a ``sentinel://a;sentinel://b`` list re-reads the
+    transport from the URL's scheme (kombu says so in ``switch``), so a worker that
+    failed over ran kombu's plain transport, without mmq's poison guards and fetch
+    bookkeeping (workers/poison.py), and died on the first filler. kombu resolves a
+    scheme through ``TRANSPORT_ALIASES``, here set for the process. Producers install
+    ``FILLING_TRANSPORTS`` unless something was installed already (``replace=False``):
+    a worker installs its guarded transports, which also fill, first."""
+    for scheme, path in transports.items():
+        if replace or TRANSPORT_ALIASES.get(scheme) == _KOMBU_OWN.get(scheme):
+            TRANSPORT_ALIASES[scheme] = path
+            # kombu memoises the class per scheme (get_transport_cls): forget it.
+            kombu_transport._transport_cache.pop(scheme, None)

@@ -43,3 +43,23 @@ def test_jobs_go_to_messages_per_modality_in_submit_order():
                                          ("image", ["i1"])]
     assert sender.messages(pairs, 1) == [("text", ["t1"]), ("text", ["t2"]),
                                          ("text", ["t3"]), ("image", ["i1"])]
+
+
+def test_a_producer_keeps_its_transport_across_a_sentinel_failover_switch(monkeypatch):
+    """kombu's Connection.switch (a failover to the next URL of a sentinel:// list)
+    re-reads the transport from the URL's scheme: the filling transport, set only as
+    Celery's broker_transport, was dropped, and batches went out without fillers."""
+    import kombu.transport
+    from kombu.transport import TRANSPORT_ALIASES
+
+    from core.broker.transport import FillingSentinelTransport
+
+    for scheme in ("redis", "sentinel"):  # restored after the test, with kombu's memo
+        monkeypatch.setitem(TRANSPORT_ALIASES, scheme, TRANSPORT_ALIASES[scheme])
+    monkeypatch.setattr(kombu.transport, "_transport_cache", {})
+    app = sender.producer_app(Settings(broker_url="sentinel://127.0.0.1:1;"
+                                                  "sentinel://127.0.0.1:2"))
+    conn = app.connection_for_write()
+    assert isinstance(conn.transport, FillingSentinelTransport)
+    conn.switch("sentinel://127.0.0.1:2")  # what a failover does; nothing connects yet
+    assert isinstance(conn.transport, FillingSentinelTransport)
