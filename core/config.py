@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     # kombu's per-message work (decode, request, thread hand-off, events, ack) was half
     # of a worker's CPU per short text job. 1 = one message per job. A lone job always
     # has its own message, whose task id is its job id. Workers count their prefetch
-    # in jobs, not messages, so a worker holds no more jobs than before.
-    jobs_per_message: int = Field(default=8, ge=1, le=256)
+    # in jobs, not messages, so a worker holds no more jobs than before. 16 ran 7%
+    # more text jobs/s than 8 (bench/queue_profile.py --per-message 8,16, 4 of 4 rounds).
+    jobs_per_message: int = Field(default=16, ge=1, le=256)
     # Each worker process renews its lease (a row in worker_leases) every
     # lease_renew_s; one not renewed for lease_s is dead, and the sweep re-sends its
     # running jobs at once instead of waiting for the visibility timeout.

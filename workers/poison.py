@@ -96,7 +96,7 @@ class OwnedQoS(kombu_redis.QoS):
 
     The prefetch limit counts jobs, not messages: a ``run_jobs`` message weighs its
     number of jobs (``weigh``), so a worker holds at most its prefetch count of jobs
-    (plus one message's worth) whether they came one or eight to a message, and other
+    (plus one message's worth) whether they came one or sixteen to a message, and other
     workers get their share of a burst."""
 
     def __init__(self, *args, **kwargs):

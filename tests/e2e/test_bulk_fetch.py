@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from core import store
 from core.broker.queues import FETCHED_BY, FILLER, queued_job_ids, unacked_job_ids
+from core.config import Settings
 from core.training.samples import sentences
 from producer.sdk import Client
 from tests.helpers import service_env
@@ -26,11 +27,11 @@ def test_a_backlog_fetched_in_bulk_runs_once_and_leaves_nothing_unacked(
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(60, seed=23)])
     r = redis.Redis.from_url(broker)
-    # All waiting before the worker's first fetch, eight to a message; the list's
-    # length counts jobs (each message is followed by a filler per extra job).
+    # All waiting before the worker's first fetch, 16 to a message (the default); the
+    # list's length counts jobs (each message is followed by a filler per extra job).
     raws = r.lrange("text", 0, -1)
     assert sorted(j for raw in raws for j in queued_job_ids(raw)) == sorted(ids)
-    assert len(raws) == len(ids) and sum(raw != FILLER for raw in raws) == 8
+    assert len(raws) == len(ids) and sum(raw != FILLER for raw in raws) == 4
     worker = start_worker("text", service_env(broker, database_url), concurrency=8)
     res = client.wait(ids, timeout=180, with_embedding=False)
     assert [j["status"] for j in res] == ["succeeded"] * len(ids)
@@ -54,7 +55,7 @@ def test_a_worker_counts_its_prefetch_in_jobs_not_messages(new_broker, start_wor
 
     broker = new_broker()
     db = f"sqlite:///{tmp_path / 'mmq.db'}"
-    client = Client(broker_url=broker, database_url=db)
+    client = Client(settings=Settings(broker_url=broker, database_url=db, jobs_per_message=8))
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(96, seed=24)])
     r = redis.Redis.from_url(broker)

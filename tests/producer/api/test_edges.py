@@ -130,9 +130,9 @@ def test_images_cut_short_or_over_the_pixel_limit_are_4xx(served):
 
 
 def test_the_queue_limit_counts_jobs_when_they_share_messages(served):
-    """Batch submits put 8 jobs in a message (MMQ_JOBS_PER_MESSAGE); the limit is on
+    """Batch submits put 16 jobs in a message (MMQ_JOBS_PER_MESSAGE); the limit is on
     jobs. Three batches of 30 fill the queue to 90 of 100: a fourth is refused. Counted
-    by messages (12 of them) it was admitted, and the queue held 8x its limit."""
+    by messages (6 of them) it was admitted, and the queue held up to 16x its limit."""
     http, s = served
     items = [{"text": f"batched {i}"} for i in range(30)]
     for _ in range(3):
