@@ -16,6 +16,8 @@ Tables:
   (d) throughput in audio-seconds per second: ours batched vs faster-whisper fp32 (one
       ``transcribe`` per clip, its normal use) on the same clips in this run (target >= 1.5x
       at the same beam), and faster-whisper's int8 engine as a second baseline.
+  (e) ours' time split: the encoder (with the decoder's cross keys/values) and the beam
+      search, beside faster-whisper int8's whole time on the same clips.
 
 faster-whisper runs with ``without_timestamps=True, condition_on_previous_text=False,
 temperature=0.0``: its default fallback to sampling at temperatures 0.2.. is random and
@@ -48,6 +50,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -203,6 +206,19 @@ def main() -> None:
             o = audio_s / res[name, b][1]
             print(f"{b:>4}  {towers[name].precision:>6}  {o:>8.2f}  {f:>8.2f}  {q:>8.2f}  "
                   f"{o / f:>8.2f}x  {o / q:>8.2f}x")
+
+    print("\n(e) where ours spends its time (one more pass over the same clips)")
+    for b in beams:
+        dcfg = replace(tower.cfg.decode, beam_size=b)
+        mels, _ = tower.window_mels([tower.prepare(c.wave) for c in cs])
+        t0 = time.perf_counter()
+        crosses = [tower._cross(mels[a:a + step]) for a in range(0, len(mels), step)]
+        t1 = time.perf_counter()
+        for cross in crosses:
+            tower.beam_search(cross, dcfg)
+        t2 = time.perf_counter()
+        print(f"beam {b}: encoder (and cross keys/values) {t1 - t0:.2f} s, search "
+              f"{t2 - t1:.2f} s; faster-whisper int8 {res['fw8', b][1]:.2f} s in all")
 
     kvoices = EVAL_VOICES[:2] if args.quick else EVAL_VOICES
     ks = clips(KEYWORDS, kvoices)
