@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.jobs import MAX_JOBS_PER_MESSAGE
+
 # Accepted by the API only in the local/dev profile and only when no keys are set.
 LOCAL_API_KEY = "mmq-local-dev-key"
 # The per-device default of max_batch_tokens (see the field): the one place the number
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
     # has its own message, whose task id is its job id. Workers count their prefetch
     # in jobs, not messages, so a worker holds no more jobs than before. 16 ran 7%
     # more text jobs/s than 8 (bench/queue_profile.py --per-message 8,16, 4 of 4 rounds).
-    jobs_per_message: int = Field(default=16, ge=1, le=256)
+    jobs_per_message: int = Field(default=16, ge=1, le=MAX_JOBS_PER_MESSAGE)
     # Each worker process renews its lease (a row in worker_leases) every
     # lease_renew_s; one not renewed for lease_s is dead, and the sweep re-sends its
     # running jobs at once instead of waiting for the visibility timeout.

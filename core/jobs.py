@@ -48,7 +48,7 @@ TASKS = tuple(t.value for t in Task)
 # message runs one job (task id = job id) or a list of them (Settings.jobs_per_message).
 RUN_JOB_TASK = "mmq.run_job"
 RUN_JOBS_TASK = "mmq.run_jobs"
-JOB_TASKS = (RUN_JOB_TASK, RUN_JOBS_TASK)
+MAX_JOBS_PER_MESSAGE = 256  # the most job ids a run_jobs message may carry
 
 
 @dataclass

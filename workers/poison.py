@@ -41,11 +41,10 @@ from core.broker.queues import FETCHED_BY, FILLER
 from core.broker.redis_client import redis_for
 from core.broker.transport import FillingChannel
 from core.config import get_settings
-from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
+from core.jobs import MAX_JOBS_PER_MESSAGE, RUN_JOB_TASK, RUN_JOBS_TASK
 from workers.acks import AckBatcher
 
 log = logging.getLogger("mmq.worker")
-MAX_JOBS_PER_MESSAGE = 256  # Settings.jobs_per_message's bound
 
 # Called with each entry after it is stored (the Prometheus exporter counts them).
 listeners: list[Callable[[deadletter.DeadLetter], None]] = []

@@ -19,14 +19,14 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 from core.broker.queues import FILLER, JOBS_HEADER
-
-MAX_EXTRA = 255  # Settings.jobs_per_message is at most 256: a bigger header is not ours
+from core.jobs import MAX_JOBS_PER_MESSAGE
 
 
 def extra_jobs(message: dict) -> int:
     """Jobs in a message beyond the first (its ``JOBS_HEADER``), 0 without one."""
     n = (message.get("headers") or {}).get(JOBS_HEADER)
-    ok = isinstance(n, int) and not isinstance(n, bool) and 1 < n <= MAX_EXTRA + 1
+    # A header over the bound is not ours: no run of fillers from a hand-made message.
+    ok = isinstance(n, int) and not isinstance(n, bool) and 1 < n <= MAX_JOBS_PER_MESSAGE
     return n - 1 if ok else 0
 
 
