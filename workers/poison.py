@@ -289,11 +289,14 @@ class GuardedChannel(FillingChannel):
     def _more(self, key: str, weight: int) -> list[bytes]:
         """The entries behind the first one (a message of ``weight`` jobs), one per job
         of room left: a run_jobs message is followed by a filler per extra job
-        (core/broker/transport.py), so entries count jobs. (One put back without its
-        fillers by kombu's own restore counts as one: at most FETCH_MAX such.)"""
+        (core/broker/transport.py), so entries count jobs. Its own fillers are taken
+        with it even past the room: left behind, they stood in the queue as phantom
+        jobs until the worker next had room to fetch (seen as a queue not empty after
+        every job had finished). (A batch put back without its fillers by kombu's own
+        restore counts as one, so a fetch may then take a few messages past the room.)"""
         room = self.qos.can_consume_max_estimate()
         room = self.FETCH_MAX if room is None else room
-        n = min(self.FETCH_MAX - 1, room - weight)
+        n = min(self.FETCH_MAX - 1, max(room - weight, weight - 1))
         if n <= 0 or self.global_keyprefix:  # (a prefixed client would prefix the key again)
             return []
         try:

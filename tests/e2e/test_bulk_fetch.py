@@ -73,3 +73,29 @@ def test_a_worker_counts_its_prefetch_in_jobs_not_messages(new_broker, start_wor
     assert [j["status"] for j in res] == ["succeeded"] * len(ids)
     worker.stop()
     client.close()
+
+
+def test_a_batch_heavier_than_the_prefetch_is_fetched_with_its_fillers(new_broker,
+                                                                       start_worker,
+                                                                       tmp_path):
+    """A message of 16 jobs, a worker whose prefetch is 8: it takes the message (one
+    message's worth past its room) and must take the message's 15 fillers with it. Left
+    in the list, they counted as 15 queued jobs for as long as the batch ran, and were
+    still there when a test stopped the worker after every job had finished."""
+    broker = new_broker()
+    db = f"sqlite:///{tmp_path / 'mmq.db'}"
+    client = Client(settings=Settings(broker_url=broker, database_url=db,
+                                      jobs_per_message=16))
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(16, seed=25)])
+    r = redis.Redis.from_url(broker)
+    assert r.llen("text") == 16
+    start_worker("text", service_env(broker, db), concurrency=8, wait=False)
+    while not r.hlen("unacked"):  # the message fetched: its entry is written after the pop
+        with client.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(store.Job).where(
+                store.Job.status == "succeeded")) == 0, "finished before it was seen held"
+    assert r.llen("text") == 0
+    res = client.wait(ids, timeout=180, with_embedding=False)
+    assert [j["status"] for j in res] == ["succeeded"] * len(ids)
+    client.close()
