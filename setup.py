@@ -20,10 +20,12 @@ COMMON = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 # loaded it first, so the dynamic linker reuses that one: one OpenMP runtime per
 # process (tests/core/model/test_attention.py checks).
 LEVELS = {
-    # AVX-512 only: an x86-64-v3 (AVX2) build of the kernel's 16-float vectors measured
-    # 4.2x slower than this one on the same CPU, slower than grouped SDPA, so AVX2
-    # machines use SDPA.
-    "x86_64": {"x86_64_v4": ["-march=x86-64-v4", "-mtune=generic"]},
+    # AVX2 gets its own vector width and key tile (MMQ_VW, MMQ_KC: see the kernel's
+    # header): built with AVX-512's 16-float vectors it spilled registers and ran 4.2x
+    # slower than the AVX-512 build, slower than grouped SDPA.
+    "x86_64": {"x86_64_v4": ["-march=x86-64-v4", "-mtune=generic"],
+               "x86_64_v3": ["-march=x86-64-v3", "-mtune=generic", "-DMMQ_VW=8",
+                             "-DMMQ_KC=2"]},
     "aarch64": {"armv8": ["-march=armv8-a"]},  # NEON
 }
 

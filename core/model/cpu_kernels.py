@@ -2,7 +2,7 @@
 
 The attention kernel (core/model/kernels/varlen_attn.c) is plain C with GCC vector
 extensions, compiled when the package is built or installed (setup.py), once per
-instruction-set level: x86-64-v4 (AVX-512) or ARMv8 (NEON).
+instruction-set level: x86-64-v4 (AVX-512), x86-64-v3 (AVX2) or ARMv8 (NEON).
 Here the best level this CPU supports is picked; no serving process runs a
 compiler. It is called through ctypes, which releases the GIL for the call, and it
 uses the OpenMP runtime torch has already loaded.
@@ -30,7 +30,8 @@ KERNELS = Path(__file__).parent / "kernels"
 # Build name -> the /proc/cpuinfo flags it needs, best first (setup.py builds them).
 LEVELS = {
     "x86_64": [("x86_64_v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
-                              "avx2", "fma"})],
+                              "avx2", "fma"}),
+               ("x86_64_v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"})],
     "aarch64": [("armv8", set())],
 }
 
@@ -88,6 +89,6 @@ def varlen_attn() -> VarlenAttn | None:
                scale, out.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"mmq_varlen_attn failed (code {rc}: head size {hs} needs to "
-                               f"be a multiple of 16, or out of memory)")
+                               f"be a multiple of the build's vector width, or out of memory)")
 
     return run

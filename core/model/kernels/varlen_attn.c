@@ -13,7 +13,11 @@
  * dimension is swept; a masked softmax over the real keys; then P V with the head
  * dimension in vectors. Threads (OpenMP, the same runtime as torch's) split the
  * (sequence, head) pairs. Written with GCC vector extensions, so one source
- * compiles for AVX-512, AVX2 or NEON with -march=native.
+ * compiles for AVX-512, AVX2 or NEON. setup.py picks the vector width and the key tile
+ * per build: 16 floats and 4 key vectors for AVX-512's 32 registers of 16 floats; for
+ * AVX2's 16 registers of 8 floats, 8 floats and 2 key vectors, so that the 4 x KC
+ * accumulators, KC key vectors and a broadcast query fit without spilling (16-float
+ * vectors and 4 key vectors there spilled and ran 4.2x slower than AVX-512).
  *
  * core/cpu_kernels.py compiles and loads it; core/attention.py decides when to
  * call it and checks it against the reference path in the tests.
@@ -23,33 +27,40 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-#define W 16 /* floats per vector */
-#define R 4  /* query rows per register block */
+#ifndef MMQ_VW
+#define MMQ_VW 16
+#endif
+#ifndef MMQ_KC
+#define MMQ_KC 4
+#endif
+#define W MMQ_VW  /* floats per vector */
+#define KC MMQ_KC /* key vectors per score tile */
+#define R 4       /* query rows per register block */
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
 
-static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-static inline v16 load(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* exp(x) for x <= 0: Cephes' polynomial, relative error about 1e-7. Rounding by adding
  * 1.5 * 2^23 needs IEEE arithmetic: this file must not be built with -ffast-math. */
-static inline v16 vexp(v16 x) {
-    const v16 lo = splat(-87.0f), magic = splat(12582912.0f);
-    const v16i keep = x > lo;
-    x = (v16)(((v16i)x & keep) | ((v16i)lo & ~keep));
-    const v16 t = x * splat(1.44269504088896341f) + magic;
-    const v16 n = t - magic;
-    const v16i e = (v16i)t - (v16i)magic;
+static inline vf vexp(vf x) {
+    const vf lo = splat(-87.0f), magic = splat(12582912.0f);
+    const vi keep = x > lo;
+    x = (vf)(((vi)x & keep) | ((vi)lo & ~keep));
+    const vf t = x * splat(1.44269504088896341f) + magic;
+    const vf n = t - magic;
+    const vi e = (vi)t - (vi)magic;
     x = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    v16 y = splat(1.9875691500e-4f);
+    vf y = splat(1.9875691500e-4f);
     y = y * x + splat(1.3981999507e-3f);
     y = y * x + splat(8.3334519073e-3f);
     y = y * x + splat(4.1665795894e-2f);
     y = y * x + splat(1.6666665459e-1f);
     y = y * x + splat(5.0000001201e-1f);
     y = y * x * x + x + splat(1.0f);
-    return y * (v16)((e + 127) << 23);
+    return y * (vf)((e + 127) << 23);
 }
 
 /* s[r][c*W..] = scale * (q_r . k) for nr query rows and nc key vectors. The call sites
@@ -57,14 +68,14 @@ static inline v16 vexp(v16 x) {
 static inline __attribute__((always_inline)) void qk_tile(
         const float *q, int64_t rs, const float *kt, int64_t Lv, int64_t hs, float scale,
         float *s, int nr, int nc) {
-    v16 acc[R][4];
+    vf acc[R][KC];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nc; c++) acc[r][c] = splat(0.f);
     for (int64_t d = 0; d < hs; d++) {
-        v16 kv[4];
+        vf kv[KC];
         for (int c = 0; c < nc; c++) kv[c] = load(kt + d * Lv + c * W);
         for (int r = 0; r < nr; r++) {
-            const v16 qv = splat(q[r * rs + d]);
+            const vf qv = splat(q[r * rs + d]);
             for (int c = 0; c < nc; c++) acc[r][c] += qv * kv[c];
         }
     }
@@ -76,14 +87,14 @@ static inline __attribute__((always_inline)) void qk_tile(
 static inline __attribute__((always_inline)) void pv_tile(
         const float *p, int64_t Lv, const float *v, int64_t rs, int64_t L, const float *inv,
         float *o, int64_t os, int nr, int nd) {
-    v16 acc[R][2];
+    vf acc[R][2];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < nd; c++) acc[r][c] = splat(0.f);
     for (int64_t j = 0; j < L; j++) {
-        v16 vv[2];
+        vf vv[2];
         for (int c = 0; c < nd; c++) vv[c] = load(v + j * rs + c * W);
         for (int r = 0; r < nr; r++) {
-            const v16 pr = splat(p[r * Lv + j]);
+            const vf pr = splat(p[r * Lv + j]);
             for (int c = 0; c < nd; c++) acc[r][c] += pr * vv[c];
         }
     }
@@ -98,19 +109,23 @@ static void attend(const float *qb, const float *kb, const float *vb, int64_t rs
     for (int64_t d = 0; d < hs; d++) store(kt + d * Lv + (nv - 1) * W, splat(0.f));
     for (int64_t j = 0; j < L; j++)
         for (int64_t d = 0; d < hs; d++) kt[d * Lv + j] = kb[j * rs + d];
-    v16i lane;
+    vi lane;
     for (int i = 0; i < W; i++) lane[i] = i;
     for (int64_t i0 = 0; i0 < L; i0 += R) {
         const int nr = L - i0 < R ? (int)(L - i0) : R;
         const float *q0 = qb + i0 * rs;
-        for (int64_t c0 = 0; c0 < nv; c0 += 4) {
-            const int nc = nv - c0 < 4 ? (int)(nv - c0) : 4;
+        for (int64_t c0 = 0; c0 < nv; c0 += KC) {
+            const int nc = nv - c0 < KC ? (int)(nv - c0) : KC;
             const float *k0 = kt + c0 * W;
             float *s0 = s + c0 * W;
-            if (nr == R && nc == 4) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 4);
+            if (nr == R && nc == KC) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, KC);
             else if (nr == R && nc == 1) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 1);
+#if KC > 2
             else if (nr == R && nc == 2) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 2);
+#endif
+#if KC > 3
             else if (nr == R && nc == 3) qk_tile(q0, rs, k0, Lv, hs, scale, s0, R, 3);
+#endif
             else qk_tile(q0, rs, k0, Lv, hs, scale, s0, nr, nc);
         }
         /* softmax over the L real keys of each row; lanes past L get weight 0 */
@@ -119,10 +134,10 @@ static void attend(const float *qb, const float *kb, const float *vb, int64_t rs
             float *sr = s + r * Lv;
             float m = -INFINITY;
             for (int64_t j = 0; j < L; j++) m = sr[j] > m ? sr[j] : m;
-            v16 sum = splat(0.f);
+            vf sum = splat(0.f);
             for (int64_t c = 0; c < nv; c++) {
-                v16 p = vexp(load(sr + c * W) - splat(m));
-                p = (v16)((v16i)p & (lane + (int32_t)(c * W) < (int32_t)L));
+                vf p = vexp(load(sr + c * W) - splat(m));
+                p = (vf)((vi)p & (lane + (int32_t)(c * W) < (int32_t)L));
                 store(sr + c * W, p);
                 sum += p;
             }
@@ -139,7 +154,7 @@ static void attend(const float *qb, const float *kb, const float *vb, int64_t rs
     }
 }
 
-/* qkv: (N, 3, nh, hs) contiguous; cu: (B+1,) offsets; out: (N, nh, hs). hs % 16 == 0.
+/* qkv: (N, 3, nh, hs) contiguous; cu: (B+1,) offsets; out: (N, nh, hs). hs % W == 0.
  * Sequences longer than max_len are skipped (the caller runs them through SDPA, which
  * is faster there); max_len also sizes the per-thread buffers. */
 int mmq_varlen_attn(const float *qkv, const int64_t *cu, int64_t B, int64_t nh, int64_t hs,
