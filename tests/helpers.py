@@ -26,6 +26,19 @@ from PIL import Image
 from bench.faults import free_port  # noqa: F401  (the one free_port, re-exported here)
 
 ROOT = Path(__file__).parents[1]
+
+
+def needs_bf16():
+    """Skip where bf16 does not run: a CPU whose oneDNN has no bf16 kernels (no AVX-512).
+    bf16 resolves to fp32 there (tests/core/model/test_precision.py checks), so a bf16
+    quality bound has nothing to measure."""
+    import pytest
+    import torch
+
+    from core.model import precision as P
+
+    runs = P.ONEDNN_BF16 or P.native_bf16(torch.device("cpu"))
+    return pytest.mark.skipif(not runs, reason="this CPU has no bf16 kernels (oneDNN: AVX-512)")
 PG_ADMIN_URL = os.environ.get("MMQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -29,11 +29,25 @@ def _onednn_linear_pointwise():
 LINEAR_POINTWISE = _onednn_linear_pointwise()
 
 
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Whether oneDNN has bf16 kernels for this CPU (AVX-512 or newer; emulated without
+# avx512_bf16, but it runs). On an AVX2-only CPU the fused op has none and raises
+# ("could not create a primitive descriptor"), while a plain bf16 F.linear still runs
+# on ATen's own kernels: bf16 there takes the unfused path.
+ONEDNN_BF16 = LINEAR_POINTWISE is not None and _onednn_bf16()
+
+
 def fusable(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> bool:
     """Whether ``x`` takes the fused path: oneDNN present, CPU, no autograd, and ``x`` in
     ``dtype`` (the weights' dtype: Whisper's windows path runs bf16 matmuls too)."""
     return (LINEAR_POINTWISE is not None and x.device.type == "cpu" and x.dtype == dtype
-            and not torch.is_grad_enabled())
+            and (dtype != torch.bfloat16 or ONEDNN_BF16) and not torch.is_grad_enabled())
 
 
 def weight_dtype(lin: nn.Module) -> torch.dtype | None:

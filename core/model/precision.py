@@ -14,7 +14,11 @@ image backbone's (fp32, bf16) are applied by core/model/zeroshot.py.
   fp32, attention on the C kernel. CPU only.
 
 ``auto``: bf16 on CUDA where the GPU supports it, and on CPUs that list ``avx512_bf16``
-or ``amx_bf16``; fp32 otherwise.
+or ``amx_bf16``; fp32 otherwise. An explicit ``bf16`` is kept wherever oneDNN has bf16
+kernels (AVX-512 CPUs, emulated there without native bf16); on a CPU without them (AVX2
+only) it runs as fp32, with a warning: there oneDNN's fused bf16 ops raise, and ATen's
+plain bf16 matmuls are slower than fp32 and changed 2 of 20 beam-5 transcripts (WER
++3.3 points; tests/core/model/test_speech_precision.py on an AMD EPYC with AVX2).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from core.model.cpu_kernels import _cpu_flags
+from core.model.fused import ONEDNN_BF16
 from core.precision import PRECISIONS, check_precision
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,10 @@ def resolve_precision(mode: str, device: torch.device) -> str:
     check_precision(mode)
     if mode == "auto":
         return "bf16" if native_bf16(device) else "fp32"
+    if mode == "bf16" and device.type == "cpu" and not (ONEDNN_BF16 or native_bf16(device)):
+        log.warning("precision bf16 runs as fp32 on this CPU: oneDNN has no bf16 kernels "
+                    "without AVX-512 (the version string says fp32)")
+        return "fp32"
     if mode == "int8" and device.type != "cpu":
         raise ValueError(f"precision int8 runs on the CPU only, not on {device}")
     assert mode in PRECISIONS

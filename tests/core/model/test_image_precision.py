@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from core.config import Settings
 from core.precision import untagged
 from core.training import photo_eval as pe
+from tests.helpers import needs_bf16
 
 PHOTOS = pe.HELD_OUT + pe.CALIBRATION
 
@@ -30,6 +31,7 @@ def answers(model, photos: list[bytes], photo_set: tuple) -> list[str]:
     return [r[0][0] for r in model.classify("image", photos, pe.labels_of(photo_set), top_k=1)]
 
 
+@needs_bf16()
 def test_bf16_zero_shot_answers_equal_fp32(fp32_model, bf16_model, photos):
     n = len(pe.HELD_OUT)
     for sl, photo_set in ((slice(0, n), pe.HELD_OUT), (slice(n, None), pe.CALIBRATION)):
@@ -44,6 +46,7 @@ def test_bf16_zero_shot_answers_equal_fp32(fp32_model, bf16_model, photos):
     assert bf16_model.photo.net._conv_stem.weight.dtype == torch.bfloat16
 
 
+@needs_bf16()
 def test_bf16_backbone_logits_close_to_fp32(fp32_model, bf16_model):
     x = torch.stack([fp32_model.prepare("image", pe.load_photo(p)).pixels for p in PHOTOS[:8]])
     with torch.inference_mode():
@@ -52,6 +55,7 @@ def test_bf16_backbone_logits_close_to_fp32(fp32_model, bf16_model):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))  # the ImageNet class, per photo
 
 
+@needs_bf16()
 def test_image_version_is_tagged(fp32_model, bf16_model):
     text, image = bf16_model.version.split("+image@")
     assert "efficientnet-lite0@" in image and "/bf16+zs@" in image

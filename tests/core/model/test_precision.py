@@ -10,6 +10,7 @@ from core.config import Settings
 from core.model import precision as P
 from core.precision import tagged, untagged
 from core.training.samples import varied_sentences
+from tests import helpers
 
 SENTENCES = varied_sentences(240, seed=7)
 TOPICS = {
@@ -35,6 +36,9 @@ def labelled() -> tuple[list[str], list[int]]:
     return texts, truth
 
 
+needs_bf16 = helpers.needs_bf16()
+
+
 @pytest.fixture(scope="module")
 def bf16_model():
     from core.model.multimodal import MultimodalModel
@@ -47,6 +51,7 @@ def top1(model, texts: list[str]) -> list[str]:
     return [r[0][0] for r in model.classify("text", texts, LABELS, top_k=1)]
 
 
+@needs_bf16
 def test_bf16_embeddings_within_cosine_0999_of_fp32(fp32_model, bf16_model):
     ref = fp32_model.embed("text", SENTENCES)  # (N, D) fp32
     got = bf16_model.embed("text", SENTENCES)  # (N, D)
@@ -57,6 +62,7 @@ def test_bf16_embeddings_within_cosine_0999_of_fp32(fp32_model, bf16_model):
     assert bf16_model.text.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
 
 
+@needs_bf16
 def test_bf16_classification_top1_unchanged(fp32_model, bf16_model):
     texts, truth = labelled()
     texts = texts + SENTENCES  # the topical sample and 240 varied sentences, near-ties too
@@ -67,6 +73,7 @@ def test_bf16_classification_top1_unchanged(fp32_model, bf16_model):
     assert right >= 0.9  # the topical sample is labelled, and mostly right
 
 
+@needs_bf16
 def test_version_is_tagged_and_search_space_is_not(fp32_model, bf16_model):
     text, rest = bf16_model.version.split("+", 1)
     assert text == tagged(fp32_model.version.split("+", 1)[0], "bf16") and text.endswith("/bf16")
@@ -93,7 +100,12 @@ def test_resolve_by_device_and_cpu_flags(monkeypatch):
     assert P.resolve_precision("auto", cpu) == "bf16"  # native: faster than fp32 there
     monkeypatch.setattr(P, "_cpu_flags", lambda: {"avx512f", "avx512_vnni"})
     assert P.resolve_precision("auto", cpu) == "fp32"  # emulated bf16 is slower than fp32
+    monkeypatch.setattr(P, "ONEDNN_BF16", True)
     assert P.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+    monkeypatch.setattr(P, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(P, "ONEDNN_BF16", False)  # no bf16 kernels at all: fp32, warned
+    assert P.resolve_precision("bf16", cpu) == "fp32"
+    assert P.resolve_precision("auto", cpu) == "fp32"
     with pytest.raises(ValueError, match="CPU only"):
         P.resolve_precision("int8", torch.device("cuda"))
     with pytest.raises(ValueError, match="unknown precision"):
@@ -110,3 +122,29 @@ def test_version_tags():
     assert tagged("m@abc", "fp32") == "m@abc"  # fp32: the versions stored before modes
     assert untagged(v.replace("m@abc", "m@abc/bf16")) == v
     assert untagged("m@abc/int8") == "m@abc" and untagged("m@a/bf16x") == "m@a/bf16x"
+
+
+def test_bf16_without_onednn_bf16_kernels_takes_the_plain_path(monkeypatch):
+    """On an AVX2-only CPU oneDNN has no bf16 kernels: its fused linear raises ("could
+    not create a primitive descriptor"; every bf16 forward failed there before) while
+    a plain bf16 F.linear runs. Such a CPU is simulated here, so the guard is checked on
+    any machine."""
+    from torch import nn
+
+    from core.model import fused
+
+    def no_bf16(x, *args, **kwargs):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive descriptor")
+        return fused._onednn_linear_pointwise()(x, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "ONEDNN_BF16", False, raising=False)
+    if fused.LINEAR_POINTWISE is not None:
+        monkeypatch.setattr(fused, "LINEAR_POINTWISE", no_bf16)
+    lin = nn.Linear(64, 96)
+    x = torch.randn(10, 64)  # (N, C)
+    with torch.inference_mode():
+        ref = F.gelu(lin(x))  # (N, 96) fp32
+        got = fused.linear(x, lin, torch.bfloat16, act="gelu")  # (N, 96) bf16
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), ref, atol=0.05, rtol=0.02)

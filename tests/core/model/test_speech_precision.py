@@ -15,6 +15,7 @@ from core.config import Settings
 from core.model import precision as P
 from core.model.whisper.tower import SpeechConfig, SpeechTower
 from core.precision import untagged
+from tests.helpers import needs_bf16
 
 VOICE = TUNE_VOICES[0]  # not one of bench/speech.py's evaluation voices
 
@@ -34,6 +35,7 @@ def fp32(speech):
     return _run("fp32", speech)[1]
 
 
+@needs_bf16()
 def test_bf16_within_the_quality_bounds_of_fp32(speech, fp32):
     tower, ours = _run("bf16", speech)
     assert tower.precision == "bf16"
