@@ -113,6 +113,7 @@ INHERENT_SKIPS = (
     "needs a CUDA device",            # tests/core/model/test_attention.py: CPU-only machines
     "docker has no compose plugin",   # tests/test_compose.py: the schema tests still run
     "no docker client",               # likewise
+    "this CPU has no bf16 kernels",   # tests/helpers.needs_bf16: AVX2-only CPUs run fp32
 )
 
 
