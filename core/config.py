@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     # (oneDNN emulates bf16 there, slower than fp32). A mode other than fp32 is recorded
     # in the model version ("all-MiniLM-L6-v2@<sha>/bf16"); search keeps one space for
     # all modes. int8 misses the cosine >= 0.999 bound (docs/model.md): opt-in only.
+    # An explicit "bf16" (any tower) runs as fp32, warned, on a CPU without AVX-512:
+    # oneDNN has no bf16 kernels there (core/model/precision.py).
     text_precision: Literal["fp32", "bf16", "int8", "auto"] = "auto"
     # The image backbone's convolutions (core/model/precision.py): "fp32"; "bf16" (weights
     # and activations in bf16, logits and the class bank product in fp32); "auto" = bf16
