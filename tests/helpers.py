@@ -37,7 +37,7 @@ def needs_bf16():
 
     from core.model import precision as P
 
-    runs = P.ONEDNN_BF16 or P.native_bf16(torch.device("cpu"))
+    runs = P.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # the rule itself
     return pytest.mark.skipif(not runs, reason="this CPU has no bf16 kernels (oneDNN: AVX-512)")
 PG_ADMIN_URL = os.environ.get("MMQ_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
