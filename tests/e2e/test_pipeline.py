@@ -20,7 +20,7 @@ from core.errors import InvalidInput
 from core.training.samples import sentences
 from producer.ops.stack import EXAMPLES
 from producer.sdk import Client
-from tests.helpers import Worker, service_env
+from tests.helpers import Worker, assert_rows_close, service_env
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_each_modality_round_trip_equals_the_model(stack, model):
     got = np.array([r["prediction"]["embedding"] for r in results], dtype=np.float32)
     want = np.concatenate([model.embed("text", texts).numpy(), model.embed("image", pngs).numpy(),
                            model.embed("audio", wavs).numpy()])
-    assert np.abs(got - want).max() <= 1e-4
+    assert_rows_close(got, want, model.version)
     assert all(r["worker"].startswith(r["modality"] + "-") for r in results)
     assert all(r["model_version"] == model.version for r in results)
 

@@ -43,7 +43,12 @@ def test_bf16_within_the_quality_bounds_of_fp32(speech, fp32):
     assert tower.model.decoder.kv_dtype == torch.bfloat16
     same = sum(a == b for a, b in zip(ours, fp32, strict=True))
     assert same >= 0.95 * len(speech), list(zip(ours, fp32, strict=True))
-    assert abs(wer(speech, ours) - wer(speech, fp32)) <= 0.5
+    # No worse than fp32 by more than 0.5 point. One-sided: on 20 clips (150 words) one
+    # changed transcript moves the rate by several points either way, and the changes
+    # seen were repairs (on an AMX CPU one clip of 20 differed: bf16 "The museum opened
+    # that tide in the morning." against fp32 "But you'll be able to open that tide in
+    # the morning.", 11.3 against 14.7). bench/speech.py measures both on more clips.
+    assert wer(speech, ours) <= wer(speech, fp32) + 0.5, (wer(speech, ours), wer(speech, fp32))
 
 
 def test_int8_runs_quantized_within_a_looser_bound(speech, fp32):
