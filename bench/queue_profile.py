@@ -11,12 +11,15 @@ the same run.
 
     .venv/bin/python bench/queue_profile.py [--n 3000] [--texts FILE] [--rounds 2]
         [--spy] [--baseline-tree DIR] [--per-message 1,8]
+        [--worker-env "MMQ_MAX_BATCH_SIZE=64;MMQ_MAX_BATCH_SIZE=128"]
 
 ``--baseline-tree DIR``: another checkout of mmq (a detached worktree of an earlier
 commit); its worker runs alternately with this tree's, round by round, on the same
 Redis, texts and producer, so that the two are compared under the same load.
 ``--per-message 1,8``: this tree's worker, with producers sending 1 and 8 jobs per Celery
 message (MMQ_JOBS_PER_MESSAGE), alternating round by round.
+``--worker-env "A=1;A=2,B=3"``: this tree's worker under each set of environment
+variables (";" between sets, "," within one), alternating round by round.
 ``--spy``: also profile the worker process with py-spy (the dev extra), in a round
 of its own after the timed rounds (sampling costs some CPU).
 """
@@ -99,10 +102,11 @@ def spy_table(raw: Path) -> Counter:
 
 
 def one_run(stack: Stack, tree: Path, texts: list[str], spy: Path | None = None,
-            per_message: int | None = None) -> dict:
-    """``per_message``: the producer's jobs per Celery message (None: its settings')."""
+            per_message: int | None = None, worker_env: dict | None = None) -> dict:
+    """``per_message``: the producer's jobs per Celery message (None: its settings').
+    ``worker_env``: extra environment of the worker (settings to compare)."""
     db = stack.fresh_db()
-    env = {"PYTHONPATH": str(tree)}
+    env = {"PYTHONPATH": str(tree), **(worker_env or {})}
     log = stack.start_worker("text", db, cwd=tree, **env)
     worker = stack.workers[-1][0].pid
     kids = child_pids(worker)
@@ -149,11 +153,21 @@ def main() -> None:
     ap.add_argument("--baseline-tree", type=Path, help="an earlier checkout to compare with")
     ap.add_argument("--per-message", help="compare producers' jobs per message on this "
                     "tree, alternating, e.g. 1,8 (MMQ_JOBS_PER_MESSAGE)")
+    ap.add_argument("--worker-env", help="compare worker environments on this tree, "
+                    "alternating: sets split by ';', variables by ','")
     args = ap.parse_args()
     texts = read_texts(args.texts, args.n)
     trees: dict[str, tuple[Path, int | None]] = {"this tree": (ROOT, None)}
+    envs: dict[str, dict] = {}
     if args.per_message:
         trees = {f"{k}/message": (ROOT, int(k)) for k in args.per_message.split(",")}
+    if args.worker_env:
+        for i, spec in enumerate(args.worker_env.split(";"), 1):
+            name = f"env {i}"
+            print(f"{name}: {spec}")
+            trees[name] = (ROOT, None)
+            envs[name] = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+        trees.pop("this tree", None)
     if args.baseline_tree:
         trees = {"baseline": (args.baseline_tree.resolve(), None), **trees}
     from core.model.multimodal import MultimodalModel
@@ -170,7 +184,7 @@ def main() -> None:
             # give one tree the same share of the drift every round.
             order = list(trees.items())
             for name, (tree, k) in (order if i % 2 == 0 else order[::-1]):
-                r = one_run(stack, tree, texts, per_message=k)
+                r = one_run(stack, tree, texts, per_message=k, worker_env=envs.get(name))
                 runs[name].append(r)
                 b = batching_summary(r["log"])
                 print(f"round {i + 1} {name:<10} {r['jobs_per_s']:7.1f} jobs/s "
@@ -182,7 +196,7 @@ def main() -> None:
         if args.spy:
             for name, (tree, k) in trees.items():
                 raw = tmp / f"spy-{name.replace(' ', '_').replace('/', '_')}.txt"
-                one_run(stack, tree, texts, spy=raw, per_message=k)
+                one_run(stack, tree, texts, spy=raw, per_message=k, worker_env=envs.get(name))
                 spied[name] = spy_table(raw)
     finally:
         stack.close()
