@@ -30,7 +30,7 @@ class BatcherConfig:
     host hands it to its model backend."""
 
     max_batch_tokens: int = CPU_BATCH_TOKENS  # real tokens per forward (patches count)
-    max_batch_size: int = 64  # items per forward
+    max_batch_size: int = 128  # items per forward
     # How long the first item of a batch may wait for company while the model idles:
     # the latency a lone job pays so that jobs arriving together share a forward.
     max_wait_ms: float = 5.0

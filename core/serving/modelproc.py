@@ -35,7 +35,7 @@ from core.serving.batcher import BatcherConfig, DynamicBatcher
 from core.serving.contracts import Failure, JobRequest, JobResult
 from core.serving.drain import Drain
 from core.serving.metrics import BatchMetrics
-from core.serving.procs import limit_malloc_arenas
+from core.serving.procs import limit_malloc_arenas, short_gil_turns
 
 log = logging.getLogger("mmq.worker")
 
@@ -150,6 +150,7 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
     """Entry point of the spawned child: load, say ready, serve until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides when to stop
     limit_malloc_arenas()
+    short_gil_turns()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")
     try:
