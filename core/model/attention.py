@@ -324,8 +324,9 @@ def window_attention(qkv: torch.Tensor, explicit: bool) -> torch.Tensor:
 
     SDPA over (B, nh, S, hs) as views, no plan. ``explicit``: q is already scaled by
     1/sqrt(hs), and attention runs as two matmuls and a softmax, one window at a time
-    ((nh, S, S) scores: 27 MB in bf16 for a 30 s window): on the CPU in bf16 that is ~3x
-    bf16 SDPA, which is no faster than fp32 there."""
+    ((nh, S, S) scores: 27 MB in bf16 for a 30 s window): on a CPU without AMX in bf16
+    that is ~3x bf16 SDPA, which is no faster than fp32 there (with AMX, SDPA is ~2.7x
+    the explicit path: the caller decides)."""
     B, S, _, nh, hs = qkv.shape
     if not explicit:
         q, k, v = qkv.permute(2, 0, 3, 1, 4)

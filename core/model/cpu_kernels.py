@@ -36,6 +36,13 @@ LEVELS = {
 }
 
 
+@functools.cache
+def amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 on AMX tiles (oneDNN uses them for bf16 matmuls
+    and PyTorch's bf16 flash attention on the CPU)."""
+    return "amx_bf16" in _cpu_flags()
+
+
 def _cpu_flags() -> set[str]:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()

@@ -66,25 +66,33 @@ def test_front_end_matches_faster_whisper(waves):
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_encoder_matches_ctranslate2(tower, waves):
+def test_encoder_matches_ctranslate2(tower, waves, monkeypatch):
+    import core.model.whisper.model as whisper_model
+
     mel = tower.front.pad_window(tower.prepare(waves[1]).mel)  # (80, 3000)
     ct = ctranslate2.models.Whisper(str(bundled_dir()), device="cpu", compute_type="float32")
     ref = np.array(ct.encode(ctranslate2.StorageView.from_array(mel[None].numpy().copy())))
     enc = tower.model.encoder
     was = enc.mm_dtype, enc.attn_dtype
+    low = {}
     try:
         with torch.inference_mode():
             enc.set_matmul_dtype(None)  # fp32 throughout: CTranslate2's fp32 to 1e-3
             ours, plan = enc([mel])
             enc.set_matmul_dtype(torch.bfloat16)  # SpeechConfig(precision="bf16")
-            low, _ = enc([mel])
+            # Both bf16 attention paths, whatever this CPU: the explicit one (no AMX)
+            # and bf16 SDPA (AMX).
+            for amx in (False, True):
+                monkeypatch.setattr(whisper_model, "amx_bf16", lambda amx=amx: amx)
+                low[amx], _ = enc([mel])
     finally:
         enc.set_matmul_dtype(*was)
     assert plan.lengths == [1500]
     diff = (ours - torch.from_numpy(ref[0])).abs()
     assert diff.max() < 1e-3
-    low = (low - torch.from_numpy(ref[0])).abs()
-    assert low.mean() < 0.03 and low.max() < 1.0, (low.mean(), low.max())
+    for amx, states in low.items():
+        d = (states - torch.from_numpy(ref[0])).abs()
+        assert d.mean() < 0.03 and d.max() < 1.0, (amx, d.mean(), d.max())
 
 
 def test_ragged_clips_packed_equal_each_alone(tower, waves):
