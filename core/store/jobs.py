@@ -10,7 +10,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core.jobs import TERMINAL, JobStatus
@@ -36,15 +36,50 @@ def create_job(*, session: Session, modality: str, task: str, params: dict | Non
     the deadline from the database's clock (it wins over ``deadline``, an instant the
     caller chose); ``now`` is ``db_time`` read once for a batch of jobs."""
     now = now or db_time(session=session)
-    if timeout_s is not None:
-        deadline = now + timedelta(seconds=timeout_s)
-    sha = put_blob(session=session, data=payload) if payload is not None else None
-    job = Job(id=job_id or str(uuid.uuid4()), modality=modality, task=task, params=params or {},
-              status=JobStatus.QUEUED.value, text=text, payload_sha256=sha, deadline=deadline,
-              attempts=0, created_at=now, owner=owner, model_version=model_version,
-              webhook_url=webhook_url, webhook_embedding=webhook_embedding)
+    job = Job(**_job_row(session, now, owner, dict(
+        modality=modality, task=task, params=params, text=text, payload=payload,
+        deadline=deadline, timeout_s=timeout_s, job_id=job_id, model_version=model_version,
+        webhook_url=webhook_url, webhook_embedding=webhook_embedding)))
     session.add(job)
     return job
+
+
+def create_jobs(*, session: Session, rows: list[dict], owner: str | None = None,
+                now: datetime | None = None) -> list[tuple[str, str]]:
+    """Many queued jobs in one INSERT: each row takes ``create_job``'s keyword arguments
+    (but ``session``, ``owner``, ``now``) -> (id, modality) per row, in order. No ORM
+    objects: building and flushing one per job was most of a producer's CPU per job
+    (bench/submit.py)."""
+    now = now or db_time(session=session)
+    values = [_job_row(session, now, owner, row) for row in rows]
+    if values:
+        session.execute(insert(Job), values)
+    return [(v["id"], v["modality"]) for v in values]
+
+
+_JOB_ARGS = frozenset({"modality", "task", "params", "text", "payload", "deadline",
+                       "timeout_s", "job_id", "model_version", "webhook_url",
+                       "webhook_embedding"})
+
+
+def _job_row(session: Session, now: datetime, owner: str | None, row: dict) -> dict:
+    """The ``jobs`` columns of a queued job from ``create_job``'s arguments; an image or
+    audio payload is stored (once per sha256) on the way."""
+    if unknown := set(row) - _JOB_ARGS:
+        raise TypeError(f"create_job() got unexpected arguments {sorted(unknown)}")
+    deadline = row.get("deadline")
+    if row.get("timeout_s") is not None:
+        deadline = now + timedelta(seconds=row["timeout_s"])
+    payload = row.get("payload")
+    return {
+        "id": row.get("job_id") or str(uuid.uuid4()), "modality": row["modality"],
+        "task": row["task"], "params": row.get("params") or {},
+        "status": JobStatus.QUEUED.value, "text": row.get("text"),
+        "payload_sha256": None if payload is None else put_blob(session=session, data=payload),
+        "deadline": deadline, "attempts": 0, "created_at": now, "owner": owner,
+        "model_version": row.get("model_version"), "webhook_url": row.get("webhook_url"),
+        "webhook_embedding": bool(row.get("webhook_embedding", False)),
+    }
 
 
 def get_job(*, session: Session, job_id: str, owner: str | None = None) -> Job | None:

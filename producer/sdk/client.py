@@ -189,9 +189,7 @@ class Client:
                 if idempotency_key and (prior := self._replay(s, idempotency_key, digest)):
                     return prior
                 now = store.db_time(session=s)  # one clock for every stamp and deadline
-                jobs = [store.create_job(session=s, owner=owner, now=now, **row)
-                        for row in rows]
-                pairs = [(j.id, j.modality) for j in jobs]
+                pairs = store.create_jobs(session=s, rows=rows, owner=owner, now=now)
                 if idempotency_key:  # same transaction: the key exists iff the jobs do
                     store.put_idempotency(session=s, key=idempotency_key, request_hash=digest,
                                           job_ids=[i for i, _ in pairs], created_at=now)

@@ -286,3 +286,36 @@ def test_the_same_bytes_put_by_two_transactions_at_once_are_stored_once(sessions
     with sessions() as s:
         assert store.get_blob(session=s, sha256=digest) == data
         assert s.scalar(select(func.count()).select_from(store.Blob)) == 1
+
+
+def test_create_jobs_writes_the_rows_create_job_writes(sessions):
+    """The producer's bulk insert (one INSERT, no ORM objects) and the one-job path make
+    the same rows: deadline from timeout_s on the database's clock, payload stored once
+    by its sha256, params, owner, webhook fields."""
+    audio = b"RIFF-not-really-audio"
+    args = [dict(modality="text", task="classify", text="a cat",
+                 params={"labels": ["cat", "dog"], "top_k": 1}, timeout_s=30.0,
+                 model_version="base", webhook_url="https://example.com/h",
+                 webhook_embedding=True),
+            dict(modality="audio", task="embed", payload=audio),
+            dict(modality="text", task="embed", text="no options")]
+    with sessions.begin() as s:
+        now = store.db_time(session=s)
+        one = [store.create_job(session=s, owner="k1", now=now, **a).id for a in args]
+        many = store.create_jobs(session=s, rows=args, owner="k1", now=now)
+    assert [m for _, m in many] == ["text", "audio", "text"]
+    columns = ("modality", "task", "params", "status", "text", "payload_sha256", "deadline",
+               "attempts", "created_at", "owner", "model_version", "webhook_url",
+               "webhook_embedding", "worker", "sent_at", "started_at", "finished_at")
+    with sessions() as s:
+        for a, (b, _) in zip(one, many, strict=True):
+            ja, jb = store.get_job(session=s, job_id=a), store.get_job(session=s, job_id=b)
+            assert {c: getattr(jb, c) for c in columns} == {c: getattr(ja, c) for c in columns}
+        assert store.get_blob(session=s, sha256=hashlib.sha256(audio).hexdigest()) == audio
+        assert s.scalar(select(func.count()).select_from(store.Blob)) == 1
+        first = store.get_job(session=s, job_id=many[0][0])
+        # SQLite hands back naive UTC, PostgreSQL aware: compare the instants as UTC.
+        assert first.deadline.replace(tzinfo=None) == (now + timedelta(seconds=30)
+                                                        ).replace(tzinfo=None)
+    with sessions.begin() as s:
+        assert store.create_jobs(session=s, rows=[]) == []
