@@ -30,8 +30,6 @@ from core.jobs import QUEUES, RUN_JOB_TASK, RUN_JOBS_TASK
 # Seconds a send waits for one of the app's pooled broker connections (broker_pool_limit:
 # 10). A burst of 40 API threads publishing a few jobs each waits milliseconds.
 POOL_ACQUIRE_TIMEOUT_S = 10.0
-# Celery's limit on the argument repr a message carries for Flower (amqp.argsrepr_maxsize).
-ARGSREPR_MAX = 1024
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -95,13 +93,14 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]], per_message: int = 1
                 app.send_task(RUN_JOBS_TASK, args=[ids], kwargs=kwargs, queue=modality,
                               task_id=str(uuid.uuid4()), producer=producer, retry=False,
                               headers={JOBS_HEADER: len(ids)},
-                              argsrepr=_short(repr([ids])), **reprs)
+                              argsrepr=_short(repr([ids]), app.amqp.argsrepr_maxsize),
+                              **reprs)
             sent += ids
     return sent
 
 
-def _short(text: str, limit: int = ARGSREPR_MAX) -> str:
-    """Celery's length limit on a task's argument repr (``amqp.argsrepr_maxsize``)."""
+def _short(text: str, limit: int) -> str:
+    """``text`` cut to Celery's length limit on a task's argument repr."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
