@@ -84,17 +84,16 @@ def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]], per_message: int = 1
             # The reprs Flower shows, made here: Celery's own (saferepr, a pure-Python
             # formatter) was a quarter of a submit's CPU; for a list of ids and a
             # one-key dict plain repr gives the same text.
-            reprs = {"kwargsrepr": repr(kwargs)}
             if len(ids) == 1:
                 app.send_task(RUN_JOB_TASK, args=[ids[0]], kwargs=kwargs, queue=modality,
                               task_id=ids[0], producer=producer, retry=False,
-                              argsrepr=repr([ids[0]]), **reprs)
+                              argsrepr=repr([ids[0]]), kwargsrepr=repr(kwargs))
             else:
                 app.send_task(RUN_JOBS_TASK, args=[ids], kwargs=kwargs, queue=modality,
                               task_id=str(uuid.uuid4()), producer=producer, retry=False,
                               headers={JOBS_HEADER: len(ids)},
                               argsrepr=_short(repr([ids]), app.amqp.argsrepr_maxsize),
-                              **reprs)
+                              kwargsrepr=repr(kwargs))
             sent += ids
     return sent
 

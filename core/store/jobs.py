@@ -66,7 +66,7 @@ def _job_row(session: Session, now: datetime, owner: str | None, row: dict) -> d
     """The ``jobs`` columns of a queued job from ``create_job``'s arguments; an image or
     audio payload is stored (once per sha256) on the way."""
     if unknown := set(row) - _JOB_ARGS:
-        raise TypeError(f"create_job() got unexpected arguments {sorted(unknown)}")
+        raise TypeError(f"unexpected job arguments {sorted(unknown)}")
     deadline = row.get("deadline")
     if row.get("timeout_s") is not None:
         deadline = now + timedelta(seconds=row["timeout_s"])
