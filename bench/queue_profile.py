@@ -10,7 +10,7 @@ mmq's own model offline (``MultimodalModel.embed``) on the same texts, measured 
 the same run.
 
     .venv/bin/python bench/queue_profile.py [--n 3000] [--texts FILE] [--rounds 2]
-        [--spy] [--baseline-tree DIR] [--per-message 1,8]
+        [--spy [--spy-keep DIR]] [--baseline-tree DIR] [--per-message 1,8]
         [--worker-env "MMQ_MAX_BATCH_SIZE=64;MMQ_MAX_BATCH_SIZE=128"]
 
 ``--baseline-tree DIR``: another checkout of mmq (a detached worktree of an earlier
@@ -56,7 +56,8 @@ COMPONENTS = (
     ("SQL (SQLAlchemy + sqlite3)", ("sqlalchemy/", "sqlite3/", "core/store/", "psycopg")),
     ("pipe to the model process", ("multiprocessing/", "core/serving/modelproc.py")),
     ("group-commit writer", ("core/serving/writer.py", "core/serving/drain.py")),
-    ("host stages (start/prepare/record)", ("core/serving/host.py",)),
+    ("host stages (start/prepare/record)", ("core/serving/host.py",
+                                            "core/serving/stages.py")),
     ("lease, sweep, metrics", ("core/serving/lease.py", "core/broker/sweep.py",
                                "core/serving/metrics.py", "core/serving/exporter.py")),
     ("task body + threads pool", ("workers/tasks.py", "celery/concurrency/thread.py",
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--texts", type=Path, default=DEFAULT_TEXTS)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--spy", action="store_true", help="also a py-spy profile of the worker")
+    ap.add_argument("--spy-keep", type=Path, help="with --spy: keep py-spy's raw stacks "
+                    "in this folder (to read function by function)")
     ap.add_argument("--baseline-tree", type=Path, help="an earlier checkout to compare with")
     ap.add_argument("--per-message", help="compare producers' jobs per message on this "
                     "tree, alternating, e.g. 1,8 (MMQ_JOBS_PER_MESSAGE)")
@@ -213,6 +216,9 @@ def main() -> None:
                 raw = tmp / f"spy-{name.replace(' ', '_').replace('/', '_')}.txt"
                 one_run(stack, tree, texts, spy=raw, per_message=k, worker_env=envs.get(name))
                 spied[name] = spy_table(raw)
+                if args.spy_keep:
+                    args.spy_keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(raw, args.spy_keep / raw.name)
     finally:
         stack.close()
     off = sorted(o[0] for o in offline)[len(offline) // 2]

@@ -45,30 +45,32 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
 
 @app.task(name=RUN_JOBS_TASK, bind=True, max_retries=None)
 def run_jobs(self, job_ids: list[str], modality: str | None = None) -> dict:
-    """Several jobs in one message (core/broker/sender.py): all are handed to the host at
-    once, so they batch together, and the message is acknowledged once every outcome is
-    recorded. A job whose outcome cannot be recorded rejects the whole message back onto
-    the queue; its redelivery finds the finished ones finished."""
+    """Several jobs in one message (core/broker/sender.py): the host runs them together
+    (one start, one hand-over to the model, one record: they batch together), and the
+    message is acknowledged once every outcome is recorded. A job that fails there is
+    retried alone, as ``run_job`` would; one whose outcome cannot be recorded rejects
+    the whole message back onto the queue, and its redelivery finds the others finished."""
     worker = self.request.hostname or "worker"
-    first = {j: _try_start(j, worker) for j in dict.fromkeys(job_ids)}
+    ids = list(dict.fromkeys(job_ids))
+    first = _try_start_many(ids, worker)
     statuses = Counter()
-    for job_id, fut in first.items():
+    for job_id in ids:
         try:
-            statuses[_run(job_id, worker, fut).get("status", "?")] += 1
+            statuses[_run(job_id, worker, first.get(job_id)).get("status", "?")] += 1
         except Reject:
             raise
         except Exception:  # noqa: BLE001  (recorded as the job's failure by _run)
             statuses["failed"] += 1
-    return {"jobs": len(first), **statuses}
+    return {"jobs": len(ids), **statuses}
 
 
-def _try_start(job_id: str, worker: str) -> JobFuture | None:
-    """The job's first try handed to the host, or None if even that raised (``_run``
-    then retries it)."""
+def _try_start_many(job_ids: list[str], worker: str) -> dict[str, JobFuture]:
+    """The jobs' first try handed to the host together, or {} if even that raised
+    (``_run`` then tries each alone)."""
     try:
-        return app.runtime.host.process(job_id, worker)
+        return app.runtime.host.process_many(job_ids, worker)
     except Exception:  # noqa: BLE001  (``_run`` tries again and decides)
-        return None
+        return {}
 
 
 def _run(job_id: str, worker: str, fut: JobFuture | None) -> dict:

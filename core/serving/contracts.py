@@ -129,6 +129,9 @@ class ModelBackend(Protocol):
         """-> a future of a ``JobResult``; ``InvalidInput`` or ``DeadlineExceeded``
         (or another error) as its exception."""
 
+    def submit_many(self, requests: list[JobRequest]) -> list[Future]:
+        """``submit`` for several requests at once -> a future per request, in order."""
+
     def cancel(self, job_ids: list[str]) -> None:
         """Drop these jobs from batches that have not started (their futures raise
         ``Cancelled``); a job already in a running forward finishes, and the store's

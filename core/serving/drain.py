@@ -46,6 +46,18 @@ class Drain(Generic[T]):
         if wake and held is not None:
             held[id(self)] = self
 
+    def put_many(self, items: list[T]) -> None:
+        """Queue ``items`` together, with one wake-up."""
+        if not items:
+            return
+        held = getattr(_deferred, "drains", None)
+        with self._cv:
+            self._items += items
+            if held is None:
+                self._cv.notify()
+        if held is not None:
+            held[id(self)] = self
+
     @staticmethod
     @contextmanager
     def deferred() -> Iterator[None]:

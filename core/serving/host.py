@@ -1,18 +1,9 @@
 """The per-process model host: set up once before the worker consumes anything.
 
-The threads pool runs tasks concurrently. A job goes through named stages, each a
-method of ``JobRun``, with a typed message between each and the next:
-
-  start    the group-commit writer (core/serving/writer.py) marks it running under
-           a new attempt (the fencing token) and reads its input  -> ``StartResult``
-  prepare  the started row becomes a request for the model        -> ``JobRequest``
-  forward  the model backend tokenises or decodes it, batches it and runs it (in a
-           spawned child process, core/serving/modelproc.py: the forward then does
-           not share a GIL with Celery)                            -> ``JobResult``
-  record   the writer stores the outcome, fenced by the attempt    -> recorded or late
-
-Each stage is started by the previous one's completion, so the task thread waits
-once per job (``JobRun`` says why).
+The threads pool runs tasks concurrently. The host takes each job through its stages
+(start, prepare, forward, record: core/serving/stages.py), a message's jobs together;
+it holds what the stages share: the model backend, the group-commit writer, the jobs in
+flight (what a cancel check asks the store about), and the prepare stage's rules.
 """
 
 from __future__ import annotations
@@ -21,14 +12,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,16 +28,10 @@ from core.errors import InvalidInput
 from core.jobs import JobStatus
 from core.params import check_labels
 from core.serving.batcher import BatcherConfig, DynamicBatcher
-from core.serving.contracts import (
-    AdapterRef,
-    Cancelled,
-    DeadlineExceeded,
-    JobRequest,
-    JobResult,
-    ModelBackend,
-)
+from core.serving.contracts import AdapterRef, JobRequest, ModelBackend
 from core.serving.metrics import BatchMetrics
-from core.serving.writer import GroupWriter, NotStarted, Started, StartResult
+from core.serving.stages import BatchRun, JobFuture, JobRun, Refused
+from core.serving.writer import GroupWriter, Started
 from core.store import BASE_VERSION, make_engine, session_factory
 
 if TYPE_CHECKING:
@@ -87,27 +71,14 @@ class InProcessModel:
                                    top_k=request.top_k, deadline=request.deadline,
                                    adapter=request.adapter, key=request.job_id)
 
+    def submit_many(self, requests: list[JobRequest]) -> list[Future]:
+        return [self.submit(r) for r in requests]
+
     def cancel(self, job_ids: list[str]) -> None:
         self.batcher.cancel(set(job_ids))
 
     def close(self) -> None:
         self.batcher.stop()
-
-
-class JobFuture(Future):
-    """A job's outcome, as the task waits for it; ``attempt`` is the fencing token of
-    this start once the store has started it (None before, or if it never started),
-    so that a failure the task records is fenced like any other outcome."""
-
-    attempt: int | None = None
-
-
-class _Refused(Exception):
-    """The prepare stage's answer for a job that must not reach the model."""
-
-    def __init__(self, error: str, status: JobStatus):
-        super().__init__(error)
-        self.error, self.status = error, status
 
 
 @dataclass
@@ -136,6 +107,12 @@ class ModelHost:
         -> a future of the task's summary dict, resolved once the outcome is committed
         (so a late ack follows the stored prediction); store errors are raised."""
         return JobRun(self, job_id, worker).start()
+
+    def process_many(self, job_ids: list[str], worker: str) -> dict[str, JobFuture]:
+        """Run a message's jobs together (one start, one hand-over to the model, one
+        record: ``BatchRun``) -> each job's future, as ``process`` gives (duplicates
+        run once)."""
+        return BatchRun(self, job_ids, worker).start()
 
     def record_failure(self, job_id: str, error: str, attempt: int | None) -> bool:
         """The task's own failure (an internal error, or retries spent), written at once
@@ -171,12 +148,12 @@ class ModelHost:
         done.add_done_callback(untrack)
 
     def request(self, started: Started) -> JobRequest:
-        """The prepare stage: a started row -> the model's request. Raises ``_Refused``
+        """The prepare stage: a started row -> the model's request. Raises ``Refused``
         for a job that must not run (its version removed, its deadline passed, its
         labels no longer valid)."""
         job = started.job
         if job.model_version != BASE_VERSION and started.version is None:
-            raise _Refused(f"model version {job.model_version!r} no longer exists (removed "
+            raise Refused(f"model version {job.model_version!r} no longer exists (removed "
                            "after the job was submitted)", JobStatus.FAILED)
         v = started.version
         adapter = None if v is None else AdapterRef(
@@ -189,14 +166,14 @@ class ModelHost:
             # decides. The rest is a duration on this host's monotonic clock.
             left = (_aware(job.deadline) - _aware(job.now)).total_seconds()
             if left <= 0:
-                raise _Refused("deadline passed before it ran", JobStatus.CANCELLED)
+                raise Refused("deadline passed before it ran", JobStatus.CANCELLED)
             deadline = time.monotonic() + left
         params = dict(job.params or {})
         try:
             labels = (check_labels(params.get("labels") or []) if job.task == "classify"
                       else None)
         except InvalidInput as e:  # a row written before today's rules
-            raise _Refused(str(e.reason), JobStatus.FAILED) from e
+            raise Refused(str(e.reason), JobStatus.FAILED) from e
         return JobRequest(job.id, started.attempt, job.modality, started.payload, labels,
                           int(params.get("top_k", 5)), deadline, adapter)
 
@@ -212,109 +189,8 @@ class ModelHost:
         self.model.close()
 
 
-class JobRun:
-    """One job through the stages: start -> prepare -> forward -> record.
-
-    Each stage is started by the previous one's completion (in the writer's or the
-    model receiver's thread), not by the task thread: that thread then wakes once
-    per job instead of three times. Each wake-up is a few context switches and GIL
-    hand-offs, a tenth of the worker's CPU per job at load (bench/e2e.py). Whatever
-    a stage raises fails ``done``: no task is left waiting."""
-
-    def __init__(self, host: ModelHost, job_id: str, worker: str):
-        self.host, self.job_id, self.worker = host, job_id, worker
-        self.done = JobFuture()
-        self.modality = ""  # known once started
-        self.attempt = 0  # the fencing token, once started
-
-    def start(self) -> JobFuture:
-        _then(self.host.writer.start(self.job_id, self.worker), self.done, self.prepare)
-        return self.done
-
-    def prepare(self, start: StartResult) -> None:
-        if isinstance(start, NotStarted):  # cancelled, already done, or unknown (no row)
-            self.done.set_result({"job": self.job_id, "status": start.status})
-            return
-        self.attempt = self.done.attempt = start.attempt
-        self.modality = start.job.modality
-        self.host.track(self.done, self.job_id, self.attempt)
-        try:
-            request = self.host.request(start)
-        except _Refused as r:
-            self.record_failure(r.error, r.status)
-            return
-        self.forward(request)
-
-    def forward(self, request: JobRequest) -> None:
-        # The exact version the prediction came from: the adapter's name and weights,
-        # or the pretrained towers' own version string.
-        exact = self.host.model.version if request.adapter is None else request.adapter.exact
-        _then(self.host.model.submit(request), self.done, partial(self.record, exact),
-              on_error=self.ran_badly)
-
-    def record(self, exact: str, result: JobResult) -> None:
-        _then(self.host.writer.finish(self.job_id, self.attempt, exact, result), self.done,
-              partial(self.recorded, partial(_summary, self.job_id, self.modality, result,
-                                             exact), "result"))
-
-    def ran_badly(self, e: BaseException) -> None:
-        if isinstance(e, Cancelled):  # the row says so already: nothing to write
-            self.done.set_result({"job": self.job_id, "modality": self.modality,
-                                  "status": "cancelled"})
-        elif isinstance(e, DeadlineExceeded):
-            self.record_failure(str(e), JobStatus.CANCELLED)
-        elif isinstance(e, InvalidInput):
-            self.record_failure(str(e.reason), JobStatus.FAILED)
-        else:
-            self.done.set_exception(e)
-
-    def record_failure(self, error: str, status: JobStatus) -> None:
-        summary = partial(dict, job=self.job_id, modality=self.modality, status=status.value,
-                          error=error)
-        _then(self.host.writer.fail(self.job_id, self.attempt, error, status), self.done,
-              partial(self.recorded, summary, status.value))
-
-    def recorded(self, summary: Callable[[], dict], what: str, ok: bool) -> None:
-        """The record stage's answer: the task's summary, or the late outcome dropped."""
-        self.done.set_result(summary() if ok else
-                             self.host.late(self.job_id, self.modality, self.attempt, what))
-
-
-def _then(fut: Future, done: Future, fn: Callable[[Any], None],
-          on_error: Callable[[BaseException], None] | None = None) -> None:
-    """When ``fut`` completes: ``fn(result)``, or ``on_error(exc)`` (default: fail
-    ``done``). Whatever ``fn`` raises fails ``done``: no job is left waiting."""
-    def step(f: Future) -> None:
-        try:
-            e = f.exception()
-            if e is None:
-                fn(f.result())
-            elif on_error is not None:
-                on_error(e)
-            else:
-                done.set_exception(e)
-        except BaseException as e:  # noqa: BLE001  (handed to the waiting task)
-            if not done.done():
-                done.set_exception(e)
-
-    fut.add_done_callback(step)
-
-
 def _aware(d: datetime) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite returns naive datetimes
-
-
-def _summary(job_id: str, modality: str, result: JobResult, version: str) -> dict:
-    """What Flower shows as the task's result: enough to find the job in the store."""
-    out = {"job": job_id, "modality": modality, "status": "succeeded",
-           "model_version": version}
-    if result.labels:
-        out["top"] = list(result.labels[0])
-    if result.text is not None:  # audio: the start of the transcript, for the task list
-        out["text"] = result.text if len(result.text) <= 80 else result.text[:77] + "..."
-    if not result.labels and result.text is None:
-        out["embedding_dim"] = len(result.embedding)
-    return out
 
 
 def _log_metrics(metrics: BatchMetrics, every: float) -> None:

@@ -261,6 +261,18 @@ class ModelProcess:
         self._outgoing.put(request)
         return fut
 
+    def submit_many(self, requests: list[JobRequest]) -> list[Future]:
+        """``submit`` for a message's jobs: one hand-over to the sender thread."""
+        futs, new = [], []
+        for request in requests:
+            fut: Future = Future()
+            running = self._futures.setdefault((request.job_id, request.attempt), fut)
+            futs.append(running)
+            if running is fut:  # else a second delivery, sharing the one run (``submit``)
+                new.append(request)
+        self._outgoing.put_many(new)
+        return futs
+
     def cancel(self, job_ids: list[str]) -> None:
         self._outgoing.put(Cancel(list(job_ids)))
 

@@ -69,13 +69,29 @@ class FailOp:
 
 
 @dataclass(frozen=True)
+class StartManyOp:
+    """``StartOp`` for a message's jobs at once (core/serving/stages.py ``BatchRun``):
+    one pending write instead of one per job -> a ``StartResult`` per job, in order."""
+
+    job_ids: tuple[str, ...]
+    worker: str
+
+
+@dataclass(frozen=True)
+class FinishManyOp:
+    """``FinishOp`` for a message's results at once -> True/False per op, in order."""
+
+    ops: tuple[FinishOp, ...]
+
+
+@dataclass(frozen=True)
 class CallOp:
     """Any other write: ``fn(session)`` -> what it returns."""
 
     fn: Callable[[Session], Any]
 
 
-WriteOp = StartOp | FinishOp | FailOp | CallOp
+WriteOp = StartOp | StartManyOp | FinishOp | FinishManyOp | FailOp | CallOp
 
 
 # -- what a start answers ----------------------------------------------------------------
@@ -125,21 +141,22 @@ class _Pending:
 # -- the bulk writes, one per kind of op, each in the group's transaction ----------------
 
 
-def _start_many(s: Session, ops: list[StartOp], lease: timedelta) -> list[StartResult]:
+def _start_many(s: Session, jobs: list[tuple[str, str]],
+                lease: timedelta) -> list[StartResult]:
+    """Start (job id, worker) pairs: one UPDATE per worker -> a result per pair."""
     started: dict = {}
-    for worker in dict.fromkeys(op.worker for op in ops):
-        started |= store.start_jobs(session=s, job_ids=[op.job_id for op in ops
-                                                        if op.worker == worker],
+    for worker in dict.fromkeys(w for _, w in jobs):
+        started |= store.start_jobs(session=s, job_ids=[j for j, w in jobs if w == worker],
                                     worker=worker, lease=lease)
     refs = {v.name: VersionFile(v.name, v.modality, v.adapter_file, v.adapter_sha256)
             for v in version_refs(session=s,
                                   names=[j.model_version for j in started.values()]).values()
             }
     out: list[StartResult] = []
-    for op in ops:
-        job = started.get(op.job_id)
+    for job_id, _ in jobs:
+        job = started.get(job_id)
         if job is None:  # cancelled, already done, or unknown: nothing to run
-            current = store.job_statuses(session=s, job_ids=[op.job_id]).get(op.job_id)
+            current = store.job_statuses(session=s, job_ids=[job_id]).get(job_id)
             out.append(NotStarted(current or "unknown"))
         elif job.modality == "text":
             out.append(Started(job, job.text, refs.get(job.model_version)))
@@ -147,6 +164,11 @@ def _start_many(s: Session, ops: list[StartOp], lease: timedelta) -> list[StartR
             out.append(Started(job, store.get_blob(session=s, sha256=job.payload_sha256),
                                refs.get(job.model_version)))
     return out
+
+
+def _start_batches(s: Session, ops: list[StartManyOp], lease: timedelta) -> list:
+    results = _start_many(s, [(j, op.worker) for op in ops for j in op.job_ids], lease)
+    return _split(results, [len(op.job_ids) for op in ops])
 
 
 def _finish_many(s: Session, ops: list[FinishOp]) -> list[bool]:
@@ -157,6 +179,20 @@ def _finish_many(s: Session, ops: list[FinishOp]) -> list[bool]:
                                       results={op.job_id: op.result for op in mine},
                                       attempts={op.job_id: op.attempt for op in mine})
     return [op.job_id in recorded for op in ops]
+
+
+def _finish_batches(s: Session, ops: list[FinishManyOp]) -> list:
+    return _split(_finish_many(s, [f for op in ops for f in op.ops]),
+                  [len(op.ops) for op in ops])
+
+
+def _split(answers: list, sizes: list[int]) -> list[list]:
+    """A flat list of answers -> one list per op, ``sizes`` long each."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(answers[at:at + n])
+        at += n
+    return out
 
 
 def _fail_each(s: Session, ops: list[FailOp]) -> list[bool]:
@@ -175,8 +211,11 @@ class GroupWriter:
         self.sessions = sessions
         self._bulk: dict[type, Callable[[Session, list], list]] = {
             # Which running jobs a start may take over: those whose worker's lease is dead.
-            StartOp: lambda s, ops: _start_many(s, ops, lease),
-            FinishOp: _finish_many, FailOp: _fail_each, CallOp: _call_each}
+            StartOp: lambda s, ops: _start_many(s, [(op.job_id, op.worker) for op in ops],
+                                                lease),
+            StartManyOp: lambda s, ops: _start_batches(s, ops, lease),
+            FinishOp: _finish_many, FinishManyOp: _finish_batches, FailOp: _fail_each,
+            CallOp: _call_each}
         # Other writers in this process (the failure signal handler) take the same
         # lock on SQLite, which has one writer at a time.
         self.write_lock = write_lock
@@ -185,6 +224,12 @@ class GroupWriter:
 
     def start(self, job_id: str, worker: str) -> Future[StartResult]:
         return self.submit(StartOp(job_id, worker))
+
+    def start_many(self, job_ids: list[str], worker: str) -> Future[list[StartResult]]:
+        return self.submit(StartManyOp(tuple(job_ids), worker))
+
+    def finish_many(self, ops: list[FinishOp]) -> Future[list[bool]]:
+        return self.submit(FinishManyOp(tuple(ops)))
 
     def finish(self, job_id: str, attempt: int, model_version: str,
                result: JobResult) -> Future[bool]:

@@ -84,37 +84,53 @@ def test_the_failure_after_retries_is_fenced_by_the_start_that_holds_the_job(out
     assert error.startswith("gave up after 10 ") and attempt == 3
 
 
-def test_a_batch_message_hands_every_job_to_the_host_before_waiting(outage, monkeypatch):
-    """run_jobs (several jobs in one message) must start all its jobs before it waits
-    for any: the model batches what is in flight, and waiting job by job would run a
-    message's jobs one forward each."""
-    started: list[str] = []
+def test_a_batch_message_hands_its_jobs_to_the_host_together(outage, monkeypatch):
+    """run_jobs (several jobs in one message) hands all its jobs to the host at once,
+    before it waits for any: the model batches what is in flight, and waiting job by job
+    would run a message's jobs one forward each. A duplicate id runs once."""
+    handed: list[list[str]] = []
 
-    class Checked(JobFuture):
-        def result(self, timeout=None):
-            assert started == ["a", "b", "c"], "waited before every job was handed over"
-            return super().result(timeout)
+    def process_many(job_ids: list[str], worker: str) -> dict[str, JobFuture]:
+        handed.append(list(job_ids))
+        return {j: _future(result={"id": j, "status": "succeeded"}, attempt=1)
+                for j in job_ids}
 
-    def process(job_id: str, worker: str) -> JobFuture:
-        started.append(job_id)
-        fut = Checked()
-        fut.attempt = 1
-        fut.set_result({"id": job_id, "status": "succeeded"})
-        return fut
-
-    monkeypatch.setattr(tasks.app._runtime.host, "process", process)
-    assert tasks.run_jobs(["a", "b", "c"]) == {"jobs": 3, "succeeded": 3}
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many", process_many,
+                        raising=False)
+    assert tasks.run_jobs(["a", "b", "a", "c"]) == {"jobs": 3, "succeeded": 3}
+    assert handed == [["a", "b", "c"]]
 
 
-def test_a_batch_message_rides_out_an_outage_and_fails_only_its_bad_job(outage):
-    """A minute's broker outage: every job of the message retries and succeeds. An
-    internal error of one job is recorded as that job's failure; the others still run
-    and the message is acknowledged (the task returns)."""
+def test_a_batch_message_rides_out_an_outage_and_fails_only_its_bad_job(outage,
+                                                                         monkeypatch):
+    """A minute's broker outage: the message's first try fails for every job, and each
+    job retries alone and succeeds. An internal error of one job is recorded as that
+    job's failure, fenced by its start; the others still run and the message is
+    acknowledged (the task returns)."""
     outage.outage_s = 60.0
+    first: list = []
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many",
+                        lambda job_ids, worker: first.pop(0), raising=False)
+    first.append({j: outage_process(j) for j in ["a", "b"]})
     assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
     assert outage.failures == []
-    outage.runs = [_future(result={"id": "a", "status": "succeeded"}, attempt=1),
-                   _future(error=ValueError("bad row"), attempt=1),
-                   _future(result={"id": "c", "status": "succeeded"}, attempt=1)]
+    first.append({"a": _future(result={"id": "a", "status": "succeeded"}, attempt=1),
+                  "b": _future(error=ValueError("bad row"), attempt=4),
+                  "c": _future(result={"id": "c", "status": "succeeded"}, attempt=1)})
     assert tasks.run_jobs(["a", "b", "c"]) == {"jobs": 3, "succeeded": 2, "failed": 1}
-    assert outage.failures == [("internal error: ValueError: bad row", 1)]
+    assert outage.failures == [("internal error: ValueError: bad row", 4)]
+
+
+def test_a_batch_message_whose_hand_over_raises_runs_each_job_alone(outage, monkeypatch):
+    def broken(job_ids, worker):
+        raise RedisConnectionError("Error 111 connecting to redis: Connection refused")
+
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many", broken, raising=False)
+    outage.outage_s = 10.0
+    assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
+    assert outage.failures == [] and sum(outage.slept) >= 10
+
+
+def outage_process(job_id: str) -> JobFuture:
+    """The first try of a job while the broker is down."""
+    return _future(error=RedisConnectionError("Error 111 connecting to redis"))

@@ -132,7 +132,7 @@ def test_task_summary_shows_the_start_of_a_transcript():
     import numpy as np
 
     from core.jobs import JobResult
-    from core.serving.host import _summary
+    from core.serving.stages import summary as _summary
 
     long = _summary("j", "audio", JobResult(embedding=np.zeros(384, "f4"), text="so " * 60), "v")
     assert long["text"].startswith("so so") and len(long["text"]) == 80
@@ -160,6 +160,10 @@ class HeldModel:
         fut = Future()
         self.requests[request.job_id] = (request, fut)
         return fut
+
+    def submit_many(self, requests):
+        self.handovers = getattr(self, "handovers", 0) + 1
+        return [self.submit(r) for r in requests]
 
     def cancel(self, job_ids):
         self.cancelled += job_ids
@@ -253,3 +257,133 @@ def test_a_model_error_fails_the_task_and_the_task_fences_its_record(held):
     assert held.record_failure(job_id, "internal error", attempt=2) is False
     assert held.record_failure(job_id, "internal error", attempt=done.attempt) is True
     assert _row(held, job_id)[0].status == "failed"
+
+
+# -- a message's jobs together (BatchRun) -------------------------------------------------
+
+
+def _ops(host: ModelHost, monkeypatch) -> list:
+    """-> the writer ops the host submits from now on (kinds, in order)."""
+    seen: list = []
+    submit = host.writer.submit
+    monkeypatch.setattr(host.writer, "submit", lambda op: seen.append(type(op).__name__)
+                        or submit(op))
+    return seen
+
+
+def test_a_messages_jobs_end_as_they_would_one_by_one(host, monkeypatch):
+    """Every kind of outcome in one message, run together: each job ends as ``process``
+    ends it alone, and the successes take one start and one record op between them."""
+    sport = _job(host, modality="text", task="classify", text="The striker scored twice.",
+                 params={"labels": ["sport", "cooking"], "top_k": 1})
+    plain = _job(host, modality="text", task="embed", text="A plain sentence.")
+    broken = _job(host, modality="image", task="embed", payload=b"\x89PNG\r\n\x1a\n broken")
+    late = _job(host, modality="text", task="embed", text="too late",
+                deadline=store.utcnow() - timedelta(seconds=1))
+    done = _job(host, modality="text", task="embed", text="done before")
+    host.process(done, "w1").result(timeout=60)
+    ops = _ops(host, monkeypatch)
+    ids = [sport, plain, broken, late, done, "no-such-job", plain]
+    futs = host.process_many(ids, "w1")
+    assert list(futs) == [sport, plain, broken, late, done, "no-such-job"]  # plain once
+    out = {j: f.result(timeout=120) for j, f in futs.items()}
+    assert out[sport]["status"] == "succeeded" and out[sport]["top"][0] == "sport"
+    assert out[plain]["status"] == "succeeded" and out[plain]["embedding_dim"] == 384
+    assert out[broken]["status"] == "failed" and "image" in out[broken]["error"]
+    assert out[late] == {"job": late, "modality": "text", "status": "cancelled",
+                         "error": "deadline passed before it ran"}
+    assert out[done] == {"job": done, "status": "succeeded"}
+    assert out["no-such-job"] == {"job": "no-such-job", "status": "unknown"}
+    assert ops.count("StartManyOp") == 1 and ops.count("FinishManyOp") == 1
+    assert "StartOp" not in ops and "FinishOp" not in ops
+    for job_id, status in [(sport, "succeeded"), (plain, "succeeded"), (broken, "failed"),
+                           (late, "cancelled"), (done, "succeeded")]:
+        job, pred = _row(host, job_id)
+        assert (job.status, job.attempts) == (status, 1)
+        assert (pred is not None) == (status == "succeeded")
+        assert futs[job_id].attempt == (None if job_id == done else 1)  # started here
+    assert _row(host, sport)[1].labels[0][0] == "sport"
+
+
+def test_a_message_is_recorded_once_the_model_answered_every_job(held):
+    """One record op for the message's results, written only after the model's last
+    answer; a result whose job was meanwhile taken over is dropped alone, and an
+    internal error fails only its own job (the task retries that one)."""
+    ids = [_job(held, modality="text", task="embed", text=f"t{i}") for i in range(4)]
+    futs = held.process_many(ids, "w1")
+    reqs = {j: held.model.wait_for(j) for j in ids}
+    assert held.model.handovers == 1 and held.inflight == dict.fromkeys(ids, 1)
+    held.writer.start(ids[1], "w1").result(timeout=30)  # attempt 2 takes ids[1] over
+    emb = JobResult(embedding=np.zeros(384, "f4"), tokens=1)
+    for j in ids[:3]:
+        reqs[j][1].set_result(emb)
+    import time
+
+    time.sleep(0.2)
+    assert not any(futs[j].done() for j in ids[:3])  # waiting for the last answer
+    assert _row(held, ids[0])[0].status == "running"
+    reqs[ids[3]][1].set_exception(RuntimeError("device lost"))
+    assert futs[ids[0]].result(timeout=30)["status"] == "succeeded"
+    assert futs[ids[2]].result(timeout=30)["status"] == "succeeded"
+    assert futs[ids[1]].result(timeout=30) == {
+        "job": ids[1], "modality": "text", "status": "dropped",
+        "reason": "late result of attempt 1"}
+    with pytest.raises(RuntimeError, match="device lost"):
+        futs[ids[3]].result(timeout=30)
+    assert futs[ids[3]].attempt == 1  # the task's failure is fenced by it
+    assert [_row(held, j)[0].status for j in ids] == ["succeeded", "running", "succeeded",
+                                                        "running"]
+    assert held.inflight == {}
+
+
+def _failed(e: BaseException):
+    from concurrent.futures import Future
+
+    f: Future = Future()
+    f.set_exception(e)
+    return f
+
+
+def test_a_message_whose_start_fails_runs_its_jobs_one_by_one(held, monkeypatch):
+    """A failed start of the whole message (a row that breaks it, or an outage) falls
+    back to one start per job, so a bad row fails alone; in an outage every job fails,
+    unstarted, for the task to retry."""
+    from sqlalchemy.exc import OperationalError
+
+    down = OperationalError("UPDATE jobs", {}, Exception("server closed"))
+    monkeypatch.setattr(held.writer, "start_many", lambda job_ids, worker: _failed(down))
+    ids = [_job(held, modality="text", task="embed", text=f"s{i}") for i in range(2)]
+    futs = held.process_many(ids, "w1")
+    for j in ids:
+        held.model.wait_for(j)[1].set_result(JobResult(embedding=np.zeros(384, "f4")))
+        assert futs[j].result(timeout=30)["status"] == "succeeded" and futs[j].attempt == 1
+    assert getattr(held.model, "handovers", 0) == 0  # each handed over alone
+    monkeypatch.setattr(held.writer, "start", lambda job_id, worker: _failed(down))
+    for f in held.process_many(["a", "b"], "w1").values():
+        with pytest.raises(OperationalError):
+            f.result(timeout=5)
+        assert f.attempt is None  # nothing started: the task's retries start afresh
+
+
+def test_a_message_whose_record_fails_records_its_results_one_by_one(held, monkeypatch):
+    """A failed record of the message's results is written again job by job: one result
+    the store refuses fails alone, the others are recorded."""
+    monkeypatch.setattr(held.writer, "finish_many",
+                        lambda ops: _failed(RuntimeError("one bad row")))
+    ids = [_job(held, modality="text", task="embed", text=f"r{i}") for i in range(3)]
+    futs = held.process_many(ids, "w1")
+    reqs = {j: held.model.wait_for(j) for j in ids}
+    finish = held.writer.finish
+
+    def refuse_second(job_id, attempt, version, result):
+        return _failed(ValueError("bad row")) if job_id == ids[1] else finish(
+            job_id, attempt, version, result)
+
+    monkeypatch.setattr(held.writer, "finish", refuse_second)
+    for j in ids:
+        reqs[j][1].set_result(JobResult(embedding=np.zeros(384, "f4")))
+    assert [futs[j].result(timeout=30)["status"] for j in (ids[0], ids[2])] == [
+        "succeeded", "succeeded"]
+    with pytest.raises(ValueError, match="bad row"):
+        futs[ids[1]].result(timeout=30)
+    assert [_row(held, j)[0].status for j in ids] == ["succeeded", "running", "succeeded"]
