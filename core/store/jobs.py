@@ -21,6 +21,7 @@ from core.store.tables import (
     Job,
     Prediction,
     db_now,
+    unindexed,
 )
 from core.store.webhooks import enqueue_webhooks
 
@@ -125,7 +126,7 @@ def cancelled_among(*, session: Session, job_ids: list[str]) -> list[str]:
     if not job_ids:
         return []
     return list(session.scalars(select(Job.id).where(
-        Job.id.in_(job_ids), Job.status == JobStatus.CANCELLED.value)))
+        Job.id.in_(job_ids), unindexed(Job.status) == JobStatus.CANCELLED.value)))
 
 
 def list_jobs(*, session: Session, status: str | None = None, modality: str | None = None,
@@ -173,7 +174,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 def queued_among(*, session: Session, job_ids: list[str]) -> list[str]:
     """Which of these jobs are still ``queued``."""
     return list(session.scalars(select(Job.id).where(
-        Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value)))
+        Job.id.in_(job_ids), unindexed(Job.status) == JobStatus.QUEUED.value)))
 
 
 def jobs_by_id(*, session: Session, job_ids: list[str], owner: str | None = None) -> list[Job]:

@@ -17,6 +17,7 @@ from core.store.tables import (
     Prediction,
     WorkerLease,
     db_now,
+    unindexed,
 )
 from core.store.webhooks import enqueue_webhooks
 
@@ -33,10 +34,11 @@ def _startable(worker: str, lease: timedelta):
     the job from the attempt that holds it, and that attempt's result would be late."""
     alive = select(WorkerLease.worker).where(
         WorkerLease.heartbeat_at >= db_now(-lease.total_seconds()))
-    running = _JOBS.c.status == JobStatus.RUNNING.value
-    return ((_JOBS.c.status == JobStatus.QUEUED.value)
-            | (running & (_JOBS.c.worker.is_(None) | (_JOBS.c.worker == worker)
-                          | _JOBS.c.worker.not_in(alive))))
+    # Unindexed: the jobs are found by id (``unindexed`` says why).
+    status, held_by = unindexed(_JOBS.c.status), unindexed(_JOBS.c.worker)
+    running = status == JobStatus.RUNNING.value
+    return ((status == JobStatus.QUEUED.value)
+            | (running & (held_by.is_(None) | (held_by == worker) | held_by.not_in(alive))))
 
 
 # What a worker needs to run a job. The bulk functions below use the tables, not the
@@ -95,8 +97,10 @@ def _holds(fences: dict[str, int]):
     outlived its lease (stalled, cut off, its job handed to another worker, or the
     job cancelled meanwhile) finds no row to change, so ``cancelled`` and ``failed``
     never turn into ``succeeded`` and a stale failure never overwrites a result."""
-    return (tuple_(_JOBS.c.id, _JOBS.c.attempts).in_(list(fences.items()))
-            & (_JOBS.c.status == JobStatus.RUNNING.value))
+    # Found by id (the row-value IN alone names no index); the rest unindexed.
+    return (_JOBS.c.id.in_(list(fences))
+            & tuple_(_JOBS.c.id, unindexed(_JOBS.c.attempts)).in_(list(fences.items()))
+            & (unindexed(_JOBS.c.status) == JobStatus.RUNNING.value))
 
 
 def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobResult],
@@ -131,7 +135,7 @@ def fail_job(*, session: Session, job_id: str, error: str, attempt: int | None,
     attempt started (it failed before it could start) and is still ``queued``.
     -> False if the outcome was late and dropped."""
     if attempt is None:
-        held = (_JOBS.c.id == job_id) & (_JOBS.c.status == JobStatus.QUEUED.value)
+        held = (_JOBS.c.id == job_id) & (unindexed(_JOBS.c.status) == JobStatus.QUEUED.value)
     else:
         held = _holds({job_id: attempt})
     row = session.execute(update(_JOBS).where(held).values(
@@ -148,8 +152,9 @@ def release_jobs(*, session: Session, job_ids: list[str], worker: str) -> None:
     """running -> queued, under no worker and with no send time: the worker gives
     them up; the sweep re-sends or restores their message."""
     session.execute(
-        update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING.value,
-                          Job.worker == worker)
+        update(Job).where(Job.id.in_(job_ids),
+                          unindexed(Job.status) == JobStatus.RUNNING.value,
+                          unindexed(Job.worker) == worker)
         .values(status=JobStatus.QUEUED.value, worker=None, sent_at=None))
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from core.jobs import JobStatus
-from core.store.tables import Job, Prediction
+from core.store.tables import Job, Prediction, unindexed
 
 # The job's status is returned, not filtered, in the reads by finished_at: with
 # ``status = 'succeeded'`` in the WHERE clause SQLite walks ix_jobs_status_created (every
@@ -46,7 +46,7 @@ def vector_rows_after(*, session: Session, after: tuple[datetime, str] | None,
 def vector_rows(*, session: Session, job_ids: list[str]) -> list:
     """The vector rows of these jobs (those that succeeded)."""
     return session.execute(_vector_rows().where(Job.id.in_(job_ids),
-                                                Job.status == SUCCEEDED)).all()
+                                                unindexed(Job.status) == SUCCEEDED)).all()
 
 
 def succeeded_since(*, session: Session, since: datetime) -> list:
@@ -72,7 +72,8 @@ def stored_rows(*, session: Session, job_ids: list[str]) -> list:
     cache's check of its saved files against the database)."""
     return session.execute(select(Job.id, Job.finished_at, Prediction.embedding)
                            .join(Prediction, Prediction.job_id == Job.id)
-                           .where(Job.status == SUCCEEDED, Job.id.in_(job_ids))).all()
+                           .where(unindexed(Job.status) == SUCCEEDED,
+                                  Job.id.in_(job_ids))).all()
 
 
 def insert_results(*, session: Session, jobs: list[dict], predictions: list[dict]) -> None:
