@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.model.attention import AttentionPlan, packed_attention_qkv
-from core.model.fused import fusable, linear_add, linear_gelu
+from core.model.fused import fusable, linear_add, linear_gelu, plain_linear
 
 
 def bucket_rows(n: int) -> int:
@@ -77,7 +77,7 @@ class EncoderLayer(nn.Module):
         """residual + attention(x)"""
         N, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.head_dim
-        qkv = self.qkv(self._down(x)).view(N, 3, nh, hs)  # (N, 3, nh, hs)
+        qkv = plain_linear(self._down(x), self.qkv).view(N, 3, nh, hs)  # (N, 3, nh, hs)
         if self.matmul_dtype is not None and qkv.device.type == "cpu":
             # bf16 matmuls, fp32 attention on the C kernel: CPU SDPA in bf16 gathers and
             # pads every group and was half of a bf16 forward (profiled, 64-sentence

@@ -50,6 +50,44 @@ def fusable(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> bool:
             and (dtype != torch.bfloat16 or ONEDNN_BF16) and not torch.is_grad_enabled())
 
 
+def pack(lin: nn.Linear, rows: int) -> None:
+    """Keep a copy of a bf16 CPU linear's weight in oneDNN's own blocked layout, made
+    once: otherwise oneDNN reorders the plain weight on every call. 6-26% less time
+    per matmul at 1,024 rows on an AVX512-BF16 CPU (fc2, 1536 -> 384, the most), the
+    same results bit for bit. ``rows``: the rows a call usually has (a hint only; any
+    count works). The copy is used while the weight is the same tensor, unchanged
+    (``packed_weight``)."""
+    w = lin.weight.detach()
+    if (LINEAR_POINTWISE is None or w.device.type != "cpu" or w.dtype != torch.bfloat16
+            or not ONEDNN_BF16):
+        return
+    lin.onednn_packed = (_identity(lin.weight), torch.ops.mkldnn._reorder_linear_weight(w, rows))
+
+
+def _identity(w: torch.Tensor) -> tuple:
+    """What changes when a weight does: replaced (``.data``, ``.to``) or written in place."""
+    return w.data_ptr(), w._version, w.dtype, w.device
+
+
+def packed_weight(lin: nn.Module) -> torch.Tensor:
+    """The weight to hand to oneDNN's fused op: the packed copy (``pack``) while it is
+    current, else the weight itself. Only for LINEAR_POINTWISE: the copy's bytes are
+    oneDNN's layout, not a matrix."""
+    packed = getattr(lin, "onednn_packed", None)
+    if packed is not None and packed[0] == _identity(lin.weight):
+        return packed[1]
+    return lin.weight
+
+
+def plain_linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """lin(x) for 2-D x: through oneDNN with the packed weight where the layer has one
+    (``pack``), else the module itself."""
+    if getattr(lin, "onednn_packed", None) is not None and fusable(x, weight_dtype(lin)):
+        return LINEAR_POINTWISE(x.contiguous(), packed_weight(lin), lin.bias, "none", [],
+                                "none")
+    return lin(x)
+
+
 def weight_dtype(lin: nn.Module) -> torch.dtype | None:
     """A linear layer's weight dtype; None for one whose weight is not a plain tensor
     (a dynamically quantized int8 Linear: it takes the unfused path)."""
@@ -65,15 +103,16 @@ def linear_add(x: torch.Tensor, lin: nn.Linear, residual: torch.Tensor) -> torch
     """residual + lin(x) for 2-D x: one oneDNN call on the CPU (bias and add fused) when
     x, the weights and the residual share a dtype."""
     if fusable(x, weight_dtype(lin)) and residual.dtype == x.dtype:
-        return LINEAR_POINTWISE.binary(x.contiguous(), residual.contiguous(), lin.weight,
-                                       lin.bias, "add")
-    return residual + lin(x)
+        return LINEAR_POINTWISE.binary(x.contiguous(), residual.contiguous(),
+                                       packed_weight(lin), lin.bias, "add")
+    return residual + plain_linear(x, lin)  # bf16 into an fp32 residual: promoted
 
 
 def linear_gelu(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     """gelu(lin(x)) for 2-D x, exact erf GELU as BERT uses"""
     if fusable(x, weight_dtype(lin)):
-        return LINEAR_POINTWISE(x.contiguous(), lin.weight, lin.bias, "gelu", [], "none")
+        return LINEAR_POINTWISE(x.contiguous(), packed_weight(lin), lin.bias, "gelu", [],
+                                "none")
     return F.gelu(lin(x))
 
 

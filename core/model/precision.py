@@ -28,8 +28,9 @@ import logging
 import torch
 from torch import nn
 
+from core.config import CPU_BATCH_TOKENS
 from core.model.cpu_kernels import _cpu_flags
-from core.model.fused import ONEDNN_BF16
+from core.model.fused import ONEDNN_BF16, pack
 from core.precision import PRECISIONS, check_precision
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def apply_precision(encoder: nn.Module, mode: str) -> None:
         if mode == "bf16":
             for name in _MATMULS:
                 getattr(layer, name).to(torch.bfloat16)
+                pack(getattr(layer, name), CPU_BATCH_TOKENS)  # oneDNN's layout, once
             layer.matmul_dtype = torch.bfloat16
         elif mode == "int8":
             for name in _MATMULS:

@@ -148,3 +148,47 @@ def test_bf16_without_onednn_bf16_kernels_takes_the_plain_path(monkeypatch):
         got = fused.linear(x, lin, torch.bfloat16, act="gelu")  # (N, 96) bf16
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), ref, atol=0.05, rtol=0.02)
+
+
+@needs_bf16
+def test_a_packed_bf16_weight_gives_the_same_outputs_and_is_never_served_stale():
+    """bf16 linears keep their weight in oneDNN's blocked layout (``fused.pack``): the
+    same outputs bit for bit at any row count, through every fused helper; a weight
+    replaced or written after packing is used as it is now, not the stale copy."""
+    from torch import nn
+
+    from core.model import fused
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96).to(torch.bfloat16)
+    plain = nn.Linear(64, 96).to(torch.bfloat16)
+    plain.load_state_dict(lin.state_dict())
+    fused.pack(lin, 2048)
+    assert fused.packed_weight(lin) is not lin.weight
+    for n in (1, 7, 300):
+        x = torch.randn(n, 64).bfloat16()  # (n, 64)
+        res = torch.randn(n, 96)  # (n, 96) an fp32 residual stream
+        with torch.inference_mode():
+            assert torch.equal(fused.plain_linear(x, lin), fused.plain_linear(x, plain))
+            assert torch.equal(fused.linear_gelu(x, lin), fused.linear_gelu(x, plain))
+            assert torch.equal(fused.linear_add(x, lin, res), fused.linear_add(x, plain, res))
+    x = torch.randn(5, 64).bfloat16()
+    with torch.no_grad():
+        lin.weight.mul_(2)  # written in place after packing
+    assert fused.packed_weight(lin) is lin.weight
+    with torch.inference_mode():
+        assert torch.allclose(fused.plain_linear(x, lin).float(), F.linear(
+            x, lin.weight, lin.bias).float(), atol=1e-2)
+    lin.weight = nn.Parameter(torch.zeros(96, 64).bfloat16())  # replaced
+    fused.pack(lin, 2048)
+    lin.float()  # cast after packing: the copy is bf16, the weight fp32
+    assert fused.packed_weight(lin) is lin.weight
+
+
+@needs_bf16
+def test_a_bf16_text_tower_runs_on_packed_weights(bf16_model):
+    from core.model import fused
+
+    lins = [m for m in bf16_model.text.modules() if getattr(m, "onednn_packed", None)]
+    assert len(lins) == 4 * len(bf16_model.text.encoder.layers)
+    assert all(fused.packed_weight(m) is not m.weight for m in lins)
