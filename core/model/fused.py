@@ -61,7 +61,13 @@ def pack(lin: nn.Linear, rows: int) -> None:
     if (LINEAR_POINTWISE is None or w.device.type != "cpu" or w.dtype != torch.bfloat16
             or not ONEDNN_BF16):
         return
-    lin.onednn_packed = (_identity(lin.weight), torch.ops.mkldnn._reorder_linear_weight(w, rows))
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    except (AttributeError, RuntimeError):  # a torch build without it: the plain weight
+        return
+    # ``w`` is kept: while it lives, no other tensor can take its memory, so the data
+    # pointer names this weight alone.
+    lin.onednn_packed = (_identity(lin.weight), packed, w)
 
 
 def _identity(w: torch.Tensor) -> tuple:

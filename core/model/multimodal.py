@@ -150,7 +150,7 @@ class MultimodalModel:
         name = "all-MiniLM-L6-v2" if root == default_text_path() else root.name
         text_version = f"{name}@{sha256_file(root / 'model.safetensors')[:12]}"
         precision = resolve_precision(s.text_precision, dev)
-        apply_precision(text.encoder, precision)
+        apply_precision(text.encoder, precision, dev, budget)
 
         def load_speech() -> SpeechTower:
             return SpeechTower.from_bundled(dev, cfg=cfg.speech, cache=Path(s.whisper_cache)

@@ -67,15 +67,20 @@ def resolve_precision(mode: str, device: torch.device) -> str:
     return mode
 
 
-def apply_precision(encoder: nn.Module, mode: str) -> None:
-    """Convert an ``Encoder``'s layers in place to ``mode`` (resolved, not "auto")."""
+def apply_precision(encoder: nn.Module, mode: str, device: torch.device | None = None,
+                    rows: int = CPU_BATCH_TOKENS) -> None:
+    """Convert an ``Encoder``'s layers in place to ``mode`` (resolved, not "auto"), for
+    ``device`` (None: the CPU): there bf16 weights are also packed in oneDNN's layout,
+    for forwards of about ``rows`` tokens (``fused.pack``)."""
+    on_cpu = device is None or device.type == "cpu"
     if mode == "fp32":
         return
     for layer in encoder.layers:
         if mode == "bf16":
             for name in _MATMULS:
                 getattr(layer, name).to(torch.bfloat16)
-                pack(getattr(layer, name), CPU_BATCH_TOKENS)  # oneDNN's layout, once
+                if on_cpu:
+                    pack(getattr(layer, name), rows)  # oneDNN's layout, once
             layer.matmul_dtype = torch.bfloat16
         elif mode == "int8":
             for name in _MATMULS:

@@ -29,6 +29,7 @@ from core.serving.contracts import (
     DeadlineExceeded,
     JobResult,
 )
+from core.serving.drain import Drain
 from core.serving.metrics import BatchMetrics
 
 __all__ = ["BatcherConfig", "DeadlineExceeded", "DynamicBatcher"]
@@ -178,8 +179,11 @@ class DynamicBatcher:
             modality=batch[0].modality, size=len(batch),
             tokens=sum(it.prepared.tokens for it in batch), model_s=done - t0,
             waits_s=[t0 - it.enqueued for it in batch])
-        for it, r in zip(batch, results, strict=True):
-            it.future.set_result(r)
+        # One wake-up of whoever the futures hand the results to, after the whole batch
+        # (in the worker, BatchRun records a message's results together).
+        with Drain.deferred():
+            for it, r in zip(batch, results, strict=True):
+                it.future.set_result(r)
 
     def _with_adapters(self, batch: list[_Item]) -> list[_Item]:
         """Load each version's adapter before the forward; an item whose adapter cannot

@@ -16,7 +16,7 @@ GIL hand-off in the middle of the loop.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
@@ -66,13 +66,29 @@ class Drain(Generic[T]):
         if getattr(_deferred, "drains", None) is not None:
             yield
             return
-        _deferred.drains = {}
+        _deferred.drains, _deferred.after = {}, []
         try:
             yield
         finally:
-            drains, _deferred.drains = _deferred.drains, None
-            for d in drains.values():
-                d.wake()
+            try:
+                while _deferred.after:  # what they put joins the one wake-up below
+                    _deferred.after.pop(0)()
+            finally:
+                drains, _deferred.drains, _deferred.after = _deferred.drains, None, None
+                for d in drains.values():
+                    d.wake()
+
+    @staticmethod
+    def after(fn: Callable[[], None]) -> None:
+        """Call ``fn`` as this thread leaves its outermost ``deferred()`` block, before
+        the drains it touched are woken; at once outside one. The model pipe's receiver
+        resolves a report's jobs inside one, so the results of a message that came back
+        together are recorded together (core/serving/stages.py ``BatchRun``)."""
+        later = getattr(_deferred, "after", None)
+        if later is None:
+            fn()
+        else:
+            later.append(fn)
 
     def wake(self) -> None:
         """Let the consumer take what has queued up."""

@@ -10,9 +10,9 @@
 
 ``JobRun`` takes one job through them (a ``run_job`` message); ``BatchRun`` takes a
 ``run_jobs`` message's jobs through them together: one start op, one hand-over to the
-model, one record op for all. Each stage is started by the previous one's completion
-(in the writer's or the model receiver's thread), not by the task thread, which waits
-once per job, or once per message.
+model, one record op per group of results the model sends back together. Each stage
+is started by the previous one's completion (in the writer's or the model receiver's
+thread), not by the task thread, which waits once per job, or once per message.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from core.errors import InvalidInput
 from core.jobs import JobStatus
 from core.serving.contracts import Cancelled, DeadlineExceeded, JobRequest, JobResult
-from core.serving.writer import FinishOp, NotStarted, StartResult
+from core.serving.drain import Drain
+from core.serving.writer import FinishOp, NotStarted, Started, StartResult
 
 if TYPE_CHECKING:
     from core.serving.host import ModelHost
@@ -54,9 +55,10 @@ class JobRun:
     (bench/e2e.py): hence the chain of callbacks. Whatever a stage raises fails
     ``done``: no task is left waiting."""
 
-    def __init__(self, host: ModelHost, job_id: str, worker: str):
+    def __init__(self, host: ModelHost, job_id: str, worker: str,
+                 done: JobFuture | None = None):
         self.host, self.job_id, self.worker = host, job_id, worker
-        self.done = JobFuture()
+        self.done = JobFuture() if done is None else done
         self.modality = ""  # known once started
         self.attempt = 0  # the fencing token, once started
 
@@ -100,19 +102,19 @@ class JobRun:
 
 class BatchRun:
     """A message's jobs through the stages together: one start op for all of them, one
-    hand-over to the model (one pipe message), and one record op for all their results
-    once the model has answered every one. Per job, a ``JobRun`` cost four futures and
-    as many callbacks and writer items: most of the worker's CPU per short text job
-    (bench/queue_profile.py). Each job keeps its own outcome future (the task waits on
-    them in turn, and retries a job alone); refusals, failures and cancels are recorded
-    job by job, as ``JobRun`` does (they are rare)."""
+    hand-over to the model (one pipe message), and one record op for the results that
+    the model sends back together (usually all of the message's: its jobs share a
+    forward). Per job, a ``JobRun`` cost four futures and as many callbacks and writer
+    items (bench/queue_profile.py). Each job keeps its own outcome future (the task
+    waits on them in turn, and retries a job alone); whatever goes wrong with one job
+    (a refusal, a bad row, a model error) ends that job alone, recorded as ``JobRun``
+    records it."""
 
     def __init__(self, host: ModelHost, job_ids: list[str], worker: str):
         self.host, self.worker = host, worker
         self.done = {j: JobFuture() for j in dict.fromkeys(job_ids)}
         self.modality = ""  # known once started
         self._lock = threading.Lock()  # the model's callbacks come from several threads
-        self._in_model = 0  # jobs the model has not answered yet
         self._results: list[tuple[FinishOp, Callable[[], dict]]] = []
 
     def start(self) -> dict[str, JobFuture]:
@@ -127,61 +129,73 @@ class BatchRun:
             # One job at a time, as ``JobRun`` runs it: a row that breaks the start then
             # fails alone, and an outage fails each job for the task to retry.
             for job_id, done in self.done.items():
-                _follow(JobRun(self.host, job_id, self.worker).start(), done)
+                JobRun(self.host, job_id, self.worker, done).start()
             return
         try:
             self.prepare(f.result())
         except BaseException as e:  # noqa: BLE001  (handed to the waiting task)
-            for fut in self.done.values():
-                if not fut.done():
-                    fut.set_exception(e)
+            _fail_open(self.done.values(), e)
 
     def prepare(self, starts: list[StartResult]) -> None:
-        requests: list[JobRequest] = []
+        started: list[tuple[str, JobFuture, Started]] = []
         for (job_id, done), start in zip(self.done.items(), starts, strict=True):
             if isinstance(start, NotStarted):  # cancelled, already done, or unknown
                 done.set_result({"job": job_id, "status": start.status})
                 continue
+            # Every started job's token first: whatever fails below is fenced by it.
             done.attempt = start.attempt
             self.modality = start.job.modality
-            self.host.track(done, job_id, start.attempt)
+            started.append((job_id, done, start))
+        requests: list[JobRequest] = []
+        for job_id, done, start in started:
             try:
+                self.host.track(done, job_id, start.attempt)
                 requests.append(self.host.request(start))
             except Refused as r:
                 _record_failure(self.host, done, job_id, self.modality, start.attempt,
                                 r.error, r.status)
+            except Exception as e:  # noqa: BLE001  (this job's fault: the task records it)
+                done.set_exception(e)
         if not requests:
             return
-        self._in_model = len(requests)  # before any answer can come back
-        for request, fut in zip(requests, self.host.model.submit_many(requests),
-                                strict=True):
+        try:
+            futs = self.host.model.submit_many(requests)
+        except Exception as e:  # noqa: BLE001  (the task records or retries each)
+            _fail_open([self.done[r.job_id] for r in requests], e)
+            return
+        for request, fut in zip(requests, futs, strict=True):
             fut.add_done_callback(partial(self._ran, request))
 
     def _ran(self, request: JobRequest, fut: Future) -> None:
-        """One job's answer from the model: a result joins the record op, sent once the
-        model has answered every job of the message; anything else ends that job."""
-        done = self.done[request.job_id]
+        """One job's answer from the model: a result waits for the others that come back
+        with it (the thread that resolves them records them together on leaving
+        ``Drain.deferred``); anything else ends that job."""
         try:
+            done = self.done[request.job_id]
             if (e := fut.exception()) is not None:
                 _ran_badly(self.host, done, request.job_id, self.modality, request.attempt,
                            e)
-            else:
-                exact = exact_version(self.host, request)
-                result: JobResult = fut.result()
-                op = FinishOp(request.job_id, request.attempt, exact, result)
-                with self._lock:
-                    self._results.append((op, partial(summary, request.job_id,
-                                                      self.modality, result, exact)))
-        except BaseException as e:  # noqa: BLE001  (handed to the waiting task)
-            if not done.done():
-                done.set_exception(e)
-        with self._lock:
-            self._in_model -= 1
-            if self._in_model:
                 return
+            exact = exact_version(self.host, request)
+            result: JobResult = fut.result()
+            op = FinishOp(request.job_id, request.attempt, exact, result)
+            with self._lock:
+                self._results.append((op, partial(summary, request.job_id, self.modality,
+                                                  result, exact)))
+                first = len(self._results) == 1
+            if first:
+                Drain.after(self._flush)
+        except BaseException as e:  # noqa: BLE001  (handed to the waiting task)
+            _fail_open([self.done[request.job_id]], e)
+
+    def _flush(self) -> None:
+        with self._lock:
             results, self._results = self._results, []
-        if results:
-            self.record(results)
+        try:
+            if results:
+                self.record(results)
+        except BaseException as e:  # noqa: BLE001  (handed to the waiting task)
+            _fail_open([self.done[op.job_id] for op, _ in results], e)
 
     def record(self, results: list[tuple[FinishOp, Callable[[], dict]]]) -> None:
         def recorded(f: Future) -> None:
@@ -236,16 +250,11 @@ def _record_failure(host: ModelHost, done: JobFuture, job_id: str, modality: str
     _then(host.writer.fail(job_id, attempt, error, status), done, recorded)
 
 
-def _follow(src: JobFuture, dst: JobFuture) -> None:
-    """``dst`` ends as ``src`` does, with its fencing token."""
-    def copy(f: Future) -> None:
-        dst.attempt = src.attempt
-        if (e := f.exception()) is not None:
-            dst.set_exception(e)
-        else:
-            dst.set_result(f.result())
-
-    src.add_done_callback(copy)
+def _fail_open(futures, e: BaseException) -> None:
+    """Fail those of ``futures`` not yet resolved with ``e``."""
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(e)
 
 
 def _then(fut: Future, done: Future, fn: Callable[[Any], None],

@@ -172,13 +172,26 @@ def _start_batches(s: Session, ops: list[StartManyOp], lease: timedelta) -> list
 
 
 def _finish_many(s: Session, ops: list[FinishOp]) -> list[bool]:
-    recorded: set[str] = set()
-    for version in dict.fromkeys(op.model_version for op in ops):
-        mine = [op for op in ops if op.model_version == version]
-        recorded |= store.finish_jobs(session=s, model_version=version,
-                                      results={op.job_id: op.result for op in mine},
-                                      attempts={op.job_id: op.attempt for op in mine})
-    return [op.job_id in recorded for op in ops]
+    # A job twice in one group (two attempts of it on this worker: a redelivered
+    # message started it again) goes in rounds, one op per job each, so that each op
+    # is fenced by its own attempt, not by whichever came last.
+    rounds: list[dict[str, int]] = []  # job id -> the op's index, per round
+    for i, op in enumerate(ops):
+        free = next((r for r in rounds if op.job_id not in r), None)
+        if free is None:
+            rounds.append(free := {})
+        free[op.job_id] = i
+    ok = [False] * len(ops)
+    for r in rounds:
+        mine = [ops[i] for i in r.values()]
+        for version in dict.fromkeys(op.model_version for op in mine):
+            same = [op for op in mine if op.model_version == version]
+            recorded = store.finish_jobs(session=s, model_version=version,
+                                         results={op.job_id: op.result for op in same},
+                                         attempts={op.job_id: op.attempt for op in same})
+            for op in same:
+                ok[r[op.job_id]] = op.job_id in recorded
+    return ok
 
 
 def _finish_batches(s: Session, ops: list[FinishManyOp]) -> list:

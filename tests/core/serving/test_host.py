@@ -305,25 +305,25 @@ def test_a_messages_jobs_end_as_they_would_one_by_one(host, monkeypatch):
     assert _row(host, sport)[1].labels[0][0] == "sport"
 
 
-def test_a_message_is_recorded_once_the_model_answered_every_job(held):
-    """One record op for the message's results, written only after the model's last
-    answer; a result whose job was meanwhile taken over is dropped alone, and an
-    internal error fails only its own job (the task retries that one)."""
-    ids = [_job(held, modality="text", task="embed", text=f"t{i}") for i in range(4)]
+def test_a_messages_results_that_come_back_together_are_recorded_together(held, monkeypatch):
+    """Results the model hands back together (one report: resolved inside one
+    ``Drain.deferred`` block) go to the store in one record op; one that comes back
+    later does not hold them. A result whose job was meanwhile taken over is dropped
+    alone, and an internal error fails only its own job (the task retries that one)."""
+    from core.serving.drain import Drain
+
+    ops = _ops(held, monkeypatch)
+    ids = [_job(held, modality="text", task="embed", text=f"t{i}") for i in range(5)]
     futs = held.process_many(ids, "w1")
     reqs = {j: held.model.wait_for(j) for j in ids}
     assert held.model.handovers == 1 and held.inflight == dict.fromkeys(ids, 1)
     held.writer.start(ids[1], "w1").result(timeout=30)  # attempt 2 takes ids[1] over
     emb = JobResult(embedding=np.zeros(384, "f4"), tokens=1)
-    for j in ids[:3]:
-        reqs[j][1].set_result(emb)
-    import time
-
-    time.sleep(0.2)
-    assert not any(futs[j].done() for j in ids[:3])  # waiting for the last answer
-    assert _row(held, ids[0])[0].status == "running"
-    reqs[ids[3]][1].set_exception(RuntimeError("device lost"))
-    assert futs[ids[0]].result(timeout=30)["status"] == "succeeded"
+    with Drain.deferred():  # one report from the model process
+        for j in ids[:3]:
+            reqs[j][1].set_result(emb)
+        reqs[ids[3]][1].set_exception(RuntimeError("device lost"))
+    assert futs[ids[0]].result(timeout=30)["status"] == "succeeded"  # ids[4] still out
     assert futs[ids[2]].result(timeout=30)["status"] == "succeeded"
     assert futs[ids[1]].result(timeout=30) == {
         "job": ids[1], "modality": "text", "status": "dropped",
@@ -331,9 +331,56 @@ def test_a_message_is_recorded_once_the_model_answered_every_job(held):
     with pytest.raises(RuntimeError, match="device lost"):
         futs[ids[3]].result(timeout=30)
     assert futs[ids[3]].attempt == 1  # the task's failure is fenced by it
+    assert ops.count("FinishManyOp") == 1 and not futs[ids[4]].done()
+    reqs[ids[4]][1].set_result(emb)  # a later report: its own record op
+    assert futs[ids[4]].result(timeout=30)["status"] == "succeeded"
+    assert ops.count("FinishManyOp") == 2
     assert [_row(held, j)[0].status for j in ids] == ["succeeded", "running", "succeeded",
-                                                        "running"]
+                                                        "running", "succeeded"]
     assert held.inflight == {}
+
+
+def test_one_jobs_broken_row_fails_that_job_alone(held, monkeypatch):
+    """A job whose prepare stage raises (a row no rule refuses, that still breaks:
+    ``top_k`` null) fails alone, fenced by its start; the message's other jobs run."""
+    ids = [_job(held, modality="text", task="embed", text=f"b{i}") for i in range(3)]
+    request = held.request
+
+    def broken(start):
+        if start.job.id == ids[0]:
+            raise TypeError("int() argument must be a string or a number, not 'NoneType'")
+        return request(start)
+
+    monkeypatch.setattr(held, "request", broken)
+    futs = held.process_many(ids, "w1")
+    with pytest.raises(TypeError):
+        futs[ids[0]].result(timeout=30)
+    assert futs[ids[0]].attempt == 1
+    for j in ids[1:]:
+        held.model.wait_for(j)[1].set_result(JobResult(embedding=np.zeros(384, "f4")))
+        assert futs[j].result(timeout=30)["status"] == "succeeded"
+    assert ids[0] not in held.model.requests
+
+
+def test_two_attempts_of_a_job_in_one_group_are_each_fenced_by_their_own(settings):
+    """A job started again on the same worker (a redelivered message) while its first
+    attempt still ran: both results can meet in one group commit. Keyed by job id, the
+    last op's attempt fenced both: attempt 2's result was dropped with attempt 1's, and
+    the job stayed running."""
+    from core.serving.writer import FinishOp, _finish_many, _start_many
+
+    url_sessions = store.session_factory(store.make_engine(settings.db_url))
+    with url_sessions.begin() as s:
+        job_id = store.create_job(session=s, modality="text", task="embed", text="twice").id
+    for _ in range(2):
+        with url_sessions.begin() as s:
+            _start_many(s, [(job_id, "w1")], timedelta(seconds=20))
+    r = JobResult(embedding=np.zeros(384, "f4"), tokens=1)
+    with url_sessions.begin() as s:
+        ops = [FinishOp(job_id, 2, "v", r), FinishOp(job_id, 1, "v", r)]
+        assert _finish_many(s, ops) == [True, False]
+    with url_sessions() as s:
+        assert store.get_job(session=s, job_id=job_id).status == "succeeded"
 
 
 def _failed(e: BaseException):
@@ -355,7 +402,9 @@ def test_a_message_whose_start_fails_runs_its_jobs_one_by_one(held, monkeypatch)
     ids = [_job(held, modality="text", task="embed", text=f"s{i}") for i in range(2)]
     futs = held.process_many(ids, "w1")
     for j in ids:
-        held.model.wait_for(j)[1].set_result(JobResult(embedding=np.zeros(384, "f4")))
+        _, fut = held.model.wait_for(j)
+        assert futs[j].attempt == 1  # while it runs: a failure the task records is fenced
+        fut.set_result(JobResult(embedding=np.zeros(384, "f4")))
         assert futs[j].result(timeout=30)["status"] == "succeeded" and futs[j].attempt == 1
     assert getattr(held.model, "handovers", 0) == 0  # each handed over alone
     monkeypatch.setattr(held.writer, "start", lambda job_id, worker: _failed(down))

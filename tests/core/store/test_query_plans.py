@@ -126,11 +126,17 @@ def test_statements_picking_jobs_by_id_use_the_primary_key(url, tmp_path):
             store.cancelled_among(session=s, job_ids=ids)
             store.start_jobs(session=s, job_ids=ids, worker="w1")
             store.fail_job(session=s, job_id=ids[0], error="x", attempt=1)
+            store.finish_jobs(session=s, model_version="v", attempts=dict.fromkeys(ids[1:5], 1),
+                              results={j: JobResult(tokens=1) for j in ids[1:5]})
+            store.release_jobs(session=s, job_ids=ids[5:9], worker="w1")
             vectors.vector_rows(session=s, job_ids=done)
             vectors.stored_rows(session=s, job_ids=done)
     finally:
         event.remove(engine, "before_cursor_execute", grab)
     explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    # No other index of jobs; on SQLite no scan of the table either (it has no costs to
+    # weigh). PostgreSQL may scan a table it measures as small: its choice, by cost.
+    forbidden = ("ix_jobs", "SCAN jobs") if engine.dialect.name == "sqlite" else ("ix_jobs",)
     with engine.connect() as conn:
         cur = conn.connection.dbapi_connection.cursor()
         for statement, params in seen:
@@ -138,5 +144,5 @@ def test_statements_picking_jobs_by_id_use_the_primary_key(url, tmp_path):
                 continue
             cur.execute(explain + statement, params)
             plan = " / ".join(str(r[-1]) for r in cur.fetchall())
-            assert "ix_jobs_status" not in plan, (statement.split("\n")[0], plan)
+            assert not any(bad in plan for bad in forbidden), (statement.split("\n")[0], plan)
         conn.connection.dbapi_connection.rollback()
