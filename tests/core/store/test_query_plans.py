@@ -11,18 +11,15 @@ plans, not timed: deterministic on a shared machine."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import numpy as np
-import pytest
 from sqlalchemy import event
 
 from core import store
 from core.jobs import JobResult
 from core.store import vectors
 from core.store.migrations import upgrade
-from tests.helpers import pg_database, pg_drop
 
 
 def _steps(sessions, fn) -> int:
@@ -98,20 +95,10 @@ def test_jobs_picked_by_id_cost_the_same_at_any_queue_depth(tmp_path):
     assert not grew, f"steps grew with the queue's depth (deep / shallow): {grew}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'plans.db'}"
-        return
-    name = f"mmq_plans_{uuid.uuid4().hex[:10]}"
-    yield pg_database(name)
-    pg_drop(name)
-
-
-def test_statements_picking_jobs_by_id_use_the_primary_key(url, tmp_path):
+def test_statements_picking_jobs_by_id_use_the_primary_key(database_url, tmp_path):
     """Their plans on a fresh database (PostgreSQL has not analyzed it yet) with a deep
     queue: the jobs table is read through its primary key, never the status index."""
-    sessions, ids, done = _store(tmp_path, url, 2000)
+    sessions, ids, done = _store(tmp_path, database_url, 2000)
     engine = sessions.kw["bind"]
     seen: list[tuple[str, object]] = []
 
