@@ -39,7 +39,11 @@ def _aware(d: datetime) -> datetime:
 
 
 def _insert_for(session: Session):
-    dialect = session.get_bind().dialect.name
+    return insert_for(session.get_bind().dialect.name)
+
+
+def insert_for(dialect: str):
+    """The ``insert`` construct (with ``on_conflict_*``) of a database kind, by name."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif dialect == "sqlite":

@@ -4,13 +4,14 @@ succeed or fail, fenced by the attempt that holds the job; or give it back."""
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import cache
 
 import numpy as np
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import bindparam, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from core.jobs import JobResult, JobStatus
-from core.store.db import _insert_for
+from core.store.db import insert_for
 from core.store.tables import (
     BASE_VERSION,
     Job,
@@ -25,7 +26,7 @@ from core.store.webhooks import enqueue_webhooks
 DEFAULT_LEASE = timedelta(seconds=20)
 
 
-def _startable(worker: str, lease: timedelta):
+def _startable(worker, lease_s: float):
     """A job this worker may start: ``queued``, or ``running`` under this same worker
     (its task retrying) or under a worker whose lease is dead (a redelivery after that
     worker died). Not one running under another live worker: a late start there (a
@@ -33,7 +34,7 @@ def _startable(worker: str, lease: timedelta):
     redelivered by kombu's visibility timeout while its job still runs) would take
     the job from the attempt that holds it, and that attempt's result would be late."""
     alive = select(WorkerLease.worker).where(
-        WorkerLease.heartbeat_at >= db_now(-lease.total_seconds()))
+        WorkerLease.heartbeat_at >= db_now(-lease_s))
     # Unindexed: the jobs are found by id (``unindexed`` says why).
     status, held_by = unindexed(_JOBS.c.status), unindexed(_JOBS.c.worker)
     running = status == JobStatus.RUNNING.value
@@ -63,6 +64,21 @@ def _resolved_version():
                          BASE_VERSION)
 
 
+# The statements a worker runs for every message are built once, with bound parameters,
+# and reused: building one (its expressions, then SQLAlchemy's cache key of it) cost
+# more CPU than SQLite's execution of it (bench/queue_profile.py: SQL a quarter of the
+# worker's CPU per text job). ``ids``, ``fences``: expanding (one ``?`` per element).
+@cache
+def _start_statement(lease_s: float):
+    worker = bindparam("worker")
+    return (update(_JOBS)
+            .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)),
+                   _startable(worker, lease_s))
+            .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
+                    started_at=db_now(), worker=worker, model_version=_resolved_version())
+            .returning(*RUN_COLUMNS))
+
+
 def start_jobs(*, session: Session, job_ids: list[str], worker: str,
                lease: timedelta = DEFAULT_LEASE) -> dict:
     """queued (or running, see ``_startable``) -> running, atomically, for many jobs in
@@ -70,11 +86,8 @@ def start_jobs(*, session: Session, job_ids: list[str], worker: str,
     RUN_COLUMNS (attribute access like a Job). A job absent from the answer must not
     run (it is terminal: done, failed or cancelled; or another live worker holds it).
     Each job's new ``attempts`` is this start's fencing token (see ``finish_jobs``)."""
-    rows = session.execute(
-        update(_JOBS).where(_JOBS.c.id.in_(job_ids), _startable(worker, lease))
-        .values(status=JobStatus.RUNNING.value, attempts=_JOBS.c.attempts + 1,
-                started_at=db_now(), worker=worker, model_version=_resolved_version())
-        .returning(*RUN_COLUMNS)).all()
+    rows = session.execute(_start_statement(lease.total_seconds()),
+                           {"ids": list(job_ids), "worker": worker}).all()
     return {r.id: r for r in rows}
 
 
@@ -103,6 +116,18 @@ def _holds(fences: dict[str, int]):
             & (unindexed(_JOBS.c.status) == JobStatus.RUNNING.value))
 
 
+# ``_holds`` with bound parameters (``ids``, and ``fences``: (id, attempt) pairs), for
+# the statement every message's results go through (see ``_start_statement``).
+_HELD = (_JOBS.c.id.in_(bindparam("ids", expanding=True))
+         & tuple_(_JOBS.c.id, unindexed(_JOBS.c.attempts)).in_(
+             bindparam("fences", expanding=True))
+         & (unindexed(_JOBS.c.status) == JobStatus.RUNNING.value))
+_FINISH = (update(_JOBS).where(_HELD)
+           .values(status=JobStatus.SUCCEEDED.value, finished_at=db_now(), error=None,
+                   model_version=bindparam("version"))
+           .returning(_JOBS.c.id, _JOBS.c.webhook_url))
+
+
 def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobResult],
                 attempts: dict[str, int]) -> set[str]:
     """Mark the jobs ``succeeded`` and upsert their predictions, fenced: only jobs still
@@ -112,19 +137,17 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobR
     for the jobs it changed. -> the ids recorded; the rest were late and are dropped."""
     if not results:
         return set()
-    ended = session.execute(
-        update(_JOBS).where(_holds({j: attempts[j] for j in results}))
-        .values(status=JobStatus.SUCCEEDED.value, finished_at=db_now(), error=None,
-                model_version=model_version)
-        .returning(_JOBS.c.id, _JOBS.c.webhook_url)).all()
+    ended = session.execute(_FINISH, {
+        "ids": list(results), "fences": [(j, attempts[j]) for j in results],
+        "version": model_version}).all()
     done = {r.id for r in ended}
     # The webhook outbox, in this same transaction: an event exactly when the job ends.
     enqueue_webhooks(session=session, ended=[(r.id, JobStatus.SUCCEEDED.value,
                                               r.webhook_url) for r in ended])
     rows = [_prediction_values(j, model_version, r) for j, r in results.items() if j in done]
     if rows:
-        session.execute(_upsert_many(session, Prediction.__table__, rows[0], key="job_id",
-                                     fixed={"created_at": db_now()}), rows)
+        session.execute(_prediction_upsert(session.get_bind().dialect.name,
+                                           tuple(rows[0])), rows)
     return done
 
 
@@ -158,10 +181,11 @@ def release_jobs(*, session: Session, job_ids: list[str], worker: str) -> None:
         .values(status=JobStatus.QUEUED.value, worker=None, sent_at=None))
 
 
-def _upsert_many(session: Session, model, example: dict, key: str, fixed: dict):
-    """An upsert to execute with a list of rows shaped like ``example``; ``fixed``:
-    columns set by an SQL expression, the same for every row."""
-    stmt = _insert_for(session)(model).values(**fixed)
+@cache
+def _prediction_upsert(dialect: str, columns: tuple[str, ...]):
+    """The predictions' upsert (keyed by job id) for rows of these columns, built once
+    per database kind (see ``_start_statement``); ``created_at`` is the database's clock."""
+    stmt = insert_for(dialect)(Prediction.__table__).values(created_at=db_now())
     return stmt.on_conflict_do_update(
-        index_elements=[key],
-        set_={k: stmt.excluded[k] for k in [*example, *fixed] if k != key})
+        index_elements=["job_id"],
+        set_={k: stmt.excluded[k] for k in [*columns, "created_at"] if k != "job_id"})
