@@ -175,13 +175,17 @@ class Prediction(Base):
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id"), primary_key=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)  # float32 LE
     dim: Mapped[int | None] = mapped_column(Integer, default=None)
-    labels: Mapped[list | None] = mapped_column(JSON, default=None)  # [[label, score], ...]
+    # None is SQL NULL (none_as_null), not the JSON text "null": an embed job has no
+    # labels and no segments, and encoding None for them cost a json.dumps per column
+    # per row of every batch's record.
+    labels: Mapped[list | None] = mapped_column(JSON(none_as_null=True),
+                                                default=None)  # [[label, score], ...]
     tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     truncated: Mapped[bool | None] = mapped_column(default=None)
     model_version: Mapped[str | None] = mapped_column(String(255), default=None)
     text: Mapped[str | None] = mapped_column(Text, default=None)  # audio: the transcript
     # audio: [[start s, end s, text], ...] from Whisper's timestamp tokens (migration 0010)
-    segments: Mapped[list | None] = mapped_column(JSON, default=None)
+    segments: Mapped[list | None] = mapped_column(JSON(none_as_null=True), default=None)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     def vector(self) -> np.ndarray | None:

@@ -140,6 +140,24 @@ def test_finish_jobs_twice_keeps_one_prediction_with_the_last_outcome(sessions):
     assert ja.finished_at is not None and ja.error is None
 
 
+def test_an_absent_label_list_or_segment_list_is_stored_as_sql_null(sessions):
+    """An embed job has no labels and no segments: its row holds SQL NULL there, not
+    the JSON text ``null`` (which cost a json.dumps per column per row in every
+    worker's record of a batch, and which ``IS NULL`` does not find)."""
+    (a,) = _text_jobs(sessions, 1)
+    with sessions.begin() as s:
+        attempt = store.start_jobs(session=s, job_ids=[a], worker="w")[a].attempts
+        store.finish_jobs(session=s, model_version="v", attempts={a: attempt},
+                          results={a: JobResult(embedding=np.ones(3, np.float32))})
+    table = store.Prediction.__table__
+    with sessions() as s:
+        row = s.execute(select(table.c.labels.is_(None), table.c.segments.is_(None))
+                        .where(table.c.job_id == a)).one()
+        p = store.get_prediction(session=s, job_id=a)
+    assert tuple(row) == (True, True)
+    assert p.labels is None and p.segments is None
+
+
 def test_finish_jobs_replaces_an_embedding_with_none(sessions):
     """The last outcome wins field by field, nulls included (an embed re-run as a
     classify must not keep the old vector)."""
