@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from core.jobs import JobStatus
 from core.params import label_text
 from core.store.db import _insert_for
-from core.store.tables import Correction, Job, Prediction, db_now
+from core.store.tables import Correction, Job, Prediction, db_now, unindexed
 
 VIA = ("ui", "api", "sdk")
 MAX_LABEL = 255  # the column's width
@@ -99,12 +99,25 @@ def delete_correction(*, session: Session, job_id: str) -> bool:
     return session.execute(delete(Correction).where(Correction.job_id == job_id)).rowcount > 0
 
 
+def _corrected_of(q, modality: str | None, owner: str | None):
+    """``q`` (corrections joined to their jobs) narrowed to the corrected jobs that
+    train: succeeded classify jobs (of ``modality``, of ``owner``). The corrections
+    drive it, each job found by its id: the jobs' columns are tested ``unindexed``
+    (core/store/tables.py), or a planner without statistics reads every succeeded job
+    of the modality through ``ix_jobs_modality_status`` and probes each for a
+    correction (57x the SQLite steps at 1,000 succeeded jobs than at 10, with none
+    corrected)."""
+    q = q.where(unindexed(Job.task) == "classify",
+                unindexed(Job.status) == JobStatus.SUCCEEDED.value)
+    if modality is not None:
+        q = q.where(unindexed(Job.modality) == modality)
+    return q if owner is None else q.where(unindexed(Job.owner) == owner)
+
+
 def _corrected(modality: str, owner: str | None):
-    q = (select(Job.id, Correction.label, Job.text, Job.payload_sha256)
-         .join(Correction, Correction.job_id == Job.id)
-         .where(Job.modality == modality, Job.task == "classify",
-                Job.status == JobStatus.SUCCEEDED.value))
-    return q if owner is None else q.where(Job.owner == owner)
+    return _corrected_of(select(Job.id, Correction.label, Job.text, Job.payload_sha256)
+                         .select_from(Correction).join(Job, Job.id == Correction.job_id),
+                         modality, owner)
 
 
 def corrected_jobs(*, session: Session, modality: str,
@@ -120,14 +133,12 @@ def corrected_jobs(*, session: Session, modality: str,
 def count_corrections(*, session: Session, modality: str | None = None,
                       owner: str | None = None) -> dict[str, int]:
     """{modality: corrected jobs} (only ``modality`` when given)."""
-    q = (select(Job.modality, func.count()).join(Correction, Correction.job_id == Job.id)
-         .where(Job.task == "classify", Job.status == JobStatus.SUCCEEDED.value)
-         .group_by(Job.modality))
-    if modality is not None:
-        q = q.where(Job.modality == modality)
-    if owner is not None:
-        q = q.where(Job.owner == owner)
-    return dict(session.execute(q).all())
+    # Grouped by the index's column, SQLite scanned that index; with the corrections'
+    # own key usable for the join, it scanned the jobs and probed corrections.
+    m = unindexed(Job.modality)
+    q = (select(m, func.count()).select_from(Correction)
+         .join(Job, Job.id == unindexed(Correction.job_id)).group_by(m))
+    return dict(session.execute(_corrected_of(q, modality, owner)).all())
 
 
 __all__ = ["VIA", "CorrectedJob", "CorrectionRefused", "correctable", "corrected_jobs",
