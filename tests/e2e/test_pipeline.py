@@ -233,7 +233,10 @@ def test_sigkill_mid_job_is_redelivered_and_completed_once(broker_url, database_
                                                            start_worker):
     """Runs on a Redis database and workers of its own, not the stack's: it kills a
     worker, and no other test may depend on running before or after it."""
-    env = service_env(broker_url, database_url, MMQ_VISIBILITY_TIMEOUT=3)
+    # Short leases and a fast sweep (as tests/e2e/test_recovery.py): the killed worker's
+    # running jobs come back in seconds rather than the default lease's 20 s.
+    env = service_env(broker_url, database_url, MMQ_VISIBILITY_TIMEOUT=3, MMQ_LEASE_S=3,
+                      MMQ_LEASE_RENEW_S=0.5, MMQ_REQUEUE_EVERY_S=1, MMQ_REQUEUE_STALE_S=5)
     victim = start_worker("text", env, concurrency=4)
     client = Client(broker_url=broker_url, database_url=database_url)
     ids = client.submit_many([{"modality": "text", "input": s}
