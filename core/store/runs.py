@@ -104,20 +104,13 @@ def _prediction_values(job_id: str, model_version: str, r: JobResult) -> dict:
     }
 
 
-def _holds(fences: dict[str, int]):
-    """The fence: the job is ``running`` under exactly that start (its attempt number).
-    Only the attempt that holds a job may record its outcome: an earlier attempt that
-    outlived its lease (stalled, cut off, its job handed to another worker, or the
-    job cancelled meanwhile) finds no row to change, so ``cancelled`` and ``failed``
-    never turn into ``succeeded`` and a stale failure never overwrites a result."""
-    # Found by id (the row-value IN alone names no index); the rest unindexed.
-    return (_JOBS.c.id.in_(list(fences))
-            & tuple_(_JOBS.c.id, unindexed(_JOBS.c.attempts)).in_(list(fences.items()))
-            & (unindexed(_JOBS.c.status) == JobStatus.RUNNING.value))
-
-
-# ``_holds`` with bound parameters (``ids``, and ``fences``: (id, attempt) pairs), for
-# the statement every message's results go through (see ``_start_statement``).
+# The fence: the job is ``running`` under exactly that start (its attempt number), for
+# the bound ``ids`` and ``fences`` ((id, attempt) pairs). Only the attempt that holds a
+# job may record its outcome: an earlier attempt that outlived its lease (stalled, cut
+# off, its job handed to another worker, or the job cancelled meanwhile) finds no row
+# to change, so ``cancelled`` and ``failed`` never turn into ``succeeded`` and a stale
+# failure never overwrites a result. Found by id (the row-value IN alone names no
+# index); the rest unindexed. Built once, as the start (see ``_start_statement``).
 _HELD = (_JOBS.c.id.in_(bindparam("ids", expanding=True))
          & tuple_(_JOBS.c.id, unindexed(_JOBS.c.attempts)).in_(
              bindparam("fences", expanding=True))
@@ -159,11 +152,12 @@ def fail_job(*, session: Session, job_id: str, error: str, attempt: int | None,
     -> False if the outcome was late and dropped."""
     if attempt is None:
         held = (_JOBS.c.id == job_id) & (unindexed(_JOBS.c.status) == JobStatus.QUEUED.value)
+        fence = {}
     else:
-        held = _holds({job_id: attempt})
+        held, fence = _HELD, {"ids": [job_id], "fences": [(job_id, attempt)]}
     row = session.execute(update(_JOBS).where(held).values(
         status=status.value, error=error[:4000], finished_at=db_now())
-        .returning(_JOBS.c.id, _JOBS.c.webhook_url)).first()
+        .returning(_JOBS.c.id, _JOBS.c.webhook_url), fence).first()
     if row is None:
         return False
     # The webhook outbox, in this same transaction: an event exactly when the job ends.
