@@ -14,12 +14,16 @@ import os
 import socket
 import threading
 import uuid
+from typing import TYPE_CHECKING
 
+# Only what the model process needs too: it is spawned, and imports this module again
+# before it loads the model (SQLAlchemy and Celery are imported in ``main``).
 from core.config import get_settings
 from core.jobs import QUEUES
-from core.serving.contracts import BatcherConfig
-from core.serving.lease import LeaseKeeper
-from core.serving.procs import batch_scheduling, limit_malloc_arenas
+
+if TYPE_CHECKING:
+    from core.serving.contracts import BatcherConfig
+    from core.serving.lease import LeaseKeeper
 
 log = logging.getLogger("mmq.worker")
 
@@ -78,16 +82,16 @@ def main(argv: list[str] | None = None) -> None:
                     "at most 128 for image and audio)")
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
+    from core.serving.procs import batch_scheduling, limit_malloc_arenas
+
     limit_malloc_arenas()
     logging.basicConfig(level=args.loglevel,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
 
     from core.serving.runtime import start_runtime
-    from core.store.migrations import upgrade
 
-    upgrade(settings.db_url)
-    batch_scheduling()
+    batch_scheduling()  # before the model process starts: it inherits the policy
     # Unique per start, not just per pid: a restarted container's worker is pid 1 again
     # on the same hostname, and would renew the dead one's lease (its running jobs
     # would then wait out the visibility timeout instead of being recovered).

@@ -125,6 +125,10 @@ class ModelBackend(Protocol):
     device: str
     cfg: BatcherConfig
 
+    def wait_ready(self) -> None:
+        """Return once the model is loaded (a child process loads while the worker
+        migrates the store); raise if it could not load."""
+
     def submit(self, request: JobRequest) -> Future:
         """-> a future of a ``JobResult``; ``InvalidInput`` or ``DeadlineExceeded``
         (or another error) as its exception."""

@@ -27,8 +27,7 @@ from core.config import Settings
 from core.errors import InvalidInput
 from core.jobs import JobStatus
 from core.params import check_labels
-from core.serving.batcher import BatcherConfig, DynamicBatcher
-from core.serving.contracts import AdapterRef, JobRequest, ModelBackend
+from core.serving.contracts import AdapterRef, BatcherConfig, JobRequest, ModelBackend
 from core.serving.metrics import BatchMetrics
 from core.serving.stages import BatchRun, JobFuture, JobRun, Refused
 from core.serving.writer import GroupWriter, Started
@@ -48,6 +47,7 @@ class InProcessModel:
         import torch
 
         from core.model.multimodal import MultimodalModel
+        from core.serving.batcher import DynamicBatcher
 
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
@@ -59,6 +59,9 @@ class InProcessModel:
 
         self.batcher = DynamicBatcher(self.model, self.cfg, metrics,
                                       adapters=AdapterCache(settings.adapter_cache_size))
+
+    def wait_ready(self) -> None:
+        """Loaded in the constructor, in this process."""
 
     def submit(self, request: JobRequest) -> Future:
         try:
@@ -202,24 +205,35 @@ def _log_metrics(metrics: BatchMetrics, every: float) -> None:
 def start_host(settings: Settings, device: str | None = None, *, modality: str = "text",
                worker: str = "worker") -> ModelHost:
     """Build a worker process's host: the metrics (and their exporter), the model
-    backend, the store and its group-commit writer."""
-    metrics = BatchMetrics()
-    from core.serving.exporter import start_exporter
+    backend, the store (migrated) and its group-commit writer. A model process is
+    spawned first and loads while this process migrates the store and connects: the
+    two together were most of a worker's start (bench/boot.py)."""
+    from core.store.migrations import upgrade
 
-    exporter = start_exporter(settings.worker_metrics_port, worker, modality, metrics,
-                              host=settings.worker_metrics_host)
-    model: ModelBackend
+    metrics = BatchMetrics()
+    model: ModelBackend | None = None
     if settings.model_process:
         from core.serving.modelproc import ModelProcess
 
-        model = ModelProcess(settings, device or settings.device, metrics)
-    else:
-        model = InProcessModel(settings, device or settings.device, metrics)
+        model = ModelProcess(settings, device or settings.device, metrics, wait=False)
+    try:
+        from core.serving.exporter import start_exporter
+
+        exporter = start_exporter(settings.worker_metrics_port, worker, modality, metrics,
+                                  host=settings.worker_metrics_host)
+        upgrade(settings.db_url)
+        engine = make_engine(settings.db_url)
+        if model is None:
+            model = InProcessModel(settings, device or settings.device, metrics)
+        model.wait_ready()
+    except BaseException:
+        if model is not None:
+            model.close()  # no loading child left behind a worker that cannot start
+        raise
     if settings.metrics_log_every_s > 0:
         threading.Thread(target=_log_metrics, args=(metrics, settings.metrics_log_every_s),
                          daemon=True, name="mmq-metrics-log").start()
     log.info("batching: %s", model.cfg)
-    engine = make_engine(settings.db_url)
     lock = threading.Lock() if engine.dialect.name == "sqlite" else None
     sessions = session_factory(engine)
     writer = GroupWriter(sessions, lock, lease=timedelta(seconds=settings.lease_s))

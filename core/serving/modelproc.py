@@ -27,15 +27,17 @@ import signal
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from core.config import Settings
 from core.errors import InvalidInput
-from core.serving.batcher import BatcherConfig, DynamicBatcher
-from core.serving.contracts import Failure, JobRequest, JobResult
+from core.serving.contracts import BatcherConfig, Failure, JobRequest, JobResult
 from core.serving.drain import Drain
 from core.serving.metrics import BatchMetrics
 from core.serving.procs import limit_malloc_arenas, short_gil_turns
+
+if TYPE_CHECKING:  # the parent never imports torch: only the child runs the batcher
+    from core.serving.batcher import DynamicBatcher
 
 log = logging.getLogger("mmq.worker")
 
@@ -156,6 +158,7 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
     try:
         from core.model.adapters import AdapterCache
         from core.model.multimodal import MultimodalModel
+        from core.serving.batcher import DynamicBatcher
 
         model = MultimodalModel.load(device=device, settings=settings)
         cfg = BatcherConfig.for_device(model.device, settings)
@@ -224,13 +227,27 @@ class ModelProcess:
     """Parent side: ``submit`` from any task thread -> a future of a ``JobResult``,
     as ``DynamicBatcher.submit`` gives."""
 
-    def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics):
+    def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics,
+                 *, wait: bool = True):
+        """Spawn the child; with ``wait=False`` return while it loads (the worker
+        migrates the store meanwhile) and call ``wait_ready`` before anything else."""
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, args=(settings, device, child_conn),
                                  name="mmq-model", daemon=True)
         self._proc.start()
         child_conn.close()
+        self.metrics = metrics
+        # (job id, attempt) -> its future: set by task threads, popped by the receiver
+        # (each a single dict operation, atomic under the GIL).
+        self._futures: dict[tuple[str, int], Future] = {}
+        self._outgoing: Drain[JobRequest | Cancel] = Drain()
+        self._closing = False
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the child has loaded the model; RuntimeError if it could not."""
         ready: Ready | StartFailed = self._conn.recv()
         if not isinstance(ready, Ready):
             self._proc.join(10)
@@ -239,12 +256,6 @@ class ModelProcess:
         self.device: str = ready.device
         self.cfg: BatcherConfig = ready.cfg
         self.modalities: tuple[str, ...] = ready.modalities
-        self.metrics = metrics
-        # (job id, attempt) -> its future: set by task threads, popped by the receiver
-        # (each a single dict operation, atomic under the GIL).
-        self._futures: dict[tuple[str, int], Future] = {}
-        self._outgoing: Drain[JobRequest | Cancel] = Drain()
-        self._closing = False
         threading.Thread(target=self._send_forever, name="mmq-model-send", daemon=True).start()
         threading.Thread(target=self._receive_forever, name="mmq-model-recv",
                          daemon=True).start()
