@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from core.inputs import validate_text
 from core.model.attention import AttentionPlan
 from core.model.encoder import Encoder, EncoderConfig, mean_pool
 from core.model.tower import TowerOutput, cosine_logits, vector_batch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # The Rust tokenizer's thread pool keeps spinning after each batch and steals the
 # cores torch is about to use; tokenising one batch serially costs far less
@@ -143,18 +147,31 @@ class TextItem:
         return len(self.ids)
 
 
+def _rust_tokenizer(path: Path) -> Tokenizer:
+    """The model dir's Rust tokenizer, a private copy. From its tokenizer.json directly
+    where there is one: for all-MiniLM-L6-v2 it is the very tokenizer transformers
+    builds (tests/core/model/test_text_parity.py), and importing transformers was a
+    third of a worker's start (bench/boot.py). A dir with only a vocabulary goes
+    through transformers, which converts it."""
+    from tokenizers import Tokenizer  # after TOKENIZERS_PARALLELISM is set, above
+
+    if (path / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not tok.is_fast:
+        raise ValueError(f"{path}: a fast (Rust) tokenizer is required")
+    return Tokenizer.from_str(tok.backend_tokenizer.to_str())
+
+
 class TextPreprocessor:
     """Validation and tokenisation, one verdict per item."""
 
     def __init__(self, path: Path, max_seq_len: int, max_chars: int):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path))
-        if not tok.is_fast:
-            raise ValueError(f"{path}: a fast (Rust) tokenizer is required")
-        # A private copy of the Rust tokenizer, truncating at the model's limit and
-        # keeping the overflow so that a cut can be reported rather than silent.
-        self._tok = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+        self._tok = _rust_tokenizer(path)
+        # Truncating at the model's limit and keeping the overflow, so that a cut can be
+        # reported rather than silent.
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_seq_len)
         self.max_chars = max_chars

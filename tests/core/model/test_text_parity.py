@@ -61,6 +61,28 @@ def test_token_ids_and_truncation_match_hf_tokenizer(model, hf):
     assert any(p.truncated for p in prepared) and not all(p.truncated for p in prepared)
 
 
+def test_the_tokenizer_read_from_tokenizer_json_is_the_one_transformers_builds(hf, tmp_path):
+    """Workers read tokenizer.json with ``tokenizers`` alone (no transformers import at
+    start); a dir without one is converted by transformers. Both equal AutoTokenizer's."""
+    import json
+    import shutil
+
+    from core.model.text import _rust_tokenizer
+
+    def built(t) -> dict:  # truncation and padding are per call (an earlier test's)
+        return {k: v for k, v in json.loads(t.to_str()).items()
+                if k not in ("truncation", "padding")}
+
+    tok, _ = hf
+    assert built(_rust_tokenizer(default_text_path())) == built(tok.backend_tokenizer)
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        shutil.copy(default_text_path() / name, tmp_path / name)
+    converted = _rust_tokenizer(tmp_path)  # only a vocabulary: through transformers
+    assert [e.ids for e in converted.encode_batch(SENTENCES[:60])] == \
+        [tok(s)["input_ids"] for s in SENTENCES[:60]]
+
+
 def test_hidden_states_match_bert_model(fp32_model, hf):
     from core.model.attention import AttentionPlan
 
