@@ -110,6 +110,20 @@ class Worker:
                 self.proc.wait()
 
 
+def model_child(worker: Worker) -> int:
+    """The pid of the worker's spawned model process (not multiprocessing's resource
+    tracker, the other child a spawning process may have)."""
+    pid = worker.proc.pid
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    for c in children:
+        cmdline = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"spawn_main" in cmdline:
+            return c
+    raise AssertionError(f"worker {pid} has no model process among {children}")
+
+
 def service_env(broker_url: str, database_url: str, **extra) -> dict:
     env = dict(os.environ)
     env.update({"MMQ_BROKER_URL": broker_url, "MMQ_DATABASE_URL": database_url,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,23 +20,9 @@ from sqlalchemy import func, select
 from core import store
 from core.config import Settings
 from producer.sdk import Client
-from tests.helpers import Worker, service_env
+from tests.helpers import model_child, service_env
 
 KEY = "faults-key"
-
-
-def model_child(worker: Worker) -> int:
-    """The pid of the worker's spawned model process (not multiprocessing's resource
-    tracker, the other child a spawning process may have)."""
-    pid = worker.proc.pid
-    children = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children |= {int(c) for c in (task / "children").read_text().split()}
-    for c in children:
-        cmdline = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"spawn_main" in cmdline:
-            return c
-    raise AssertionError(f"worker {pid} has no model process among {children}")
 
 
 def poll(fn, timeout: float, what: str):

@@ -9,8 +9,7 @@ import uuid
 from pathlib import Path
 
 from producer.sdk import Client
-from tests.e2e.test_worker_faults import model_child
-from tests.helpers import Worker, service_env
+from tests.helpers import Worker, model_child, service_env
 
 
 def _maps(pid: int) -> str:
