@@ -47,30 +47,72 @@ def run_job(self, job_id: str, modality: str | None = None) -> dict:
 def run_jobs(self, job_ids: list[str], modality: str | None = None) -> dict:
     """Several jobs in one message (core/broker/sender.py): the host runs them together
     (one start, one hand-over to the model, one record: they batch together), and the
-    message is acknowledged once every outcome is recorded. A job that fails there is
-    retried alone, as ``run_job`` would; one whose outcome cannot be recorded rejects
-    the whole message back onto the queue, and its redelivery finds the others finished."""
+    message is acknowledged once every outcome is recorded. The jobs whose try failed
+    for a passing reason (the store or the broker away) are tried again together, after
+    one backoff per round: job by job, each after a backoff of its own and in a forward
+    of its own, a 16-job message took 16 s to recover from a database outage (about 1
+    job/s; tests/e2e/test_recovery.py). An internal error fails only its job; one whose
+    outcome cannot be recorded rejects the whole message back onto the queue, and its
+    redelivery finds the others finished."""
     worker = self.request.hostname or "worker"
-    ids = list(dict.fromkeys(job_ids))
-    first = _try_start_many(ids, worker)
-    statuses = Counter()
-    for job_id in ids:
-        try:
-            statuses[_run(job_id, worker, first.get(job_id)).get("status", "?")] += 1
-        except Reject:
-            raise
-        except Exception:  # noqa: BLE001  (recorded as the job's failure by _run)
-            statuses["failed"] += 1
-    return {"jobs": len(ids), **statuses}
+    settings = app.runtime.host.settings
+    left = list(dict.fromkeys(job_ids))
+    n = len(left)
+    statuses: Counter = Counter()
+    # Each job's latest start (fencing token), kept across rounds, as ``_run`` keeps it.
+    tokens: dict[str, int] = {}
+    for attempt in range(settings.task_max_retries + 1):
+        futs, handover = _try_start_many(left, worker)
+        again: list[str] = []
+        for job_id in left:
+            fut = futs.get(job_id)
+            if fut is None and handover is not None and not transient(handover):
+                # The batch path itself failed: this job alone, as ``run_job`` runs it.
+                statuses[_run_counted(job_id, worker)] += 1
+                continue
+            try:
+                if fut is None:
+                    raise handover or RuntimeError("the host returned no future")
+                statuses[_summarise(job_id, fut).get("status", "?")] += 1
+            except Exception as e:  # noqa: BLE001  (retried, or recorded as the failure)
+                if fut is not None and fut.attempt is not None:
+                    tokens[job_id] = fut.attempt
+                if transient(e) and attempt < settings.task_max_retries:
+                    again.append(job_id)
+                    error = e
+                    continue
+                why = f"gave up after {attempt} retries" if transient(e) else "internal error"
+                _record_failure(job_id, f"{why}: {type(e).__name__}: {e}", tokens.get(job_id))
+                statuses["failed"] += 1
+        if not again:
+            break
+        delay = min(settings.retry_backoff_max_s, 2.0 ** attempt)
+        log.warning("%d of a message's %d jobs: %s (%s); retry %d of %d in %g s, together",
+                    len(again), n, type(error).__name__, str(error).splitlines()[0][:200],
+                    attempt + 1, settings.task_max_retries, delay)
+        time.sleep(delay)
+        left = again
+    return {"jobs": n, **statuses}
 
 
-def _try_start_many(job_ids: list[str], worker: str) -> dict[str, JobFuture]:
-    """The jobs' first try handed to the host together, or {} if even that raised
-    (``_run`` then tries each alone)."""
+def _try_start_many(job_ids: list[str], worker: str,
+                    ) -> tuple[dict[str, JobFuture], Exception | None]:
+    """The jobs' try handed to the host together -> their futures, or ({}, the error)
+    if the hand-over itself raised."""
     try:
-        return app.runtime.host.process_many(job_ids, worker)
-    except Exception:  # noqa: BLE001  (``_run`` tries again and decides)
-        return {}
+        return app.runtime.host.process_many(job_ids, worker), None
+    except Exception as e:  # noqa: BLE001  (the caller retries or runs each alone)
+        return {}, e
+
+
+def _run_counted(job_id: str, worker: str) -> str:
+    """``_run`` from scratch -> the job's status ("failed" once its failure is recorded)."""
+    try:
+        return _run(job_id, worker, None).get("status", "?")
+    except Reject:
+        raise
+    except Exception:  # noqa: BLE001  (recorded as the job's failure by _run)
+        return "failed"
 
 
 def _run(job_id: str, worker: str, fut: JobFuture | None) -> dict:

@@ -30,9 +30,17 @@ def outage(monkeypatch):
     the task's sleeps advance the simulated clock instead of waiting. ``state.runs``
     may script each run instead: a list of futures, one per try."""
     state = SimpleNamespace(clock=0.0, slept=[], failures=[], outage_s=float("inf"),
-                            runs=None)
+                            runs=None, handed=[], alone=[])
 
     def process(job_id: str, worker: str) -> JobFuture:
+        state.alone.append(job_id)
+        return try_job(job_id)
+
+    def process_many(job_ids: list[str], worker: str) -> dict[str, JobFuture]:
+        state.handed.append(list(job_ids))
+        return {j: try_job(j) for j in job_ids}
+
+    def try_job(job_id: str) -> JobFuture:
         if state.runs is not None:
             return state.runs.pop(0)
         if state.clock < state.outage_s:
@@ -45,7 +53,8 @@ def outage(monkeypatch):
         state.clock += s
 
     monkeypatch.setattr(tasks.app, "_runtime", SimpleNamespace(
-        host=SimpleNamespace(settings=Settings(), process=process)))
+        host=SimpleNamespace(settings=Settings(), process=process,
+                             process_many=process_many)))
     monkeypatch.setattr(tasks, "time", SimpleNamespace(sleep=sleep))
     monkeypatch.setattr(tasks, "_record_failure", lambda job_id, error, attempt:
                         state.failures.append((error, attempt)))
@@ -103,34 +112,74 @@ def test_a_batch_message_hands_its_jobs_to_the_host_together(outage, monkeypatch
 
 def test_a_batch_message_rides_out_an_outage_and_fails_only_its_bad_job(outage,
                                                                          monkeypatch):
-    """A minute's broker outage: the message's first try fails for every job, and each
-    job retries alone and succeeds. An internal error of one job is recorded as that
-    job's failure, fenced by its start; the others still run and the message is
-    acknowledged (the task returns)."""
+    """A minute's broker outage: the message's tries fail for every job until it ends,
+    then they succeed. An internal error of one job is recorded as that job's failure,
+    fenced by its start; the others still run and the message is acknowledged (the
+    task returns)."""
     outage.outage_s = 60.0
-    first: list = []
-    monkeypatch.setattr(tasks.app._runtime.host, "process_many",
-                        lambda job_ids, worker: first.pop(0), raising=False)
-    first.append({j: outage_process(j) for j in ["a", "b"]})
     assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
     assert outage.failures == []
-    first.append({"a": _future(result={"id": "a", "status": "succeeded"}, attempt=1),
-                  "b": _future(error=ValueError("bad row"), attempt=4),
-                  "c": _future(result={"id": "c", "status": "succeeded"}, attempt=1)})
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many", lambda job_ids, worker: {
+        "a": _future(result={"id": "a", "status": "succeeded"}, attempt=1),
+        "b": _future(error=ValueError("bad row"), attempt=4),
+        "c": _future(result={"id": "c", "status": "succeeded"}, attempt=1)})
     assert tasks.run_jobs(["a", "b", "c"]) == {"jobs": 3, "succeeded": 2, "failed": 1}
     assert outage.failures == [("internal error: ValueError: bad row", 4)]
 
 
-def test_a_batch_message_whose_hand_over_raises_runs_each_job_alone(outage, monkeypatch):
-    def broken(job_ids, worker):
-        raise RedisConnectionError("Error 111 connecting to redis: Connection refused")
-
-    monkeypatch.setattr(tasks.app._runtime.host, "process_many", broken, raising=False)
+def test_after_an_outage_a_messages_jobs_are_tried_again_together(outage):
+    """The store is away for 10 s while a 16-job message runs. Its jobs are tried again
+    together, one backoff per round (1+2+4+8 s), and batch again. Before, each job waited
+    out a backoff of its own and ran alone, one after another: 15 more seconds and 15
+    forwards of one job for this message (a worker recovered at about 1 job/s)."""
     outage.outage_s = 10.0
+    ids = [f"j{i}" for i in range(16)]
+    assert tasks.run_jobs(ids) == {"jobs": 16, "succeeded": 16}
+    assert outage.slept == [1, 2, 4, 8]
+    assert outage.handed == [ids] * 5 and outage.alone == []
+
+
+def test_only_the_jobs_that_failed_are_tried_again_and_each_keeps_its_fence(outage,
+                                                                            monkeypatch):
+    """Round one: a succeeds, b's outcome could not be recorded (its start, attempt 3,
+    holds it), c never started. Both are tried again together until retries run out; the
+    failures carry b's token 3 and none for c."""
+    down = OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+    rounds = [{"a": _future(result={"id": "a", "status": "succeeded"}, attempt=1),
+               "b": _future(error=down, attempt=3), "c": _future(error=down)}]
+    handed: list[list[str]] = []
+
+    def process_many(job_ids, worker):
+        handed.append(list(job_ids))
+        return rounds.pop(0) if rounds else {j: _future(error=down) for j in job_ids}
+
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many", process_many)
+    assert tasks.run_jobs(["a", "b", "c"]) == {"jobs": 3, "succeeded": 1, "failed": 2}
+    assert handed == [["a", "b", "c"]] + [["b", "c"]] * 10
+    assert [(e.split(":")[0], t) for e, t in outage.failures] == [
+        ("gave up after 10 retries", 3), ("gave up after 10 retries", None)]
+
+
+def test_a_hand_over_that_fails_for_a_passing_reason_is_tried_again_together(outage,
+                                                                             monkeypatch):
+    def flaky(job_ids, worker):
+        outage.handed.append(list(job_ids))
+        if outage.clock < 10:
+            raise RedisConnectionError("Error 111 connecting to redis: Connection refused")
+        return {j: _future(result={"id": j, "status": "succeeded"}, attempt=1)
+                for j in job_ids}
+
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many", flaky)
     assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
-    assert outage.failures == [] and sum(outage.slept) >= 10
+    assert outage.failures == [] and outage.slept == [1, 2, 4, 8]
+    assert outage.handed == [["a", "b"]] * 5
 
 
-def outage_process(job_id: str) -> JobFuture:
-    """The first try of a job while the broker is down."""
-    return _future(error=RedisConnectionError("Error 111 connecting to redis"))
+def test_a_hand_over_that_fails_by_a_bug_runs_each_job_alone(outage, monkeypatch):
+    def broken(job_ids, worker):
+        raise KeyError("a bug in the batch path")
+
+    monkeypatch.setattr(tasks.app._runtime.host, "process_many", broken)
+    outage.outage_s = 0.0
+    assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
+    assert outage.alone == ["a", "b"] and outage.failures == []
