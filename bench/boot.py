@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for `producer` and `core` when run as a script
 
-from bench.e2e import Stack  # noqa: E402
+from bench.e2e import Stack, children, rss_mb  # noqa: E402
 
 
 def sample_input(modality: str) -> object:
@@ -47,20 +47,6 @@ def sample_input(modality: str) -> object:
     buf = io.BytesIO()
     sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16_000, format="WAV")
     return buf.getvalue()
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 def one_start(stack: Stack, tree: Path, modality: str) -> dict:
@@ -92,8 +78,8 @@ def one_start(stack: Stack, tree: Path, modality: str) -> dict:
         first = time.monotonic() - t0
         if result["status"] != "succeeded":
             raise RuntimeError(f"the job failed: {result.get('error')}")
-        parent = rss_mib(p.pid)
-        model = sum(rss_mib(c) for c in children(p.pid))
+        parent = rss_mb(p.pid)
+        model = sum(rss_mb(c) for c in children(p.pid))
     finally:
         p.terminate()
         p.wait(60)
