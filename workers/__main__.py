@@ -1,8 +1,9 @@
 """``python -m workers text|image|audio``: one worker process for one modality.
 
-Loads the model once, before consuming (the threads pool has no child processes,
-so nothing forks after torch or CUDA are initialised), migrates the store, starts
-the periodic requeue sweep, then runs Celery's worker on that modality's queue.
+Spawns the model process (the threads pool has no child processes, so nothing forks
+after torch or CUDA are initialised) and migrates the store while it loads, waits for
+it before consuming, starts the periodic requeue sweep, then runs Celery's worker on
+that modality's queue. This process itself never imports torch.
 """
 
 from __future__ import annotations
