@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import store
+from core.config import Settings
 from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from core.serving.host import JobFuture
 from workers import poison
@@ -81,12 +82,11 @@ def run_jobs(self, job_ids: list[str], modality: str | None = None) -> dict:
                     again.append(job_id)
                     error = e
                     continue
-                why = f"gave up after {attempt} retries" if transient(e) else "internal error"
-                _record_failure(job_id, f"{why}: {type(e).__name__}: {e}", tokens.get(job_id))
+                _record_failure(job_id, _failure(e, attempt), tokens.get(job_id))
                 statuses["failed"] += 1
         if not again:
             break
-        delay = min(settings.retry_backoff_max_s, 2.0 ** attempt)
+        delay = _backoff(settings, attempt)
         log.warning("%d of a message's %d jobs: %s (%s); retry %d of %d in %g s, together",
                     len(again), n, type(error).__name__, str(error).splitlines()[0][:200],
                     attempt + 1, settings.task_max_retries, delay)
@@ -134,19 +134,26 @@ def _run(job_id: str, worker: str, fut: JobFuture | None) -> dict:
             if fut is not None and fut.attempt is not None:
                 token = fut.attempt
             fut = None
-            if not transient(e):
-                _record_failure(job_id, f"internal error: {type(e).__name__}: {e}", token)
+            if not transient(e) or attempt == settings.task_max_retries:
+                _record_failure(job_id, _failure(e, attempt), token)
                 raise  # recorded: Celery marks the task failed and acknowledges it
-            if attempt == settings.task_max_retries:
-                _record_failure(job_id, f"gave up after {attempt} retries: "
-                                f"{type(e).__name__}: {e}", token)
-                raise
-            delay = min(settings.retry_backoff_max_s, 2.0 ** attempt)
+            delay = _backoff(settings, attempt)
             log.warning("job %s: %s (%s); retry %d of %d in %g s", job_id, type(e).__name__,
                         str(e).splitlines()[0][:200], attempt + 1, settings.task_max_retries,
                         delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _backoff(settings: Settings, attempt: int) -> float:
+    """Seconds before retry ``attempt + 1``: doubling from 1 s, capped."""
+    return min(settings.retry_backoff_max_s, 2.0 ** attempt)
+
+
+def _failure(e: Exception, attempt: int) -> str:
+    """The recorded error of a job that will not be tried again."""
+    why = f"gave up after {attempt} retries" if transient(e) else "internal error"
+    return f"{why}: {type(e).__name__}: {e}"
 
 
 def _summarise(job_id: str, fut: JobFuture) -> dict:
