@@ -155,6 +155,14 @@ class Settings(BaseSettings):
     # on CUDA. A clip over the budget runs alone, so a long clip delays the short ones
     # behind it by one batch at most, and never shares their decode.
     max_batch_frames: int | None = None
+    # Forwards a worker's model runs at once, each on its own thread with an equal share
+    # of torch's threads (core/serving/batcher.py). 0 = per device: 2 on a CPU with two
+    # or more threads, 1 on CUDA. On 2 cores two 1-thread forwards match one 2-thread
+    # forward on an idle machine (990 texts/s both), but the worker, the producer and
+    # Redis share those cores, and a 2-thread forward waits at each op's barrier for
+    # whichever thread they preempted: end to end 0.74x -> 0.84x of mmq offline
+    # (bench/queue_profile.py --worker-env "MMQ_MODEL_STREAMS=1;MMQ_MODEL_STREAMS=2").
+    model_streams: int = 0
     metrics_log_every_s: float = 30.0  # worker batching metrics to the log; 0 = off
     # Run the model and its batcher in a spawned child of each worker process, so
     # that the forward does not share a GIL with Celery and the store (about 2x the
@@ -291,6 +299,10 @@ class Settings(BaseSettings):
         return (self.max_batch_tokens or (CUDA_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS),
                 self.max_batch_size or (256 if cuda else 128),
                 self.max_wait_ms if self.max_wait_ms is not None else (2.0 if cuda else 5.0))
+
+    def streams(self, device_type: str) -> int:
+        """Concurrent forwards of a worker's model (``model_streams``, else per device)."""
+        return max(1, self.model_streams or (1 if device_type == "cuda" else 2))
 
     def audio_budget(self, device_type: str) -> int:
         """Audio batches' budget in encoder positions + decode steps (max_batch_frames)."""

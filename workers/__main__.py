@@ -65,12 +65,13 @@ def _first_renewal(lease: LeaseKeeper, every: float) -> None:
 
 
 def default_concurrency(modality: str, cfg: BatcherConfig) -> int:
-    """Task threads, which are also the jobs a worker prefetches: twice a full batch,
-    so that one gathers while one runs. Image and audio batches are held far below
-    ``max_batch_size`` by their token and frame budgets (about 40 images, 16 clips on
-    CPU), so their workers keep at most 128: more prepared windows in memory, and a
-    larger share of a burst taken from the other workers, for no larger batch."""
-    n = 2 * cfg.max_batch_size
+    """Task threads, which are also the jobs a worker prefetches: a full batch per
+    model stream and one more, so that one gathers while each stream runs one. Image
+    and audio batches are held far below ``max_batch_size`` by their token and frame
+    budgets (about 40 images, 16 clips on CPU), so their workers keep at most 128: more
+    prepared windows in memory, and a larger share of a burst taken from the other
+    workers, for no larger batch."""
+    n = (cfg.streams + 1) * cfg.max_batch_size
     return n if modality == "text" else min(n, 128)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,22 +171,24 @@ class AdapterCache:
     def __init__(self, capacity: int = 16):
         self.capacity = max(1, capacity)
         self._loaded: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, ref, feature: tuple[str, int] | None = None) -> Adapter:
         """``ref``: a core.serving.contracts.AdapterRef. ``feature``: the (kind, width)
         this model's tower hands adapters of the ref's modality; an adapter trained on
         other features is refused rather than run on the wrong inputs."""
         key = (ref.name, ref.sha256)
-        adapter = self._loaded.get(key)
-        if adapter is None:
-            adapter = load_adapter(ref.path, ref.sha256)
-            if adapter.cfg.modality != ref.modality:
-                raise AdapterMismatch(f"version {ref.name!r}: its adapter is for "
-                                      f"{adapter.cfg.modality}, not {ref.modality}")
-            self._loaded[key] = adapter
-            while len(self._loaded) > self.capacity:
-                self._loaded.popitem(last=False)
-        self._loaded.move_to_end(key)
+        with self._lock:  # the batcher's streams look adapters up at once
+            adapter = self._loaded.get(key)
+            if adapter is None:
+                adapter = load_adapter(ref.path, ref.sha256)
+                if adapter.cfg.modality != ref.modality:
+                    raise AdapterMismatch(f"version {ref.name!r}: its adapter is for "
+                                          f"{adapter.cfg.modality}, not {ref.modality}")
+                self._loaded[key] = adapter
+                while len(self._loaded) > self.capacity:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(key)
         if feature is not None and (adapter.cfg.feature, adapter.cfg.in_dim) != feature:
             raise AdapterMismatch(
                 f"version {ref.name!r} was trained on {adapter.cfg.feature} features of "

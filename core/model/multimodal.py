@@ -15,6 +15,7 @@ ragged batches under a token budget and run through the tower in one forward.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,23 +61,27 @@ class ModelConfig:
 
 
 class LruCache(OrderedDict):
-    """A dict bounded to ``capacity`` entries; ``get`` and ``put`` mark an entry used."""
+    """A dict bounded to ``capacity`` entries; ``get`` and ``put`` mark an entry used.
+    Safe from several threads (the batcher's streams run forwards at once)."""
 
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
+        self._lock = threading.Lock()
 
     def get(self, key, default=None):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        return default
+        with self._lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+            return default
 
     def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
+        with self._lock:
+            self[key] = value
+            self.move_to_end(key)
+            while len(self) > self.capacity:
+                self.popitem(last=False)
 
 
 Prepared = TextItem | PixelItem | SpeechPrepared

@@ -8,6 +8,14 @@ The batcher thread closes a batch when the token budget is full, when
 are batched the moment it ends, without waiting. Items past their deadline are
 dropped when a batch forms. A batch that fails as a whole (out of memory, say)
 is split in halves and retried before any item is failed.
+
+``cfg.streams`` batcher threads take batches from the same queues, each running its
+own forward on an equal share of torch's intra-op threads (on 2 cores: two forwards
+of one thread each, not one forward of two). On an idle machine the two ways run
+equally fast; beside the worker, Redis and producers they do not: every op of a
+2-thread forward ends at a barrier where it waits for whichever of its threads the
+others preempted, so each millisecond they take costs the forward about two, and a
+1-thread forward loses only its own (bench/queue_profile.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -62,9 +70,16 @@ class DynamicBatcher:
         self.after_batch = after_batch
         self._pending: dict[str, deque[_Item]] = {}
         self._cv = threading.Condition()
+        self._observed = threading.Lock()  # the metrics' histograms: one stream at a time
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="mmq-batcher", daemon=True)
-        self._thread.start()
+        # No more streams than torch has threads to share out (one core: one stream).
+        n = max(1, min(cfg.streams, torch.get_num_threads()))
+        per_stream = torch.get_num_threads() // n if n > 1 else None
+        self._threads = [threading.Thread(target=self._loop, args=(per_stream,),
+                                          name=f"mmq-batcher-{i}", daemon=True)
+                         for i in range(n)]
+        for t in self._threads:
+            t.start()
 
     # -- task-thread side ---------------------------------------------------------------
 
@@ -97,12 +112,18 @@ class DynamicBatcher:
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout)
+            self._cv.notify_all()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
 
     # -- batcher thread -----------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, threads: int | None) -> None:
+        if threads is not None:
+            # This thread's own OpenMP team size (torch's setting is per calling thread
+            # under OpenMP; it also becomes the default of threads that start later).
+            torch.set_num_threads(threads)
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -175,10 +196,11 @@ class DynamicBatcher:
             self._run(batch[half:])
             return
         done = time.monotonic()
-        self.metrics.observe_batch(
-            modality=batch[0].modality, size=len(batch),
-            tokens=sum(it.prepared.tokens for it in batch), model_s=done - t0,
-            waits_s=[t0 - it.enqueued for it in batch])
+        with self._observed:
+            self.metrics.observe_batch(
+                modality=batch[0].modality, size=len(batch),
+                tokens=sum(it.prepared.tokens for it in batch), model_s=done - t0,
+                waits_s=[t0 - it.enqueued for it in batch])
         # One wake-up of whoever the futures hand the results to, after the whole batch
         # (in the worker, BatchRun records a message's results together).
         with Drain.deferred():

@@ -36,12 +36,16 @@ class BatcherConfig:
     max_wait_ms: float = 5.0
     # Audio: encoder positions + expected decode steps (core/model/speech.py).
     max_batch_frames: int = 25_600
+    # Forwards run at once, each by its own batcher thread on an equal share of torch's
+    # intra-op threads (Settings.model_streams); the batcher keeps at most one per thread.
+    streams: int = 1
 
     @classmethod
     def for_device(cls, device: torch.device, settings: Settings) -> BatcherConfig:
         tokens, size, wait_ms = settings.batching(device.type)
         return cls(max_batch_tokens=tokens, max_batch_size=size, max_wait_ms=wait_ms,
-                   max_batch_frames=settings.audio_budget(device.type))
+                   max_batch_frames=settings.audio_budget(device.type),
+                   streams=settings.streams(device.type))
 
     def budget(self, modality: str) -> int:
         return self.max_batch_frames if modality == "audio" else self.max_batch_tokens

@@ -1,6 +1,7 @@
 """Per-worker batching metrics: histograms and counters, logged periodically.
 
-Written by the batcher thread only; read (approximately) by the logger thread.
+Written by the batcher's threads, one at a time; read (approximately) by the
+logger thread.
 Kept dependency-free so that an exporter can publish the same numbers later.
 """
 

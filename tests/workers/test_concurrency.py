@@ -4,9 +4,11 @@ from core.serving.contracts import BatcherConfig
 from workers.__main__ import default_concurrency
 
 
-def test_text_workers_hold_two_full_batches():
+def test_text_workers_hold_a_full_batch_per_stream_and_one_more():
     assert default_concurrency("text", BatcherConfig(max_batch_size=128)) == 256
     assert default_concurrency("text", BatcherConfig(max_batch_size=1)) == 2
+    # Two streams run two batches while a third gathers.
+    assert default_concurrency("text", BatcherConfig(max_batch_size=128, streams=2)) == 384
 
 
 def test_image_and_audio_workers_keep_at_most_128():
@@ -15,3 +17,4 @@ def test_image_and_audio_workers_keep_at_most_128():
     for modality in ("image", "audio"):
         assert default_concurrency(modality, BatcherConfig(max_batch_size=128)) == 128
         assert default_concurrency(modality, BatcherConfig(max_batch_size=16)) == 32
+        assert default_concurrency(modality, BatcherConfig(max_batch_size=16, streams=2)) == 48

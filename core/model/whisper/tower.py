@@ -20,6 +20,7 @@ Clips up to ``max_seconds`` (5 minutes: 10 windows) are accepted.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,6 +115,7 @@ class SpeechTower:
         self.front = LogMelFrontEnd()
         self.audio_cfg = AudioConfig(max_seconds=self.cfg.max_seconds)
         self._priors: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._priors_lock = threading.Lock()  # the batcher's streams score at once
 
     @classmethod
     def from_bundled(cls, device: torch.device | str | None = None,
@@ -252,12 +254,15 @@ class SpeechTower:
     def prior(self, labels: list[str]) -> torch.Tensor:
         """(L,) each label's score under a silent window (zero waveform), cached per set."""
         key = tuple(labels)
-        if key not in self._priors:
+        prior = self._priors.get(key)
+        if prior is None:  # computed outside the lock: two streams may both compute it
             silent = self.front(torch.zeros(30 * 16_000))  # (80, 3000) of the floor value
-            self._priors[key] = self._label_ll([silent], labels)[0]
-            while len(self._priors) > 64:
-                self._priors.popitem(last=False)
-        return self._priors[key]
+            prior = self._label_ll([silent], labels)[0]
+            with self._priors_lock:
+                self._priors[key] = prior
+                while len(self._priors) > 64:
+                    self._priors.popitem(last=False)
+        return prior
 
     @torch.inference_mode()
     def label_scores(self, items: list[SpeechItem], labels: list[str]) -> torch.Tensor:

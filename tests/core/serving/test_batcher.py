@@ -192,3 +192,34 @@ def test_a_cancelled_job_is_dropped_from_a_batch_that_has_not_started(model):
         queued[0].result(timeout=60)
     assert queued[1].result(timeout=60).embedding.shape == (384,)
     b.stop()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: one stream")
+def test_streams_run_forwards_at_once_each_on_its_share_of_the_threads():
+    """``streams=2``: two batcher threads, each running a forward of its own on half of
+    torch's threads. Both forwards here wait at one barrier, which only two forwards
+    running at the same time can pass."""
+    import threading
+    from types import SimpleNamespace
+
+    both = threading.Barrier(2, timeout=30)
+
+    class Meeting(CostOnly):
+        threads: list[int] = []
+
+        def predict(self, modality, prepared, asks, adapters=None):
+            self.threads.append(torch.get_num_threads())
+            both.wait()  # BrokenBarrierError (the job fails) if the other never comes
+            return super().predict(modality, prepared, asks, adapters)
+
+    total = torch.get_num_threads()
+    rec = Meeting()
+    b = DynamicBatcher(rec, BatcherConfig(max_batch_size=1, max_wait_ms=0, streams=2))
+    futs = [b.submit("text", SimpleNamespace(tokens=3, truncated=False)) for _ in range(2)]
+    assert [f.result(timeout=60).tokens for f in futs] == [3, 3]
+    b.stop()
+    assert rec.batches == [[3], [3]]
+    assert rec.threads == [total // 2] * 2
+    assert torch.get_num_threads() == total  # the caller's own threads are its own
+    assert not any(t.is_alive() for t in b._threads)
+    assert b.metrics.summary()["jobs"] == 2
