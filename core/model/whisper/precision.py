@@ -6,7 +6,7 @@ On a CPU:
 - ``fp32``: the reference, every matmul in fp32 (faster-whisper's fp32 transcripts).
 - ``bf16``: the encoder's projections, MLP, convolutions and attention as bf16 matmuls
   (residual stream and layer norms fp32); the decoder's cross-attention keys and values
-  stored in bf16 and attended in bf16 (a beam step is bound by reading them); the rest
+  projected, stored and attended in bf16 (a beam step is bound by reading them); the rest
   of the decoder, its output projection and the search in fp32.
 - ``int8``: the encoder's and decoder's linear layers (and the decoder's cross key/value
   projection and output projection) dynamically quantized to int8 (fbgemm, VNNI:
