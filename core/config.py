@@ -156,12 +156,15 @@ class Settings(BaseSettings):
     # behind it by one batch at most, and never shares their decode.
     max_batch_frames: int | None = None
     # Forwards a worker's model runs at once, each on its own thread with an equal share
-    # of torch's threads (core/serving/batcher.py). 0 = per device: 2 on a CPU with two
-    # or more threads, 1 on CUDA. On 2 cores two 1-thread forwards match one 2-thread
-    # forward on an idle machine (990 texts/s both), but the worker, the producer and
-    # Redis share those cores, and a 2-thread forward waits at each op's barrier for
-    # whichever thread they preempted: end to end 0.74x -> 0.84x of mmq offline
+    # of torch's threads (core/serving/batcher.py). 0 = per worker: 2 for text workers on
+    # a CPU, else 1. On 2 cores two 1-thread forwards match one 2-thread forward on an
+    # idle machine (990 texts/s both), but the worker, the producer and Redis share
+    # those cores, and a 2-thread forward waits at each op's barrier for whichever
+    # thread they preempted: text end to end 0.78x -> 0.85x of mmq offline
     # (bench/queue_profile.py --worker-env "MMQ_MODEL_STREAMS=1;MMQ_MODEL_STREAMS=2").
+    # Not for images (68 -> 58 images/s end to end: the model process also decodes and
+    # resizes the photographs, and batches got smaller) nor speech (5.1-5.2 clips/s
+    # either way): bench/e2e.py --towers.
     model_streams: int = 0
     metrics_log_every_s: float = 30.0  # worker batching metrics to the log; 0 = off
     # Run the model and its batcher in a spawned child of each worker process, so
@@ -300,9 +303,11 @@ class Settings(BaseSettings):
                 self.max_batch_size or (256 if cuda else 128),
                 self.max_wait_ms if self.max_wait_ms is not None else (2.0 if cuda else 5.0))
 
-    def streams(self, device_type: str) -> int:
-        """Concurrent forwards of a worker's model (``model_streams``, else per device)."""
-        return max(1, self.model_streams or (1 if device_type == "cuda" else 2))
+    def streams(self, device_type: str, modality: str = "text") -> int:
+        """Concurrent forwards of a worker's model (``model_streams``, else 2 for a text
+        worker on a CPU, 1 otherwise)."""
+        default = 2 if device_type != "cuda" and modality == "text" else 1
+        return max(1, self.model_streams or default)
 
     def audio_budget(self, device_type: str) -> int:
         """Audio batches' budget in encoder positions + decode steps (max_batch_frames)."""

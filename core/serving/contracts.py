@@ -41,11 +41,13 @@ class BatcherConfig:
     streams: int = 1
 
     @classmethod
-    def for_device(cls, device: torch.device, settings: Settings) -> BatcherConfig:
+    def for_device(cls, device: torch.device, settings: Settings,
+                   modality: str = "text") -> BatcherConfig:
+        """``modality``: the worker's (a worker serves one), which sets the streams."""
         tokens, size, wait_ms = settings.batching(device.type)
         return cls(max_batch_tokens=tokens, max_batch_size=size, max_wait_ms=wait_ms,
                    max_batch_frames=settings.audio_budget(device.type),
-                   streams=settings.streams(device.type))
+                   streams=settings.streams(device.type, modality))
 
     def budget(self, modality: str) -> int:
         return self.max_batch_frames if modality == "audio" else self.max_batch_tokens

@@ -43,7 +43,8 @@ class InProcessModel:
     """The model and batcher in the worker process itself (``MMQ_MODEL_PROCESS=false``):
     same interface as ``ModelProcess``; for debugging and for comparison."""
 
-    def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics):
+    def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics,
+                 modality: str = "text"):
         import torch
 
         from core.model.multimodal import MultimodalModel
@@ -53,7 +54,7 @@ class InProcessModel:
             torch.set_num_threads(settings.torch_threads)
         self.model = MultimodalModel.load(device=device, settings=settings)
         self.version, self.device = self.model.version, str(self.model.device)
-        self.cfg = BatcherConfig.for_device(self.model.device, settings)
+        self.cfg = BatcherConfig.for_device(self.model.device, settings, modality)
         self.metrics = metrics
         from core.model.adapters import AdapterCache
 
@@ -215,7 +216,8 @@ def start_host(settings: Settings, device: str | None = None, *, modality: str =
     if settings.model_process:
         from core.serving.modelproc import ModelProcess
 
-        model = ModelProcess(settings, device or settings.device, metrics, wait=False)
+        model = ModelProcess(settings, device or settings.device, metrics, wait=False,
+                             modality=modality)
     try:
         from core.serving.exporter import start_exporter
 
@@ -224,7 +226,7 @@ def start_host(settings: Settings, device: str | None = None, *, modality: str =
         upgrade(settings.db_url)
         engine = make_engine(settings.db_url)
         if model is None:
-            model = InProcessModel(settings, device or settings.device, metrics)
+            model = InProcessModel(settings, device or settings.device, metrics, modality)
         model.wait_ready()
     except BaseException:
         if model is not None:

@@ -148,7 +148,7 @@ def _report(items: list[Outcome | BatchObserved | Dropped]) -> Report:
     return report
 
 
-def _child_main(settings: Settings, device: str | None, conn) -> None:
+def _child_main(settings: Settings, device: str | None, conn, modality: str = "text") -> None:
     """Entry point of the spawned child: load, say ready, serve until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides when to stop
     limit_malloc_arenas()
@@ -161,7 +161,7 @@ def _child_main(settings: Settings, device: str | None, conn) -> None:
         from core.serving.batcher import DynamicBatcher
 
         model = MultimodalModel.load(device=device, settings=settings)
-        cfg = BatcherConfig.for_device(model.device, settings)
+        cfg = BatcherConfig.for_device(model.device, settings, modality)
     except BaseException as e:  # noqa: BLE001  (the parent logs it and exits)
         conn.send(StartFailed(f"{type(e).__name__}: {e}"))
         return
@@ -228,12 +228,14 @@ class ModelProcess:
     as ``DynamicBatcher.submit`` gives."""
 
     def __init__(self, settings: Settings, device: str | None, metrics: BatchMetrics,
-                 *, wait: bool = True):
+                 *, wait: bool = True, modality: str = "text"):
         """Spawn the child; with ``wait=False`` return while it loads (the worker
-        migrates the store meanwhile) and call ``wait_ready`` before anything else."""
+        migrates the store meanwhile) and call ``wait_ready`` before anything else.
+        ``modality``: the worker's, which sets its batcher's streams by default."""
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(settings, device, child_conn),
+        self._proc = ctx.Process(target=_child_main,
+                                 args=(settings, device, child_conn, modality),
                                  name="mmq-model", daemon=True)
         self._proc.start()
         child_conn.close()

@@ -128,6 +128,17 @@ def test_per_device_defaults():
     assert s.batching("cpu")[0] == cpu.max_batch_tokens
 
 
+def test_two_streams_for_text_workers_on_a_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    s = Settings()
+    assert BatcherConfig.for_device(cpu, s, "text").streams == 2
+    # Images and speech measured no faster (images slower) with two: bench/e2e.py --towers.
+    assert BatcherConfig.for_device(cpu, s, "image").streams == 1
+    assert BatcherConfig.for_device(cpu, s, "audio").streams == 1
+    assert BatcherConfig.for_device(cuda, s, "text").streams == 1
+    assert BatcherConfig.for_device(cpu, Settings(model_streams=3), "image").streams == 3
+
+
 class CostOnly:
     """Records each batch's item costs and answers at once: the batching policy alone."""
 

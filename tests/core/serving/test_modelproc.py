@@ -137,8 +137,9 @@ def test_the_model_process_answers_a_bad_item_with_its_input_kind(settings):
     from core.serving.modelproc import ModelProcess
 
     metrics = BatchMetrics()
-    proc = ModelProcess(settings, "cpu", metrics)
+    proc = ModelProcess(settings, "cpu", metrics, modality="image")
     try:
+        assert proc.cfg.streams == 1  # an image worker's batcher: one forward at a time
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
         bad = proc.submit(JobRequest("j-bad", 1, "image", b"GIF89a not really", None, 5, None))
