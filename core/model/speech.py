@@ -101,6 +101,9 @@ class SpeechJobs:
     def dim(self) -> int:
         return self.tower.model.cfg.dim
 
+    def load(self) -> None:
+        self.tower  # noqa: B018  (the property loads Whisper)
+
     def prepare(self, items: list[object]) -> list[SpeechPrepared | InvalidInput]:
         return prepare_each(self.prepare_one, items)
 

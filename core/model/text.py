@@ -222,6 +222,9 @@ class TextJobs:
     def dim(self) -> int:
         return self.tower.cfg.encoder.dim
 
+    def load(self) -> None:
+        """Loaded with the model: the text tower is every other tower's label space."""
+
     def prepare(self, items: list[object]) -> list[TextItem | InvalidInput]:
         return self.pre.prepare_many(list(items))
 

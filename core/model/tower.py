@@ -58,6 +58,11 @@ class Tower(Protocol):
         the vectors come from, known without loading a lazily loaded tower."""
         ...
 
+    def load(self) -> None:
+        """Load now what the tower would load on its first batch (its weights): a worker
+        of this modality says it is ready only once its tower is."""
+        ...
+
     def prepare(self, items: list[object]) -> list[object | InvalidInput]:
         """Validate and preprocess raw items (text, image bytes, audio bytes or
         waveforms): one prepared item, or the ``InvalidInput`` saying why not, per item

@@ -282,6 +282,9 @@ class ImageJobs:
                     self._photo = tower.to(self.device)
         return self._photo
 
+    def load(self) -> None:
+        self.photo  # noqa: B018  (the property loads the backbone and the class bank)
+
     def prepare(self, items: list[object]) -> list[PixelItem | InvalidInput]:
         return prepare_each(lambda item, i: PixelItem(image_to_pixels(
             decode_image(item, FRONT_END, i), FRONT_END)), items)

@@ -53,6 +53,7 @@ class InProcessModel:
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         self.model = MultimodalModel.load(device=device, settings=settings)
+        self.model.load_tower(modality)  # the worker's own, before it says it is ready
         self.version, self.device = self.model.version, str(self.model.device)
         self.cfg = BatcherConfig.for_device(self.model.device, settings, modality)
         self.metrics = metrics

@@ -161,6 +161,7 @@ def _child_main(settings: Settings, device: str | None, conn, modality: str = "t
         from core.serving.batcher import DynamicBatcher
 
         model = MultimodalModel.load(device=device, settings=settings)
+        model.load_tower(modality)  # the worker's own tower, before it says it is ready
         cfg = BatcherConfig.for_device(model.device, settings, modality)
     except BaseException as e:  # noqa: BLE001  (the parent logs it and exits)
         conn.send(StartFailed(f"{type(e).__name__}: {e}"))

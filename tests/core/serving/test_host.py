@@ -436,3 +436,15 @@ def test_a_message_whose_record_fails_records_its_results_one_by_one(held, monke
     with pytest.raises(ValueError, match="bad row"):
         futs[ids[1]].result(timeout=30)
     assert [_row(held, j)[0].status for j in ids] == ["succeeded", "running", "succeeded"]
+
+
+def test_a_worker_loads_its_own_tower_before_it_says_it_is_ready(settings):
+    """The speech and image towers load on first use; a worker's own is loaded while
+    it starts, so that "ready" means its first job pays no loading (Whisper took about
+    1.5 s of the first audio job), and the other towers stay unloaded."""
+    model = InProcessModel(settings, "cpu", BatchMetrics(), "audio")
+    try:
+        assert model.model.towers["audio"]._tower is not None
+        assert model.model.towers["image"]._photo is None
+    finally:
+        model.batcher.stop()
