@@ -1,4 +1,4 @@
-"""The dynamic batcher: one thread owns the model; task threads hand it jobs.
+"""The dynamic batcher: its threads (streams) run the model; task threads hand it jobs.
 
 Task threads validate and preprocess their own item (tokenise, decode, log-mel:
 CPU work that needs no model weights), then ``submit`` it and wait on a future.
@@ -15,7 +15,7 @@ of one thread each, not one forward of two). On an idle machine the two ways run
 equally fast; beside the worker, Redis and producers they do not: every op of a
 2-thread forward ends at a barrier where it waits for whichever of its threads the
 others preempted, so each millisecond they take costs the forward about two, and a
-1-thread forward loses only its own (bench/queue_profile.py, docs/benchmarks.md).
+1-thread forward loses only its own (bench/streams.py, bench/queue_profile.py).
 """
 
 from __future__ import annotations
