@@ -15,8 +15,6 @@ ragged batches under a token budget and run through the tower in one forward.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from core.errors import InvalidInput
 from core.jobs import MODALITIES, JobResult
 from core.model.attention import resolve_impl
 from core.model.files import sha256_file
+from core.model.lru import LruCache
 from core.model.precision import apply_precision, resolve_precision
 from core.model.speech import SpeechJobs, SpeechPrepared
 from core.model.text import TextItem, TextJobs, TextPreprocessor, TextTower, default_text_path
@@ -58,30 +57,6 @@ class ModelConfig:
     # The text tower's comes with its checkpoint (TextTowerConfig.from_dir).
     image: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     speech: SpeechConfig = field(default_factory=SpeechConfig)  # beam_size: Settings'
-
-
-class LruCache(OrderedDict):
-    """A dict bounded to ``capacity`` entries; ``get`` and ``put`` mark an entry used.
-    Safe from several threads (the batcher's streams run forwards at once)."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self._lock = threading.Lock()
-
-    def get(self, key, default=None):
-        with self._lock:
-            if key in self:
-                self.move_to_end(key)
-                return self[key]
-            return default
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self[key] = value
-            self.move_to_end(key)
-            while len(self) > self.capacity:
-                self.popitem(last=False)
 
 
 Prepared = TextItem | PixelItem | SpeechPrepared

@@ -20,8 +20,6 @@ Clips up to ``max_seconds`` (5 minutes: 10 windows) are accepted.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 from core.errors import InvalidInput
 from core.inputs import AudioConfig
 from core.model.attention import AttentionPlan
+from core.model.lru import LruCache
 from core.model.precision import resolve_precision
 from core.model.whisper.decode import DecodeConfig, Hypothesis, beam_search, score_sequences
 from core.model.whisper.frontend import FrontEndConfig, LogMelFrontEnd
@@ -114,8 +113,7 @@ class SpeechTower:
         self.tokens = tokens
         self.front = LogMelFrontEnd()
         self.audio_cfg = AudioConfig(max_seconds=self.cfg.max_seconds)
-        self._priors: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
-        self._priors_lock = threading.Lock()  # the batcher's streams score at once
+        self._priors = LruCache(64)  # label set -> its prior, (L,)
 
     @classmethod
     def from_bundled(cls, device: torch.device | str | None = None,
@@ -255,13 +253,10 @@ class SpeechTower:
         """(L,) each label's score under a silent window (zero waveform), cached per set."""
         key = tuple(labels)
         prior = self._priors.get(key)
-        if prior is None:  # computed outside the lock: two streams may both compute it
+        if prior is None:  # two streams may both compute it: the same values
             silent = self.front(torch.zeros(30 * 16_000))  # (80, 3000) of the floor value
             prior = self._label_ll([silent], labels)[0]
-            with self._priors_lock:
-                self._priors[key] = prior
-                while len(self._priors) > 64:
-                    self._priors.popitem(last=False)
+            self._priors.put(key, prior)
         return prior
 
     @torch.inference_mode()
