@@ -320,33 +320,35 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def window_attention(qkv: torch.Tensor, explicit: bool,
-                     work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     work: torch.Tensor | None = None) -> torch.Tensor:
     """Equal-length sequences: (B, S, 3, nh, hs) -> (B, S, nh, hs).
 
     SDPA over (B, nh, S, hs) as views, no plan. ``explicit``: q is already scaled by
-    1/sqrt(hs), and attention runs as two matmuls and a softmax, one window at a time
-    ((nh, S, S) scores: 27 MB in bf16 for a 30 s window): on a CPU without AMX in bf16
-    that is ~3x bf16 SDPA, which is no faster than fp32 there (with AMX, SDPA is ~2.7x
-    the explicit path: the caller decides). The scores and probabilities are written
-    into the same two buffers for every window (``work``: (nh, S, S) each, kept by the
-    caller across layers), bit-identical to fresh ones: a 27 MB block that glibc maps
-    fresh from the kernel faults in every page zeroed, half of a window's attention
-    when it happens each time (30.9 against 15.3 ms alone; in the encoder, where glibc
-    often reuses the freed block, 16 windows took 2.66 against 2.75 s)."""
+    1/sqrt(hs), and attention runs as two matmuls and a softmax, one (window, head) at a
+    time: on a CPU without AMX in bf16 that is ~3x bf16 SDPA, which is no faster than
+    fp32 there (with AMX, SDPA is ~2.7x the explicit path: the caller decides).
+
+    One head's (S, S) scores at a time (4.5 MB in bf16 for a 30 s window), softmaxed in
+    place, in one buffer (``work``, kept by the caller across layers): they stay in the
+    cache between the three ops, where a window's (nh, S, S) scores and probabilities
+    (2 x 27 MB) went out to memory and back (a window-layer's attention 16.8 -> 13.4 ms,
+    and in place ~7% less again; bit-identical). Reused rather than allocated per call:
+    a block glibc maps fresh from the kernel faults in every page zeroed."""
     B, S, _, nh, hs = qkv.shape
     if not explicit:
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (B, nh, S, hs)
     out = q.new_empty(B, nh, S, hs)
-    scores, probs = work or attention_work(nh, S, q)
+    scores = work if work is not None else attention_work(S, q)  # (S, S)
     for i in range(B):
-        torch.matmul(q[i], k[i].transpose(-1, -2), out=scores)  # (nh, S, S), q pre-scaled
-        torch.ops.aten._softmax.out(scores, -1, False, out=probs)  # softmax, into probs
-        torch.matmul(probs, v[i], out=out[i])
+        for h in range(nh):
+            torch.matmul(q[i, h], k[i, h].t(), out=scores)  # (S, S), q pre-scaled
+            torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place
+            torch.matmul(scores, v[i, h], out=out[i, h])  # (S, hs)
     return out.transpose(1, 2)
 
 
-def attention_work(nh: int, S: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The explicit window attention's two (nh, S, S) buffers, like ``like``'s dtype."""
-    return like.new_empty(nh, S, S), like.new_empty(nh, S, S)
+def attention_work(S: int, like: torch.Tensor) -> torch.Tensor:
+    """The explicit window attention's (S, S) score buffer, like ``like``'s dtype."""
+    return like.new_empty(S, S)

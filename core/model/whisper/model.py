@@ -100,12 +100,12 @@ class AudioEncoder(nn.Module):
         # The explicit path folds 1/sqrt(hs) into the query rows of the q, k, v projection
         # (1/8 for tiny.en's 64-wide heads: a power of two, exact).
         q_scale = hs ** -0.5 if explicit else None
-        work = None  # its (nh, S, S) score buffers, shared by every layer's windows
+        work = None  # its (S, S) score buffer, shared by every layer's windows and heads
         for layer in self.encoder.layers:
             h = layer.ln_attn(x)
             qkv = cast(linear(h, layer.qkv, md, q_scale=q_scale).view(B, S, 3, nh, hs), ad)
             if explicit and work is None:
-                work = attention_work(nh, S, qkv)
+                work = attention_work(S, qkv)
             y = window_attention(qkv, explicit, work)  # (B, S, nh, hs)
             x = x + linear(y.reshape(B, S, C), layer.proj, md)
             h = layer.ln_mlp(x)

@@ -8,7 +8,7 @@ import torch
 
 from core.config import Settings
 from core.jobs import MODALITIES
-from core.model.attention import dense_attention, window_attention
+from core.model.attention import attention_work, dense_attention, window_attention
 from core.model.tower import Tower
 from core.model.whisper.weights import cache_dir
 
@@ -51,3 +51,21 @@ def test_window_attention_matches_dense_sdpa(explicit):
     got = window_attention(qkv, explicit)
     assert got.shape == (B, S, nh, hs)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_window_attention_bf16_reuses_one_buffer_in_place():
+    """The explicit bf16 path softmaxes one head's scores in place, in one buffer reused
+    across heads, windows and calls: the same as attention over fresh tensors (rows long
+    enough for torch's vectorised softmax)."""
+    torch.manual_seed(0)
+    B, S, nh, hs = 2, 300, 3, 64
+    qkv = torch.randn(B, S, 3, nh, hs)
+    qkv[:, :, 0] *= hs ** -0.5  # the caller folds 1/sqrt(hs) into q
+    q, k, v = qkv.bfloat16().permute(2, 0, 3, 1, 4).float()  # each (B, nh, S, hs)
+    want = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2)  # (B, S, nh, hs)
+    work = attention_work(S, qkv.bfloat16())
+    got = window_attention(qkv.bfloat16(), True, work)
+    again = window_attention(qkv.bfloat16(), True, work)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, S, nh, hs)
+    assert torch.equal(got, again)
+    assert (got.float() - want).abs().max().item() < 0.03  # bf16 probabilities and output
