@@ -115,6 +115,10 @@ _HELD = (_JOBS.c.id.in_(bindparam("ids", expanding=True))
          & tuple_(_JOBS.c.id, unindexed(_JOBS.c.attempts)).in_(
              bindparam("fences", expanding=True))
          & (unindexed(_JOBS.c.status) == JobStatus.RUNNING.value))
+# Jobs per fenced UPDATE: PostgreSQL turns a row-value IN list into nested ORs, one
+# level per pair, and refused ~9,000 pairs in one statement ("stack depth limit
+# exceeded"); a big group commit is split into statements of this many.
+FENCE_CHUNK = 1000
 _FINISH = (update(_JOBS).where(_HELD)
            .values(status=JobStatus.SUCCEEDED.value, finished_at=db_now(), error=None,
                    model_version=bindparam("version"))
@@ -130,9 +134,11 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobR
     for the jobs it changed. -> the ids recorded; the rest were late and are dropped."""
     if not results:
         return set()
-    ended = session.execute(_FINISH, {
-        "ids": list(results), "fences": [(j, attempts[j]) for j in results],
-        "version": model_version}).all()
+    ids = list(results)
+    ended = [row for a in range(0, len(ids), FENCE_CHUNK) for row in session.execute(
+        _FINISH, {"ids": ids[a:a + FENCE_CHUNK],
+                  "fences": [(j, attempts[j]) for j in ids[a:a + FENCE_CHUNK]],
+                  "version": model_version}).all()]
     done = {r.id for r in ended}
     # The webhook outbox, in this same transaction: an event exactly when the job ends.
     enqueue_webhooks(session=session, ended=[(r.id, JobStatus.SUCCEEDED.value,

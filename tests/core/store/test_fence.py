@@ -184,3 +184,26 @@ def test_a_late_start_does_not_take_a_job_from_a_live_worker(sessions):
     j = _row(sessions, a)
     assert (j.status, j.worker, j.attempts) == ("running", "live", 2)
     assert _row(sessions, b).worker == "late"
+
+
+def test_a_group_of_ten_thousand_finishes_in_one_call(sessions):
+    """PostgreSQL nests a row-value IN list one level per pair and refused ~9,000
+    fences in one UPDATE ("stack depth limit exceeded"): a worker with a large batch
+    or concurrency failed its whole group commit. Split into statements, all recorded."""
+    ids = [r[0] for r in _create_many(sessions, 10_000)]
+    with sessions.begin() as s:
+        started = store.start_jobs(session=s, job_ids=ids, worker="w")
+    with sessions.begin() as s:
+        done = store.finish_jobs(
+            session=s, model_version="v", attempts={j: started[j].attempts for j in ids},
+            results={j: JobResult(embedding=np.ones(4, np.float32)) for j in ids})
+    assert done == set(ids)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(store.Prediction)) == 10_000
+        assert set(store.job_statuses(session=s, job_ids=ids).values()) == {"succeeded"}
+
+
+def _create_many(sessions, n):
+    with sessions.begin() as s:
+        return store.create_jobs(session=s, rows=[
+            {"modality": "text", "task": "embed", "text": f"t{i}"} for i in range(n)])
