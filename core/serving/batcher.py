@@ -73,11 +73,13 @@ class DynamicBatcher:
         self._observed = threading.Lock()  # the metrics' histograms: one stream at a time
         self._stop = False
         # No more streams than torch has threads to share out (one core: one stream).
-        n = max(1, min(cfg.streams, torch.get_num_threads()))
-        per_stream = torch.get_num_threads() // n if n > 1 else None
-        self._threads = [threading.Thread(target=self._loop, args=(per_stream,),
+        total = torch.get_num_threads()
+        n = max(1, min(cfg.streams, total))
+        # Every thread is someone's: 3 threads and 2 streams run forwards on 2 and 1.
+        shares = [total // n + (i < total % n) for i in range(n)] if n > 1 else [None]
+        self._threads = [threading.Thread(target=self._loop, args=(share,),
                                           name=f"mmq-batcher-{i}", daemon=True)
-                         for i in range(n)]
+                         for i, share in enumerate(shares)]
         for t in self._threads:
             t.start()
 
@@ -123,6 +125,10 @@ class DynamicBatcher:
         if threads is not None:
             # This thread's own OpenMP team size (torch's setting is per calling thread
             # under OpenMP; it also becomes the default of threads that start later).
+            # torch sets a thread's team size lazily, from that last value, the first
+            # time the thread asks for it: done first here, or it would undo this
+            # thread's share with whatever another stream set last (2 and 1 -> 1 and 1).
+            torch.get_num_threads()
             torch.set_num_threads(threads)
         while True:
             batch = self._next_batch()

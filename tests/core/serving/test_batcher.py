@@ -234,3 +234,33 @@ def test_streams_run_forwards_at_once_each_on_its_share_of_the_threads():
     assert torch.get_num_threads() == total  # the caller's own threads are its own
     assert not any(t.is_alive() for t in b._threads)
     assert b.metrics.summary()["jobs"] == 2
+
+
+def test_streams_share_out_every_thread():
+    """Threads that do not divide by the streams are not left idle: 3 threads and 2
+    streams run their forwards on 2 and 1 (3 // 2 each left one thread unused). Both
+    forwards meet at a barrier, so each stream records its own share."""
+    import threading
+    from types import SimpleNamespace
+
+    both = threading.Barrier(2, timeout=30)
+
+    class Meeting(CostOnly):
+        threads: list[int] = []
+
+        def predict(self, modality, prepared, asks, adapters=None):
+            self.threads.append(torch.get_num_threads())
+            both.wait()
+            return super().predict(modality, prepared, asks, adapters)
+
+    total = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        rec = Meeting()
+        b = DynamicBatcher(rec, BatcherConfig(max_batch_size=1, max_wait_ms=0, streams=2))
+        futs = [b.submit("text", SimpleNamespace(tokens=3, truncated=False)) for _ in range(2)]
+        assert [f.result(timeout=60).tokens for f in futs] == [3, 3]
+        b.stop()
+        assert sorted(rec.threads) == [1, 2]
+    finally:
+        torch.set_num_threads(total)
