@@ -155,12 +155,12 @@ class Settings(BaseSettings):
     # on CUDA. A clip over the budget runs alone, so a long clip delays the short ones
     # behind it by one batch at most, and never shares their decode.
     max_batch_frames: int | None = None
-    # Forwards a worker's model runs at once, each on its own thread with an equal share
-    # of torch's threads (core/serving/batcher.py). 0 = per worker: 2 for text workers on
-    # a CPU, else 1. On 2 cores two 1-thread forwards match one 2-thread forward on an
-    # idle machine (990 texts/s both), but the worker, the producer and Redis share
-    # those cores, and a 2-thread forward waits at each op's barrier for whichever
-    # thread they preempted: text end to end 0.78x -> 0.85x of mmq offline
+    # Forwards a worker's model runs at once, each on its own thread with a share of
+    # torch's threads (3 threads: 2 and 1; core/serving/batcher.py). 0 = per worker: 2
+    # for text workers on a CPU, else 1. On 2 cores two 1-thread forwards match one
+    # 2-thread forward on an idle machine (990 texts/s both), but the worker, the
+    # producer and Redis share those cores, and a 2-thread forward waits at each op's
+    # barrier for whichever thread they preempted: text end to end 0.78x -> 0.85x of mmq offline
     # (bench/queue_profile.py --worker-env "MMQ_MODEL_STREAMS=1;MMQ_MODEL_STREAMS=2").
     # Not for images (68 -> 58 images/s end to end: the model process also decodes and
     # resizes the photographs, and batches got smaller) nor speech (5.1-5.2 clips/s

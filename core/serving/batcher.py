@@ -10,7 +10,7 @@ dropped when a batch forms. A batch that fails as a whole (out of memory, say)
 is split in halves and retried before any item is failed.
 
 ``cfg.streams`` batcher threads take batches from the same queues, each running its
-own forward on an equal share of torch's intra-op threads (on 2 cores: two forwards
+own forward on its share of torch's intra-op threads (on 2 cores: two forwards
 of one thread each, not one forward of two). On an idle machine the two ways run
 equally fast; beside the worker, Redis and producers they do not: every op of a
 2-thread forward ends at a barrier where it waits for whichever of its threads the

@@ -36,7 +36,7 @@ class BatcherConfig:
     max_wait_ms: float = 5.0
     # Audio: encoder positions + expected decode steps (core/model/speech.py).
     max_batch_frames: int = 25_600
-    # Forwards run at once, each by its own batcher thread on an equal share of torch's
+    # Forwards run at once, each by its own batcher thread on its share of torch's
     # intra-op threads (Settings.model_streams); the batcher keeps at most one per thread.
     streams: int = 1
 
