@@ -244,6 +244,9 @@ def main() -> None:
     ap.add_argument("--light", type=int, default=30, help="jobs for the light-load latency")
     ap.add_argument("--towers", action="store_true",
                     help="also an image worker (photographs) and an audio worker (speech)")
+    ap.add_argument("--photo-side", type=int, default=0,
+                    help="with --towers: the photographs resized to this shorter side (a "
+                         "12 MP phone photo: 3024) before JPEG encoding; 0: as they are")
     ap.add_argument("--scaling", action="store_true", help="also 1 vs 2 worker processes")
     ap.add_argument("--backlog", type=int, default=0, help="also N jobs queued before start")
     ap.add_argument("--rounds", type=int, default=1,
@@ -298,7 +301,7 @@ def main() -> None:
             rounds(stack, items, texts, st_bs, args.rounds,
                    (st_rate, b["jobs_per_s"], u["jobs_per_s"]))
         if args.towers:
-            towers(stack)
+            towers(stack, args.photo_side)
         if args.scaling:
             scaling(stack, items)
         if args.backlog:
@@ -340,17 +343,20 @@ def rounds(stack: Stack, items: list[dict], texts: list[str], st_bs: int, n: int
         print(f"{name}: median {np.median(v):.2f}x, min {v.min():.2f}x, max {v.max():.2f}x")
 
 
-def towers(stack: Stack) -> None:
-    """An image worker on real photographs (the ImageNet tower) and an audio worker on the
-    bundled spoken examples (the Whisper speech tower, transcribing each clip: about a
-    second of CPU per job, hence fewer jobs)."""
+def towers(stack: Stack, photo_side: int = 0) -> None:
+    """An image worker on real photographs (the ImageNet tower; ``photo_side``: resized to
+    that shorter side first, as a camera's) and an audio worker on the bundled spoken
+    examples (the Whisper speech tower, transcribing each clip: about a second of CPU
+    per job, hence fewer jobs)."""
     import soundfile as sf
 
+    from bench.photos import at_side
     from core.training import photo_eval as pe
     from producer.ops.stack import EXAMPLES
 
     # Real photographs for the ImageNet tower (the store keeps each distinct one once).
-    jpegs = [pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT]
+    jpegs = [at_side(pe.load_photo(p), photo_side) if photo_side else
+             pe.photo_bytes(p, "JPEG") for p in pe.HELD_OUT]
     photos = [jpegs[i % len(jpegs)] for i in range(300)]
     spoken = sorted(EXAMPLES.glob("spoken-*.wav"))
     wavs = [spoken[i % len(spoken)].read_bytes() for i in range(60)]
@@ -364,6 +370,8 @@ def towers(stack: Stack) -> None:
         extra = f"mean batch {batching_summary(log).get('mean_batch_size', '?')}"
         if modality == "audio":
             extra += f", {r['jobs_per_s'] * secs.mean():.1f} audio-seconds/s"
+        elif photo_side:
+            extra += f", JPEGs of shorter side {photo_side} px"
         print(row(f"{modality} worker", r, r["jobs_per_s"], extra))
         c.close()
         stack.stop_workers()

@@ -138,3 +138,34 @@ def test_oversized_payload():
     with pytest.raises(InvalidInput, match="bytes, over the limit"):
         decode_image(b"\0" * (CFG.max_bytes + 1), CFG)
 
+
+
+def test_a_large_jpeg_decodes_at_a_scale_that_keeps_twice_the_resize_side():
+    """A 2048x1536 JPEG (resize side 224, gap 2: shorter side >= 448) decodes at 1/2,
+    not 1/4 (384 < 448); the pixels the model sees stay within 0.05 of decoding every
+    pixel. Sides that 2 does not divide decode whole (the aspect ratio would move)."""
+    from dataclasses import replace
+
+    from core.model.image import image_to_pixels
+
+    data = _photo("JPEG", size=(2048, 1536))
+    assert decode_image(data, CFG).size == (1024, 768)
+    full = replace(CFG, draft_gap=None)
+    assert decode_image(data, full).size == (2048, 1536)
+    diff = image_to_pixels(decode_image(data, CFG), CFG) - image_to_pixels(
+        decode_image(data, full), full)
+    assert diff.abs().max().item() < 0.05
+    assert decode_image(_photo("JPEG", size=(2047, 1536)), CFG).size == (2047, 1536)
+
+
+def test_a_large_jpeg_cut_short_or_rotated_as_before():
+    """Drafting still reads every coefficient (a cut file is refused) and EXIF
+    orientation still turns the reduced image."""
+    data = _photo("JPEG", size=(2048, 1536))
+    with pytest.raises(InvalidInput):
+        decode_image(data[: len(data) // 2], CFG)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img = Image.open(io.BytesIO(data))
+    rotated = encode(img, "JPEG", exif=exif, quality=95)
+    assert decode_image(rotated, CFG).size == (768, 1024)
