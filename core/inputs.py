@@ -82,8 +82,10 @@ class ImageConfig:
     # a factor that divides both sides (the resize then sees the same aspect ratio, and
     # picks the same size). A 4032x3024 photo: 81 -> 18 ms to decode and resize, its
     # pixels within 0.05 (of [-1, 1]) and its embedding at cosine >= 0.99998 of every
-    # pixel decoded (bench/photos.py). Pillow's thumbnail() drafts with the same gap of
-    # 2. None: every pixel decoded.
+    # pixel decoded (bench/photos.py); line art and text drafted to just twice the
+    # side move more (up to 0.3; cosine >= 0.998). Pillow's thumbnail() drafts with the
+    # same gap of 2. A JPEG libjpeg cannot scale (lossless) is decoded whole; a caller's
+    # PIL image is never drafted. None: every pixel decoded.
     draft_gap: float | None = 2.0
 
     @property
@@ -126,15 +128,17 @@ def _check_complete(data: bytes, fmt: str, index: int | None) -> None:
                            index=index, kind=UNSUPPORTED) from None
 
 
-def _draft(img: Image.Image, short_side: float) -> None:
+def _draft(img: Image.Image, short_side: float) -> bool:
     """Have a JPEG not yet loaded decode at the largest of 1/8, 1/4, 1/2 that divides
-    both its sides and keeps its shorter side >= ``short_side`` (else: every pixel).
-    Every coefficient is still read, so a truncated or corrupt file fails as before."""
+    both its sides and keeps its shorter side >= ``short_side`` -> whether it will
+    (else: every pixel). Every coefficient is still read, so a truncated or corrupt
+    file fails as before."""
     w, h = img.size
     for k in (8, 4, 2):
         if min(w, h) // k >= short_side and w % k == 0 and h % k == 0:
             img.draft(None, (w // k, h // k))  # the mode stays; the size is exact
-            return
+            return True
+    return False
 
 
 def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Image.Image:
@@ -169,16 +173,30 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
         raise InvalidInput("image has no pixels", index=index)
     if isinstance(data, bytes):
         _check_complete(data, img.format, index)
-    if img.format == "JPEG" and cfg.draft_gap:
-        _draft(img, (cfg.resize_size or cfg.image_size) * cfg.draft_gap)
+        # Only a file opened here: a caller's own image object is left as it was given.
+        if img.format == "JPEG" and cfg.draft_gap and _draft(
+                img, (cfg.resize_size or cfg.image_size) * cfg.draft_gap):
+            try:
+                return _load_rgb(img)
+            except _DECODE_ERRORS:
+                # libjpeg cannot scale every JPEG (a lossless one): what decodes
+                # whole must still be accepted, so decode every pixel, as before.
+                img = Image.open(io.BytesIO(data))
     try:
-        img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-        img = ImageOps.exif_transpose(img)
-        img.load()
-        return _to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return _load_rgb(img)
+    except _DECODE_ERRORS as e:
         raise InvalidInput(f"image could not be decoded: {e}", index=index,
                            kind=UNSUPPORTED) from None
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _load_rgb(img: Image.Image) -> Image.Image:
+    img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+    img = ImageOps.exif_transpose(img)
+    img.load()
+    return _to_rgb(img)
 
 
 # -- audio --------------------------------------------------------------------------------

@@ -169,3 +169,49 @@ def test_a_large_jpeg_cut_short_or_rotated_as_before():
     img = Image.open(io.BytesIO(data))
     rotated = encode(img, "JPEG", exif=exif, quality=95)
     assert decode_image(rotated, CFG).size == (768, 1024)
+
+
+def _lossless_jpeg(a: np.ndarray) -> bytes:
+    """A lossless JPEG (SOF3, predictor 1, 8-bit grey, one Huffman table of the 17
+    difference categories, each a 5-bit code): what some scanners and medical and
+    ffmpeg's ljpeg write, and what libjpeg cannot decode at a reduced scale."""
+    a = a.astype(np.int32)
+    h, w = a.shape
+    pred = np.empty_like(a)
+    pred[0, 0] = 128
+    pred[0, 1:], pred[1:, 0], pred[1:, 1:] = a[0, :-1], a[:-1, 0], a[1:, :-1]
+    d = (a - pred).ravel()
+    size = np.zeros_like(d)
+    size[d != 0] = np.floor(np.log2(np.abs(d[d != 0]))).astype(np.int32) + 1
+    extra = np.where(d >= 0, d, d + (1 << size) - 1) & ((1 << size) - 1)
+    code, n = (size.astype(np.int64) << size) | extra, 5 + size
+    k = np.arange(21)
+    bits = ((code[:, None] >> np.maximum(n[:, None] - 1 - k, 0)) & 1)[k < n[:, None]]
+    bits = np.concatenate([bits.astype(np.uint8), np.ones((-len(bits)) % 8, np.uint8)])
+
+    def seg(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    return (b"\xff\xd8"
+            + seg(0xC3, bytes([8]) + h.to_bytes(2, "big") + w.to_bytes(2, "big")
+                  + b"\x01\x01\x11\x00")
+            + seg(0xC4, b"\x00" + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17)))
+            + seg(0xDA, b"\x01\x01\x00\x01\x00\x00")
+            + np.packbits(bits).tobytes().replace(b"\xff", b"\xff\x00") + b"\xff\xd9")
+
+
+def test_a_large_lossless_jpeg_still_decodes():
+    """libjpeg cannot scale a lossless JPEG: drafted, it failed ("broken data stream")
+    and a file that decoded whole was refused; now it is decoded whole, as before."""
+    a = np.random.default_rng(0).integers(0, 256, (1024, 1024))
+    img = decode_image(_lossless_jpeg(a), CFG)
+    assert img.size == (1024, 1024)
+    assert np.array_equal(np.asarray(img)[..., 0], a)  # lossless: every value back
+
+
+def test_a_callers_image_object_is_not_shrunk():
+    """Only a file opened from bytes is drafted: an unloaded JPEG image object the
+    caller passes in keeps its size (it was left at 1/2)."""
+    img = Image.open(io.BytesIO(_photo("JPEG", size=(2048, 1536))))
+    assert decode_image(img, CFG).size == (2048, 1536)
+    assert img.size == (2048, 1536)
