@@ -70,6 +70,26 @@ def pack(lin: nn.Linear, rows: int) -> None:
     lin.onednn_packed = (_identity(lin.weight), packed, w)
 
 
+class PackedWeight:
+    """A (N, K) weight that is not an ``nn.Linear``'s (Whisper's tied embedding as its
+    output projection), copied into oneDNN's blocked layout for LINEAR_POINTWISE on
+    first use and again whenever the weight changes (as ``pack``, fp32 too); the plain
+    weight where oneDNN cannot. ``rows``: the rows a call usually has (a hint only)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self._held: tuple | None = None  # (identity, packed copy, the weight kept alive)
+
+    def get(self, w: torch.Tensor) -> torch.Tensor:
+        if self._held is None or self._held[0] != _identity(w):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows)
+            except (AttributeError, RuntimeError):  # no such op in this build: plain
+                packed = w.detach()
+            self._held = (_identity(w), packed, w.detach())
+        return self._held[1]
+
+
 def _identity(w: torch.Tensor) -> tuple:
     """What changes when a weight does: replaced (``.data``, ``.to``) or written in place."""
     return w.data_ptr(), w._version, w.dtype, w.device

@@ -185,6 +185,33 @@ def test_a_packed_bf16_weight_gives_the_same_outputs_and_is_never_served_stale()
     assert fused.packed_weight(lin) is lin.weight
 
 
+def test_whisper_logits_run_on_a_packed_copy_of_the_tied_embedding():
+    """The decoder's output projection (the tied (V, C) embedding, fp32) is kept in
+    oneDNN's layout (``fused.PackedWeight``): the same logits as the plain matmul, with
+    and without the suppression bias, at a beam step's rows; repacked, not served
+    stale, after the embedding changes."""
+    from core.model import fused
+    from core.model.whisper.model import TextDecoder, WhisperConfig
+
+    torch.manual_seed(0)
+    dec = TextDecoder(WhisperConfig(n_vocab=500, dim=64, n_heads=2, n_text_layers=1))
+    w = dec.tok.weight
+    bias = torch.zeros(500).index_fill_(0, torch.tensor([3, 7]), float("-inf"))
+    with torch.inference_mode():
+        for n in (5, 80):
+            x = torch.randn(n, 64)  # (n, C) final states
+            assert torch.allclose(dec.logits(x), x @ w.T, atol=1e-5)
+            assert torch.equal(dec.logits(x, bias).isinf(), (x @ w.T + bias).isinf())
+            assert torch.allclose(dec.logits(x, bias)[:, 8:], (x @ w.T)[:, 8:], atol=1e-5)
+        if fused.LINEAR_POINTWISE is not None:
+            assert dec._head.get(w) is not w  # the packed copy
+    with torch.no_grad():
+        w.mul_(2)  # written in place
+    with torch.inference_mode():
+        x = torch.randn(5, 64)
+        assert torch.allclose(dec.logits(x), x @ w.T, atol=1e-5)
+
+
 @needs_bf16
 def test_a_bf16_text_tower_runs_on_packed_weights(bf16_model):
     from core.model import fused
