@@ -61,9 +61,8 @@ def pack(lin: nn.Linear, rows: int) -> None:
     if (LINEAR_POINTWISE is None or w.device.type != "cpu" or w.dtype != torch.bfloat16
             or not ONEDNN_BF16):
         return
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    except (AttributeError, RuntimeError):  # a torch build without it: the plain weight
+    packed = _reorder(w, rows)
+    if packed is None:
         return
     # ``w`` is kept: while it lives, no other tensor can take its memory, so the data
     # pointer names this weight alone.
@@ -82,12 +81,19 @@ class PackedWeight:
 
     def get(self, w: torch.Tensor) -> torch.Tensor:
         if self._held is None or self._held[0] != _identity(w):
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows)
-            except (AttributeError, RuntimeError):  # no such op in this build: plain
-                packed = w.detach()
-            self._held = (_identity(w), packed, w.detach())
+            w_ = w.detach()
+            packed = _reorder(w_, self.rows)
+            self._held = (_identity(w), w_ if packed is None else packed, w_)
         return self._held[1]
+
+
+def _reorder(w: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """``w`` in oneDNN's blocked layout for ``rows``-row calls; None in a torch build
+    without the op (the caller keeps the plain weight)."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _identity(w: torch.Tensor) -> tuple:

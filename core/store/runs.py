@@ -134,11 +134,12 @@ def finish_jobs(*, session: Session, model_version: str, results: dict[str, JobR
     for the jobs it changed. -> the ids recorded; the rest were late and are dropped."""
     if not results:
         return set()
-    ids = list(results)
-    ended = [row for a in range(0, len(ids), FENCE_CHUNK) for row in session.execute(
-        _FINISH, {"ids": ids[a:a + FENCE_CHUNK],
-                  "fences": [(j, attempts[j]) for j in ids[a:a + FENCE_CHUNK]],
-                  "version": model_version}).all()]
+    ids, ended = list(results), []
+    for a in range(0, len(ids), FENCE_CHUNK):
+        chunk = ids[a:a + FENCE_CHUNK]
+        ended += session.execute(_FINISH, {
+            "ids": chunk, "fences": [(j, attempts[j]) for j in chunk],
+            "version": model_version}).all()
     done = {r.id for r in ended}
     # The webhook outbox, in this same transaction: an event exactly when the job ends.
     enqueue_webhooks(session=session, ended=[(r.id, JobStatus.SUCCEEDED.value,
