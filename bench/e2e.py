@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for `producer` and `core` when run as a script
 
 from bench.faults import free_port  # noqa: E402
+from core.serving.procs import keep_freed_memory  # noqa: E402
 
 
 class Stack:
@@ -253,6 +254,7 @@ def main() -> None:
                     help="repeat s-t / batched / unbatched this many times, back to back, and "
                          "report each round's ratios and their spread (noisy shared machines)")
     args = ap.parse_args()
+    keep_freed_memory()  # mmq's model runs so in its model process (core/serving/procs.py)
     texts = read_texts(args.texts, args.n) if args.texts else sentences(args.n, seed=11)
     items = [{"modality": "text", "input": t} for t in texts]
     stack = Stack(Path(tempfile.mkdtemp(prefix="mmq-bench-")))

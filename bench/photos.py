@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.model.image import decode_image, image_to_pixels  # noqa: E402
 from core.model.multimodal import MultimodalModel  # noqa: E402
 from core.model.zeroshot import FRONT_END  # noqa: E402
+from core.serving.procs import keep_freed_memory  # noqa: E402
 from core.training import photo_eval as pe  # noqa: E402
 
 
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--sides", default="756,1512,3024", help="shorter sides, pixels")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    keep_freed_memory()  # mmq's model runs so in its model process (core/serving/procs.py)
     torch.set_num_threads(2)
     full_cfg = full_decode()
     model = MultimodalModel.load(device="cpu")

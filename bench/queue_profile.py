@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.e2e import Stack, batching_summary, mmq_offline, read_texts, run_jobs  # noqa: E402
 from core.config import get_settings  # noqa: E402
+from core.serving.procs import keep_freed_memory  # noqa: E402
 from producer.sdk import Client  # noqa: E402
 
 DEFAULT_TEXTS = ROOT / "bench" / "data" / "short_sentences.txt"
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--worker-env", help="compare worker environments on this tree, "
                     "alternating: sets split by ';', variables by ','")
     args = ap.parse_args()
+    keep_freed_memory()  # mmq's model runs so in its model process (core/serving/procs.py)
     texts = read_texts(args.texts, args.n)
     trees: dict[str, tuple[Path, int | None]] = {"this tree": (ROOT, None)}
     envs: dict[str, dict] = {}

@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.speech_data import EVAL_VOICES, KEYWORDS, SENTENCES, Clip, clips  # noqa: E402
 from core.model.whisper.tower import SpeechConfig, SpeechTower  # noqa: E402
 from core.model.whisper.weights import bundled_dir  # noqa: E402
+from core.serving.procs import keep_freed_memory  # noqa: E402
 
 DIGITS = "zero one two three four five six seven eight nine".split()
 
@@ -117,6 +118,7 @@ def main() -> None:
                     help="repeat the timed turns; each engine's best round counts (a shared "
                          "machine's load swings by minutes)")
     args = ap.parse_args()
+    keep_freed_memory()  # mmq's model runs so in its model process (core/serving/procs.py)
     torch.set_num_threads(args.threads)
     voices = EVAL_VOICES[:2] if args.quick else EVAL_VOICES
     sentences = SENTENCES[:8] if args.quick else SENTENCES

@@ -29,6 +29,7 @@ from core.config import Settings
 from core.model.efficientnet import default_checkpoint, load_efficientnet_lite0
 from core.model.multimodal import MultimodalModel
 from core.model.zeroshot import CLASSES_FILE
+from core.serving.procs import keep_freed_memory
 from core.training import photo_eval as pe
 
 
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", choices=["image", "all"], default="all")
     args = ap.parse_args()
+    keep_freed_memory()  # mmq's model runs so in its model process (core/serving/procs.py)
     model = MultimodalModel.load(device="cpu")  # the defaults: the image rows per mode below
     models = {mode: MultimodalModel.load(device="cpu", settings=Settings(image_precision=mode))
               for mode in ("fp32", "bf16")}

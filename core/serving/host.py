@@ -49,7 +49,9 @@ class InProcessModel:
 
         from core.model.multimodal import MultimodalModel
         from core.serving.batcher import DynamicBatcher
+        from core.serving.procs import keep_freed_memory
 
+        keep_freed_memory()  # as the model process does
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         self.model = MultimodalModel.load(device=device, settings=settings)

@@ -34,7 +34,7 @@ from core.errors import InvalidInput
 from core.serving.contracts import BatcherConfig, Failure, JobRequest, JobResult
 from core.serving.drain import Drain
 from core.serving.metrics import BatchMetrics
-from core.serving.procs import limit_malloc_arenas, short_gil_turns
+from core.serving.procs import keep_freed_memory, limit_malloc_arenas, short_gil_turns
 
 if TYPE_CHECKING:  # the parent never imports torch: only the child runs the batcher
     from core.serving.batcher import DynamicBatcher
@@ -152,6 +152,7 @@ def _child_main(settings: Settings, device: str | None, conn, modality: str = "t
     """Entry point of the spawned child: load, say ready, serve until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent decides when to stop
     limit_malloc_arenas()
+    keep_freed_memory()
     short_gil_turns()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[model]: %(message)s")

@@ -20,6 +20,30 @@ def limit_malloc_arenas(n: int = 2) -> None:
         pass
 
 
+# The model process's glibc malloc thresholds (``keep_freed_memory``), in bytes.
+MMAP_THRESHOLD = 256 << 20  # blocks at least this big are still mapped and unmapped
+TRIM_THRESHOLD = 512 << 20  # free memory kept at the heap's top before it goes back
+
+
+def keep_freed_memory() -> None:
+    """Keep the memory a forward frees for the next one, in the process that runs the
+    model. glibc maps blocks over its mmap threshold (32 MB at most, as it adapts) straight
+    from the kernel and unmaps them when freed, and gives the heap's free top back past
+    its trim threshold: the next forward's activations (a speech encoder call's tensors
+    are 9-37 MB) then fault in every page again, zeroed. For 16 speech windows in bf16
+    that was 140,000-210,000 page faults per encoder pass, 1.28-1.36 s against 1.14 s
+    without them (2 Zen 5 cores, the forward on a thread, with ``limit_malloc_arenas``).
+    Raised thresholds (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) keep up to TRIM_THRESHOLD
+    of freed memory in the process: its resident size stays near its peak, which is what
+    the next batch needs. A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # -3 = M_MMAP_THRESHOLD (fixes it: no adapting)
+        libc.mallopt(-1, TRIM_THRESHOLD)  # -1 = M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def batch_scheduling() -> None:
     """Put this process (and the threads and model process it starts) under Linux's
     SCHED_BATCH policy: a thread that wakes no longer preempts the one running.
