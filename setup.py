@@ -30,10 +30,16 @@ LEVELS = {
 }
 
 
+# Sources only a level's build has: the decoder's cross-attention (AVX-512 BF16
+# intrinsics, compiled for that extension by function attribute; called only on a CPU
+# with avx512_bf16).
+EXTRA = {"x86_64_v4": ["core/model/kernels/cross_attn_bf16.c"]}
+
+
 def kernels() -> list[Extension]:
     levels = LEVELS.get(platform.machine(), {})
     return [Extension(f"core.model.kernels._varlen_attn_{name}",
-                      ["core/model/kernels/varlen_attn.c"],
+                      ["core/model/kernels/varlen_attn.c", *EXTRA.get(name, [])],
                       extra_compile_args=COMMON + flags, extra_link_args=["-fopenmp"],
                       optional=True)  # no compiler: the package installs, SDPA is used
             for name, flags in levels.items()]

@@ -341,12 +341,25 @@ def window_attention(qkv: torch.Tensor, explicit: bool,
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (B, nh, S, hs)
     out = q.new_empty(B, nh, S, hs)
     scores = work if work is not None else attention_work(S, q)  # (S, S)
+    softmax = _softmax_in_place(scores)
     for i in range(B):
         for h in range(nh):
             torch.matmul(q[i, h], k[i, h].t(), out=scores)  # (S, S), q pre-scaled
-            torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place
+            softmax(scores)
             torch.matmul(scores, v[i, h], out=out[i, h])  # (S, hs)
     return out.transpose(1, 2)
+
+
+def _softmax_in_place(scores: torch.Tensor):
+    """The row softmax of the explicit window attention, in place: the C kernel for bf16
+    on a CPU (core/model/kernels/varlen_attn.c: one widening of each row, which stays in
+    L1; 0.39 against ATen's 0.61 ms for a (1500, 1500) head on 2 Zen 5 cores, 36 of
+    2.25 M probabilities a bf16 step apart), else ATen's."""
+    if scores.dtype == torch.bfloat16 and scores.device.type == "cpu":
+        kernel = cpu_kernels.softmax_bf16()
+        if kernel is not None:
+            return kernel
+    return lambda s: torch.ops.aten._softmax.out(s, -1, False, out=s)
 
 
 def attention_work(S: int, like: torch.Tensor) -> torch.Tensor:

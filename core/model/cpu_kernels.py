@@ -74,13 +74,21 @@ VarlenAttn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], No
 
 
 @functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(find_build()))
+    except Exception as e:  # noqa: BLE001  (any failure means: use the fallbacks)
+        log.warning("CPU attention kernels unavailable, using grouped SDPA and ATen's "
+                    "softmax: %s", e)
+        return None
+
+
+@functools.cache
 def varlen_attn() -> VarlenAttn | None:
     """``fn(qkv, cu_seqlens, out, max_len, scale)`` filling ``out`` (N, nh, hs) in place
     for every sequence of at most ``max_len`` tokens; None when unavailable."""
-    try:
-        lib = ctypes.CDLL(str(find_build()))
-    except Exception as e:  # noqa: BLE001  (any failure means: use the fallback)
-        log.warning("CPU attention kernel unavailable, using grouped SDPA: %s", e)
+    lib = _library()
+    if lib is None:
         return None
     c = lib.mmq_varlen_attn
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -97,5 +105,66 @@ def varlen_attn() -> VarlenAttn | None:
         if rc:
             raise RuntimeError(f"mmq_varlen_attn failed (code {rc}: head size {hs} needs to "
                                f"be a multiple of the build's vector width, or out of memory)")
+
+    return run
+
+
+@functools.cache
+def softmax_bf16() -> Callable[[torch.Tensor], None] | None:
+    """``fn(x)``: softmax along the rows of a contiguous 2-D bf16 CPU tensor, in place
+    (fp32 arithmetic, rounded to nearest even); None when the kernel is unavailable."""
+    lib = _library()
+    if lib is None:
+        return None
+    c = lib.mmq_softmax_bf16
+    i64 = ctypes.c_int64
+    c.argtypes = [ctypes.c_void_p, i64, i64, ctypes.c_int]
+    c.restype = ctypes.c_int
+
+    def run(x: torch.Tensor) -> None:
+        assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous()
+        rc = c(x.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"mmq_softmax_bf16 failed (code {rc}: out of memory)")
+
+    return run
+
+
+CrossAttn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float],
+                     torch.Tensor]
+
+
+@functools.cache
+def cross_attn_bf16() -> CrossAttn | None:
+    """``fn(q, kp, v, lens, scale)`` -> (B, M, nh, hs) fp32: the decoder's cross-attention
+    (core/model/kernels/cross_attn_bf16.c) for q (B, nh, M, hs), pair-interleaved keys kp
+    (B, nh, hs/2, S, 2) and values v (B, nh, S, hs), all bf16, ``lens`` (B,) int64 real
+    keys per window (a prefix) or None. None where the CPU has no AVX-512 BF16 or the
+    build lacks the kernel."""
+    lib = _library()
+    if lib is None or "avx512_bf16" not in _cpu_flags() or not hasattr(lib, "mmq_cross_attn_bf16"):
+        return None
+    c = lib.mmq_cross_attn_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    c.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    c.restype = ctypes.c_int
+
+    def run(q: torch.Tensor, kp: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+        B, nh, M, hs = q.shape
+        S = v.shape[2]
+        assert q.dtype == kp.dtype == v.dtype == torch.bfloat16
+        assert q.is_contiguous() and kp.is_contiguous() and v.is_contiguous()
+        assert kp.shape == (B, nh, hs // 2, S, 2) and v.shape == (B, nh, S, hs)
+        assert lens is None or (lens.dtype == torch.int64 and lens.is_contiguous()
+                                and lens.shape == (B,))
+        out = torch.empty(B, M, nh, hs)  # (B, M, nh, hs)
+        rc = c(q.data_ptr(), kp.data_ptr(), v.data_ptr(),
+               None if lens is None else lens.data_ptr(), B, nh, M, S, hs, scale,
+               out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"mmq_cross_attn_bf16 failed (code {rc}: head size {hs} is "
+                               "not 64, or out of memory)")
+        return out
 
     return run

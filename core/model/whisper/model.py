@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.model import cpu_kernels
 from core.model.attention import (
     AttentionPlan,
     attention_work,
@@ -174,13 +175,16 @@ class AudioEncoder(nn.Module):
 class CrossKV:
     """Every decoder layer's cross-attention keys and values for B clips, computed once."""
 
-    k: list[torch.Tensor]  # per layer (B, nh, S, hs), S = longest clip's positions
+    k: list[torch.Tensor]  # per layer (B, nh, S, hs), S = longest clip's positions;
+    # with ``pairs``, (B, nh, hs/2, S, 2): the head dimension's pairs interleaved, as the
+    # bf16 cross-attention kernel reads them (core/model/kernels/cross_attn_bf16.c)
     v: list[torch.Tensor]
     key_mask: torch.Tensor | None  # (B, 1, 1, S) True = real position; None when all equal
+    pairs: bool = False
 
     def select(self, idx: torch.Tensor) -> CrossKV:
         return CrossKV([k[idx] for k in self.k], [v[idx] for v in self.v],
-                       None if self.key_mask is None else self.key_mask[idx])
+                       None if self.key_mask is None else self.key_mask[idx], self.pairs)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,6 +197,9 @@ class SelfKV:
 
     buf: torch.Tensor  # (rows, layers, 2, nh, T_max, hs): every layer's keys and values
     length: int = 0  # positions filled
+    # The buffer of the cache this one was selected from: the next ``select`` writes into
+    # it when the rows match, so a search's steps take turns with two buffers.
+    spare: torch.Tensor | None = None
 
     @property
     def k(self) -> list[torch.Tensor]:  # per layer (rows, nh, T_max, hs), views of buf
@@ -205,11 +212,18 @@ class SelfKV:
     def select(self, idx: torch.Tensor) -> SelfKV:
         """Rows ``idx`` (beam reordering): only the filled positions are copied, into a
         buffer of the same capacity (a full-capacity copy per step was 2/3 of the search),
-        all layers in one copy (one buffer: a beam step's reorder is one op, not eight)."""
+        all layers in one copy (one buffer: a beam step's reorder is one op, not eight).
+
+        The copy goes into the buffer of the cache this one was selected from (``spare``),
+        so the cache before this one must not be used after this call. A fresh buffer per
+        step (80 rows: 223 MB, of which the filled positions touch a few pages in every
+        (row, layer, head) block) faulted its pages in anew: 4-5 ms a step, 0.2 ms now."""
         L = self.length
-        out = self.buf.new_empty((idx.shape[0],) + self.buf.shape[1:])
+        shape = (idx.shape[0],) + self.buf.shape[1:]
+        out = self.spare if self.spare is not None and self.spare.shape == shape else (
+            self.buf.new_empty(shape))
         torch.index_select(self.buf[..., :L, :], 0, idx, out=out[..., :L, :])
-        return SelfKV(out, L)
+        return SelfKV(out, L, self.buf)
 
 
 class DecoderLayer(nn.Module):
@@ -227,16 +241,21 @@ class DecoderLayer(nn.Module):
         self.fc1 = nn.Linear(C, 4 * C)
         self.fc2 = nn.Linear(4 * C, C)
 
-    def cross_keys(self, enc: torch.Tensor, dtype: torch.dtype | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross_keys(self, enc: torch.Tensor, dtype: torch.dtype | None = None,
+                   pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, C) encoder states -> keys, values (B, nh, S, hs), contiguous, in
         ``dtype`` (None: the model's). The projection runs in ``dtype`` too: its output is
         rounded to it anyway, and in fp32 it was an eighth of a bf16 encoder's time (16
-        windows: 322 ms of 2.6 s; bf16 transcripts unchanged, bench/speech.py)."""
+        windows: 322 ms of 2.6 s; bf16 transcripts unchanged, bench/speech.py).
+        ``pairs``: the keys as (B, nh, hs/2, S, 2) (``CrossKV.pairs``)."""
         B, S, C = enc.shape
-        kv = cast(linear(enc, self.cross_kv, dtype), dtype)
-        kv = kv.view(B, S, 2, self.nh, self.hs).permute(2, 0, 3, 1, 4).contiguous()
-        return kv[0], kv[1]
+        nh, hs = self.nh, self.hs
+        kv = cast(linear(enc, self.cross_kv, dtype), dtype).view(B, S, 2, nh, hs)
+        v = kv[:, :, 1].permute(0, 2, 1, 3).contiguous()  # (B, nh, S, hs)
+        if pairs:
+            k = kv[:, :, 0].view(B, S, nh, hs // 2, 2).permute(0, 2, 3, 1, 4)
+            return k.contiguous(), v  # (B, nh, hs/2, S, 2)
+        return kv[:, :, 0].permute(0, 2, 1, 3).contiguous(), v
 
     def cross_attention(self, q: torch.Tensor, cross: CrossKV, layer: int) -> torch.Tensor:
         """q (B, nh, R*T, hs) -> (B, nh, R*T, hs) over the clips' encoder positions.
@@ -244,8 +263,17 @@ class DecoderLayer(nn.Module):
         Keys and values in ``kv_dtype`` (bf16 in the reduced modes): a beam step is bound
         by reading them (9 MB per window per step in fp32; every other tensor of a step
         is far smaller). SDPA in bf16 (fp32 accumulation inside) measured 0.67x the time
-        of fp32 SDPA and 0.85x that of two bf16 matmuls around a softmax, in one op."""
+        of fp32 SDPA and 0.85x that of two bf16 matmuls around a softmax, in one op. With
+        AVX-512 BF16 (``CrossKV.pairs``), the kernel core/model/kernels/cross_attn_bf16.c:
+        16 windows' five beams, one layer, 0.92 against SDPA's 4.1 ms on 2 Zen 5 cores,
+        within 5e-7 of fp32 attention over the same bf16 inputs (bf16 SDPA: 5e-4)."""
         k, v = cross.k[layer], cross.v[layer]
+        if cross.pairs:  # the bf16 kernel: ~4x SDPA here, probabilities in fp32
+            B = q.shape[0]
+            lens = None if cross.key_mask is None else cross.key_mask.view(B, -1).sum(-1)
+            out = cpu_kernels.cross_attn_bf16()(q.to(k.dtype).contiguous(), k, v, lens,
+                                                self.hs ** -0.5)  # (B, R*T, nh, hs)
+            return out.transpose(1, 2).to(q.dtype)
         return dense_attention(q.to(k.dtype), k, v, cross.key_mask).to(q.dtype)
 
     def forward(self, x: torch.Tensor, layer: int, cache: SelfKV | None, cross: CrossKV,
@@ -294,10 +322,12 @@ class TextDecoder(nn.Module):
         B, S = len(plan.lengths), plan.max_seqlen
         gather, mask = plan.pad_all()  # (B*S,) rows (pads -> N), (B, S)
         padded = torch.cat([enc, enc.new_zeros(1, C)])[gather].view(B, S, C)  # (B, S, C)
-        ks, vs = zip(*(layer.cross_keys(padded, self.kv_dtype) for layer in self.layers),
-                     strict=True)
+        pairs = (self.kv_dtype == torch.bfloat16 and enc.device.type == "cpu"
+                 and self.cfg.head_dim == 64 and cpu_kernels.cross_attn_bf16() is not None)
+        ks, vs = zip(*(layer.cross_keys(padded, self.kv_dtype, pairs)
+                       for layer in self.layers), strict=True)
         uniform = min(plan.lengths) == S
-        return CrossKV(list(ks), list(vs), None if uniform else mask[:, None, None, :])
+        return CrossKV(list(ks), list(vs), None if uniform else mask[:, None, None, :], pairs)
 
     def new_cache(self, rows: int, max_len: int, like: torch.Tensor) -> SelfKV:
         """An empty cache for ``rows`` rows in the model's dtype (``like``: its device)."""

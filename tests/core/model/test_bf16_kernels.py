@@ -1,0 +1,112 @@
+"""The bf16 kernels of the speech tower (core/model/kernels/): the window attention's
+in-place softmax and the decoder's cross-attention, against ATen on fresh random
+inputs, and the decoder's self-attention cache taking turns with two buffers."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.model import cpu_kernels
+from core.model.attention import AttentionPlan
+from core.model.whisper.model import SelfKV, TextDecoder, WhisperConfig
+
+SEED = random.SystemRandom().randrange(2**31)
+
+
+def needs(kernel):
+    if kernel is None:
+        pytest.skip("no kernel for this CPU (needs the AVX-512 build; cross: avx512_bf16)")
+    return kernel
+
+
+@pytest.mark.parametrize("rows,cols", [(1500, 1500), (7, 1), (3, 16), (33, 33), (5, 47)])
+def test_softmax_bf16_matches_aten(rows, cols):
+    """Full vectors and tails; at most one bf16 step from ATen's, almost always equal."""
+    softmax = needs(cpu_kernels.softmax_bf16())
+    torch.manual_seed(SEED)
+    x = (torch.randn(rows, cols) * 4).bfloat16()
+    ref = torch.softmax(x, -1)
+    got = x.clone()
+    softmax(got)
+    step = torch.finfo(torch.bfloat16).eps * ref.float().abs()  # one bf16 step near ref
+    assert ((got.float() - ref.float()).abs() <= step).all(), f"seed {SEED}"
+    assert (got != ref).float().mean().item() < 1e-3, f"seed {SEED}"
+
+
+def pairs(k: torch.Tensor) -> torch.Tensor:
+    B, nh, S, hs = k.shape
+    return k.view(B, nh, S, hs // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+
+
+@pytest.mark.parametrize("B,M,S,ragged", [(4, 5, 1500, False), (3, 1, 37, False),
+                                          (5, 13, 100, True), (2, 8, 1, False),
+                                          (3, 16, 17, True)])
+def test_cross_attention_kernel_matches_fp32(B, M, S, ragged):
+    """Within 1e-5 of fp32 attention over the same bf16 queries, keys and values (bf16
+    SDPA: ~5e-4), every query-row block size, key tails and ragged windows."""
+    attn = needs(cpu_kernels.cross_attn_bf16())
+    rng = random.Random(SEED)
+    torch.manual_seed(SEED)
+    q, k, v = (torch.randn(B, 6, n, 64).bfloat16() for n in (M, S, S))
+    lens = torch.tensor([rng.randint(1, S) for _ in range(B)]) if ragged else None
+    mask = None if lens is None else (torch.arange(S)[None] < lens[:, None])[:, None, None]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    got = attn(q, pairs(k), v, lens, 64 ** -0.5)  # (B, M, nh, hs)
+    assert (got.transpose(1, 2) - ref).abs().max().item() < 1e-5, f"seed {SEED}"
+
+
+def small_decoder() -> TextDecoder:
+    torch.manual_seed(SEED)
+    cfg = WhisperConfig(dim=128, n_heads=2, n_text_layers=2, n_vocab=300, n_text_ctx=32)
+    dec = TextDecoder(cfg).eval()
+    for p in dec.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    dec.kv_dtype = torch.bfloat16
+    return dec
+
+
+@pytest.mark.parametrize("lengths", [[40, 40, 40], [40, 9, 23]])
+def test_decoder_logits_with_the_kernel_match_sdpa(monkeypatch, lengths):
+    """The decoder with pair-interleaved keys (the kernel) gives the logits of the SDPA
+    path, equal-length and ragged windows, a prompt of three positions then one step."""
+    needs(cpu_kernels.cross_attn_bf16())
+    dec = small_decoder()
+    plan = AttentionPlan.from_lengths(lengths)
+    enc = torch.randn(sum(lengths), 128)
+    tokens = torch.randint(0, 300, (len(lengths), 3))
+
+    def run() -> tuple[torch.Tensor, bool]:
+        cross = dec.cross_kv(enc, plan)
+        cache = dec.new_cache(len(lengths), 8, enc)
+        with torch.inference_mode():
+            first = dec(tokens, cross, cache)  # (B, 3, V)
+            step = dec(tokens[:, :1], cross, cache.select(torch.arange(len(lengths))),
+                       all_logits=False)  # (B, V)
+        return torch.cat([first.flatten(), step.flatten()]), cross.pairs
+
+    fast, used = run()
+    monkeypatch.setattr(cpu_kernels, "cross_attn_bf16", lambda: None)
+    ref, unused = run()
+    assert used and not unused
+    assert (fast - ref).abs().max().item() < 2e-2 * ref.abs().max().item(), f"seed {SEED}"
+
+
+def test_self_cache_select_takes_turns_with_two_buffers():
+    """Each select copies the chosen rows' filled positions into the buffer of the cache
+    before (no fresh buffer per beam step), and the contents are the rows chosen."""
+    torch.manual_seed(SEED)
+    c0 = SelfKV(torch.randn(6, 2, 2, 3, 10, 4), length=7)
+    picks = [torch.tensor([5, 5, 0, 1, 2, 3]), torch.tensor([1, 0, 3, 2, 5, 4]),
+             torch.tensor([2, 2, 2, 0, 0, 0])]
+    want = c0.buf[..., :7, :].clone()
+    caches = [c0]
+    for idx in picks:
+        caches.append(caches[-1].select(idx))
+        want = want[idx]
+        assert torch.equal(caches[-1].buf[..., :7, :], want)
+    ptrs = [c.buf.data_ptr() for c in caches]
+    assert ptrs[2] == ptrs[0] and ptrs[3] == ptrs[1] and ptrs[0] != ptrs[1]
+    fewer = caches[-1].select(torch.tensor([1, 4]))  # rows change: a buffer of their own
+    assert fewer.buf.shape[0] == 2 and torch.equal(fewer.buf[..., :7, :], want[[1, 4]])
