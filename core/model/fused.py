@@ -160,15 +160,48 @@ def linear(x: torch.Tensor, lin: nn.Linear, dtype: torch.dtype | None = None,
         if q_scale is not None:
             y[..., :y.shape[-1] // 3] *= q_scale
         return F.gelu(y) if act == "gelu" else y
-    w, b = lin.weight, lin.bias
-    if q_scale is not None:
-        C = w.shape[1]
-        w = torch.cat([w[:C] * q_scale, w[C:]])
-        b = torch.cat([b[:C] * q_scale, b[C:]])
-    x, w, b = cast(x, dtype), cast(w, dtype), cast(b, dtype)
+    x = cast(x, dtype)
+    if dtype is not None and dtype != lin.weight.dtype and fusable(x, dtype):
+        w, b = _prepared(lin, dtype, q_scale, x.numel() // x.shape[-1])
+        y = LINEAR_POINTWISE(x.reshape(-1, x.shape[-1]).contiguous(), w, b, act, [], "none")
+        return y.view(*x.shape[:-1], y.shape[-1])
+    w, b = _scaled(lin.weight, lin.bias, q_scale)
+    w, b = cast(w, dtype), cast(b, dtype)
     if fusable(x, w.dtype):
         shape = x.shape[:-1]
         y = LINEAR_POINTWISE(x.reshape(-1, x.shape[-1]).contiguous(), w, b, act, [], "none")
         return y.view(*shape, y.shape[-1])
     y = F.linear(x, w, b)
     return F.gelu(y) if act == "gelu" else y
+
+
+def _scaled(w: torch.Tensor, b: torch.Tensor | None, q_scale: float | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fused q, k, v projection's weight and bias with the query rows times q_scale."""
+    if q_scale is None:
+        return w, b
+    C = w.shape[1]
+    return (torch.cat([w[:C] * q_scale, w[C:]]),
+            None if b is None else torch.cat([b[:C] * q_scale, b[C:]]))
+
+
+def _prepared(lin: nn.Module, dtype: torch.dtype, q_scale: float | None, rows: int
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``lin``'s weight and bias in ``dtype`` (the windows path's bf16 matmuls over fp32
+    weights), ``q_scale`` folded in, the weight in oneDNN's layout for ``rows``-row calls:
+    made on first use and again when the weight, bias, dtype or scale change. Cast,
+    folded and reordered on every call they cost ~10-20% of a 12,000-row bf16 matmul
+    (q, k, v 13.5 -> 11.3 ms, proj 4.3 -> 3.4 ms on 2 Zen 5 cores), bit-identical."""
+    key = (_identity(lin.weight), None if lin.bias is None else _identity(lin.bias), dtype,
+           q_scale)
+    held = getattr(lin, "onednn_prepared", None)
+    if held is None or held[0] != key:
+        w, b = _scaled(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(),
+                       q_scale)
+        w, b = w.to(dtype), cast(b, dtype)
+        packed = _reorder(w, rows)
+        # The source tensors are kept: while they live, their memory (the identity's data
+        # pointer) cannot be another weight's.
+        held = (key, w if packed is None else packed, b, (lin.weight, lin.bias))
+        lin.onednn_prepared = held
+    return held[1], held[2]
