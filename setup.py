@@ -39,7 +39,9 @@ EXTRA = {"x86_64_v4": ["core/model/kernels/cross_attn_bf16.c"]}
 def kernels() -> list[Extension]:
     levels = LEVELS.get(platform.machine(), {})
     return [Extension(f"core.model.kernels._varlen_attn_{name}",
-                      ["core/model/kernels/varlen_attn.c", *EXTRA.get(name, [])],
+                      ["core/model/kernels/varlen_attn.c", "core/model/kernels/rows.c",
+                       *EXTRA.get(name, [])],
+                      depends=["core/model/kernels/vec.h"],
                       extra_compile_args=COMMON + flags, extra_link_args=["-fopenmp"],
                       optional=True)  # no compiler: the package installs, SDPA is used
             for name, flags in levels.items()]

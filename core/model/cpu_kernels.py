@@ -168,3 +168,37 @@ def cross_attn_bf16() -> CrossAttn | None:
         return out
 
     return run
+
+
+AddLayerNorm = Callable[[torch.Tensor, torch.Tensor | None, torch.nn.LayerNorm], torch.Tensor]
+
+
+@functools.cache
+def add_ln_bf16() -> AddLayerNorm | None:
+    """``fn(x, y, ln)`` -> ln(x) in bf16, after ``x += y`` in place when ``y`` (bf16, x's
+    shape) is given; x fp32, contiguous, last dimension a multiple of the build's vector
+    width. None when the kernel is unavailable."""
+    lib = _library()
+    if lib is None:
+        return None
+    c = lib.mmq_add_ln_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    c.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr, ctypes.c_int]
+    c.restype = ctypes.c_int
+
+    def run(x: torch.Tensor, y: torch.Tensor | None, ln: torch.nn.LayerNorm) -> torch.Tensor:
+        C = x.shape[-1]
+        assert x.dtype == torch.float32 and x.is_contiguous()
+        assert y is None or (y.dtype == torch.bfloat16 and y.is_contiguous()
+                             and y.shape == x.shape)
+        w, b = ln.weight.detach(), ln.bias.detach()
+        assert w.dtype == b.dtype == torch.float32 and w.is_contiguous() and b.is_contiguous()
+        h = torch.empty(x.shape, dtype=torch.bfloat16)
+        rc = c(x.data_ptr(), None if y is None else y.data_ptr(), w.data_ptr(), b.data_ptr(),
+               ln.eps, x.numel() // C, C, h.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"mmq_add_ln_bf16 failed: width {C} is not a multiple of "
+                               "the build's vector width")
+        return h
+
+    return run

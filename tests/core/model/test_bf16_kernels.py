@@ -1,6 +1,7 @@
 """The bf16 kernels of the speech tower (core/model/kernels/): the window attention's
-in-place softmax and the decoder's cross-attention, against ATen on fresh random
-inputs, and the decoder's self-attention cache taking turns with two buffers."""
+in-place softmax, the encoder's residual add and layer norm, and the decoder's
+cross-attention, against ATen on fresh random inputs; the decoder's self-attention cache
+taking turns with two buffers."""
 
 import random
 
@@ -33,6 +34,29 @@ def test_softmax_bf16_matches_aten(rows, cols):
     step = torch.finfo(torch.bfloat16).eps * ref.float().abs()  # one bf16 step near ref
     assert ((got.float() - ref.float()).abs() <= step).all(), f"seed {SEED}"
     assert (got != ref).float().mean().item() < 1e-3, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("shape", [(8, 1500, 384), (3, 64), (1, 16)])
+@pytest.mark.parametrize("with_y", [True, False])
+def test_add_layer_norm_matches_aten(shape, with_y):
+    """x += y exactly as ATen adds (in place), and ln(x) in bf16 at most one bf16 step
+    from ATen's layer norm rounded to bf16 (and almost always equal)."""
+    add_ln = needs(cpu_kernels.add_ln_bf16())
+    torch.manual_seed(SEED)
+    ln = torch.nn.LayerNorm(shape[-1])
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    x = torch.randn(shape) * 3 + 1
+    y = torch.randn(shape).bfloat16() if with_y else None
+    with torch.inference_mode():
+        want_x = x + y if with_y else x.clone()
+        want_h = ln(want_x).bfloat16()
+        h = add_ln(x, y, ln)
+    assert torch.equal(x, want_x)
+    # One bf16 step, plus fp32 rounding where (x - mean) * rstd * w + b nearly cancels.
+    step = torch.finfo(torch.bfloat16).eps * want_h.float().abs() + 1e-5
+    assert ((h.float() - want_h.float()).abs() <= step).all(), f"seed {SEED}"
+    assert (h != want_h).float().mean().item() < 1e-3, f"seed {SEED}"
 
 
 def pairs(k: torch.Tensor) -> torch.Tensor:
