@@ -24,7 +24,16 @@ temperature=0.0``: its default fallback to sampling at temperatures 0.2.. is ran
 cannot be compared transcript by transcript. Voices: bench/speech_data.py (the tuning
 voices are not used here).
 
-Last full run (2 cores, lightly shared, 120 clips, 285.5 s of audio; encoder matmuls
+The benchmark process keeps freed memory as mmq's model process does
+(``keep_freed_memory``): faster-whisper, in the same process, runs under it too (its
+int8 engine 8.2 -> 11.0 audio-s/s on a Zen 5 by that alone).
+
+Last full run (2 Zen 5 cores, avx512_bf16, no AMX; 120 clips, 285.5 s of audio; bf16):
+transcripts identical 114/120 greedy and 115/120 at beam 5; WER 21.0% ours vs 21.2%
+fp32 at beam 5; keywords 114/120; 28.51 audio-s/s at beam 5, 2.88x faster-whisper
+int8 and 3.58x fp32 (greedy 2.57x and 3.28x).
+
+An earlier full run (2 cores, lightly shared, 120 clips, 285.5 s of audio; encoder matmuls
 bf16, the default on CPUs with native bf16; decode_batch 32): identical transcripts
 114/120 (95.0%) greedy, 115/120 (95.8%) at beam 5; WER 21.0% ours vs 21.2% fp32 at beam
 5 (25.9% vs 25.7% greedy); keywords 114/120; throughput ours/fp32 2.26x greedy, 2.44x
