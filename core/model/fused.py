@@ -97,8 +97,10 @@ def _reorder(w: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 def _identity(w: torch.Tensor) -> tuple:
-    """What changes when a weight does: replaced (``.data``, ``.to``) or written in place."""
-    return w.data_ptr(), w._version, w.dtype, w.device
+    """What changes when a weight does: replaced (``.data``, ``.to``) or written in place.
+    A weight made under ``torch.inference_mode`` (a model loaded inside it) has no
+    version counter: only its replacement is seen."""
+    return w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device
 
 
 def packed_weight(lin: nn.Module) -> torch.Tensor:

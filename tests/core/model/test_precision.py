@@ -185,6 +185,55 @@ def test_a_packed_bf16_weight_gives_the_same_outputs_and_is_never_served_stale()
     assert fused.packed_weight(lin) is lin.weight
 
 
+@needs_bf16
+def test_weights_made_in_inference_mode_are_packed_and_prepared():
+    """A model loaded inside ``torch.inference_mode`` (bench/towers.py's main is) has
+    weights without a version counter: packing them raised "Inference tensors do not
+    track version counter". They pack, and fp32 weights get their bf16 copy, as others."""
+    from torch import nn
+
+    from core.model import fused
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        lin = nn.Linear(64, 96).to(torch.bfloat16)
+        fused.pack(lin, 256)
+        x = torch.randn(7, 64).bfloat16()
+        assert torch.equal(fused.plain_linear(x, lin), F.linear(x, lin.weight, lin.bias))
+        lin32 = nn.Linear(64, 96)
+        y = fused.linear(x.float(), lin32, torch.bfloat16)
+        assert torch.equal(y, F.linear(x, lin32.weight.bfloat16(), lin32.bias.bfloat16()))
+
+
+@needs_bf16
+def test_prepared_bf16_copies_of_fp32_weights_fold_the_query_scale_and_follow_changes():
+    """``fused.linear`` with a bf16 matmul over an fp32 layer (the speech encoder's
+    windows) keeps one prepared bf16 copy (scaled query rows folded in, oneDNN's
+    layout): the outputs of casting every call, bit for bit; a new copy when the
+    weight is written or the scale changes."""
+    from torch import nn
+
+    from core.model import fused
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 96)  # a fused q, k, v projection of width 32
+    x = torch.randn(50, 32)
+
+    def want(scale):
+        w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+        if scale is not None:
+            w[:32] *= scale
+            b[:32] *= scale
+        return F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16())
+
+    with torch.inference_mode():
+        for scale in (None, 0.125, None, 0.5):
+            assert torch.equal(fused.linear(x, lin, torch.bfloat16, q_scale=scale), want(scale))
+        with torch.no_grad():
+            lin.weight.mul_(3)  # written in place
+        assert torch.equal(fused.linear(x, lin, torch.bfloat16, q_scale=0.5), want(0.5))
+
+
 def test_whisper_logits_run_on_a_packed_copy_of_the_tied_embedding():
     """The decoder's output projection (the tied (V, C) embedding, fp32) is kept in
     oneDNN's layout (``fused.PackedWeight``): the same logits as the plain matmul, with
