@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from core.config import Settings
 from core.model.multimodal import MultimodalModel
 from core.model.text import default_text_path
+from core.serving.procs import keep_freed_memory
 from core.training.samples import sentences
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32",
                     help="comma-separated text precisions: fp32, bf16, int8, auto")
     args = ap.parse_args()
+    keep_freed_memory()  # mmq's model runs so in its model process (core/serving/procs.py)
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
 
