@@ -217,6 +217,14 @@ def _call_each(s: Session, ops: list[CallOp]) -> list:
     return [op.fn(s) for op in ops]
 
 
+def brief_error(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an error, at most ``limit`` characters of it; for a
+    SQLAlchemy error the database driver's own message (without the statement)."""
+    orig = getattr(e, "orig", None)
+    lines = str(orig if orig is not None else e).strip().splitlines()
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
+
+
 class GroupWriter:
     def __init__(self, sessions: sessionmaker[Session],
                  write_lock: threading.Lock | None = None,
@@ -267,10 +275,14 @@ class GroupWriter:
             group = self._queue.take()
             try:
                 self._write(group)
-            except Exception:  # noqa: BLE001  (retry alone: one bad request fails alone)
+            except Exception as e:  # noqa: BLE001  (retry alone: one bad request fails alone)
                 if len(group) > 1:
-                    log.warning("group commit of %d writes failed; writing each alone",
-                                len(group), exc_info=True)
+                    # One line: SQLAlchemy's message holds the whole statement (a group's
+                    # fenced finishes: tens of KB); each write's own error reaches its
+                    # task in full below, the traceback only at debug level.
+                    log.warning("group commit of %d writes failed (%s); writing each alone",
+                                len(group), brief_error(e))
+                    log.debug("the group's error", exc_info=True)
                 for pending in group:
                     try:
                         self._write([pending])

@@ -142,3 +142,31 @@ def test_a_failed_group_is_retried_one_write_at_a_time(sessions, writer):
     with pytest.raises(RuntimeError, match="a write that fails"):
         bad.result(timeout=30)
     assert _get(sessions, job_id)[0].status == "running"  # its neighbour was written
+
+
+def test_a_failed_group_logs_one_short_line_not_its_sql(sessions, writer, caplog):
+    """A group's failure is logged once, briefly: SQLAlchemy's message carries the whole
+    statement (with 1,000 fenced finishes per statement, tens of KB) and its traceback in
+    one log record. Each write's own error still reaches its caller in full."""
+    from sqlalchemy import text
+
+    gate, entered = threading.Event(), threading.Event()
+    writer.call(lambda s: (entered.set(), gate.wait(30)))
+    assert entered.wait(30)
+    names = [f"p{i}" for i in range(2000)]
+    statement = text("SELECT " + ", ".join(f":{n}" for n in names) + " FROM no_such_table")
+
+    def long_sql(session):
+        session.execute(statement, {n: "x" * 20 for n in names})
+
+    ok = writer.call(lambda s: "fine")
+    bad = writer.call(long_sql)
+    with caplog.at_level("DEBUG", logger="mmq"):
+        gate.set()
+        with pytest.raises(Exception, match="no_such_table") as err:
+            bad.result(timeout=30)
+        assert ok.result(timeout=30) == "fine"
+    assert len(str(err.value)) > 5_000  # the caller's error: whole
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "no such table: no_such_table" in warned[0].getMessage()
+    assert len(warned[0].getMessage()) < 500 and warned[0].exc_info is None
