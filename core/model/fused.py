@@ -202,8 +202,10 @@ def _prepared(lin: nn.Module, dtype: torch.dtype, q_scale: float | None, rows: i
                        q_scale)
         w, b = w.to(dtype), cast(b, dtype)
         packed = _reorder(w, rows)
-        # The source tensors are kept: while they live, their memory (the identity's data
-        # pointer) cannot be another weight's.
-        held = (key, w if packed is None else packed, b, (lin.weight, lin.bias))
+        # The source tensors' storage is kept (detached views, not the Parameters: a
+        # ``.data =`` swap frees a Parameter's old storage): while it lives, its address
+        # (the identity's data pointer) cannot become another weight's.
+        held = (key, w if packed is None else packed, b,
+                (lin.weight.detach(), None if lin.bias is None else lin.bias.detach()))
         lin.onednn_prepared = held
     return held[1], held[2]

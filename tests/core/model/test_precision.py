@@ -234,6 +234,28 @@ def test_prepared_bf16_copies_of_fp32_weights_fold_the_query_scale_and_follow_ch
         assert torch.equal(fused.linear(x, lin, torch.bfloat16, q_scale=0.5), want(0.5))
 
 
+@needs_bf16
+def test_a_prepared_copy_keeps_the_storage_its_identity_names():
+    """``lin.weight.data = new`` frees the old storage while the Parameter lives on. Held
+    by the Parameter only, that address was free for the next weight of the same size,
+    which then looked like the prepared one (same pointer, same version) and got stale
+    outputs: seen in a process whose allocator reuses freed blocks at once (the model
+    process's, ``keep_freed_memory``). The prepared copy holds the old storage itself."""
+    from torch import nn
+
+    from core.model import fused
+
+    lin, x = nn.Linear(64, 96), torch.randn(5, 64)
+    with torch.no_grad():
+        fused.linear(x, lin, torch.bfloat16)
+        old = lin.weight.data_ptr()
+        lin.weight.data = torch.randn(96, 64)  # swapped: the Parameter stays
+        held = lin.onednn_prepared[3][0]
+        assert held.data_ptr() == old  # still allocated: no other weight can take it
+        y = fused.linear(x, lin, torch.bfloat16)
+    assert torch.equal(y, F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()))
+
+
 def test_whisper_logits_run_on_a_packed_copy_of_the_tied_embedding():
     """The decoder's output projection (the tied (V, C) embedding, fp32) is kept in
     oneDNN's layout (``fused.PackedWeight``): the same logits as the plain matmul, with
