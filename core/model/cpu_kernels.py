@@ -122,7 +122,8 @@ def softmax_bf16() -> Callable[[torch.Tensor], None] | None:
     c.restype = ctypes.c_int
 
     def run(x: torch.Tensor) -> None:
-        assert x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous()
+        _check(x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous()
+               and x.device.type == "cpu", "softmax_bf16 takes a contiguous 2-D bf16 CPU tensor")
         rc = c(x.data_ptr(), x.shape[0], x.shape[1], torch.get_num_threads())
         if rc:
             raise RuntimeError(f"mmq_softmax_bf16 failed (code {rc}: out of memory)")
@@ -153,11 +154,15 @@ def cross_attn_bf16() -> CrossAttn | None:
             scale: float) -> torch.Tensor:
         B, nh, M, hs = q.shape
         S = v.shape[2]
-        assert q.dtype == kp.dtype == v.dtype == torch.bfloat16
-        assert q.is_contiguous() and kp.is_contiguous() and v.is_contiguous()
-        assert kp.shape == (B, nh, hs // 2, S, 2) and v.shape == (B, nh, S, hs)
-        assert lens is None or (lens.dtype == torch.int64 and lens.is_contiguous()
-                                and lens.shape == (B,))
+        ts = (q, kp, v)
+        _check(all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
+                   for t in ts), "cross_attn_bf16 takes contiguous bf16 CPU tensors")
+        _check(kp.shape == (B, nh, hs // 2, S, 2) and v.shape == (B, nh, S, hs),
+               f"cross_attn_bf16: keys {tuple(kp.shape)} / values {tuple(v.shape)} do not "
+               f"match queries {tuple(q.shape)}")
+        _check(lens is None or (lens.dtype == torch.int64 and lens.is_contiguous()
+                                and lens.shape == (B,) and bool((lens <= S).all())),
+               f"cross_attn_bf16: lens must be (B,) int64 of at most S={S} keys")
         out = torch.empty(B, M, nh, hs)  # (B, M, nh, hs)
         rc = c(q.data_ptr(), kp.data_ptr(), v.data_ptr(),
                None if lens is None else lens.data_ptr(), B, nh, M, S, hs, scale,
@@ -188,11 +193,14 @@ def add_ln_bf16() -> AddLayerNorm | None:
 
     def run(x: torch.Tensor, y: torch.Tensor | None, ln: torch.nn.LayerNorm) -> torch.Tensor:
         C = x.shape[-1]
-        assert x.dtype == torch.float32 and x.is_contiguous()
-        assert y is None or (y.dtype == torch.bfloat16 and y.is_contiguous()
-                             and y.shape == x.shape)
         w, b = ln.weight.detach(), ln.bias.detach()
-        assert w.dtype == b.dtype == torch.float32 and w.is_contiguous() and b.is_contiguous()
+        _check(x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu",
+               "add_ln_bf16: x must be a contiguous fp32 CPU tensor")
+        _check(y is None or (y.dtype == torch.bfloat16 and y.is_contiguous()
+                             and y.shape == x.shape), "add_ln_bf16: y must be bf16, x's shape")
+        _check(w.dtype == b.dtype == torch.float32 and w.shape == b.shape == (C,)
+               and w.is_contiguous() and b.is_contiguous(),
+               f"add_ln_bf16: the layer norm must have fp32 weight and bias of {C}")
         h = torch.empty(x.shape, dtype=torch.bfloat16)
         rc = c(x.data_ptr(), None if y is None else y.data_ptr(), w.data_ptr(), b.data_ptr(),
                ln.eps, x.numel() // C, C, h.data_ptr(), torch.get_num_threads())
@@ -202,3 +210,10 @@ def add_ln_bf16() -> AddLayerNorm | None:
         return h
 
     return run
+
+
+def _check(ok: bool, message: str) -> None:
+    """The kernels take raw pointers: a wrong tensor is refused here (not by ``assert``,
+    which ``python -O`` drops), before C reads past its end."""
+    if not ok:
+        raise ValueError(message)

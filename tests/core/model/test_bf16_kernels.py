@@ -134,3 +134,26 @@ def test_self_cache_select_takes_turns_with_two_buffers():
     assert ptrs[2] == ptrs[0] and ptrs[3] == ptrs[1] and ptrs[0] != ptrs[1]
     fewer = caches[-1].select(torch.tensor([1, 4]))  # rows change: a buffer of their own
     assert fewer.buf.shape[0] == 2 and torch.equal(fewer.buf[..., :7, :], want[[1, 4]])
+
+
+def test_kernel_wrappers_refuse_what_c_would_misread():
+    """Raw pointers: a transposed, wrongly typed or too-long input is a ValueError (with
+    ``python -O`` too), not a wrong answer or a read past the end. Key lengths over S
+    left some outputs unwritten (torch.empty's garbage) before."""
+    softmax, add_ln = cpu_kernels.softmax_bf16(), cpu_kernels.add_ln_bf16()
+    if softmax is not None:
+        x = torch.randn(8, 6).bfloat16()
+        for bad in (x.t(), x.float(), x[None]):
+            with pytest.raises(ValueError):
+                softmax(bad)
+    if add_ln is not None:
+        ln = torch.nn.LayerNorm(16)
+        with pytest.raises(ValueError), torch.inference_mode():
+            add_ln(torch.randn(4, 16), torch.randn(4, 16), ln)  # y not bf16
+    attn = cpu_kernels.cross_attn_bf16()
+    if attn is not None:
+        q, k, v = (torch.randn(2, 6, n, 64).bfloat16() for n in (5, 50, 50))
+        with pytest.raises(ValueError, match="at most S=50"):
+            attn(q, pairs(k), v, torch.tensor([51, 50]), 0.125)
+        with pytest.raises(ValueError, match="do not match"):
+            attn(q, pairs(k), v[:, :, :40].contiguous(), None, 0.125)
