@@ -35,13 +35,17 @@ def keep_freed_memory() -> None:
     without them (2 Zen 5 cores, the forward on a thread, with ``limit_malloc_arenas``).
     Raised thresholds (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) keep up to TRIM_THRESHOLD
     of freed memory in the process: its resident size stays near its peak, which is what
-    the next batch needs. A no-op off glibc."""
+    the next batch needs (a speech model process over 40 batches of 1-32 windows: 1.6-2.1
+    GB resident against 1.2-1.5, peak 2.2 against 1.9 GB). A no-op off glibc; a glibc
+    that refuses a threshold keeps its own (logged)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # -3 = M_MMAP_THRESHOLD (fixes it: no adapting)
-        libc.mallopt(-1, TRIM_THRESHOLD)  # -1 = M_TRIM_THRESHOLD
+        ok = (libc.mallopt(-3, MMAP_THRESHOLD),  # -3 = M_MMAP_THRESHOLD (fixed: no adapting)
+              libc.mallopt(-1, TRIM_THRESHOLD))  # -1 = M_TRIM_THRESHOLD
     except (OSError, AttributeError):
-        pass
+        return
+    if not all(ok):
+        log.info("glibc kept its own malloc thresholds (mallopt answered %s)", ok)
 
 
 def batch_scheduling() -> None:
