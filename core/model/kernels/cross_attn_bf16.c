@@ -10,8 +10,8 @@
  * accumulated with VDPBF16PS, which multiplies pairs of bf16 along the head dimension
  * into fp32 lanes. For that, the keys are stored pair-interleaved, (hs/2, S, 2): 16
  * keys' values of one dimension pair are one 64-byte load (core/model/whisper/model.py
- * lays them out so once per window). The softmax is fp32, with the same exponential as
- * varlen_attn.c; the probabilities stay fp32 and multiply the values widened to fp32
+ * lays them out so once per window). The softmax is fp32, the other kernels' (softmax_exp in
+ * vec.h); the probabilities stay fp32 and multiply the values widened to fp32
  * (ATen's bf16 SDPA rounds them to bf16 first), and each output row is scaled by the
  * inverse sum at the end. Threads (OpenMP, torch's runtime) split the (window, head)
  * pairs.
@@ -26,31 +26,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec.h"
+
+#if MMQ_VW != 16
+#error "the AVX-512 build only: its vectors are 16 floats"
+#endif
+
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define INL __attribute__((always_inline)) inline
 #define QR 8  /* query rows per score block */
 #define PR 6  /* query rows per P V block: 6 x 4 accumulators, 4 value vectors */
 #define HS 64 /* the head size this kernel handles (every Whisper size's) */
-
-/* exp(x) for x <= 0: Cephes' polynomial, as vexp in varlen_attn.c. */
-BF16 static INL __m512 exp512(__m512 x) {
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-    const __m512 n = _mm512_sub_ps(t, magic);
-    const __m512i e = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic));
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(_mm512_mul_ps(y, x), x, _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(scale));
-}
 
 static INL __mmask16 tail_mask(int64_t rem) {
     return rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);
@@ -74,23 +60,6 @@ BF16 static INL void scores(const uint16_t *q, const uint16_t *kp, int64_t S, in
         }
         for (int r = 0; r < nr; r++) _mm512_storeu_ps(s + r * Lv + j0, _mm512_mul_ps(acc[r], sc));
     }
-}
-
-/* p = exp(s - max) over the first L entries of a row, in place; returns 1 / sum. */
-BF16 static float softmax_row(float *s, int64_t L) {
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < L; j += 16)
-        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
-                                                    tail_mask(L - j), s + j));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; j += 16) {
-        const __mmask16 k = tail_mask(L - j);
-        const __m512 p = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), m)));
-        _mm512_mask_storeu_ps(s + j, k, p);
-        sum = _mm512_add_ps(sum, p);
-    }
-    return 1.f / _mm512_reduce_add_ps(sum);
 }
 
 /* o_r = inv_r * sum_j p[r][j] v_j for nr rows, v (L, HS) bf16 widened to fp32. */
@@ -130,7 +99,7 @@ BF16 static void attend(const uint16_t *q, const uint16_t *kp, const uint16_t *v
             default: scores(q0, kp, S, L, scale, s, Lv, nr);
         }
         float inv[QR];
-        for (int r = 0; r < nr; r++) inv[r] = softmax_row(s + r * Lv, L);
+        for (int r = 0; r < nr; r++) inv[r] = softmax_exp(s + r * Lv, L);
         for (int r0 = 0; r0 < nr; r0 += PR) {
             const int n = nr - r0 < PR ? nr - r0 : PR;
             float *o = out + (m0 + r0) * os;

@@ -15,34 +15,24 @@
  * makes three passes over each row, converting every element each time; it was a sixth
  * of a bf16 encoder's time (0.23 s of 1.33 s for 16 windows on a Zen 5). Here a row is
  * widened once into a per-thread fp32 buffer that stays in L1 (6 KB for 1,500 keys),
- * its max, exponentials and sum are taken there, and it is rounded back to bf16
+ * its max, exponentials and sum are taken there (softmax_exp, vec.h), and it is
+ * rounded back to bf16
  * (round to nearest even, as torch rounds). Only finite scores are expected (no masks
  * here): the exponent's argument is <= 0. */
 static void softmax_row(uint16_t *row, int64_t n, float *buf) {
-    const int64_t nf = n / W, nv = (n + W - 1) / W;  /* full vectors, all vectors */
+    const int64_t nf = n / W;  /* full vectors */
     vf m = splat(-INFINITY);
-    for (int64_t c = 0; c < nf; c++) {
+    for (int64_t c = 0; c < nf; c++) {  /* widened once; the max on the way */
         const vf x = bf16_load(row + c * W);
         store(buf + c * W, x);
-        const vi gt = x > m;
-        m = (vf)(((vi)x & gt) | ((vi)m & ~gt));
+        m = vmax(m, x);
     }
-    float mx = -INFINITY;
-    for (int i = 0; i < W; i++) mx = m[i] > mx ? m[i] : mx;
-    for (int64_t j = nf * W; j < nv * W; j++) {  /* the tail; lanes past n hold 0 */
-        buf[j] = j < n ? bf16_to_float(row[j]) : 0.f;
-        if (j < n && buf[j] > mx) mx = buf[j];
+    float mx = vmax_lanes(m);
+    for (int64_t j = nf * W; j < n; j++) {
+        buf[j] = bf16_to_float(row[j]);
+        mx = buf[j] > mx ? buf[j] : mx;
     }
-    vi lane;
-    for (int i = 0; i < W; i++) lane[i] = i;
-    vf sum = splat(0.f);
-    for (int64_t c = 0; c < nv; c++) {
-        vf p = vexp(load(buf + c * W) - splat(mx));
-        if (c == nf) p = (vf)((vi)p & (lane + (int32_t)(c * W) < (int32_t)n));
-        store(buf + c * W, p);
-        sum += p;
-    }
-    const vf inv = splat(1.f / hsum(sum));
+    const vf inv = splat(softmax_exp_from(buf, n, mx));
     for (int64_t c = 0; c < nf; c++) bf16_store(row + c * W, load(buf + c * W) * inv);
     for (int64_t j = nf * W; j < n; j++) row[j] = float_to_bf16(buf[j] * inv[0]);
 }

@@ -29,6 +29,12 @@
 
 #include "vec.h"
 
+#ifndef MMQ_KC
+#define MMQ_KC 4
+#endif
+#define KC MMQ_KC /* key vectors per score tile */
+#define R 4       /* query rows per register block */
+
 /* s[r][c*W..] = scale * (q_r . k) for nr query rows and nc key vectors. The call sites
  * pass constants, so the accumulators (at most 4 x 4 vectors) stay in registers. */
 static inline __attribute__((always_inline)) void qk_tile(
@@ -75,8 +81,6 @@ static void attend(const float *qb, const float *kb, const float *vb, int64_t rs
     for (int64_t d = 0; d < hs; d++) store(kt + d * Lv + (nv - 1) * W, splat(0.f));
     for (int64_t j = 0; j < L; j++)
         for (int64_t d = 0; d < hs; d++) kt[d * Lv + j] = kb[j * rs + d];
-    vi lane;
-    for (int i = 0; i < W; i++) lane[i] = i;
     for (int64_t i0 = 0; i0 < L; i0 += R) {
         const int nr = L - i0 < R ? (int)(L - i0) : R;
         const float *q0 = qb + i0 * rs;
@@ -96,21 +100,7 @@ static void attend(const float *qb, const float *kb, const float *vb, int64_t rs
         }
         /* softmax over the L real keys of each row; lanes past L get weight 0 */
         float inv[R];
-        for (int r = 0; r < nr; r++) {
-            float *sr = s + r * Lv;
-            float m = -INFINITY;
-            for (int64_t j = 0; j < L; j++) m = sr[j] > m ? sr[j] : m;
-            vf sum = splat(0.f);
-            for (int64_t c = 0; c < nv; c++) {
-                vf p = vexp(load(sr + c * W) - splat(m));
-                p = (vf)((vi)p & (lane + (int32_t)(c * W) < (int32_t)L));
-                store(sr + c * W, p);
-                sum += p;
-            }
-            float t = 0.f;
-            for (int i = 0; i < W; i++) t += sum[i];
-            inv[r] = 1.f / t;
-        }
+        for (int r = 0; r < nr; r++) inv[r] = softmax_exp(s + r * Lv, L);
         for (int64_t d0 = 0; d0 < hs; d0 += 2 * W) {
             const int nd = hs - d0 >= 2 * W ? 2 : 1;
             float *o0 = ob + i0 * os + d0;

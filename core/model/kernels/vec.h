@@ -3,18 +3,14 @@
  * build, see varlen_attn.c). */
 #ifndef MMQ_VEC_H
 #define MMQ_VEC_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #ifndef MMQ_VW
 #define MMQ_VW 16
 #endif
-#ifndef MMQ_KC
-#define MMQ_KC 4
-#endif
 #define W MMQ_VW  /* floats per vector */
-#define KC MMQ_KC /* key vectors per score tile */
-#define R 4       /* query rows per register block */
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef int32_t vi __attribute__((vector_size(4 * W)));
 
@@ -79,5 +75,55 @@ static inline float hsum(vf v) {
     float t = 0.f;
     for (int i = 0; i < W; i++) t += v[i];
     return t;
+}
+
+static inline vf vmax(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
+
+static inline float vmax_lanes(vf m) {
+    float mx = -INFINITY;
+    for (int i = 0; i < W; i++) mx = m[i] > mx ? m[i] : mx;
+    return mx;
+}
+
+/* The lanes of the partial vector after n / W full ones that are still among n. */
+static inline vi real_lanes(int64_t n) {
+    vi lane;
+    for (int i = 0; i < W; i++) lane[i] = i;
+    return lane < (int32_t)(n % W);
+}
+
+/* The softmax's exponentials of every kernel here: s[j] = exp(s[j] - mx) for j < n, in
+ * place, mx being the max of s[0..n); returns 1 / their sum. s holds n rounded up to
+ * whole vectors; the lanes past n are read (whatever they hold) and set to 0. */
+static inline float softmax_exp_from(float *s, int64_t n, float mx) {
+    const int64_t nf = n / W;
+    vf sum = splat(0.f);
+    for (int64_t c = 0; c < nf; c++) {
+        const vf p = vexp(load(s + c * W) - splat(mx));
+        store(s + c * W, p);
+        sum += p;
+    }
+    if (n % W) {
+        const vf p = (vf)((vi)vexp(load(s + nf * W) - splat(mx)) & real_lanes(n));
+        store(s + nf * W, p);
+        sum += p;
+    }
+    return 1.f / hsum(sum);
+}
+
+/* The same, taking the max first. */
+static inline float softmax_exp(float *s, int64_t n) {
+    const int64_t nf = n / W;
+    const vf ninf = splat(-INFINITY);
+    vf m = ninf;
+    for (int64_t c = 0; c < nf; c++) m = vmax(m, load(s + c * W));
+    if (n % W) {
+        const vi real = real_lanes(n);
+        m = vmax(m, (vf)(((vi)load(s + nf * W) & real) | ((vi)ninf & ~real)));
+    }
+    return softmax_exp_from(s, n, vmax_lanes(m));
 }
 #endif

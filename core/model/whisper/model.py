@@ -187,7 +187,7 @@ def _add_ln(x: torch.Tensor, dtype: torch.dtype | None):
             and kernel is not None and x.shape[-1] % 16 == 0 and not torch.is_grad_enabled()):
         def fused(x: torch.Tensor, y: torch.Tensor | None, ln: nn.LayerNorm
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            x = x.contiguous() if y is None else x  # then x is one of ours
+            x = x.contiguous() if y is None else x  # the kernel adds into x in place
             return x, kernel(x, y, ln)
 
         return fused
