@@ -56,7 +56,9 @@ def test_add_layer_norm_matches_aten(shape, with_y):
     # One bf16 step, plus fp32 rounding where (x - mean) * rstd * w + b nearly cancels.
     step = torch.finfo(torch.bfloat16).eps * want_h.float().abs() + 1e-5
     assert ((h.float() - want_h.float()).abs() <= step).all(), f"seed {SEED}"
-    assert (h != want_h).float().mean().item() < 1e-3, f"seed {SEED}"
+    # Almost always equal: one in a thousand may differ, one at least (a (3, 64) input's
+    # one differing value of 192 failed ~1% of seeds when the bound was a fraction alone).
+    assert (h != want_h).sum().item() <= max(1, 1e-3 * h.numel()), f"seed {SEED}"
 
 
 def pairs(k: torch.Tensor) -> torch.Tensor:
