@@ -33,7 +33,8 @@ def test_softmax_bf16_matches_aten(rows, cols):
     softmax(got)
     step = torch.finfo(torch.bfloat16).eps * ref.float().abs()  # one bf16 step near ref
     assert ((got.float() - ref.float()).abs() <= step).all(), f"seed {SEED}"
-    assert (got != ref).float().mean().item() < 1e-3, f"seed {SEED}"
+    # One in a thousand may differ, or one value (as in the add+layer-norm test below).
+    assert (got != ref).sum().item() <= max(1, 1e-3 * got.numel()), f"seed {SEED}"
 
 
 @pytest.mark.parametrize("shape", [(8, 1500, 384), (3, 64), (1, 16)])
