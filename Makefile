@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.mmq-installed
 
 .PHONY: run test lint bench
 
-$(STAMP): pyproject.toml setup.py core/model/kernels/varlen_attn.c
+# Any kernel source edited: pip builds the C kernels again (setup.py).
+$(STAMP): pyproject.toml setup.py $(wildcard core/model/kernels/*.c core/model/kernels/*.h)
 	@# espeak-ng synthesises the spoken-word training set (Debian package); as root
 	@# it is installed here, otherwise the tests that need it say so and skip.
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

@@ -33,7 +33,7 @@ LEVELS = {
 # Sources only a level's build has: the decoder's cross-attention (AVX-512 BF16
 # intrinsics, compiled for that extension by function attribute; called only on a CPU
 # with avx512_bf16).
-EXTRA = {"x86_64_v4": ["core/model/kernels/cross_attn_bf16.c"]}
+EXTRA = {"x86_64_v4": ["core/model/kernels/attn_bf16.c"]}
 
 
 def kernels() -> list[Extension]:

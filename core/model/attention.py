@@ -324,8 +324,9 @@ def window_attention(qkv: torch.Tensor, explicit: bool,
     """Equal-length sequences: (B, S, 3, nh, hs) -> (B, S, nh, hs).
 
     SDPA over (B, nh, S, hs) as views, no plan. ``explicit``: q is already scaled by
-    1/sqrt(hs), and attention runs as two matmuls and a softmax, one (window, head) at a
-    time: on a CPU without AMX in bf16 that is ~3x bf16 SDPA, which is no faster than
+    1/sqrt(hs), and attention runs in the C kernel where the CPU has one
+    (``window_kernel``), else as two matmuls and a softmax, one (window, head) at a
+    time: on a CPU without AMX in bf16 either is ~3x bf16 SDPA, which is no faster than
     fp32 there (with AMX, SDPA is ~2.7x the explicit path: the caller decides).
 
     One head's (S, S) scores at a time (4.5 MB in bf16 for a 30 s window), softmaxed in
@@ -338,6 +339,8 @@ def window_attention(qkv: torch.Tensor, explicit: bool,
     if not explicit:
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    if (kernel := window_kernel(qkv)) is not None:
+        return kernel(qkv)  # (B, S, nh, hs), contiguous
     q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # each (B, nh, S, hs)
     out = q.new_empty(B, nh, S, hs)
     scores = work if work is not None else attention_work(S, q)  # (S, S)
@@ -348,6 +351,16 @@ def window_attention(qkv: torch.Tensor, explicit: bool,
             softmax(scores)
             torch.matmul(scores, v[i, h], out=out[i, h])  # (S, hs)
     return out.transpose(1, 2)
+
+
+def window_kernel(qkv: torch.Tensor):
+    """The explicit window attention as one C kernel (core/model/kernels/attn_bf16.c:
+    both products on AVX-512 BF16 dot products, each block of query rows' fp32 scores kept
+    in the cache; ~3x the two matmuls and softmax below on a Zen 4), where the CPU has
+    AVX-512 BF16 and the heads are 64 wide (every Whisper size's); else None."""
+    if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and qkv.shape[-1] == 64:
+        return cpu_kernels.window_attn_bf16()
+    return None
 
 
 def _softmax_in_place(scores: torch.Tensor):

@@ -138,7 +138,7 @@ CrossAttn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | N
 @functools.cache
 def cross_attn_bf16() -> CrossAttn | None:
     """``fn(q, kp, v, lens, scale)`` -> (B, M, nh, hs) fp32: the decoder's cross-attention
-    (core/model/kernels/cross_attn_bf16.c) for q (B, nh, M, hs), pair-interleaved keys kp
+    (core/model/kernels/attn_bf16.c) for q (B, nh, M, hs), pair-interleaved keys kp
     (B, nh, hs/2, S, 2) and values v (B, nh, S, hs), all bf16, ``lens`` (B,) int64 real
     keys per window (a prefix) or None. None where the CPU has no AVX-512 BF16 or the
     build lacks the kernel."""
@@ -169,6 +169,39 @@ def cross_attn_bf16() -> CrossAttn | None:
                out.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"mmq_cross_attn_bf16 failed (code {rc}: head size {hs} is "
+                               "not 64, or out of memory)")
+        return out
+
+    return run
+
+
+WindowAttn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@functools.cache
+def window_attn_bf16() -> WindowAttn | None:
+    """``fn(qkv)`` -> (B, S, nh, hs) bf16: the speech encoder's window self-attention
+    (core/model/kernels/attn_bf16.c) for qkv (B, S, 3, nh, hs) bf16 whose queries
+    are already scaled by 1/sqrt(hs); hs must be 64. None where the CPU has no AVX-512
+    BF16 or the build lacks the kernel."""
+    lib = _library()
+    if (lib is None or "avx512_bf16" not in _cpu_flags()
+            or not hasattr(lib, "mmq_window_attn_bf16")):
+        return None
+    c = lib.mmq_window_attn_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    c.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    c.restype = ctypes.c_int
+
+    def run(qkv: torch.Tensor) -> torch.Tensor:
+        _check(qkv.dtype == torch.bfloat16 and qkv.is_contiguous() and qkv.dim() == 5
+               and qkv.shape[2] == 3 and qkv.device.type == "cpu" and qkv.shape[1] > 0,
+               "window_attn_bf16 takes a contiguous (B, S, 3, nh, hs) bf16 CPU tensor")
+        B, S, _, nh, hs = qkv.shape
+        out = torch.empty(B, S, nh, hs, dtype=torch.bfloat16)  # (B, S, nh, hs)
+        rc = c(qkv.data_ptr(), B, S, nh, hs, out.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"mmq_window_attn_bf16 failed (code {rc}: head size {hs} is "
                                "not 64, or out of memory)")
         return out
 

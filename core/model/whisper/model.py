@@ -30,6 +30,7 @@ from core.model.attention import (
     attention_work,
     dense_attention,
     window_attention,
+    window_kernel,
 )
 from core.model.cpu_kernels import amx_bf16
 from core.model.encoder import Encoder, EncoderConfig
@@ -115,7 +116,7 @@ class AudioEncoder(nn.Module):
         x, h = add_ln(x, None, layers[0].ln_attn)
         for n, layer in enumerate(layers):
             qkv = cast(linear(h, layer.qkv, md, q_scale=q_scale).view(B, S, 3, nh, hs), ad)
-            if explicit and work is None:
+            if explicit and work is None and window_kernel(qkv) is None:
                 work = attention_work(S, qkv)
             y = window_attention(qkv, explicit, work)  # (B, S, nh, hs)
             x, h = add_ln(x, linear(y.reshape(B, S, C), layer.proj, md), layer.ln_mlp)
@@ -206,7 +207,7 @@ class CrossKV:
 
     k: list[torch.Tensor]  # per layer (B, nh, S, hs), S = longest clip's positions;
     # with ``pairs``, (B, nh, hs/2, S, 2): the head dimension's pairs interleaved, as the
-    # bf16 cross-attention kernel reads them (core/model/kernels/cross_attn_bf16.c)
+    # bf16 cross-attention kernel reads them (core/model/kernels/attn_bf16.c)
     v: list[torch.Tensor]
     key_mask: torch.Tensor | None  # (B, 1, 1, S) True = real position; None when all equal
     pairs: bool = False
@@ -293,7 +294,7 @@ class DecoderLayer(nn.Module):
         by reading them (9 MB per window per step in fp32; every other tensor of a step
         is far smaller). SDPA in bf16 (fp32 accumulation inside) measured 0.67x the time
         of fp32 SDPA and 0.85x that of two bf16 matmuls around a softmax, in one op. With
-        AVX-512 BF16 (``CrossKV.pairs``), the kernel core/model/kernels/cross_attn_bf16.c:
+        AVX-512 BF16 (``CrossKV.pairs``), the kernel core/model/kernels/attn_bf16.c:
         16 windows' five beams, one layer, 0.92 against SDPA's 4.1 ms on 2 Zen 5 cores,
         within 5e-7 of fp32 attention over the same bf16 inputs (bf16 SDPA: 5e-4)."""
         k, v = cross.k[layer], cross.v[layer]

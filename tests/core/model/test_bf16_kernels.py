@@ -1,7 +1,7 @@
 """The bf16 kernels of the speech tower (core/model/kernels/): the window attention's
-in-place softmax, the encoder's residual add and layer norm, and the decoder's
-cross-attention, against ATen on fresh random inputs; the decoder's self-attention cache
-taking turns with two buffers."""
+in-place softmax, the encoder's residual add and layer norm, its window self-attention,
+and the decoder's cross-attention, against ATen on fresh random inputs; the decoder's
+self-attention cache taking turns with two buffers."""
 
 import random
 
@@ -84,6 +84,46 @@ def test_cross_attention_kernel_matches_fp32(B, M, S, ragged):
     assert (got.transpose(1, 2) - ref).abs().max().item() < 1e-5, f"seed {SEED}"
 
 
+@pytest.mark.parametrize("B,S,nh", [(2, 1500, 6), (1, 1, 6), (3, 31, 2), (1, 33, 1),
+                                    (2, 17, 6), (1, 64, 3)])
+def test_window_attention_kernel_matches_fp32(B, S, nh):
+    """The encoder's window self-attention against fp32 attention over the same bf16
+    inputs, for every query-row block and key-pair tail: within its output's and its
+    probabilities' bf16 roundings, and closer than the matmul path it replaced (whose
+    scores are rounded to bf16 too: ~10x the error)."""
+    attn = needs(cpu_kernels.window_attn_bf16())
+    torch.manual_seed(SEED)
+    qkv = (2 * torch.randn(B, S, 3, nh, 64)).bfloat16()  # (B, S, 3, nh, hs)
+    qkv[:, :, 0] *= 64 ** -0.5  # the projection folds the scale into the queries
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, S, hs)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                         scale=1.0).transpose(1, 2)  # (B, S, nh, hs)
+    got = attn(qkv)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, S, nh, 64)
+    err = (got.float() - ref).abs()
+    assert (err - ref.abs() * 2 ** -8).max().item() < 0.02, f"seed {SEED}"
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float(), -1).bfloat16()
+    matmuls = (probs @ v).transpose(1, 2).float()  # the explicit path's roundings
+    assert err.max() <= (matmuls - ref).abs().max(), f"seed {SEED}"
+
+
+def test_window_attention_path_uses_the_kernel_and_keeps_its_answers(monkeypatch):
+    """``window_attention``'s explicit bf16 path is the kernel where there is one; its
+    answers are the matmul path's (which it replaced) within bf16 roundings."""
+    from core.model import attention
+
+    needs(cpu_kernels.window_attn_bf16())
+    torch.manual_seed(SEED)
+    qkv = torch.randn(2, 40, 3, 6, 64).bfloat16()  # (B, S, 3, nh, hs)
+    qkv[:, :, 0] *= 0.125
+    got = attention.window_attention(qkv, True)
+    assert got.is_contiguous()  # (B, S, nh, hs): the next projection's input as it is
+    monkeypatch.setattr(attention, "window_kernel", lambda qkv: None)
+    old = attention.window_attention(qkv, True)
+    assert got.shape == old.shape
+    assert (got.float() - old.float()).abs().max().item() < 0.05, f"seed {SEED}"
+
+
 def small_decoder() -> TextDecoder:
     torch.manual_seed(SEED)
     cfg = WhisperConfig(dim=128, n_heads=2, n_text_layers=2, n_vocab=300, n_text_ctx=32)
@@ -153,6 +193,12 @@ def test_kernel_wrappers_refuse_what_c_would_misread():
         ln = torch.nn.LayerNorm(16)
         with pytest.raises(ValueError), torch.inference_mode():
             add_ln(torch.randn(4, 16), torch.randn(4, 16), ln)  # y not bf16
+    window = cpu_kernels.window_attn_bf16()
+    if window is not None:
+        qkv = torch.randn(2, 10, 3, 6, 64).bfloat16()
+        for bad in (qkv.float(), qkv.transpose(0, 1), qkv[:, :, :2], qkv[:, :0]):
+            with pytest.raises(ValueError):
+                window(bad)
     attn = cpu_kernels.cross_attn_bf16()
     if attn is not None:
         q, k, v = (torch.randn(2, 6, n, 64).bfloat16() for n in (5, 50, 50))
