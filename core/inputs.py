@@ -189,12 +189,20 @@ def decode_image(data: object, cfg: ImageConfig, index: int | None = None) -> Im
                            kind=UNSUPPORTED) from None
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# struct.error: Pillow's parsers of binary headers and tags raise it on malformed fields.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error,
+                  Image.DecompressionBombError)
 
 
 def _load_rgb(img: Image.Image) -> Image.Image:
     img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-    img = ImageOps.exif_transpose(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (struct.error, TypeError, KeyError):  # not OSError: a pixel decoder's own
+        # A malformed EXIF block (one byte of a tag's type changed: struct.error) is
+        # metadata, not pixels: the photo decodes upright as stored. It was a 500 at the
+        # API and a raw struct.error in the SDK.
+        pass
     img.load()
     return _to_rgb(img)
 

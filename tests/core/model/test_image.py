@@ -66,6 +66,50 @@ def test_exif_orientation_is_applied():
     assert out.size == (20, 40)
 
 
+def bad_exif(fmt: str) -> bytes:
+    """An image whose EXIF block names, after its orientation, a tag Pillow cannot unpack
+    (the make tag's id 0x010F changed to 0x0142: a hostile-user review's file)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "cam"
+    raw = bytearray(exif.tobytes())
+    big = b"MM" in raw[:8]  # the TIFF header's byte order (after "Exif\0\0", if any)
+    at = raw.index(b"\x01\x0f" if big else b"\x0f\x01")
+    raw[at + (1 if big else 0)] = 0x42
+    return encode(Image.new("RGB", (40, 30)), fmt, exif=bytes(raw))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_a_malformed_exif_block_is_ignored_not_a_crash(fmt):
+    """struct.error from the EXIF parser escaped decode_image (a 500 at the API, a raw
+    struct.error in the SDK, a traceback in the CLI): the pixels decode as stored."""
+    out = decode_image(bad_exif(fmt), CFG)
+    assert out.size == (40, 30) and out.mode == "RGB"
+
+
+def test_a_very_long_image_is_resized_only_where_its_crop_comes_from(monkeypatch):
+    """A 1 x 40,000 PNG (235 bytes) was resized whole to 224 x 8,960,000 pixels (11 GB in
+    the image model process): no resize may produce more than MAX_RESIZED_SIDE along a
+    side, and the crop keeps the image's middle."""
+    from core.model import image
+
+    asked = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize",
+                        lambda self, size, *a, **k: asked.append(size) or real(self, size, *a, **k))
+    tall = np.zeros((40_000, 1, 3), np.uint8)
+    tall[19_000:21_000] = 255  # a white band in the middle; black elsewhere
+    for cfg in (CFG, ImageConfig(resize_size=256)):
+        x = image.image_to_pixels(decode_image(encode(Image.fromarray(tall), "PNG"), CFG), cfg)
+        assert x.shape == (3, 224, 224)
+        assert (x == 1.0).all()  # all white: the crop's rows come from the band
+    assert max(max(size) for size in asked) <= image.MAX_RESIZED_SIDE
+    wide = sample(size=(1000, 200))  # ordinary shapes keep resize-then-crop
+    asked.clear()
+    image.image_to_pixels(wide, CFG)
+    assert asked == [(1120, 224)]
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "empty"),
     (b"definitely not an image", "not an image"),
