@@ -229,6 +229,11 @@ class AudioConfig:
     # and then failed in the worker's resampler with a raw torch error.
     min_sample_rate: int = 8_000
     max_sample_rate: int = 192_000
+    # Samples are [-1, 1] at full scale; a float file may go over (clipped masters), not
+    # 40 dB over. Samples near 1e19 overflowed the log-mel's float32 power to inf: the
+    # job "succeeded" with NaN label scores on SQLite (and invalid JSON in its webhook)
+    # and failed with a page of SQL on PostgreSQL.
+    max_peak: float = 100.0
 
 
 def read_audio(data: object, cfg: AudioConfig,
@@ -261,6 +266,11 @@ def read_audio(data: object, cfg: AudioConfig,
                            f"{cfg.max_seconds:g} s", index=index, kind=InvalidInput.TOO_LARGE)
     if not np.isfinite(wave).all():
         raise InvalidInput("audio contains NaN or infinite samples", index=index)
+    peak = float(np.abs(wave).max())
+    if peak > cfg.max_peak:
+        raise InvalidInput(f"audio samples reach {peak:.3g}: float audio is expected within "
+                           f"[-1, 1], and samples past +-{cfg.max_peak:g} are refused "
+                           "(integer PCM values given as floats?)", index=index)
     return np.ascontiguousarray(wave, dtype=np.float32), rate
 
 
@@ -277,13 +287,25 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
             raise InvalidInput(f"audio is {info.frames / info.samplerate:.1f} s long, over "
                                f"the limit of {cfg.max_seconds:g} s", index=index,
                                kind=InvalidInput.TOO_LARGE)
-        wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        wave = _read_mono(data, info.channels)
     except InvalidInput:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise InvalidInput(f"not a readable audio file ({AUDIO_FORMATS_TEXT}): {e}",
                            index=index, kind=InvalidInput.UNSUPPORTED) from None
-    return wave.mean(axis=1), int(rate)  # downmix (samples, ch) -> mono
+    return wave, int(info.samplerate)
+
+
+def _read_mono(data: bytes, channels: int) -> np.ndarray:
+    """The file's samples downmixed to mono (samples,) float32, decoded a block at a time:
+    read whole, every channel was in memory at once before the downmix (a 474 KB FLAC of
+    8 channels at 192 kHz took an API process to 2.2 GB; a 255-channel Ogg would need
+    ~15 GB), where the mono result is at most max_seconds x max_sample_rate samples."""
+    frames = max(1, (1 << 20) // max(channels, 1))  # ~4 MB of float32 per block
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        parts = [block.mean(axis=1, dtype=np.float32) for block in
+                 f.blocks(blocksize=frames, dtype="float32", always_2d=True)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def _check_rate(rate: int, cfg: AudioConfig, index: int | None) -> int:

@@ -79,6 +79,42 @@ def test_stereo_is_downmixed_and_arrays_are_accepted():
     assert two_d.shape == mono.shape
 
 
+def test_many_channels_are_downmixed_a_block_at_a_time():
+    """An 8-channel 192 kHz FLAC of 60 s silence (a few KB) was decoded with every channel
+    in memory at once (368 MB here; a review's 299 s file took an API process to 2.2 GB)
+    before the downmix: now a block at a time, the mono result the largest allocation."""
+    import tracemalloc
+
+    from core.inputs import read_audio
+
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", 192_000, 8, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((192_000, 8), np.float32)
+        block[:, 3] = 0.8  # one loud channel: the downmix is the mean, 0.1
+        for _ in range(60):
+            f.write(block)
+    tracemalloc.start()
+    try:
+        wave, rate = read_audio(buf.getvalue(), CFG)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rate == 192_000 and wave.shape == (60 * 192_000,)
+    assert abs(float(wave.mean()) - 0.1) < 1e-3
+    assert peak < 2.5 * wave.nbytes, f"peak {peak / 2**20:.0f} MiB"  # mono: 44 MiB
+
+
+@pytest.mark.parametrize("peak", [1e3, 1e20])
+def test_samples_far_past_full_scale_are_refused(peak):
+    """Float samples near 1e19 overflowed the log-mel's power to inf: the job succeeded
+    with NaN label scores on SQLite and failed with a page of SQL on PostgreSQL."""
+    loud = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * peak
+    for data in (encode(loud, 16000, "WAV", "FLOAT"), (loud, 16000)):
+        with pytest.raises(InvalidInput, match=r"expected within \[-1, 1\]"):
+            decode_audio(data, CFG)
+    decode_audio((np.clip(loud, -2, 2), 16000), CFG)  # a clipped master's overs: accepted
+
+
 def test_silence_is_valid():
     wave = decode_audio((np.zeros(16000, np.float32), 16000), CFG)
     assert wave.shape == (16000,) and torch.isfinite(wave).all()
