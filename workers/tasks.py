@@ -26,6 +26,7 @@ from core import store
 from core.config import Settings
 from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from core.serving.host import JobFuture
+from core.serving.writer import brief_error
 from workers import poison
 from workers.app import app
 
@@ -151,9 +152,11 @@ def _backoff(settings: Settings, attempt: int) -> float:
 
 
 def _failure(e: Exception, attempt: int) -> str:
-    """The recorded error of a job that will not be tried again."""
+    """The recorded error of a job that will not be tried again: one line, and for a
+    database error the driver's message without its statement (a prediction PostgreSQL
+    refused was recorded as 1,649 characters of SQL and parameters)."""
     why = f"gave up after {attempt} retries" if transient(e) else "internal error"
-    return f"{why}: {type(e).__name__}: {e}"
+    return f"{why}: {brief_error(e, 1000)}"
 
 
 def _summarise(job_id: str, fut: JobFuture) -> dict:

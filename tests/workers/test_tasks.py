@@ -127,6 +127,18 @@ def test_a_batch_message_rides_out_an_outage_and_fails_only_its_bad_job(outage,
     assert outage.failures == [("internal error: ValueError: bad row", 4)]
 
 
+def test_a_database_error_is_recorded_as_one_line_without_its_statement():
+    """A prediction PostgreSQL refused (NaN in JSON) failed its job with the whole
+    statement and its parameters as the error: the driver's first line now."""
+    import sqlalchemy.exc
+
+    orig = ValueError("invalid input syntax for type json\nDETAIL: Token \"NaN\" is invalid.")
+    e = sqlalchemy.exc.DataError("INSERT INTO predictions (job_id, labels) VALUES (...)",
+                                 {"labels": "[[\"a\", NaN]]"}, orig)
+    assert tasks._failure(e, 1) == ("internal error: DataError: invalid input syntax for "
+                                    "type json")
+
+
 def test_after_an_outage_a_messages_jobs_are_tried_again_together(outage):
     """The store is away for 10 s while a 16-job message runs. Its jobs are tried again
     together, one backoff per round (1+2+4+8 s), and batch again. Before, each job waited
