@@ -5,17 +5,29 @@ Without the address check any key holder could make mmq POST to the services ins
 its own network (SSRF): the database, Redis, a cloud metadata endpoint. The check runs
 at submit (``InvalidInput``, a 422) and again before each delivery, because a name can
 resolve differently later (DNS rebinding); redirects are never followed.
+
+The URL's form is checked in every mode (development too): one that http.client will
+not send (whitespace or control characters, non-ASCII), with no port to connect to, or
+with a host that is no host name would fail every delivery attempt for the whole retry
+window, and a NUL is a 500 on PostgreSQL (no NUL in text columns) instead of a 422.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
-from urllib.parse import urlsplit
+import unicodedata
+from urllib.parse import SplitResult, urlsplit
 
 from core.errors import InvalidInput
 
 MAX_URL_CHARS = 2000
+MAX_HOST_CHARS = 253  # a DNS name's limit, without its trailing dot
+# A DNS label: 1 to 63 letters, digits, hyphens, not starting or ending with a hyphen.
+# Underscores too: not in host names by RFC 1123, but real names have them and DNS
+# resolves them.
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 
 
 def blocked_address(ip: str) -> bool:
@@ -33,6 +45,48 @@ def resolve(host: str, port: int) -> list[str]:
                                                              type=socket.SOCK_STREAM)})
 
 
+def char_problem(url: str) -> str | None:
+    """Why a character of ``url`` keeps it from ever being sent, or None. http.client
+    refuses whitespace and control characters anywhere in the request line (InvalidURL)
+    and encodes it, and the Host header, as ASCII."""
+    for i, ch in enumerate(url):
+        if ch.isspace() or unicodedata.category(ch) == "Cc":
+            return (f"contains a whitespace or control character ({ch!r} at position {i}); "
+                    f"percent-encode it (a space is %20) or leave it out")
+        if not ch.isascii():
+            return (f"contains a non-ASCII character ({ch!r} at position {i}); "
+                    f"percent-encode it in the path or query, and write a host name in "
+                    f"its ASCII form (xn--...)")
+    return None
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` (a URL's hostname: lower case, no brackets) is neither an address
+    nor a DNS name, or None. An empty or over-long label makes the resolver's IDNA
+    encoding raise UnicodeError, other characters a name no DNS server answers."""
+    try:
+        ipaddress.ip_address(host)  # an address literal (IPv6 ones are unbracketed here)
+        return None
+    except ValueError:
+        pass
+    name = host.removesuffix(".")  # a fully qualified name may end in a dot
+    if len(name) > MAX_HOST_CHARS or not all(_LABEL.fullmatch(label)
+                                             for label in name.split(".")):
+        return (f"host {host!r} is not a valid host name (dot-separated labels of 1 to 63 "
+                f"letters, digits or hyphens, {MAX_HOST_CHARS} characters at most)")
+    return None
+
+
+def url_port(parts: SplitResult) -> int:
+    """The port to connect to: the URL's, else the scheme's. ValueError if the URL's is
+    not a number in 1..65535 (``SplitResult.port`` lets 0 through, and nothing listens
+    on port 0)."""
+    port = parts.port  # ValueError: not a number, or over 65535
+    if port == 0:
+        raise ValueError("port 0")
+    return port or (443 if parts.scheme == "https" else 80)
+
+
 def check_url(url: object, *, allow_private: bool, index: int | None = None) -> str:
     """The URL if mmq may POST to it, else ``InvalidInput`` saying why."""
     def bad(why: str) -> InvalidInput:
@@ -44,15 +98,22 @@ def check_url(url: object, *, allow_private: bool, index: int | None = None) -> 
         raise bad(f"longer than {MAX_URL_CHARS} characters")
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise bad(f"not a URL: {e}") from None
     if parts.scheme not in ("http", "https"):
         raise bad(f"only http and https URLs are accepted, got {parts.scheme or 'none'!r}")
+    if why := char_problem(url):
+        raise bad(why)
     if not parts.hostname:
         raise bad("the URL names no host")
     if parts.username or parts.password:
         raise bad("credentials in the URL are not accepted (put a token in its path)")
+    if why := host_problem(parts.hostname):
+        raise bad(why)
+    try:
+        port = url_port(parts)
+    except ValueError as e:
+        raise bad(f"the port must be a number in 1..65535 ({e})") from None
     if allow_private:
         return url
     try:

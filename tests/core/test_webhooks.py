@@ -1,6 +1,7 @@
 """core/webhooks without a stack: signatures that the `standardwebhooks` package
-verifies, the retry schedule, and a delivery refused at the door when its host now
-resolves to a loopback address (a real listener proves nothing was sent)."""
+verifies, the retry schedule, URLs refused at submit because no delivery to them could
+ever succeed, and a delivery refused at the door when its host now resolves to a
+loopback address (a real listener proves nothing was sent)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from core.config import Settings
+from core.errors import InvalidInput
 from core.webhooks import signing
 from core.webhooks.deliver import backoff_s, post
+from core.webhooks.urls import check_url
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -43,6 +46,48 @@ def test_backoff_doubles_up_to_its_cap_with_bounded_jitter():
     assert backoff_s(1, s, rnd=lambda: 0.0) == pytest.approx(4.0)
     assert backoff_s(1, s, rnd=lambda: 1.0) == pytest.approx(6.0)
     assert backoff_s(500, s, rnd=lambda: 0.5) == 60  # no overflow after many attempts
+
+
+# URLs that http.client refuses to send (InvalidURL, or no connection at all) or that
+# PostgreSQL refuses to store (NUL in a text column): each must be a 422 at submit, in
+# development mode too, not 24 h of failed attempts or a 500. Address literals: no DNS.
+UNDELIVERABLE = {
+    "http://1.1.1.1/a b": "whitespace or control character",
+    "http://1.1.1.1/a\tb": "whitespace or control character",
+    "http://1.1.1.1/a?b=\x01": "whitespace or control character",
+    "http://example.com/\x00": "whitespace or control character",
+    "http://example.com/?q=\x00": "whitespace or control character",
+    "http://1.1.1.1/\x7f": "whitespace or control character",
+    "http://1.1.1.1/\u2028": "whitespace or control character",
+    "http://1.1.1.1:0/": "port",
+    "http://1.1.1.1:65536/": "port",
+    "http://1.1.1.1:x/": "port",
+    "http://a..b/": "not a valid host name",
+    "http://.a/": "not a valid host name",
+    "http://-a.example/": "not a valid host name",
+    "http://a!b.example/": "not a valid host name",
+    "http://" + "x" * 64 + ".example/": "not a valid host name",
+    "http://" + "x." * 127 + "example/": "not a valid host name",
+    "http://1.1.1.1/caf\u00e9": "non-ASCII",
+    "http://b\u00fccher.example/": "non-ASCII",
+}
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+@pytest.mark.parametrize("url", list(UNDELIVERABLE))
+def test_urls_that_can_never_be_delivered_are_refused(url, allow_private):
+    with pytest.raises(InvalidInput, match=UNDELIVERABLE[url]) as e:
+        check_url(url, allow_private=allow_private, index=3)
+    assert e.value.reason.startswith("webhook_url: ") and e.value.index == 3
+
+
+@pytest.mark.parametrize("url", [
+    "http://1.1.1.1/a%20b?x=%00", "https://1.1.1.1:65535/", "http://1.1.1.1:/",
+    "http://[2606:4700:4700::1111]:1/", "http://hooks.example./", "http://in_ternal.example/",
+    "http://xn--bcher-kva.example/p", "http://" + "x" * 63 + ".example/",
+])
+def test_urls_that_can_be_delivered_are_kept(url):
+    assert check_url(url, allow_private=True) == url
 
 
 def test_a_host_resolving_to_loopback_is_not_called():

@@ -1,7 +1,9 @@
 """webhook_url on every submit path (JSON, multipart form, batch, SDK, CLI), and the
-URLs refused at submit: other schemes, and hosts that resolve to private, loopback or
-link-local addresses (unless MMQ_WEBHOOK_ALLOW_PRIVATE). The app under TestClient over
-a real redis-server and SQLite or PostgreSQL; no worker reads the queue."""
+URLs refused at submit: other schemes, hosts that resolve to private, loopback or
+link-local addresses (unless MMQ_WEBHOOK_ALLOW_PRIVATE), and URLs no delivery could
+ever reach (a NUL among them: a 422, not PostgreSQL's DataError as a 500). The app
+under TestClient over a real redis-server and SQLite or PostgreSQL; no worker reads the
+queue."""
 
 from __future__ import annotations
 
@@ -35,6 +37,12 @@ REFUSED = {
     "http://0.0.0.0/": "private",
     "https://user:pw@93.184.215.14/": "credentials",
     "not a url": "only http and https",
+    "http://93.184.215.14/a b": "whitespace or control character",
+    "http://93.184.215.14/\x01": "whitespace or control character",
+    "http://93.184.215.14/\u0000": "whitespace or control character",
+    "http://93.184.215.14/?q=\u0000": "whitespace or control character",
+    "http://93.184.215.14:0/": "port must be a number in 1..65535",
+    "http://a..b/": "not a valid host name",
 }
 
 
