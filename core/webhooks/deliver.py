@@ -66,6 +66,21 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
          allow_private: bool) -> tuple[int | None, str | None]:
     """One POST, no redirects followed. -> (HTTP status, None), or (None, the error).
+    Never raises: whatever goes wrong in this one attempt is its failed attempt, which
+    the retry policy retries or ends. A URL that gets past the submit checks (or was
+    stored before them) can raise more than OSError here: UnicodeError from the
+    resolver's IDNA encoding, ValueError from its port, UnicodeEncodeError from
+    http.client's ASCII request line. Raised, it escaped the turn: the delivery was
+    never recorded, stayed pending with 0 attempts, and was claimed again every turn."""
+    try:
+        return _post(url, body, headers, timeout=timeout, allow_private=allow_private)
+    except Exception as e:  # noqa: BLE001  (any error of one attempt: see above)
+        return None, f"{type(e).__name__}: {e}"[:500]
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
+          allow_private: bool) -> tuple[int | None, str | None]:
+    """``post``, raising what it does not know how to say better.
     The host is resolved here and the connection made to the address checked (a name
     that now resolves to a private address is refused: DNS rebinding)."""
     parts = urlsplit(url)
@@ -73,7 +88,7 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         addresses = resolve(host, port)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:
         return None, f"cannot resolve {host}: {e}"
     if not allow_private:
         addresses = [a for a in addresses if not blocked_address(a)]
@@ -90,8 +105,6 @@ def post(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
         resp = conn.getresponse()
         resp.read(65536)  # the answer's body is not kept; read a bit so the close is clean
         return resp.status, None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
-    except (OSError, http.client.HTTPException) as e:
-        return None, f"{type(e).__name__}: {e}"[:500]
     finally:
         conn.close()
 

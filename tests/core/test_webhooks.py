@@ -90,6 +90,23 @@ def test_urls_that_can_be_delivered_are_kept(url):
     assert check_url(url, allow_private=True) == url
 
 
+# URLs stored before the submit checks above, or that get past them some other way:
+# each raised out of post() (not OSError or HTTPException), so the delivery turn failed
+# and the delivery stayed pending with 0 attempts forever. Development mode: the address
+# check would refuse these before the error.
+RAISED = {
+    "http://a..b/": "UnicodeError",  # the resolver's IDNA encoding: an empty label
+    "http://127.0.0.1:99999/": "ValueError",  # urlsplit's port: out of range
+    "http://127.0.0.1:1/caf\u00e9": "UnicodeEncodeError",  # http.client's ASCII request line
+}
+
+
+@pytest.mark.parametrize("url", list(RAISED))
+def test_any_error_of_one_post_is_its_failed_attempt(url):
+    status, error = post(url, b"{}", {}, timeout=1, allow_private=True)
+    assert status is None and RAISED[url] in error
+
+
 def test_a_host_resolving_to_loopback_is_not_called():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

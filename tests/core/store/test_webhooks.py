@@ -1,15 +1,20 @@
 """The webhook outbox on SQLite and PostgreSQL: an event row is written by exactly the
 transactions that end a job with a webhook_url (finish, fail, cancel), never by one
 rolled back or fenced off; claims lease rows by the database's clock; attempts move a
-delivery to delivered, due again, or failed once it is too old."""
+delivery to delivered, due again, or failed once it is too old; the delivery loop
+records an attempt that raised as a failed one."""
 
+import base64
 import time
 
 import numpy as np
 from sqlalchemy import select, update
 
 from core import store
+from core.config import Settings
 from core.jobs import JobResult, JobStatus
+from core.webhooks.deliver import Deliverer
+from tests.helpers import free_port
 
 URL = "http://hooks.example/receive"
 
@@ -109,3 +114,28 @@ def test_claims_lease_rows_and_attempts_move_them_on(sessions):
         assert [h["status_code"] for h in hook["history"]] == [503, 200, None]
         assert store.webhook_counts(session=s) == {"pending": 0, "failing": 0, "failed": 1}
     assert _row_status(sessions, a) == JobStatus.CANCELLED.value
+
+
+def test_an_attempt_that_raises_is_recorded_and_the_others_go_on(sessions):
+    # A URL stored before the submit checks refused it (or with MMQ_WEBHOOK_ALLOW_PRIVATE
+    # then): resolving a..b raises UnicodeError. Before, that escaped the turn, and the
+    # delivery stayed pending with 0 attempts forever, retried every poll.
+    bad, other = _job(sessions, url="http://a..b/"), _job(sessions,
+                                                        url=f"http://127.0.0.1:{free_port()}/")
+    with sessions.begin() as s:
+        store.cancel_job(session=s, job_id=bad)
+        store.cancel_job(session=s, job_id=other)
+    settings = Settings(webhook_secret="whsec_" + base64.b64encode(b"k" * 32).decode(),
+                        webhook_allow_private=True, webhook_timeout_s=2)
+    deliverer = Deliverer(sessions, settings)
+    try:
+        assert deliverer.run_once() == 2
+    finally:
+        deliverer.stop()
+    with sessions() as s:
+        hooks = {j: store.job_webhooks(session=s, job_id=j)[0] for j in (bad, other)}
+    for j, hook in hooks.items():
+        assert (hook["status"], hook["attempts"]) == ("pending", 1), j
+        assert hook["last_error"] == hook["history"][0]["error"]
+    assert "UnicodeError" in hooks[bad]["last_error"]
+    assert "refused" in hooks[other]["last_error"].lower()
