@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import uuid
 from typing import TYPE_CHECKING
@@ -139,12 +140,18 @@ def main(argv: list[str] | None = None) -> None:
 
     app.attach_runtime(runtime)  # what the tasks run on (workers/tasks.py)
     concurrency = args.concurrency or default_concurrency(args.modality, h.model.cfg)
+    status = 1
     try:
         app.worker_main([
             "worker", "-Q", args.modality, "--pool", "threads",
             "--concurrency", str(concurrency), "--loglevel", args.loglevel,
             "-n", name, "--without-gossip", "--without-mingle",
         ])
+        status = 0
+    except SystemExit as e:  # Celery's own exit, with its status
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException:  # noqa: BLE001  (logged, then the same exit as any other)
+        log.exception("the worker stopped on an error")
     finally:
         # Celery has restored or acknowledged every message by now; dropping the
         # lease lets the sweep take any job left running at once.
@@ -153,6 +160,20 @@ def main(argv: list[str] | None = None) -> None:
             deliverer.stop()
         lease.join(timeout=10)
         runtime.close()
+    _leave(status)
+
+
+def _leave(status: int) -> None:
+    """Exit without joining task threads. After a cold shutdown (Ctrl-C twice, SIGQUIT)
+    Celery's threads pool leaves its tasks running, each waiting on its jobs' futures,
+    which the stopped model process never resolves: the interpreter's exit joined those
+    threads for up to their result timeout (90 min), the metrics port still bound. Their
+    messages are restored or unacknowledged (redelivered), and the lease is dropped, so
+    the sweep hands their jobs on: nothing is lost by not waiting."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

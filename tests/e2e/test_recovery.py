@@ -73,6 +73,27 @@ def test_killed_workers_running_jobs_are_rerun_by_another(broker, database_url, 
     assert sum(r["attempts"] >= 2 for r in res) >= running
 
 
+def test_a_worker_stopped_with_ctrl_c_twice_mid_run_exits_and_its_jobs_run(
+        broker, database_url, start_worker):
+    """A cold shutdown (SIGINT twice) left the task threads waiting on futures the stopped
+    model process never resolves; the interpreter's exit joined them for up to 90 min,
+    the metrics port still bound (found by an operator review). The process now exits,
+    and another worker runs every job once."""
+    env = service_env(broker, database_url, **FAST)
+    victim = start_worker("text", env, concurrency=128)
+    client = Client(broker_url=broker, database_url=database_url)
+    ids = client.submit_many([{"modality": "text", "input": s}
+                              for s in sentences(800, seed=5, median_words=60)])
+    client.wait(ids[:3], timeout=180, with_embedding=False)
+    victim.proc.send_signal(signal.SIGINT)  # warm shutdown: the running tasks finish...
+    time.sleep(0.5)
+    victim.proc.send_signal(signal.SIGINT)  # ...cold: they are left waiting
+    victim.proc.wait(timeout=60)  # hung before (TimeoutExpired)
+    start_worker("text", env, concurrency=128)
+    res = client.wait(ids, timeout=240, with_embedding=False)
+    _assert_all_once(client, ids, res)
+
+
 def test_redis_emptied_and_worker_killed_nothing_stuck(broker, database_url, start_worker):
     """Redis restarted empty while a worker died: the running jobs have neither a
     message nor a worker; the queued ones have no message."""
