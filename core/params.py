@@ -78,15 +78,23 @@ def check_timeout(value: object, max_timeout_s: float) -> float:
     return t
 
 
-def check_deadline(value: object) -> datetime:
-    """A timezone-aware datetime, or a naive one taken as UTC (what the store keeps)."""
+def check_instant(value: object, name: str) -> datetime:
+    """A timezone-aware datetime, or a naive one taken as UTC, in UTC (what the store
+    keeps). One with no UTC instant (0001-01-01T00:00+14:00 is in year 0 in UTC) is
+    ``InvalidInput``: the conversion raises OverflowError, a 500 at the API."""
     if not isinstance(value, datetime):
-        raise InvalidInput(f"deadline must be a datetime (timezone-aware, or naive UTC), "
+        raise InvalidInput(f"{name} must be a datetime (timezone-aware, or naive UTC), "
                            f"got {type(value).__name__} {value!r}"[:200])
     try:
         return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     except (OverflowError, ValueError):
-        raise InvalidInput(f"deadline out of range: {value}") from None
+        raise InvalidInput(f"{name} out of range: {value} has no UTC date "
+                           "(0001-01-01 to 9999-12-31)") from None
+
+
+def check_deadline(value: object) -> datetime:
+    """A timezone-aware datetime, or a naive one taken as UTC (what the store keeps)."""
+    return check_instant(value, "deadline")
 
 
 def job_params(item: dict, task: str,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from core import store
 from core.errors import InvalidInput
 from core.inputs import sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
-from core.params import check_top_k
+from core.params import check_instant, check_top_k
 from core.search import SEARCH_QUERY_PARAM, SearchFilters, SearchHit, SearchStats
 
 FILTERS = ("modality", "task", "label", "model_version", "created_since", "created_until")
@@ -89,10 +89,7 @@ def make_filters(owner: str | None = None, **given) -> SearchFilters:
             raise InvalidInput(f"{name} filter must be a non-empty string")
     for name in ("created_since", "created_until"):
         if name in f:
-            d = f[name]
-            if not isinstance(d, datetime):
-                raise InvalidInput(f"{name} must be a datetime, got {type(d).__name__}")
-            f[name] = d.astimezone(UTC) if d.tzinfo else d.replace(tzinfo=UTC)
+            f[name] = check_instant(f[name], name)
     return SearchFilters(owner=owner, **f)
 
 

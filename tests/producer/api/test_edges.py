@@ -99,6 +99,21 @@ def test_form_bounds_are_the_sdks(served):
                "invalid_input")
 
 
+@pytest.mark.parametrize("filters", [{"created_since": "0001-01-01T00:00:00+14:00"},
+                                     {"created_until": "0001-01-01T00:00:00+01:00"},
+                                     {"created_until": "9999-12-31T23:00:00-02:00"}])
+def test_search_dates_out_of_range_are_422(served, filters):
+    """A date with no UTC instant was a 500 (OverflowError); GET /v1/jobs?since= says 422."""
+    http, _ = served
+    (name, value), = filters.items()
+    err = _error(http.post("/v1/search", json={"query": {"text": "a"}, "filters": filters}),
+                 422, "invalid_input")
+    assert name in err["message"]
+    err = _error(http.post("/v1/search", files={"text": (None, "a"), name: (None, value)}),
+                 422, "invalid_input")
+    assert name in err["message"]
+
+
 def test_upload_edges(served):
     http, s = served
     err = _error(http.post("/v1/jobs", files={"file": ("e.png", b"")}), 422, "invalid_input")

@@ -5,7 +5,7 @@ SQLite and PostgreSQL both, because PostgreSQL refuses some strings SQLite keeps
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select
@@ -123,3 +123,14 @@ def test_good_bounds_and_deadlines_are_accepted(client):
         got = datetime.fromisoformat(j["deadline"])
         got = got if got.tzinfo else got.replace(tzinfo=UTC)
         assert abs((got - (now + timedelta(minutes=5))).total_seconds()) < 1
+
+
+@pytest.mark.parametrize("name,value", [
+    ("created_since", datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14)))),
+    ("created_until", datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))),
+    ("created_until", datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-2))))])
+def test_search_dates_out_of_range_are_invalid_input(client, name, value):
+    """A date that has no UTC instant (year 1 at +14:00) raised OverflowError from the
+    conversion to UTC: a 500 at POST /v1/search."""
+    with pytest.raises(InvalidInput, match=name):
+        client.search("a", **{name: value})
