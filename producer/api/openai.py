@@ -211,7 +211,9 @@ class EmbeddingsIn(BaseModel):
     model: str | None = Field(None, description="'default', 'base', or a model version "
                               "(GET /v1/models)")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="if given, the model's own (384)")
+    # Strict: an integer, not "384" or 384.0 (OpenAI's type; lax mode took them).
+    dimensions: int | None = Field(None, strict=True,
+                                   description="if given, the model's own (384)")
     user: str | None = None  # accepted and ignored, as an end-user tag
 
 

@@ -42,17 +42,20 @@ class JobIn(BaseModel):
     labels: list[str] | None = Field(None, description="required for task=classify")
     # Bounds (MMQ_MAX_TOP_K, MMQ_MAX_TIMEOUT_S, MMQ_MAX_LABELS, MMQ_MAX_LABEL_CHARS) are
     # the SDK's, checked in core/params.py, so JSON, forms and the SDK agree (422).
-    top_k: int = Field(5, description="1..MMQ_MAX_TOP_K (default 1000)")
+    # Types too: strict, since pydantic's lax mode turned "2", true and 1.0 into a
+    # top_k of 2, 1 and 1 (and "5", true into a timeout_s) that the SDK refuses. An int
+    # is still a number of seconds. (A form's fields are strings: upload_items parses them.)
+    top_k: int = Field(5, strict=True, description="1..MMQ_MAX_TOP_K (default 1000)")
     # Dropped (status cancelled) if no worker has started it this many seconds after submit.
-    timeout_s: float | None = Field(None, description="seconds, above 0 and at most "
-                                    "MMQ_MAX_TIMEOUT_S (default 7 days)")
+    timeout_s: float | None = Field(None, strict=True, description="seconds, above 0 and "
+                                    "at most MMQ_MAX_TIMEOUT_S (default 7 days)")
     model_version: str | None = Field(None, description="a version of this modality "
                                       "(GET /v1/models) or 'base'; default: the promoted "
                                       "one when a worker starts the job")
     webhook_url: str | None = Field(None, description="POSTed a signed event (Standard "
                                     "Webhooks) when the job ends: http(s), a public host")
-    webhook_embedding: bool = Field(False, description="the webhook's event carries the "
-                                    "embedding")
+    webhook_embedding: bool = Field(False, strict=True,  # not "yes" or 1 (lax mode took them)
+                                    description="the webhook's event carries the embedding")
 
 
 class BatchIn(BaseModel):
@@ -60,7 +63,7 @@ class BatchIn(BaseModel):
 
     items: list[JobIn] = Field(min_length=1)
     webhook_url: str | None = Field(None, description="every item's that names none")
-    webhook_embedding: bool | None = None
+    webhook_embedding: bool | None = Field(None, strict=True)
 
 
 # The multipart form of POST /v1/jobs and /v1/jobs:batch, for OpenAPI (the routes

@@ -66,7 +66,8 @@ class SearchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: QueryIn
-    k: int = Field(10, description="results, 1..MMQ_SEARCH_MAX_K (default 1000)")
+    # Strict: an integer, as in the SDK (check_top_k), not "2", 2.0 or true.
+    k: int = Field(10, strict=True, description="results, 1..MMQ_SEARCH_MAX_K (default 1000)")
     filters: FiltersIn = FiltersIn()
 
 

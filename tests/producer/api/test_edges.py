@@ -89,6 +89,36 @@ def test_json_bounds_are_the_sdks(served, field, value):
     assert field.rstrip("s") in err["message"]
 
 
+@pytest.mark.parametrize("field,value", [
+    ("top_k", "2"), ("top_k", True), ("top_k", 1.0), ("timeout_s", "5"), ("timeout_s", True),
+    ("webhook_embedding", "yes"), ("webhook_embedding", 1)])
+def test_json_types_are_the_sdks(served, field, value):
+    """JSON was validated in pydantic's lax mode: "2", true and 1.0 were stored as a
+    top_k of 2, 1 and 1 (202) where the SDK and docs/pipeline.md refuse them."""
+    http, _ = served
+    body = {"text": "x", "task": "classify", "labels": ["a", "b"], field: value}
+    err = _error(http.post("/v1/jobs", json=body), 422, "invalid_input")
+    assert field in err["message"]
+    err = _error(http.post("/v1/jobs:batch", json={"items": [body]}), 422, "invalid_input")
+    assert field in err["message"]
+    if field == "webhook_embedding":  # the batch's own
+        _error(http.post("/v1/jobs:batch", json={"items": [{"text": "x"}], field: value}),
+               422, "invalid_input")
+
+
+def test_json_types_of_search_and_embeddings(served):
+    """The same coercion on the other JSON bodies: a search's k, OpenAI's dimensions."""
+    http, _ = served
+    for k in ("2", 2.0, True):
+        err = _error(http.post("/v1/search", json={"query": {"text": "a"}, "k": k}), 422,
+                     "invalid_input")
+        assert "k" in err["message"]
+    for dims in ("384", 384.0):  # coerced, it queued a job and waited for a worker
+        r = http.post("/v1/embeddings", json={"input": "a", "dimensions": dims}, timeout=10)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == "dimensions"
+
+
 def test_form_bounds_are_the_sdks(served):
     http, _ = served
     wav = wav_claiming(16000)
