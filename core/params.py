@@ -71,10 +71,13 @@ def check_timeout(value: object, max_timeout_s: float) -> float:
     """Seconds, a finite number in (0, max_timeout_s]."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidInput(f"timeout_s must be a number of seconds, got {value!r}")
-    t = float(value)
+    try:
+        t = float(value)
+    except OverflowError:  # an int past float's range (2**1100): no deadline either
+        t = math.inf
     if not (math.isfinite(t) and 0 < t <= max_timeout_s):
         raise InvalidInput(f"timeout_s must be above 0 and at most {max_timeout_s:g} "
-                           f"seconds, got {value!r}")
+                           f"seconds, got {value!r}"[:200])
     return t
 
 

@@ -231,6 +231,8 @@ def wait_statuses(sessions, job_ids: list[str], *, timeout: float, poll: float,
     (quick for fast jobs, cheap for slow ones). Only the jobs not yet terminal are
     read again. -> each job's last status (None: no such job, or not ``owner``'s: it
     never finishes, as if unknown)."""
+    if not timeout >= 0:  # NaN too: time.monotonic() > nan is never true, a wait for ever
+        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
     end = time.monotonic() + timeout
     last: dict[str, str | None] = dict.fromkeys(job_ids)
     pending = set(last)

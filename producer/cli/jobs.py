@@ -69,6 +69,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     items = _job_items(args)
     if not items:
         raise SystemExit("mmq submit: nothing to submit")
+    if args.wait:  # refused before anything is queued, not after (nan is true here)
+        from producer.sdk.client import check_wait_timeout
+
+        check_wait_timeout(args.wait)
     c = _client()
     ids: list[str] = []
     chunk = 500  # validated and sent in chunks, so the bar moves on big directories

@@ -16,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from numbers import Real
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
@@ -46,6 +48,21 @@ class IdempotencyConflict(ValueError):
 class Submitted:
     ids: list[str]
     replayed: bool = False  # the ids come from an earlier call with the same key
+
+
+def check_wait_timeout(timeout: object) -> float:
+    """A wait's timeout: finite seconds, at least 0. NaN waited for ever (no time is
+    past it), and infinity is a wait that no caller means; both are ``InvalidInput``."""
+    if isinstance(timeout, bool) or not isinstance(timeout, Real):
+        raise InvalidInput(f"wait timeout must be a number of seconds, got {timeout!r}"[:200])
+    try:
+        t = float(timeout)
+    except OverflowError:
+        t = math.inf
+    if not (math.isfinite(t) and t >= 0):
+        raise InvalidInput(f"wait timeout must be finite seconds, at least 0, got {timeout!r}"
+                           [:200])
+    return t
 
 
 def request_digest(rows: list[dict]) -> str:
@@ -311,7 +328,9 @@ class Client:
 
     def wait(self, job_ids: list[str], timeout: float = 60.0, poll: float = 0.05,
              *, with_embedding: bool = True, owner: str | None = None) -> list[dict]:
-        """Block until every job is terminal (or raise TimeoutError); results in order."""
+        """Block until every job is terminal (or raise TimeoutError); results in order.
+        ``timeout``: finite seconds, at least 0 (``InvalidInput`` otherwise)."""
+        timeout = check_wait_timeout(timeout)
         # Another key's job never finishes, as if unknown.
         last = store.wait_statuses(self.sessions, job_ids, timeout=timeout, poll=poll,
                                    max_poll=0.5, owner=owner)

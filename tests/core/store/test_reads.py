@@ -1,6 +1,7 @@
 """The store's reads for producers (the API, the results page, the SDK, `mmq top`):
 keyset pages and their cursors, statuses and the poller, the dashboards' counts."""
 
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -67,6 +68,24 @@ def test_statuses_owners_and_the_poller(sessions):
     assert store.wait_statuses(sessions, [mine], timeout=60, poll=0.01, max_poll=0.02) == {
         mine: "succeeded"}
     assert store.wait_statuses(sessions, [], timeout=1, poll=0.01, max_poll=0.02) == {}
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0])
+def test_the_poller_refuses_a_timeout_it_could_not_end(sessions, timeout):
+    """timeout=nan polled for ever: time.monotonic() > nan is never true."""
+    job, = _jobs(sessions, 1)
+    raised: list[BaseException] = []
+
+    def wait():
+        try:
+            store.wait_statuses(sessions, [job], timeout=timeout, poll=0.01, max_poll=0.02)
+        except ValueError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=wait, daemon=True)  # a thread: it never ended
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and raised and "timeout" in str(raised[0])
 
 
 def test_what_the_dashboards_and_the_page_read(sessions):

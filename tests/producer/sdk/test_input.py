@@ -5,13 +5,14 @@ SQLite and PostgreSQL both, because PostgreSQL refuses some strings SQLite keeps
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select
 
 from core import store
-from core.config import Settings
+from core.config import Settings, get_settings
 from core.errors import InvalidInput
 from producer.sdk import Client
 from tests.helpers import big_png, cut_images, wav_claiming
@@ -48,6 +49,8 @@ BAD = {
     "timeout huge": ({"modality": "text", "input": "x", "timeout_s": 1e300}, "timeout_s"),
     "timeout over the limit": ({"modality": "text", "input": "x", "timeout_s": 3601},
                                "timeout_s"),
+    "timeout too large for a float": ({"modality": "text", "input": "x", "timeout_s": 2**1100},
+                                      "timeout_s"),
     "timeout nan": ({"modality": "text", "input": "x", "timeout_s": float("nan")},
                     "timeout_s"),
     "timeout negative": ({"modality": "text", "input": "x", "timeout_s": -1}, "timeout_s"),
@@ -134,3 +137,48 @@ def test_search_dates_out_of_range_are_invalid_input(client, name, value):
     conversion to UTC: a 500 at POST /v1/search."""
     with pytest.raises(InvalidInput, match=name):
         client.search("a", **{name: value})
+
+
+def _in_time(fn, seconds: float = 10):
+    """fn() in a thread -> what it raised (None: it returned); fails if it never ends."""
+    out: list = []
+
+    def run():
+        try:
+            fn()
+            out.append(None)
+        except BaseException as e:  # noqa: BLE001  (handed to the test)
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert out, f"still running after {seconds} s"
+    return out[0]
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1])
+def test_wait_timeout_must_be_finite_and_not_negative(client, timeout):
+    """wait(timeout=nan) never returned: time.monotonic() > nan is never true."""
+    job = client.submit_text("waits")
+    e = _in_time(lambda: client.wait([job], timeout=timeout, poll=0.01))
+    assert isinstance(e, InvalidInput) and "timeout" in str(e), e
+
+
+def test_cli_wait_timeout_must_be_finite(client, monkeypatch, capsys):
+    from producer import cli
+
+    monkeypatch.setenv("MMQ_DATABASE_URL", client.settings.database_url)
+    monkeypatch.setenv("MMQ_BROKER_URL", DOWN_BROKER)
+    get_settings.cache_clear()
+    try:
+        job = client.submit_text("waits")
+        out: list[int] = []
+        assert _in_time(lambda: out.append(cli.main(["wait", job, "--timeout", "nan"]))) is None
+        assert out == [2] and "invalid_input" in capsys.readouterr().err
+        before = _jobs(client)  # refused before anything is submitted
+        assert cli.main(["submit", "text", "hello", "--wait", "nan"]) == 2
+        assert "invalid_input" in capsys.readouterr().err
+        assert _jobs(client) == before
+    finally:
+        get_settings.cache_clear()
