@@ -34,6 +34,14 @@ def check_version_name(name: object) -> str:
     return name
 
 
+def could_be_version(name: object) -> bool:
+    """Whether a recorded version could have this name: every one passed
+    ``check_version_name``. A lookup of any other name is a miss without a query, so
+    that no caller sends the database what it cannot compare: PostgreSQL refuses a NUL
+    in text (DataError, a 500 at the API), either database a lone surrogate."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
 def create_version(*, session: Session, name: str, modality: str, base_model: str,
                    data_digest: str, metrics: dict, config: dict, adapter_file: str,
                    adapter_sha256: str) -> ModelVersion:
@@ -48,6 +56,8 @@ def create_version(*, session: Session, name: str, modality: str, base_model: st
 
 
 def get_version(*, session: Session, name: str) -> ModelVersion | None:
+    if not could_be_version(name):
+        return None
     return session.get(ModelVersion, name)
 
 
@@ -76,7 +86,7 @@ def promoted_subquery(modality_column):
 
 def version_modalities(*, session: Session, names: list[str]) -> dict[str, str]:
     """{name: modality} of the existing versions among ``names``."""
-    names = [n for n in dict.fromkeys(names) if n != BASE_VERSION]
+    names = [n for n in dict.fromkeys(names) if n != BASE_VERSION and could_be_version(n)]
     if not names:
         return {}
     return dict(session.execute(select(ModelVersion.name, ModelVersion.modality)
@@ -90,6 +100,9 @@ def check_job_version(name: object, modality: str, known: dict[str, str]) -> str
         raise InvalidInput(f"model_version must be a version name, got {name!r}")
     if name == BASE_VERSION:
         return name
+    if not could_be_version(name):  # e.g. a NUL or a control character: no version has it
+        raise InvalidInput(f"model_version {name[:120]!r} is not a version name (letters, "
+                           "digits, '.', '_', '-')")
     if name not in known:
         raise InvalidInput(f"model_version {name!r} does not exist (`mmq models list`, "
                            "GET /v1/models)")
@@ -100,7 +113,8 @@ def check_job_version(name: object, modality: str, known: dict[str, str]) -> str
 
 def promote(*, session: Session, name: str) -> ModelVersion:
     """Make ``name`` the default of its modality; the one it replaces is retired."""
-    v = session.get(ModelVersion, name, with_for_update=True)
+    v = (session.get(ModelVersion, name, with_for_update=True) if could_be_version(name)
+         else None)
     if v is None:
         raise VersionError(f"no model version {name!r}")
     if v.status == VersionStatus.PROMOTED.value:
@@ -143,7 +157,7 @@ def rollback(*, session: Session, modality: str) -> tuple[str, str]:
 def remove_version(*, session: Session, name: str, force: bool = False) -> ModelVersion:
     """Delete a version's row (the caller deletes its file after the commit). A promoted
     version, or one that queued or running jobs name, is kept unless ``force``."""
-    v = session.get(ModelVersion, name)
+    v = get_version(session=session, name=name)
     if v is None:
         raise VersionError(f"no model version {name!r}")
     if v.status == VersionStatus.PROMOTED.value:
@@ -160,7 +174,7 @@ def remove_version(*, session: Session, name: str, force: bool = False) -> Model
 
 def version_refs(*, session: Session, names: list[str]) -> dict[str, ModelVersion]:
     """The versions a worker is about to run, by name (removed ones are missing)."""
-    names = [n for n in dict.fromkeys(names) if n and n != BASE_VERSION]
+    names = [n for n in dict.fromkeys(names) if n != BASE_VERSION and could_be_version(n)]
     if not names:
         return {}
     return {v.name: v for v in session.scalars(
@@ -168,6 +182,6 @@ def version_refs(*, session: Session, names: list[str]) -> dict[str, ModelVersio
 
 
 __all__ = ["BASE_VERSION", "VersionError", "VersionStatus", "check_job_version",
-           "check_version_name", "create_version", "get_version", "list_versions", "promote",
-           "promoted_subquery", "promoted_version", "remove_version", "rollback",
-           "version_modalities", "version_refs"]
+           "check_version_name", "could_be_version", "create_version", "get_version",
+           "list_versions", "promote", "promoted_subquery", "promoted_version",
+           "remove_version", "rollback", "version_modalities", "version_refs"]

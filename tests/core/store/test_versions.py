@@ -56,6 +56,28 @@ def test_names_are_checked_and_unique(sessions):  # noqa: F811
         _add(s, "v1")
 
 
+BAD_NAMES = ["a\x00", "a\x00b", "v1\x00", "a\x1b[0m", "\ud800", "a b", "x" * 101]
+
+
+def test_names_no_version_could_have_are_found_without_sql(sessions):  # noqa: F811
+    """A NUL in a looked-up name was a DataError on PostgreSQL (a 500 at the API): every
+    recorded name passed check_version_name, so other names are misses, or refused."""
+    with sessions.begin() as s:
+        _add(s, "v1")
+    with sessions() as s:
+        for bad in BAD_NAMES:
+            assert versions.get_version(session=s, name=bad) is None
+            assert versions.version_modalities(session=s, names=[bad, "v1"]) == {"v1": "image"}
+            assert versions.version_refs(session=s, names=[bad]) == {}
+            with pytest.raises(InvalidInput, match="not a version name"):
+                versions.check_job_version(bad, "image", {})
+    for bad in BAD_NAMES:
+        with sessions.begin() as s, pytest.raises(versions.VersionError, match="no model"):
+            versions.promote(session=s, name=bad)
+        with sessions.begin() as s, pytest.raises(versions.VersionError, match="no model"):
+            versions.remove_version(session=s, name=bad)
+
+
 def test_a_job_resolves_its_version_when_it_starts(sessions):  # noqa: F811
     with sessions.begin() as s:
         _add(s, "v1")

@@ -69,6 +69,17 @@ def test_text_with_nul_is_422(served):
                                        "labels": ["a", "b\u0000"]}), 422, "invalid_input")
 
 
+def test_version_names_with_nul_are_422_or_404(served):
+    """They reached PostgreSQL, which cannot hold a NUL in text: a 500."""
+    http, _ = served
+    err = _error(http.post("/v1/jobs", json={"text": "a", "model_version": "a\u0000"}), 422,
+                 "invalid_input")
+    assert "model_version" in err["message"]
+    r = http.post("/v1/embeddings", json={"input": "a", "model": "a\u0000"}, timeout=10)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+    _error(http.get("/v1/models/a%00b"), 404, "not_found")
+
+
 def test_deeply_nested_json_is_422(served):
     http, _ = served
     for body in (b"[" * 100_000, b'{"text": ' + b"[" * 100_000, b'{"items": ' + b"[" * 50_000):

@@ -72,6 +72,12 @@ BAD = {
                              "sample rate"),
     "audio claiming 1 kHz": ({"modality": "audio", "input": wav_claiming(1000)},
                              "sample rate"),
+    "model_version with NUL": ({"modality": "text", "input": "x", "model_version": "a\x00"},
+                               "model_version"),
+    "model_version with ESC": ({"modality": "text", "input": "x", "model_version": "a\x1b"},
+                               "model_version"),
+    "model_version a lone surrogate": ({"modality": "text", "input": "x",
+                                        "model_version": "\ud800"}, "model_version"),
     "item None": (None, "must be a dict"),
     "item a string": ("a sentence", "must be a dict"),
 }
