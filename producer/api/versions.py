@@ -49,6 +49,16 @@ class ModelCard(BaseModel):
     modality: Modality | None = Field(None, description="a version's modality; none: any")
 
 
+class ModelOut(ModelVersionOut):
+    """``GET /v1/models/{name}`` of a version: its entry of OpenAI's list (what the
+    client's ``models.retrieve`` reads) with mmq's fields beside it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds")
+    owned_by: str = "mmq"
+
+
 class ModelsOut(BaseModel):
     object: Literal["list"] = "list"
     # OpenAI's list: "default" (what each modality serves), "base" (the pretrained
@@ -57,6 +67,11 @@ class ModelsOut(BaseModel):
     # What a job that names no version runs, per modality: a version, or "base".
     serving: dict[str, str]
     versions: list[ModelVersionOut]
+
+
+# The names that are no version: "default" (what each modality serves) and "base" (the
+# pretrained towers); listed first, and answered by GET /v1/models/{name} as listed.
+BUILT_IN = {n: ModelCard(id=n, created=0) for n in ("default", versions.BASE_VERSION)}
 
 
 router = APIRouter()  # each route names its tag
@@ -76,22 +91,31 @@ def list_models(request: Request, caller: CallerDep,
                    for m in ([modality.value] if modality else MODALITIES)}
     out = [ModelVersionOut(**{k: v for k, v in r.items() if k in ModelVersionOut.model_fields})
            for r in rows]
-    cards = [ModelCard(id="default", created=0), ModelCard(id="base", created=0)]
-    cards += [ModelCard(id=v.name, created=int(_utc(v.created_at).timestamp()),
-                        modality=v.modality) for v in out]
+    cards = [*BUILT_IN.values(), *(_card(v) for v in out)]
     return ModelsOut(data=cards, serving=serving, versions=out)
+
+
+def _card(v: ModelVersionOut) -> ModelCard:
+    return ModelCard(id=v.name, created=int(_utc(v.created_at).timestamp()),
+                     modality=v.modality)
 
 
 def _utc(d: datetime) -> datetime:
     return d if d.tzinfo else d.replace(tzinfo=UTC)  # SQLite hands back naive UTC
 
 
-@router.get("/v1/models/{name}", response_model=ModelVersionOut, tags=["models"],
+@router.get("/v1/models/{name}", response_model=ModelOut | ModelCard, tags=["models"],
             responses=error_responses(401, 404))
-def get_model(request: Request, name: str, caller: CallerDep) -> ModelVersionOut:
+def get_model(request: Request, name: str, caller: CallerDep) -> ModelOut | ModelCard:
+    """One name of the list: a version (its entry of OpenAI's list and mmq's fields),
+    or "default" / "base" as the list shows them, so that OpenAI's
+    ``models.retrieve`` answers every name ``models.list`` gives."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
     with request.app.state.client.sessions() as s:
         v = versions.get_version(session=s, name=name)
         if v is None:
             raise ApiError(404, "not_found", f"no model version {name!r}")
         d = v.as_dict()
-    return ModelVersionOut(**{k: x for k, x in d.items() if k in ModelVersionOut.model_fields})
+    out = ModelVersionOut(**{k: x for k, x in d.items() if k in ModelVersionOut.model_fields})
+    return ModelOut(**out.model_dump(), **_card(out).model_dump(exclude={"modality"}))

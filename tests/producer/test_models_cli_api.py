@@ -86,6 +86,31 @@ def test_api_lists_models_and_checks_model_version(client):
         assert r.status_code == 422 and "does not exist" in r.json()["error"]["message"]
 
 
+def test_models_retrieve_answers_every_name_the_list_shows(client):
+    """OpenAI's client listed "default" and "base" (models.list()), but
+    models.retrieve("default") was a 404 'no model version'."""
+    import openai
+
+    settings = Settings(database_url=client.settings.database_url, api_keys=KEY,
+                        broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings, client)) as http:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        listed = http.get("/v1/models", headers=auth).json()["data"]
+        assert [c["id"] for c in listed][:2] == ["default", "base"] and len(listed) == 5
+        for card in listed:
+            r = http.get(f"/v1/models/{card['id']}", headers=auth)
+            assert r.status_code == 200, r.text
+            assert {k: r.json().get(k) for k in card} == card  # the same object
+        assert http.get("/v1/models/txt-a", headers=auth).json()["base_model"] == "b"
+        oai = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http,
+                            max_retries=0)
+        assert [m.id for m in oai.models.list()] == [c["id"] for c in listed]
+        assert oai.models.retrieve("default").id == "default"
+        assert oai.models.retrieve("img-a").owned_by == "mmq"
+        with pytest.raises(openai.NotFoundError, match="no model version 'nope'"):
+            oai.models.retrieve("nope")
+
+
 def test_train_refuses_bad_data_before_loading_a_model(client, capsys, tmp_path, monkeypatch):
     from core.model.multimodal import MultimodalModel
 
