@@ -28,3 +28,16 @@ def check_payload_size(data: bytes, max_bytes: int, what: str, index: int | None
     if len(data) > max_bytes:
         raise InvalidInput(f"{what} is {len(data)} bytes, over the limit of {max_bytes}",
                            index=index, kind=InvalidInput.TOO_LARGE)
+
+
+def brief_error(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an error, at most ``limit`` characters of it; for a
+    SQLAlchemy error the database driver's own message (without the statement).
+
+    For log lines: SQLAlchemy's own message carries the whole statement and its
+    parameters (a group commit's: tens of KB), and a warning repeated every few seconds
+    through an outage should be one short line. Here rather than in core/serving, so
+    that any package (core/webhooks, workers) logs with it without importing serving."""
+    orig = getattr(e, "orig", None)
+    lines = str(orig if orig is not None else e).strip().splitlines()
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"

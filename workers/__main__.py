@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 # Only what the model process needs too: it is spawned, and imports this module again
 # before it loads the model (SQLAlchemy and Celery are imported in ``main``).
 from core.config import get_settings
+from core.errors import brief_error
 from core.jobs import QUEUES
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ def _sweep_forever(modality: str, every: float, lease: LeaseKeeper,
             sweep(get_settings(), modalities=[modality], single_flight=True,
                   queued=turn % queued_every == 0)
         except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
-            log.warning("sweep failed (%s: %s); will try again", type(e).__name__, e)
+            # The driver's message, not SQLAlchemy's (which carries the statement and
+            # its parameters); the traceback at debug level.
+            log.warning("sweep failed (%s); will try again", brief_error(e))
+            log.debug("the sweep's error", exc_info=True)
 
 
 def _first_renewal(lease: LeaseKeeper, every: float) -> None:
@@ -61,7 +65,8 @@ def _first_renewal(lease: LeaseKeeper, every: float) -> None:
             lease.renew()
             return
         except Exception as e:  # noqa: BLE001  (the store is down: nothing to do yet)
-            log.warning("could not take the worker lease (%s); retrying", e)
+            log.warning("could not take the worker lease (%s); retrying", brief_error(e))
+            log.debug("the lease's error", exc_info=True)
             threading.Event().wait(every)
 
 

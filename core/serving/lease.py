@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from core import store
 from core.config import Settings
+from core.errors import brief_error
 
 log = logging.getLogger("mmq.worker")
 
@@ -87,7 +88,9 @@ class LeaseKeeper:
             self.renew()
         except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
             if self.healthy_since is not None or not hasattr(self, "_warned"):
-                log.warning("could not renew the worker lease (%s); retrying", e)
+                # One line: SQLAlchemy's message carries the statement and parameters.
+                log.warning("could not renew the worker lease (%s); retrying", brief_error(e))
+                log.debug("the renewal's error", exc_info=True)
                 self._warned = True
             self.healthy_since = None
             return

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
+from core.errors import brief_error  # moved to core/errors.py; still importable here
 from core.jobs import JobStatus
 from core.serving.contracts import JobResult
 from core.serving.drain import Drain
@@ -215,14 +216,6 @@ def _fail_each(s: Session, ops: list[FailOp]) -> list[bool]:
 
 def _call_each(s: Session, ops: list[CallOp]) -> list:
     return [op.fn(s) for op in ops]
-
-
-def brief_error(e: BaseException, limit: int = 300) -> str:
-    """``Type: first line`` of an error, at most ``limit`` characters of it; for a
-    SQLAlchemy error the database driver's own message (without the statement)."""
-    orig = getattr(e, "orig", None)
-    lines = str(orig if orig is not None else e).strip().splitlines()
-    return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
 
 
 class GroupWriter:

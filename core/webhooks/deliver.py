@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
 from core.config import Settings
+from core.errors import brief_error
 from core.webhooks import signing
 from core.webhooks.event import event_body
 from core.webhooks.urls import blocked_address, resolve
@@ -143,7 +144,9 @@ class Deliverer:
             try:
                 n = self.run_once()
             except Exception as e:  # noqa: BLE001  (a store outage: the next turn retries)
-                log.warning("webhook delivery turn failed (%s: %s)", type(e).__name__, e)
+                # The driver's message, not SQLAlchemy's (statement and parameters).
+                log.warning("webhook delivery turn failed (%s)", brief_error(e))
+                log.debug("the turn's error", exc_info=True)
                 n = 0
             if n < self.settings.webhook_concurrency:  # a full claim: more may be due now
                 self._stop.wait(self.settings.webhook_poll_s)
@@ -183,7 +186,9 @@ class Deliverer:
                     retry_in_s=backoff_s(c.attempts + 1, s),
                     retry_for_s=s.webhook_retry_for_s)
         except Exception as e:  # noqa: BLE001  (its lease runs out; it is tried again)
-            log.warning("could not record webhook attempt %s #%d: %s", c.id, c.attempts + 1, e)
+            log.warning("could not record webhook attempt %s #%d: %s", c.id, c.attempts + 1,
+                        brief_error(e))
+            log.debug("the record's error", exc_info=True)
             return None
         if new != store.webhooks.DELIVERED:
             log.info("webhook %s to %s: attempt %d failed (%s)%s", c.id, c.url,

@@ -145,3 +145,61 @@ def test_a_host_resolving_to_loopback_is_not_called():
                 allow_private=True) == (204, None)
     t.join()
     listener.close()
+
+
+def _sql_error():
+    """What SQLAlchemy raises: its message carries the statement and its parameters."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("UPDATE webhook_deliveries SET attempts=? WHERE id = ?",
+                            (1, "d1"), sqlite3.OperationalError("database is locked"))
+
+
+def _warnings(caplog) -> list[str]:
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for line in warned:
+        assert "database is locked" in line, line
+        assert "UPDATE webhook_deliveries" not in line and "parameters" not in line, line
+    return warned
+
+
+def test_store_errors_of_delivery_log_the_drivers_message_not_its_sql(monkeypatch, caplog):
+    from contextlib import contextmanager
+
+    from core.store.webhooks import Claimed
+    from core.webhooks import deliver
+
+    d = deliver.Deliverer(sessions=None, settings=Settings(webhook_secret=SECRET,
+                                                           webhook_poll_s=0.001))
+
+    def run_once():  # a turn's claim fails; the loop goes on
+        d._stop.set()
+        raise _sql_error()
+
+    monkeypatch.setattr(d, "run_once", run_once)
+    with caplog.at_level("WARNING", logger="mmq"):
+        d._loop()
+    assert len(_warnings(caplog)) == 1
+
+    caplog.clear()
+
+    @contextmanager
+    def failing_tx():  # the attempt's record fails
+        raise _sql_error()
+        yield  # pragma: no cover
+
+    @contextmanager
+    def no_session():
+        yield None
+
+    monkeypatch.setattr(d, "sessions", no_session)
+    monkeypatch.setattr(deliver, "event_body", lambda *a: None)
+    monkeypatch.setattr(d, "_tx", failing_tx)
+    claimed = Claimed(id="d1", job_id="j1", event="job.succeeded", url="http://x/",
+                      attempts=0, claim="c")
+    with caplog.at_level("WARNING", logger="mmq"):
+        assert d.attempt(claimed) is None
+    assert len(_warnings(caplog)) == 1
+    d.stop()

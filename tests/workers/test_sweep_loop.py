@@ -37,3 +37,63 @@ def test_the_sweep_thread_sweeps_only_when_its_lease_allows(monkeypatch):
         stop.set()
         t.join(60)
     assert not t.is_alive()
+
+
+def _sql_error():
+    """What SQLAlchemy raises: its message carries the statement and its parameters."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("DELETE FROM worker_leases WHERE heartbeat_at < ? RETURNING worker",
+                            (-86400.0,), sqlite3.OperationalError("database is locked"))
+
+
+def _one_short_warning(caplog) -> str:
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warned, "no warning logged"
+    line = warned[0].getMessage()
+    assert "database is locked" in line and "OperationalError" in line
+    assert "DELETE FROM" not in line and "parameters" not in line, line
+    return line
+
+
+def test_a_failed_sweep_logs_the_drivers_message_not_its_sql(monkeypatch, caplog):
+    import core.broker.sweep
+
+    failed = threading.Semaphore(0)
+
+    def sweep(*a, **kw):
+        failed.release()
+        raise _sql_error()
+
+    monkeypatch.setattr(core.broker.sweep, "sweep", sweep)
+    lease, stop = Lease(), threading.Event()
+    lease.allowed = True
+    with caplog.at_level("WARNING", logger="mmq"):
+        t = threading.Thread(target=_sweep_forever, args=("text", 0.001, lease, stop))
+        t.start()
+        try:
+            assert failed.acquire(timeout=60)
+        finally:
+            stop.set()
+            t.join(60)
+    _one_short_warning(caplog)
+
+
+def test_a_failed_first_renewal_logs_the_drivers_message_not_its_sql(caplog):
+    from workers.__main__ import _first_renewal
+
+    class FirstFails:
+        tries = 0
+
+        def renew(self):
+            self.tries += 1
+            if self.tries == 1:
+                raise _sql_error()
+
+    lease = FirstFails()
+    with caplog.at_level("WARNING", logger="mmq"):
+        _first_renewal(lease, 0.001)
+    assert lease.tries == 2
+    _one_short_warning(caplog)

@@ -114,3 +114,25 @@ def test_a_renewal_that_hangs_past_a_lease_counts_as_an_outage(keeper):
     # The hung renewal may have written its heartbeat when it began: only the next
     # one is surely fresh, and the run counts from there.
     assert _renew_for(k, LEASE_S + RENEW_S) == [False, False, False, False, True]
+
+
+def test_a_failed_renewal_logs_the_drivers_message_not_its_sql(keeper, caplog):
+    """SQLAlchemy's message carries the statement and its parameters: the warning
+    gives the driver's own message, one short line."""
+    import sqlite3
+
+    k = keeper
+
+    @contextmanager
+    def failing_tx():
+        raise OperationalError("INSERT INTO worker_leases (worker, modality) VALUES (?, ?)",
+                               ("text-1.abc@h", "text"),
+                               sqlite3.OperationalError("database is locked"))
+        yield  # pragma: no cover
+
+    k.host.tx = failing_tx
+    with caplog.at_level("WARNING", logger="mmq"):
+        k.tick()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "database is locked" in warned[0]
+    assert "INSERT INTO" not in warned[0] and "parameters" not in warned[0], warned[0]
