@@ -88,16 +88,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_found(ids: list[str]) -> int:
+    """Say on stderr which ids name no job -> exit status 3 (1: some job did not
+    succeed; 4: timed out)."""
+    print(json.dumps({"error": "not_found", "ids": ids,
+                      "message": f"no such job: {', '.join(ids)}"}), file=sys.stderr)
+    return 3
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     c = _client()
     out = [c.get(i, with_embedding=args.embedding) for i in args.ids]
-    missing = [i for i, o in zip(args.ids, out, strict=True) if o is None]
-    _print(out if len(out) > 1 else out[0])
-    return 3 if missing else 0
+    missing = list(dict.fromkeys(i for i, o in zip(args.ids, out, strict=True) if o is None))
+    if len(out) > 1:
+        _print(out)  # each id's place kept: null where there is no such job
+    elif out[0] is not None:
+        _print(out[0])
+    return _not_found(missing) if missing else 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     c = _client()
+    # The CLI passes no owner and sees every job, so an id that names no job is a
+    # mistake to report now: the SDK's wait would poll it as unfinished until the
+    # timeout (as it must for the API, where another key's job looks unknown).
+    if missing := c.missing(args.ids):
+        return _not_found(missing)
     try:
         res = c.wait(args.ids, timeout=args.timeout, with_embedding=args.embedding)
     except TimeoutError as e:

@@ -340,6 +340,19 @@ class Client:
                                f"{timeout:g} s")
         return [self.get(i, with_embedding=with_embedding, owner=owner) for i in job_ids]
 
+    def missing(self, job_ids: list[str], *, owner: str | None = None) -> list[str]:
+        """The ids among ``job_ids`` that name no job (with ``owner``: none of that key
+        id's), each once, in order. ``wait`` treats such an id as a job not finished yet
+        (the API must not tell a key that another key's job exists); a trusted caller
+        such as the CLI asks here first, so that a mistyped id fails at once."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(job_ids))
+        with self.sessions() as s:
+            for i in range(0, len(unique), 500):  # bound the IN list's parameters
+                found |= set(store.job_statuses(session=s, job_ids=unique[i:i + 500],
+                                                owner=owner))
+        return [j for j in unique if j not in found]
+
     def cancel(self, job_id: str, *, owner: str | None = None) -> bool:
         """Cancel a queued or running job; True if it was cancelled (False: it had
         already finished, or is unknown). A running attempt is not interrupted: its

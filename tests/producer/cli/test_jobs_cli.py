@@ -1,0 +1,70 @@
+"""`mmq status` and `mmq wait` on ids that name no job, on a SQLite store (no workers,
+no broker reached: the only job here is cancelled, so it is already finished)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from core import store
+from core.config import get_settings
+from producer import cli
+from producer.sdk import Client
+
+
+@pytest.fixture
+def finished(tmp_path, monkeypatch):
+    """-> the id of a cancelled (finished) job in a fresh store the CLI's client uses."""
+    monkeypatch.setenv("MMQ_DATABASE_URL", f"sqlite:///{tmp_path / 'mmq.db'}")
+    monkeypatch.setenv("MMQ_BROKER_URL", "redis://127.0.0.1:1/0")  # never reached here
+    get_settings.cache_clear()
+    c = Client()
+    with c.sessions.begin() as s:
+        [(job_id, _)] = store.create_jobs(session=s, rows=[
+            {"modality": "text", "task": "embed", "text": "hello"}])
+        assert store.cancel_job(session=s, job_id=job_id)
+    c.close()
+    yield job_id
+    get_settings.cache_clear()
+
+
+def test_wait_on_an_unknown_id_fails_at_once_naming_it(finished, capsys):
+    t0 = time.monotonic()
+    rc = cli.main(["wait", finished, "no-such-job", "--timeout", "15"])
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert took < 10, f"waited {took:.1f} s for a job that does not exist"
+    assert rc == 3  # not 4, the timeout's: nothing was waited for
+    assert json.loads(err) == {"error": "not_found", "ids": ["no-such-job"],
+                               "message": "no such job: no-such-job"}
+
+
+def test_wait_on_known_ids_still_waits_and_prints_them(finished, capsys):
+    assert cli.main(["wait", finished, "--timeout", "5"]) == 1  # cancelled: not succeeded
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "cancelled"
+
+
+def test_status_of_an_unknown_id_says_it_does_not_exist(finished, capsys):
+    assert cli.main(["status", "no-such-job"]) == 3
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert json.loads(out.err)["message"] == "no such job: no-such-job"
+    # Several ids: the known ones printed in place, the unknown named.
+    assert cli.main(["status", finished, "no-such-job"]) == 3
+    out = capsys.readouterr()
+    rows = json.loads(out.out)
+    assert rows[0]["id"] == finished and rows[1] is None
+    assert json.loads(out.err)["ids"] == ["no-such-job"]
+    assert cli.main(["status", finished]) == 0
+
+
+def test_the_sdk_names_the_ids_that_are_no_job(finished):
+    c = Client()
+    try:
+        assert c.missing([finished, "a", finished, "b"]) == ["a", "b"]
+        assert c.missing([finished], owner="someone-else") == [finished]
+        assert c.missing([]) == []
+    finally:
+        c.close()
