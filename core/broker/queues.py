@@ -38,10 +38,13 @@ FETCHED_BY = "mmq:fetched-by"
 # hash: delivery tag -> Redis server time (s) when a sweep first saw it in ``unacked``
 # with no known fetcher: that message's age on one clock (core/broker/sweep.py)
 UNACKED_SEEN = "mmq:unacked-seen"
-# + modalities: the run id of the Redis primary the last sweep talked to, and a flag
-# (expiring) set while jobs whose message a new primary lacks are re-sent at once
-BROKER_RUN_ID = "mmq:broker-run-id:"
-BROKER_CHANGED = "mmq:broker-changed:"
+# The run id of the Redis primary the last sweep talked to, and a flag (expiring) set
+# while jobs whose message a new primary lacks are re-sent at once. One of each per Redis,
+# whatever modalities a sweep covers: the primary is the same for every sweep, and keyed
+# per modality set, the first sweep of a new set (`mmq requeue`: all three) took a
+# stable primary for a new one (core/broker/sweep.py ``_new_primary``).
+BROKER_RUN_ID = "mmq:broker-run-id"
+BROKER_CHANGED = "mmq:broker-changed"
 
 
 def worker_queues() -> list[Queue]:

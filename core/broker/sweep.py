@@ -115,7 +115,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
         with sessions() as s:
             # Messages sent before a new primary took over may be missing: look for
             # those jobs now, not a minute later (later ones take the usual path).
-            if changed_at := _new_primary(r, settings, modalities, s):
+            if changed_at := _new_primary(r, settings, s):
                 recent = store.stale_queued(
                     session=s, older_than=timedelta(seconds=NEW_PRIMARY_STALE_S),
                     sent_before=changed_at)
@@ -160,7 +160,7 @@ def sweep(settings: Settings, *, modalities=QUEUES, stale_s: float | None = None
 NEW_PRIMARY_STALE_S = 3.0
 
 
-def _new_primary(r: redis.Redis, settings: Settings, modalities, session) -> datetime | None:
+def _new_primary(r: redis.Redis, settings: Settings, session) -> datetime | None:
     """Whether the Redis primary is new since the last sweep, or was within the stale
     limit: it restarted (perhaps empty) or a replica was promoted by Sentinel, and
     replication is asynchronous, so messages pushed to the old one just before may be
@@ -172,16 +172,23 @@ def _new_primary(r: redis.Redis, settings: Settings, modalities, session) -> dat
     seen (the database's time then, returned) whose send had succeeded: a job sent
     since went to the new primary, and one whose send failed or is still being tried
     (no ``sent_at``; its producer may be retrying) keeps the usual minute."""
-    mods = ",".join(sorted(modalities))
+    # One run id and one flag for every sweep on this Redis, whatever its modalities
+    # (they only choose the jobs it re-sends, in ``sweep``). Keyed per modality set,
+    # the first sweep of a new set (`mmq requeue`: all three, beside workers sweeping
+    # one each) took a stable primary for a new one. Now the first sweep of any set
+    # compares with what any sweep saw, and a change one set sees is flagged for all
+    # (the image workers' sweep, coming after the text workers', finds the run id
+    # already updated, and reads the flag). A sweep racing the one that saw the change
+    # may miss the flag for one turn (5 s); it lasts ``requeue_stale_s``.
     run_id = str(r.info("server").get("run_id", ""))
-    last = r.set(BROKER_RUN_ID + mods, run_id, get=True)
+    last = r.set(BROKER_RUN_ID, run_id, get=True)
     if last is None or last.decode() != run_id:
         seen = store.db_time(session=session)
-        r.set(BROKER_CHANGED + mods, seen.isoformat(), ex=max(1, int(settings.requeue_stale_s)))
+        r.set(BROKER_CHANGED, seen.isoformat(), ex=max(1, int(settings.requeue_stale_s)))
         log.warning("sweep: the Redis primary is new (restarted or failed over); re-sending "
                     "queued jobs sent before it whose message it lacks")
         return seen
-    flag = r.get(BROKER_CHANGED + mods)
+    flag = r.get(BROKER_CHANGED)
     return None if flag is None else datetime.fromisoformat(flag.decode())
 
 

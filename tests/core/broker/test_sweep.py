@@ -86,6 +86,38 @@ def test_a_new_primary_gets_lost_messages_back_in_one_sweep(settings):
     assert set(ids) <= set(_ids_waiting(r, "text"))
 
 
+def test_a_sweep_of_another_modality_set_does_not_take_the_same_primary_for_new(
+        settings, caplog):
+    """Workers sweep their own modality; `mmq requeue` sweeps all three. On the same
+    primary its first sweep is no change of primary: it logged one, and turned on the
+    3 s re-send for a minute, when the last run id seen was kept per modality set. A
+    real change is still seen, and by every set, whichever sweeps first."""
+    from core.broker.queues import BROKER_CHANGED
+    from core.broker.sweep import _new_primary, sweep
+
+    r = redis.Redis.from_url(settings.broker_url)
+    sweep(settings, modalities=("text",))  # the text workers' sweep meets this primary
+    r.delete(*r.keys(BROKER_CHANGED + "*"))  # ... as long ago
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sweep(settings)  # `mmq requeue`: every modality, the first time
+        sweep(settings, modalities=("image",))
+    assert not [rec for rec in caplog.records if "primary is new" in rec.getMessage()]
+    assert r.keys(BROKER_CHANGED + "*") == []
+    r.flushdb()  # an empty restart
+    engine = store.make_engine(settings.db_url)
+    try:
+        with store.session_factory(engine)() as s:
+            seen = _new_primary(r, settings, s)  # the text workers' sweep, say
+            assert seen is not None
+            # The image workers' sweep comes second, on the run id the first one stored:
+            # it is told of the change too, and re-sends its own jobs at once.
+            assert _new_primary(r, settings, s) == seen
+            assert r.ttl(BROKER_CHANGED) > 0  # for requeue_stale_s, not for ever
+    finally:
+        engine.dispose()
+
+
 def test_a_message_just_fetched_by_a_slow_clocked_worker_is_not_taken_from_it(settings):
     """A worker whose clock is 10 minutes slow fetches a job's message (kombu stamps the
     fetch with that worker's ``time.time()``) and has not started it yet. A sweep on a
