@@ -13,6 +13,7 @@ sent, so a failed send leaves a ``queued`` job that ``requeue`` will re-send.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -37,6 +38,9 @@ from core.store.migrations import upgrade
 from core.webhooks.urls import check_url
 
 log = logging.getLogger(__name__)
+# What an item of submit_many may name (docs/pipeline.md); any other key is refused.
+ITEM_KEYS = ("modality", "input", "task", "labels", "top_k", "timeout_s", "deadline",
+             "model_version", "webhook_url", "webhook_embedding")
 _ENGINE_LOCK = threading.Lock()  # one search engine per Client, made on first use
 
 
@@ -253,6 +257,14 @@ class Client:
         return Submitted(list(prior.job_ids), replayed=True)
 
     def _validate(self, index: int, item: dict) -> dict:
+        if unknown := [k for k in item if k not in ITEM_KEYS]:
+            # A misspelt key was dropped without a word: submit_text(t, timeout=5) queued
+            # a job with no deadline. The API refuses unknown fields too.
+            hints = [f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+                str(k), ITEM_KEYS, n=1)) else "" for k in unknown]
+            raise InvalidInput("unknown item key(s): " + ", ".join(
+                f"{k!r}{h}" for k, h in zip(unknown, hints, strict=True))
+                + f"; accepted: {', '.join(ITEM_KEYS)}", index=index)
         try:
             modality = Modality(item.get("modality")).value
         except ValueError:

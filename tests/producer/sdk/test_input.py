@@ -79,6 +79,11 @@ BAD = {
     "model_version a lone surrogate": ({"modality": "text", "input": "x",
                                         "model_version": "\ud800"}, "model_version"),
     "item None": (None, "must be a dict"),
+    # A misspelt key was dropped without a word: no deadline, no labels.
+    "unknown key timeout": ({"modality": "text", "input": "x", "timeout": 5},
+                            "unknown item key.*'timeout' \\(did you mean 'timeout_s'"),
+    "unknown key label": ({"modality": "text", "input": "x", "task": "classify",
+                          "labels": ["a"], "label": "a"}, "unknown item key.*'label'"),
     "item a string": ("a sentence", "must be a dict"),
 }
 
