@@ -24,9 +24,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import store
 from core.config import Settings
+from core.errors import brief_error
 from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from core.serving.host import JobFuture
-from core.serving.writer import brief_error
 from workers import poison
 from workers.app import app
 

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
-from core.errors import brief_error  # moved to core/errors.py; still importable here
+from core.errors import brief_error
 from core.jobs import JobStatus
 from core.serving.contracts import JobResult
 from core.serving.drain import Drain

@@ -11,7 +11,7 @@ import binascii
 import json
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
@@ -19,7 +19,9 @@ from starlette.concurrency import run_in_threadpool
 
 from core import store
 from core.config import Settings
+from core.errors import InvalidInput
 from core.jobs import TERMINAL, JobStatus, Modality
+from core.params import check_instant
 from producer.api.schemas import (
     Accepted,
     BatchAccepted,
@@ -187,11 +189,11 @@ def _after(cursor: str) -> tuple[datetime, str]:
 
 
 def _as_stored(d: datetime) -> datetime:
-    """UTC, as the store keeps it; naive input is taken to be UTC."""
+    """UTC, as the store keeps it; naive input is taken to be UTC (``check_instant``)."""
     try:
-        return d.astimezone(UTC) if d.tzinfo else d.replace(tzinfo=UTC)
-    except (OverflowError, ValueError):
-        raise ApiError(422, "invalid_input", f"datetime out of range: {d}") from None
+        return check_instant(d, "since")
+    except InvalidInput as e:
+        raise ApiError(422, "invalid_input", e.reason) from None
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=read_errors)
