@@ -1,4 +1,5 @@
-"""Cross-cutting concerns as Celery signal handlers: failure logging.
+"""Cross-cutting concerns as Celery signal handlers: failure logging, and the
+garbage collector settled once the worker is ready (core/serving/procs.py).
 
 Failure persistence is not here: a task that cannot record its outcome must not
 acknowledge its message, and only the task itself can refuse (workers/tasks.py).
@@ -14,6 +15,8 @@ import logging
 
 from celery import signals
 
+from core.serving.procs import settle_gc
+
 log = logging.getLogger("mmq.worker")
 
 
@@ -23,3 +26,9 @@ def _failure(task_id=None, exception=None, **_kw) -> None:
     # the outcome must be recorded before the message is acknowledged, and a signal
     # handler runs too late to stop the acknowledgement.
     log.warning("task %s failed: %s: %s", task_id, type(exception).__name__, exception)
+
+
+@signals.worker_ready.connect
+def _ready(**_kw) -> None:
+    # Celery's consumer and the host are built: start-up's objects leave the collector.
+    settle_gc()

@@ -34,7 +34,12 @@ from core.errors import InvalidInput
 from core.serving.contracts import BatcherConfig, Failure, JobRequest, JobResult
 from core.serving.drain import Drain
 from core.serving.metrics import BatchMetrics
-from core.serving.procs import keep_freed_memory, limit_malloc_arenas, short_gil_turns
+from core.serving.procs import (
+    keep_freed_memory,
+    limit_malloc_arenas,
+    settle_gc,
+    short_gil_turns,
+)
 
 if TYPE_CHECKING:  # the parent never imports torch: only the child runs the batcher
     from core.serving.batcher import DynamicBatcher
@@ -170,6 +175,7 @@ def _child_main(settings: Settings, device: str | None, conn, modality: str = "t
     outbox = _Outbox(conn)
     batcher = DynamicBatcher(model, cfg, BatchMetrics(sinks=[outbox]), after_batch=outbox.flush,
                              adapters=AdapterCache(settings.adapter_cache_size))
+    settle_gc()  # the model and the batcher are built: out of the collector's reach
     conn.send(Ready(model.version, str(model.device), cfg, model.modalities))
     try:
         while True:

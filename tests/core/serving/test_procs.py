@@ -40,3 +40,35 @@ def test_model_process_keeps_freed_memory_for_the_next_forward():
     its 12,288 pages again; the model process keeps it."""
     assert faults("default") > 5 * 10_000
     assert faults("keep") < 1_000
+
+
+SETTLE_PROBE = """
+import gc, weakref
+from core.serving.procs import settle_gc
+class Node: pass
+kept = [[i] for i in range(100_000)]  # start-up's objects (lists: always tracked)
+a, b = Node(), Node()
+a.other, b.other = b, a  # a cycle that is already garbage at the freeze
+gone = weakref.ref(a)
+del a, b
+settle_gc()
+print(len(gc.get_objects()), gc.get_freeze_count(), gone() is None)
+"""
+
+
+def test_settle_gc_takes_start_up_objects_out_of_later_collections():
+    """After the freeze a collection walks only what came after (the tracked objects
+    ``gc.get_objects`` lists), and start-up's garbage was collected, not frozen."""
+    out = subprocess.run([sys.executable, "-c", SETTLE_PROBE], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.split()
+    walked, frozen, collected = int(out[0]), int(out[1]), out[2] == "True"
+    assert walked < 1_000 and frozen > 100_000
+    assert collected
+
+
+def test_the_worker_settles_its_collector_once_ready():
+    from celery import signals
+
+    import workers.signals as ws
+
+    assert ws._ready in [ref() for _, ref in signals.worker_ready.receivers]
