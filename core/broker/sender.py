@@ -52,13 +52,22 @@ def producer_app(settings: Settings) -> Celery:
 def messages(jobs: Iterable[tuple[str, str]], per_message: int = 1
              ) -> list[tuple[str, list[str]]]:
     """(job_id, modality) pairs -> (modality, job ids) per message: each modality's jobs
-    in submit order, ``per_message`` at a time."""
+    in submit order, at most ``per_message`` to a message, in as few messages as that
+    allows and as even as they divide (65 jobs at 64: 33 and 32, not 64 and a lone one,
+    which would make a message and a task of its own for one job)."""
     by_modality: dict[str, list[str]] = {}
     for job_id, modality in jobs:
         by_modality.setdefault(modality, []).append(job_id)
-    step = max(1, per_message)
-    return [(m, ids[i:i + step]) for m, ids in by_modality.items()
-            for i in range(0, len(ids), step)]
+    out: list[tuple[str, list[str]]] = []
+    for m, ids in by_modality.items():
+        k = -(-len(ids) // max(1, per_message))  # messages
+        size, extra = divmod(len(ids), k)  # the first ``extra`` carry one more
+        start = 0
+        for i in range(k):
+            end = start + size + (i < extra)
+            out.append((m, ids[start:end]))
+            start = end
+    return out
 
 
 def send_jobs(app: Celery, jobs: Iterable[tuple[str, str]], per_message: int = 1) -> list[str]:

@@ -23,11 +23,13 @@ from tests.helpers import service_env
 def test_a_backlog_fetched_in_bulk_runs_once_and_leaves_nothing_unacked(
         new_broker, database_url, start_worker):
     broker = new_broker()
-    client = Client(broker_url=broker, database_url=database_url)
+    # 15 to a message (60 split evenly at 16), so that a fetch takes several messages.
+    client = Client(settings=Settings(broker_url=broker, database_url=database_url,
+                                      jobs_per_message=16))
     ids = client.submit_many([{"modality": "text", "input": s}
                               for s in sentences(60, seed=23)])
     r = redis.Redis.from_url(broker)
-    # All waiting before the worker's first fetch, 16 to a message (the default); the
+    # All waiting before the worker's first fetch, four messages; the
     # list's length counts jobs (each message is followed by a filler per extra job).
     raws = r.lrange("text", 0, -1)
     assert sorted(j for raw in raws for j in queued_job_ids(raw)) == sorted(ids)

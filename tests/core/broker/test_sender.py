@@ -36,13 +36,23 @@ def test_a_send_with_every_connection_taken_fails_instead_of_hanging(monkeypatch
         p.release()
 
 
-
 def test_jobs_go_to_messages_per_modality_in_submit_order():
     pairs = [("t1", "text"), ("i1", "image"), ("t2", "text"), ("t3", "text")]
     assert sender.messages(pairs, 2) == [("text", ["t1", "t2"]), ("text", ["t3"]),
                                          ("image", ["i1"])]
     assert sender.messages(pairs, 1) == [("text", ["t1"]), ("text", ["t2"]),
                                          ("text", ["t3"]), ("image", ["i1"])]
+
+
+def test_a_submit_is_split_into_even_messages():
+    """65 jobs at 64 a message are two of 33 and 32, not 64 and one; 500 are eight."""
+    pairs = [(f"t{i}", "text") for i in range(65)]
+    got = sender.messages(pairs, 64)
+    assert [len(ids) for _, ids in got] == [33, 32]
+    assert [j for _, ids in got for j in ids] == [j for j, _ in pairs]  # in order
+    sizes = [len(ids) for _, ids in sender.messages([(f"t{i}", "text") for i in range(500)],
+                                                    64)]
+    assert sizes == [63, 63, 63, 63, 62, 62, 62, 62]
 
 
 def test_a_producer_keeps_its_transport_across_a_sentinel_failover_switch(monkeypatch):
