@@ -30,12 +30,44 @@ MAX_HOST_CHARS = 253  # a DNS name's limit, without its trailing dot
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits. Traffic to them can
+# reach that IPv4 host (a dual-stack socket for the mapped form, a NAT64 gateway for
+# 64:ff9b::/96), so they are judged as the IPv4 address, never as IPv6 (where the
+# stdlib calls most of them global, loopback included).
+_LOW32_EMBEDS = (
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible (deprecated; :: and ::1 are
+    # 0.0.0.0 and 0.0.0.1 here, refused as such)
+    ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT, RFC 2765)
+    ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64 well-known prefix (RFC 6052)
+)
+# Refused whatever they carry: local-use NAT64 (RFC 8215) translates into the
+# operator's own network, and Teredo (2001::/32) embeds its client obfuscated behind a
+# relay we do not choose. The stdlib judges both not global on 3.11, but its lists of
+# special ranges change between Python versions, so this does not lean on them.
+_NEVER = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("2001::/32"),
+)
+
+
+def _v4_blocked(addr: ipaddress.IPv4Address) -> bool:
+    return not addr.is_global or addr.is_multicast
+
+
 def blocked_address(ip: str) -> bool:
-    """Private, loopback, link-local, multicast, reserved or unspecified (IPv4-mapped
-    IPv6 addresses are judged as the IPv4 address they carry)."""
+    """Private, loopback, link-local, multicast, reserved or unspecified. An IPv6 address
+    that carries an IPv4 one (mapped, compatible, translated, NAT64, 6to4) is judged as
+    the IPv4 address it carries; local-use NAT64 and Teredo are always refused."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        return _v4_blocked(addr)
+    if any(addr in net for net in _NEVER):
+        return True
+    if any(addr in net for net in _LOW32_EMBEDS):
+        return _v4_blocked(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr.sixtofour is not None:  # 2002::/16, the IPv4 in bits 16-48
+        return _v4_blocked(addr.sixtofour)
     return not addr.is_global or addr.is_multicast
 
 

@@ -1,7 +1,8 @@
 """core/webhooks without a stack: signatures that the `standardwebhooks` package
 verifies, the retry schedule, URLs refused at submit because no delivery to them could
 ever succeed, and a delivery refused at the door when its host now resolves to a
-loopback address (a real listener proves nothing was sent)."""
+loopback address (a real listener proves nothing was sent), and IPv6 forms that carry a
+private IPv4 address refused at both."""
 
 from __future__ import annotations
 
@@ -203,3 +204,41 @@ def test_store_errors_of_delivery_log_the_drivers_message_not_its_sql(monkeypatc
         assert d.attempt(claimed) is None
     assert len(_warnings(caplog)) == 1
     d.stop()
+
+
+# IPv6 forms that carry an IPv4 address, judged by the address they carry: the stdlib's
+# is_global judged them as IPv6 (all "global") and let loopback through. Teredo and the
+# local-use NAT64 prefix are refused whatever they carry.
+EMBEDS_PRIVATE_IPV4 = [
+    "::127.0.0.1",  # IPv4-compatible (::/96)
+    "::ffff:127.0.0.1",  # IPv4-mapped (::ffff:0:0/96)
+    "::ffff:0:10.0.0.1",  # IPv4-translated (::ffff:0:0:0/96, SIIT)
+    "64:ff9b::7f00:1",  # NAT64, well-known prefix (64:ff9b::/96): 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64: 169.254.169.254, the cloud metadata endpoint
+    "64:ff9b:1::7f00:1",  # NAT64, local-use prefix (64:ff9b:1::/48): never public
+    "2002:7f00:1::",  # 6to4 (2002::/16): 127.0.0.1 in bits 16-48
+    "2002:c0a8:101::1",  # 6to4: 192.168.1.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo (2001::/32): client 127.0.0.1
+    "2001:0:808:808:8000:63bf:f7f7:f7f7",  # Teredo with public server and client
+]
+PUBLIC = [
+    "2606:4700:4700::1111", "8.8.8.8", "::8.8.8.8", "::ffff:8.8.8.8",
+    "64:ff9b::808:808", "2002:808:808::1",
+]
+
+
+@pytest.mark.parametrize("ip", EMBEDS_PRIVATE_IPV4)
+def test_ipv6_forms_carrying_a_private_ipv4_are_refused_at_submit_and_delivery(ip):
+    host = f"[{ip}]" if ":" in ip else ip
+    with pytest.raises(InvalidInput, match="private, loopback or link-local"):
+        check_url(f"http://{host}/h", allow_private=False)
+    # Stored before the fix, or resolved from a name later (DNS rebinding): refused at
+    # the door, before any connection.
+    status, error = post(f"http://{host}:1/h", b"{}", {}, timeout=1, allow_private=False)
+    assert status is None and "private" in error
+
+
+@pytest.mark.parametrize("ip", PUBLIC)
+def test_public_ipv6_and_public_ipv4_carried_in_ipv6_are_accepted(ip):
+    url = f"http://[{ip}]/h" if ":" in ip else f"http://{ip}/h"
+    assert check_url(url, allow_private=False) == url
