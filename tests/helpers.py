@@ -257,3 +257,28 @@ def add_job(app, owner: str | None, *, modality="text", text=None, payload=None,
         elif status == "failed":
             store.fail_job(session=s, job_id=job_id, error=error or "failed", attempt=1)
     return job_id
+
+
+SQL_STATEMENT = "UPDATE jobs SET sent_at=CURRENT_TIMESTAMP WHERE jobs.id IN (?, ?)"
+
+
+def raise_sql_error(*_a, **_kw):
+    """Raise what SQLAlchemy raises on a locked SQLite store: its message carries the
+    statement and its parameters (here "job-secret-..."), which no log line may."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError(SQL_STATEMENT, ("job-secret-1", "job-secret-2"),
+                           sqlite3.OperationalError("database is locked"))
+
+
+def brief_warnings(records) -> list[str]:
+    """The WARNING lines among ``records``, each checked to be one line with the
+    driver's message of ``raise_sql_error`` and neither the statement nor a parameter."""
+    warned = [r.getMessage() for r in records if r.levelname == "WARNING"]
+    for line in warned:
+        assert "OperationalError: database is locked" in line, line
+        assert "UPDATE jobs" not in line and "job-secret" not in line, line
+        assert "\n" not in line, line
+    return warned

@@ -15,6 +15,7 @@ import logging
 
 from celery import signals
 
+from core.errors import brief_error
 from core.serving.procs import settle_gc
 
 log = logging.getLogger("mmq.worker")
@@ -24,8 +25,9 @@ log = logging.getLogger("mmq.worker")
 def _failure(task_id=None, exception=None, **_kw) -> None:
     # The task has written the failure to the job row before raising (workers/tasks.py):
     # the outcome must be recorded before the message is acknowledged, and a signal
-    # handler runs too late to stop the acknowledgement.
-    log.warning("task %s failed: %s: %s", task_id, type(exception).__name__, exception)
+    # handler runs too late to stop the acknowledgement. brief_error: a database error
+    # that failed the task would otherwise log its whole statement and parameters.
+    log.warning("task %s failed: %s", task_id, brief_error(exception))
 
 
 @signals.worker_ready.connect

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core import store
 from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
+from core.errors import brief_error
 from core.webhooks.deliver import start_delivery
 from producer.api import corrections, events, jobs, openai, search, service, versions
 from producer.api.metrics import metrics_registry
@@ -114,7 +115,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         # that one after answering, and uvicorn then drops the client's keep-alive
         # connection (the next request on it failed with a read error).
         if store.unreachable(e):  # an outage, not a bug: the client should come back
-            log.warning("the results store is unreachable: %s", str(e).splitlines()[0])
+            log.warning("the results store is unreachable: %s", brief_error(e))
             return JSONResponse(ApiError(503, "unavailable", "the results store (database) "
                                          "is unreachable; retry later").body(),
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})

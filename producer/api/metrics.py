@@ -25,6 +25,7 @@ from core import store
 from core.broker import deadletter
 from core.broker.sender import queue_depths
 from core.config import Settings
+from core.errors import brief_error
 from core.jobs import QUEUES, TERMINAL, JobStatus
 
 log = logging.getLogger("mmq.api")
@@ -44,7 +45,7 @@ class StoreCollector:
             with client.sessions() as s:
                 self._seen_until = store.db_time(session=s)
         except Exception as e:  # noqa: BLE001  (the API starts without its store)
-            log.warning("latency histogram starts at the first scrape: %s", e)
+            log.warning("latency histogram starts at the first scrape: %s", brief_error(e))
         # (modality, status) -> [per-bucket counts ..., +Inf], sum
         self._hist: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
@@ -69,7 +70,9 @@ class StoreCollector:
                     self._observe_finished(s)
                     hist = {k: (list(c), t[0]) for k, (c, t) in self._hist.items()}
         except Exception as e:  # noqa: BLE001  (any store error is "the store is down")
-            log.warning("metrics: store unreachable: %s", str(e).splitlines()[0])
+            # One line, without SQLAlchemy's statement and parameters: every scrape
+            # of an outage repeats it.
+            log.warning("metrics: store unreachable: %s", brief_error(e))
             up.add_metric([], 0)
             yield up
             return
@@ -152,7 +155,7 @@ class StoreCollector:
             dead.add_metric([], deadletter.count(self.redis))
             up.add_metric([], 1)
         except redis.RedisError as e:
-            log.warning("metrics: Redis unreachable: %s", e)
+            log.warning("metrics: Redis unreachable: %s", brief_error(e))
             up.add_metric([], 0)
             yield up
             return

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import store
 from core.broker.sender import producer_app, queue_depths
 from core.config import Settings, get_settings
+from core.errors import brief_error
 from core.jobs import QUEUES, TERMINAL, JobStatus
 from producer.ops.rules import Thresholds, load_thresholds
 
@@ -169,7 +170,7 @@ def collect(settings: Settings, sessions: sessionmaker[Session], app, *, window_
             frame.transcripts = _transcripts(s, n_failures)
             frame.slo = _slo(s, settings, frame.counts)
     except Exception as e:
-        frame.problems.append(f"database: {type(e).__name__}: {str(e).splitlines()[0]}")
+        frame.problems.append(f"database: {brief_error(e)}")
     frame.alerts = alerts_of(frame, thresholds or load_thresholds())
     return frame
 

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from core import store
 from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
-from core.errors import InvalidInput
+from core.errors import InvalidInput, brief_error
 from core.inputs import AudioConfig, ImageConfig, decode_image, read_audio, validate_text
 from core.jobs import TASKS, TERMINAL, Modality, Task
 from core.params import job_params
@@ -231,11 +231,11 @@ class Client:
                 # then redis-py drops it), and the second finds the new one at once
                 # instead of waiting for the sweep. A send that half happened is sent
                 # twice: the job may run twice, and its upsert keeps one prediction.
-                log.info("send failed (%s); trying once more", e)
+                log.info("send failed (%s); trying once more", brief_error(e))
                 sent = send_jobs(self.app, pairs, self.settings.jobs_per_message)
         except Exception as e:  # broker down: the rows stay queued for requeue
             log.warning("could not send %d job(s) (%s); `mmq requeue` will re-send them",
-                        len(pairs), e)
+                        len(pairs), brief_error(e))
             return Submitted(ids)
         try:
             with self.sessions.begin() as s:
@@ -243,7 +243,9 @@ class Client:
         except Exception as e:  # noqa: BLE001  (the jobs are queued: a 503 would be a lie)
             # The sweep reads a missing send time as "created then": at worst a job
             # is re-sent once after a minute, and the upsert keeps one prediction.
-            log.warning("sent %d job(s) but could not record it (%s)", len(sent), e)
+            # brief_error: SQLAlchemy's message carries the statement with every id.
+            log.warning("sent %d job(s) but could not record it (%s)", len(sent),
+                        brief_error(e))
         return Submitted(ids)
 
     @staticmethod

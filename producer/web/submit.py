@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from core import store
 from core.broker.admission import Admission, release_room, reserve_room
 from core.config import Settings
-from core.errors import InvalidInput
+from core.errors import InvalidInput, brief_error
 from core.jobs import MODALITIES
 from producer.sdk import Client, IdempotencyConflict
 from producer.web.auth import Caller
@@ -87,4 +87,4 @@ def _release_queue_room(app: FastAPI, room: Admission | None) -> None:
     try:
         release_room(app.state.redis, room)
     except redis.RedisError as e:  # the reservation's expiry frees it later
-        log.warning("could not release queue room %s: %s", room.token, e)
+        log.warning("could not release queue room %s: %s", room.token, brief_error(e))
