@@ -1,4 +1,5 @@
-"""The Celery app: JSON only, late acknowledgement, one queue per modality."""
+"""The Celery app: JSON only, late acknowledgement, one queue per modality, and the
+worker's job count in its reply to Celery's stats broadcast (`mmq top` reads it)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import threading
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.worker.consumer import Consumer
 from vine import promise
 
 from core.broker.apps import celery_conf
+from core.broker.stats import WorkerJobStats
 from core.config import Settings, get_settings
 from workers import poison
 
@@ -30,6 +32,10 @@ class MmqCelery(Celery):
 
     def attach_runtime(self, runtime: WorkerRuntime) -> None:
         self._runtime = runtime
+
+    @property
+    def attached_runtime(self) -> WorkerRuntime | None:
+        return self._runtime
 
     @property
     def runtime(self) -> WorkerRuntime:
@@ -90,6 +96,19 @@ class EventBatchingConsumer(Consumer):
         self._flush_events()
 
 
+class JobStatsStep(bootsteps.StartStopStep):
+    """Puts the worker's job count into its reply to Celery's ``stats`` broadcast
+    (core/broker/stats.py), which `mmq top` reads: Celery's own ``total`` counts task
+    messages, and one run_jobs message carries many jobs. Read from the batching
+    metrics the host keeps anyway, so the tasks count nothing extra."""
+
+    def info(self, worker) -> dict:
+        runtime = worker.app.attached_runtime
+        if runtime is None:  # a worker not started by `mmq worker`: no count to give
+            return {}
+        return WorkerJobStats(jobs=runtime.host.metrics.jobs).to_stats()
+
+
 GUARDED_TRANSPORTS = {"redis": "workers.poison:GuardedRedisTransport",
                       "sentinel": "workers.poison:GuardedSentinelTransport"}
 
@@ -112,6 +131,7 @@ def make_app(settings: Settings | None = None) -> MmqCelery:
         # outage of any length, then carries on, instead of exiting.
         broker_connection_max_retries=None,
     )
+    app.steps["worker"].add(JobStatsStep)
     return app
 
 

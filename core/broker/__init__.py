@@ -6,5 +6,6 @@ how a job's message is sent, what lives under which Redis key, and the repairs
 - ``sender``: the producer's Celery app, sending jobs, reading queue depths;
 - ``admission``: the queue limit, checked and reserved in one Redis script;
 - ``sweep``: re-sends lost jobs, recovers dead workers' jobs (``mmq requeue``);
-- ``deadletter``: messages that are not valid tasks, kept with their reason.
+- ``deadletter``: messages that are not valid tasks, kept with their reason;
+- ``stats``: the job count a worker adds to Celery's ``stats`` broadcast.
 """

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
 from core.broker.sender import producer_app, queue_depths
+from core.broker.stats import WorkerJobStats
 from core.config import Settings, get_settings
 from core.errors import brief_error
 from core.jobs import QUEUES, TERMINAL, JobStatus
@@ -34,7 +35,11 @@ NO_OWNER = "(no key)"  # jobs made by the SDK or CLI, which submit without an AP
 class WorkerInfo:
     name: str  # "text-1234@host": the modality is the part before the first "-"
     modality: str
-    processed: int  # tasks this worker process has run since it started
+    # Jobs through the model since the worker started (core/broker/stats.py); None: the
+    # worker sent no count. Not Celery's ``total``: that counts task messages, and one
+    # run_jobs message carries up to MMQ_JOBS_PER_MESSAGE jobs.
+    jobs: int | None
+    messages: int  # Celery task messages it has taken since it started (its ``total``)
     uptime_s: float | None
 
 
@@ -79,8 +84,10 @@ def _workers(app, timeout: float) -> list[WorkerInfo]:
     out = []
     for name, st in sorted(stats.items()):
         total = st.get("total") or {}
+        own = WorkerJobStats.from_stats(st)
         out.append(WorkerInfo(name=name, modality=name.split("-", 1)[0],
-                              processed=sum(total.values()), uptime_s=st.get("uptime")))
+                              jobs=None if own is None else own.jobs,
+                              messages=sum(total.values()), uptime_s=st.get("uptime")))
     return out
 
 
@@ -201,7 +208,8 @@ def render(frame: Frame, settings: Settings) -> str:
     lines += _render_slo(frame)
     lines += ["", f"workers ({'?' if frame.workers is None else len(workers)})"]
     lines += [f"  {w.name:<40} {w.modality:<6} up {_fmt_age(w.uptime_s):>7}  "
-              f"processed {w.processed}" for w in workers] or [
+              f"jobs {'?' if w.jobs is None else w.jobs} ({w.messages} messages)"
+              for w in workers] or [
         "  none answered" if frame.workers is not None else "  unknown: no broker"]
     lines += _render_owners(frame.owners)
     lines += ["", "recent transcripts"]
@@ -220,6 +228,9 @@ def render(frame: Frame, settings: Settings) -> str:
     if frame.problems:
         lines += ["", "problems"] + [f"  {p}" for p in frame.problems]
     lines.append(f"\njobs/s = succeeded in the last {frame.window_s:g}s")
+    lines.append(f"a worker's jobs = through its model since it started (?: it sends no "
+                 f"count); messages = Celery tasks it took, each up to "
+                 f"{settings.jobs_per_message} jobs")
     return "\n".join(lines)
 
 

@@ -165,9 +165,41 @@ def test_a_job_run_by_a_real_worker_shows_in_flower(flower, start_worker):
                         window_s=3600)
     finally:
         engine.dispose()
-    assert [(w.modality, w.processed) for w in frame.workers] == [("text", 1)]
+    assert [(w.modality, w.jobs, w.messages) for w in frame.workers] == [("text", 1, 1)]
     assert frame.workers[0].name == task["worker"]
     assert frame.counts == {("text", "succeeded"): 1} and frame.rates["text"] > 0
+
+
+def test_mmq_top_counts_a_workers_jobs_not_its_messages(broker_url, tmp_path, start_worker):
+    """Six jobs submitted together travel in one run_jobs message: Celery's count (what
+    `mmq top` showed as "processed") says 1; the worker's own count says 6."""
+    db = f"sqlite:///{tmp_path / 'mmq.db'}"
+    start_worker("text", service_env(broker_url, db), concurrency=2)
+    client = Client(broker_url=broker_url, database_url=db)
+    try:
+        ids = client.submit_many([{"modality": "text", "input": f"sentence {i}"}
+                                  for i in range(6)])
+        res = client.wait(ids, timeout=120, with_embedding=False)
+        assert [r["status"] for r in res] == ["succeeded"] * 6
+    finally:
+        client.close()
+    settings = Settings(broker_url=broker_url, database_url=db)
+    engine = store.make_engine(db)
+    app = producer_app(settings)
+    try:
+        end = time.monotonic() + 30
+        while True:  # the model process's metrics reach the worker through a pipe
+            frame = collect(settings, store.session_factory(engine), app, window_s=60)
+            got = [(w.jobs, w.messages) for w in frame.workers or []]
+            if got == [(6, 1)] or time.monotonic() > end:
+                break
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    assert got == [(6, 1)]
+    row = next(line for line in render(frame, settings).splitlines() if "text-" in line
+               and "messages" in line)
+    assert "jobs 6 (1 messages)" in row
 
 
 def _task_list_shows_modality_and_summary(f: FlowerProcess, job: str) -> None:
