@@ -31,6 +31,7 @@ def test_classify_ranks_the_obvious_label_first(model):
 @pytest.mark.parametrize("bad, reason", [
     ("", "empty"),
     ("   \n\t ", "empty"),
+    ("\u200b\ufeff \u200c\u200d\u2060", "no visible characters"),  # zero-width only
     (None, "must be a string"),
     (42, "must be a string"),
     (b"\xff\xfe broken", "not valid UTF-8"),

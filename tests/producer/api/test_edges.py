@@ -69,6 +69,22 @@ def test_text_with_nul_is_422(served):
                                        "labels": ["a", "b\u0000"]}), 422, "invalid_input")
 
 
+def test_text_with_nothing_visible_is_422_like_empty_text(served):
+    """Zero-width characters and whitespace alone were queued and embedded as ""."""
+    http, _ = served
+    for text in ("", "\u200b", "\ufeff\n", " \u200c\u200d\u2060 "):
+        err = _error(http.post("/v1/jobs", json={"text": text}), 422, "invalid_input")
+        assert err["message"].startswith("item 0: text is empty"), err
+    err = _error(http.post("/v1/jobs:batch", json={"items": [{"text": "ok"},
+                                                             {"text": "\u200b"}]}),
+                 422, "invalid_input")
+    assert "no visible characters" in err["message"] and "U+200B" in err["message"], err
+    r = http.post("/v1/embeddings", json={"input": ["ok", "\u200b\u200b"]}, timeout=10)
+    assert r.status_code == 422 and "no visible characters" in r.text, r.text
+    # Among visible characters they are text like any other.
+    assert http.post("/v1/jobs", json={"text": "zero\u200bwidth"}).status_code == 202
+
+
 def test_version_names_with_nul_are_422_or_404(served):
     """They reached PostgreSQL, which cannot hold a NUL in text: a 500."""
     http, _ = served

@@ -38,6 +38,9 @@ CLASSIFY = {"modality": "text", "input": "x", "task": "classify", "labels": ["a"
 BAD = {
     "text with NUL": ({"modality": "text", "input": "a\x00b"}, "NUL"),
     "text bytes with NUL": ({"modality": "text", "input": b"a\x00b"}, "NUL"),
+    # Zero-width characters and whitespace alone: scored as an empty string before.
+    "text only zero-width": ({"modality": "text", "input": "\u200b \ufeff\u2060"},
+                             "no visible characters"),
     "top_k not a number": ({**CLASSIFY, "top_k": "five"}, "top_k"),
     "top_k float": ({**CLASSIFY, "top_k": 2.5}, "top_k"),
     "top_k bool": ({**CLASSIFY, "top_k": True}, "top_k"),

@@ -1,0 +1,54 @@
+"""Text checks shared by producers and the text tower (core/inputs.py
+``validate_text``): what counts as no text at all."""
+
+import pytest
+
+from core.errors import InvalidInput
+from core.inputs import validate_text
+
+# Text a reader sees nothing of: zero-width and format characters, alone or among
+# whitespace. Each was accepted and embedded as an empty string ([CLS] [SEP]).
+INVISIBLE = {
+    "zero width space": "\u200b",
+    "byte order mark": "\ufeff",
+    "ZWNJ and ZWJ": "\u200c\u200d",
+    "word joiner": "\u2060",
+    "all of them among whitespace": " \u200b\n\ufeff\t\u200c \u200d\u2060 ",
+    "a BOM before a newline, as a file may start": "\ufeff\n",
+    "soft hyphen and direction marks": "\u00ad\u200e\u202e",
+    "hangul filler and a variation selector": "\u3164\ufe0f",
+    "control characters": "\x01\x1b",
+}
+
+
+@pytest.mark.parametrize("text", list(INVISIBLE.values()), ids=list(INVISIBLE))
+def test_text_with_nothing_visible_is_refused_as_blank(text):
+    with pytest.raises(InvalidInput) as e:
+        validate_text(text, 1000, index=3)
+    assert e.value.kind == InvalidInput.INVALID and e.value.index == 3
+    msg = str(e.value)
+    assert msg.startswith("item 3: text is empty") and "no visible characters" in msg
+    assert "U+" in msg  # names what it found: the characters themselves do not show
+    assert not any(ch in msg for ch in text if not ch.isascii() or not ch.isprintable())
+
+
+def test_bytes_with_nothing_visible_are_refused_too():
+    with pytest.raises(InvalidInput, match="no visible characters"):
+        validate_text("\ufeff\u200b".encode(), 1000)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_empty_and_whitespace_keep_their_message(text):
+    with pytest.raises(InvalidInput, match="^text is empty or only whitespace$"):
+        validate_text(text, 1000)
+
+
+@pytest.mark.parametrize("text", [
+    "a\u200bb",  # a zero-width space inside a word
+    "\ufeffhello",  # a BOM before real text
+    "\u200d\U0001f468\u200d\U0001f469",  # an emoji joined by ZWJ
+    "\u0627\u200c\u0628",  # ZWNJ between Arabic letters, as Persian writes
+    "\u2800",  # braille blank: a printed character, not a format one
+])
+def test_invisible_characters_among_visible_ones_are_kept(text):
+    assert validate_text(text, 1000) == text
