@@ -227,11 +227,11 @@ def cancel_job(request: Request, job_id: str, caller: CallerDep) -> JobOut:
     """Cancel a queued or running job: it is ``cancelled`` at once, a worker drops it
     from a batch that has not started, and a running attempt's outcome is discarded.
     409 once it has succeeded or failed; a cancelled job answers 200 again (a DELETE
-    is idempotent)."""
+    is idempotent), as ``Client.cancel`` and ``mmq cancel`` succeed again."""
     client: Client = request.app.state.client
     cancelled = client.cancel(_valid_id(job_id), owner=caller.scope)
     job = _job_or_404(client, job_id, with_embedding=False, owner=caller.scope)
-    if not cancelled and job.status is not JobStatus.CANCELLED:
+    if not cancelled:  # it succeeded or failed: final, so the status read is the reason
         raise ApiError(409, "not_cancellable", f"job {job_id} is {job.status.value}; "
                        "only queued or running jobs can be cancelled")
     return job

@@ -138,11 +138,24 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """Each id -> "cancelled" (by this command or before: a repeated cancel is no
+    error, as the API's DELETE answers 200 again), "not cancelled: it already
+    succeeded|failed" (the API's 409), or null for no such job (its 404). Exit status
+    0 when every job is cancelled, 1 when one had succeeded or failed, 3 when an id
+    names no job (named on stderr, as ``status`` and ``wait`` do)."""
     c = _client()
-    done = {i: c.cancel(i) for i in args.ids}
-    _print({i: ("cancelled" if ok else "not cancelled (already finished, or unknown)")
-            for i, ok in done.items()})
-    return 0 if all(done.values()) else 1
+    out: dict[str, str | None] = {}
+    for i in dict.fromkeys(args.ids):
+        if c.cancel(i):
+            out[i] = "cancelled"
+        elif (job := c.get(i, with_embedding=False)) is not None:
+            out[i] = f"not cancelled: it already {job['status']}"
+        else:
+            out[i] = None
+    _print(out)
+    if missing := [i for i, v in out.items() if v is None]:
+        return _not_found(missing)
+    return 0 if all(v == "cancelled" for v in out.values()) else 1
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:

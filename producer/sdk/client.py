@@ -31,7 +31,7 @@ from core.broker.sender import producer_app, send_jobs
 from core.config import Settings, get_settings
 from core.errors import InvalidInput, brief_error
 from core.inputs import AudioConfig, ImageConfig, decode_image, read_audio, validate_text
-from core.jobs import TASKS, TERMINAL, Modality, Task
+from core.jobs import TASKS, TERMINAL, JobStatus, Modality, Task
 from core.params import job_params
 from core.store import versions
 from core.store.migrations import upgrade
@@ -368,12 +368,20 @@ class Client:
         return [j for j in unique if j not in found]
 
     def cancel(self, job_id: str, *, owner: str | None = None) -> bool:
-        """Cancel a queued or running job; True if it was cancelled (False: it had
-        already finished, or is unknown). A running attempt is not interrupted: its
-        worker drops the job from a batch that has not started, and the store discards
-        the attempt's outcome (the fence), so the job stays ``cancelled``."""
+        """Cancel a queued or running job -> True if the job is ``cancelled``, by this
+        call or an earlier one (a repeated cancel succeeds again, as the API's DELETE
+        answers 200 again); False if it had already succeeded or failed, or names no
+        job (with ``owner``: none of that key id's). A running attempt is not
+        interrupted: its worker drops the job from a batch that has not started, and
+        the store discards the attempt's outcome (the fence), so the job stays
+        ``cancelled``."""
         with self.sessions.begin() as s:
-            return store.cancel_job(session=s, job_id=job_id, owner=owner)
+            if store.cancel_job(session=s, job_id=job_id, owner=owner):
+                return True
+            # Not cancellable now: already cancelled (final, so still true when read),
+            # or finished otherwise, or unknown.
+            status = store.job_statuses(session=s, job_ids=[job_id], owner=owner)
+            return status.get(job_id) == JobStatus.CANCELLED.value
 
     def results(self, *, status: str | None = None, modality: str | None = None,
                 since: datetime | None = None, limit: int = 100,

@@ -12,12 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from PIL import Image
 
+from core import store
 from core.broker.sender import queue_depths
 from core.config import Settings
+from core.jobs import JobResult
+from producer.sdk import Client
 from tests.helpers import big_png, cut_images, served_app, wav_claiming
 
 KEY = "edge-key"
@@ -83,6 +87,32 @@ def test_text_with_nothing_visible_is_422_like_empty_text(served):
     assert r.status_code == 422 and "no visible characters" in r.text, r.text
     # Among visible characters they are text like any other.
     assert http.post("/v1/jobs", json={"text": "zero\u200bwidth"}).status_code == 202
+
+
+def test_cancel_is_idempotent_and_refuses_jobs_that_succeeded_or_failed(served):
+    """The DELETE that the SDK's ``cancel`` and ``mmq cancel`` agree with
+    (tests/producer/cli/test_jobs_cli.py): 200 with the cancelled job, again for a job
+    already cancelled; 409 once it succeeded or failed; 404 for no such job."""
+    http, s = served
+    ids = [http.post("/v1/jobs", json={"text": f"never run {i}"}).json()["id"]
+           for i in range(3)]
+    for _ in range(2):
+        r = http.delete(f"/v1/jobs/{ids[0]}")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    sdk = Client(settings=s)
+    try:
+        with sdk.sessions.begin() as sess:
+            store.start_jobs(session=sess, job_ids=[ids[1]], worker="w")
+            assert store.finish_jobs(session=sess, model_version="v", attempts={ids[1]: 1},
+                                     results={ids[1]: JobResult(np.ones(4, np.float32))})
+            assert store.fail_job(session=sess, job_id=ids[2], error="boom", attempt=None)
+    finally:
+        sdk.close()
+    for job, status in ((ids[1], "succeeded"), (ids[2], "failed")):
+        err = _error(http.delete(f"/v1/jobs/{job}"), 409, "not_cancellable")
+        assert f"is {status}" in err["message"], err
+        assert http.get(f"/v1/jobs/{job}").json()["status"] == status
+    _error(http.delete(f"/v1/jobs/{uuid.uuid4()}"), 404, "not_found")
 
 
 def test_version_names_with_nul_are_422_or_404(served):

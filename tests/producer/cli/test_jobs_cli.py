@@ -1,15 +1,17 @@
-"""`mmq status` and `mmq wait` on ids that name no job, on a SQLite store (no workers,
-no broker reached: the only job here is cancelled, so it is already finished)."""
+"""`mmq status`, `mmq wait` and `mmq cancel` on ids that name no job or a finished one,
+on a SQLite store (no workers, no broker reached: jobs are ended in the store)."""
 
 from __future__ import annotations
 
 import json
 import time
 
+import numpy as np
 import pytest
 
 from core import store
 from core.config import get_settings
+from core.jobs import JobResult
 from producer import cli
 from producer.sdk import Client
 
@@ -68,3 +70,55 @@ def test_the_sdk_names_the_ids_that_are_no_job(finished):
         assert c.missing([]) == []
     finally:
         c.close()
+
+
+# -- cancel: one behaviour at the API, the SDK and the CLI ---------------------------------
+
+@pytest.fixture
+def ended(finished):
+    """-> {status: job id} for a cancelled, a succeeded, a failed and a queued job."""
+    c = Client()
+    with c.sessions.begin() as s:
+        (ok, _), (bad, _), (waiting, _) = store.create_jobs(session=s, rows=[
+            {"modality": "text", "task": "embed", "text": t} for t in ("a", "b", "c")])
+        store.start_jobs(session=s, job_ids=[ok], worker="w")
+        assert store.finish_jobs(session=s, model_version="v", attempts={ok: 1},
+                                 results={ok: JobResult(embedding=np.ones(4, np.float32))})
+        assert store.fail_job(session=s, job_id=bad, error="boom", attempt=None)
+    c.close()
+    return {"cancelled": finished, "succeeded": ok, "failed": bad, "queued": waiting}
+
+
+def test_the_sdk_cancel_of_a_cancelled_job_is_success_again(ended):
+    """Cancelling twice is the outcome asked for, as the API's DELETE answers 200 again;
+    only a job that succeeded or failed cannot be cancelled."""
+    c = Client()
+    try:
+        assert c.cancel(ended["queued"]) is True
+        assert c.cancel(ended["queued"]) is True  # again: still cancelled
+        assert c.cancel(ended["cancelled"]) is True
+        assert c.cancel(ended["succeeded"]) is False and c.cancel(ended["failed"]) is False
+        assert c.cancel("no-such-job") is False
+        assert c.cancel(ended["cancelled"], owner="someone-else") is False  # not theirs
+        assert [c.get(ended[k])["status"] for k in ("succeeded", "failed")] == [
+            "succeeded", "failed"]
+    finally:
+        c.close()
+
+
+def test_cli_cancel_exits_as_the_api_answers(ended, capsys):
+    """0 (the API's 200) once every job is cancelled, by this command or before; 1 (409)
+    for a job that succeeded or failed; 3 (404) for an id that names no job."""
+    assert cli.main(["cancel", ended["cancelled"]]) == 0  # exited 1
+    assert json.loads(capsys.readouterr().out) == {ended["cancelled"]: "cancelled"}
+    assert cli.main(["cancel", ended["queued"], ended["cancelled"]]) == 0
+    capsys.readouterr()
+    assert cli.main(["cancel", ended["cancelled"], ended["succeeded"], ended["failed"]]) == 1
+    assert json.loads(capsys.readouterr().out) == {
+        ended["cancelled"]: "cancelled",
+        ended["succeeded"]: "not cancelled: it already succeeded",
+        ended["failed"]: "not cancelled: it already failed"}
+    assert cli.main(["cancel", ended["cancelled"], "no-such-job"]) == 3
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {ended["cancelled"]: "cancelled", "no-such-job": None}
+    assert json.loads(out.err)["ids"] == ["no-such-job"]
