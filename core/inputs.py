@@ -14,6 +14,7 @@ from the header first.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import unicodedata
 from dataclasses import dataclass
@@ -324,9 +325,38 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     except InvalidInput:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise InvalidInput(f"not a readable audio file ({AUDIO_FORMATS_TEXT}): {e}",
-                           index=index, kind=InvalidInput.UNSUPPORTED) from None
+        raise InvalidInput(_undecodable(data, e), index=index,
+                           kind=InvalidInput.UNSUPPORTED) from None
     return wave, int(info.samplerate)
+
+
+# An accepted container's first bytes -> its name; MP3 without an ID3 tag starts with a
+# frame sync (11 bits set), checked apart. Only to say what a refused file looked like.
+_SIGNATURES = ((b"RIFF", 8, b"WAVE", "a WAV"), (b"fLaC", 0, b"", "a FLAC"),
+               (b"OggS", 0, b"", "an OGG"), (b"ID3", 0, b"", "an MP3"),
+               (b"FORM", 8, b"AIF", "an AIFF"))
+# soundfile names the file it opened by its repr: "Error opening <_io.BytesIO object at
+# 0x7f...>: ..." for bytes read from memory, which told a client nothing.
+_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+# libsndfile's words for a seek that failed inside a damaged file (the in-memory file
+# refused a negative offset): about a pipe or an internal call, not about the upload.
+_SEEK_FAILED = ("not a regular file", "psf_fseek")
+
+
+def _undecodable(data: bytes, e: Exception) -> str:
+    """Why audio bytes were refused, for a person: the formats expected, what the
+    bytes look like, and the decoder's own reason, with no Python object in it."""
+    found = next((f"{name} file that could not be decoded" for head, at, tag, name
+                  in _SIGNATURES if data.startswith(head) and data[at:at + len(tag)] == tag),
+                 None)
+    if found is None and len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0:
+        found = "an MP3 file that could not be decoded"
+    said = e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
+    said = _OBJECT_REPR.sub("the file", said).strip().removeprefix("Error : ")
+    if any(s in said for s in _SEEK_FAILED):
+        said = "it is cut short or corrupt: a seek inside it failed"
+    return (f"not a readable audio file: expected {AUDIO_FORMATS_TEXT}; found "
+            f"{found or 'none of them'} ({said.rstrip('.')})")
 
 
 def _read_mono(data: bytes, channels: int) -> np.ndarray:

@@ -1,10 +1,15 @@
-"""Text checks shared by producers and the text tower (core/inputs.py
-``validate_text``): what counts as no text at all."""
+"""Input checks shared by producers and the model's front ends (core/inputs.py): what
+counts as no text at all, and how audio that cannot be decoded is refused."""
 
+import io
+import random
+
+import numpy as np
 import pytest
+import soundfile as sf
 
 from core.errors import InvalidInput
-from core.inputs import validate_text
+from core.inputs import AUDIO_FORMATS_TEXT, AudioConfig, read_audio, validate_text
 
 # Text a reader sees nothing of: zero-width and format characters, alone or among
 # whitespace. Each was accepted and embedded as an empty string ([CLS] [SEP]).
@@ -52,3 +57,65 @@ def test_empty_and_whitespace_keep_their_message(text):
 ])
 def test_invisible_characters_among_visible_ones_are_kept(text):
     assert validate_text(text, 1000) == text
+
+
+# -- audio that cannot be decoded: a reason without Python object reprs ----------------------
+
+def _encoded(fmt: str, subtype: str | None = None, channels: int = 1) -> bytes:
+    t = np.arange(8000) / 16000
+    x = 0.3 * np.sin(2 * np.pi * 440 * t)
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([x] * channels, 1) if channels > 1 else x, 16000, format=fmt,
+             subtype=subtype)
+    return buf.getvalue()
+
+
+ACCEPTED = {"WAV": _encoded("WAV", "PCM_16"), "FLAC": _encoded("FLAC"),
+            "OGG": _encoded("OGG", "VORBIS"), "MP3": _encoded("MP3"),
+            "AIFF": _encoded("AIFF")}
+UNDECODABLE = {
+    "garbage": (b"definitely not audio " * 4, "none of them"),
+    "WAV without its data chunk": (b"RIFF\x24\0\0\0WAVEjunk" + b"\0" * 40, "a WAV file"),
+    "an Ogg page of zeros": (b"OggS" + b"\0" * 60, "an OGG file"),
+    "a FLAC marker, then zeros": (b"fLaC" + b"\0" * 60, "a FLAC file"),
+    "AIFF with zero channels": (b"FORM\0\0\0\x2eAIFFCOMM\0\0\0\x12" + b"\0" * 30,
+                                "an AIFF file"),
+    "a PNG sent as audio": (b"\x89PNG\r\n\x1a\n" + b"\0" * 60, "none of them"),
+}
+
+
+def _readable(msg: str) -> None:
+    assert "object at 0x" not in msg and "<_io" not in msg and "BytesIO" not in msg, msg
+    assert "Error opening" not in msg and "Error : " not in msg, msg
+
+
+@pytest.mark.parametrize("case", list(UNDECODABLE))
+def test_undecodable_audio_says_what_was_expected_and_found(case):
+    data, found = UNDECODABLE[case]
+    with pytest.raises(InvalidInput) as e:
+        read_audio(data, AudioConfig(), index=2)
+    msg = str(e.value)
+    _readable(msg)
+    assert e.value.kind == InvalidInput.UNSUPPORTED and e.value.index == 2
+    assert msg.startswith(f"item 2: not a readable audio file: expected {AUDIO_FORMATS_TEXT}")
+    assert found in msg, msg
+
+
+def test_damaged_audio_of_every_accepted_format_is_refused_readably():
+    """Files cut short or with bytes changed, as an upload can arrive: whatever
+    libsndfile says about them (a dozen messages, most once prefixed with the repr
+    of the in-memory file), the reason holds no Python object."""
+    rng = random.Random(0)
+    refused = 0
+    for good in ACCEPTED.values():
+        for _ in range(40):
+            data = bytearray(good[:rng.randrange(8, len(good))] if rng.random() < 0.5
+                             else good)
+            for _ in range(rng.randrange(0, 12)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            try:
+                read_audio(bytes(data), AudioConfig())
+            except InvalidInput as e:
+                _readable(str(e))
+                refused += 1
+    assert refused > 50  # the damage was real

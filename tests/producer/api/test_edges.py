@@ -4,6 +4,7 @@ reads the queue, so its length is exactly what admission let in."""
 
 from __future__ import annotations
 
+import base64
 import faulthandler
 import io
 import threading
@@ -218,6 +219,22 @@ def test_upload_edges(served):
     err = _error(http.post("/v1/jobs", files={"file": ("f.wav", wav_claiming(2_000_000_000))}),
                  422, "invalid_input")
     assert "sample rate" in err["message"]
+
+
+def test_undecodable_audio_is_415_with_a_reason_and_no_object_repr(served):
+    """The message held soundfile's "Error opening <_io.BytesIO object at 0x...>"."""
+    http, _ = served
+    bad = {"not audio": b"plain bytes, no audio at all " * 3,
+           "WAV without data": b"RIFF\x24\0\0\0WAVEjunk" + b"\0" * 40}
+    for data in bad.values():
+        answers = [http.post("/v1/jobs", files={"file": ("x.wav", data)},
+                             data={"modality": "audio"}),
+                   http.post("/v1/jobs", json={"modality": "audio", "data_base64":
+                                               base64.b64encode(data).decode()})]
+        for r in answers:
+            err = _error(r, 415, "unsupported_media_type")
+            assert "object at 0x" not in err["message"] and "<_io" not in err["message"]
+            assert "expected WAV, FLAC" in err["message"], err
 
 
 def test_images_cut_short_or_over_the_pixel_limit_are_4xx(served):

@@ -114,6 +114,14 @@ def test_images_cut_short_or_over_the_pixel_limit_are_refused(client):
     assert _jobs(client) == before
 
 
+def test_undecodable_audio_is_refused_with_a_readable_reason(client):
+    """The reason held soundfile's "Error opening <_io.BytesIO object at 0x...>"."""
+    with pytest.raises(InvalidInput) as e:
+        client.submit_many([{"modality": "audio", "input": b"OggS" + b"\0" * 60}])
+    assert e.value.kind == InvalidInput.UNSUPPORTED
+    assert "object at 0x" not in str(e.value) and "expected WAV" in str(e.value), e.value
+
+
 @pytest.mark.parametrize("items", ["a sentence", {"modality": "text", "input": "x"}, [], None])
 def test_items_that_are_not_a_list_of_dicts_are_invalid_input(client, items):
     """They raised AttributeError (chaos run, scenario 8)."""
