@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import re
 import struct
-import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ import soundfile as sf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import InvalidInput, check_payload_size
+from core.params import nothing_visible
 
 # -- text ---------------------------------------------------------------------------------
 
@@ -53,39 +53,10 @@ def validate_text(item: object, max_chars: int, index: int | None = None) -> str
                            f"{max_chars}", index=index, kind=InvalidInput.TOO_LARGE)
     if not item.strip():
         raise InvalidInput("text is empty or only whitespace", index=index)
-    if not any(not _invisible(ch) for ch in item):  # stops at the first visible one
-        raise InvalidInput(f"text is empty: it has no visible characters, only "
-                           f"{_invisible_names(item)}", index=index)
+    if (only := nothing_visible(item)) is not None:
+        raise InvalidInput(f"text is empty: it has no visible characters, only {only}",
+                           index=index)
     return item
-
-
-# Default-ignorable code points (Unicode's DerivedCoreProperties.txt) that are not of
-# category Cf: fillers and selectors that render as nothing (U+3164 HANGUL FILLER is a
-# well-known "invisible" name). The tag block U+E0000..E0FFF is checked by range.
-_IGNORABLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164"
-                       "\uffa0" + "".join(map(chr, range(0xFE00, 0xFE10))))
-
-
-def _invisible(ch: str) -> bool:
-    """Whitespace, a control or format character (Cc, Cf: zero-width spaces and
-    joiners, the BOM, direction marks, soft hyphens), or a default-ignorable one.
-    A text made only of these was embedded as an empty string (the tokenizer drops
-    them) and looked empty to whoever read it, so it is refused as empty text is;
-    among visible characters they are kept (a ZWNJ is part of written Persian)."""
-    return (ch.isspace() or ch in _IGNORABLE or 0xE0000 <= ord(ch) <= 0xE0FFF
-            or unicodedata.category(ch) in ("Cc", "Cf"))
-
-
-def _invisible_names(text: str, most: int = 4) -> str:
-    """What an invisible text holds, by code point and name (printing the characters
-    would show nothing): "whitespace, U+200B ZERO WIDTH SPACE"."""
-    found = list(dict.fromkeys(ch for ch in text if not ch.isspace()))
-    names = ["whitespace"] if any(ch.isspace() for ch in text) else []
-    names += [f"U+{ord(ch):04X} {unicodedata.name(ch, 'a control character')}"
-              for ch in found[:most]]
-    if len(found) > most:
-        names.append(f"and {len(found) - most} more")
-    return ", ".join(names)
 
 
 # -- images -------------------------------------------------------------------------------

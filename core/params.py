@@ -14,6 +14,37 @@ from numbers import Real
 from core.config import Settings
 from core.errors import InvalidInput
 
+# Default-ignorable code points (Unicode's DerivedCoreProperties.txt) that are not of
+# category Cf: fillers and selectors that render as nothing (U+3164 HANGUL FILLER is a
+# well-known "invisible" name). The tag block U+E0000..E0FFF is checked by range.
+_IGNORABLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164"
+                       "\uffa0" + "".join(map(chr, range(0xFE00, 0xFE10))))
+
+
+def _invisible(ch: str) -> bool:
+    """Whitespace, a control or format character (Cc, Cf: zero-width spaces and
+    joiners, the BOM, direction marks, soft hyphens), or a default-ignorable one.
+    A text made only of these was embedded as an empty string (the tokenizer drops
+    them) and looked empty to whoever read it, so it is refused as empty text is;
+    among visible characters they are kept (a ZWNJ is part of written Persian)."""
+    return (ch.isspace() or ch in _IGNORABLE or 0xE0000 <= ord(ch) <= 0xE0FFF
+            or unicodedata.category(ch) in ("Cc", "Cf"))
+
+
+def nothing_visible(text: str, most: int = 4) -> str | None:
+    """None if ``text`` has a visible character; else what it holds, by code point and
+    name (printing the characters would show nothing): "whitespace, U+200B ZERO WIDTH
+    SPACE". For texts and labels alike: each is a text the model embeds."""
+    if any(not _invisible(ch) for ch in text):  # stops at the first visible one
+        return None
+    found = list(dict.fromkeys(ch for ch in text if not ch.isspace()))
+    names = ["whitespace"] if any(ch.isspace() for ch in text) else []
+    names += [f"U+{ord(ch):04X} {unicodedata.name(ch, 'a control character')}"
+              for ch in found[:most]]
+    if len(found) > most:
+        names.append(f"and {len(found) - most} more")
+    return ", ".join(names)
+
 
 def label_text(label: str) -> str:
     """A label as it is compared and stored: stripped, in Unicode NFC, so that "café"
@@ -38,6 +69,8 @@ def check_labels(labels: object, *, max_labels: int | None = None,
     for lb in labels:
         if not isinstance(lb, str) or not lb.strip():
             raise InvalidInput(f"label {lb!r} is not a non-empty string")
+        if (only := nothing_visible(lb)) is not None:  # embedded as an empty string
+            raise InvalidInput(f"label {lb!r} has no visible characters, only {only}")
         if "\x00" in lb:  # PostgreSQL text cannot hold NUL; nor can a tokenizer use it
             raise InvalidInput(f"label {lb!r} contains a NUL character")
         try:  # a lone surrogate (JSON "\ud800") is no text either; PostgreSQL refuses it

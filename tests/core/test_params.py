@@ -22,3 +22,16 @@ def test_labels_equal_after_nfc_normalisation_are_one_label():
 def test_labels_come_back_in_nfc():
     assert check_labels([NFD, "tea"]) == [NFC, "tea"]
     assert check_labels([" \u2126 "]) == ["\u03a9"]  # U+2126 OHM SIGN is U+03A9 in NFC
+
+
+@pytest.mark.parametrize("label", ["\u200b", "\ufeff", " \u200c\u200d ", "\u2060", "\u3164"])
+def test_a_label_with_nothing_visible_is_refused(label):
+    """Each label is a text the model embeds: one of only zero-width characters was
+    embedded as an empty string and scored against the input like any other."""
+    with pytest.raises(InvalidInput, match="no visible characters"):
+        check_labels(["cat", label])
+
+
+def test_invisible_characters_among_visible_ones_are_kept_in_a_label():
+    assert check_labels(["ice\u200bcream", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]) \
+        == ["ice\u200bcream", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]
