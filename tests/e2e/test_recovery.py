@@ -41,7 +41,15 @@ def _running(client: Client, ids: list[str]) -> int:
 def _kill_mid_run(client: Client, victim, ids: list[str]) -> int:
     client.wait(ids[:3], timeout=180, with_embedding=False)  # busy, far from done
     end = time.monotonic() + 60  # kill mid-job, not in the gap between two batches
-    while not _running(client, ids) and time.monotonic() < end:
+    while time.monotonic() < end:
+        # Frozen first, then looked at: a message's jobs (up to 64) finish in one commit,
+        # and one that landed between a look and the kill left none running (seen in CI).
+        # A statement already sent when it froze is given time to end at the database.
+        victim.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)
+        if _running(client, ids):
+            break
+        victim.proc.send_signal(signal.SIGCONT)
         time.sleep(0.005)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
