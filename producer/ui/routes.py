@@ -288,23 +288,38 @@ def job_page(request: Request, job_id: str) -> Response:
         raise UiError(404, f"No job {job_id!r}.")
     every = request.app.state.settings.ui_refresh_s if job.pending else 0
     may_correct = job.correctable and web_corrections.may_correct(session.caller, job.owner)
-    notice = (f"Corrected: the right label is {job.correction['label']!r}."
-              if job.correction and request.query_params.get("corrected") else None)
     hooks = ui_data.webhooks(request.app.state.client.sessions, job.id)
     return render(request, "job.html", session, job=job, reload_ms=int(every * 1000),
                   refresh_s=max(1, round(every * 2)) if every else 0,
-                  may_correct=may_correct, notice=notice, webhooks=hooks)
+                  may_correct=may_correct, notice=_job_notice(request, job), webhooks=hooks)
+
+
+def _job_notice(request: Request, job: ui_data.JobView) -> str | None:
+    """What the form that led here did (``?corrected=1``, ``?cancelled=1|0``), said only
+    where the job's state bears it out: a reload or a made-up link claims nothing."""
+    q = request.query_params
+    if job.correction and q.get("corrected"):
+        return f"Corrected: the right label is {job.correction['label']!r}."
+    cancelled = q.get("cancelled")
+    if cancelled == "1" and job.status == JobStatus.CANCELLED.value:
+        return "Cancelled."
+    if cancelled == "0" and job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
+        return (f"It had already finished ({job.status}) before the cancel arrived: "
+                "nothing was cancelled.")
+    return None
 
 
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str) -> Response:
     """The page's cancel button: the API's DELETE, for the signed-in key's own job (a
-    queued or running one; a finished job is left as it is)."""
+    queued or running one; a finished job is left as it is). The job's page then says
+    which: ``Client.cancel``'s answer travels in the redirect (``?cancelled=1|0``)."""
     form = await _form(request, SIGNIN_BODY_BYTES)
     session = await _posted_by_page(request, form)
     client = request.app.state.client
-    await run_in_threadpool(client.cancel, _valid_id(job_id), owner=session.caller.scope)
-    return RedirectResponse(f"{PATH}/jobs/{job_id}", status_code=303)
+    done = await run_in_threadpool(client.cancel, _valid_id(job_id),
+                                   owner=session.caller.scope)
+    return RedirectResponse(f"{PATH}/jobs/{job_id}?cancelled={int(done)}", status_code=303)
 
 
 @router.post("/jobs/{job_id}/correct")

@@ -377,9 +377,48 @@ def test_the_owner_cancels_a_pending_job_from_its_page(app):
         assert alice.post(f"/ui/jobs/{job_id}/cancel", data={}).status_code == 403  # no token
         r = alice.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf(alice)},
                        follow_redirects=False)
-        assert r.status_code == 303 and r.headers["location"] == f"/ui/jobs/{job_id}"
+        assert r.status_code == 303
+        assert r.headers["location"] == f"/ui/jobs/{job_id}?cancelled=1"
         assert app.state.client.get(job_id)["status"] == "cancelled"
         assert "Cancel this job" not in alice.get(f"/ui/jobs/{job_id}").text
+
+
+def test_the_job_page_says_what_a_cancel_did(app):
+    """The cancel button lands on the job's page, which says what the cancel did: the
+    job was cancelled, or it had finished before the cancel arrived (the page was loaded
+    while it was pending) and nothing was cancelled."""
+    alice = sign_in(app, "alice")
+    queued = add_job(app, "alice", text="cancelled from its page")
+    page = alice.post(f"/ui/jobs/{queued}/cancel", data={"csrf": csrf(alice)})
+    assert page.status_code == 200, page.text
+    assert '<p class="message notice" role="status" id="notice">Cancelled.</p>' in page.text
+    # Pressed again (a second tab): the job is cancelled, as the API's repeated DELETE says.
+    again = alice.post(f"/ui/jobs/{queued}/cancel", data={"csrf": csrf(alice)})
+    assert 'id="notice">Cancelled.</p>' in again.text
+    for status in ("succeeded", "failed"):
+        job = add_job(app, "alice", text=f"{status} before the click")
+        token = csrf(alice, f"/ui/jobs/{job}")  # the page, with its button, while pending
+        assert "Cancel this job" in alice.get(f"/ui/jobs/{job}").text
+        with app.state.client.sessions.begin() as s:  # the worker finishes it meanwhile
+            store.start_jobs(session=s, job_ids=[job], worker="w")
+            if status == "succeeded":
+                store.finish_jobs(session=s, model_version="test", attempts={job: 1},
+                                  results={job: JobResult(embedding=np.ones(4, "float32") / 2,
+                                                          labels=[("a", 0.9)])})
+            else:
+                store.fail_job(session=s, job_id=job, error="bad input", attempt=1)
+        page = alice.post(f"/ui/jobs/{job}/cancel", data={"csrf": token})
+        assert page.status_code == 200 and app.state.client.get(job)["status"] == status
+        assert (f'id="notice">It had already finished ({status}) before the cancel '
+                "arrived: nothing was cancelled.</p>") in page.text, page.text
+    # The page itself, reloaded or linked, says nothing of a cancel; nor does a made-up
+    # link that claims one the job's state does not bear out.
+    assert 'id="notice"' not in alice.get(f"/ui/jobs/{queued}").text
+    assert 'id="notice"' not in alice.get(f"/ui/jobs/{queued}?cancelled=0").text
+    assert 'id="notice"' not in alice.get(f"/ui/jobs/{job}?cancelled=1").text
+    pending = add_job(app, "alice", text="still pending")
+    for claim in ("0", "1"):
+        assert 'id="notice"' not in alice.get(f"/ui/jobs/{pending}?cancelled={claim}").text
 
 
 def test_pending_rows_come_as_server_sent_events_owner_scoped(app):
