@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 
 class InvalidInput(ValueError):
     """One input item cannot be processed; the message says which and why.
@@ -41,3 +43,29 @@ def brief_error(e: BaseException, limit: int = 300) -> str:
     orig = getattr(e, "orig", None)
     lines = str(orig if orig is not None else e).strip().splitlines()
     return f"{type(e).__name__}: {(lines[0] if lines else '')[:limit]}"
+
+
+def brief_traceback(e: BaseException) -> str:
+    """The traceback of ``e`` and of the errors it was raised from or while handling,
+    as Python prints them, but each error's message cut to ``brief_error``'s line.
+
+    For a logged bug (a 500) that is a database error: where it happened, without the
+    statement and parameters (a user's data) that SQLAlchemy puts in its message and
+    ``log.exception`` would print. Frames name files, lines and code, never values."""
+    chain: list[BaseException] = []
+    err: BaseException | None = e
+    while err is not None and not any(err is seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    parts: list[str] = []
+    for i, err in enumerate(reversed(chain)):
+        if i:
+            parts.append("\nThe above exception was the direct cause of the following "
+                         "exception:\n\n" if err.__cause__ is not None else
+                         "\nDuring handling of the above exception, another exception "
+                         "occurred:\n\n")
+        if err.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.format_tb(err.__traceback__))
+        parts.append(brief_error(err) + "\n")
+    return "".join(parts).rstrip("\n")

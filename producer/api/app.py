@@ -18,13 +18,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import store
 from core.broker.redis_client import redis_for
 from core.config import Settings, get_settings
-from core.errors import brief_error
+from core.errors import brief_error, brief_traceback
 from core.webhooks.deliver import start_delivery
 from producer.api import corrections, events, jobs, openai, search, service, versions
 from producer.api.metrics import metrics_registry
@@ -109,17 +109,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(e.status_code, code, str(e.detail)).body(),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    @app.exception_handler(DBAPIError)
-    async def _database(_req: Request, e: DBAPIError) -> JSONResponse:
+    @app.exception_handler(SQLAlchemyError)  # DBAPIError, and StatementError besides
+    async def _database(_req: Request, e: SQLAlchemyError) -> JSONResponse:
         # Its own handler, not the catch-all below: Starlette re-raises what reaches
         # that one after answering, and uvicorn then drops the client's keep-alive
-        # connection (the next request on it failed with a read error).
+        # connection (the next request on it failed with a read error) and logs the
+        # whole error, SQL statement and parameters included.
         if store.unreachable(e):  # an outage, not a bug: the client should come back
             log.warning("the results store is unreachable: %s", brief_error(e))
             return JSONResponse(ApiError(503, "unavailable", "the results store (database) "
                                          "is unreachable; retry later").body(),
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-        log.exception("database error")
+        # A bug: where it happened, but not SQLAlchemy's message, which carries the
+        # statement and its parameters (a user's text, a query).
+        log.error("database error: %s\n%s", brief_error(e), brief_traceback(e))
         return JSONResponse(ApiError(500, "internal", f"internal error: "
                                      f"{type(e).__name__}").body(), status_code=500)
 

@@ -30,13 +30,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import store
 from core.config import Settings
-from core.errors import InvalidInput
+from core.errors import InvalidInput, brief_error, brief_traceback
 from core.inputs import AudioConfig, read_audio
 from core.jobs import TERMINAL, JobStatus
 from producer.api.transcripts import FORMATS, render_transcript
@@ -106,12 +106,14 @@ class OpenAIRoute(APIRoute):
             except StarletteHTTPException as e:
                 return openai_error(e.status_code, str(e.detail),
                                     headers=getattr(e, "headers", None))
-            except DBAPIError as e:
+            except SQLAlchemyError as e:  # DBAPIError, and StatementError besides
                 if store.unreachable(e):
                     return openai_error(503, "the results store (database) is unreachable;"
                                         " retry later", code="unavailable",
                                         headers={"Retry-After": str(RETRY_AFTER_S)})
-                log.exception("database error")
+                # Not log.exception: SQLAlchemy's message carries the statement and
+                # its parameters (the request's inputs).
+                log.error("database error: %s\n%s", brief_error(e), brief_traceback(e))
                 return openai_error(500, f"internal error: {type(e).__name__}")
             except Exception as e:  # noqa: BLE001  (logged; the client gets the shape)
                 log.exception("unhandled error")

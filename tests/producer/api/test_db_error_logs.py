@@ -1,0 +1,96 @@
+"""A database error that is a bug rather than an outage (a 500) is logged as one brief
+line (the error's class and the driver's message) and a traceback whose messages are
+cut the same way: SQLAlchemy's own message carries the whole statement and its
+parameters, which are a user's data (a submitted text, a search query). On the API's
+own routes and on the OpenAI-compatible ones; the answers stay 500 (and 503 for an
+outage)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from core import store
+from core.config import Settings
+from producer.api import create_app
+
+KEY = "log-key-0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SECRET = "my-secret-diary-entry"  # a parameter: a user's text
+STATEMENT = "INSERT INTO jobs (id, text) VALUES (?, ?)"
+
+
+def _integrity_error(*_a, **_kw):
+    """What SQLAlchemy raises for a bad write: its str() is the driver's message, then
+    ``[SQL: ...]`` and ``[parameters: ...]``."""
+    raise IntegrityError(STATEMENT, ("job-1", SECRET),
+                         sqlite3.IntegrityError("UNIQUE constraint failed: jobs.id"))
+
+
+def _statement_error(*_a, **_kw):
+    """A SQLAlchemyError that is no DBAPIError (a parameter the driver could not bind):
+    it carries the statement and parameters too."""
+    raise StatementError("(builtins.TypeError) cannot bind", "SELECT * FROM jobs WHERE "
+                         "text = ?", (SECRET,), TypeError("cannot bind"))
+
+
+@pytest.fixture(scope="module")
+def api(new_broker, tmp_path_factory):
+    s = Settings(broker_url=new_broker(), api_keys=KEY,
+                 database_url=f"sqlite:///{tmp_path_factory.mktemp('logs') / 'mmq.db'}")
+    app = create_app(s)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+    app.state.client.close()
+
+
+def _logged(caplog) -> str:
+    """Everything the records would print: messages and any tracebacks."""
+    return "\n".join(caplog.handler.format(r) for r in caplog.records)
+
+
+def _check(caplog, error: str, message: str, raiser) -> None:
+    text = _logged(caplog)
+    assert SECRET not in text, text
+    assert "[SQL:" not in text and "[parameters:" not in text, text
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, text
+    first = errors[0].getMessage().splitlines()[0]
+    assert f"{error}: {message}" in first and len(first) < 400, first
+    assert "Traceback (most recent call last)" in text  # where it happened is kept
+    assert f"in {raiser.__name__}" in text, text
+
+
+def test_a_database_error_on_an_api_route_is_logged_without_its_statement(api, monkeypatch,
+                                                                          caplog):
+    monkeypatch.setattr(api.app.state.client, "submit_valid", _integrity_error)
+    with caplog.at_level("INFO", logger="mmq.api"):
+        r = api.post("/v1/jobs", headers=AUTH, json={"text": SECRET})
+    assert r.status_code == 500 and r.json()["error"]["message"] == \
+        "internal error: IntegrityError"
+    _check(caplog, "IntegrityError", "UNIQUE constraint failed: jobs.id", _integrity_error)
+
+
+def test_a_statement_error_is_a_500_logged_without_its_statement(api, monkeypatch, caplog):
+    monkeypatch.setattr(store, "list_jobs", _statement_error)
+    with caplog.at_level("INFO", logger="mmq.api"):
+        r = api.get("/v1/jobs", headers=AUTH)
+    assert r.status_code == 500 and r.json()["error"]["message"] == \
+        "internal error: StatementError"
+    _check(caplog, "StatementError", "cannot bind", _statement_error)
+
+
+@pytest.mark.parametrize("raiser, error, message", [
+    (_integrity_error, "IntegrityError", "UNIQUE constraint failed: jobs.id"),
+    (_statement_error, "StatementError", "cannot bind")])
+def test_a_database_error_on_an_openai_route_is_logged_without_its_statement(
+        api, monkeypatch, caplog, raiser, error, message):
+    monkeypatch.setattr(api.app.state.client, "submit_valid", raiser)
+    with caplog.at_level("INFO", logger="mmq.api"):
+        r = api.post("/v1/embeddings", headers=AUTH, json={"input": SECRET})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["message"] == f"internal error: {error}"
+    _check(caplog, error, message, raiser)
