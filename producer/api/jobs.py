@@ -118,7 +118,10 @@ def _json_item(index: int, job: JobIn) -> dict:
 async def submit_job(request: Request, response: Response,
                      caller: CallerDep,
                      idempotency_key: str | None = Header(None, max_length=200)) -> Accepted:
-    """Submit one job: JSON (text, or base64 data) or a multipart file upload."""
+    """Submit one job: JSON (text, or base64 data) or a multipart file upload. The
+    same request again with the same ``Idempotency-Key`` queues nothing and gets the
+    first answer again (``Idempotent-Replayed: true``): ``status`` queued, whatever the
+    job did since; its state now is at ``Location``."""
     items = await parse_items(request, batch=False)
     ids, replayed = await run_in_threadpool(submit, request, items, caller,
                                             idempotency_key)
@@ -134,11 +137,14 @@ async def submit_batch(request: Request, response: Response,
                        idempotency_key: str | None = Header(None, max_length=200)
                        ) -> BatchAccepted:
     """Submit many jobs in one call: validated together, all or none queued.
-    ``Location`` is the first job; each job's own is in the body."""
+    ``Location`` is the first job; each job's own is in the body. A replay (the same
+    ``Idempotency-Key`` and body) is the first answer again, as for ``POST /v1/jobs``,
+    with ``replayed`` true."""
     items = await parse_items(request, batch=True)
     ids, replayed = await run_in_threadpool(submit, request, items, caller,
                                             idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{ids[0]}"
+    response.headers["Idempotent-Replayed"] = str(replayed).lower()  # as POST /v1/jobs
     return BatchAccepted(replayed=replayed, jobs=[
         Accepted(id=i, status=JobStatus.QUEUED, location=f"/v1/jobs/{i}") for i in ids])
 

@@ -92,8 +92,13 @@ def multipart_schema(batch: bool) -> dict:
 
 
 class Accepted(BaseModel):
+    """A job as its submit accepted it. An Idempotency-Key replay repeats this answer as
+    it was: its ``status`` is the job's then, not now (``GET location``)."""
+
     id: str
-    status: JobStatus
+    status: JobStatus = Field(description="queued: the job's status when the submit "
+                                          "accepted it (a replay says so again); its "
+                                          "status now is at location")
     location: str
 
 

@@ -152,7 +152,8 @@ class Client:
         All are validated first; one bad item raises ``InvalidInput`` (naming it) and
         nothing is enqueued. Rows are written in one transaction, then the tasks are
         sent over one connection. With an ``idempotency_key``, submitting the same
-        items again returns the first call's job ids (see ``submit``)."""
+        items again returns the first call's job ids and queues nothing (see
+        ``submit``)."""
         if webhook_url is not None or webhook_embedding is not None:
             common = {k: v for k, v in (("webhook_url", webhook_url),
                                         ("webhook_embedding", webhook_embedding))
@@ -165,7 +166,9 @@ class Client:
         """``submit_many`` that also says whether the ids are a replay of an earlier
         call with the same key. The same key with different items raises
         ``IdempotencyConflict``; deadlines are not part of the comparison, so a
-        retried request with ``timeout_s`` is still the same request. ``owner`` is
+        retried request with ``timeout_s`` is still the same request. A replay says
+        nothing of the jobs' state now (they may have finished): ``get`` or ``wait``
+        reads it. ``owner`` is
         the key id the jobs belong to (the API passes its caller's; never a key)."""
         return self.submit_valid(self.validate(items), idempotency_key=idempotency_key,
                                  owner=owner)

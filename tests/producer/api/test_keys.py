@@ -138,6 +138,35 @@ def test_idempotency_keys_stay_scoped_per_key(api):
     _not_found(api.get(f"/v1/jobs/{first}", headers=B))
 
 
+def test_a_replay_is_the_first_answer_again_on_both_submit_routes(api):
+    """docs/api.md: a replay returns the first call's answer (202, the same ids and
+    ``status: queued``, the same Location) whatever the jobs did since, and says it is
+    one (``Idempotent-Replayed: true``) on both submit routes; the jobs' state now is at
+    the Location."""
+    body = {"text": "replayed after it ended"}
+    h = {**A, "Idempotency-Key": f"one-{uuid.uuid4()}"}
+    first = api.post("/v1/jobs", json=body, headers=h)
+    job = first.json()["id"]
+    assert api.delete(f"/v1/jobs/{job}", headers=A).status_code == 200  # it ended since
+    again = api.post("/v1/jobs", json=body, headers=h)
+    assert again.status_code == 202 and again.json() == first.json()
+    assert again.headers["Location"] == first.headers["Location"] == f"/v1/jobs/{job}"
+    assert (first.headers["Idempotent-Replayed"], again.headers["Idempotent-Replayed"]) == \
+        ("false", "true")
+    assert api.get(again.headers["Location"], headers=A).json()["status"] == "cancelled"
+
+    batch = {"items": [{"text": "one of two"}, {"text": "two of two"}]}
+    h = {**A, "Idempotency-Key": f"batch-{uuid.uuid4()}"}
+    first = api.post("/v1/jobs:batch", json=batch, headers=h)
+    again = api.post("/v1/jobs:batch", json=batch, headers=h)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["replayed"] is False and again.json()["replayed"] is True
+    assert again.json()["jobs"] == first.json()["jobs"]
+    assert again.headers["Location"] == first.headers["Location"]
+    assert (first.headers["Idempotent-Replayed"], again.headers["Idempotent-Replayed"]) == \
+        ("false", "true")
+
+
 def test_unknown_keys_and_names_are_401(api):
     for bad in ("alice", f"alice:{ALICE}", "ops", ALICE[:-1], ""):
         r = api.get("/v1/jobs", headers={"Authorization": f"Bearer {bad}"})
