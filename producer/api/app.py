@@ -128,7 +128,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(_req: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        # Not log.exception: an error raised while handling a database error carries
+        # it in its chain, and the chain would print its statement and parameters.
+        log.error("unhandled error: %s\n%s", brief_error(e), brief_traceback(e))
+        # Starlette re-raises ``e`` after this answer and uvicorn logs it whole: only
+        # ``e`` itself there, its chain (logged briefly just above) cut off.
+        e.__cause__, e.__context__, e.__suppress_context__ = None, None, True
         return JSONResponse(ApiError(500, "internal", f"internal error: "
                                      f"{type(e).__name__}").body(), status_code=500)
 

@@ -116,7 +116,8 @@ class OpenAIRoute(APIRoute):
                 log.error("database error: %s\n%s", brief_error(e), brief_traceback(e))
                 return openai_error(500, f"internal error: {type(e).__name__}")
             except Exception as e:  # noqa: BLE001  (logged; the client gets the shape)
-                log.exception("unhandled error")
+                # Briefly, as above: its chain may hold a database error's statement.
+                log.error("unhandled error: %s\n%s", brief_error(e), brief_traceback(e))
                 return openai_error(500, f"internal error: {type(e).__name__}")
 
         return route

@@ -3,7 +3,8 @@ line (the error's class and the driver's message) and a traceback whose messages
 cut the same way: SQLAlchemy's own message carries the whole statement and its
 parameters, which are a user's data (a submitted text, a search query). On the API's
 own routes and on the OpenAI-compatible ones; the answers stay 500 (and 503 for an
-outage)."""
+outage). So is any other error that reaches a catch-all, whose chain may hold a
+database error (raised while handling one), and what the app re-raises to the server."""
 
 from __future__ import annotations
 
@@ -94,3 +95,42 @@ def test_a_database_error_on_an_openai_route_is_logged_without_its_statement(
     assert r.status_code == 500, r.text
     assert r.json()["error"]["message"] == f"internal error: {error}"
     _check(caplog, error, message, raiser)
+
+
+def _chained_error(*_a, **_kw):
+    """Not a database error, but raised while handling one: ``log.exception`` (and the
+    server, which logs what the app re-raises) print the whole chain, SQL included."""
+    try:
+        _integrity_error()
+    except IntegrityError:
+        raise RuntimeError("the write failed")  # noqa: B904  (chained on purpose)
+
+
+@pytest.mark.parametrize("path, body", [("/v1/jobs", {"text": SECRET}),
+                                        ("/v1/embeddings", {"input": SECRET})])
+def test_an_error_raised_while_handling_a_database_error_is_logged_without_its_statement(
+        api, monkeypatch, caplog, path, body):
+    """The catch-all (the app's, the OpenAI routes') logs the chain, briefly: the
+    database error's class and driver message, never its statement."""
+    monkeypatch.setattr(api.app.state.client, "submit_valid", _chained_error)
+    with caplog.at_level("INFO", logger="mmq.api"):
+        r = api.post(path, headers=AUTH, json=body)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["message"] == "internal error: RuntimeError"
+    _check(caplog, "RuntimeError", "the write failed", _chained_error)
+    assert "IntegrityError: UNIQUE constraint failed: jobs.id" in _logged(caplog)
+
+
+def test_what_the_app_re_raises_to_the_server_carries_no_statement(api, monkeypatch):
+    """Starlette re-raises what reached the catch-all, after answering, and uvicorn logs
+    it whole ("Exception in ASGI application"): that error must not bring the database
+    error's statement along through its chain."""
+    import traceback
+
+    monkeypatch.setattr(api.app.state.client, "submit_valid", _chained_error)
+    raising = TestClient(api.app, raise_server_exceptions=True)
+    with pytest.raises(RuntimeError) as raised:
+        raising.post("/v1/jobs", headers=AUTH, json={"text": SECRET})
+    printed = "".join(traceback.format_exception(raised.value))
+    assert SECRET not in printed and "[SQL:" not in printed, printed
+    assert "RuntimeError: the write failed" in printed
