@@ -24,13 +24,23 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import store
 from core.config import Settings
-from core.errors import brief_error
+from core.errors import brief_error, brief_traceback
 from core.jobs import RUN_JOB_TASK, RUN_JOBS_TASK
 from core.serving.host import JobFuture
 from workers import poison
 from workers.app import app
 
 log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """What a task raises once its job's failure is recorded: that failure's text (the
+    error's class and, for a database error, the driver's first line), with no chain.
+    Not the error itself: Celery logs a task's error with its traceback and sends both
+    in the task-failed event that Flower shows, and a database error's message carries
+    its statement and parameters (a prediction, a transcript: a user's data). Declared
+    in the tasks' ``throws``, so Celery logs it without a traceback; ``_run`` has
+    logged where it happened."""
 
 
 def transient(e: BaseException) -> bool:
@@ -40,12 +50,12 @@ def transient(e: BaseException) -> bool:
         e, ConnectionError | TimeoutError | RedisConnectionError | RedisTimeoutError)
 
 
-@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=None, throws=(JobFailed,))
 def run_job(self, job_id: str, modality: str | None = None) -> dict:
     return _run(job_id, self.request.hostname or "worker", None)
 
 
-@app.task(name=RUN_JOBS_TASK, bind=True, max_retries=None)
+@app.task(name=RUN_JOBS_TASK, bind=True, max_retries=None, throws=(JobFailed,))
 def run_jobs(self, job_ids: list[str], modality: str | None = None) -> dict:
     """Several jobs in one message (core/broker/sender.py): the host runs them together
     (one start, one hand-over to the model, one record: they batch together), and the
@@ -136,8 +146,13 @@ def _run(job_id: str, worker: str, fut: JobFuture | None) -> dict:
                 token = fut.attempt
             fut = None
             if not transient(e) or attempt == settings.task_max_retries:
-                _record_failure(job_id, _failure(e, attempt), token)
-                raise  # recorded: Celery marks the task failed and acknowledges it
+                error = _failure(e, attempt)
+                # Where it happened, without SQL; an outage's traceback is no news.
+                log.error("job %s: %s%s", job_id, error,
+                          "" if transient(e) else "\n" + brief_traceback(e))
+                _record_failure(job_id, error, token)
+                # Recorded: Celery marks the task failed and acknowledges it.
+                raise JobFailed(error) from None
             delay = _backoff(settings, attempt)
             log.warning("job %s: %s (%s); retry %d of %d in %g s", job_id, type(e).__name__,
                         str(e).splitlines()[0][:200], attempt + 1, settings.task_max_retries,
@@ -180,6 +195,8 @@ def _record_failure(job_id: str, error: str, attempt: int | None) -> None:
         app.runtime.host.record_failure(job_id, error, attempt)
     except Exception as e:
         log.error("job %s: could not record its failure (%s); leaving its message "
-                  "unacknowledged", job_id, type(e).__name__)
+                  "unacknowledged", job_id, brief_error(e))
         app.runtime.lease.abandon(job_id)  # handed back once the store answers again
-        raise Reject(f"outcome not recorded: {type(e).__name__}", requeue=True) from e
+        # Not ``from e``: Celery logs a rejection with its traceback, chain and all, and
+        # the chain's database errors would print their statements and parameters.
+        raise Reject(f"outcome not recorded: {type(e).__name__}", requeue=True) from None
