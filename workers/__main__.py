@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 # Only what the model process needs too: it is spawned, and imports this module again
 # before it loads the model (SQLAlchemy and Celery are imported in ``main``).
 from core.config import get_settings
-from core.errors import brief_error
+from core.errors import brief_error, brief_traceback
 from core.jobs import QUEUES
 
 if TYPE_CHECKING:
@@ -51,9 +51,9 @@ def _sweep_forever(modality: str, every: float, lease: LeaseKeeper,
                   queued=turn % queued_every == 0)
         except Exception as e:  # noqa: BLE001  (an outage: the next turn tries again)
             # The driver's message, not SQLAlchemy's (which carries the statement and
-            # its parameters); the traceback at debug level.
+            # its parameters); the traceback, cut the same way, at debug level.
             log.warning("sweep failed (%s); will try again", brief_error(e))
-            log.debug("the sweep's error", exc_info=True)
+            log.debug("the sweep's error:\n%s", brief_traceback(e))
 
 
 def _first_renewal(lease: LeaseKeeper, every: float) -> None:
@@ -66,7 +66,7 @@ def _first_renewal(lease: LeaseKeeper, every: float) -> None:
             return
         except Exception as e:  # noqa: BLE001  (the store is down: nothing to do yet)
             log.warning("could not take the worker lease (%s); retrying", brief_error(e))
-            log.debug("the lease's error", exc_info=True)
+            log.debug("the lease's error:\n%s", brief_traceback(e))
             threading.Event().wait(every)
 
 

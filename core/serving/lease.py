@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from core import store
 from core.config import Settings
-from core.errors import brief_error
+from core.errors import brief_error, brief_traceback
 
 log = logging.getLogger("mmq.worker")
 
@@ -88,9 +88,10 @@ class LeaseKeeper:
             self.renew()
         except Exception as e:  # noqa: BLE001  (the store is down: keep trying)
             if self.healthy_since is not None or not hasattr(self, "_warned"):
-                # One line: SQLAlchemy's message carries the statement and parameters.
+                # One line: SQLAlchemy's message carries the statement and parameters;
+                # nor does the traceback at debug level (brief_traceback).
                 log.warning("could not renew the worker lease (%s); retrying", brief_error(e))
-                log.debug("the renewal's error", exc_info=True)
+                log.debug("the renewal's error:\n%s", brief_traceback(e))
                 self._warned = True
             self.healthy_since = None
             return

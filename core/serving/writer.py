@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
-from core.errors import brief_error
+from core.errors import brief_error, brief_traceback
 from core.jobs import JobStatus
 from core.serving.contracts import JobResult
 from core.serving.drain import Drain
@@ -271,11 +271,12 @@ class GroupWriter:
             except Exception as e:  # noqa: BLE001  (retry alone: one bad request fails alone)
                 if len(group) > 1:
                     # One line: SQLAlchemy's message holds the whole statement (a group's
-                    # fenced finishes: tens of KB); each write's own error reaches its
-                    # task in full below, the traceback only at debug level.
+                    # fenced finishes: tens of KB, other jobs' predictions); each write's
+                    # own error reaches its task in full below, the traceback (cut the
+                    # same way) only at debug level.
                     log.warning("group commit of %d writes failed (%s); writing each alone",
                                 len(group), brief_error(e))
-                    log.debug("the group's error", exc_info=True)
+                    log.debug("the group's error:\n%s", brief_traceback(e))
                 for pending in group:
                     try:
                         self._write([pending])

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import store
 from core.config import Settings
-from core.errors import brief_error
+from core.errors import brief_error, brief_traceback
 from core.webhooks import signing
 from core.webhooks.event import event_body
 from core.webhooks.urls import blocked_address, resolve
@@ -144,9 +144,10 @@ class Deliverer:
             try:
                 n = self.run_once()
             except Exception as e:  # noqa: BLE001  (a store outage: the next turn retries)
-                # The driver's message, not SQLAlchemy's (statement and parameters).
+                # The driver's message, not SQLAlchemy's (statement and parameters),
+                # and at debug level a traceback cut the same way.
                 log.warning("webhook delivery turn failed (%s)", brief_error(e))
-                log.debug("the turn's error", exc_info=True)
+                log.debug("the turn's error:\n%s", brief_traceback(e))
                 n = 0
             if n < self.settings.webhook_concurrency:  # a full claim: more may be due now
                 self._stop.wait(self.settings.webhook_poll_s)
@@ -188,7 +189,7 @@ class Deliverer:
         except Exception as e:  # noqa: BLE001  (its lease runs out; it is tried again)
             log.warning("could not record webhook attempt %s #%d: %s", c.id, c.attempts + 1,
                         brief_error(e))
-            log.debug("the record's error", exc_info=True)
+            log.debug("the record's error:\n%s", brief_traceback(e))
             return None
         if new != store.webhooks.DELIVERED:
             log.info("webhook %s to %s: attempt %d failed (%s)%s", c.id, c.url,

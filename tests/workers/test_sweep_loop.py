@@ -55,6 +55,10 @@ def _one_short_warning(caplog) -> str:
     line = warned[0].getMessage()
     assert "database is locked" in line and "OperationalError" in line
     assert "DELETE FROM" not in line and "parameters" not in line, line
+    # Nor at debug level, where the traceback goes: where, never the statement.
+    logged = "\n".join(caplog.handler.format(r) for r in caplog.records)
+    assert "Traceback (most recent call last)" in logged, logged
+    assert "DELETE FROM" not in logged and "-86400" not in logged, logged
     return line
 
 
@@ -70,7 +74,7 @@ def test_a_failed_sweep_logs_the_drivers_message_not_its_sql(monkeypatch, caplog
     monkeypatch.setattr(core.broker.sweep, "sweep", sweep)
     lease, stop = Lease(), threading.Event()
     lease.allowed = True
-    with caplog.at_level("WARNING", logger="mmq"):
+    with caplog.at_level("DEBUG", logger="mmq"):
         t = threading.Thread(target=_sweep_forever, args=("text", 0.001, lease, stop))
         t.start()
         try:
@@ -93,7 +97,7 @@ def test_a_failed_first_renewal_logs_the_drivers_message_not_its_sql(caplog):
                 raise _sql_error()
 
     lease = FirstFails()
-    with caplog.at_level("WARNING", logger="mmq"):
+    with caplog.at_level("DEBUG", logger="mmq"):
         _first_renewal(lease, 0.001)
     assert lease.tries == 2
     _one_short_warning(caplog)

@@ -131,8 +131,12 @@ def test_a_failed_renewal_logs_the_drivers_message_not_its_sql(keeper, caplog):
         yield  # pragma: no cover
 
     k.host.tx = failing_tx
-    with caplog.at_level("WARNING", logger="mmq"):
+    with caplog.at_level("DEBUG", logger="mmq"):
         k.tick()
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "database is locked" in warned[0]
     assert "INSERT INTO" not in warned[0] and "parameters" not in warned[0], warned[0]
+    # Nor at debug level, where the traceback goes: where, never the statement.
+    logged = "\n".join(caplog.handler.format(r) for r in caplog.records)
+    assert "Traceback (most recent call last)" in logged, logged
+    assert "[SQL:" not in logged and "text-1.abc@h" not in logged, logged

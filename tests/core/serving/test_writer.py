@@ -170,3 +170,8 @@ def test_a_failed_group_logs_one_short_line_not_its_sql(sessions, writer, caplog
     warned = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "no such table: no_such_table" in warned[0].getMessage()
     assert len(warned[0].getMessage()) < 500 and warned[0].exc_info is None
+    # Nor the traceback at debug level: where, never the statement or its parameters
+    # (a group's: other jobs' predictions and transcripts).
+    logged = "\n".join(caplog.handler.format(r) for r in caplog.records)
+    assert "Traceback (most recent call last)" in logged, logged[:3000]
+    assert "FROM no_such_table" not in logged and "x" * 20 not in logged, logged[:3000]
