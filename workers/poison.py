@@ -37,10 +37,12 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 from core.broker import deadletter
+from core.broker.deadletter import clip, shape
 from core.broker.queues import FETCHED_BY, FILLER
 from core.broker.redis_client import redis_for
 from core.broker.transport import FillingChannel
 from core.config import get_settings
+from core.errors import brief_error
 from core.jobs import MAX_JOBS_PER_MESSAGE, RUN_JOB_TASK, RUN_JOBS_TASK
 from workers.acks import AckBatcher
 
@@ -62,17 +64,24 @@ def _redis() -> redis.Redis:
 
 
 def dead_letter(*, reason: str, queue: str, raw: bytes | str, detail: str,
-                task_id: str | None = None) -> None:
-    """Store, log once, count. A failed store is logged with the raw message (the
-    caller acknowledges anyway: a message that kills workers must not stay)."""
+                task_id: str | None = None, task: object = None) -> None:
+    """Store, log one line, count. The line says what it was (reason, queue, task name
+    and id, size, ``detail``), never its body: a poison message may be another
+    application's task or a producer's mistake, holding a user's data; the body is in
+    the list (``mmq dead show``). If Redis refuses it, the line says so and the message
+    is dropped (the caller acknowledges anyway: one that kills workers must not stay)."""
     fields = dict(reason=reason, queue=queue, raw=raw, detail=detail, task_id=task_id,
                   worker=worker_name)
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "replace"))
+    lost = ""
     try:
         entry = deadletter.push(_redis(), max_len=get_settings().dead_letter_max, **fields)
-    except redis.RedisError:
+    except redis.RedisError as e:
         entry = deadletter.make(**fields)
-        log.exception("dead letter: could not store it; the message was %r", raw[:2000])
-    log.error("dead letter: %s from queue %r (task id %s): %s", reason, queue, task_id, detail)
+        lost = f"; not stored ({brief_error(e)}), so dropped"
+    log.error("dead letter: %s from queue %r: task %s, id %s, %d bytes: %s%s", reason, queue,
+              clip(task if isinstance(task, str) else None), clip(task_id), size,
+              clip(detail, 500), lost)
     for fn in listeners:
         try:
             fn(entry)
@@ -332,17 +341,18 @@ class GuardedChannel(FillingChannel):
             return None
         try:
             payload = loads(bytes_to_str(item))
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError (a position)
             dead_letter(reason=deadletter.UNDECODABLE, queue=queue, raw=item,
                         detail=f"not JSON: {e}")
             return None
         problem = self._envelope_problem(payload)
         if isinstance(problem, str):
-            task_id = None
+            task_id = task = None
             if isinstance(payload, dict) and isinstance(payload.get("headers"), dict):
-                task_id = payload["headers"].get("id")
+                task_id, task = payload["headers"].get("id"), payload["headers"].get("task")
             dead_letter(reason=deadletter.NOT_AN_ENVELOPE, queue=queue, raw=item,
-                        detail=problem, task_id=task_id if isinstance(task_id, str) else None)
+                        detail=problem, task_id=task_id if isinstance(task_id, str) else None,
+                        task=task)
             return None
         return problem
 
@@ -363,7 +373,7 @@ class GuardedChannel(FillingChannel):
             if not isinstance(tag, str | int) or isinstance(tag, bool):
                 return f"delivery_tag is a {type(tag).__name__}, not a string"
         except Exception as e:  # noqa: BLE001  (anything here is a malformed envelope)
-            return f"kombu cannot read it: {type(e).__name__}: {e}"
+            return f"kombu cannot read it: {brief_error(e)}"
         return message
 
 
@@ -412,11 +422,12 @@ def task_problem(message, tasks: dict) -> tuple[str, str] | None:
     except ContentDisallowed as e:
         return deadletter.CONTENT_TYPE, f"{message.content_type!r} refused: {e}"
     except Exception as e:  # noqa: BLE001  (a body the accepted serializer cannot read)
-        return deadletter.BAD_BODY, f"cannot decode the body: {type(e).__name__}: {e}"
+        return deadletter.BAD_BODY, f"cannot decode the body: {brief_error(e)}"
+    # The details say what is wrong, never what the body holds: they are logged.
     if not (isinstance(body, list | tuple) and len(body) == 3
             and isinstance(body[0], list | tuple) and isinstance(body[1], dict)
             and isinstance(body[2], dict | None)):
-        return deadletter.BAD_BODY, f"body is not [args, kwargs, embed]: {str(body)[:200]}"
+        return deadletter.BAD_BODY, f"body is not [args, kwargs, embed]: {shape(body)}"
     args, kwargs, _ = body
     try:
         task.__header__(*args, **kwargs)  # the task's signature, without running it
@@ -425,12 +436,12 @@ def task_problem(message, tasks: dict) -> tuple[str, str] | None:
     if name == RUN_JOB_TASK:
         job_id = args[0] if args else kwargs.get("job_id")
         if not isinstance(job_id, str) or not job_id:
-            return deadletter.BAD_BODY, f"job id {job_id!r} is not a string"
+            return deadletter.BAD_BODY, f"job id is {shape(job_id)}, not a string"
     if name == RUN_JOBS_TASK:
         ids = args[0] if args else kwargs.get("job_ids")
         if not (isinstance(ids, list) and 0 < len(ids) <= MAX_JOBS_PER_MESSAGE
                 and all(isinstance(i, str) and i for i in ids)):
-            return deadletter.BAD_BODY, (f"job ids {str(ids)[:200]} are not a list of 1 to "
+            return deadletter.BAD_BODY, (f"job ids are {shape(ids)}, not a list of 1 to "
                                          f"{MAX_JOBS_PER_MESSAGE} strings")
     return None
 
@@ -444,14 +455,14 @@ def guard_task_handler(handler: Callable, tasks: dict,
         try:
             problem = task_problem(message, tasks)
         except Exception as e:  # noqa: BLE001  (a shape the checks did not foresee)
-            problem = deadletter.UNHANDLED, f"{type(e).__name__}: {e}"
+            problem = deadletter.UNHANDLED, brief_error(e)
         if problem is None:
             try:
                 return handler(message)
             except connection_errors:
                 raise  # the broker went away: Celery's consumer reconnects
             except Exception as e:  # noqa: BLE001  (Celery calls these unrecoverable)
-                problem = deadletter.UNHANDLED, f"{type(e).__name__}: {e}"
+                problem = deadletter.UNHANDLED, brief_error(e)
         reject_as_dead(message, *problem)
 
     return on_task_received
@@ -461,10 +472,11 @@ def reject_as_dead(message, reason: str, detail: str) -> None:
     """Store first, then ack: a crash in between redelivers it (a duplicate entry),
     never loses it."""
     info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
-    task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task_id = headers.get("id")
     dead_letter(reason=reason, queue=info.get("routing_key") or "?",
                 raw=_raw(message), detail=detail,
-                task_id=task_id if isinstance(task_id, str) else None)
+                task_id=task_id if isinstance(task_id, str) else None, task=headers.get("task"))
     message.ack()
 
 
@@ -493,4 +505,5 @@ def dead_letter_unknown_job(job_id: str) -> None:
     info = getattr(request, "delivery_info", None) or {}
     raw = _raw(message) if message is not None else json.dumps({"task_id": job_id})
     dead_letter(reason=deadletter.UNKNOWN_JOB, queue=info.get("routing_key") or "?", raw=raw,
-                detail=f"no job {job_id} in the store", task_id=job_id)
+                detail=f"no job {job_id} in the store", task_id=job_id,
+                task=getattr(request, "name", None))

@@ -59,6 +59,24 @@ class DeadLetter:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+def shape(value: object) -> str:
+    """What a value is, not what it holds: for a ``detail``, which workers log (a
+    message's body may be a user's data; the entry's ``raw`` keeps it)."""
+    if isinstance(value, list | tuple | dict):
+        return f"a {type(value).__name__} of {len(value)} item{'s' * (len(value) != 1)}"
+    if isinstance(value, str):
+        return f"a str of {len(value)} character{'s' * (len(value) != 1)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def clip(text: str | None, limit: int = 200) -> str | None:
+    """At most ``limit`` characters of a header or detail, for a log line, marked as
+    cut: a hand-made message's fields may be any length."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 def make(*, reason: str, queue: str, raw: bytes | str, detail: str = "",
          task_id: str | None = None, worker: str | None = None) -> DeadLetter:
     if isinstance(raw, str):
