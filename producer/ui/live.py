@@ -29,7 +29,7 @@ def _valid(ids: str) -> list[str]:
 
 
 def row_stream(request: Request, ids: str, owner: str | None, render_row) -> StreamingResponse:
-    """``render_row(view) -> html`` draws one row (routes.py owns the templates)."""
+    """``render_row(view) -> html`` draws one row (pages.py holds the templates)."""
     sessions = request.app.state.client.sessions
 
     def read(pending: list[str]) -> dict[str, State]:

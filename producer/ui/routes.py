@@ -1,7 +1,7 @@
 """The results page, ``/ui``: the jobs a key made, live, with their inputs and results;
 search; a submit form. Served by the API process (``router``, which the API's app factory
-includes, and ``ui_error_page``, its error handler for ``UiError``), server-rendered with
-Jinja2 (autoescaped); a little plain JavaScript (``static/ui.js``) follows the pending
+includes), server-rendered with Jinja2 (autoescaped: pages.py draws a page, and the
+error page of a ``UiError``); a little plain JavaScript (``static/ui.js``) follows the pending
 jobs' statuses as Server-Sent Events (live.py), reloads a pending job's page when it
 changes and takes dropped files, and every page works without it.
 
@@ -19,15 +19,12 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, FileSystemLoader
-from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,73 +34,24 @@ from core.inputs import AUDIO_FORMATS_TEXT, sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer.ui import data as ui_data
 from producer.ui.live import row_stream
-from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
+from producer.ui.pages import HERE, TEMPLATES, UiError, read_session, render
+from producer.ui.session import PATH, Sessions, UiSession, same_origin
 from producer.web import corrections as web_corrections
 from producer.web.errors import INPUT_STATUS, ApiError
 from producer.web.form import read_body
 from producer.web.submit import submit as submit_jobs  # the form refuses what /v1/jobs refuses
 
-HERE = Path(__file__).parent
 STATUSES = tuple(s.value for s in JobStatus)
 SIGNIN_BODY_BYTES = 16 * 1024  # a key and a path
 MAX_SEARCH_K = 100
 WHOLE = re.compile(r"[0-9]{1,9}")  # str.isdigit() also takes "²", which int() refuses
-# The pages load nothing from elsewhere and run no inline script or style.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self'; media-src 'self'; "
-                               "script-src 'self'; style-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",  # a key's results: not for shared caches or back buttons
-}
-
-TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
-                        trim_blocks=True, lstrip_blocks=True)
 
 router = APIRouter(prefix=PATH, include_in_schema=False)
 # A mount is not given the router's prefix (only its routes are): the whole path.
 router.mount(f"{PATH}/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
 
-class UiError(Exception):
-    """A page-level refusal: rendered as a page with this status and message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-async def ui_error_page(request: Request, e: UiError) -> HTMLResponse:
-    """The app's handler for ``UiError`` (``create_app`` registers it)."""
-    try:
-        session = await run_in_threadpool(_session, request)
-    except DBAPIError:  # the store is down: the error page still renders
-        session = None
-    return render(request, "error.html", session, status=e.status,
-                  error=e.message)
-
-
 # -- helpers -------------------------------------------------------------------------------
-
-def _session(request: Request) -> UiSession | None:
-    """The request's sign-in, or None. Reads the store: from async code, call it in the
-    thread pool."""
-    return request.app.state.ui_sessions.read(request.cookies.get(COOKIE))
-
-
-def render(request: Request, template: str, session: UiSession | None, *, status: int = 200,
-           **context: Any) -> HTMLResponse:
-    sessions: Sessions = request.app.state.ui_sessions
-    context.setdefault("error", None)
-    context.setdefault("notice", None)
-    context.setdefault("reload_ms", 0)  # ui.js reloads the page after this (0: never)
-    context.setdefault("refresh_s", 0)  # without JavaScript: a meta refresh (0: none)
-    html = TEMPLATES.get_template(template).render(
-        prefix=PATH, session=session, caller=session.caller if session else None,
-        csrf=sessions.csrf_token(session) if session else "", **context)
-    return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
-
 
 def _to_signin(request: Request) -> RedirectResponse:
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -149,7 +97,7 @@ async def _form(request: Request, limit: int) -> FormData:
 async def _posted_by_page(request: Request, form: FormData) -> UiSession:
     """The session of a POST that came from this page: signed in, same origin, and the
     form's CSRF token belongs to this sign-in."""
-    session = await run_in_threadpool(_session, request)
+    session = await run_in_threadpool(read_session, request)
     if session is None:
         raise UiError(401, "Your session has ended; sign in again.")
     if not same_origin(request) or not request.app.state.ui_sessions.csrf_ok(
@@ -183,7 +131,7 @@ def home() -> RedirectResponse:
 
 @router.get("/signin")
 def signin_page(request: Request, next: str | None = None) -> Response:
-    if _session(request) is not None:
+    if read_session(request) is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
     return render(request, "signin.html", None, next=_safe_next(next))
 
@@ -239,7 +187,7 @@ def _page_of_jobs(request: Request, session: UiSession) -> dict[str, Any]:
 
 @router.get("/jobs")
 def jobs_page(request: Request) -> Response:
-    session = _session(request)
+    session = read_session(request)
     if session is None:
         return _to_signin(request)
     page = _page_of_jobs(request, session)
@@ -258,7 +206,7 @@ def jobs_page(request: Request) -> Response:
 @router.get("/jobs/rows")
 def jobs_rows(request: Request) -> Response:
     """The job list's rows alone (the list without its page around it)."""
-    session = _session(request)
+    session = read_session(request)
     if session is None:
         return PlainTextResponse("signed out", status_code=401)
     page = _page_of_jobs(request, session)
@@ -269,7 +217,7 @@ def jobs_rows(request: Request) -> Response:
 def jobs_events(request: Request, ids: str = "") -> Response:
     """The page's pending jobs as Server-Sent Events of their rows (producer/ui/live.py):
     what ui.js listens to instead of polling."""
-    session = _session(request)
+    session = read_session(request)
     if session is None:
         return PlainTextResponse("signed out", status_code=401)
     template = TEMPLATES.get_template("_rows.html")
@@ -279,7 +227,7 @@ def jobs_events(request: Request, ids: str = "") -> Response:
 
 @router.get("/jobs/{job_id}")
 def job_page(request: Request, job_id: str) -> Response:
-    session = _session(request)
+    session = read_session(request)
     if session is None:
         return _to_signin(request)
     job = ui_data.job_view(request.app.state.client.sessions, _valid_id(job_id),
@@ -343,7 +291,7 @@ async def correct_job(request: Request, job_id: str) -> Response:
 def job_input(request: Request, job_id: str) -> Response:
     """The job's image or audio bytes, for the page's <img> and <audio>, under the same
     owner check as the job itself."""
-    session = _session(request)
+    session = read_session(request)
     if session is None:
         return PlainTextResponse("signed out", status_code=401)
     found = ui_data.job_input(request.app.state.client.sessions, _valid_id(job_id),
@@ -363,7 +311,7 @@ def job_input(request: Request, job_id: str) -> Response:
 
 @router.get("/submit")
 def submit_page(request: Request) -> Response:
-    session = _session(request)
+    session = read_session(request)
     if session is None:
         return _to_signin(request)
     return render(request, "submit.html", session, tasks=TASKS, form={})
@@ -433,7 +381,7 @@ SEARCH_FILTERS = ("modality", "task", "label", "model_version", "created_since",
 
 @router.get("/search")
 async def search_page(request: Request) -> Response:
-    session = await run_in_threadpool(_session, request)
+    session = await run_in_threadpool(read_session, request)
     if session is None:
         return _to_signin(request)
     params = dict(request.query_params)
