@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,7 +31,7 @@ from producer.api.metrics import metrics_registry
 from producer.api.schemas import BatchIn, JobIn
 from producer.api.search import SearchIn
 from producer.sdk import Client
-from producer.ui import UiError, ui_error_page
+from producer.ui import UiError, is_page, store_error_page, ui_error_page
 from producer.ui import router as ui_router
 from producer.ui.session import Sessions
 from producer.web.auth import keyring
@@ -110,19 +110,24 @@ def _install_error_handlers(app: FastAPI) -> None:
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(SQLAlchemyError)  # DBAPIError, and StatementError besides
-    async def _database(_req: Request, e: SQLAlchemyError) -> JSONResponse:
+    async def _database(req: Request, e: SQLAlchemyError) -> Response:
         # Its own handler, not the catch-all below: Starlette re-raises what reaches
         # that one after answering, and uvicorn then drops the client's keep-alive
         # connection (the next request on it failed with a read error) and logs the
         # whole error, SQL statement and parameters included.
+        # The results page answers with a page of its own, the same status (producer/ui).
         if store.unreachable(e):  # an outage, not a bug: the client should come back
             log.warning("the results store is unreachable: %s", brief_error(e))
+            if is_page(req):
+                return await store_error_page(req, outage=True)
             return JSONResponse(ApiError(503, "unavailable", "the results store (database) "
                                          "is unreachable; retry later").body(),
                                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         # A bug: where it happened, but not SQLAlchemy's message, which carries the
         # statement and its parameters (a user's text, a query).
         log.error("database error: %s\n%s", brief_error(e), brief_traceback(e))
+        if is_page(req):
+            return await store_error_page(req, outage=False)
         return JSONResponse(ApiError(500, "internal", f"internal error: "
                                      f"{type(e).__name__}").body(), status_code=500)
 

@@ -1,7 +1,8 @@
-"""How the results page draws a page, and its error page: the templates (Jinja2,
-autoescaped), the headers every page carries, the request's sign-in and ``UiError`` (a
-refusal, drawn as a page with its status). The routes are in routes.py; ``create_app``
-registers the error page as the app's handler for ``UiError`` (producer/api/app.py)."""
+"""How the results page draws a page, and its error pages: the templates (Jinja2,
+autoescaped), the headers every page carries, the request's sign-in, ``UiError`` (a
+refusal, drawn as a page with its status) and the page's answer to a database error.
+The routes are in routes.py; ``create_app`` registers the error pages as the app's
+handlers (producer/api/app.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from producer.ui.session import COOKIE, PATH, Sessions, UiSession
+from producer.web.errors import RETRY_AFTER_S
 
 HERE = Path(__file__).parent
 # The pages load nothing from elsewhere and run no inline script or style.
@@ -26,6 +28,9 @@ PAGE_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",  # a key's results: not for shared caches or back buttons
 }
+STORE_DOWN = "The results store is not answering; try again in a moment."
+STORE_FAILED = ("Something went wrong on the server while reading or writing the "
+                "results; it has been logged. Try again, or come back later.")
 
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
                         trim_blocks=True, lstrip_blocks=True)
@@ -62,7 +67,25 @@ async def ui_error_page(request: Request, e: UiError) -> HTMLResponse:
     """The app's handler for ``UiError`` (``create_app`` registers it)."""
     try:
         session = await run_in_threadpool(read_session, request)
-    except DBAPIError:  # the store is down: the error page still renders
+    except SQLAlchemyError:  # the store is down (or failed): the error page still renders
         session = None
     return render(request, "error.html", session, status=e.status, error=e.message)
 
+
+def is_page(request: Request) -> bool:
+    """A request for the results page (``/ui`` and below), whose errors are pages."""
+    path = request.url.path
+    return path == PATH or path.startswith(f"{PATH}/")
+
+
+async def store_error_page(request: Request, outage: bool) -> HTMLResponse:
+    """A database error on the page (the app's database handler, which has logged it,
+    sends those of ``/ui`` here): the page's error page with the API's status, 503 with
+    Retry-After while the database does not answer, else 500, and a sentence for a
+    person, never the error. During an outage the sign-in is not looked up (the store
+    would keep the page waiting again), and the page offers no sign-in."""
+    if not outage:
+        return await ui_error_page(request, UiError(500, STORE_FAILED))
+    r = render(request, "error.html", None, status=503, error=STORE_DOWN, store_down=True)
+    r.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return r
