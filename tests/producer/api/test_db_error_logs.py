@@ -134,3 +134,27 @@ def test_what_the_app_re_raises_to_the_server_carries_no_statement(api, monkeypa
     printed = "".join(traceback.format_exception(raised.value))
     assert SECRET not in printed and "[SQL:" not in printed, printed
     assert "RuntimeError: the write failed" in printed
+
+
+def test_a_database_error_in_an_event_stream_is_logged_without_its_statement(
+        api, monkeypatch, caplog):
+    """A stream's status query fails after its first event: the response has started,
+    so Starlette wraps the error in a RuntimeError that reaches the catch-all (and then
+    the server), the database error chained to it."""
+    job = api.post("/v1/jobs", headers=AUTH, json={"text": "hello"}).json()["id"]
+    real, calls = store.job_states, []
+
+    def failing_later(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            _statement_error()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store, "job_states", failing_later)
+    with caplog.at_level("INFO", logger="mmq.api"):
+        with api.stream("GET", f"/v1/jobs/{job}/events", headers=AUTH) as r:
+            r.read()
+    assert len(calls) == 2  # the first query answered, the second failed
+    text = _logged(caplog)
+    assert SECRET not in text and "[SQL:" not in text, text
+    assert "StatementError: cannot bind" in text, text
