@@ -31,11 +31,27 @@ def _invisible(ch: str) -> bool:
             or unicodedata.category(ch) in ("Cc", "Cf"))
 
 
+# Combining marks: nonspacing (Mn: accents, virama, harakat, Thai vowel signs) and
+# enclosing (Me: U+20DD COMBINING ENCLOSING CIRCLE). They draw on the character before
+# them; a text of marks alone was accepted and embedded as an empty string (the tokenizer
+# strips Mn as accents; a lone Me it reads as [UNK]). Spacing marks (Mc, such as the
+# Devanagari vowel sign U+093E) take their own width and are kept as base characters.
+_MARKS = ("Mn", "Me")
+
+
+def _base(ch: str) -> bool:
+    """A character that shows on its own: neither invisible nor a combining mark."""
+    return not _invisible(ch) and unicodedata.category(ch) not in _MARKS
+
+
 def nothing_visible(text: str, most: int = 4) -> str | None:
-    """None if ``text`` has a visible character; else what it holds, by code point and
-    name (printing the characters would show nothing): "whitespace, U+200B ZERO WIDTH
-    SPACE". For texts and labels alike: each is a text the model embeds."""
-    if any(not _invisible(ch) for ch in text):  # stops at the first visible one
+    """None if ``text`` has a base character (one that shows on its own, which the
+    combining marks of Hindi, Thai, Arabic or NFD accents then sit on); else what it
+    holds, by code point and name (printing the characters would show nothing, or a
+    mark over a dotted circle): "whitespace, U+200B ZERO WIDTH SPACE", "U+0301
+    COMBINING ACUTE ACCENT (combining marks with no base character to carry them)".
+    For texts and labels alike: each is a text the model embeds."""
+    if any(_base(ch) for ch in text):  # stops at the first one
         return None
     found = list(dict.fromkeys(ch for ch in text if not ch.isspace()))
     names = ["whitespace"] if any(ch.isspace() for ch in text) else []
@@ -43,7 +59,9 @@ def nothing_visible(text: str, most: int = 4) -> str | None:
               for ch in found[:most]]
     if len(found) > most:
         names.append(f"and {len(found) - most} more")
-    return ", ".join(names)
+    marks = any(unicodedata.category(ch) in _MARKS for ch in found)
+    return ", ".join(names) + (" (combining marks with no base character to carry them)"
+                               if marks else "")
 
 
 def label_text(label: str) -> str:
@@ -70,7 +88,8 @@ def check_labels(labels: object, *, max_labels: int | None = None,
         if not isinstance(lb, str) or not lb.strip():
             raise InvalidInput(f"label {lb!r} is not a non-empty string")
         if (only := nothing_visible(lb)) is not None:  # embedded as an empty string
-            raise InvalidInput(f"label {lb!r} has no visible characters, only {only}")
+            # ascii(): repr would print a combining mark raw, drawn over the quote.
+            raise InvalidInput(f"label {ascii(lb)} has no visible characters, only {only}")
         if "\x00" in lb:  # PostgreSQL text cannot hold NUL; nor can a tokenizer use it
             raise InvalidInput(f"label {lb!r} contains a NUL character")
         try:  # a lone surrogate (JSON "\ud800") is no text either; PostgreSQL refuses it

@@ -3,6 +3,7 @@ counts as no text at all, and how audio that cannot be decoded is refused."""
 
 import io
 import random
+import unicodedata
 
 import numpy as np
 import pytest
@@ -58,6 +59,44 @@ def test_empty_and_whitespace_keep_their_message(text):
 def test_invisible_characters_among_visible_ones_are_kept(text):
     assert validate_text(text, 1000) == text
 
+
+
+# Combining marks (categories Mn, Me) with no base character: the tokenizer strips
+# accents, so each was accepted and embedded as an empty string, as zero-width text was.
+MARKS_ONLY = {
+    "two acute accents": "\u0301\u0301",
+    "an enclosing circle": "\u20dd",
+    "a Devanagari virama and vowel sign": "\u094d\u0947",
+    "Arabic harakat": "\u064e\u0652\u064b",
+    "accents among whitespace and zero-width characters": " \u0301\u200b\u0308\n",
+    "an accent on a space": " \u0301",
+}
+# Real scripts write combining marks on every other letter: all of them are text.
+WITH_MARKS = {
+    "e and a combining acute": "e\u0301",
+    "an accent before its letter": "\u0301a",
+    "Hindi": "\u0928\u092e\u0938\u094d\u0924\u0947",  # namaste: virama, vowel sign
+    "Thai": "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35",  # sawasdee
+    "Arabic with harakat": "\u0645\u064e\u0631\u0652\u062d\u064e\u0628\u064b\u0627",
+    "Vietnamese in NFD": unicodedata.normalize("NFD", "Ti\u1ebfng Vi\u1ec7t"),
+    "a keycap": "1\ufe0f\u20e3",
+}
+
+
+@pytest.mark.parametrize("text", list(MARKS_ONLY.values()), ids=list(MARKS_ONLY))
+def test_text_of_combining_marks_only_is_refused_as_blank(text):
+    with pytest.raises(InvalidInput) as e:
+        validate_text(text, 1000, index=1)
+    msg = str(e.value)
+    assert msg.startswith("item 1: text is empty") and "combining mark" in msg, msg
+    first = next(ch for ch in text if unicodedata.category(ch) in ("Mn", "Me"))
+    assert f"U+{ord(first):04X} {unicodedata.name(first)}" in msg, msg
+    assert not any(ch in msg for ch in text if not ch.isascii() or not ch.isprintable())
+
+
+@pytest.mark.parametrize("text", list(WITH_MARKS.values()), ids=list(WITH_MARKS))
+def test_text_with_a_base_character_under_its_marks_is_kept(text):
+    assert validate_text(text, 1000) == text
 
 # -- audio that cannot be decoded: a reason without Python object reprs ----------------------
 

@@ -35,3 +35,15 @@ def test_a_label_with_nothing_visible_is_refused(label):
 def test_invisible_characters_among_visible_ones_are_kept_in_a_label():
     assert check_labels(["ice\u200bcream", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]) \
         == ["ice\u200bcream", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]
+
+
+@pytest.mark.parametrize("label", ["\u0301", "\u0301\u0308", " \u200b\u0301 ", "\u20dd"])
+def test_a_label_of_combining_marks_only_is_refused(label):
+    """Embedded as an empty string, like a label of zero-width characters."""
+    with pytest.raises(InvalidInput, match="no visible characters.*combining mark"):
+        check_labels(["cat", label])
+
+
+def test_labels_whose_letters_carry_marks_are_kept():
+    hindi, thai = "\u0928\u092e\u0938\u094d\u0924\u0947", "\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35"
+    assert check_labels([NFD, hindi, thai]) == [NFC, hindi, thai]

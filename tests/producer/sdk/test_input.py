@@ -41,6 +41,11 @@ BAD = {
     # Zero-width characters and whitespace alone: scored as an empty string before.
     "text only zero-width": ({"modality": "text", "input": "\u200b \ufeff\u2060"},
                              "no visible characters"),
+    # Combining marks with no letter under them: the tokenizer strips them as accents.
+    "text only combining marks": ({"modality": "text", "input": "\u0301 \u0308"},
+                                  "combining marks"),
+    "label only combining marks": ({**CLASSIFY, "labels": ["a", "\u0301"]},
+                                   "combining marks"),
     "top_k not a number": ({**CLASSIFY, "top_k": "five"}, "top_k"),
     "top_k float": ({**CLASSIFY, "top_k": 2.5}, "top_k"),
     "top_k bool": ({**CLASSIFY, "top_k": True}, "top_k"),
