@@ -282,7 +282,7 @@ def read_audio(data: object, cfg: AudioConfig,
 def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.ndarray, int]:
     check_payload_size(data, cfg.max_bytes, "audio", index)
     try:
-        info = sf.info(io.BytesIO(data))
+        info = sf.info(_AudioBytes(data))
         if info.format not in AUDIO_FORMATS:
             raise InvalidInput(f"{info.format} audio is not accepted; accepted: "
                                f"{AUDIO_FORMATS_TEXT}", index=index, kind=UNSUPPORTED)
@@ -330,13 +330,41 @@ def _undecodable(data: bytes, e: Exception) -> str:
             f"{found or 'none of them'} ({said.rstrip('.')})")
 
 
+class _AudioBytes(io.BytesIO):
+    """Audio bytes as soundfile's virtual I/O reads them, with a seek that fails as
+    lseek(2) does. libsndfile seeks before the start of some damaged files (an AIFF
+    whose SSND chunk is missing: seek(-1)); io.BytesIO raised ValueError inside
+    soundfile's cffi callback, so cffi printed "Exception ignored from cffi callback
+    ... negative seek value -1" and a traceback to stderr (the worker's and the API's
+    log) and told libsndfile the seek had landed at 0. Here the position stays and the
+    callback, which answers the tell() after its seek(), answers -1: libsndfile sees a
+    failed seek and refuses the file as it refuses one read from disk."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self._size, self._failed = len(data), False
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: super().tell(), io.SEEK_END: self._size}
+        if start.get(whence, 0) + offset < 0:
+            self._failed = True
+            return -1
+        return super().seek(offset, whence)
+
+    def tell(self) -> int:
+        if self._failed:  # the tell() that reports the seek just refused
+            self._failed = False
+            return -1
+        return super().tell()
+
+
 def _read_mono(data: bytes, channels: int) -> np.ndarray:
     """The file's samples downmixed to mono (samples,) float32, decoded a block at a time:
     read whole, every channel was in memory at once before the downmix (a 474 KB FLAC of
     8 channels at 192 kHz took an API process to 2.2 GB; a 255-channel Ogg would need
     ~15 GB), where the mono result is at most max_seconds x max_sample_rate samples."""
     frames = max(1, (1 << 20) // max(channels, 1))  # ~4 MB of float32 per block
-    with sf.SoundFile(io.BytesIO(data)) as f:
+    with sf.SoundFile(_AudioBytes(data)) as f:
         parts = [block.mean(axis=1, dtype=np.float32) for block in
                  f.blocks(blocksize=frames, dtype="float32", always_2d=True)]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
@@ -361,7 +389,7 @@ def media_kind(data: bytes) -> str | None:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         pass
     try:
-        sf.info(io.BytesIO(data))
+        sf.info(_AudioBytes(data))
         return "audio"
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         return None
