@@ -127,6 +127,17 @@ def test_undecodable_audio_is_refused_with_a_readable_reason(client):
     assert "object at 0x" not in str(e.value) and "expected WAV" in str(e.value), e.value
 
 
+def test_a_wav_cut_short_is_refused_and_nothing_is_written(client):
+    """libsndfile decoded the part of the upload that arrived: a job was queued."""
+    before = _jobs(client)
+    with pytest.raises(InvalidInput, match="declares 0.10 s .* holds 0.06 s: it was cut short") \
+            as e:
+        client.submit_many([{"modality": "text", "input": "fine"},
+                            {"modality": "audio", "input": wav_claiming(16000)[:4000]}])
+    assert e.value.index == 1 and e.value.kind == InvalidInput.UNSUPPORTED
+    assert _jobs(client) == before
+
+
 @pytest.mark.parametrize("items", ["a sentence", {"modality": "text", "input": "x"}, [], None])
 def test_items_that_are_not_a_list_of_dicts_are_invalid_input(client, items):
     """They raised AttributeError (chaos run, scenario 8)."""
