@@ -32,6 +32,7 @@ def test_classify_ranks_the_obvious_label_first(model):
     ("", "empty"),
     ("   \n\t ", "empty"),
     ("\u200b\ufeff \u200c\u200d\u2060", "no visible characters"),  # zero-width only
+    ("\u0301 \u0308", "combining marks with no base character"),  # embedded as ""
     (None, "must be a string"),
     (42, "must be a string"),
     (b"\xff\xfe broken", "not valid UTF-8"),
