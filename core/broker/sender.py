@@ -36,7 +36,12 @@ def producer_app(settings: Settings) -> Celery:
     app = Celery("mmq-producer", broker=settings.broker_url)
     app.conf.update(
         task_serializer="json", accept_content=["json"],
-        broker_transport_options=broker_transport_options(settings),
+        # max_retries 0: a send's connection set-up fails at its first refusal. kombu's
+        # default retried with sleeps (3 connects, ~6 s a send, 12 s an SDK submit with
+        # Redis down, holding an API thread as long), where the SDK already tries once
+        # more on a new connection (a Sentinel failover) and leaves the rest queued for
+        # the sweep. The workers' apps keep kombu's reconnecting.
+        broker_transport_options={**broker_transport_options(settings), "max_retries": 0},
         broker_connection_retry=False, broker_connection_max_retries=0,
         # No "task-sent" events: each would be a second publish per job, halving the
         # submit rate; Flower follows jobs from the workers' received/started events.

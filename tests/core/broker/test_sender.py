@@ -97,3 +97,28 @@ def test_a_messages_argument_reprs_are_the_ones_celery_would_make():
             assert len(headers["argsrepr"]) <= 1024
             assert headers["argsrepr"].startswith(repr(args)[:1000])
         assert msg.decode()[0] == args
+
+
+def test_a_send_to_a_broker_that_refuses_fails_at_its_first_refusal(monkeypatch):
+    """With Redis down, kombu's connection set-up retried a refused connect with sleeps
+    in between (3 connects, ~6 s a send): an SDK submit, which sends twice, took 12 s
+    to leave its job queued for the sweep, and an API thread was held as long. One
+    connect a send: counted here, not timed."""
+    import redis.connection as rc
+
+    connects: list[int] = []
+    real = rc.AbstractConnection.connect
+
+    def counting(self, *a, **k):
+        connects.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(rc.AbstractConnection, "connect", counting)
+    app = sender.producer_app(Settings(broker_url="redis://127.0.0.1:1/0"))  # refused
+    try:
+        sender.send_jobs(app, [("job-1", "text")])
+    except OperationalError as e:
+        assert "refused" in str(e).lower(), e
+    else:
+        raise AssertionError("a send to port 1 succeeded")
+    assert len(connects) == 1, f"{len(connects)} connects for one send"
