@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from core.serving.drain import Drain
 
@@ -125,3 +126,21 @@ class AckBatcher:
         for tag in tags:
             self._done(tag)
         return ok
+
+
+@contextmanager
+def after_teardown(channel, what: str):
+    """An ack (or reject) of a task that finished after its connection was torn down
+    (the broker failed over or restarted while the task ran): kombu builds a client
+    from ``connection.client``, which the teardown set to None, and the AttributeError
+    escaped into Celery's event loop and stopped every worker of a Sentinel failover
+    (bench/cluster.py). Nothing is lost by letting it go: kombu restored the channel's
+    unacknowledged messages when it closed it (or the sweep will), and the job's
+    outcome is in the store, so its redelivery finds it finished."""
+    try:
+        yield
+    except AttributeError:
+        if getattr(channel.connection, "client", None) is not None:
+            raise
+        log.warning("%s after the broker connection was torn down: left to the "
+                    "redelivery, which finds the job finished", what)

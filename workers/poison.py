@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from functools import cached_property, partial
 
 import redis
@@ -44,7 +43,7 @@ from core.broker.transport import FillingChannel
 from core.config import get_settings
 from core.errors import brief_error
 from core.jobs import MAX_JOBS_PER_MESSAGE, RUN_JOB_TASK, RUN_JOBS_TASK
-from workers.acks import AckBatcher
+from workers.acks import AckBatcher, after_teardown
 
 log = logging.getLogger("mmq.worker")
 
@@ -191,32 +190,14 @@ class OwnedQoS(kombu_redis.QoS):
         self._acks.flush()
 
     def _write_acks(self, tags: list) -> None:
-        with _after_teardown(self.channel, "acknowledgement"), self.pipe_or_acquire() as pipe:
+        with after_teardown(self.channel, "acknowledgement"), self.pipe_or_acquire() as pipe:
             for tag in tags:
                 self._remove_from_indices(tag, pipe)
             pipe.execute()
 
     def reject(self, delivery_tag, requeue=False) -> None:
-        with _after_teardown(self.channel, "rejection"):
+        with after_teardown(self.channel, "rejection"):
             super().reject(delivery_tag, requeue=requeue)
-
-
-@contextmanager
-def _after_teardown(channel, what: str):
-    """An ack (or reject) of a task that finished after its connection was torn down
-    (the broker failed over or restarted while the task ran): kombu builds a client
-    from ``connection.client``, which the teardown set to None, and the AttributeError
-    escaped into Celery's event loop and stopped every worker of a Sentinel failover
-    (bench/cluster.py). Nothing is lost by letting it go: kombu restored the channel's
-    unacknowledged messages when it closed it (or the sweep will), and the job's
-    outcome is in the store, so its redelivery finds it finished."""
-    try:
-        yield
-    except AttributeError:
-        if getattr(channel.connection, "client", None) is not None:
-            raise
-        log.warning("%s after the broker connection was torn down: left to the "
-                    "redelivery, which finds the job finished", what)
 
 
 class GuardedChannel(FillingChannel):
