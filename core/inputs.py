@@ -7,21 +7,26 @@ any pixel is decoded (a decompression bomb never reaches memory), truncated file
 (every pixel decoded, and for PNG and GIF the file's end checked too) and unknown
 formats become ``InvalidInput``, EXIF orientation is applied, and every
 mode Pillow reads (L, LA, RGB, RGBA, P, CMYK, I;16, ...) ends as RGB. Audio is
-read with soundfile (``AUDIO_FORMATS`` only), its length and sample rate checked
-from the header first.
+read in core/audio_input.py (re-exported here: ``read_audio``, ``AudioConfig``, ...).
 """
 
 from __future__ import annotations
 
 import io
-import re
 import struct
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Audio lives in core/audio_input.py; producers and the model import it from here too.
+from core.audio_input import (  # noqa: F401
+    AUDIO_FORMATS,
+    AUDIO_FORMATS_TEXT,
+    AudioConfig,
+    read_audio,
+    reads_as_audio,
+)
 from core.errors import InvalidInput, check_payload_size
 from core.params import nothing_visible
 
@@ -212,218 +217,7 @@ def _load_rgb(img: Image.Image) -> Image.Image:
     return _to_rgb(img)
 
 
-# -- audio --------------------------------------------------------------------------------
-
-# Audio containers accepted (libsndfile's names: soundfile.info().format), and how the
-# docs (docs/model.md) and errors name them. libsndfile reads two dozen more (AU, CAF,
-# VOC, PAF, ...): refused, so that what is accepted is what is documented, and rarely used
-# parsers never see untrusted bytes. WAVEX is WAV with the extensible header.
-AUDIO_FORMATS = ("WAV", "WAVEX", "FLAC", "OGG", "MP3", "AIFF")
-AUDIO_FORMATS_TEXT = "WAV, FLAC, OGG Vorbis or Opus, MP3, AIFF"
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    sample_rate: int = 16_000
-    # Longer clips are refused: the speech tower transcribes 30 s windows one after
-    # another, ten at most (core/model/whisper/tower.py SpeechConfig.max_seconds).
-    max_seconds: float = 300.0
-    max_bytes: int = 50 * 1024 * 1024
-    # Sample rates accepted (Hz): telephone speech to studio masters. A header can
-    # claim anything: 2 GHz passed the duration check (few samples per "second")
-    # and then failed in the worker's resampler with a raw torch error.
-    min_sample_rate: int = 8_000
-    max_sample_rate: int = 192_000
-    # Samples are [-1, 1] at full scale; a float file may go over (clipped masters), not
-    # 40 dB over. Samples near 1e19 overflowed the log-mel's float32 power to inf: the
-    # job "succeeded" with NaN label scores on SQLite (and invalid JSON in its webhook)
-    # and failed with a page of SQL on PostgreSQL.
-    max_peak: float = 100.0
-
-
-def read_audio(data: object, cfg: AudioConfig,
-               index: int | None = None) -> tuple[np.ndarray, int]:
-    """Audio bytes or (waveform, sample_rate) -> (mono float32 (samples,), its rate), or
-    ``InvalidInput`` saying why. Not resampled: the model's front end does that."""
-    if isinstance(data, tuple) and len(data) == 2:
-        wave, rate = data
-        try:
-            wave = np.asarray(wave, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"waveform is not numeric: {e}", index=index) from None
-        if wave.ndim == 2:  # (channels, samples) or (samples, channels): the short side
-            wave = wave.mean(axis=0 if wave.shape[0] <= wave.shape[1] else 1)
-        if wave.ndim != 1:
-            raise InvalidInput(f"waveform must be 1-D or 2-D, got shape {tuple(wave.shape)}",
-                               index=index)
-        if not isinstance(rate, int | np.integer) or isinstance(rate, bool):
-            raise InvalidInput(f"sample rate must be an integer, got {rate!r}", index=index)
-        rate = _check_rate(int(rate), cfg, index)
-    elif isinstance(data, bytes | bytearray | memoryview):
-        wave, rate = _decode_bytes(bytes(data), cfg, index)
-    else:
-        raise InvalidInput(f"audio must be bytes or (waveform, sample_rate), got "
-                           f"{type(data).__name__}", index=index)
-    if wave.size == 0:
-        raise InvalidInput("audio has no samples (zero length)", index=index)
-    if wave.size / rate > cfg.max_seconds:
-        raise InvalidInput(f"audio is {wave.size / rate:.1f} s long, over the limit of "
-                           f"{cfg.max_seconds:g} s", index=index, kind=InvalidInput.TOO_LARGE)
-    if not np.isfinite(wave).all():
-        raise InvalidInput("audio contains NaN or infinite samples", index=index)
-    peak = float(np.abs(wave).max())
-    if peak > cfg.max_peak:
-        raise InvalidInput(f"audio samples reach {peak:.3g}: float audio is expected within "
-                           f"[-1, 1], and samples past +-{cfg.max_peak:g} are refused "
-                           "(integer PCM values given as floats?)", index=index)
-    return np.ascontiguousarray(wave, dtype=np.float32), rate
-
-
-def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.ndarray, int]:
-    check_payload_size(data, cfg.max_bytes, "audio", index)
-    data = _whole_wav(data, index)
-    try:
-        info = sf.info(_AudioBytes(data))
-        if info.format not in AUDIO_FORMATS:
-            raise InvalidInput(f"{info.format} audio is not accepted; accepted: "
-                               f"{AUDIO_FORMATS_TEXT}", index=index, kind=UNSUPPORTED)
-        _check_rate(info.samplerate, cfg, index)
-        # Refuse long clips from the header, before decoding them into memory.
-        if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
-            raise InvalidInput(f"audio is {info.frames / info.samplerate:.1f} s long, over "
-                               f"the limit of {cfg.max_seconds:g} s", index=index,
-                               kind=InvalidInput.TOO_LARGE)
-        wave = _read_mono(data, info.channels)
-    except InvalidInput:
-        raise
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise InvalidInput(_undecodable(data, e), index=index,
-                           kind=InvalidInput.UNSUPPORTED) from None
-    return wave, int(info.samplerate)
-
-
-# A WAV's data size when its writer could not seek back to fill it in (streaming to a
-# pipe): ffmpeg leaves 0xFFFFFFFF, SoX 0x7FFFF000, GStreamer 0x7FFF0000, arecord
-# 0x7FFFFFFF or so, and a recorder stopped before it closed the file, 0. The audio runs
-# to the file's end. No WAV accepted here comes near 2 GB (AudioConfig.max_bytes).
-_WAV_UNKNOWN = 0x7FFF0000
-_WAV_CHUNKS = 100  # looked at before "data" (fmt, fact, LIST, bext, JUNK, ...); then
-# libsndfile decides: a file of empty chunks would loop here a million times
-
-
-def _whole_wav(data: bytes, index: int | None) -> bytes:
-    """A WAV's bytes as libsndfile should read them, or ``InvalidInput`` when its header
-    declares more audio than the file holds: an upload cut short, which libsndfile
-    decodes as far as it goes (its log's "should be" is all it says) and which was
-    transcribed as if whole. A data size of 0 followed by audio that the RIFF size
-    does not count either is a stream's placeholder: set, in a copy, to what the file
-    holds (libsndfile reads it as no audio). Anything else (not a WAV, a malformed
-    chunk, no data chunk) is left to libsndfile."""
-    if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
-        return data
-    end = "<" if data[:4] == b"RIFF" else ">"  # RIFX: the same, big-endian
-    pos, byte_rate, block = 12, 0, 0
-    for _ in range(_WAV_CHUNKS):
-        if pos + 8 > len(data):
-            break
-        tag, size = data[pos:pos + 4], struct.unpack_from(end + "I", data, pos + 4)[0]
-        body, held = pos + 8, len(data) - pos - 8
-        if tag == b"fmt " and size >= 16 and held >= 16:
-            _, _, rate, byte_rate, block = struct.unpack_from(end + "HHIIH", data, body)
-            byte_rate = byte_rate or rate * block  # libsndfile reads no byte rate
-        elif tag == b"data":
-            riff = struct.unpack_from(end + "I", data, 4)[0]
-            if size == 0 and held and (riff >= _WAV_UNKNOWN or riff + 8 <= body):
-                fixed = bytearray(data)
-                struct.pack_into(end + "I", fixed, pos + 4, held - held % max(block, 1))
-                return bytes(fixed)
-            # A last frame or pad byte short (writers that count one) loses no audio:
-            # refused from a whole frame and 10 ms missing.
-            if (size < _WAV_UNKNOWN and byte_rate
-                    and size - held >= max(block, byte_rate // 100, 1)):
-                raise InvalidInput(f"the WAV header declares {size / byte_rate:.2f} s of "
-                                   f"audio but the file holds {held / byte_rate:.2f} s: "
-                                   "it was cut short", index=index, kind=UNSUPPORTED)
-            break
-        pos = body + size + (size & 1)  # chunks are padded to an even length
-    return data
-
-
-# An accepted container's first bytes -> its name; MP3 without an ID3 tag starts with a
-# frame sync (11 bits set), checked apart. Only to say what a refused file looked like.
-_SIGNATURES = ((b"RIFF", 8, b"WAVE", "a WAV"), (b"fLaC", 0, b"", "a FLAC"),
-               (b"OggS", 0, b"", "an OGG"), (b"ID3", 0, b"", "an MP3"),
-               (b"FORM", 8, b"AIF", "an AIFF"))
-# soundfile names the file it opened by its repr: "Error opening <_io.BytesIO object at
-# 0x7f...>: ..." for bytes read from memory, which told a client nothing.
-_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
-# libsndfile's words for a seek that failed inside a damaged file (the in-memory file
-# refused a negative offset): about a pipe or an internal call, not about the upload.
-_SEEK_FAILED = ("not a regular file", "psf_fseek")
-
-
-def _undecodable(data: bytes, e: Exception) -> str:
-    """Why audio bytes were refused, for a person: the formats expected, what the
-    bytes look like, and the decoder's own reason, with no Python object in it."""
-    found = next((f"{name} file that could not be decoded" for head, at, tag, name
-                  in _SIGNATURES if data.startswith(head) and data[at:at + len(tag)] == tag),
-                 None)
-    if found is None and len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0:
-        found = "an MP3 file that could not be decoded"
-    said = e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
-    said = _OBJECT_REPR.sub("the file", said).strip().removeprefix("Error : ")
-    if any(s in said for s in _SEEK_FAILED):
-        said = "it is cut short or corrupt: a seek inside it failed"
-    return (f"not a readable audio file: expected {AUDIO_FORMATS_TEXT}; found "
-            f"{found or 'none of them'} ({said.rstrip('.')})")
-
-
-class _AudioBytes(io.BytesIO):
-    """Audio bytes as soundfile's virtual I/O reads them, with a seek that fails as
-    lseek(2) does. libsndfile seeks before the start of some damaged files (an AIFF
-    whose SSND chunk is missing: seek(-1)); io.BytesIO raised ValueError inside
-    soundfile's cffi callback, so cffi printed "Exception ignored from cffi callback
-    ... negative seek value -1" and a traceback to stderr (the worker's and the API's
-    log) and told libsndfile the seek had landed at 0. Here the position stays and the
-    callback, which answers the tell() after its seek(), answers -1: libsndfile sees a
-    failed seek and refuses the file as it refuses one read from disk."""
-
-    def __init__(self, data: bytes):
-        super().__init__(data)
-        self._size, self._failed = len(data), False
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: super().tell(), io.SEEK_END: self._size}
-        if start.get(whence, 0) + offset < 0:
-            self._failed = True
-            return -1
-        return super().seek(offset, whence)
-
-    def tell(self) -> int:
-        if self._failed:  # the tell() that reports the seek just refused
-            self._failed = False
-            return -1
-        return super().tell()
-
-
-def _read_mono(data: bytes, channels: int) -> np.ndarray:
-    """The file's samples downmixed to mono (samples,) float32, decoded a block at a time:
-    read whole, every channel was in memory at once before the downmix (a 474 KB FLAC of
-    8 channels at 192 kHz took an API process to 2.2 GB; a 255-channel Ogg would need
-    ~15 GB), where the mono result is at most max_seconds x max_sample_rate samples."""
-    frames = max(1, (1 << 20) // max(channels, 1))  # ~4 MB of float32 per block
-    with sf.SoundFile(_AudioBytes(data)) as f:
-        parts = [block.mean(axis=1, dtype=np.float32) for block in
-                 f.blocks(blocksize=frames, dtype="float32", always_2d=True)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
-
-def _check_rate(rate: int, cfg: AudioConfig, index: int | None) -> int:
-    if not cfg.min_sample_rate <= rate <= cfg.max_sample_rate:
-        raise InvalidInput(f"sample rate {rate} Hz is outside {cfg.min_sample_rate}.."
-                           f"{cfg.max_sample_rate} Hz", index=index)
-    return rate
-
+# -- images or audio ---------------------------------------------------------------------
 
 def media_kind(data: bytes) -> str | None:
     """"image" or "audio" by which decoder reads the header (never a file name); None
@@ -436,11 +230,7 @@ def media_kind(data: bytes) -> str | None:
         return "image"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         pass
-    try:
-        sf.info(_AudioBytes(data))
-        return "audio"
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-        return None
+    return "audio" if reads_as_audio(data) else None
 
 
 def sniff_modality(data: bytes, index: int | None = None, *, what: str = "") -> str:

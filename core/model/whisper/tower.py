@@ -135,7 +135,7 @@ class SpeechTower:
 
     def prepare(self, data: object, index: int | None = None) -> SpeechItem:
         """A 16 kHz mono waveform (tensor or array), or audio bytes / (waveform, rate) as
-        core/inputs.py reads them -> a ``SpeechItem``; ``InvalidInput`` when unusable."""
+        core/audio_input.py reads them -> a ``SpeechItem``; ``InvalidInput`` when unusable."""
         if isinstance(data, torch.Tensor | np.ndarray):
             wave = torch.as_tensor(data).detach().to("cpu", torch.float32)
             if wave.ndim != 1:
