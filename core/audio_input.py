@@ -46,6 +46,11 @@ class AudioConfig:
     # job "succeeded" with NaN label scores on SQLite (and invalid JSON in its webhook)
     # and failed with a page of SQL on PostgreSQL.
     max_peak: float = 100.0
+    # MP3 and Ogg (Vorbis, Opus) decode to floats, which a loud master overshoots by a dB
+    # or two. An MP3 has no checksum, so damage reaches its decoder: bytes changed in the
+    # middle decoded to samples of 30, 2000 or 50000 (deterministic, not float PCM
+    # mistaken for integers): past 12 dB over full scale such a file is called damaged.
+    max_lossy_peak: float = 4.0
 
 
 def read_audio(data: object, cfg: AudioConfig,
@@ -106,7 +111,26 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise InvalidInput(_undecodable(data, e), index=index,
                            kind=InvalidInput.UNSUPPORTED) from None
+    if info.format in _LOSSY and wave.size:
+        _check_lossy(wave, info.format, cfg, index)
     return wave, int(info.samplerate)
+
+
+# Formats decoded to floats by a lossy decoder, whose samples only damage takes far past
+# full scale. Not WAV or AIFF: a float file there is checked against max_peak, with the
+# hint that fits it (integer PCM values given as floats).
+_LOSSY = ("MP3", "OGG")
+
+
+def _check_lossy(wave: np.ndarray, fmt: str, cfg: AudioConfig, index: int | None) -> None:
+    if not np.isfinite(wave).all():
+        reach = "NaN or infinite samples"
+    elif (peak := float(np.abs(wave).max())) > cfg.max_lossy_peak:
+        reach = f"samples reaching {peak:.3g}, far past full scale (1.0)"
+    else:
+        return
+    raise InvalidInput(f"the {fmt} file is damaged: it decodes to {reach}", index=index,
+                       kind=UNSUPPORTED)
 
 
 # An accepted container's first bytes -> its name; MP3 without an ID3 tag starts with a
@@ -172,9 +196,19 @@ def _read_mono(data: bytes, channels: int) -> np.ndarray:
     8 channels at 192 kHz took an API process to 2.2 GB; a 255-channel Ogg would need
     ~15 GB), where the mono result is at most max_seconds x max_sample_rate samples."""
     frames = max(1, (1 << 20) // max(channels, 1))  # ~4 MB of float32 per block
+    parts = []
     with sf.SoundFile(_AudioBytes(data)) as f:
-        parts = [block.mean(axis=1, dtype=np.float32) for block in
-                 f.blocks(blocksize=frames, dtype="float32", always_2d=True)]
+        while True:
+            # Only the frames read() returns: fewer than asked at the end, and where a
+            # damaged file stops decoding early (an MP3 with bytes cut or changed, short of
+            # the length its header gives). soundfile's blocks() yielded its whole buffer
+            # even then, np.empty's memory past the frames decoded: NaN, 1e19 or old
+            # samples, whatever the heap held, so one file was refused or accepted by turns.
+            block = f.read(frames, dtype="float32", always_2d=True)
+            if len(block):
+                parts.append(block.mean(axis=1, dtype=np.float32))
+            if len(block) < frames:
+                break
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
