@@ -57,3 +57,24 @@ def whole_wav(data: bytes, index: int | None) -> bytes:
             break
         pos = body + size + (size & 1)  # chunks are padded to an even length
     return data
+
+
+def mp3_length_declared(data: bytes) -> bool:
+    """Whether an MP3's first frame is a Xing or Info header that gives its frame count
+    (LAME writes one, and ffmpeg writing to a file): libsndfile's length is then the
+    encoder's count. Without one it is mpg123's guess from the file's size and a frame's
+    bit rate (bytes after the audio make it longer than what decodes), so no audio
+    can be said to be missing. False for anything not recognised."""
+    pos = 0
+    if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: a syncsafe size, maybe a footer
+        size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 \
+            | (data[9] & 0x7F)
+        pos = 10 + size + (10 if data[5] & 0x10 else 0)
+    head = data[pos:pos + 4]
+    if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0 or (head[1] >> 1) & 3 != 1:
+        return False  # not a Layer III frame right there
+    mpeg1, mono = (head[1] >> 3) & 3 == 3, head[3] >> 6 == 3
+    side = (17 if mono else 32) if mpeg1 else (9 if mono else 17)  # side information
+    at = pos + 4 + (0 if head[1] & 1 else 2) + side  # after the CRC, if any
+    return (data[at:at + 4] in (b"Xing", b"Info") and len(data) >= at + 8
+            and struct.unpack_from(">I", data, at + 4)[0] & 1 == 1)  # its frames field

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from core.audio_headers import whole_wav
+from core.audio_headers import mp3_length_declared, whole_wav
 from core.errors import InvalidInput, check_payload_size
 
 UNSUPPORTED = InvalidInput.UNSUPPORTED  # undecodable bytes: HTTP 415
@@ -111,9 +111,25 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise InvalidInput(_undecodable(data, e), index=index,
                            kind=InvalidInput.UNSUPPORTED) from None
+    _check_whole(data, wave, info.format, info.frames, info.samplerate, index)
     if info.format in _LOSSY and wave.size:
         _check_lossy(wave, info.format, cfg, index)
     return wave, int(info.samplerate)
+
+
+def _check_whole(data: bytes, wave: np.ndarray, fmt: str, frames: int, rate: int,
+                 index: int | None) -> None:
+    """``InvalidInput`` when fewer frames decode than the length libsndfile read from the
+    file: an MP3 cut short or with frames missing (libmpg123 stops early, and libsndfile
+    says nothing), an Ogg Vorbis page whose checksum fails (skipped: 5 s of 20 gone).
+    Only where that length is the writer's: an MP3's is a guess without a Xing header.
+    As for a WAV, a frame and 10 ms may be missing."""
+    if fmt == "MP3" and not mp3_length_declared(data):
+        return
+    if frames - wave.size >= max(1, rate // 100):
+        raise InvalidInput(f"the {fmt} file declares {frames / rate:.2f} s of "
+                           f"audio but only {wave.size / rate:.2f} s decode: it was cut "
+                           "short or is damaged", index=index, kind=UNSUPPORTED)
 
 
 # Formats decoded to floats by a lossy decoder, whose samples only damage takes far past

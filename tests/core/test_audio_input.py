@@ -249,8 +249,68 @@ def test_a_damaged_mp3_decodes_the_same_whatever_memory_held(case):
         outcomes.add(_outcome(data))
     assert len(outcomes) == 1, [o[:2] if o[0] == "decoded" else o for o in outcomes]
     (outcome,) = outcomes
-    if outcome[0] == "refused":  # as damaged or undecodable, not as float PCM
-        assert "the MP3 file is damaged" in outcome[1] or "could not be decoded" in outcome[1]
+    if outcome[0] == "refused":  # as damaged, cut or undecodable, not as float PCM
+        assert "damaged" in outcome[1] or "could not be decoded" in outcome[1], outcome
     else:
         wave = np.frombuffer(outcome[2], np.float32)
         assert np.isfinite(wave).all() and np.abs(wave).max() <= 4.0
+
+
+def _ogg_pages(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each page of an Ogg file, in order."""
+    out, pos = [], 0
+    while data[pos:pos + 4] == b"OggS":
+        n = data[pos + 26]
+        out.append((pos, 27 + n + sum(data[pos + 27:pos + 27 + n])))
+        pos += out[-1][1]
+    return out
+
+
+def _ogg(seconds: float, subtype: str = "VORBIS", rate: int = 16000) -> bytes:
+    """Written 16384 frames at a time: libsndfile's Vorbis encoder has crashed the process
+    (SIGSEGV) on one long write (60 s at 44.1 kHz)."""
+    x = 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", rate, 1, format="OGG", subtype=subtype) as f:
+        for at in range(0, x.size, 16384):
+            f.write(x[at:at + 16384])
+    return buf.getvalue()
+
+
+MP3_CUT = {"cut at 60%": lambda d: d[:len(d) * 6 // 10],
+           "1000 bytes cut from the middle": lambda d: d[:2000] + d[3000:]}
+
+
+@pytest.mark.parametrize("kind", list(MP3_CUT))
+def test_an_mp3_cut_short_is_refused(kind):
+    """An MP3 whose Xing/Info header gives its length (LAME writes one, as ffmpeg does
+    to a file) and that decodes to less: libsndfile decoded what was left, and 2.5 s of
+    a 4 s clip were transcribed as if whole."""
+    with pytest.raises(InvalidInput) as e:
+        read_audio(MP3_CUT[kind](_mp3(4.0)), AudioConfig(), index=1)
+    assert e.value.kind == InvalidInput.UNSUPPORTED and e.value.index == 1
+    assert re.search(r"the MP3 file declares 4\.00 s of audio but only \d\.\d\d s decode: "
+                     "it was cut short or is damaged", str(e.value)), str(e.value)
+
+
+def test_an_mp3_without_a_length_in_its_header_is_read_as_it_decodes():
+    """Without a Xing/Info header (ffmpeg writing to a pipe, many CBR encoders) the length
+    libsndfile gives is mpg123's guess from the file's size and a frame's bit rate:
+    bytes after the audio (a tag, junk) make it longer than what decodes. No check."""
+    data = _mp3(4.0)
+    at = data.index(b"Xing")
+    no_header = data[:at] + b"\0\0\0\0" + data[at + 4:] + bytes(3000)
+    assert sf.info(io.BytesIO(no_header)).frames > 0
+    wave, rate = read_audio(no_header, AudioConfig())
+    assert rate == 16000 and wave.size > 0
+
+
+def test_an_ogg_vorbis_with_a_damaged_page_is_refused():
+    """A page whose checksum fails is skipped: 5 s of a 20 s Vorbis clip went missing
+    without a word, the length its last page gives still 20 s."""
+    data = bytearray(_ogg(20.0))
+    at, size = _ogg_pages(bytes(data))[3]
+    data[at + size // 2] ^= 0x55
+    with pytest.raises(InvalidInput, match=r"the OGG file declares 20\.00 s of audio but "
+                       r"only 1\d\.\d\d s decode: it was cut short or is damaged"):
+        read_audio(bytes(data), AudioConfig())
