@@ -100,18 +100,25 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
             raise InvalidInput(f"{info.format} audio is not accepted; accepted: "
                                f"{AUDIO_FORMATS_TEXT}", index=index, kind=UNSUPPORTED)
         _check_rate(info.samplerate, cfg, index)
+        known = info.frames != _UNKNOWN_LENGTH
         # Refuse long clips from the header, before decoding them into memory.
-        if info.frames / max(info.samplerate, 1) > cfg.max_seconds:
+        if known and info.frames / max(info.samplerate, 1) > cfg.max_seconds:
             raise InvalidInput(f"audio is {info.frames / info.samplerate:.1f} s long, over "
                                f"the limit of {cfg.max_seconds:g} s", index=index,
                                kind=InvalidInput.TOO_LARGE)
-        wave = _read_mono(data, info.channels)
+        limit = int(cfg.max_seconds * info.samplerate)
+        wave = _read_mono(data, info.channels, limit)
+        if wave.size > limit:  # only where the header gives no length
+            raise InvalidInput(f"audio is longer than the limit of {cfg.max_seconds:g} s "
+                               "(its header gives no length: decoding stopped there)",
+                               index=index, kind=InvalidInput.TOO_LARGE)
     except InvalidInput:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise InvalidInput(_undecodable(data, e), index=index,
                            kind=InvalidInput.UNSUPPORTED) from None
-    _check_whole(data, wave, info.format, info.frames, info.samplerate, index)
+    if known:
+        _check_whole(data, wave, info.format, info.frames, info.samplerate, index)
     if info.format in _LOSSY and wave.size:
         _check_lossy(wave, info.format, cfg, index)
     return wave, int(info.samplerate)
@@ -206,24 +213,48 @@ class _AudioBytes(io.BytesIO):
         return super().tell()
 
 
-def _read_mono(data: bytes, channels: int) -> np.ndarray:
+# libsndfile's length when the file gives none (SF_COUNT_MAX): a FLAC written to a pipe
+# (STREAMINFO's total samples 0, as ffmpeg leaves it), an MP3 whose length mpg123 cannot
+# tell. Such a file is decoded to its end, as far as the limit: it was refused as
+# "576460752303423.5 s long".
+_UNKNOWN_LENGTH = 2**63 - 1
+
+
+class _Forward(sf.SoundFile):
+    """A SoundFile whose reads never seek. soundfile seeks to where each read ended,
+    when seekable() says it can, and libFLAC answers a seek by searching the stream for
+    that sample: at the end of a FLAC of unknown length there is none ("Internal
+    psf_fseek() failed"), and the file was refused. A read carries on where the last
+    one ended without it (a 290 s FLAC: 98 -> 83 ms)."""
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _read_mono(data: bytes, channels: int, limit: int) -> np.ndarray:
     """The file's samples downmixed to mono (samples,) float32, decoded a block at a time:
     read whole, every channel was in memory at once before the downmix (a 474 KB FLAC of
     8 channels at 192 kHz took an API process to 2.2 GB; a 255-channel Ogg would need
-    ~15 GB), where the mono result is at most max_seconds x max_sample_rate samples."""
+    ~15 GB), where the mono result is at most max_seconds x max_sample_rate samples.
+    Decoding stops once past ``limit`` frames (a file of unknown length; the caller
+    refuses it): memory holds the limit and a block, whatever the file's length."""
     frames = max(1, (1 << 20) // max(channels, 1))  # ~4 MB of float32 per block
-    parts = []
-    with sf.SoundFile(_AudioBytes(data)) as f:
-        while True:
+    parts, total = [], 0
+    with _Forward(_AudioBytes(data)) as f:
+        while total <= limit and (want := min(frames, f.frames - total)) > 0:
             # Only the frames read() returns: fewer than asked at the end, and where a
             # damaged file stops decoding early (an MP3 with bytes cut or changed, short of
             # the length its header gives). soundfile's blocks() yielded its whole buffer
             # even then, np.empty's memory past the frames decoded: NaN, 1e19 or old
             # samples, whatever the heap held, so one file was refused or accepted by turns.
-            block = f.read(frames, dtype="float32", always_2d=True)
+            # Never past the length the file gives, as soundfile's own reads stop: mpg123
+            # asked for more reads on into what follows an MP3's audio (junk, a tag) and
+            # fails there ("Unspecified internal error").
+            block = f.read(want, dtype="float32", always_2d=True)
             if len(block):
                 parts.append(block.mean(axis=1, dtype=np.float32))
-            if len(block) < frames:
+                total += len(block)
+            if len(block) < want:
                 break
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 

@@ -190,19 +190,82 @@ def test_an_empty_data_chunk_followed_by_other_chunks_is_still_empty():
 
 
 def test_a_flac_cut_short_is_refused():
-    """libsndfile refuses a FLAC that ends before its STREAMINFO's sample count, cut
-    inside a frame ("lost sync") or between two (a seek past the end fails): no
-    partial FLAC is decoded, so there is no STREAMINFO check of our own."""
+    """A FLAC that ends before its STREAMINFO's sample count: cut inside a frame, libFLAC
+    loses sync; cut between two, fewer frames decode than STREAMINFO declares (this was
+    refused as "a seek inside it failed": soundfile sought to where each read ended)."""
     x = np.random.default_rng(0).uniform(-0.3, 0.3, 16000 * 6)
     buf = io.BytesIO()
     sf.write(buf, x, 16000, format="FLAC")
     whole = buf.getvalue()
     at_frame = whole.index(b"\xff\xf8", len(whole) // 2)  # a frame's sync code
-    for cut in (whole[:len(whole) * 6 // 10], whole[:at_frame]):
-        with pytest.raises(InvalidInput, match="a FLAC file that could not be decoded") as e:
-            read_audio(cut, AudioConfig())
-        _readable(str(e.value))
+    with pytest.raises(InvalidInput, match="a FLAC file that could not be decoded") as e:
+        read_audio(whole[:len(whole) * 6 // 10], AudioConfig())
+    _readable(str(e.value))
+    with pytest.raises(InvalidInput, match=r"the FLAC file declares 6\.00 s of audio but "
+                       r"only \d\.\d\d s decode: it was cut short"):
+        read_audio(whole[:at_frame], AudioConfig())
 
+
+
+# -- audio of unknown length -------------------------------------------------------------------
+
+def _flac_streamed(wave: np.ndarray, rate: int) -> bytes:
+    """A FLAC as ffmpeg writes one to a pipe: it cannot seek back to STREAMINFO, so the
+    36-bit total-samples field (the last 36 bits of the block's bytes 10..17, right after
+    the 4-byte metadata block header) and the MD5 stay 0, "unknown" in the FLAC spec."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", rate, 1, format="FLAC") as f:
+        for at in range(0, wave.size, 1 << 20):
+            f.write(wave[at:at + (1 << 20)])
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first
+    info = 8  # "fLaC" and the metadata block header
+    fields = int.from_bytes(data[info + 10:info + 18], "big")
+    data[info + 10:info + 18] = (fields & ~((1 << 36) - 1)).to_bytes(8, "big")
+    data[info + 18:info + 34] = bytes(16)
+    return bytes(data)
+
+
+def test_a_flac_of_unknown_length_is_read_to_its_end():
+    """libsndfile gives such a file SF_COUNT_MAX frames: it was refused as "audio is
+    576460752303423.5 s long, over the limit of 300 s"."""
+    x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 3) / 16000)).astype(np.float32)
+    data = _flac_streamed(x, 16000)
+    assert sf.info(io.BytesIO(data)).frames == 2**63 - 1
+    wave, rate = read_audio(data, AudioConfig())
+    assert rate == 16000 and wave.size == x.size
+    assert np.abs(wave - x).max() < 1e-4  # 16-bit
+
+
+def test_a_flac_of_unknown_length_past_the_limit_is_refused_as_it_decodes():
+    """Two hours of silence at 8 kHz: 180 KB of FLAC, 230 MB of float32 samples.
+    Decoding stops at the limit, so memory holds 300 s and a block, not two hours."""
+    import tracemalloc
+
+    data = _flac_streamed(np.zeros(8000 * 7200, np.float32), 8000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput) as e:
+            read_audio(data, AudioConfig(), index=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.kind == InvalidInput.TOO_LARGE
+    assert str(e.value) == ("item 0: audio is longer than the limit of 300 s (its header "
+                            "gives no length: decoding stopped there)")
+    assert peak < 40e6, peak
+
+
+def test_a_streamed_flac_cut_short_is_read_as_far_as_it_goes():
+    """With no length to compare, a FLAC of unknown length cut between two frames is
+    what arrived, as a streamed WAV is; cut inside a frame, libFLAC loses sync."""
+    x = np.random.default_rng(1).uniform(-0.3, 0.3, 16000 * 6).astype(np.float32)
+    whole = _flac_streamed(x, 16000)
+    at_frame = whole.index(b"\xff\xf8", len(whole) // 2)  # a frame's sync code
+    wave, _ = read_audio(whole[:at_frame], AudioConfig())
+    assert 0 < wave.size < x.size
+    with pytest.raises(InvalidInput, match="a FLAC file that could not be decoded"):
+        read_audio(whole[:len(whole) * 6 // 10], AudioConfig())
 
 # -- damaged MP3 -------------------------------------------------------------------------------
 
