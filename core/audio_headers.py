@@ -5,6 +5,7 @@ says so only in its log. Anything these walks do not recognise is left to libsnd
 
 from __future__ import annotations
 
+import math
 import struct
 
 from core.errors import InvalidInput
@@ -17,8 +18,9 @@ UNSUPPORTED = InvalidInput.UNSUPPORTED  # undecodable bytes: HTTP 415
 # 0x7FFFFFFF or so, and a recorder stopped before it closed the file, 0. The audio runs
 # to the file's end. No WAV accepted here comes near 2 GB (AudioConfig.max_bytes).
 _WAV_UNKNOWN = 0x7FFF0000
-_WAV_CHUNKS = 100  # looked at before "data" (fmt, fact, LIST, bext, JUNK, ...); then
-# libsndfile decides: a file of empty chunks would loop here a million times
+_WAV_CHUNKS = 100  # looked at before "data" (fmt, fact, LIST, bext, JUNK, ...; an AIFF's
+# before SSND); then libsndfile decides: a file of empty chunks would loop here a
+# million times
 
 
 def whole_wav(data: bytes, index: int | None) -> bytes:
@@ -57,6 +59,59 @@ def whole_wav(data: bytes, index: int | None) -> bytes:
             break
         pos = body + size + (size & 1)  # chunks are padded to an even length
     return data
+
+
+# An AIFF's SSND size when its writer could not seek back: ffmpeg leaves 0, which
+# libsndfile itself reads to the end of the file (any size under the 8 bytes of SSND's
+# offset and block size fields), and SoX 0x7F000000 bytes of audio and 8. From here
+# on, the size is unknown: no AIFF accepted here comes near 2 GB.
+_AIFF_UNKNOWN = 0x7F000000
+# Bytes per sample of the AIFC compression types that store samples whole (0: the
+# COMM sample size says); others (ima4, GSM, ...) are packets, left to libsndfile.
+_AIFC_WIDTH = {b"NONE": 0, b"twos": 0, b"sowt": 0, b"raw ": 0, b"in24": 3, b"in32": 4,
+               b"fl32": 4, b"FL32": 4, b"fl64": 8, b"FL64": 8, b"ulaw": 1, b"ULAW": 1,
+               b"alaw": 1, b"ALAW": 1}
+
+
+def check_whole_aiff(data: bytes, index: int | None) -> None:
+    """``InvalidInput`` when an AIFF's SSND chunk declares more audio than the file holds:
+    libsndfile clamps the size to the file and decodes what arrived, as for a WAV
+    (``whole_wav``), whose tolerance and placeholders this follows. Big-endian IFF:
+    FORM, then AIFF or AIFC; COMM gives the channels, sample size, rate (an 80-bit
+    float) and for AIFC the compression; SSND's audio follows its offset and block size
+    fields, after ``offset`` more bytes. Anything else is left to libsndfile."""
+    if data[:4] != b"FORM" or data[8:12] not in (b"AIFF", b"AIFC"):
+        return
+    pos, byte_rate, block = 12, 0.0, 0
+    for _ in range(_WAV_CHUNKS):
+        if pos + 8 > len(data):
+            return
+        tag, size = data[pos:pos + 4], struct.unpack_from(">I", data, pos + 4)[0]
+        body = pos + 8
+        if tag == b"COMM" and size >= 18 and len(data) >= body + 18:
+            channels, _, bits = struct.unpack_from(">hIh", data, body)
+            width = (bits + 7) // 8
+            if data[8:12] == b"AIFC":  # its compression type follows the 18 bytes
+                stored = _AIFC_WIDTH.get(data[body + 18:body + 22], -1)  # -1: packets
+                width = stored if stored else width
+            exp, mantissa = struct.unpack_from(">HQ", data, body + 8)
+            exp &= 0x7FFF
+            if width > 0 and channels > 0 and 16383 <= exp < 16383 + 32:
+                block = channels * width
+                byte_rate = math.ldexp(mantissa, exp - 16383 - 63) * block
+        elif tag == b"SSND":
+            if not byte_rate or not 8 <= size < _AIFF_UNKNOWN or body + 8 > len(data):
+                return
+            offset = struct.unpack_from(">I", data, body)[0]
+            declared, held = size - 8 - offset, len(data) - body - 8 - offset
+            # A last frame or pad byte short loses no audio: from a frame and 10 ms.
+            if declared > 0 and declared - held >= max(block, byte_rate / 100):
+                raise InvalidInput(f"the AIFF header declares {declared / byte_rate:.2f} s "
+                                   f"of audio but the file holds "
+                                   f"{max(held, 0) / byte_rate:.2f} s: it was cut short",
+                                   index=index, kind=UNSUPPORTED)
+            return
+        pos = body + size + (size & 1)  # chunks are padded to an even length
 
 
 def mp3_length_declared(data: bytes) -> bool:

@@ -189,6 +189,52 @@ def test_an_empty_data_chunk_followed_by_other_chunks_is_still_empty():
         read_audio(data, AudioConfig())
 
 
+
+AIFFS = {"PCM 16-bit": {}, "3 channels of 24-bit": {"subtype": "PCM_24", "channels": 3},
+         "float (AIFC fl32)": {"subtype": "FLOAT"}, "u-law (AIFC ulaw)": {"subtype": "ULAW"},
+         "8-bit": {"subtype": "PCM_S8"}}
+
+
+@pytest.mark.parametrize("kind", list(AIFFS))
+def test_an_aiff_cut_short_is_refused(kind):
+    """As a WAV: libsndfile clamps the SSND chunk's size to the file ("SSND : 384008
+    (should be 230386)" in its log) and decodes what arrived, 7 s of 12 as if whole."""
+    whole = _wav(12.0, fmt="AIFF", **AIFFS[kind])
+    with pytest.raises(InvalidInput) as e:
+        read_audio(whole[:len(whole) * 6 // 10], AudioConfig(), index=4)
+    assert e.value.kind == InvalidInput.UNSUPPORTED and e.value.index == 4
+    assert re.search(r"the AIFF header declares 12\.00 s of audio but the file holds "
+                     r"7\.\d\d s: it was cut short", str(e.value)), str(e.value)
+
+
+def _aiff_streamed(form_size: int, frames: int, ssnd_size: int) -> bytes:
+    """2 s of 16 kHz mono 16-bit AIFF with the sizes given, laid out as ffmpeg writes it
+    to a pipe (checked with PyAV: FORM, COMM's frame count and SSND all 0)."""
+    pcm = (0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000) * 32767).astype(">i2")
+    rate = bytes.fromhex("400cfa00000000000000")  # 16000 as an 80-bit extended float
+    return (b"FORM" + struct.pack(">I", form_size) + b"AIFF" + b"COMM" + struct.pack(
+        ">IhIh", 18, 1, frames, 16) + rate + b"SSND" + struct.pack(">III", ssnd_size, 0, 0)
+        + pcm.tobytes())
+
+
+AIFF_STREAMED = {"ffmpeg to a pipe": (0, 0, 0),
+                 # SoX's header for a pipe: 0x7F000000 bytes of audio (its aiff.c)
+                 "SoX to a pipe": (0x7F000000 + 46, 0x7F000000 // 2, 0x7F000000 + 8)}
+
+
+@pytest.mark.parametrize("kind", list(AIFF_STREAMED))
+def test_a_streamed_aiff_of_unknown_length_is_read_to_its_end(kind):
+    wave, rate = read_audio(_aiff_streamed(*AIFF_STREAMED[kind]), AudioConfig())
+    assert rate == 16000 and wave.size == 32000
+
+
+def test_an_aiff_a_few_bytes_short_of_its_header_is_read():
+    data = bytearray(_wav(2.0, fmt="AIFF"))
+    at = data.index(b"SSND") + 4
+    data[at:at + 4] = struct.pack(">I", struct.unpack_from(">I", data, at)[0] + 2)
+    wave, _ = read_audio(bytes(data), AudioConfig())
+    assert wave.size == 32000
+
 def test_a_flac_cut_short_is_refused():
     """A FLAC that ends before its STREAMINFO's sample count: cut inside a frame, libFLAC
     loses sync; cut between two, fewer frames decode than STREAMINFO declares (this was
