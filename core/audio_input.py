@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from core.audio_headers import check_whole_aiff, mp3_length_declared, whole_wav
+from core.audio_headers import check_whole_aiff, check_whole_ogg, mp3_length_declared, whole_wav
 from core.errors import InvalidInput, check_payload_size
 
 UNSUPPORTED = InvalidInput.UNSUPPORTED  # undecodable bytes: HTTP 415
@@ -95,6 +95,7 @@ def _decode_bytes(data: bytes, cfg: AudioConfig, index: int | None) -> tuple[np.
     check_payload_size(data, cfg.max_bytes, "audio", index)
     data = whole_wav(data, index)
     check_whole_aiff(data, index)
+    check_whole_ogg(data, index)
     try:
         info = sf.info(_AudioBytes(data))
         if info.format not in AUDIO_FORMATS:

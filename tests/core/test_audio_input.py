@@ -253,6 +253,41 @@ def test_a_flac_cut_short_is_refused():
 
 
 
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_an_ogg_cut_short_is_refused(subtype):
+    """An Ogg cut inside a page: libogg drops the partial page, libsndfile takes the
+    length from the last whole page's granule position, and 12 s of a 20 s clip were
+    transcribed as if whole."""
+    whole = _ogg(20.0, subtype, 16000 if subtype == "VORBIS" else 48000)
+    cut = whole[:len(whole) * 6 // 10]
+    assert len(cut) not in {at for at, _ in _ogg_pages(whole)}  # inside a page
+    with pytest.raises(InvalidInput) as e:
+        read_audio(cut, AudioConfig(), index=2)
+    assert e.value.kind == InvalidInput.UNSUPPORTED and e.value.index == 2
+    assert re.fullmatch(r"item 2: the OGG file ends inside a page \((\d+ of its \d+ bytes "
+                        r"arrived|its header was cut)\): it was cut short", str(e.value))
+    at, size = _ogg_pages(whole)[3]
+    with pytest.raises(InvalidInput, match=rf"\({size // 2} of its {size} bytes arrived\)"):
+        read_audio(whole[:at + size // 2], AudioConfig())
+    for into in (3, 20):  # the capture pattern "OggS", the header
+        with pytest.raises(InvalidInput, match=r"a page \(its header was cut\)"):
+            read_audio(whole[:at + into], AudioConfig())
+
+
+def test_an_ogg_ending_at_a_page_boundary_is_read():
+    """Without its end-of-stream page (the header type's 0x04 bit) an Ogg is a stream
+    captured live or a recorder stopped before it closed the file, as often as a cut
+    that fell between two pages: read as far as it goes. Bytes after the last page
+    (a tag) are not a page cut short."""
+    whole = _ogg(20.0)
+    pages = _ogg_pages(whole)
+    assert whole[pages[-1][0] + 5] & 0x04 and not whole[pages[-2][0] + 5] & 0x04
+    wave, _ = read_audio(whole[:pages[-1][0]], AudioConfig())
+    assert 0 < wave.size < 16000 * 20
+    wave, _ = read_audio(whole + b"TAG" + bytes(125), AudioConfig())
+    assert wave.size == 16000 * 20
+
 # -- audio of unknown length -------------------------------------------------------------------
 
 def _flac_streamed(wave: np.ndarray, rate: int) -> bytes:
