@@ -93,7 +93,7 @@ def run_jobs(self, job_ids: list[str], modality: str | None = None) -> dict:
                     again.append(job_id)
                     error = e
                     continue
-                _record_failure(job_id, _failure(e, attempt), tokens.get(job_id))
+                _record_failure(job_id, _log_failure(job_id, e, attempt), tokens.get(job_id))
                 statuses["failed"] += 1
         if not again:
             break
@@ -146,10 +146,7 @@ def _run(job_id: str, worker: str, fut: JobFuture | None) -> dict:
                 token = fut.attempt
             fut = None
             if not transient(e) or attempt == settings.task_max_retries:
-                error = _failure(e, attempt)
-                # Where it happened, without SQL; an outage's traceback is no news.
-                log.error("job %s: %s%s", job_id, error,
-                          "" if transient(e) else "\n" + brief_traceback(e))
+                error = _log_failure(job_id, e, attempt)
                 _record_failure(job_id, error, token)
                 # Recorded: Celery marks the task failed and acknowledges it.
                 raise JobFailed(error) from None
@@ -172,6 +169,16 @@ def _failure(e: Exception, attempt: int) -> str:
     refused was recorded as 1,649 characters of SQL and parameters)."""
     why = f"gave up after {attempt} retries" if transient(e) else "internal error"
     return f"{why}: {brief_error(e, 1000)}"
+
+
+def _log_failure(job_id: str, e: Exception, attempt: int) -> str:
+    """Log a job's final failure -> the error to record. Both tasks log it, so that a
+    job of a batch message that failed is in the worker's log as one run alone is."""
+    error = _failure(e, attempt)
+    # Where it happened, without SQL; an outage's traceback is no news.
+    log.error("job %s: %s%s", job_id, error,
+              "" if transient(e) else "\n" + brief_traceback(e))
+    return error
 
 
 def _summarise(job_id: str, fut: JobFuture) -> dict:

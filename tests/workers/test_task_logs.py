@@ -50,6 +50,8 @@ def host(monkeypatch):
     monkeypatch.setattr(tasks.app, "_runtime", SimpleNamespace(
         host=SimpleNamespace(settings=Settings(),
                              process=lambda job_id, worker: _failed(_integrity_error()),
+                             process_many=lambda job_ids, worker: {
+                                 j: _failed(_integrity_error()) for j in job_ids},
                              record_failure=record_failure),
         lease=SimpleNamespace(abandon=state.abandoned.append)))
     return state
@@ -87,3 +89,20 @@ def test_a_message_rejected_for_an_unrecorded_failure_carries_no_statement(host,
     text = _logged(caplog)
     assert SECRET not in text and "[SQL:" not in text, text
     assert "OperationalError: database is locked" in text, text
+
+
+def test_a_batch_messages_failed_job_is_logged_as_a_single_jobs_is(host, caplog):
+    """run_jobs recorded such a failure without logging it: a job of a batch message
+    failed by a bug left nothing in the worker's log, where run_job's says which job,
+    what error and where. The same line now, without the statement."""
+    with caplog.at_level("DEBUG"):
+        result = tasks.run_jobs.apply(args=(["job-1", "job-2"],))
+    assert result.result == {"jobs": 2, "failed": 2}
+    assert [j for j, _, _ in host.recorded] == ["job-1", "job-2"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == tasks.log.name]
+    assert [r.getMessage().splitlines()[0] for r in errors] == [
+        f"job {j}: internal error: IntegrityError: CHECK constraint failed: text"
+        for j in ("job-1", "job-2")], _logged(caplog)
+    text = _logged(caplog)
+    assert SECRET not in text and "[SQL:" not in text, text
+    assert "in _integrity_error" in text, text

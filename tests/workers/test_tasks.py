@@ -196,3 +196,14 @@ def test_a_hand_over_that_fails_by_a_bug_runs_each_job_alone(outage, monkeypatch
     outage.outage_s = 0.0
     assert tasks.run_jobs(["a", "b"]) == {"jobs": 2, "succeeded": 2}
     assert outage.alone == ["a", "b"] and outage.failures == []
+
+
+def test_a_batch_job_that_runs_out_of_retries_is_logged_once_without_a_traceback(
+        outage, caplog):
+    """The same line as run_job's: which job and why it gave up; an outage's traceback
+    is no news. run_jobs recorded the failure and logged nothing for the job."""
+    with caplog.at_level("WARNING", logger=tasks.log.name):
+        assert tasks.run_jobs(["a"]) == {"jobs": 1, "failed": 1}
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["job a: gave up after 10 retries: ConnectionError: Error 111 "
+                      "connecting to redis: Connection refused"], errors
