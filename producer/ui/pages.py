@@ -6,6 +6,7 @@ handlers (producer/api/app.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from jinja2 import Environment, FileSystemLoader
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from producer.ui.session import COOKIE, PATH, Sessions, UiSession
+from core import store
+from core.errors import brief_error
+from producer.ui.session import COOKIE, PATH, Sessions, UiSession, same_origin
 from producer.web.errors import RETRY_AFTER_S
 
+log = logging.getLogger("mmq.api")
 HERE = Path(__file__).parent
 # The pages load nothing from elsewhere and run no inline script or style.
 PAGE_HEADERS = {
@@ -29,6 +33,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",  # a key's results: not for shared caches or back buttons
 }
 STORE_DOWN = "The results store is not answering; try again in a moment."
+STORE_DOWN_SUBMIT = ("The results store is not answering; nothing was submitted. Try "
+                     "again in a moment.")
 STORE_FAILED = ("Something went wrong on the server while reading or writing the "
                 "results; it has been logged. Try again, or come back later.")
 
@@ -87,5 +93,34 @@ async def store_error_page(request: Request, outage: bool) -> HTMLResponse:
     if not outage:
         return await ui_error_page(request, UiError(500, STORE_FAILED))
     r = render(request, "error.html", None, status=503, error=STORE_DOWN, store_down=True)
+    r.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return r
+
+
+def signed_form_session(request: Request, csrf: object) -> UiSession | None:
+    """The session of a POST from this page, as far as the cookie's signature and the
+    form's CSRF token prove without the store (which is down): a sign-in that ended
+    (signed out, expired) still passes, so it is only good for showing a form back."""
+    sessions: Sessions = request.app.state.ui_sessions
+    session = sessions.signed(request.cookies.get(COOKIE))
+    if session is None or not same_origin(request) or not sessions.csrf_ok(session, csrf):
+        return None
+    return session
+
+
+def store_down_form(request: Request, e: SQLAlchemyError, csrf: object, template: str,
+                    message: str, **context: Any) -> HTMLResponse | None:
+    """A form POST that met a database outage (the sign-in's lookup or the write),
+    drawn again with what was sent in it (the route passes that in ``context``) and
+    ``message``: 503 with Retry-After, as the error page would be, but without losing
+    a person's typing. None (the app's error page) for any other database error, or a
+    POST that no page of a sign-in made. Logged as the app's handler logs an outage."""
+    if not store.unreachable(e):
+        return None
+    session = signed_form_session(request, csrf)
+    if session is None:
+        return None
+    log.warning("the results store is unreachable: %s", brief_error(e))
+    r = render(request, template, session, status=503, error=message, **context)
     r.headers["Retry-After"] = str(RETRY_AFTER_S)
     return r

@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,7 +35,15 @@ from core.inputs import AUDIO_FORMATS_TEXT, sniff_modality
 from core.jobs import MODALITIES, TASKS, JobStatus
 from producer.ui import data as ui_data
 from producer.ui.live import row_stream
-from producer.ui.pages import HERE, TEMPLATES, UiError, read_session, render
+from producer.ui.pages import (
+    HERE,
+    STORE_DOWN_SUBMIT,
+    TEMPLATES,
+    UiError,
+    read_session,
+    render,
+    store_down_form,
+)
 from producer.ui.session import PATH, Sessions, UiSession, same_origin
 from producer.web import corrections as web_corrections
 from producer.web.errors import INPUT_STATUS, ApiError
@@ -321,8 +330,13 @@ def submit_page(request: Request) -> Response:
 async def submit(request: Request) -> Response:
     s = request.app.state.settings
     form = await _form(request, s.max_request_bytes)
-    session = await _posted_by_page(request, form)
     kept = {k: str(form.get(k) or "") for k in ("text", "task", "labels", "top_k")}
+    try:
+        session = await _posted_by_page(request, form)
+    except SQLAlchemyError as e:
+        if (page := _store_down_form(request, form, kept, e)) is None:
+            raise  # the app's database handler: the page's 503 or 500
+        return page
     try:
         items = await _submit_items(form, s)
         ids, _ = await run_in_threadpool(submit_jobs, request, items, session.caller, None)
@@ -330,7 +344,19 @@ async def submit(request: Request) -> Response:
         err = e if isinstance(e, UiError) else _api_error(e)
         return render(request, "submit.html", session, status=err.status, error=err.message,
                       tasks=TASKS, form=kept)
+    except SQLAlchemyError as e:
+        if (page := _store_down_form(request, form, kept, e)) is None:
+            raise
+        return page
     return RedirectResponse(f"{PATH}/jobs?submitted={len(ids)}", status_code=303)
+
+
+def _store_down_form(request: Request, form: FormData, kept: dict[str, str],
+                     e: SQLAlchemyError) -> Response | None:
+    # The form again, what was typed kept, as a Redis outage keeps it (the error page
+    # lost it); None (the app's error page) for any other database error.
+    return store_down_form(request, e, form.get("csrf"), "submit.html", STORE_DOWN_SUBMIT,
+                           tasks=TASKS, form=kept)
 
 
 async def _submit_items(form: FormData, s) -> list[dict]:

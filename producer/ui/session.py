@@ -102,6 +102,19 @@ class Sessions:
         """The session the cookie proves, or None (absent, forged, signed out, expired,
         or its key is no longer configured). Reads the store: call it off the event
         loop."""
+        session = self.signed(cookie)
+        if session is None:
+            return None
+        with self._db() as s:
+            if not ui_signins.signin_live(session=s, nonce=session.nonce):
+                return None
+        return session
+
+    def signed(self, cookie: str | None) -> UiSession | None:
+        """The session the cookie's signature proves, its key still configured, without
+        asking the store whether it is still signed in: only for answering a form that
+        met a store outage with itself again (``pages.store_down_form``), never for reading
+        or writing anything."""
         if not cookie or cookie.count(".") != 1:
             return None
         body, mac = cookie.split(".")
@@ -119,9 +132,6 @@ class Sessions:
                    if hmac.compare_digest(k.caller.key_digest.encode(), str(digest).encode())]
         if not callers:
             return None
-        with self._db() as s:
-            if not ui_signins.signin_live(session=s, nonce=str(nonce)):
-                return None
         return UiSession(callers[0], str(nonce))
 
     def csrf_token(self, session: UiSession) -> str:

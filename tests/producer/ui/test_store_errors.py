@@ -7,6 +7,8 @@ exist: OperationalError, "unable to open database file"), swapped in after signi
 
 from __future__ import annotations
 
+import html
+import re
 import sqlite3
 
 import pytest
@@ -23,6 +25,10 @@ KEY = "store-key-0123"
 ORIGIN = "https://testserver"
 DOWN = "The results store is not answering; try again in a moment."
 SECRET = "my-secret-search-query"
+NOT_SUBMITTED = ("The results store is not answering; nothing was submitted. Try again in "
+                 "a moment.")
+TYPED = {"text": "a note I typed before the outage", "task": "classify",
+         "labels": "a cat, a dog", "top_k": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +49,19 @@ def signed_in(app) -> TestClient:
 @pytest.fixture
 def store_down(app, monkeypatch, tmp_path):
     """Every read and write of the page (sign-ins, jobs, submits) meets a dead store."""
+    _kill_store(app, monkeypatch, tmp_path, sign_ins=True)
+
+
+def _kill_store(app, monkeypatch, tmp_path, *, sign_ins: bool) -> None:
+    """The store goes away: for the jobs, and for the sign-ins too if ``sign_ins``."""
     dead = store.session_factory(create_engine(f"sqlite:///{tmp_path / 'gone' / 'x.db'}"))
     monkeypatch.setattr(app.state.client, "sessions", dead)
-    monkeypatch.setattr(app.state.ui_sessions, "_db", dead)
+    if sign_ins:
+        monkeypatch.setattr(app.state.ui_sessions, "_db", dead)
+
+
+def _csrf(c: TestClient) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', c.get("/ui/submit").text).group(1)
 
 
 def _an_error_page(r, status: int) -> str:
@@ -92,3 +108,42 @@ def test_any_other_database_error_on_a_page_is_an_html_500(signed_in, monkeypatc
     logged = "\n".join(caplog.handler.format(rec) for rec in caplog.records)
     assert "IntegrityError: constraint failed" in logged and SECRET not in logged, logged
 
+
+
+def _the_form_kept(r, token: str) -> None:
+    """A 503 that is the submit form again, what was typed in it, and why."""
+    text = _an_error_page(r, 503)
+    assert int(r.headers["Retry-After"]) > 0
+    assert NOT_SUBMITTED in text, text
+    page = html.unescape(text)
+    assert f">{TYPED['text']}</textarea>" in page, text
+    assert f'value="{TYPED["labels"]}"' in page and f'value="{TYPED["top_k"]}"' in page
+    assert '<option value="classify" selected>' in page, text
+    assert f'name="csrf" value="{token}"' in page  # sent again as it is, once it answers
+
+
+def test_a_submit_while_the_store_is_down_shows_the_form_again_with_what_was_typed(
+        signed_in, app, monkeypatch, tmp_path):
+    """The sign-in cannot be looked up either: the form came back as the error page,
+    and what was typed was lost (a Redis outage already kept it). The cookie's
+    signature and the form's CSRF token still prove the form is this sign-in's own."""
+    token = _csrf(signed_in)
+    _kill_store(app, monkeypatch, tmp_path, sign_ins=True)
+    _the_form_kept(signed_in.post("/ui/submit", data={"csrf": token, **TYPED}), token)
+
+
+def test_a_submit_whose_write_meets_the_outage_shows_the_form_again(signed_in, app,
+                                                                    monkeypatch, tmp_path):
+    """The sign-in was read, then the store went away before the jobs were written."""
+    token = _csrf(signed_in)
+    _kill_store(app, monkeypatch, tmp_path, sign_ins=False)
+    _the_form_kept(signed_in.post("/ui/submit", data={"csrf": token, **TYPED}), token)
+
+
+@pytest.mark.parametrize("csrf", ["", "x" * 43])
+def test_a_submit_the_page_did_not_make_gets_no_form_while_the_store_is_down(
+        signed_in, store_down, csrf):
+    """Without the sign-in's CSRF token nothing is shown back: the store-down page."""
+    r = signed_in.post("/ui/submit", data={"csrf": csrf, **TYPED})
+    text = _an_error_page(r, 503)
+    assert DOWN in text and TYPED["text"] not in text, text
