@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 
 from core.errors import InvalidInput
 
@@ -23,6 +24,18 @@ _WAV_CHUNKS = 100  # looked at before "data" (fmt, fact, LIST, bext, JUNK, ...; 
 # million times
 
 
+def _chunks(data: bytes, end: str) -> Iterator[tuple[int, bytes, int]]:
+    """A RIFF or IFF file's chunks after its 12-byte header: (offset, tag, declared
+    size), in ``end``'s byte order, the first ``_WAV_CHUNKS`` whose header arrived."""
+    pos = 12
+    for _ in range(_WAV_CHUNKS):
+        if pos + 8 > len(data):
+            return
+        size = struct.unpack_from(end + "I", data, pos + 4)[0]
+        yield pos, data[pos:pos + 4], size
+        pos += 8 + size + (size & 1)  # chunks are padded to an even length
+
+
 def whole_wav(data: bytes, index: int | None) -> bytes:
     """A WAV's bytes as libsndfile should read them, or ``InvalidInput`` when its header
     declares more audio than the file holds: an upload cut short, which libsndfile
@@ -34,11 +47,8 @@ def whole_wav(data: bytes, index: int | None) -> bytes:
     if data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
         return data
     end = "<" if data[:4] == b"RIFF" else ">"  # RIFX: the same, big-endian
-    pos, byte_rate, block = 12, 0, 0
-    for _ in range(_WAV_CHUNKS):
-        if pos + 8 > len(data):
-            break
-        tag, size = data[pos:pos + 4], struct.unpack_from(end + "I", data, pos + 4)[0]
+    byte_rate, block = 0, 0
+    for pos, tag, size in _chunks(data, end):
         body, held = pos + 8, len(data) - pos - 8
         if tag == b"fmt " and size >= 16 and held >= 16:
             _, _, rate, byte_rate, block = struct.unpack_from(end + "HHIIH", data, body)
@@ -57,7 +67,6 @@ def whole_wav(data: bytes, index: int | None) -> bytes:
                                    f"audio but the file holds {held / byte_rate:.2f} s: "
                                    "it was cut short", index=index, kind=UNSUPPORTED)
             break
-        pos = body + size + (size & 1)  # chunks are padded to an even length
     return data
 
 
@@ -82,11 +91,8 @@ def check_whole_aiff(data: bytes, index: int | None) -> None:
     fields, after ``offset`` more bytes. Anything else is left to libsndfile."""
     if data[:4] != b"FORM" or data[8:12] not in (b"AIFF", b"AIFC"):
         return
-    pos, byte_rate, block = 12, 0.0, 0
-    for _ in range(_WAV_CHUNKS):
-        if pos + 8 > len(data):
-            return
-        tag, size = data[pos:pos + 4], struct.unpack_from(">I", data, pos + 4)[0]
+    byte_rate, block = 0.0, 0
+    for pos, tag, size in _chunks(data, ">"):
         body = pos + 8
         if tag == b"COMM" and size >= 18 and len(data) >= body + 18:
             channels, _, bits = struct.unpack_from(">hIh", data, body)
@@ -111,7 +117,6 @@ def check_whole_aiff(data: bytes, index: int | None) -> None:
                                    f"{max(held, 0) / byte_rate:.2f} s: it was cut short",
                                    index=index, kind=UNSUPPORTED)
             return
-        pos = body + size + (size & 1)  # chunks are padded to an even length
 
 
 # Pages walked before libsndfile is left to decide (100,000 take 40 ms): 300 s of audio,
