@@ -66,7 +66,7 @@ def pack(lin: nn.Linear, rows: int) -> None:
         return
     # ``w`` is kept: while it lives, no other tensor can take its memory, so the data
     # pointer names this weight alone.
-    lin.onednn_packed = (_identity(lin.weight), packed, w)
+    lin.onednn_packed = (weight_identity(lin.weight), packed, w)
 
 
 class PackedWeight:
@@ -80,10 +80,10 @@ class PackedWeight:
         self._held: tuple | None = None  # (identity, packed copy, the weight kept alive)
 
     def get(self, w: torch.Tensor) -> torch.Tensor:
-        if self._held is None or self._held[0] != _identity(w):
+        if self._held is None or self._held[0] != weight_identity(w):
             w_ = w.detach()
             packed = _reorder(w_, self.rows)
-            self._held = (_identity(w), w_ if packed is None else packed, w_)
+            self._held = (weight_identity(w), w_ if packed is None else packed, w_)
         return self._held[1]
 
 
@@ -96,7 +96,7 @@ def _reorder(w: torch.Tensor, rows: int) -> torch.Tensor | None:
         return None
 
 
-def _identity(w: torch.Tensor) -> tuple:
+def weight_identity(w: torch.Tensor) -> tuple:
     """What changes when a weight does: replaced (``.data``, ``.to``) or written in place.
     A weight made under ``torch.inference_mode`` (a model loaded inside it) has no
     version counter: only its replacement is seen."""
@@ -108,7 +108,7 @@ def packed_weight(lin: nn.Module) -> torch.Tensor:
     current, else the weight itself. Only for LINEAR_POINTWISE: the copy's bytes are
     oneDNN's layout, not a matrix."""
     packed = getattr(lin, "onednn_packed", None)
-    if packed is not None and packed[0] == _identity(lin.weight):
+    if packed is not None and packed[0] == weight_identity(lin.weight):
         return packed[1]
     return lin.weight
 
@@ -194,8 +194,8 @@ def _prepared(lin: nn.Module, dtype: torch.dtype, q_scale: float | None, rows: i
     made on first use and again when the weight, bias, dtype or scale change. Cast,
     folded and reordered on every call they cost ~10-20% of a 12,000-row bf16 matmul
     (q, k, v 13.5 -> 11.3 ms, proj 4.3 -> 3.4 ms on 2 Zen 5 cores), bit-identical."""
-    key = (_identity(lin.weight), None if lin.bias is None else _identity(lin.bias), dtype,
-           q_scale)
+    bias = None if lin.bias is None else weight_identity(lin.bias)
+    key = (weight_identity(lin.weight), bias, dtype, q_scale)
     held = getattr(lin, "onednn_prepared", None)
     if held is None or held[0] != key:
         w, b = _scaled(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(),

@@ -41,7 +41,9 @@ from core.model.fused import (
     fusable,
     linear,
     linear_add,
+    weight_identity,
 )
+from core.model.whisper.padding import PAD_MIN_FRAMES, Padding, content_frames, padding_row
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class AudioEncoder(nn.Module):
         # attention.
         self.mm_dtype: torch.dtype | None = None
         self.attn_dtype: torch.dtype | None = None
+        self._pad: Padding | None = None  # the all-zero window's rows (``_padding``)
 
     def set_matmul_dtype(self, dtype: torch.dtype | None,
                          attn_dtype: torch.dtype | None | str = "same") -> None:
@@ -93,9 +96,11 @@ class AudioEncoder(nn.Module):
         self.mm_dtype = dtype
         self.attn_dtype = dtype if attn_dtype == "same" else attn_dtype
 
-    def windows_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def windows_forward(self, x: torch.Tensor, pad: Padding | None = None,
+                        rows: list[int] | None = None) -> torch.Tensor:
         """(B, S, C) equal-length windows -> (B, S, C) final states (``x`` may be updated
-        in place: it is the residual stream).
+        in place: it is the residual stream). ``pad`` and ``rows``: window b's first
+        layer's q, k, v from row ``rows[b]`` on are ``pad.qkv``'s (``_windows``).
 
         The packed core's path without its packing: no plan, filler rows or gathers
         (those were ~15% of a 30 s window's time), SDPA over (B, nh, S, hs) as views, and
@@ -106,7 +111,7 @@ class AudioEncoder(nn.Module):
         B, S, C = x.shape
         nh, hs = self.cfg.n_heads, self.cfg.head_dim
         md, ad = self.mm_dtype, self.attn_dtype
-        explicit = ad == torch.bfloat16 and x.device.type == "cpu" and not amx_bf16()
+        explicit = self._explicit(x)
         # The explicit path folds 1/sqrt(hs) into the query rows of the q, k, v projection
         # (1/8 for tiny.en's 64-wide heads: a power of two, exact).
         q_scale = hs ** -0.5 if explicit else None
@@ -115,7 +120,15 @@ class AudioEncoder(nn.Module):
         layers = self.encoder.layers
         x, h = add_ln(x, None, layers[0].ln_attn)
         for n, layer in enumerate(layers):
-            qkv = cast(linear(h, layer.qkv, md, q_scale=q_scale).view(B, S, 3, nh, hs), ad)
+            if n == 0 and pad is not None and rows is not None:
+                qkv = pad.qkv.expand(B, S, 3, nh, hs).clone()  # (B, S, 3, nh, hs)
+                for b, u in enumerate(rows):  # the rows before u: the window's own
+                    if u:
+                        qkv[b, :u] = cast(linear(h[b, :u], layer.qkv, md, q_scale=q_scale)
+                                          .view(u, 3, nh, hs), ad)
+            else:
+                qkv = cast(linear(h, layer.qkv, md, q_scale=q_scale).view(B, S, 3, nh, hs),
+                           ad)
             if explicit and work is None and window_kernel(qkv) is None:
                 work = attention_work(S, qkv)
             y = window_attention(qkv, explicit, work)  # (B, S, nh, hs)
@@ -125,9 +138,12 @@ class AudioEncoder(nn.Module):
                 x, h = add_ln(x, y, layers[n + 1].ln_attn)
         return self.ln_post(x + y)
 
-    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, AttentionPlan]:
-        """(B, n_mels, T) equal-length clips -> (B*S, C) packed states and their plan."""
-        B, _, T = x.shape
+    def _explicit(self, x: torch.Tensor) -> bool:
+        """Whether the windows' attention runs explicitly (see ``windows_forward``)."""
+        return self.attn_dtype == torch.bfloat16 and x.device.type == "cpu" and not amx_bf16()
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) frames -> (B, ceil(T/2), C) states before the first layer."""
         md = self.attn_dtype
         c1, c2 = self.conv1, self.conv2
         if md is not None:
@@ -136,10 +152,59 @@ class AudioEncoder(nn.Module):
         h = F.gelu(F.conv1d(h, cast(c2.weight, md), cast(c2.bias, md), stride=2,
                             padding=1))  # (B, C, S)
         S = h.shape[2]
-        x = h.transpose(1, 2).to(self.pos.dtype) + self.pos[:S]  # (B, S, C)
-        out = self.windows_forward(x)  # (B, S, C)
-        plan = AttentionPlan.from_lengths([S] * B, device=x.device)
-        return out.reshape(B * S, self.cfg.dim), plan
+        return h.transpose(1, 2).to(self.pos.dtype) + self.pos[:S]  # (B, S, C)
+
+    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, AttentionPlan]:
+        """(B, n_mels, T) equal-length clips -> (B*S, C) packed states and their plan.
+
+        A window's frames past its clip's end are zeros (the tower pads every window to
+        30 s: a 3 s clip's window is 90% padding), and until the first attention mixes
+        positions, a position's state depends only on the frames around it and its
+        position: from ``padding_row`` on, each window's convolutions and first q, k, v
+        projection are those of an all-zero window, computed once (``Padding``) and
+        copied. Exact: the same ops on the same values (tests/core/model/test_speech.py)."""
+        B, _, T = x.shape
+        S = self.n_positions(T)
+        rows = [padding_row(int(n), S) for n in content_frames(x)]
+        if min(rows) == S or x.device.type != "cpu":
+            out = self.windows_forward(self._conv(x))  # (B, S, C)
+            return (out.reshape(B * S, self.cfg.dim),
+                    AttentionPlan.from_lengths([S] * B, device=x.device))
+        pad = self._padding(x)
+        states = pad.x.expand(B, S, self.cfg.dim).clone()  # (B, S, C)
+        for b, u in enumerate(rows):
+            if u:  # frames up to 2u + 2 are enough for rows < u + 1 (PAD_MIN_FRAMES)
+                f = min(T, max(2 * u + 2, PAD_MIN_FRAMES))
+                states[b, :u] = self._conv(x[b:b + 1, :, :f])[0, :u]
+        out = self.windows_forward(states, pad, rows)  # (B, S, C)
+        return (out.reshape(B * S, self.cfg.dim),
+                AttentionPlan.from_lengths([S] * B, device=x.device))
+
+    def _padding(self, like: torch.Tensor) -> Padding:
+        """The all-zero window's states and first q, k, v (``like``'s frame count), made
+        on first use and again when a weight, the matmul dtypes or the attention path
+        (its queries scaled or not) change."""
+        layer = self.encoder.layers[0]
+        T = like.shape[2]
+        qkv = layer.qkv
+        weights = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                   self.pos, layer.ln_attn.weight, layer.ln_attn.bias)
+        key = (T, self.mm_dtype, self.attn_dtype, self._explicit(like),
+               *(weight_identity(t) for t in weights),
+               # an int8 layer (core/model/whisper/precision.py) has no weight tensor: the
+               # quantized module itself (the layer holds it while it is in use)
+               *((weight_identity(qkv.weight), weight_identity(qkv.bias))
+                 if isinstance(qkv.weight, torch.Tensor) else (id(qkv),)))
+        held = self._pad
+        if held is None or held.key != key:
+            S = self.n_positions(T)
+            x = self._conv(like.new_zeros(1, self.cfg.n_mels, T))  # (1, S, C)
+            _, h = _add_ln(x, self.mm_dtype)(x.clone(), None, layer.ln_attn)
+            hs = self.cfg.head_dim
+            q_scale = hs ** -0.5 if self._explicit(x) else None
+            qkv = cast(linear(h, layer.qkv, self.mm_dtype, q_scale=q_scale), self.attn_dtype)
+            held = self._pad = Padding(key, x[0], qkv.view(S, 3, self.cfg.n_heads, hs))
+        return held
 
     @staticmethod
     def n_positions(n_frames: int) -> int:

@@ -1,0 +1,53 @@
+"""The rows of a padded 30 s window that an all-zero window shares (``AudioEncoder._windows``).
+
+The tower pads every window to 30 s with zero log-mel frames (faster-whisper's padding:
+trimming it changes transcripts, core/model/whisper/tower.py), so a 3 s clip's window is
+90% padding. Until the first attention mixes positions, a position's state depends only on
+the frames around it and on its position, so from ``padding_row`` on every window's
+convolutions and first q, k, v projection are an all-zero window's: computed once and
+copied, the same ops on the same values (bit-identical on the CPUs measured; oneDNN may
+pick another kernel for another shape, whose sums differ in the last bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Padding:
+    """An all-zero window's rows: what every window's rows past its clip's end are."""
+
+    key: tuple  # the frame count, matmul dtypes and weights they were made from
+    x: torch.Tensor  # (S, C) states before the first layer (convolutions and positions)
+    qkv: torch.Tensor  # (S, 3, nh, hs) the first layer's q, k, v, as windows_forward's
+
+
+# A window's own rows are convolved from at least this many frames: on a Zen 4, oneDNN's
+# fp32 convolution of 202 frames or fewer took another kernel, whose sums differ from
+# the whole window's in the last bits (from 302 frames on, and in bf16 always, the same).
+PAD_MIN_FRAMES = 512
+
+# Padded rows are recomputed from a multiple of this many positions (1 s), so that a
+# window's own rows come in few shapes (oneDNN makes a primitive per shape).
+PAD_ROW_STEP = 50
+
+
+def content_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, n_mels, T) -> (B,) frames up to and including each window's last nonzero one.
+    A frame of zeros inside a clip is the padding's value too: where it is, is all that
+    matters."""
+    nonzero = (x != 0).any(1)  # (B, T)
+    t = torch.arange(1, x.shape[2] + 1, device=x.device)
+    return (nonzero * t).amax(1)
+
+
+def padding_row(n: int, S: int) -> int:
+    """The first of S positions whose state before the first attention is the all-zero
+    window's, for a window of ``n`` content frames: position u reads frames 2u - 2 to
+    2u + 2 (two 3-tap convolutions, the second with stride 2), all zeros once
+    2u - 2 >= n; rounded up to ``PAD_ROW_STEP``."""
+    u = (n + 3) // 2
+    return min(S, -(-u // PAD_ROW_STEP) * PAD_ROW_STEP)
