@@ -49,10 +49,13 @@ static INL __mmask16 tail_mask(int64_t rem) {
 /* s[r][j] = scale * q_r . k_j for nr rows (at stride qs) and the L keys (16 at a time);
  * kp's rows (dimension pairs) are S keys apart. */
 BF16 static INL void scores(const uint16_t *q, int64_t qs, const uint16_t *kp, int64_t S,
-                            int64_t L, float scale, float *s, int64_t Lv, int nr) {
+                            int64_t L, float scale, float *s, int64_t Lv, int nr, float *mx) {
     uint32_t qp[QMAX][HS / 2];  /* each row's dimension pairs, as 32-bit words */
     for (int r = 0; r < nr; r++) memcpy(qp[r], q + r * qs, sizeof qp[r]);
     const __m512 sc = _mm512_set1_ps(scale);
+    __m512 top[QMAX];  /* with mx: each row's largest score so far, per lane */
+    if (mx)
+        for (int r = 0; r < nr; r++) top[r] = _mm512_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < L; j0 += 16) {
         const __mmask16 m = tail_mask(L - j0);
         __m512 acc[QMAX];
@@ -63,8 +66,14 @@ BF16 static INL void scores(const uint16_t *q, int64_t qs, const uint16_t *kp, i
                 acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)qp[r][d]),
                                           (__m512bh)k);
         }
-        for (int r = 0; r < nr; r++) _mm512_storeu_ps(s + r * Lv + j0, _mm512_mul_ps(acc[r], sc));
+        for (int r = 0; r < nr; r++) {
+            const __m512 x = _mm512_mul_ps(acc[r], sc);
+            _mm512_storeu_ps(s + r * Lv + j0, x);
+            if (mx) top[r] = _mm512_mask_max_ps(top[r], m, top[r], x);
+        }
     }
+    if (mx)
+        for (int r = 0; r < nr; r++) mx[r] = _mm512_reduce_max_ps(top[r]);
 }
 
 /* o_r = inv_r * sum_j p[r][j] v_j for nr rows, v (L, HS) bf16 widened to fp32. */
@@ -98,10 +107,10 @@ BF16 static void attend(const uint16_t *q, const uint16_t *kp, const uint16_t *v
         const int nr = M - m0 < QR ? (int)(M - m0) : QR;
         const uint16_t *q0 = q + m0 * HS;
         switch (nr) {
-            case 8: scores(q0, HS, kp, S, L, scale, s, Lv, 8); break;
-            case 5: scores(q0, HS, kp, S, L, scale, s, Lv, 5); break;
-            case 1: scores(q0, HS, kp, S, L, scale, s, Lv, 1); break;
-            default: scores(q0, HS, kp, S, L, scale, s, Lv, nr);
+            case 8: scores(q0, HS, kp, S, L, scale, s, Lv, 8, NULL); break;
+            case 5: scores(q0, HS, kp, S, L, scale, s, Lv, 5, NULL); break;
+            case 1: scores(q0, HS, kp, S, L, scale, s, Lv, 1, NULL); break;
+            default: scores(q0, HS, kp, S, L, scale, s, Lv, nr, NULL);
         }
         float inv[QR];
         for (int r = 0; r < nr; r++) inv[r] = softmax_exp(s + r * Lv, L);
@@ -212,31 +221,60 @@ BF16 static INL void pv_pairs(const uint32_t *p, int64_t Lw, const uint16_t *vp,
                 _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));
 }
 
-/* Rows of n fp32 (n a multiple of 16) -> bf16, round to nearest even. */
-BF16 static INL void to_bf16(const float *s, int64_t n, uint16_t *out) {
+/* exp(x) for x <= 0 as 2^(x log2 e): the fraction's power of two by a degree-5 polynomial
+ * on [-1/2, 1/2] (relative error ~2e-7, as vexp's), the integer part by VSCALEFPS, which
+ * also takes a very negative x to 0: about half of vexp's instructions. */
+BF16 static INL __m512 exp_le0(__m512 x) {
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 y = _mm512_set1_ps(1.3264711015e-3f);  /* fitted to the relative error */
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6715120599e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5507339537e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022242427e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314700365e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* One row of fp32 scores s[0..S), their max ``top`` -> the exponentials exp(s - top)
+ * rounded to bf16 in p[0..Lv) (zeros past S), in one pass; returns 1 / their fp32 sum. */
+BF16 static INL float softmax_row_bf16(const float *s, float top, int64_t S, int64_t Lv,
+                                       uint16_t *p) {
+    const __m512 mx = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
     int64_t j = 0;
-    for (; j + 32 <= n; j += 32)
-        _mm512_storeu_si512(out + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + j + 16),
-                                                                  _mm512_loadu_ps(s + j)));
-    if (j < n) _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(
-        _mm512_loadu_ps(s + j)));
+    for (; j + 32 <= S; j += 32) {
+        const __m512 a = exp_le0(_mm512_sub_ps(_mm512_loadu_ps(s + j), mx));
+        const __m512 b = exp_le0(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), mx));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+    for (; j < Lv; j += 32) {  /* the last partial pair of vectors, then zeros */
+        const __mmask16 ma = tail_mask(S > j ? S - j : 0);
+        const __mmask16 mb = tail_mask(S > j + 16 ? S - j - 16 : 0);
+        const __m512 a = _mm512_maskz_mov_ps(ma, exp_le0(_mm512_sub_ps(
+            _mm512_maskz_loadu_ps(ma, s + j), mx)));
+        const __m512 b = _mm512_maskz_mov_ps(mb, exp_le0(_mm512_sub_ps(
+            _mm512_maskz_loadu_ps(mb, s + j + 16), mx)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+    return 1.f / _mm512_reduce_add_ps(sum);
 }
 
 BF16 static void window_head(const uint16_t *q, int64_t rs, const uint32_t *kp,
                              const uint16_t *vp, int64_t S, int64_t Lv, float *s,
                              uint16_t *pb, uint16_t *out, int64_t os) {
-    const int64_t Lp = (S + 1) / 2, S16 = (S + 15) / 16 * 16;
+    const int64_t Lp = (S + 1) / 2;
     for (int64_t m0 = 0; m0 < S; m0 += WR) {
         const int nr = S - m0 < WR ? (int)(S - m0) : WR;
-        if (nr == WR) scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, S, 1.f, s, Lv, WR);
-        else scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, S, 1.f, s, Lv, nr);
+        float mx[WR];
+        if (nr == WR) scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, S, 1.f, s, Lv, WR, mx);
+        else scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, S, 1.f, s, Lv, nr, mx);
         float inv[WR];
-        for (int r = 0; r < nr; r++) {
-            float *sr = s + r * Lv;
-            inv[r] = softmax_exp(sr, S);  /* lanes past S up to a whole vector: 0 */
-            memset(sr + S16, 0, sizeof(float) * (Lv - S16));  /* and the rest of the row */
-            to_bf16(sr, Lv, pb + r * Lv);
-        }
+        for (int r = 0; r < nr; r++)
+            inv[r] = softmax_row_bf16(s + r * Lv, mx[r], S, Lv, pb + r * Lv);
         const uint32_t *p = (const uint32_t *)pb;
         for (int r0 = 0; r0 < nr; r0 += PR) {
             const int n = nr - r0 < PR ? nr - r0 : PR;
