@@ -30,10 +30,10 @@ LEVELS = {
 }
 
 
-# Sources only a level's build has: the decoder's cross-attention (AVX-512 BF16
-# intrinsics, compiled for that extension by function attribute; called only on a CPU
-# with avx512_bf16).
-EXTRA = {"x86_64_v4": ["core/model/kernels/attn_bf16.c"]}
+# Sources only a level's build has: the speech tower's attention and output projection
+# (AVX-512 BF16 intrinsics, compiled for that extension by function attribute; called
+# only on a CPU with avx512_bf16).
+EXTRA = {"x86_64_v4": ["core/model/kernels/attn_bf16.c", "core/model/kernels/logits_bf16.c"]}
 
 
 def kernels() -> list[Extension]:
@@ -41,7 +41,7 @@ def kernels() -> list[Extension]:
     return [Extension(f"core.model.kernels._varlen_attn_{name}",
                       ["core/model/kernels/varlen_attn.c", "core/model/kernels/rows.c",
                        *EXTRA.get(name, [])],
-                      depends=["core/model/kernels/vec.h"],
+                      depends=["core/model/kernels/vec.h", "core/model/kernels/bf16.h"],
                       extra_compile_args=COMMON + flags, extra_link_args=["-fopenmp"],
                       optional=True)  # no compiler: the package installs, SDPA is used
             for name, flags in levels.items()]

@@ -208,6 +208,59 @@ def window_attn_bf16() -> WindowAttn | None:
     return run
 
 
+LogitsTop = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int],
+                    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@functools.cache
+def logits_top_bf16() -> LogitsTop | None:
+    """``fn(h, wp, bias, V, T)`` -> (val (R, T), idx (R, T), mx (R,), sum (R,)): the output
+    projection of rows h (R, K) bf16 by a weight packed as (ceil(V/16), K/2, 16, 2) bf16
+    (``pack_pairs``), plus ``bias`` (V,) fp32 or None, keeping per row its T largest
+    logits (descending) and their ids, its largest and the sum of exp(logit - largest)
+    over all V (core/model/kernels/logits_bf16.c). None where the CPU has no AVX-512
+    BF16 or the build lacks the kernel."""
+    lib = _library()
+    if lib is None or "avx512_bf16" not in _cpu_flags() or not hasattr(lib, "mmq_logits_top_bf16"):
+        return None
+    c = lib.mmq_logits_top_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    c.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int]
+    c.restype = ctypes.c_int
+
+    def run(h: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None, V: int, T: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        R, K = h.shape
+        _check(all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
+                   for t in (h, wp)), "logits_top_bf16 takes contiguous bf16 CPU tensors")
+        _check(wp.shape == ((V + 15) // 16, K // 2, 16, 2) and K % 2 == 0,
+               f"logits_top_bf16: weight {tuple(wp.shape)} does not match rows of {K} and "
+               f"{V} entries")
+        _check(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
+                                and bias.shape == (V,)), "logits_top_bf16: bias must be (V,) fp32")
+        _check(1 <= T <= min(32, V), f"logits_top_bf16: T={T} must be 1..32")
+        val, idx = torch.empty(R, T), torch.empty(R, T, dtype=torch.int64)
+        mx, total = torch.empty(R), torch.empty(R)
+        rc = c(h.data_ptr(), wp.data_ptr(), None if bias is None else bias.data_ptr(), R, V,
+               K, T, val.data_ptr(), idx.data_ptr(), mx.data_ptr(), total.data_ptr(),
+               torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"mmq_logits_top_bf16 failed (code {rc}: out of memory)")
+        return val, idx, mx, total
+
+    return run
+
+
+def pack_pairs(w: torch.Tensor) -> torch.Tensor:
+    """(V, K) weight -> (ceil(V/16), K/2, 16, 2) bf16: each block of 16 entries' pairs
+    of one input dimension pair together, entries past V zero (``logits_top_bf16``)."""
+    V, K = w.shape
+    V16 = -(-V // 16)
+    wb = torch.zeros(V16 * 16, K, dtype=torch.bfloat16)
+    wb[:V] = w.detach()
+    return wb.view(V16, 16, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 AddLayerNorm = Callable[[torch.Tensor, torch.Tensor | None, torch.nn.LayerNorm], torch.Tensor]
 
 

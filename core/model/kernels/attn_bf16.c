@@ -28,23 +28,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "vec.h"
 
 #if MMQ_VW != 16
 #error "the AVX-512 build only: its vectors are 16 floats"
 #endif
 
-#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define INL __attribute__((always_inline)) inline
 #define QR 8  /* query rows per score block (cross-attention) */
 #define WR 12 /* query rows per score block (window attention): two P V blocks */
 #define QMAX 12
 #define PR 6  /* query rows per P V block: 6 x 4 accumulators, 4 value vectors */
 #define HS 64 /* the head size this kernel handles (every Whisper size's) */
-
-static INL __mmask16 tail_mask(int64_t rem) {
-    return rem >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rem) - 1u);
-}
 
 /* s[r][j] = scale * q_r . k_j for nr rows (at stride qs) and the L keys (16 at a time);
  * kp's rows (dimension pairs) are S keys apart. */
@@ -219,22 +214,6 @@ BF16 static INL void pv_pairs(const uint32_t *p, int64_t Lw, const uint16_t *vp,
         for (int c = 0; c < HS / 16; c++)
             _mm256_storeu_si256((__m256i *)(o + r * os + c * 16), (__m256i)_mm512_cvtneps_pbh(
                 _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));
-}
-
-/* exp(x) for x <= 0 as 2^(x log2 e): the fraction's power of two by a degree-5 polynomial
- * on [-1/2, 1/2] (relative error ~2e-7, as vexp's), the integer part by VSCALEFPS, which
- * also takes a very negative x to 0: about half of vexp's instructions. */
-BF16 static INL __m512 exp_le0(__m512 x) {
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 y = _mm512_set1_ps(1.3264711015e-3f);  /* fitted to the relative error */
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6715120599e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5507339537e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022242427e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314700365e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
 }
 
 /* One row of fp32 scores s[0..S), their max ``top`` -> the exponentials exp(s - top)

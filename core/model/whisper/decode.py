@@ -141,6 +141,18 @@ def beam_search(dec: TextDecoder, cross: CrossKV, tok: WhisperTokens,
             cross = cross.select(kept)
         alive = [alive[i] for i in keep]
         rows_per = K
+        # A window's 2K best candidates are among its K rows' 2K likeliest tokens each:
+        # where the decoder can, it hands back only each row's T (core/model/kernels/
+        # logits_bf16.c picks them in bf16; T = 2K + 6 leaves room for its rounding to
+        # misorder the 2K-th), else the full (rows, V) log-probabilities.
+        top = dec.step_top(new_tok.view(-1, 1), cross, cache, bias, 2 * K + 6)
+        if top is not None:
+            lp, tid = top  # (B'*K, T) each
+            T = lp.shape[1]
+            lp = lp.add_(new_scores.view(-1, 1)).view(len(alive), K * T)
+            scores, flat = lp.topk(2 * K, dim=-1)  # (B', 2K)
+            beam_of, ids = flat // T, tid.view(len(alive), K * T).gather(1, flat)
+            continue
         logits = dec(new_tok.view(-1, 1), cross, cache, all_logits=False,
                      bias=bias)  # (B'*K, V), suppressed tokens -inf
         logp = torch.log_softmax(logits.float(), dim=-1).add_(new_scores.view(-1, 1))
