@@ -1,7 +1,7 @@
 """The bf16 kernels of the speech tower (core/model/kernels/): the window attention's
 in-place softmax, the encoder's residual add and layer norm, its window self-attention,
-and the decoder's cross-attention, against ATen on fresh random inputs; the decoder's
-self-attention cache taking turns with two buffers."""
+the decoder's cross-attention and its output projection's candidates, against ATen on
+fresh random inputs; the decoder's self-attention cache taking turns with two buffers."""
 
 import random
 
@@ -166,6 +166,57 @@ def test_decoder_logits_with_the_kernel_match_sdpa(monkeypatch, lengths):
     assert (fast - ref).abs().max().item() < 2e-2 * ref.abs().max().item(), f"seed {SEED}"
 
 
+@pytest.mark.parametrize("R,V,T", [(80, 1000, 16), (13, 300, 32), (1, 51, 1), (7, 17, 8)])
+def test_logits_top_kernel_keeps_each_rows_largest_and_its_normaliser(R, V, T):
+    """Against fp64 products of the same bf16-rounded rows and weight: the T largest
+    logits (suppressed tokens -inf) in order with their ids, the largest and the sum of
+    exp(logit - largest); vocabulary sizes with a partial last block of 16."""
+    kernel = needs(cpu_kernels.logits_top_bf16(), "avx512_bf16")
+    torch.manual_seed(SEED)
+    w, h = torch.randn(V, 64), torch.randn(R, 64).bfloat16()
+    bias = torch.randn(V)
+    bias[torch.randperm(V)[:V // 10]] = float("-inf")
+    val, ids, top, total = kernel(h, cpu_kernels.pack_pairs(w), bias, V, T)
+    ref = h.double() @ w.bfloat16().double().T + bias.double()  # (R, V)
+    want, _ = ref.topk(T, -1)
+    assert torch.allclose(val.double(), want, atol=1e-4), f"seed {SEED}"
+    assert torch.allclose(ref.gather(1, ids), val.double(), atol=1e-4), f"seed {SEED}"
+    assert all(len(set(r)) == T for r in ids.tolist())  # T distinct tokens per row
+    assert torch.allclose(top.double(), ref.amax(-1), atol=1e-4), f"seed {SEED}"
+    want_total = torch.exp(ref - ref.amax(-1, keepdim=True)).sum(-1)
+    assert torch.allclose(total.double(), want_total, rtol=1e-4), f"seed {SEED}"
+
+
+def test_step_top_gives_the_full_paths_candidates(monkeypatch):
+    """A search step's T candidates per row: the full fp32 path's T likeliest tokens, with
+    its log-probabilities (fp32 logits; only the normaliser's rest summed in bf16)."""
+    needs(cpu_kernels.logits_top_bf16(), "avx512_bf16")
+    dec = small_decoder()
+    plan = AttentionPlan.from_lengths([40, 40])
+    enc = torch.randn(80, 128)
+    tokens = torch.randint(0, 300, (2, 3))
+    bias = torch.zeros(300).index_fill_(0, torch.tensor([3, 7, 11]), float("-inf"))
+
+    def step(fast: bool):
+        cross = dec.cross_kv(enc, plan)
+        cache = dec.new_cache(2, 8, enc)
+        with torch.inference_mode():
+            dec(tokens, cross, cache)
+            nxt = cache.select(torch.arange(2))
+            if fast:
+                return dec.step_top(tokens[:, :1], cross, nxt, bias, 12)
+            return torch.log_softmax(dec(tokens[:, :1], cross, nxt, all_logits=False,
+                                         bias=bias), -1)  # (2, V)
+
+    lp, ids = step(True)
+    ref = step(False)
+    want, want_ids = ref.topk(12, -1)
+    assert torch.equal(ids.sort(-1).values, want_ids.sort(-1).values), f"seed {SEED}"
+    assert torch.allclose(lp, ref.gather(1, ids), atol=1e-3), f"seed {SEED}"
+    monkeypatch.setattr(cpu_kernels, "logits_top_bf16", lambda: None)
+    assert step(True) is None  # no kernel: the caller takes the full logits
+
+
 def test_self_cache_select_takes_turns_with_two_buffers():
     """Each select copies the chosen rows' filled positions into the buffer of the cache
     before (no fresh buffer per beam step), and the contents are the rows chosen."""
@@ -205,6 +256,15 @@ def test_kernel_wrappers_refuse_what_c_would_misread():
         for bad in (qkv.float(), qkv.transpose(0, 1), qkv[:, :, :2], qkv[:, :0]):
             with pytest.raises(ValueError):
                 window(bad)
+    top = cpu_kernels.logits_top_bf16()
+    if top is not None:
+        w, h = cpu_kernels.pack_pairs(torch.randn(40, 16)), torch.randn(3, 16).bfloat16()
+        with pytest.raises(ValueError, match="does not match"):
+            top(h, w, None, 49, 4)  # the weight packs 48 entries: 49 would read past it
+        with pytest.raises(ValueError, match="T=33"):
+            top(h, w, None, 40, 33)
+        with pytest.raises(ValueError, match="bias"):
+            top(h, w, torch.zeros(39), 40, 4)
     attn = cpu_kernels.cross_attn_bf16()
     if attn is not None:
         q, k, v = (torch.randn(2, 6, n, 64).bfloat16() for n in (5, 50, 50))
