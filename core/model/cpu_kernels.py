@@ -175,31 +175,41 @@ def cross_attn_bf16() -> CrossAttn | None:
     return run
 
 
-WindowAttn = Callable[[torch.Tensor], torch.Tensor]
+WindowAttn = Callable[..., torch.Tensor]
 
 
 @functools.cache
 def window_attn_bf16() -> WindowAttn | None:
-    """``fn(qkv)`` -> (B, S, nh, hs) bf16: the speech encoder's window self-attention
-    (core/model/kernels/attn_bf16.c) for qkv (B, S, 3, nh, hs) bf16 whose queries
-    are already scaled by 1/sqrt(hs); hs must be 64. None where the CPU has no AVX-512
-    BF16 or the build lacks the kernel."""
+    """``fn(qkv, rows=None, split=None)`` -> (B, S, nh, hs) bf16: the speech encoder's
+    window self-attention (core/model/kernels/attn_bf16.c) for qkv (B, S, 3, nh, hs)
+    bf16 whose queries are already scaled by 1/sqrt(hs); hs must be 64. ``rows`` (B,)
+    and ``split`` (core/model/whisper/padding.py's ``Split``): from row rows[b] on, window
+    b's q, k, v are an all-zero window's, whose part of those rows' attention ``split``
+    holds. None where the CPU has no AVX-512 BF16 or the build lacks the kernel."""
     lib = _library()
     if (lib is None or "avx512_bf16" not in _cpu_flags()
             or not hasattr(lib, "mmq_window_attn_bf16")):
         return None
     c = lib.mmq_window_attn_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    c.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int]
+    c.argtypes = [ptr, i64, i64, i64, i64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64]
     c.restype = ctypes.c_int
 
-    def run(qkv: torch.Tensor) -> torch.Tensor:
+    def run(qkv: torch.Tensor, rows: list[int] | None = None, split=None) -> torch.Tensor:
         _check(qkv.dtype == torch.bfloat16 and qkv.is_contiguous() and qkv.dim() == 5
                and qkv.shape[2] == 3 and qkv.device.type == "cpu" and qkv.shape[1] > 0,
                "window_attn_bf16 takes a contiguous (B, S, 3, nh, hs) bf16 CPU tensor")
         B, S, _, nh, hs = qkv.shape
         out = torch.empty(B, S, nh, hs, dtype=torch.bfloat16)  # (B, S, nh, hs)
-        rc = c(qkv.data_ptr(), B, S, nh, hs, out.data_ptr(), torch.get_num_threads())
+        args: list = [None] * 5 + [0]
+        if rows is not None:
+            _check(split is not None and len(rows) == B and split.fits(S, nh, hs)
+                   and all(0 <= u <= S and (u == S or u % split.step == 0) for u in rows),
+                   f"window_attn_bf16: rows {rows} do not fit the split tables")
+            held = torch.tensor(rows, dtype=torch.int64)
+            args = [held.data_ptr(), split.A.data_ptr(), split.Z.data_ptr(),
+                    split.M.data_ptr(), split.off.data_ptr(), split.step]
+        rc = c(qkv.data_ptr(), B, S, nh, hs, out.data_ptr(), torch.get_num_threads(), *args)
         if rc:
             raise RuntimeError(f"mmq_window_attn_bf16 failed (code {rc}: head size {hs} is "
                                "not 64, or out of memory)")

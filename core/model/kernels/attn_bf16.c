@@ -193,10 +193,12 @@ BF16 static void pack_kv(const uint16_t *k, const uint16_t *v, int64_t rs, int64
     }
 }
 
-/* o_r = bf16(inv_r * sum_j p[r][j] v_j) for nr rows: p (rows of Lv/2 words, bf16 pairs of
- * keys), vp (Lv/2, HS, 2), Lp key pairs. */
+/* o_r = bf16(inv_r * (sum_j p[r][j] v_j + alpha_r add_r)) for nr rows: p (rows of Lv/2
+ * words, bf16 pairs of keys), vp (Lv/2, HS, 2), Lp key pairs; add (nr rows of HS fp32)
+ * and alpha only for the rows past a clip (``split``), else NULL. */
 BF16 static INL void pv_pairs(const uint32_t *p, int64_t Lw, const uint16_t *vp, int64_t Lp,
-                              const float *inv, uint16_t *o, int64_t os, int nr) {
+                              const float *inv, uint16_t *o, int64_t os, int nr,
+                              const float *const *add, const float *alpha) {
     __m512 acc[PR][HS / 16];
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < HS / 16; c++) acc[r][c] = _mm512_setzero_ps();
@@ -210,14 +212,19 @@ BF16 static INL void pv_pairs(const uint32_t *p, int64_t Lw, const uint16_t *vp,
                 acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pr, (__m512bh)vv[c]);
         }
     }
+    if (add)
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < HS / 16; c++)
+                acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(alpha[r]),
+                                            _mm512_loadu_ps(add[r] + c * 16), acc[r][c]);
     for (int r = 0; r < nr; r++)
         for (int c = 0; c < HS / 16; c++)
             _mm256_storeu_si256((__m256i *)(o + r * os + c * 16), (__m256i)_mm512_cvtneps_pbh(
                 _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));
 }
 
-/* One row of fp32 scores s[0..S), their max ``top`` -> the exponentials exp(s - top)
- * rounded to bf16 in p[0..Lv) (zeros past S), in one pass; returns 1 / their fp32 sum. */
+/* One row of fp32 scores s[0..S), ``top`` >= each -> the exponentials exp(s - top)
+ * rounded to bf16 in p[0..Lv) (zeros past S), in one pass; returns their fp32 sum. */
 BF16 static INL float softmax_row_bf16(const float *s, float top, int64_t S, int64_t Lv,
                                        uint16_t *p) {
     const __m512 mx = _mm512_set1_ps(top);
@@ -239,36 +246,77 @@ BF16 static INL float softmax_row_bf16(const float *s, float top, int64_t S, int
         sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
         _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(b, a));
     }
-    return 1.f / _mm512_reduce_add_ps(sum);
+    return _mm512_reduce_add_ps(sum);
 }
 
-BF16 static void window_head(const uint16_t *q, int64_t rs, const uint32_t *kp,
-                             const uint16_t *vp, int64_t S, int64_t Lv, float *s,
-                             uint16_t *pb, uint16_t *out, int64_t os) {
-    const int64_t Lp = (S + 1) / 2;
-    for (int64_t m0 = 0; m0 < S; m0 += WR) {
-        const int nr = S - m0 < WR ? (int)(S - m0) : WR;
-        float mx[WR];
-        if (nr == WR) scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, S, 1.f, s, Lv, WR, mx);
-        else scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, S, 1.f, s, Lv, nr, mx);
-        float inv[WR];
-        for (int r = 0; r < nr; r++)
-            inv[r] = softmax_row_bf16(s + r * Lv, mx[r], S, Lv, pb + r * Lv);
+/* The part of a padded window's first attention that its rows past the clip share with
+ * an all-zero window's (core/model/whisper/padding.py): from row u on, the keys and
+ * values are the zero window's, so for a query row i >= u, A_i = sum over j >= u of
+ * exp(s_ij - M_i) v_j and Z_i = the sum of those exponentials (M_i: the largest of row
+ * i's zero-window scores) are made once per u, a multiple of ``step``. Row i then needs
+ * only its scores against the u keys before: attention over S keys becomes one over u.
+ * For split k = u / step: A rows from off[k] on, (S - u, nh, HS) fp32; Z (S - u, nh);
+ * M (S, nh). */
+typedef struct {
+    const float *A, *Z, *M;
+    const int64_t *off;
+    int64_t step;
+} split_t;
+
+/* Query rows [m_begin, m_end) against the first L keys (kp, vp at stride Lv), into out;
+ * with sp, rows from u = m_begin on add the zero window's part (split_t) for head h. */
+BF16 static void window_rows(const uint16_t *q, int64_t rs, const uint32_t *kp,
+                             const uint16_t *vp, int64_t L, int64_t Lv, float *s,
+                             uint16_t *pb, uint16_t *out, int64_t os, int64_t m_begin,
+                             int64_t m_end, const split_t *sp, int64_t nh, int64_t h) {
+    const int64_t Lp = (L + 1) / 2, LvL = (L + 31) / 32 * 32;
+    const int64_t u = m_begin;
+    const float *A = NULL, *Z = NULL;
+    if (sp) {
+        const int64_t first = sp->off[u / sp->step];
+        A = sp->A + first * nh * HS;
+        Z = sp->Z + first * nh;
+    }
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += WR) {
+        const int nr = m_end - m0 < WR ? (int)(m_end - m0) : WR;
+        float mx[WR], inv[WR], alpha[WR];
+        const float *add[WR];
+        if (nr == WR) scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, L, 1.f, s, Lv, WR, mx);
+        else scores(q + m0 * rs, rs, (const uint16_t *)kp, Lv, L, 1.f, s, Lv, nr, mx);
+        for (int r = 0; r < nr; r++) {
+            if (!sp) {
+                inv[r] = 1.f / softmax_row_bf16(s + r * Lv, mx[r], L, LvL, pb + r * Lv);
+                continue;
+            }
+            const int64_t i = m0 + r;
+            const float m_pad = sp->M[i * nh + h];
+            const float top = mx[r] > m_pad ? mx[r] : m_pad;
+            const float sum = softmax_row_bf16(s + r * Lv, top, L, LvL, pb + r * Lv);
+            alpha[r] = expf(m_pad - top);
+            inv[r] = 1.f / (sum + alpha[r] * Z[(i - u) * nh + h]);
+            add[r] = A + ((i - u) * nh + h) * HS;
+        }
         const uint32_t *p = (const uint32_t *)pb;
         for (int r0 = 0; r0 < nr; r0 += PR) {
             const int n = nr - r0 < PR ? nr - r0 : PR;
             uint16_t *o = out + (m0 + r0) * os;
-            if (n == PR) pv_pairs(p + r0 * Lv / 2, Lv / 2, vp, Lp, inv + r0, o, os, PR);
-            else pv_pairs(p + r0 * Lv / 2, Lv / 2, vp, Lp, inv + r0, o, os, n);
+            const uint32_t *pr = p + r0 * Lv / 2;
+            if (!sp && n == PR) pv_pairs(pr, Lv / 2, vp, Lp, inv + r0, o, os, PR, NULL, NULL);
+            else if (!sp) pv_pairs(pr, Lv / 2, vp, Lp, inv + r0, o, os, n, NULL, NULL);
+            else pv_pairs(pr, Lv / 2, vp, Lp, inv + r0, o, os, n, add + r0, alpha + r0);
         }
     }
 }
 
 /* qkv: (B, S, 3, nh, HS) bf16, the queries already scaled by 1/sqrt(HS); out: (B, S, nh,
- * HS) bf16. Threads split the (window, head) pairs. */
+ * HS) bf16. Threads split the (window, head) pairs. rows: NULL, or (B,) each window's u
+ * (S: none of its rows are the zero window's; else a multiple of step), with the
+ * zero window's A, Z, M and off (split_t). */
 int mmq_window_attn_bf16(const uint16_t *qkv, int64_t B, int64_t S, int64_t nh, int64_t hs,
-                         uint16_t *out, int nthreads) {
+                         uint16_t *out, int nthreads, const int64_t *rows, const float *A,
+                         const float *Z, const float *M, const int64_t *off, int64_t step) {
     if (hs != HS) return 1;
+    const split_t split = {A, Z, M, off, step};
     const int64_t Lv = (S + 31) / 32 * 32;  /* whole bf16 vectors of probabilities */
     const int64_t rs = 3 * nh * HS;  /* one position's q, k, v */
     int failed = 0;
@@ -288,8 +336,12 @@ int mmq_window_attn_bf16(const uint16_t *qkv, int64_t B, int64_t S, int64_t nh, 
             if (!ok) continue;
             const int64_t b = t / nh, h = t % nh;
             const uint16_t *base = qkv + b * S * rs + h * HS;
+            const int64_t u = rows ? rows[b] : S;
+            uint16_t *o = out + b * S * nh * HS + h * HS;
             pack_kv(base + nh * HS, base + 2 * nh * HS, rs, S, Lv, kp, vp);
-            window_head(base, rs, kp, vp, S, Lv, s, pb, out + b * S * nh * HS + h * HS, nh * HS);
+            window_rows(base, rs, kp, vp, S, Lv, s, pb, o, nh * HS, 0, u, NULL, nh, h);
+            if (u < S)
+                window_rows(base, rs, kp, vp, u, Lv, s, pb, o, nh * HS, u, S, &split, nh, h);
         }
         free(s);
         free(pb);

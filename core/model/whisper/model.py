@@ -43,7 +43,14 @@ from core.model.fused import (
     linear_add,
     weight_identity,
 )
-from core.model.whisper.padding import PAD_MIN_FRAMES, Padding, content_frames, padding_row
+from core.model.whisper.padding import (
+    PAD_MIN_FRAMES,
+    PAD_ROW_STEP,
+    Padding,
+    Split,
+    content_frames,
+    padding_row,
+)
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,10 @@ class AudioEncoder(nn.Module):
                            ad)
             if explicit and work is None and window_kernel(qkv) is None:
                 work = attention_work(S, qkv)
-            y = window_attention(qkv, explicit, work)  # (B, S, nh, hs)
+            if n == 0 and pad is not None and pad.split is not None and rows is not None:
+                y = window_kernel(qkv)(qkv, rows, pad.split)  # the rows past each clip
+            else:
+                y = window_attention(qkv, explicit, work)  # (B, S, nh, hs)
             x, h = add_ln(x, linear(y.reshape(B, S, C), layer.proj, md), layer.ln_mlp)
             y = linear(linear(h, layer.fc1, md, "gelu"), layer.fc2, md)
             if n + 1 < len(layers):
@@ -203,7 +213,10 @@ class AudioEncoder(nn.Module):
             hs = self.cfg.head_dim
             q_scale = hs ** -0.5 if self._explicit(x) else None
             qkv = cast(linear(h, layer.qkv, self.mm_dtype, q_scale=q_scale), self.attn_dtype)
-            held = self._pad = Padding(key, x[0], qkv.view(S, 3, self.cfg.n_heads, hs))
+            qkv = qkv.view(S, 3, self.cfg.n_heads, hs)
+            explicit = q_scale is not None and window_kernel(qkv[None]) is not None
+            split = Split.of(qkv, PAD_ROW_STEP) if explicit else None
+            held = self._pad = Padding(key, x[0], qkv, split)
         return held
 
     @staticmethod

@@ -23,6 +23,7 @@ class Padding:
     key: tuple  # the frame count, matmul dtypes and weights they were made from
     x: torch.Tensor  # (S, C) states before the first layer (convolutions and positions)
     qkv: torch.Tensor  # (S, 3, nh, hs) the first layer's q, k, v, as windows_forward's
+    split: Split | None  # its part of the first attention (the bf16 kernel's only)
 
 
 # A window's own rows are convolved from at least this many frames: on a Zen 4, oneDNN's
@@ -51,3 +52,49 @@ def padding_row(n: int, S: int) -> int:
     2u - 2 >= n; rounded up to ``PAD_ROW_STEP``."""
     u = (n + 3) // 2
     return min(S, -(-u // PAD_ROW_STEP) * PAD_ROW_STEP)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The all-zero window's part of its first attention, for the rows past a clip
+    (core/model/kernels/attn_bf16.c, ``split_t``): for a window whose rows from u on are
+    the zero window's (u a multiple of ``step``), query row i >= u's exponentials of
+    its scores against keys j >= u, relative to M_i, summed (Z) and times the values (A).
+    A query row past the clip then attends to the u keys before alone, plus these."""
+
+    A: torch.Tensor  # (rows, nh, hs) fp32: for each u, rows i >= u, from off[u / step] on
+    Z: torch.Tensor  # (rows, nh) fp32
+    M: torch.Tensor  # (S, nh) fp32: row i's largest score against the zero window's keys
+    off: torch.Tensor  # (S / step + 1,) int64
+    step: int
+
+    def fits(self, S: int, nh: int, hs: int) -> bool:
+        return self.M.shape == (S, nh) and self.A.shape[1:] == (nh, hs)
+
+    @classmethod
+    def of(cls, qkv: torch.Tensor, step: int) -> Split:
+        """From the zero window's first q, k, v (S, 3, nh, hs), queries pre-scaled.
+
+        Made in fp32 from the bf16 values the kernel reads: 16 windows' first layer's
+        attention on 2 Zen 4 cores ~0.16 -> ~0.05 s for clips of 2-3 s; the tables take
+        ~36 MB for tiny.en (A for rows i >= u only)."""
+        q, k, v = qkv.float().unbind(1)  # each (S, nh, hs)
+        S, nh, hs = q.shape
+        scores = torch.einsum("ihd,jhd->hij", q, k)  # (nh, S, S)
+        M = scores.amax(-1)  # (nh, S)
+        e = torch.exp(scores - M[..., None])  # (nh, S, S)
+        A, Z = [], []
+        acc_a, acc_z = torch.zeros(nh, S, hs), torch.zeros(nh, S)
+        ends = list(range(0, S, step))
+        for u in reversed(ends):  # suffix sums: keys from u on
+            acc_a += torch.einsum("hij,jhd->hid", e[:, :, u:u + step], v[u:u + step])
+            acc_z += e[:, :, u:u + step].sum(-1)
+            A.append(acc_a[:, u:].transpose(0, 1).clone())  # (S - u, nh, hs)
+            Z.append(acc_z[:, u:].transpose(0, 1).clone())  # (S - u, nh)
+        A.reverse()
+        Z.reverse()
+        sizes = [S - u for u in ends]
+        off = torch.tensor([0] + sizes).cumsum(0)
+        return cls(torch.cat(A).contiguous(), torch.cat(Z).contiguous(),
+                   M.transpose(0, 1).contiguous(), off, step)
+

@@ -1,5 +1,6 @@
 """A padded window's rows taken from an all-zero window's (core/model/whisper/padding.py)
-are exactly what computing them gives."""
+are what computing them gives: the convolutions and first q, k, v exactly, the first
+attention's part over the zero window's keys (bf16 kernel) to its own rounding."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 import core.model.whisper.model as whisper_model
-from core.model.whisper.padding import content_frames, padding_row
+from core.model import cpu_kernels
+from core.model.whisper.padding import Split, content_frames, padding_row
 from core.model.whisper.tower import SpeechTower
 
 
@@ -32,9 +34,16 @@ def _computed(monkeypatch, tower: SpeechTower, mels: list[torch.Tensor]) -> torc
         return tower.encode(mels)[0]
 
 
+def _no_split(monkeypatch, tower: SpeechTower) -> None:
+    """The zero window's rows shared up to the first attention, which runs whole."""
+    tower.model.encoder._pad = None
+    monkeypatch.setattr(whisper_model.Split, "of", classmethod(lambda cls, qkv, step: None))
+
+
 @pytest.mark.parametrize("dtype", ["tower's own", None])
 def test_rows_from_the_zero_window_equal_computed_ones(tower, monkeypatch, dtype):
     enc = tower.model.encoder
+    _no_split(monkeypatch, tower)
     was = (enc.mm_dtype, enc.attn_dtype)
     if dtype is None:
         enc.set_matmul_dtype(None)  # fp32 throughout: the fused add and norm not taken
@@ -52,6 +61,7 @@ def test_rows_from_the_zero_window_equal_computed_ones(tower, monkeypatch, dtype
 
 def test_the_zero_window_is_remade_when_a_weight_changes(tower, monkeypatch):
     enc = tower.model.encoder
+    _no_split(monkeypatch, tower)
     mels = _windows(tower)[:3]
     tower.encode(mels)
     before = enc._pad
@@ -65,6 +75,48 @@ def test_the_zero_window_is_remade_when_a_weight_changes(tower, monkeypatch):
                                    atol=2e-2)
     finally:
         enc.conv1.bias = bias
+
+
+def test_the_split_first_attention_keeps_the_states(tower, monkeypatch):
+    """With the first attention's rows past each clip split (bf16 kernel): the encoder's
+    states as close to the whole attention's as bf16 rounding leaves them."""
+    if cpu_kernels.window_attn_bf16() is None or tower.precision != "bf16":
+        pytest.skip("this CPU has no bf16 kernels (no avx512_bf16)")
+    mels = _windows(tower)
+    tower.model.encoder._pad = None
+    split = tower.encode(mels)[0]
+    assert tower.model.encoder._pad.split is not None
+    with monkeypatch.context() as m:
+        _no_split(m, tower)
+        whole = tower.encode(mels)[0]
+    tower.model.encoder._pad = None
+    d = (split - whole).abs()
+    assert d.mean() < 0.01, d.mean()  # bf16 against fp32 is ~0.01 on average
+
+
+@pytest.mark.parametrize("rows", [[50, 0, 150, 300], [300, 250]])
+def test_the_split_kernel_attends_as_the_whole(rows):
+    """The kernel's rows past each clip (split tables) against fp32 attention over all
+    keys: within the error of its whole-attention path; the rows before, identical."""
+    kernel = cpu_kernels.window_attn_bf16()
+    if kernel is None:
+        pytest.skip("this CPU has no bf16 kernels (no avx512_bf16)")
+    torch.manual_seed(0)
+    S, nh, hs = 300, 6, 64
+    scale = torch.tensor([0.375, 3, 1]).view(1, 3, 1, 1)  # q pre-scaled; keys spread
+    zero = (torch.randn(S, 3, nh, hs) * scale).bfloat16()
+    qkv = zero[None].repeat(len(rows), 1, 1, 1, 1)
+    for b, u in enumerate(rows):
+        qkv[b, :u] = (torch.randn(u, 3, nh, hs) * scale).bfloat16()
+    fast, whole = kernel(qkv, rows, Split.of(zero, 50)), kernel(qkv)
+    q, k, v = qkv.float().permute(2, 0, 3, 1, 4)
+    ref = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2)
+    for b, u in enumerate(rows):
+        assert torch.equal(fast[b, :u], whole[b, :u])
+        if u == S:
+            continue
+        err = (fast[b, u:].float() - ref[b, u:]).abs()
+        assert err.max() < 0.03 and err.mean() < 2 * (whole[b].float() - ref[b]).abs().mean()
 
 
 def test_where_the_padding_starts():
