@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.model.whisper.model import CrossKV, TextDecoder
+from core.model.whisper.cache import CrossKV
+from core.model.whisper.model import TextDecoder
 from core.model.whisper.tokens import WhisperTokens
 
 

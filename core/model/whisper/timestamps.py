@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.model.whisper.model import CrossKV, TextDecoder
+from core.model.whisper.cache import CrossKV
+from core.model.whisper.model import TextDecoder
 from core.model.whisper.tokens import WhisperTokens
 
 SECONDS_PER_STEP = 0.02  # one timestamp token: two mel frames, one encoder position

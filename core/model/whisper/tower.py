@@ -31,9 +31,10 @@ from core.inputs import AudioConfig
 from core.model.attention import AttentionPlan
 from core.model.lru import LruCache
 from core.model.precision import resolve_precision
+from core.model.whisper.cache import CrossKV
 from core.model.whisper.decode import DecodeConfig, Hypothesis, beam_search, score_sequences
 from core.model.whisper.frontend import FrontEndConfig, LogMelFrontEnd
-from core.model.whisper.model import CrossKV, Whisper
+from core.model.whisper.model import Whisper
 from core.model.whisper.precision import apply_speech_precision
 from core.model.whisper.tokens import WhisperTokens
 from core.model.whisper.weights import bundled_dir, load_whisper

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from core.model import cpu_kernels
 from core.model.attention import AttentionPlan
-from core.model.whisper.model import SelfKV, TextDecoder, WhisperConfig
+from core.model.whisper.cache import SelfKV
+from core.model.whisper.model import TextDecoder, WhisperConfig
 
 SEED = random.SystemRandom().randrange(2**31)
 
