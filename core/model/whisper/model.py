@@ -209,7 +209,7 @@ class AudioEncoder(nn.Module):
                *((weight_identity(qkv.weight), weight_identity(qkv.bias))
                  if isinstance(qkv.weight, torch.Tensor) else (id(qkv),)))
         held = self._pad
-        if held is None or held.key != key:
+        if held is None or held.key != key:  # two streams may both make it: the same
             S = self.n_positions(T)
             x = self._conv(like.new_zeros(1, self.cfg.n_mels, T))  # (1, S, C)
             _, h = _add_ln(x, self.mm_dtype)(x.clone(), None, layer.ln_attn)
