@@ -249,8 +249,9 @@ def logits_top_bf16() -> LogitsTop | None:
         _check(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
                                 and bias.shape == (V,)), "logits_top_bf16: bias must be (V,) fp32")
         _check(1 <= T <= min(32, V), f"logits_top_bf16: T={T} must be 1..32")
-        val, idx = torch.empty(R, T), torch.empty(R, T, dtype=torch.int64)
-        mx, total = torch.empty(R), torch.empty(R)
+        f32 = torch.float32  # whatever torch's default dtype: the C side writes floats
+        val, idx = torch.empty(R, T, dtype=f32), torch.empty(R, T, dtype=torch.int64)
+        mx, total = torch.empty(R, dtype=f32), torch.empty(R, dtype=f32)
         rc = c(h.data_ptr(), wp.data_ptr(), None if bias is None else bias.data_ptr(), R, V,
                K, T, val.data_ptr(), idx.data_ptr(), mx.data_ptr(), total.data_ptr(),
                torch.get_num_threads())

@@ -253,10 +253,10 @@ BF16 static INL float softmax_row_bf16(const float *s, float top, int64_t S, int
  * an all-zero window's (core/model/whisper/padding.py): from row u on, the keys and
  * values are the zero window's, so for a query row i >= u, A_i = sum over j >= u of
  * exp(s_ij - M_i) v_j and Z_i = the sum of those exponentials (M_i: the largest of row
- * i's zero-window scores) are made once per u, a multiple of ``step``. Row i then needs
- * only its scores against the u keys before: attention over S keys becomes one over u.
- * For split k = u / step: A rows from off[k] on, (S - u, nh, HS) fp32; Z (S - u, nh);
- * M (S, nh). */
+ * i's scores against those keys) are made once per u, a multiple of ``step``. Row i then
+ * needs only its scores against the u keys before: attention over S keys becomes one
+ * over u. For split k = u / step: rows from off[k] on of A (S - u, nh, HS), Z and M
+ * (S - u, nh), fp32. */
 typedef struct {
     const float *A, *Z, *M;
     const int64_t *off;
@@ -271,11 +271,12 @@ BF16 static void window_rows(const uint16_t *q, int64_t rs, const uint32_t *kp,
                              int64_t m_end, const split_t *sp, int64_t nh, int64_t h) {
     const int64_t Lp = (L + 1) / 2, LvL = (L + 31) / 32 * 32;
     const int64_t u = m_begin;
-    const float *A = NULL, *Z = NULL;
+    const float *A = NULL, *Z = NULL, *M = NULL;
     if (sp) {
         const int64_t first = sp->off[u / sp->step];
         A = sp->A + first * nh * HS;
         Z = sp->Z + first * nh;
+        M = sp->M + first * nh;
     }
     for (int64_t m0 = m_begin; m0 < m_end; m0 += WR) {
         const int nr = m_end - m0 < WR ? (int)(m_end - m0) : WR;
@@ -289,7 +290,7 @@ BF16 static void window_rows(const uint16_t *q, int64_t rs, const uint32_t *kp,
                 continue;
             }
             const int64_t i = m0 + r;
-            const float m_pad = sp->M[i * nh + h];
+            const float m_pad = M[(i - u) * nh + h];
             const float top = mx[r] > m_pad ? mx[r] : m_pad;
             const float sum = softmax_row_bf16(s + r * Lv, top, L, LvL, pb + r * Lv);
             alpha[r] = expf(m_pad - top);

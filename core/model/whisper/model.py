@@ -179,7 +179,10 @@ class AudioEncoder(nn.Module):
         B, _, T = x.shape
         S = self.n_positions(T)
         rows = [padding_row(int(n), S) for n in content_frames(x)]
-        if min(rows) == S or x.device.type != "cpu":
+        # int8 quantizes a linear's input with one scale for the whole call: a row's
+        # result depends on its batch, so no row can be taken from another call's.
+        int8 = not isinstance(self.encoder.layers[0].qkv.weight, torch.Tensor)
+        if min(rows) == S or x.device.type != "cpu" or int8:
             out = self.windows_forward(self._conv(x))  # (B, S, C)
             return (out.reshape(B * S, self.cfg.dim),
                     AttentionPlan.from_lengths([S] * B, device=x.device))
@@ -199,15 +202,11 @@ class AudioEncoder(nn.Module):
         (its queries scaled or not) change."""
         layer = self.encoder.layers[0]
         T = like.shape[2]
-        qkv = layer.qkv
-        weights = (self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
-                   self.pos, layer.ln_attn.weight, layer.ln_attn.bias)
+        weights = tuple(t.detach() for t in (
+            self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias, self.pos,
+            layer.ln_attn.weight, layer.ln_attn.bias, layer.qkv.weight, layer.qkv.bias))
         key = (T, self.mm_dtype, self.attn_dtype, self._explicit(like),
-               *(weight_identity(t) for t in weights),
-               # an int8 layer (core/model/whisper/precision.py) has no weight tensor: the
-               # quantized module itself (the layer holds it while it is in use)
-               *((weight_identity(qkv.weight), weight_identity(qkv.bias))
-                 if isinstance(qkv.weight, torch.Tensor) else (id(qkv),)))
+               torch.is_grad_enabled(), *(weight_identity(t) for t in weights))
         held = self._pad
         if held is None or held.key != key:  # two streams may both make it: the same
             S = self.n_positions(T)
@@ -219,7 +218,9 @@ class AudioEncoder(nn.Module):
             qkv = qkv.view(S, 3, self.cfg.n_heads, hs)
             explicit = q_scale is not None and window_kernel(qkv[None]) is not None
             split = Split.of(qkv, PAD_ROW_STEP) if explicit else None
-            held = self._pad = Padding(key, x[0], qkv, split)
+            # The weights' storage is kept with it: while it lives, their addresses (the
+            # key's data pointers) cannot become another weight's.
+            held = self._pad = Padding(key, x[0], qkv, split, weights)
         return held
 
     @staticmethod
@@ -448,6 +449,8 @@ class TextDecoder(nn.Module):
         rough, ids, top, total = kernel(x.to(torch.bfloat16).contiguous(), self._pairs[1],
                                         bias, w.shape[0], T)  # (rows, T) x 2, (rows,) x 2
         exact = torch.einsum("rc,rtc->rt", x, w[ids]) + bias[ids]  # (rows, T)
+        # A row with fewer than T tokens allowed pads its list with -inf at id 0.
+        exact = exact.masked_fill(rough == float("-inf"), float("-inf"))
         # The normaliser with the candidates' own terms fp32: sum - theirs in bf16 + theirs.
         rest = (total - torch.exp(rough - top[:, None]).sum(1)).clamp_min(0)  # (rows,)
         log_z = top + torch.log(rest + torch.exp(exact - top[:, None]).sum(1))

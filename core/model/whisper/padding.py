@@ -24,6 +24,7 @@ class Padding:
     x: torch.Tensor  # (S, C) states before the first layer (convolutions and positions)
     qkv: torch.Tensor  # (S, 3, nh, hs) the first layer's q, k, v, as windows_forward's
     split: Split | None  # its part of the first attention (the bf16 kernel's only)
+    kept: tuple = ()  # the weights they were made from (their storage held: ``key``)
 
 
 # A window's own rows are convolved from at least this many frames: on a Zen 4, oneDNN's
@@ -58,43 +59,50 @@ def padding_row(n: int, S: int) -> int:
 class Split:
     """The all-zero window's part of its first attention, for the rows past a clip
     (core/model/kernels/attn_bf16.c, ``split_t``): for a window whose rows from u on are
-    the zero window's (u a multiple of ``step``), query row i >= u's exponentials of
-    its scores against keys j >= u, relative to M_i, summed (Z) and times the values (A).
-    A query row past the clip then attends to the u keys before alone, plus these."""
+    the zero window's (u a multiple of ``step``), query row i >= u's scores against keys
+    j >= u: their largest (M), the sum of their exponentials relative to it (Z) and of
+    those times the values (A). A query row past the clip then attends to the u keys
+    before alone, plus these."""
 
     A: torch.Tensor  # (rows, nh, hs) fp32: for each u, rows i >= u, from off[u / step] on
     Z: torch.Tensor  # (rows, nh) fp32
-    M: torch.Tensor  # (S, nh) fp32: row i's largest score against the zero window's keys
+    M: torch.Tensor  # (rows, nh) fp32
     off: torch.Tensor  # (S / step + 1,) int64
     step: int
 
     def fits(self, S: int, nh: int, hs: int) -> bool:
-        return self.M.shape == (S, nh) and self.A.shape[1:] == (nh, hs)
+        rows = int(self.off[-1])
+        return (self.A.shape == (rows, nh, hs) and self.Z.shape == self.M.shape == (rows, nh)
+                and rows == sum(S - u for u in range(0, S, self.step)))
 
     @classmethod
     def of(cls, qkv: torch.Tensor, step: int) -> Split:
         """From the zero window's first q, k, v (S, 3, nh, hs), queries pre-scaled.
 
-        Made in fp32 from the bf16 values the kernel reads: 16 windows' first layer's
-        attention on 2 Zen 4 cores ~0.16 -> ~0.05 s for clips of 2-3 s; the tables take
-        ~36 MB for tiny.en (A for rows i >= u only)."""
-        q, k, v = qkv.float().unbind(1)  # each (S, nh, hs)
+        Made in fp32 from the bf16 values the kernel reads, block by block of keys from
+        the last, each block's sums merged relative to the running maximum (as a flash
+        attention's blocks are): 16 windows' first layer's attention on 2 Zen 4 cores
+        ~0.16 -> ~0.05 s for clips of 2-3 s; ~35 MB for tiny.en (rows i >= u only), made
+        in ~0.13 s."""
+        f32 = torch.float32
+        q, k, v = qkv.to(f32).unbind(1)  # each (S, nh, hs)
         S, nh, hs = q.shape
         scores = torch.einsum("ihd,jhd->hij", q, k)  # (nh, S, S)
-        M = scores.amax(-1)  # (nh, S)
-        e = torch.exp(scores - M[..., None])  # (nh, S, S)
-        A, Z = [], []
-        acc_a, acc_z = torch.zeros(nh, S, hs), torch.zeros(nh, S)
-        ends = list(range(0, S, step))
-        for u in reversed(ends):  # suffix sums: keys from u on
-            acc_a += torch.einsum("hij,jhd->hid", e[:, :, u:u + step], v[u:u + step])
-            acc_z += e[:, :, u:u + step].sum(-1)
-            A.append(acc_a[:, u:].transpose(0, 1).clone())  # (S - u, nh, hs)
-            Z.append(acc_z[:, u:].transpose(0, 1).clone())  # (S - u, nh)
-        A.reverse()
-        Z.reverse()
-        sizes = [S - u for u in ends]
-        off = torch.tensor([0] + sizes).cumsum(0)
-        return cls(torch.cat(A).contiguous(), torch.cat(Z).contiguous(),
-                   M.transpose(0, 1).contiguous(), off, step)
-
+        acc_m = torch.full((nh, S), float("-inf"), dtype=f32)
+        acc_a, acc_z = torch.zeros(nh, S, hs, dtype=f32), torch.zeros(nh, S, dtype=f32)
+        A, Z, M = [], [], []
+        starts = list(range(0, S, step))
+        for u in reversed(starts):  # suffix sums: the keys from u on
+            block = scores[:, :, u:u + step]  # (nh, S, step)
+            m = torch.maximum(acc_m, block.amax(-1))  # (nh, S)
+            e = torch.exp(block - m[..., None])
+            old = torch.exp(acc_m - m)  # 0 while acc_m is -inf
+            acc_a = acc_a * old[..., None] + torch.einsum("hij,jhd->hid", e, v[u:u + step])
+            acc_z = acc_z * old + e.sum(-1)
+            acc_m = m
+            A.append(acc_a[:, u:].transpose(0, 1))  # (S - u, nh, hs)
+            Z.append(acc_z[:, u:].transpose(0, 1))  # (S - u, nh)
+            M.append(acc_m[:, u:].transpose(0, 1))
+        off = torch.tensor([0] + [S - u for u in starts]).cumsum(0)
+        return cls(torch.cat(A[::-1]).contiguous(), torch.cat(Z[::-1]).contiguous(),
+                   torch.cat(M[::-1]).contiguous(), off, step)

@@ -217,6 +217,11 @@ def test_step_top_gives_the_full_paths_candidates(monkeypatch):
     for got, want in zip(ids.tolist(), want_ids.tolist(), strict=True):
         assert set(want) <= set(got), f"seed {SEED}"
     assert torch.allclose(lp, ref.gather(1, ids), atol=1e-3), f"seed {SEED}"
+    # Fewer tokens allowed than candidates asked for: the rest are -inf, not token 0.
+    bias = torch.full((300,), float("-inf")).index_fill_(0, torch.tensor([5, 9, 40]), 0.0)
+    lp, ids = step(True)
+    assert torch.isinf(lp).sum(1).tolist() == [9, 9]
+    assert set(ids[lp > float("-inf")].tolist()) == {5, 9, 40}
     monkeypatch.setattr(cpu_kernels, "logits_top_bf16", lambda: None)
     assert step(True) is None  # no kernel: the caller takes the full logits
 

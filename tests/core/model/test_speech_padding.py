@@ -10,7 +10,7 @@ import torch
 import core.model.whisper.model as whisper_model
 from core.model import cpu_kernels
 from core.model.whisper.padding import Split, content_frames, padding_row
-from core.model.whisper.tower import SpeechTower
+from core.model.whisper.tower import SpeechConfig, SpeechTower
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,33 @@ def test_the_split_kernel_attends_as_the_whole(rows):
             continue
         err = (fast[b, u:].float() - ref[b, u:]).abs()
         assert err.max() < 0.03 and err.mean() < 2 * (whole[b].float() - ref[b]).abs().mean()
+
+
+def test_split_tables_keep_a_far_larger_score_before_u_from_erasing_the_rest():
+    """Each u's sums are relative to the largest score among its own keys (j >= u): a
+    zero-window key before u scoring ~120 above the rest erased them (exp underflow)
+    when the tables were relative to the row's largest over all keys."""
+    kernel = cpu_kernels.window_attn_bf16()
+    if kernel is None:
+        pytest.skip("this CPU has no bf16 kernels (no avx512_bf16)")
+    torch.manual_seed(0)
+    S, nh, hs = 200, 6, 64
+    zero = (torch.randn(S, 3, nh, hs) * 0.3).bfloat16()
+    zero[:, 0] = 1.0  # every query the same direction...
+    zero[0, 1] = 2.0  # ...which key 0 (before u = 50) matches: 128 against ~0 elsewhere
+    qkv = zero[None].clone()
+    qkv[0, :50, 1] = (torch.randn(50, nh, hs) * 0.3).bfloat16()  # the clip's own keys
+    fast = kernel(qkv, [50], Split.of(zero, 50))
+    q, k, v = qkv.float().permute(2, 0, 3, 1, 4)
+    ref = (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).transpose(1, 2)
+    assert (fast[0, 50:].float() - ref[0, 50:]).abs().max() < 0.03
+
+
+def test_int8_takes_no_rows_from_another_call():
+    """int8 quantizes a linear's input with one scale per call: no shared rows there."""
+    tower = SpeechTower.from_bundled(device="cpu", cfg=SpeechConfig(precision="int8"))
+    tower.encode(_windows(tower)[:2])
+    assert tower.model.encoder._pad is None
 
 
 def test_where_the_padding_starts():
